@@ -1,0 +1,452 @@
+"""One pydantic schema tree for every stage and model family.
+
+A run is described by one YAML file (``configs/*.yaml``) plus ``key=value`` overrides. Every
+section forbids unknown keys; values are type-checked; cross-field rules (a scale the chosen
+architecture cannot do, split fractions that do not sum to one) are checked here, so a bad config
+fails before any Ray work starts with a message naming the file and the key.
+
+Paths are store URIs (local path, ``file://`` or ``s3://bucket/prefix``). Stage inputs and outputs
+left empty default to folders under ``run.root``: that is the only place defaults are derived.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
+
+from medsr_dist.models.registry import FAMILIES, family_info
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the source and the key."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Range = tuple[float, float]
+
+
+def _check_range(value: Range) -> Range:
+    if value[0] > value[1]:
+        raise ValueError(f"range lower bound {value[0]} exceeds upper bound {value[1]}")
+    return value
+
+
+def _check_probs(value: list[float]) -> list[float]:
+    if any(p < 0 for p in value) or abs(sum(value) - 1.0) > 1e-6:
+        raise ValueError(f"probabilities must be non-negative and sum to 1, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Infrastructure
+# --------------------------------------------------------------------------------------------
+class RunConfig(Section):
+    name: str = Field("medsr", description="Run name; used for the Ray Train run and output folders")
+    root: str = Field("./demo-run", description="Store prefix under which stage outputs default")
+    seed: int = Field(0, description="Seed for sampling, degradation and initialisation")
+
+
+class StorageConfig(Section):
+    """How to reach object storage. Credentials come from the standard AWS environment/config files."""
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://minio:9000")
+    region: str | None = Field(None, description="AWS region name")
+    anon: bool = Field(False, description="Anonymous access (public buckets)")
+    profile: str | None = Field(None, description="AWS profile from ~/.aws/config")
+
+
+class RayConfig(Section):
+    address: str | None = Field(
+        None,
+        description="Cluster to join ('auto' inside `ray job submit`); empty: RAY_ADDRESS, else a local instance",
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local instance (default: all)")
+    progress: bool = Field(True, description="Show Ray Data progress bars")
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+class SampleConfig(Section):
+    """Procedural sample archive (radiograph-like images in every supported file form)."""
+
+    n_images: int = Field(12, ge=1)
+    n_holdout: int = Field(2, ge=0, description="Extra images written to the hold-out folder for `enhance`")
+    size: int = Field(512, ge=64)
+    archive: str | None = Field(None, description="Default: <run.root>/archive")
+    holdout: str | None = Field(None, description="Default: <run.root>/holdout")
+
+
+class SplitConfig(Section):
+    train: float = Field(0.7, ge=0, le=1)
+    val: float = Field(0.2, ge=0, le=1)
+    test: float = Field(0.1, ge=0, le=1)
+    group_by: Literal["patient_id", "filename"] = Field(
+        "patient_id", description="Group images of one patient: DICOM PatientID (filename pattern as fallback) or filename only"
+    )
+    filename_pattern: str = Field(
+        r"^(?P<patient>[^_/]+)_", description="Regex with a 'patient' group, applied to the file name (NIH: <patient>_<followup>.png)"
+    )
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "SplitConfig":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1, got {total:g}")
+        return self
+
+
+class PrepareConfig(Section):
+    input: str | None = Field(None, description="Archive prefix to read (default: sample.archive)")
+    output: str | None = Field(None, description="Dataset prefix to write (default: <run.root>/dataset)")
+    include: list[str] = Field(default_factory=lambda: ["*"], description="Glob patterns relative to input")
+    exclude: list[str] = Field(default_factory=list)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    rows_per_shard: int = Field(64, ge=1, description="Images per Parquet shard")
+    fail_on_error: bool = Field(False, description="Exit non-zero when any file could not be read")
+
+
+class DegradationConfig(Section):
+    """Real-ESRGAN second-order degradation; defaults are `finetune_realesrgan_x4plus.yml`."""
+
+    gt_size: int = Field(256, ge=16, description="Ground-truth crop size (pixels)")
+    use_hflip: bool = True
+    usm_sharpen_gt: bool = Field(True, description="Sharpen GT with USM for the L1/perceptual losses")
+    # first degradation
+    blur_kernel_size: int = 21
+    kernel_list: list[str] = Field(
+        default_factory=lambda: ["iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso"]
+    )
+    kernel_prob: list[float] = Field(default_factory=lambda: [0.45, 0.25, 0.12, 0.03, 0.12, 0.03])
+    sinc_prob: float = Field(0.1, ge=0, le=1)
+    blur_sigma: Range = (0.2, 3.0)
+    betag_range: Range = (0.5, 4.0)
+    betap_range: Range = (1.0, 2.0)
+    resize_prob: list[float] = Field(default_factory=lambda: [0.2, 0.7, 0.1], description="up, down, keep")
+    resize_range: Range = (0.15, 1.5)
+    gaussian_noise_prob: float = Field(0.5, ge=0, le=1)
+    noise_range: Range = (1.0, 30.0)
+    poisson_scale_range: Range = (0.05, 3.0)
+    gray_noise_prob: float = Field(0.4, ge=0, le=1)
+    jpeg_range: Range = (30.0, 95.0)
+    # second degradation
+    second_blur_prob: float = Field(0.8, ge=0, le=1)
+    blur_kernel_size2: int = 21
+    kernel_list2: list[str] = Field(
+        default_factory=lambda: ["iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso"]
+    )
+    kernel_prob2: list[float] = Field(default_factory=lambda: [0.45, 0.25, 0.12, 0.03, 0.12, 0.03])
+    sinc_prob2: float = Field(0.1, ge=0, le=1)
+    blur_sigma2: Range = (0.2, 1.5)
+    betag_range2: Range = (0.5, 4.0)
+    betap_range2: Range = (1.0, 2.0)
+    resize_prob2: list[float] = Field(default_factory=lambda: [0.3, 0.4, 0.3])
+    resize_range2: Range = (0.3, 1.2)
+    gaussian_noise_prob2: float = Field(0.5, ge=0, le=1)
+    noise_range2: Range = (1.0, 25.0)
+    poisson_scale_range2: Range = (0.05, 2.5)
+    gray_noise_prob2: float = Field(0.4, ge=0, le=1)
+    jpeg_range2: Range = (30.0, 95.0)
+    final_sinc_prob: float = Field(0.8, ge=0, le=1)
+    # placement: CPU actors sized separately from the trainers
+    num_actors: int = Field(1, ge=1, description="Degradation actors (Ray Data actor pool size)")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    shuffle_buffer: int = Field(180, ge=0, description="Training-pair pool: local shuffle buffer in samples")
+
+    _ranges = field_validator(
+        "blur_sigma", "betag_range", "betap_range", "resize_range", "noise_range", "poisson_scale_range",
+        "jpeg_range", "blur_sigma2", "betag_range2", "betap_range2", "resize_range2", "noise_range2",
+        "poisson_scale_range2", "jpeg_range2",
+    )(_check_range)
+    _probs = field_validator("kernel_prob", "kernel_prob2", "resize_prob", "resize_prob2")(_check_probs)
+
+    @field_validator("blur_kernel_size", "blur_kernel_size2")
+    @classmethod
+    def _odd_kernel(cls, v: int) -> int:
+        if v < 3 or v % 2 == 0:
+            raise ValueError(f"kernel size must be odd and >= 3, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _lists_match(self) -> "DegradationConfig":
+        for names, probs in (("kernel_list", "kernel_prob"), ("kernel_list2", "kernel_prob2")):
+            if len(getattr(self, names)) != len(getattr(self, probs)):
+                raise ValueError(f"{names} and {probs} must have the same length")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+class GeneratorConfig(Section):
+    type: Literal["RRDBNet"] = "RRDBNet"
+    num_in_ch: int = 3
+    num_out_ch: int = 3
+    num_feat: int = Field(64, ge=1)
+    num_block: int = Field(23, ge=1)
+    num_grow_ch: int = Field(32, ge=1)
+
+
+class DiscriminatorConfig(Section):
+    type: Literal["UNetDiscriminatorSN"] = "UNetDiscriminatorSN"
+    num_in_ch: int = 3
+    num_feat: int = Field(64, ge=1)
+    skip_connection: bool = True
+
+
+class ModelConfig(Section):
+    family: str = Field("realesrgan", description=f"One of: {', '.join(sorted(FAMILIES))}")
+    scale: int = Field(4, description="Super-resolution factor of the network")
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
+    pretrained_g: str | None = Field(None, description="Generator weights: zoo name, path or URI")
+    pretrained_d: str | None = Field(None, description="Discriminator weights: zoo name, path or URI")
+
+    @field_validator("scale")
+    @classmethod
+    def _supported_scale(cls, scale: int, info: ValidationInfo) -> int:
+        family = info.data.get("family")
+        if family is None:  # the family itself failed validation and is reported
+            return scale
+        arch = family_info(family)
+        if scale not in arch.scales:
+            raise ValueError(
+                f"scale {scale} is not supported by the {arch.name} architecture "
+                f"(supported: {', '.join(map(str, arch.scales))})"
+            )
+        return scale
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, family: str) -> str:
+        family_info(family)  # raises ValueError listing the known families
+        return family
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+class LossConfig(Section):
+    l1_weight: float = Field(1.0, ge=0)
+    perceptual_weight: float = Field(1.0, ge=0)
+    perceptual_layers: dict[str, float] = Field(
+        default_factory=lambda: {"conv1_2": 0.1, "conv2_2": 0.1, "conv3_4": 1.0, "conv4_4": 1.0, "conv5_4": 1.0}
+    )
+    gan_weight: float = Field(0.1, ge=0)
+    gan_type: Literal["vanilla", "lsgan", "wgan_softplus"] = "vanilla"
+
+
+class VGGConfig(Section):
+    weights: str = Field(
+        "torchvision",
+        description="'torchvision' (TORCH_HOME cache), a path/URI to vgg19 ImageNet weights, or "
+        "'random-init-for-testing' (explicit, meaningless features: tests and demos only)",
+    )
+
+
+class TrainConfig(Section):
+    dataset: str | None = Field(None, description="Prepared dataset prefix (default: prepare.output)")
+    output: str | None = Field(None, description="Checkpoints and exports (default: <run.root>/train)")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")
+    use_gpu: bool | None = Field(None, description="Train on GPUs; empty: when the cluster has any")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    batch_size: int = Field(4, ge=1, description="Samples per worker per iteration")
+    iterations: int = Field(100, ge=1)
+    lr_g: float = Field(1e-4, gt=0)
+    lr_d: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    milestones: list[int] = Field(default_factory=lambda: [400000], description="MultiStepLR milestones (iterations)")
+    lr_gamma: float = Field(0.5, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    checkpoint_every: int = Field(50, ge=1)
+    val_every: int = Field(50, ge=1)
+    num_checkpoints_kept: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0, description="Worker-group restarts (Ray Train FailureConfig)")
+    mixed_precision: bool = Field(False, description="autocast fp16 on GPU (ignored on CPU)")
+    losses: LossConfig = Field(default_factory=LossConfig)
+    vgg: VGGConfig = Field(default_factory=VGGConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Inference
+# --------------------------------------------------------------------------------------------
+class EnhanceConfig(Section):
+    input: str | None = Field(None, description="Archive prefix to enhance (default: sample.holdout)")
+    output: str | None = Field(None, description="Output prefix (default: <run.root>/enhanced)")
+    checkpoint: str | None = Field(None, description="Model file (default: <train.output>/export/model.pth)")
+    include: list[str] = Field(default_factory=lambda: ["*"])
+    exclude: list[str] = Field(default_factory=list)
+    backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="fp16/bf16 only on GPU")
+    tile: int = Field(0, ge=0, description="Tile size in input pixels; 0: whole image")
+    tile_overlap: int = Field(16, ge=0)
+    batch_size: int = Field(4, ge=1, description="Tiles per model call")
+    outscale: float | None = Field(None, gt=0, description="Final scale (Lanczos after the model); empty: model scale")
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(1, ge=1)
+    fail_on_error: bool = False
+    consistency_threshold_db: float = Field(
+        30.0, description="Rows whose consistency PSNR (output degraded back vs input) is below this are flagged for review"
+    )
+    report_images: int = Field(2, ge=0, description="Side-by-side figures in the report (hold-out ground truth needed)")
+
+    @model_validator(mode="after")
+    def _replicas(self) -> "EnhanceConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
+class MedsrConfig(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    degradation: DegradationConfig = Field(default_factory=DegradationConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    enhance: EnhanceConfig = Field(default_factory=EnhanceConfig)
+    _source: str = PrivateAttr("<defaults>")
+
+    @property
+    def source(self) -> str:
+        """Where this config came from (file and overrides), for error messages."""
+        return self._source
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> "MedsrConfig":
+        """Fill empty stage paths from run.root: the one place stage defaults are derived."""
+        root = self.run.root.rstrip("/")
+        defaults = [
+            (self.sample, "archive", f"{root}/archive"),
+            (self.sample, "holdout", f"{root}/holdout"),
+            (self.prepare, "input", None),
+            (self.prepare, "output", f"{root}/dataset"),
+            (self.train, "dataset", None),
+            (self.train, "output", f"{root}/train"),
+            (self.enhance, "input", None),
+            (self.enhance, "output", f"{root}/enhanced"),
+            (self.enhance, "checkpoint", None),
+        ]
+        for section, key, value in defaults:
+            if getattr(section, key) is None and value is not None:
+                object.__setattr__(section, key, value)
+        if self.prepare.input is None:
+            object.__setattr__(self.prepare, "input", self.sample.archive)
+        if self.train.dataset is None:
+            object.__setattr__(self.train, "dataset", self.prepare.output)
+        if self.enhance.input is None:
+            object.__setattr__(self.enhance, "input", self.sample.holdout)
+        if self.enhance.checkpoint is None:
+            object.__setattr__(self.enhance, "checkpoint", f"{self.train.output.rstrip('/')}/export/model.pth")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: '{'.'.join(parts[: i + 1])}' is not a section, cannot set '{dotted}'")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``["train.iterations=10", "model.scale=2"]`` -> ``[("train.iterations", 10), ...]`` (values parsed as YAML)."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. train.iterations=10)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from None
+        parsed.append((key, value))
+    return parsed
+
+
+def _format_error(exc: ValidationError, source: str, tree: dict) -> str:
+    lines = [f"invalid config {source}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
+            msg = f"{msg} (got {err['input']!r})"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> MedsrConfig:
+    """Read a YAML config (or the built-in defaults when ``path`` is None) and apply overrides.
+
+    Raises :class:`ConfigError` naming the file (and the override, if one caused it) and the key.
+    """
+    source = "<defaults>"
+    tree: dict = {}
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {source} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {source} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {source}: top level must be a mapping of sections")
+        tree = loaded
+    parsed = parse_overrides(list(overrides or []))
+    for key, value in parsed:
+        _set_dotted(tree, key, value, f"{source} (override {key})")
+    if parsed:
+        source = f"{source} with overrides {', '.join(k for k, _ in parsed)}"
+    try:
+        cfg = MedsrConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source, tree)) from None
+    cfg._source = source
+    return cfg
+
+
+def check_local_inputs(cfg: MedsrConfig, stage: str) -> None:
+    """Fail early when a stage's input is a local path that does not exist (remote inputs are checked by the stage)."""
+    inputs = {
+        "prepare": [("prepare.input", cfg.prepare.input)],
+        "train": [("train.dataset", cfg.train.dataset)]
+        + ([("model.pretrained_g", cfg.model.pretrained_g)] if cfg.model.pretrained_g else []),
+        "enhance": [("enhance.input", cfg.enhance.input), ("enhance.checkpoint", cfg.enhance.checkpoint)],
+    }[stage]
+    for key, uri in inputs:
+        if uri is None or "://" in uri and not uri.startswith("file://"):
+            continue
+        local = uri[len("file://"):] if uri.startswith("file://") else uri
+        if key.startswith("model.pretrained") and not ("/" in local or local.endswith((".pth", ".pt", ".safetensors"))):
+            continue  # a model-zoo name, resolved by the zoo
+        if not os.path.exists(local):
+            raise ConfigError(f"invalid config {cfg.source}:\n  {key}: path {uri} does not exist")
+
+
+def dump_config(cfg: MedsrConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

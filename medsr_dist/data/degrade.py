@@ -1,0 +1,222 @@
+"""Real-ESRGAN's second-order degradation, per sample on CPU, as a Ray Data stage.
+
+This is the synthesis of ``RealESRGANDataset.__getitem__`` (kernels) and
+``RealESRGANModel.feed_data`` (blur, resize, noise, JPEG, twice, then the final sinc/JPEG in
+random order) moved out of the training step into the data pipeline. The random draws follow the
+same distributions; basicsr's kernel and noise functions are used as they are. Differences, on
+purpose: the pipeline runs per sample in numpy/OpenCV (real libjpeg instead of DiffJPEG; cv2
+INTER_AREA/LINEAR/CUBIC for torch's area/bilinear/bicubic), and the GT is cropped to ``gt_size``
+before degradation instead of degrading a 400-pixel crop and cropping afterwards.
+
+Every sample is seeded from (run seed, image key, epoch): the same sample always degrades the same
+way, on any actor, in any order.
+
+Arrays: ``gt``/``gt_usm`` (3, gt_size, gt_size) and ``lq`` (3, gt_size/scale, gt_size/scale),
+float32 in [0, 1], RGB.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+
+import cv2
+import numpy as np
+
+import medsr_dist.compat  # noqa: F401  (makes basicsr importable)
+from basicsr.data.degradations import (
+    circular_lowpass_kernel,
+    random_add_gaussian_noise,
+    random_add_poisson_noise,
+    random_mixed_kernels,
+)
+from basicsr.utils.img_process_util import usm_sharp
+
+from medsr_dist.config import DegradationConfig
+
+_RESIZE_MODES = {"area": cv2.INTER_AREA, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
+
+
+def sample_seed(run_seed: int, key: str, epoch: int) -> int:
+    """A 32-bit seed that depends only on the run seed, the sample's key and the epoch."""
+    digest = hashlib.blake2b(f"{run_seed}|{key}|{epoch}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+def decode_training_image(data: bytes) -> np.ndarray:
+    """PNG bytes (8/16-bit, gray or RGB) of a prepared dataset -> float32 (H, W, 3) in [0, 1], RGB."""
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ValueError("prepared image bytes could not be decoded")
+    scale = 65535.0 if img.dtype == np.uint16 else 255.0
+    img = img.astype(np.float32) / scale
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    elif img.shape[2] == 4:
+        img = cv2.cvtColor(img[:, :, :3], cv2.COLOR_BGR2RGB)
+    else:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img
+
+
+class KernelSampler:
+    """Draws the three kernels of one sample exactly as ``RealESRGANDataset.__getitem__`` does."""
+
+    def __init__(self, cfg: DegradationConfig):
+        self.cfg = cfg
+        self.max_size = max(cfg.blur_kernel_size, cfg.blur_kernel_size2)
+        # kernel sizes 7, 9, ..., 21 as in Real-ESRGAN
+        self.kernel_range = [2 * v + 1 for v in range(3, self.max_size // 2 + 1)]
+        self.pulse = np.zeros((self.max_size, self.max_size), np.float32)
+        self.pulse[self.max_size // 2, self.max_size // 2] = 1
+
+    def _blur_kernel(self, sinc_prob, kernel_list, kernel_prob, sigma, betag, betap) -> tuple[np.ndarray, str]:
+        kernel_size = random.choice(self.kernel_range)
+        if np.random.uniform() < sinc_prob:
+            omega_c = np.random.uniform(np.pi / 3, np.pi) if kernel_size < 13 else np.random.uniform(np.pi / 5, np.pi)
+            kernel, kind = circular_lowpass_kernel(omega_c, kernel_size, pad_to=False), "sinc"
+        else:
+            # random_mixed_kernels draws the type with random.choices(kernel_list, kernel_prob)
+            state = random.getstate()
+            kind = random.choices(kernel_list, kernel_prob)[0]
+            random.setstate(state)
+            kernel = random_mixed_kernels(
+                kernel_list, kernel_prob, kernel_size, sigma, sigma, [-math.pi, math.pi], betag, betap, noise_range=None
+            )
+        pad = (self.max_size - kernel_size) // 2
+        return np.pad(kernel, ((pad, pad), (pad, pad))).astype(np.float32), kind
+
+    def sample(self) -> dict:
+        c = self.cfg
+        k1, kind1 = self._blur_kernel(c.sinc_prob, c.kernel_list, c.kernel_prob, c.blur_sigma, c.betag_range, c.betap_range)
+        k2, kind2 = self._blur_kernel(
+            c.sinc_prob2, c.kernel_list2, c.kernel_prob2, c.blur_sigma2, c.betag_range2, c.betap_range2
+        )
+        if np.random.uniform() < c.final_sinc_prob:
+            size = random.choice(self.kernel_range)
+            omega_c = np.random.uniform(np.pi / 3, np.pi)
+            sinc, final = circular_lowpass_kernel(omega_c, size, pad_to=self.max_size).astype(np.float32), True
+        else:
+            sinc, final = self.pulse, False
+        return {"kernel1": k1, "kind1": kind1, "kernel2": k2, "kind2": kind2, "sinc": sinc, "final_sinc": final}
+
+
+def _filter(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    # basicsr.utils.img_process_util.filter2D: correlation with reflect padding (== BORDER_REFLECT_101)
+    return cv2.filter2D(img, -1, kernel, borderType=cv2.BORDER_REFLECT_101)
+
+
+def _resize(img: np.ndarray, size_hw: tuple[int, int], mode: str) -> np.ndarray:
+    h, w = max(1, size_hw[0]), max(1, size_hw[1])
+    out = cv2.resize(img, (w, h), interpolation=_RESIZE_MODES[mode])
+    return out if out.ndim == 3 else out[:, :, None]
+
+
+def _jpeg(img: np.ndarray, quality: float) -> np.ndarray:
+    """Real JPEG round trip at ``quality`` on an RGB float image (libjpeg expects BGR)."""
+    bgr = cv2.cvtColor(np.clip(img, 0, 1), cv2.COLOR_RGB2BGR)
+    ok, enc = cv2.imencode(".jpg", (bgr * 255.0).round().astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    assert ok, "OpenCV JPEG encoding failed"
+    return cv2.cvtColor(cv2.imdecode(enc, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+
+
+def _resize_noise_jpeg(out, c: DegradationConfig, stage: int, target_hw=None, ori_hw=None, scale=None, log=None):
+    """One degradation order's resize + noise (+ JPEG in the first order), drawn as feed_data draws them."""
+    suffix = "" if stage == 1 else "2"
+    resize_prob = getattr(c, f"resize_prob{suffix}")
+    resize_range = getattr(c, f"resize_range{suffix}")
+    updown = random.choices(["up", "down", "keep"], resize_prob)[0]
+    factor = (np.random.uniform(1, resize_range[1]) if updown == "up"
+              else np.random.uniform(resize_range[0], 1) if updown == "down" else 1.0)
+    mode = random.choice(list(_RESIZE_MODES))
+    h, w = out.shape[:2]
+    if stage == 1:
+        out = _resize(out, (int(h * factor), int(w * factor)), mode)
+    else:
+        out = _resize(out, (int(ori_hw[0] / scale * factor), int(ori_hw[1] / scale * factor)), mode)
+    gray_prob = getattr(c, f"gray_noise_prob{suffix}")
+    if np.random.uniform() < getattr(c, f"gaussian_noise_prob{suffix}"):
+        out = random_add_gaussian_noise(out, sigma_range=getattr(c, f"noise_range{suffix}"), clip=True, rounds=False, gray_prob=gray_prob)
+        noise = "gaussian"
+    else:
+        out = random_add_poisson_noise(out, scale_range=getattr(c, f"poisson_scale_range{suffix}"), gray_prob=gray_prob, clip=True, rounds=False)
+        noise = "poisson"
+    if log is not None:
+        log[f"resize{stage}"], log[f"noise{stage}"] = updown, noise
+    return out.astype(np.float32)
+
+
+def degrade_second_order(gt: np.ndarray, cfg: DegradationConfig, scale: int, seed: int) -> dict:
+    """Degrade one GT crop. ``gt`` float32 (H, W, 3) in [0, 1], H and W divisible by ``scale``.
+
+    Returns ``{"gt", "gt_usm", "lq"}`` as float32 (H, W, 3) / (H/scale, W/scale, 3) in [0, 1], plus
+    ``"log"``: which random branches were taken (kernel kinds, sinc use, JPEG use) for statistics.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    c = cfg
+    kernels = KernelSampler(c).sample()
+    log = {"kind1": kernels["kind1"], "kind2": kernels["kind2"], "final_sinc": kernels["final_sinc"]}
+    gt_usm = np.clip(usm_sharp(gt), 0, 1).astype(np.float32) if c.usm_sharpen_gt else gt
+    ori_hw = gt.shape[:2]
+
+    # ----- first order (Real-ESRGAN degrades the USM-sharpened GT) -----
+    out = _filter(gt_usm, kernels["kernel1"])
+    out = _resize_noise_jpeg(out, c, 1, log=log)
+    out = _jpeg(out, np.random.uniform(*c.jpeg_range))
+
+    # ----- second order -----
+    log["blur2"] = bool(np.random.uniform() < c.second_blur_prob)
+    if log["blur2"]:
+        out = _filter(out, kernels["kernel2"])
+    out = _resize_noise_jpeg(out, c, 2, ori_hw=ori_hw, scale=scale, log=log)
+
+    # ----- final: [resize back + sinc] and JPEG, in random order -----
+    lq_hw = (ori_hw[0] // scale, ori_hw[1] // scale)
+    if np.random.uniform() < 0.5:
+        out = _filter(_resize(out, lq_hw, random.choice(list(_RESIZE_MODES))), kernels["sinc"])
+        out = _jpeg(out, np.random.uniform(*c.jpeg_range2))
+        log["order"] = "sinc-then-jpeg"
+    else:
+        out = _jpeg(out, np.random.uniform(*c.jpeg_range2))
+        out = _filter(_resize(out, lq_hw, random.choice(list(_RESIZE_MODES))), kernels["sinc"])
+        log["order"] = "jpeg-then-sinc"
+    lq = (np.clip(out, 0, 1) * 255.0).round() / 255.0
+    return {"gt": gt, "gt_usm": gt_usm, "lq": lq.astype(np.float32), "log": log}
+
+
+def random_crop(img: np.ndarray, size: int, rng: np.random.Generator, hflip: bool) -> np.ndarray:
+    """Reflect-pad to at least ``size`` (as RealESRGANDataset does), random ``size``x``size`` crop, optional flip."""
+    h, w = img.shape[:2]
+    if h < size or w < size:
+        img = cv2.copyMakeBorder(img, 0, max(0, size - h), 0, max(0, size - w), cv2.BORDER_REFLECT_101)
+        h, w = img.shape[:2]
+    top, left = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
+    crop = img[top:top + size, left:left + size]
+    if hflip and rng.uniform() < 0.5:
+        crop = crop[:, ::-1]
+    return np.ascontiguousarray(crop)
+
+
+class SecondOrderDegradation:
+    """Ray Data stage (callable class, run in an actor pool): prepared rows -> training pairs.
+
+    In: a batch with ``image`` (PNG bytes), ``key`` (str) and ``epoch`` (int) columns.
+    Out: ``lq`` (N, 3, h, w), ``gt`` and ``gt_usm`` (N, 3, H, W) float32 in [0, 1], plus ``key``.
+    """
+
+    def __init__(self, cfg: DegradationConfig, scale: int, run_seed: int):
+        if cfg.gt_size % scale:
+            raise ValueError(f"degradation.gt_size ({cfg.gt_size}) must be divisible by model.scale ({scale})")
+        self.cfg, self.scale, self.run_seed = cfg, scale, run_seed
+        cv2.setNumThreads(1)  # one sample at a time per actor; parallelism comes from the actor pool
+
+    def degrade_one(self, data: bytes, key: str, epoch: int) -> dict:
+        seed = sample_seed(self.run_seed, key, epoch)
+        crop = random_crop(decode_training_image(data), self.cfg.gt_size, np.random.default_rng(seed), self.cfg.use_hflip)
+        return degrade_second_order(crop, self.cfg, self.scale, seed)
+
+    def __call__(self, batch: dict) -> dict:
+        results = [self.degrade_one(d, str(k), int(e)) for d, k, e in zip(batch["image"], batch["key"], batch["epoch"])]
+        chw = lambda name: np.stack([r[name].transpose(2, 0, 1) for r in results]).astype(np.float32)  # noqa: E731
+        return {"lq": chw("lq"), "gt": chw("gt"), "gt_usm": chw("gt_usm"), "key": np.asarray(batch["key"])}

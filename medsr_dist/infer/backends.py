@@ -1,0 +1,149 @@
+"""Inference backends: the part of inference that actually runs a network on a batch of tiles.
+
+Everything else (tiling, batching, blending, channel handling, resizing) lives in
+:mod:`medsr_dist.infer.engine` and is shared by every backend. A backend only has to satisfy
+:class:`Backend`. Backends are registered by name in :data:`BACKENDS` so a config can say
+``backend: torch``; other runtimes (onnxruntime, tensorrt) register themselves with
+:func:`register_backend` in their own module.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Runs a super-resolution network on a batch of same-sized RGB tiles.
+
+    Attributes:
+        scale: native upscaling factor of the network (output side = input side * scale).
+        size_multiple: input height and width must be multiples of this (e.g. 2 for RRDBNet x2, which
+            pixel-unshuffles by 2; 4 for RRDBNet x1). The engine pads to satisfy it; 1 means any size.
+    """
+
+    scale: int
+    size_multiple: int
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """Upscale a batch.
+
+        Args:
+            batch: (B, 3, h, w) float32 RGB in [0, 1], C-contiguous; h and w are multiples of
+                ``size_multiple``.
+
+        Returns:
+            (B, 3, h * scale, w * scale) float32 RGB in [0, 1].
+        """
+        ...
+
+
+class TorchBackend:
+    """A :class:`Backend` that runs a ``torch.nn.Module`` under ``torch.inference_mode``.
+
+    The backend takes the module over: it is set to eval mode, moved to ``device``, converted to
+    channels_last memory format and, for fp16/bf16, cast to that dtype (as RealESRGANer does with
+    ``model.half()``). Reduced precision is a GPU feature: on CPU the request falls back to fp32 (logged),
+    because CPU half-precision convolutions are slow or unsupported. The network output is clamped to
+    [0, 1] and returned as float32 whatever the compute precision.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scale: int,
+        device: str | None = None,
+        precision: str = "fp32",
+        size_multiple: int | None = None,
+    ) -> None:
+        """
+        Args:
+            model: maps (B, 3, h, w) float RGB in [0, 1] to (B, 3, h*scale, w*scale).
+            scale: the model's native upscaling factor (>= 1).
+            device: torch device string; ``None`` picks ``"cuda"`` when available, else ``"cpu"``.
+            precision: ``"fp32"``, ``"fp16"`` or ``"bf16"``; the latter two only take effect on CUDA.
+            size_multiple: input sides must be multiples of this; ``None`` reads ``model.size_multiple``
+                if the model defines it, else 1.
+
+        Raises:
+            ValueError: unknown precision, scale < 1 or size_multiple < 1.
+        """
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if scale < 1:
+            raise ValueError(f"scale must be >= 1, got {scale}")
+        if size_multiple is None:
+            size_multiple = int(getattr(model, "size_multiple", 1))
+        if size_multiple < 1:
+            raise ValueError(f"size_multiple must be >= 1, got {size_multiple}")
+        self.scale = int(scale)
+        self.size_multiple = int(size_multiple)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if precision != "fp32" and self.device.type != "cuda":
+            logger.warning("precision %s requested on %s; running fp32", precision, self.device)
+            precision = "fp32"
+        self.precision = precision
+        self.dtype = _TORCH_DTYPES[precision]
+        model.eval().requires_grad_(False)
+        self.model = model.to(device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """See :meth:`Backend.__call__`."""
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            raise ValueError(f"expected a (B, 3, h, w) batch, got shape {batch.shape}")
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+            x = x.to(device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
+            y = self.model(x).float().clamp_(0.0, 1.0)
+            return np.ascontiguousarray(y.cpu().numpy())
+
+    def __repr__(self) -> str:
+        return (
+            f"TorchBackend({type(self.model).__name__}, scale={self.scale}, size_multiple={self.size_multiple}, "
+            f"device={self.device}, precision={self.precision})"
+        )
+
+
+BackendFactory = Callable[..., Backend]
+
+#: Backend factories by name. ``torch`` is built in; other runtimes add themselves via :func:`register_backend`.
+BACKENDS: dict[str, BackendFactory] = {"torch": TorchBackend}
+
+
+def register_backend(name: str) -> Callable[[BackendFactory], BackendFactory]:
+    """Decorator that registers a backend class/factory under ``name``.
+
+    Raises:
+        ValueError: ``name`` is already registered to a different factory.
+    """
+
+    def decorate(factory: BackendFactory) -> BackendFactory:
+        if BACKENDS.get(name, factory) is not factory:
+            raise ValueError(f"backend {name!r} is already registered to {BACKENDS[name]!r}")
+        BACKENDS[name] = factory
+        return factory
+
+    return decorate
+
+
+def build_backend(name: str, /, **kwargs: Any) -> Backend:
+    """Build the backend registered as ``name`` with the factory's keyword arguments.
+
+    Raises:
+        ValueError: no backend of that name; the message lists the available ones.
+    """
+    try:
+        factory = BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; available: {sorted(BACKENDS)}") from None
+    return factory(**kwargs)

@@ -1,0 +1,494 @@
+"""DICOM side of medsr-dist image I/O: read a single-frame image, write a derived SR object, build samples.
+
+The model sees *stored* values normalised by ``2**BitsStored - 1`` (display-oriented, MONOCHROME1 inverted);
+the modality LUT (Rescale Slope/Intercept) and the VOI window travel unchanged in the header, so a derived
+object maps its stored values to the same physical units and opens with the same window as its source.
+
+Most callers go through :func:`medsr_dist.io.image.decode_image` / :func:`~medsr_dist.io.image.encode_image`;
+this module holds the DICOM specifics and the dataset builders used for sample data and tests
+(:func:`build_radiograph_dataset`, :func:`dataset_to_bytes`).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    UID,
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    PYDICOM_IMPLEMENTATION_UID,
+    generate_uid,
+)
+from pydicom.valuerep import format_number_as_ds
+
+from medsr_dist.io.image import ImageDecodeError, ImageMeta, MedicalImage
+
+__all__ = [
+    "PROVENANCE_MODEL",
+    "PROVENANCE_MODEL_SHA256",
+    "PROVENANCE_SCALE",
+    "PROVENANCE_NOTE",
+    "looks_like_dicom",
+    "decode_dicom",
+    "encode_dicom",
+    "build_radiograph_dataset",
+    "dataset_to_bytes",
+]
+
+# Provenance keys that the derived DICOM object turns into DICOM attributes (the rest is ignored there).
+PROVENANCE_MODEL = "medsr:model"
+PROVENANCE_MODEL_SHA256 = "medsr:model_sha256"
+PROVENANCE_SCALE = "medsr:scale"
+PROVENANCE_NOTE = "medsr:note"
+
+_DERIVED_SUFFIX_TAG = "SR"
+# Elements whose value describes the *old* pixel matrix and would be wrong after resampling.
+_STALE_PIXEL_KEYWORDS = (
+    "SmallestImagePixelValue",
+    "LargestImagePixelValue",
+    "PixelDataProviderURL",
+    "ExtendedOffsetTable",
+    "ExtendedOffsetTableLengths",
+    "DataSetTrailingPadding",
+    "PlanarConfiguration",
+)
+_SPACING_KEYWORDS = ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing")
+
+
+def looks_like_dicom(data: bytes | bytearray | memoryview) -> bool:
+    """True when ``data`` is a DICOM Part 10 file (``DICM`` at offset 128) or plausibly a bare dataset.
+
+    A bare (preamble-less) dataset is recognised by its first tag being in group 0x0002 or 0x0008, little
+    endian, which is how such datasets start in practice; :func:`decode_dicom` then has the final word.
+    """
+    view = memoryview(data)
+    if len(view) >= 132 and bytes(view[128:132]) == b"DICM":
+        return True
+    return len(view) >= 8 and bytes(view[1:2]) == b"\x00" and bytes(view[0:1]) in (b"\x02", b"\x08") and bytes(
+        view[3:4]
+    ) == b"\x00"
+
+
+def _read_dataset(data: bytes | bytearray | memoryview, name: str) -> Dataset:
+    view = memoryview(data)
+    has_magic = len(view) >= 132 and bytes(view[128:132]) == b"DICM"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # BytesIO copies, so the caller's buffer is never touched.
+            ds = pydicom.dcmread(io.BytesIO(bytes(view)), force=not has_magic)
+    except Exception as exc:  # pydicom raises a zoo of types on garbage (InvalidDicomError, EOFError, ...)
+        raise ImageDecodeError(name, f"corrupt DICOM ({type(exc).__name__}: {exc})") from exc
+    if "TransferSyntaxUID" not in ds.get("file_meta", {}):
+        # Bare dataset: record the encoding it was read with, so the pixel decoders know it.
+        implicit, little = ds.original_encoding
+        if implicit is None:
+            raise ImageDecodeError(name, "not a DICOM dataset (no readable elements)")
+        ds.file_meta = ds.get("file_meta") or FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        )
+    return ds
+
+
+def _floats(value: Any) -> list[float] | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return [float(v) for v in value]
+    return [float(value)]
+
+
+def _summary(ds: Dataset) -> dict[str, Any]:
+    """JSON-ready summary of the clinically relevant header fields (absent fields are None)."""
+
+    def text(keyword: str) -> str | None:
+        value = ds.get(keyword)
+        return None if value is None or value == "" else str(value)
+
+    def number(keyword: str) -> float | None:
+        value = ds.get(keyword)
+        return None if value is None or value == "" else float(value)
+
+    def integer(keyword: str) -> int | None:
+        value = ds.get(keyword)
+        return None if value is None or value == "" else int(value)
+
+    explanation = ds.get("WindowCenterWidthExplanation")
+    if explanation is not None and not isinstance(explanation, (list, pydicom.multival.MultiValue)):
+        explanation = [explanation]
+    return {
+        "modality": text("Modality"),
+        "sop_class_uid": text("SOPClassUID"),
+        "sop_instance_uid": text("SOPInstanceUID"),
+        "study_instance_uid": text("StudyInstanceUID"),
+        "series_instance_uid": text("SeriesInstanceUID"),
+        "series_description": text("SeriesDescription"),
+        "series_number": integer("SeriesNumber"),
+        "instance_number": integer("InstanceNumber"),
+        "transfer_syntax_uid": str(ds.file_meta.TransferSyntaxUID),
+        "rows": int(ds.Rows),
+        "columns": int(ds.Columns),
+        "bits_allocated": int(ds.BitsAllocated),
+        "high_bit": integer("HighBit"),
+        "pixel_representation": int(ds.get("PixelRepresentation", 0)),
+        "rescale_slope": number("RescaleSlope"),
+        "rescale_intercept": number("RescaleIntercept"),
+        "rescale_type": text("RescaleType"),
+        "window_center": _floats(ds.get("WindowCenter")),
+        "window_width": _floats(ds.get("WindowWidth")),
+        "window_explanation": None if explanation is None else [str(e) for e in explanation],
+        "voi_lut_function": text("VOILUTFunction"),
+        "pixel_spacing": _floats(ds.get("PixelSpacing")),
+        "imager_pixel_spacing": _floats(ds.get("ImagerPixelSpacing")),
+        "body_part_examined": text("BodyPartExamined"),
+        "view_position": text("ViewPosition"),
+        "image_type": None if "ImageType" not in ds else [str(v) for v in ds.ImageType],
+    }
+
+
+def _header_bytes(ds: Dataset) -> bytes:
+    """``ds`` without its pixel data, as an Explicit VR Little Endian Part 10 file."""
+    header = Dataset()
+    for elem in ds:  # iterating converts raw elements, so the original byte order does not leak through
+        if elem.tag.group == 0x7FE0 or elem.tag == 0xFFFCFFFC:
+            continue
+        header.add(elem)
+    header.file_meta = FileMetaDataset()
+    header.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    header.file_meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", "1.2.840.10008.5.1.4.1.1.7")
+    header.file_meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", generate_uid())
+    header.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, header, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def decode_dicom(data: bytes | bytearray | memoryview, name: str) -> MedicalImage:
+    """Decode a single-frame DICOM image to display-oriented float pixels; see ``decode_image``.
+
+    Returns ``MedicalImage`` with pixels float32 (H, W, C) in [0, 1] = stored value / (2**BitsStored - 1)
+    (MONOCHROME1 inverted, so higher is brighter; YBR colour converted to RGB), ``meta.dicom`` the header
+    summary and ``header`` the dataset without PixelData (Explicit VR Little Endian Part 10 bytes).
+
+    Raises ImageDecodeError for unreadable data, no PixelData, multi-frame images, compressed transfer
+    syntaxes without an installed decoder, signed or non-8/16-bit samples and unsupported photometrics.
+    """
+    ds = _read_dataset(data, name)
+    if "PixelData" not in ds:
+        raise ImageDecodeError(name, "DICOM dataset has no PixelData (not an image object, or truncated)")
+    for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored", "PhotometricInterpretation"):
+        if ds.get(keyword) in (None, ""):
+            raise ImageDecodeError(name, f"DICOM image is missing the required attribute {keyword}")
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames > 1:
+        raise ImageDecodeError(name, f"multi-frame DICOM (NumberOfFrames={frames}) is not supported yet")
+    if int(ds.get("PixelRepresentation", 0)) != 0:
+        raise ImageDecodeError(name, "signed DICOM pixel data (PixelRepresentation=1) is not supported yet")
+    allocated, stored_bits = int(ds.BitsAllocated), int(ds.BitsStored)
+    if allocated not in (8, 16) or not 1 <= stored_bits <= allocated:
+        raise ImageDecodeError(
+            name, f"unsupported DICOM sample layout (BitsAllocated={allocated}, BitsStored={stored_bits})"
+        )
+    source_photometric = str(ds.PhotometricInterpretation).strip()
+    if source_photometric in ("MONOCHROME1", "MONOCHROME2"):
+        photometric, channels = source_photometric, 1
+    elif source_photometric == "RGB" or source_photometric.startswith("YBR_"):
+        photometric, channels = "RGB", 3  # pydicom converts YBR to RGB when decoding
+    else:
+        raise ImageDecodeError(name, f"DICOM PhotometricInterpretation {source_photometric!r} is not supported yet")
+    if int(ds.get("SamplesPerPixel", 1)) != channels:
+        raise ImageDecodeError(
+            name, f"SamplesPerPixel={ds.get('SamplesPerPixel')} does not match {source_photometric}"
+        )
+
+    syntax = UID(ds.file_meta.TransferSyntaxUID)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            array = ds.pixel_array
+    except Exception as exc:
+        if syntax.is_compressed:
+            raise ImageDecodeError(
+                name,
+                f"compressed transfer syntax {syntax.name} ({syntax}) could not be decoded; a pixel-data "
+                f"handler such as pylibjpeg or gdcm may be missing ({type(exc).__name__}: {exc})",
+            ) from exc
+        raise ImageDecodeError(name, f"corrupt DICOM pixel data ({type(exc).__name__}: {exc})") from exc
+    expected = (int(ds.Rows), int(ds.Columns)) + ((3,) if channels == 3 else ())
+    if array.shape != expected:
+        raise ImageDecodeError(name, f"DICOM pixel array has shape {array.shape}, expected {expected}")
+
+    dtype = np.uint8 if allocated == 8 else np.uint16
+    maxval = (1 << stored_bits) - 1
+    # Bits above BitsStored carry no image information (historically overlays); the standard says ignore them.
+    stored = (array.astype(dtype, copy=False) & dtype(maxval)).reshape(expected[0], expected[1], channels)
+    if photometric == "MONOCHROME1":
+        stored = dtype(maxval) - stored  # integer inversion: a MONOCHROME2 twin decodes to identical floats
+    pixels = stored.astype(np.float32) / np.float32(maxval)
+
+    meta = ImageMeta(
+        format="dicom",
+        dtype=np.dtype(dtype).name,
+        bits_stored=stored_bits,
+        channels=channels,
+        photometric=photometric,
+        patient_id=str(ds.PatientID) if ds.get("PatientID") not in (None, "") else None,
+        text={},
+        dicom=_summary(ds),
+    )
+    return MedicalImage(pixels=pixels, meta=meta, header=_header_bytes(ds))
+
+
+def _code_item(value: str, meaning: str, scheme: str = "DCM") -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+def _format_scale(scale: float) -> str:
+    return f"{scale:g}"
+
+
+def encode_dicom(
+    stored: np.ndarray,
+    meta: ImageMeta,
+    header: bytes,
+    *,
+    scale: float = 1.0,
+    provenance: Mapping[str, str] | None = None,
+) -> bytes:
+    """Write a derived (super-resolved) DICOM object from its source header and new stored values.
+
+    ``stored``: uint8/uint16 (H', W', C) stored values, already in the file's sense (MONOCHROME1 re-inverted),
+    at most ``2**meta.bits_stored - 1``. ``header``: ``MedicalImage.header`` of the source. ``scale``: factor by
+    which the pixel grid got finer (PixelSpacing / ImagerPixelSpacing are divided by it).
+
+    The result keeps the Study, Patient and equipment modules, the modality LUT and VOI window; it gets a new
+    Series (deterministic from the source SeriesInstanceUID and the model hash in ``provenance``) and a new SOP
+    Instance (deterministic from the source SOPInstanceUID, model hash and scale, so a retried task writes the
+    same object), ImageType DERIVED\\SECONDARY, a DerivationDescription, a SourceImageSequence reference to the
+    source and a ContributingEquipmentSequence entry for medsr-dist. Encoded Explicit VR Little Endian.
+    """
+    provenance = dict(provenance or {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(io.BytesIO(header), force=True)
+    height, width, channels = stored.shape
+    model = provenance.get(PROVENANCE_MODEL, "unknown model")
+    model_hash = provenance.get(PROVENANCE_MODEL_SHA256, "")
+    scale_text = provenance.get(PROVENANCE_SCALE, _format_scale(scale))
+
+    source_sop_class = ds.get("SOPClassUID")
+    source_sop = ds.get("SOPInstanceUID")
+    source_series = ds.get("SeriesInstanceUID") or source_sop or ""
+    series_uid = generate_uid(entropy_srcs=[str(source_series), model_hash or model])
+    sop_uid = generate_uid(entropy_srcs=[str(source_sop or source_series), model_hash or model, scale_text])
+    ds.SeriesInstanceUID = series_uid
+    ds.SOPInstanceUID = sop_uid
+    if "StudyInstanceUID" not in ds:  # a derived object must sit in a study; keep it stable per source
+        ds.StudyInstanceUID = generate_uid(entropy_srcs=[str(source_series), "study"])
+
+    ds.ImageType = ["DERIVED", "SECONDARY"] + [str(v) for v in list(ds.get("ImageType", []))[2:]]
+    description = (
+        f"Super-resolution x{scale_text} by model {model}"
+        + (f" (sha256 {model_hash})" if model_hash else "")
+        + "; "
+        + provenance.get(PROVENANCE_NOTE, "enhanced image, not a new acquisition")
+    )
+    ds.DerivationDescription = description[:1024]  # ST limit
+    base = str(ds.get("SeriesDescription", "") or "").strip()
+    suffix = f" [{_DERIVED_SUFFIX_TAG} x{scale_text}]"
+    ds.SeriesDescription = (base[: 64 - len(suffix)] + suffix).strip()
+
+    if source_sop is not None and source_sop_class is not None:
+        reference = Dataset()
+        reference.ReferencedSOPClassUID = source_sop_class
+        reference.ReferencedSOPInstanceUID = source_sop
+        reference.PurposeOfReferenceCodeSequence = Sequence(
+            [_code_item("121322", "Source image for image processing operation")]
+        )
+        ds.SourceImageSequence = Sequence([reference])
+    equipment = Dataset()
+    equipment.PurposeOfReferenceCodeSequence = Sequence([_code_item("109103", "Modifying Equipment")])
+    equipment.Manufacturer = "medsr-dist"
+    equipment.ManufacturerModelName = str(model)[:64]
+    if model_hash:
+        equipment.SoftwareVersions = model_hash[:64]
+    equipment.ContributionDescription = description[:1024]
+    ds.ContributingEquipmentSequence = Sequence(list(ds.get("ContributingEquipmentSequence", [])) + [equipment])
+
+    for keyword in _SPACING_KEYWORDS:
+        values = _floats(ds.get(keyword))
+        if values:
+            setattr(ds, keyword, [format_number_as_ds(v / scale) for v in values])
+    for keyword in _STALE_PIXEL_KEYWORDS:
+        if keyword in ds:
+            delattr(ds, keyword)
+    for tag in [t for t in ds.keys() if 0x6000 <= t.group <= 0x601E and t.group % 2 == 0]:
+        del ds[tag]  # overlay planes are sized for the old matrix
+
+    allocated = 8 if meta.dtype == "uint8" else 16
+    ds.Rows, ds.Columns = height, width
+    ds.SamplesPerPixel = channels
+    ds.PhotometricInterpretation = meta.photometric
+    if channels == 3:
+        ds.PlanarConfiguration = 0
+    ds.BitsAllocated = allocated
+    ds.BitsStored = meta.bits_stored
+    ds.HighBit = meta.bits_stored - 1
+    ds.PixelRepresentation = 0
+    if "NumberOfFrames" in ds:
+        del ds.NumberOfFrames
+    payload = np.ascontiguousarray(stored.astype("<u2" if allocated == 16 else np.uint8)).tobytes()
+    if len(payload) % 2:
+        payload += b"\x00"
+    ds.PixelData = payload
+    ds["PixelData"].VR = "OW" if allocated == 16 else "OB"
+
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", source_sop_class)
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.preamble = b"\x00" * 128
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Builders for sample data and tests.
+
+
+def build_radiograph_dataset(
+    image: np.ndarray,
+    *,
+    bits_stored: int = 12,
+    photometric: str = "MONOCHROME2",
+    patient_id: str = "00000001",
+    patient_name: str | None = None,
+    modality: str = "DX",
+    pixel_spacing_mm: float = 0.143,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+    uid_key: str = "",
+    series_description: str = "CHEST PA",
+    instance_number: int = 1,
+) -> Dataset:
+    """A plausible single- or multi-frame projection radiograph dataset (DX or CR) around ``image``.
+
+    ``image``: float (H, W) — or (F, H, W) for a multi-frame object — in [0, 1], display-oriented (bone bright).
+    Stored values are ``rint(image * (2**bits_stored - 1))``; for MONOCHROME1 they are stored inverted
+    (``max - value``), as detectors that write MONOCHROME1 do, so both photometrics display alike.
+    BitsAllocated is 8 for ``bits_stored == 8`` and 16 otherwise; RescaleSlope 1 / Intercept 0; the window
+    spans the 1st..99th percentile of the stored values. UIDs that are not given are derived deterministically
+    from ``patient_id`` and ``uid_key`` (so sample archives are reproducible byte for byte).
+    """
+    image = np.asarray(image)
+    if image.ndim not in (2, 3) or not np.issubdtype(image.dtype, np.floating):
+        raise ValueError(f"image must be float (H, W) or (F, H, W), got {image.dtype} {image.shape}")
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ValueError(f"photometric must be MONOCHROME1 or MONOCHROME2, got {photometric!r}")
+    if not 1 <= bits_stored <= 16:
+        raise ValueError(f"bits_stored must be in 1..16, got {bits_stored}")
+    if modality not in ("DX", "CR"):
+        raise ValueError(f"modality must be DX or CR, got {modality!r}")
+    allocated = 8 if bits_stored <= 8 else 16
+    maxval = (1 << bits_stored) - 1
+    stored = np.rint(np.clip(image.astype(np.float64), 0.0, 1.0) * maxval).astype(np.uint16)
+    if photometric == "MONOCHROME1":
+        stored = np.uint16(maxval) - stored
+    low, high = np.percentile(stored, [1.0, 99.0])
+
+    def uid(kind: str) -> UID:
+        return generate_uid(entropy_srcs=["medsr-dist sample", patient_id, uid_key, kind])
+
+    sop_class = DigitalXRayImageStorageForPresentation if modality == "DX" else ComputedRadiographyImageStorage
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid or uid("sop")
+    ds.StudyDate = "20240101"
+    ds.Modality = modality
+    ds.Manufacturer = "medsr-dist synthetic"
+    ds.StudyDescription = "CHEST"
+    ds.SeriesDescription = series_description
+    ds.PatientName = patient_name or f"SAMPLE^{patient_id}"
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    ds.StudyInstanceUID = study_uid or uid("study")
+    ds.SeriesInstanceUID = series_uid or uid("series")
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = instance_number
+    ds.PatientOrientation = ["L", "F"]
+    if modality == "DX":
+        ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    if image.ndim == 3:
+        ds.NumberOfFrames = image.shape[0]
+    ds.Rows, ds.Columns = image.shape[-2:]
+    spacing = format_number_as_ds(float(pixel_spacing_mm))
+    ds.PixelSpacing = [spacing, spacing]
+    ds.ImagerPixelSpacing = [spacing, spacing]
+    ds.BitsAllocated = allocated
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 0
+    ds.WindowCenter = str(int(round((low + high) / 2.0)))
+    ds.WindowWidth = str(int(max(round(high - low), 1)))
+    ds.RescaleIntercept = "0"
+    ds.RescaleSlope = "1"
+    ds.RescaleType = "US"
+    ds.LossyImageCompression = "00"
+    payload = stored.astype("<u2" if allocated == 16 else np.uint8).tobytes()
+    if len(payload) % 2:
+        payload += b"\x00"
+    ds.PixelData = payload
+    ds["PixelData"].VR = "OW" if allocated == 16 else "OB"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    return ds
+
+
+def dataset_to_bytes(ds: Dataset, *, preamble: bool = True, implicit_vr: bool = False) -> bytes:
+    """Serialise ``ds``: a Part 10 file (preamble, ``DICM``, file meta), or with ``preamble=False`` the bare
+    dataset only (no preamble, no file meta), as old archives hold them. ``implicit_vr`` picks Implicit VR
+    Little Endian instead of Explicit VR Little Endian. ``ds`` itself is not modified."""
+    out = Dataset()
+    for elem in ds:
+        out.add(elem)
+    buf = io.BytesIO()
+    if preamble:
+        out.file_meta = FileMetaDataset()
+        for elem in ds.get("file_meta", FileMetaDataset()):
+            out.file_meta.add(elem)
+        out.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit_vr else ExplicitVRLittleEndian
+        out.preamble = b"\x00" * 128
+        pydicom.dcmwrite(buf, out, enforce_file_format=True)
+    else:
+        pydicom.dcmwrite(buf, out, implicit_vr=implicit_vr, little_endian=True)
+    return buf.getvalue()

@@ -1,0 +1,1 @@
+"""medsr_dist.models"""

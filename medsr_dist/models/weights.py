@@ -1,0 +1,84 @@
+"""Loading and saving network weights safely.
+
+Checkpoints are read with ``torch.load(weights_only=True)`` (or safetensors): never by unpickling
+arbitrary objects. BasicSR's layout is understood: a dict holding ``params_ema`` and/or ``params``.
+"""
+from __future__ import annotations
+
+import io
+import os
+
+import torch
+from torch import nn
+
+from medsr_dist.config import StorageConfig
+
+
+class WeightsError(RuntimeError):
+    """A weights file is missing, unsafe, or does not fit the network; the message names the source."""
+
+
+def read_weights_bytes(source: str, storage_cfg: StorageConfig | None = None) -> bytes:
+    from medsr_dist.storage import Storage
+
+    return Storage(storage_cfg).read_bytes(source)
+
+
+def load_state_dict_bytes(data: bytes, source: str, key: str | None = None) -> dict[str, torch.Tensor]:
+    """Parse a checkpoint and pick its state dict: ``key`` if given, else ``params_ema``, ``params``, or the top level."""
+    if source.endswith(".safetensors"):
+        from safetensors.torch import load as load_safetensors
+
+        state = load_safetensors(data)
+    else:
+        try:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for bad/unsafe files
+            raise WeightsError(f"{source}: not a loadable weights-only checkpoint ({exc})") from None
+    if not isinstance(state, dict):
+        raise WeightsError(f"{source}: expected a dict of tensors, got {type(state).__name__}")
+    if key is not None:
+        if key not in state:
+            raise WeightsError(f"{source}: no key {key!r} (has: {', '.join(map(str, state))})")
+        state = state[key]
+    else:
+        for candidate in ("params_ema", "params"):
+            if candidate in state and isinstance(state[candidate], dict):
+                state = state[candidate]
+                break
+    # DDP-saved checkpoints prefix every key with 'module.'
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_state_dict_into(net: nn.Module, source: str, storage_cfg: StorageConfig | None = None, key: str | None = None) -> None:
+    """Strictly load ``source`` into ``net``; on mismatch list the missing and unexpected keys."""
+    state = load_state_dict_bytes(read_weights_bytes(source, storage_cfg), source, key)
+    own = net.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(v.shape)} vs network {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        raise WeightsError(
+            f"{source} does not fit {type(net).__name__}: missing keys {missing or 'none'}; "
+            f"unexpected keys {unexpected or 'none'}" + (f"; shape mismatches {shapes}" if shapes else "")
+        )
+    net.load_state_dict(state, strict=True)
+
+
+def save_basicsr_checkpoint(net: nn.Module, path: str, ema: nn.Module | None = None) -> bytes:
+    """Serialise as BasicSR/Real-ESRGAN do (``params`` and, when given, ``params_ema``); returns the bytes."""
+    payload = {"params": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
+    if ema is not None:
+        payload["params_ema"] = {k: v.detach().cpu() for k, v in ema.state_dict().items()}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+    return data

@@ -1,0 +1,165 @@
+"""Driver side of `medsr train`: build the degraded stream, run Ray Train, export the model.
+
+Everything distributed is declared here and nowhere else: the Ray Data stream (read -> epochs ->
+degradation actor pool), the TorchTrainer with its ScalingConfig/RunConfig/FailureConfig, and the
+export of the final EMA generator. The loop itself is in :mod:`medsr_dist.train.loop`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from medsr_dist.config import MedsrConfig
+from medsr_dist.storage import Storage
+from medsr_dist.train.loop import META_FILE, MODEL_FILE, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    iterations: int
+    metrics: dict
+    checkpoint: str  # URI of the last Ray Train checkpoint folder
+    export: str  # URI of the exported model.pth (params + params_ema)
+    export_sha256: str
+
+
+def _tag_epoch(epoch: int):
+    def tag(table: pa.Table) -> pa.Table:
+        return table.append_column("epoch", pa.array([epoch] * table.num_rows, pa.int64()))
+    return tag
+
+
+def latest_iteration(storage: Storage, cfg: MedsrConfig) -> int:
+    """Iteration of the newest checkpoint of this run on the store (0 when there is none)."""
+    run_dir = storage.join(cfg.train.output, cfg.run.name)
+    best = 0
+    if not storage.exists(run_dir):
+        return 0
+    for uri in storage.list_files(run_dir, include=[f"*/{META_FILE}"]):
+        try:
+            best = max(best, int(json.loads(storage.read_bytes(uri))["iteration"]))
+        except (ValueError, KeyError):
+            continue
+    return best
+
+
+def build_train_stream(cfg: MedsrConfig, storage: Storage, start_iteration: int = 0):
+    """The degraded training stream: enough epochs of the prepared train split for the remaining iterations.
+
+    Each epoch's rows get an ``epoch`` column (so degradation seeds differ per epoch and resume where a
+    restarted run left off); the degradation runs in an actor pool of ``degradation.num_actors`` CPU actors.
+    """
+    import ray
+
+    pafs, path = storage.pyarrow_fs(storage.join(cfg.train.dataset, "train"))
+    # materialised once (the encoded images sit in the object store); every epoch re-reads it from there
+    base = ray.data.read_parquet(path, filesystem=pafs, columns=["key", "image"]).materialize()
+    n_images = base.count()
+    if n_images == 0:
+        raise ValueError(f"train.dataset: {cfg.train.dataset}/train holds no images")
+    global_batch = cfg.train.batch_size * cfg.train.num_workers
+    remaining = max(cfg.train.iterations - start_iteration, 0) * global_batch
+    first_epoch = start_iteration * global_batch // n_images
+    # one epoch of margin: drop_last and the equal split across workers can leave rows unused
+    n_epochs = math.ceil(remaining / n_images) + 1
+    epochs = [base.randomize_block_order(seed=cfg.run.seed + e).map_batches(_tag_epoch(e), batch_format="pyarrow")
+              for e in range(first_epoch, first_epoch + n_epochs)]
+    stream = epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]
+    from medsr_dist.data.degrade import SecondOrderDegradation
+
+    d = cfg.degradation
+    return stream.map_batches(
+        SecondOrderDegradation,
+        fn_constructor_args=(d, cfg.model.scale, cfg.run.seed),
+        batch_size=4,
+        compute=ray.data.ActorPoolStrategy(size=d.num_actors),
+        num_cpus=d.cpus_per_actor,
+    ).select_columns(["lq", "gt", "gt_usm"])
+
+
+def validation_pairs(cfg: MedsrConfig, storage: Storage, limit: int = 8) -> list[dict]:
+    """Fixed validation pairs from the val split: the training degradation with epoch -1 seeds, so the
+    same pairs every time. Arrays (3, h, w) float32 in [0, 1]; empty when there is no val split."""
+    import pyarrow.parquet as pq
+
+    from medsr_dist.data.degrade import SecondOrderDegradation
+
+    val_uri = storage.join(cfg.train.dataset, "val")
+    if not storage.exists(val_uri):
+        return []
+    degrade = SecondOrderDegradation(cfg.degradation, cfg.model.scale, cfg.run.seed)
+    pairs = []
+    for uri in storage.list_files(val_uri, include=["*.parquet"]):
+        with storage.open(uri) as f:
+            rows = pq.read_table(f, columns=["key", "image"]).to_pylist()
+        for row in rows:
+            out = degrade.degrade_one(row["image"], row["key"], -1)
+            pairs.append({"lq": out["lq"].transpose(2, 0, 1).copy(), "gt": out["gt"].transpose(2, 0, 1).copy()})
+            if len(pairs) >= limit:
+                return pairs
+    return pairs
+
+
+def run_training(cfg: MedsrConfig, storage: Storage | None = None) -> TrainResult:
+    """Train (or resume) ``cfg.run.name`` and export the EMA generator. Ray must be initialised."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from medsr_dist.runtime import cluster_has_gpus
+
+    storage = storage or Storage(cfg.storage)
+    t = cfg.train
+    start = latest_iteration(storage, cfg)
+    if start >= t.iterations:
+        log.info("train: run %s already reached iteration %d", cfg.run.name, start)
+    else:
+        log.info("train: %s from iteration %d to %d", cfg.run.name, start, t.iterations)
+    datasets = {"train": build_train_stream(cfg, storage, start)}
+
+    use_gpu = t.use_gpu if t.use_gpu is not None else cluster_has_gpus()
+    pafs, out_path = storage.pyarrow_fs(t.output)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "val_pairs": ray.put(validation_pairs(cfg, storage))},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": t.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name, storage_path=out_path, storage_filesystem=pafs,
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.num_checkpoints_kept),
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {cfg.run.name} finished without a checkpoint")
+    export, digest = export_checkpoint(result.checkpoint, cfg, storage)
+    metrics = dict(result.metrics or {})
+    return TrainResult(iterations=int(metrics.get("iteration", start)), metrics=metrics,
+                       checkpoint=result.checkpoint.path, export=export, export_sha256=digest)
+
+
+def export_checkpoint(checkpoint, cfg: MedsrConfig, storage: Storage) -> tuple[str, str]:
+    """Copy the checkpoint's ``model.pth`` (+ meta with its sha256) to ``<train.output>/export/``."""
+    with checkpoint.as_directory() as d:
+        with open(os.path.join(d, MODEL_FILE), "rb") as f:
+            data = f.read()
+        with open(os.path.join(d, META_FILE)) as f:
+            meta = json.load(f)
+    digest = hashlib.sha256(data).hexdigest()
+    meta["sha256"] = digest
+    meta["name"] = f"{cfg.run.name}@{meta['iteration']}"
+    export = storage.join(cfg.train.output, "export", MODEL_FILE)
+    storage.write_bytes(export, data)
+    storage.write_bytes(storage.join(cfg.train.output, "export", META_FILE), json.dumps(meta, indent=2).encode())
+    return export, digest

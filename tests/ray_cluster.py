@@ -1,0 +1,321 @@
+"""Test harness: a real single-node Ray head on 127.0.0.1, and the real ``ray job submit`` CLI against it.
+
+Used by slow end-to-end tests that must exercise what a user does on a cluster (upload a working dir,
+run an entrypoint as a Ray job) rather than a ``ray.init()`` inside the test process.
+
+Token authentication is done the documented way (https://docs.ray.io/en/latest/ray-security/token-auth.html):
+every head gets its own random token in a file; the head and every client get ``RAY_AUTH_MODE=token`` and
+``RAY_AUTH_TOKEN_PATH=<that file>`` in their environment (``RayHead.env``). The job driver inherits both
+from the head's processes, so ``ray.init()`` inside a job authenticates without help. Nothing touches the
+user's ``~/.ray/auth_token``.
+
+Each head runs as ``ray start --head --block`` in its own process group, so it can be stopped alone:
+SIGTERM makes ``ray start`` shut down the processes it started; whatever is left in the group is then
+killed. ``ray stop`` is never used, because it stops every Ray instance of the user on the machine
+(including other tests' clusters).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+RAY_BIN = str(Path(sys.executable).with_name("ray"))
+
+TERMINAL_JOB_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
+# `ray job status` speaks prose, one sentence per state (ray/dashboard/modules/job/cli.py:_log_job_status).
+_STATUS_SENTENCES = {
+    "SUCCEEDED": re.compile(r"Job '[^']+' succeeded"),
+    "FAILED": re.compile(r"Job '[^']+' failed"),
+    "STOPPED": re.compile(r"Job '[^']+' was stopped"),
+}
+_SUBMIT_ATTEMPTS = 3
+_OTHER_STATUS = re.compile(r"Status for job '[^']+': (?:JobStatus\.)?([A-Z]+)")
+
+# AF_UNIX socket paths are limited to 107 bytes; Ray puts
+# "<temp_dir>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store" (~64 bytes after temp_dir) there.
+_MAX_TEMP_DIR_LEN = 107 - 64
+
+
+@dataclass(frozen=True)
+class RayHead:
+    """A running local head.
+
+    address: GCS address ``127.0.0.1:<port>`` (for ``ray.init(address=...)`` / ``RAY_ADDRESS``).
+    dashboard_url: ``http://127.0.0.1:<port>``, the Jobs API (``ray job ... --address``).
+    env: environment for client subprocesses: this environment plus the head's auth settings,
+        ``RAY_ADDRESS`` and ``RAY_API_SERVER_ADDRESS``.
+    temp_dir: Ray's temp/log root for this head (session logs under ``session_latest/logs``).
+    log_path: stdout/stderr of the ``ray start`` process.
+    """
+
+    address: str
+    dashboard_url: str
+    env: dict[str, str]
+    temp_dir: str
+    log_path: str
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _short_temp_dir(tmp_path: Path) -> tuple[str, bool]:
+    """(Ray temp dir, whether we must delete it ourselves): under tmp_path when its path is short enough
+    for Ray's unix sockets, else a short dir in the system temp dir, linked from tmp_path/ray."""
+    preferred = tmp_path / "ray"
+    if len(str(preferred)) <= _MAX_TEMP_DIR_LEN:
+        preferred.mkdir(parents=True, exist_ok=True)
+        return str(preferred), False
+    short = tempfile.mkdtemp(prefix="medsr-ray-", dir="/tmp")
+    with contextlib.suppress(OSError):
+        preferred.symlink_to(short, target_is_directory=True)
+    return short, True
+
+
+def _auth_env(tmp_path: Path) -> dict[str, str]:
+    token_path = tmp_path / "ray_auth_token"
+    token_path.write_text(secrets.token_hex(32))
+    token_path.chmod(0o600)
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
+
+
+def _tail(path: str, chars: int = 4000) -> str:
+    with contextlib.suppress(OSError), open(path, errors="replace") as handle:
+        return handle.read()[-chars:]
+    return ""
+
+
+def _wait_until_ready(
+    head: RayHead, agent_port: int, process: subprocess.Popen, timeout_s: float
+) -> None:
+    """Poll until the Jobs API answers an authenticated request and the head node's dashboard agent (which
+    runs submitted jobs; the head gives up on it after 10 s) is healthy. Raise if the head dies or time
+    runs out."""
+    token = Path(head.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    auth = {"Authorization": f"Bearer {token}"}
+    probes = [
+        urllib.request.Request(f"{head.dashboard_url}/api/jobs/", headers=auth),
+        urllib.request.Request(f"http://127.0.0.1:{agent_port}/api/healthz", headers=auth),
+    ]
+    deadline = time.monotonic() + timeout_s
+    while probes and time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start exited with {process.returncode}:\n{_tail(head.log_path)}")
+        with contextlib.suppress(OSError):  # refused, reset, HTTP 5xx while starting
+            with urllib.request.urlopen(probes[0], timeout=5) as response:
+                if response.status == 200:
+                    probes.pop(0)
+                    continue
+        time.sleep(0.5)
+    if probes:
+        raise TimeoutError(
+            f"Ray head not ready after {timeout_s:.0f}s ({probes[0].full_url}):\n{_tail(head.log_path)}"
+        )
+
+
+def _stop(process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """SIGTERM the ``ray start --block`` process (it stops what it started), then kill its group."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+    # The group is this head's alone (start_new_session=True): take down anything that outlived it.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=10)
+
+
+def _head_env(tmp_path: Path) -> dict[str, str]:
+    """Environment of the head's processes: ours, minus any other cluster's address/token, plus this
+    head's token auth settings."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    env.update(_auth_env(tmp_path))
+    env.update(
+        # `python` in job entrypoints means this interpreter.
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        RAY_USAGE_STATS_ENABLED="0",
+        # SIGTERM would otherwise first drain the node for up to 30 s (meant for Serve replicas).
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+        # On a busy 2-core machine the dashboard's module subprocesses can take longer than the default
+        # 30 s to import, and the dashboard (hence the whole head) then gives up.
+        RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT="180",
+    )
+    return env
+
+
+def _launch(
+    tmp_path: Path, temp_dir: str, num_cpus: int, log_name: str, startup_timeout_s: float
+) -> tuple[RayHead, subprocess.Popen]:
+    """Start ``ray start --head --block`` on fresh free ports and wait until it is ready; stop it and
+    raise if it is not."""
+    gcs_port, dashboard_port, agent_port = free_port(), free_port(), free_port()
+    head_env = _head_env(tmp_path)
+    head = RayHead(
+        address=f"127.0.0.1:{gcs_port}",
+        dashboard_url=f"http://127.0.0.1:{dashboard_port}",
+        env={
+            **head_env,
+            "RAY_ADDRESS": f"127.0.0.1:{gcs_port}",
+            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}",
+        },
+        temp_dir=temp_dir,
+        log_path=str(tmp_path / log_name),
+    )
+    command = [
+        RAY_BIN, "start", "--head", "--block",
+        "--node-ip-address", "127.0.0.1",
+        "--port", str(gcs_port),
+        "--dashboard-host", "127.0.0.1",
+        "--dashboard-port", str(dashboard_port),
+        # Fixed defaults (10001, 52365) would collide with any other Ray on this machine.
+        "--ray-client-server-port", str(free_port()),
+        "--dashboard-agent-listen-port", str(agent_port),
+        "--num-cpus", str(num_cpus),
+        "--num-gpus", "0",
+        "--temp-dir", temp_dir,
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    with open(head.log_path, "wb") as log:
+        process = subprocess.Popen(
+            command, env=head_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        _wait_until_ready(head, agent_port, process, startup_timeout_s)
+    except BaseException:
+        _stop(process)
+        raise
+    return head, process
+
+
+@contextlib.contextmanager
+def local_ray_head(
+    tmp_path: Path, num_cpus: int = 2, startup_timeout_s: float = 180.0, start_attempts: int = 2
+) -> Iterator[RayHead]:
+    """Start a Ray head on 127.0.0.1 with free ports and token auth; yield it; always stop it (only it).
+
+    A head that dies while starting is started again, up to ``start_attempts`` times in all: on an
+    overloaded machine Ray's own startup timeouts (30 s, not configurable for all its processes) can
+    make ``ray start`` give up. Raises RuntimeError/TimeoutError with the tail of the head's log if it
+    never comes up.
+    """
+    tmp_path = Path(tmp_path)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    temp_dir, owns_temp_dir = _short_temp_dir(tmp_path)
+    try:
+        for attempt in range(1, start_attempts + 1):
+            log_name = "ray_head.log" if attempt == 1 else f"ray_head.attempt{attempt}.log"
+            try:
+                head, process = _launch(tmp_path, temp_dir, num_cpus, log_name, startup_timeout_s)
+                break
+            except RuntimeError:
+                if attempt == start_attempts:
+                    raise
+        try:
+            yield head
+        finally:
+            _stop(process)
+    finally:
+        if owns_temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _ray_cli(head: RayHead, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
+    """Run ``ray <args>`` with the head's client environment; RuntimeError (with its output) if it fails."""
+    result = subprocess.run(
+        [RAY_BIN, *args], env=head.env, capture_output=True, text=True, timeout=timeout_s
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"`ray {' '.join(args)}` failed with {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+def job_status(head: RayHead, submission_id: str) -> str:
+    """The job's status as told by ``ray job status``: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
+    result = _ray_cli(
+        head, "job", "status", submission_id, "--address", head.dashboard_url, "--log-color", "false"
+    )
+    output = result.stdout + result.stderr
+    for status, sentence in _STATUS_SENTENCES.items():
+        if sentence.search(output):
+            return status
+    match = _OTHER_STATUS.search(output)
+    if match is None:
+        raise RuntimeError(f"no status in `ray job status` output:\n{output}")
+    return match.group(1)
+
+
+def job_logs(head: RayHead, submission_id: str) -> str:
+    """The job's driver output so far, from ``ray job logs``."""
+    return _ray_cli(head, "job", "logs", submission_id, "--address", head.dashboard_url).stdout
+
+
+def submit_job(
+    head: RayHead,
+    entrypoint: list[str],
+    working_dir: str | os.PathLike,
+    env_vars: dict[str, str] | None = None,
+    timeout_s: float = 300.0,
+    poll_interval_s: float = 1.0,
+) -> tuple[str, str]:
+    """Submit ``entrypoint`` with the real ``ray job submit --no-wait`` CLI and wait for it to end.
+
+    ``working_dir`` is uploaded and becomes the job's current directory; ``env_vars`` go into the job's
+    runtime_env. Returns (final status: SUCCEEDED | FAILED | STOPPED, the job's logs). If the job has
+    not ended after ``timeout_s`` it is stopped and TimeoutError (with its logs so far) is raised.
+    """
+    submission_id = f"medsr-test-{uuid.uuid4().hex[:10]}"
+    submit = [
+        "job", "submit",
+        "--address", head.dashboard_url,
+        "--submission-id", submission_id,
+        "--working-dir", str(working_dir),
+        "--no-wait",
+    ]  # fmt: skip
+    if env_vars:
+        submit += ["--runtime-env-json", json.dumps({"env_vars": env_vars})]
+    for attempt in range(1, _SUBMIT_ATTEMPTS + 1):
+        try:
+            _ray_cli(head, *submit, "--", *entrypoint)
+            break
+        except RuntimeError as refused:
+            # The head answers this (HTTP 500, "please try again later") before it has found its node's
+            # job agent; the job was not created, so resubmitting with the same id is safe.
+            if "No available agent" not in str(refused) or attempt == _SUBMIT_ATTEMPTS:
+                raise
+            time.sleep(5)
+
+    deadline = time.monotonic() + timeout_s
+    status = job_status(head, submission_id)
+    while status not in TERMINAL_JOB_STATES:
+        if time.monotonic() > deadline:
+            with contextlib.suppress(RuntimeError):
+                _ray_cli(head, "job", "stop", submission_id, "--address", head.dashboard_url)
+            logs = job_logs(head, submission_id)
+            raise TimeoutError(f"job {submission_id} still {status} after {timeout_s:.0f}s; logs:\n{logs}")
+        time.sleep(poll_interval_s)
+        status = job_status(head, submission_id)
+    return status, job_logs(head, submission_id)

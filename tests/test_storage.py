@@ -1,0 +1,318 @@
+"""Storage: the same whole-file behaviour on local paths, file:// URIs and s3:// (a real local S3 server)."""
+from __future__ import annotations
+
+import os
+import pickle
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from medsr_dist.config import StorageConfig
+from medsr_dist.storage import PARTIAL_SUFFIX, Storage, StorageError, glob_match, is_remote, local_path
+
+
+@pytest.fixture(params=["local", "file", "s3"])
+def place(request, tmp_path) -> tuple[Storage, str]:
+    """(storage, base URI of an empty folder/prefix) for each kind of location."""
+    if request.param == "local":
+        return Storage(), str(tmp_path / "store")
+    if request.param == "file":
+        return Storage(), f"file://{tmp_path / 'store'}"
+    return request.getfixturevalue("storage_s3"), request.getfixturevalue("s3_bucket") + "/store"
+
+
+# -- round trips ------------------------------------------------------------------------------------------
+def test_written_bytes_read_back_identically(place):
+    storage, base = place
+    uri = storage.join(base, "patient-1", "series 2", "slice.bin")
+    payload = bytes(range(256)) * 100
+
+    storage.write_bytes(uri, payload)
+
+    assert storage.exists(uri)
+    assert storage.read_bytes(uri) == payload
+    assert storage.size(uri) == len(payload)
+
+
+def test_writing_again_replaces_the_content(place):
+    storage, base = place
+    uri = storage.join(base, "report.json")
+    storage.write_bytes(uri, b'{"psnr": 1}')
+    storage.write_bytes(uri, b'{"psnr": 2}')
+    assert storage.read_bytes(uri) == b'{"psnr": 2}'
+
+
+def test_open_streams_bytes_both_ways(place):
+    storage, base = place
+    uri = storage.join(base, "deep", "stream.raw")
+    with storage.open(uri, "wb") as handle:
+        handle.write(b"abc")
+        handle.write(b"def")
+    with storage.open(uri) as handle:
+        assert handle.read() == b"abcdef"
+
+
+def test_delete_removes_a_file_and_complains_when_it_is_missing(place):
+    storage, base = place
+    uri = storage.join(base, "old.png")
+    storage.write_bytes(uri, b"x")
+
+    storage.delete(uri)
+
+    assert not storage.exists(uri)
+    with pytest.raises(StorageError, match="old.png"):
+        storage.delete(uri)
+    storage.delete(uri, missing_ok=True)
+
+
+def test_makedirs_creates_local_folders_and_is_harmless_on_s3(place):
+    storage, base = place
+    uri = storage.join(base, "a", "b")
+    storage.makedirs(uri)
+    storage.makedirs(uri)
+    if not is_remote(uri):
+        assert os.path.isdir(local_path(uri))
+
+
+# -- listing ----------------------------------------------------------------------------------------------
+TREE = ["a.dcm", "notes.txt", "sub/b.dcm", "sub/deep/c.png", "sub/deep/d.dcm", "other/e.png"]
+
+
+@pytest.fixture
+def tree(place) -> tuple[Storage, str]:
+    storage, base = place
+    for name in TREE:
+        storage.write_bytes(storage.join(base, name), name.encode())
+    return storage, base
+
+
+def test_list_files_is_recursive_sorted_and_keeps_the_scheme(tree):
+    storage, base = tree
+    listed = storage.list_files(base)
+    assert listed == sorted(storage.join(base, name) for name in TREE)
+    assert all(uri.startswith(base + "/") for uri in listed)
+    assert [storage.read_bytes(uri) for uri in listed] == [n.encode() for n in sorted(TREE)]
+
+
+@pytest.mark.parametrize(
+    ("include", "exclude", "expected"),
+    [
+        (["*.dcm"], None, ["a.dcm", "sub/b.dcm", "sub/deep/d.dcm"]),
+        (["**/*.png"], None, ["other/e.png", "sub/deep/c.png"]),
+        (["**/a.dcm"], None, ["a.dcm"]),
+        (["sub/*"], None, ["sub/b.dcm", "sub/deep/c.png", "sub/deep/d.dcm"]),
+        (["sub/deep/*.png", "notes.txt"], None, ["notes.txt", "sub/deep/c.png"]),
+        (None, ["*.dcm"], ["notes.txt", "other/e.png", "sub/deep/c.png"]),
+        (["*.dcm"], ["sub/deep/"], ["a.dcm", "sub/b.dcm"]),
+        (["*.DCM"], None, []),
+    ],
+)
+def test_list_files_filters_relative_paths_with_globs(tree, include, exclude, expected):
+    storage, base = tree
+    listed = storage.list_files(base, include=include, exclude=exclude)
+    assert listed == [storage.join(base, name) for name in expected]
+
+
+def test_list_files_of_a_missing_prefix_is_empty(place):
+    storage, base = place
+    assert storage.list_files(storage.join(base, "nothing-here")) == []
+
+
+def test_list_files_of_a_single_file_lists_that_file(tree):
+    storage, base = tree
+    uri = storage.join(base, "sub", "b.dcm")
+    assert storage.list_files(uri) == [uri]
+    assert storage.list_files(uri, include=["*.png"]) == []
+
+
+def test_list_files_does_not_mistake_a_sibling_with_the_same_stem_for_a_child(place):
+    storage, base = place
+    storage.write_bytes(storage.join(base, "run", "x.bin"), b"1")
+    storage.write_bytes(storage.join(base, "run2", "y.bin"), b"2")
+    assert storage.list_files(storage.join(base, "run")) == [storage.join(base, "run", "x.bin")]
+
+
+def test_list_files_never_returns_local_folders(tmp_path):
+    storage = Storage()
+    (tmp_path / "empty" / "nested").mkdir(parents=True)
+    (tmp_path / "f.txt").write_bytes(b"1")
+    assert storage.list_files(tmp_path) == [str(tmp_path / "f.txt")]
+
+
+@pytest.mark.parametrize(
+    ("path", "pattern", "matches"),
+    [
+        ("x.dcm", "*.dcm", True),
+        ("a/b/x.dcm", "*.dcm", True),
+        ("a/b/IM_0001", "IM_????", True),
+        ("x.png", "**/*.png", True),
+        ("a/x.png", "**/*.png", True),
+        ("a/x.png", "a/**/x.png", True),
+        ("a/b/c/x.png", "a/**/x.png", True),
+        ("b/x.png", "a/**/x.png", False),
+        ("sub/x", "sub/", True),
+        ("subway/x", "sub/", False),
+        ("x.dcm", "*.png", False),
+    ],
+)
+def test_glob_patterns_behave_like_shell_globs_over_relative_paths(path, pattern, matches):
+    assert glob_match(path, pattern) is matches
+
+
+# -- atomic local writes ----------------------------------------------------------------------------------
+def test_a_reader_during_a_local_write_sees_only_the_old_complete_file(tmp_path, monkeypatch):
+    storage = Storage()
+    uri = str(tmp_path / "model.pt")
+    storage.write_bytes(uri, b"old weights")
+    seen_during_write = {}
+    real_replace = os.replace
+
+    def replace_after_looking(src, dst):
+        seen_during_write["listing"] = storage.list_files(tmp_path)
+        seen_during_write["content"] = storage.read_bytes(uri)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_after_looking)
+    storage.write_bytes(uri, b"new weights")
+
+    assert seen_during_write == {"listing": [uri], "content": b"old weights"}
+    assert storage.read_bytes(uri) == b"new weights"
+    assert os.listdir(tmp_path) == ["model.pt"]
+
+
+def test_a_failed_local_write_keeps_the_old_content_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    storage = Storage()
+    uri = str(tmp_path / "model.pt")
+    storage.write_bytes(uri, b"old weights")
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(StorageError, match=r"cannot write .*model\.pt.*No space left"):
+        storage.write_bytes(uri, b"new weights that never land")
+
+    assert storage.read_bytes(uri) == b"old weights"
+    assert os.listdir(tmp_path) == ["model.pt"]
+
+
+def test_a_failed_rename_keeps_the_old_content_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    storage = Storage()
+    uri = str(tmp_path / "out" / "x.png")
+    storage.write_bytes(uri, b"old")
+
+    def refuse(src, dst):
+        assert src.endswith(PARTIAL_SUFFIX)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(StorageError, match="permission denied"):
+        storage.write_bytes(uri, b"new")
+
+    assert storage.read_bytes(uri) == b"old"
+    assert os.listdir(tmp_path / "out") == ["x.png"]
+
+
+def test_atomically_written_files_get_ordinary_permissions(tmp_path):
+    uri = tmp_path / "shared.txt"
+    Storage().write_bytes(uri, b"x")
+    (tmp_path / "plain.txt").write_bytes(b"x")
+    assert os.stat(uri).st_mode == os.stat(tmp_path / "plain.txt").st_mode
+
+
+# -- paths ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("base", "parts", "joined"),
+    [
+        ("s3://bucket/runs", ("exp1", "ckpt.pt"), "s3://bucket/runs/exp1/ckpt.pt"),
+        ("s3://bucket/runs/", ("/exp1/", "a/b.png"), "s3://bucket/runs/exp1/a/b.png"),
+        ("s3://bucket", ("x",), "s3://bucket/x"),
+        ("file:///data", ("x", "y"), "file:///data/x/y"),
+        ("file:///", ("x",), "file:///x"),
+        ("/data", ("/abs", "y"), "/data/abs/y"),
+        ("relative/dir", ("y",), "relative/dir/y"),
+        ("s3://bucket/runs", (), "s3://bucket/runs"),
+    ],
+)
+def test_join_appends_relative_parts_and_keeps_the_scheme(base, parts, joined):
+    assert Storage.join(base, *parts) == joined
+
+
+def test_remote_and_local_uris_are_told_apart():
+    assert is_remote("s3://bucket/key")
+    assert not is_remote("/data/x") and not is_remote("file:///data/x") and not is_remote("rel/x")
+    assert local_path("file:///data/x") == "/data/x"
+    assert local_path("rel/x") == "rel/x"
+    assert local_path("s3://bucket/key") is None
+
+
+# -- shipping a Storage to Ray workers --------------------------------------------------------------------
+def test_an_unpickled_storage_keeps_its_config_and_works(storage_s3, s3_bucket):
+    uri = f"{s3_bucket}/shipped.bin"
+    storage_s3.write_bytes(uri, b"payload")  # the s3 client now exists in the original
+
+    clone = pickle.loads(pickle.dumps(storage_s3))
+
+    assert clone.config == storage_s3.config
+    assert clone.read_bytes(uri) == b"payload"
+    clone.write_bytes(f"{s3_bucket}/from-clone.bin", b"back")
+    assert storage_s3.read_bytes(f"{s3_bucket}/from-clone.bin") == b"back"
+
+
+def test_pickling_ships_only_the_config():
+    storage = Storage(StorageConfig(endpoint_url="http://minio:9000", region="eu-west-1"))
+    storage.fs("/tmp")  # build a client; it must not travel
+    assert pickle.loads(pickle.dumps(storage)).__getstate__() == {"config": storage.config}
+
+
+# -- pyarrow filesystems for Ray Data ---------------------------------------------------------------------
+def test_pyarrow_fs_writes_and_reads_parquet(place):
+    storage, base = place
+    table = pa.table({"path": ["a.dcm", "b.dcm"], "height": [512, 256]})
+    fs, path = storage.pyarrow_fs(storage.join(base, "manifest", "part-0.parquet"))
+    if not is_remote(base):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+
+    pq.write_table(table, path, filesystem=fs)
+    shipped_fs = pickle.loads(pickle.dumps(fs))  # Ray Data pickles the filesystem into its tasks
+
+    assert pq.read_table(path, filesystem=shipped_fs).equals(table)
+    assert storage.list_files(storage.join(base, "manifest")) == [storage.join(base, "manifest", "part-0.parquet")]
+
+
+# -- errors -----------------------------------------------------------------------------------------------
+def test_reading_a_missing_key_names_the_uri(place):
+    storage, base = place
+    uri = storage.join(base, "missing.png")
+    with pytest.raises(StorageError, match=r"cannot read .*missing\.png: no such file"):
+        storage.read_bytes(uri)
+    with pytest.raises(StorageError, match=r"missing\.png"):
+        storage.size(uri)
+    with pytest.raises(StorageError, match=r"missing\.png"):
+        storage.open(uri)
+    assert not storage.exists(uri)
+
+
+def test_a_missing_bucket_is_reported_as_such(storage_s3):
+    uri = "s3://no-such-bucket-medsr/x.png"
+    for action in (storage_s3.read_bytes, storage_s3.list_files, lambda u: storage_s3.write_bytes(u, b"1")):
+        with pytest.raises(StorageError, match=r"s3://no-such-bucket-medsr.*no such bucket 'no-such-bucket-medsr'"):
+            action(uri)
+    assert not storage_s3.exists(uri)
+
+
+def test_a_folder_is_not_a_file(tmp_path):
+    storage = Storage()
+    with pytest.raises(StorageError, match="is a directory"):
+        storage.read_bytes(tmp_path)
+    with pytest.raises(StorageError, match="is a directory"):
+        storage.size(tmp_path)
+    with pytest.raises(StorageError, match="is a directory"):
+        storage.delete(tmp_path)
+
+
+@pytest.mark.parametrize("uri", ["gs://bucket/x", "s3://", "s3:///"])
+def test_unsupported_or_incomplete_uris_are_rejected(uri):
+    with pytest.raises(StorageError, match="s3://|scheme"):
+        Storage().read_bytes(uri)
