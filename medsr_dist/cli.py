@@ -86,6 +86,35 @@ def enhance(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] =
 
 
 @app.command()
+def degrade(
+    image: str = typer.Argument(..., help="Image to degrade (path or URI; PNG/JPEG/TIFF/DICOM)"),
+    output: Path = typer.Option(Path("degradation-preview.png"), "--output", "-o", help="Preview grid PNG to write"),
+    n: int = typer.Option(15, "--n", min=1, help="Number of degradations"),
+    seed: int = typer.Option(0, "--seed", help="Seed (crop position and samples)"),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = OverridesArg,
+) -> None:
+    """Write a preview grid of N second-order degradations of one image (ground-truth crop first)."""
+    import cv2
+
+    from medsr_dist.data.degrade import preview_grid
+    from medsr_dist.io.image import ImageDecodeError, decode_image
+    from medsr_dist.storage import Storage, StorageError
+
+    cfg = _load(config, overrides)
+    try:
+        img = decode_image(Storage(cfg.storage).read_bytes(image), image)
+    except (ImageDecodeError, StorageError) as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    grid = preview_grid(img.pixels[:, :, :3], cfg.degradation, cfg.model.scale, n=n, seed=seed)
+    if not cv2.imwrite(str(output), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR)):
+        console.print(f"[bold red]error:[/] could not write {output}")
+        raise typer.Exit(1)
+    console.print(f"wrote {output} ({n} degradations at x{cfg.model.scale}, gt_size {cfg.degradation.gt_size})")
+
+
+@app.command()
 def demo(config: Optional[Path] = typer.Option(
             Path(__file__).resolve().parent.parent / "configs" / "demo.yaml" if (Path(__file__).resolve().parent.parent / "configs" / "demo.yaml").exists() else None,
             "--config", "-c", help="Demo config (default: configs/demo.yaml)"),
@@ -94,6 +123,15 @@ def demo(config: Optional[Path] = typer.Option(
     from medsr_dist.pipeline import run_demo
 
     run_demo(_load(config, overrides), console)
+
+
+# ---- command groups living in their own modules (each module defines a typer app or commands) ----
+# weights (model zoo, ncnn import): medsr_dist/cli_weights.py
+from medsr_dist.cli_weights import weights_app  # noqa: E402
+app.add_typer(weights_app, name="weights")
+# export / status (inference side): medsr_dist/cli_infer.py
+# eval (evaluation protocols): medsr_dist/cli_eval.py
+import medsr_dist.cli_eval  # noqa: E402,F401
 
 
 def entrypoint() -> None:  # pragma: no cover - console script shim

@@ -104,6 +104,30 @@ class SplitConfig(Section):
         return self
 
 
+class MultiscaleConfig(Section):
+    """Real-ESRGAN's generate_multiscale_DF2K: Lanczos copies at ``scales`` plus a shortest-edge copy (train split)."""
+
+    enabled: bool = False
+    scales: list[float] = Field(default_factory=lambda: [0.75, 0.5, 1 / 3])
+    shortest_edge: int | None = Field(400, ge=16, description="Also a copy whose shorter side is this; empty: none")
+
+    @field_validator("scales")
+    @classmethod
+    def _scales_in_range(cls, v: list[float]) -> list[float]:
+        if any(not 0 < s < 1 for s in v):
+            raise ValueError(f"scales must lie in (0, 1), got {v}")
+        return v
+
+
+class SubimageConfig(Section):
+    """Real-ESRGAN's extract_subimages: overlapping crops of the (multi-scale) train images."""
+
+    enabled: bool = False
+    crop_size: int = Field(400, ge=16)
+    step: int = Field(200, ge=1)
+    thresh_size: int = Field(0, ge=0, description="Keep a last crop flush with the edge when more than this remains")
+
+
 class PrepareConfig(Section):
     input: str | None = Field(None, description="Archive prefix to read (default: sample.archive)")
     output: str | None = Field(None, description="Dataset prefix to write (default: <run.root>/dataset)")
@@ -112,6 +136,12 @@ class PrepareConfig(Section):
     split: SplitConfig = Field(default_factory=SplitConfig)
     rows_per_shard: int = Field(64, ge=1, description="Images per Parquet shard")
     fail_on_error: bool = Field(False, description="Exit non-zero when any file could not be read")
+    multiscale: MultiscaleConfig = Field(default_factory=MultiscaleConfig)
+    subimages: SubimageConfig = Field(default_factory=SubimageConfig)
+    paired_lq: str | None = Field(
+        None, description="Paired-data mode: prefix of low-resolution images matching `input` (ground truth) by "
+        "relative path and file stem; training then crops these pairs instead of degrading",
+    )
 
 
 class DegradationConfig(Section):
@@ -289,9 +319,15 @@ class EnhanceConfig(Section):
     tile: int = Field(0, ge=0, description="Tile size in input pixels; 0: whole image")
     tile_overlap: int = Field(16, ge=0)
     batch_size: int = Field(4, ge=1, description="Tiles per model call")
+    tile_blend: int = Field(4, ge=0, description="Half-width of the cross-fade between neighbouring tiles (0: hard crop)")
+    images_per_batch: int = Field(
+        4, ge=1, description="Images handed to a model replica at once; tiles of same-sized images share model calls"
+    )
     outscale: float | None = Field(None, gt=0, description="Final scale (Lanczos after the model); empty: model scale")
+    onnx_model: str | None = Field(None, description="ONNX export for backend onnxruntime (default: model.onnx beside checkpoint)")
     min_replicas: int = Field(1, ge=1)
     max_replicas: int = Field(1, ge=1)
+    cpus_per_replica: float = Field(1.0, gt=0, description="CPUs of a model replica (its torch/ORT threads) when it has no GPU")
     fail_on_error: bool = False
     consistency_threshold_db: float = Field(
         30.0, description="Rows whose consistency PSNR (output degraded back vs input) is below this are flagged for review"
@@ -305,6 +341,86 @@ class EnhanceConfig(Section):
         return self
 
 
+class EvalConfig(Section):
+    """`medsr eval`: score models under a paper's evaluation protocol (see ``medsr_dist.eval.protocols``).
+
+    Nested sections are defined inside this class so the evaluation adds one section to the tree.
+    """
+
+    class Model(Section):
+        name: str = Field(..., min_length=1, description="Label of the model in tables and figures")
+        source: str = Field(
+            ..., min_length=1,
+            description="'bicubic'; a model file (model.pth with meta.json beside it, or a plain BasicSR RRDBNet "
+            "checkpoint such as RealESRGAN_x4plus.pth); or a zoo name (e.g. RealESRGAN_x4plus) found under eval.weights_dir",
+        )
+        baseline: bool = Field(False, description="Compare every model with the first baseline (default: the first model)")
+
+    class Params(Section):
+        """Overrides of the preset's parameters; a key left out keeps the preset's value (null is a value)."""
+
+        scale: int | None = Field(None, ge=1, description="Super-resolution factor")
+        source_size: int | None = Field(None, ge=1, description="Required side of the source images (null: any)")
+        hr_size: int | None = Field(None, ge=1, description="Side of the ground truth (null: the source, modcropped)")
+        hr_resize: Literal["none", "lanczos", "cubic", "area"] | None = Field(None, description="How the source becomes hr_size")
+        lr_from: Literal["hr", "source"] | None = Field(None, description="Downsample the ground truth or the source")
+        downsample: Literal["matlab", "opencv"] | None = Field(None, description="Bicubic kernel: MATLAB imresize (antialiased) or cv2 INTER_CUBIC")
+        blur_sigma: float | None = Field(None, ge=0, description="Gaussian blur after downsampling (0: none)")
+        test_y_channel: bool | None = Field(None, description="Metrics on the Y channel of RGB images")
+        crop_border: int | None = Field(None, ge=0, description="Pixels ignored at each edge by the metrics")
+
+    class Lpips(Section):
+        enabled: bool = True
+        net: Literal["alex", "vgg", "squeeze"] = "alex"
+        backbone: str = Field(
+            "torchvision",
+            description="ImageNet weights of the LPIPS backbone: 'torchvision' (the TORCH_HOME hub cache) or a "
+            "path/URI of that file; when absent the LPIPS column says 'unavailable' and the report says why",
+        )
+
+    class Bootstrap(Section):
+        samples: int = Field(10000, ge=100, description="Bootstrap resamples of the paired differences")
+        confidence: float = Field(0.95, gt=0, lt=1)
+        seed: int = 0
+
+    protocol: str = Field("nih-x4", description="Preset: drive-x2, nih-x4, cxr14-ldm, bicubic-x2, bicubic-x3, bicubic-x4")
+    params: Params = Field(default_factory=Params)
+    dataset: str | None = Field(None, description="Images prefix, or a prepared dataset when split is set (default: prepare.output)")
+    split: str | None = Field("test", description="Split of a prepared dataset; null: dataset is a prefix of image files")
+    include: list[str] = Field(default_factory=lambda: ["*"])
+    exclude: list[str] = Field(default_factory=list)
+    limit: int | None = Field(None, ge=1, description="Evaluate only the first N images (sorted by key)")
+    output: str | None = Field(None, description="Report prefix (default: <run.root>/eval/<protocol>)")
+    models: list[Model] = Field(default_factory=lambda: [EvalConfig.Model(name="bicubic", source="bicubic")])
+    weights_dir: str | None = Field(None, description="Where zoo names are looked up (default: <run.root>/weights, then TORCH_HOME)")
+    figures: int = Field(4, ge=0, description="Images shown as LR | bicubic | models | ground truth figures")
+    figure_images: list[str] = Field(default_factory=list, description="Names of the figure images (default: the first ones)")
+    crop_box: tuple[int, int, int, int] | None = Field(None, description="Magnified region [y, x, height, width] in ground-truth pixels; null: where models disagree most")
+    zoom: int = Field(4, ge=1, description="Magnification of the region row")
+    lpips: Lpips = Field(default_factory=Lpips)
+    bootstrap: Bootstrap = Field(default_factory=Bootstrap)
+    backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    tile: int = Field(0, ge=0, description="Tile size in input pixels; 0: whole image")
+    tile_overlap: int = Field(16, ge=0)
+    batch_size: int = Field(4, ge=1, description="Images per Ray Data batch and tiles per model call")
+    replicas: int = Field(1, ge=1, description="Model replicas (actors holding every model; one GPU each when present)")
+    cpus_per_replica: float = Field(1.0, gt=0)
+    score_workers: int = Field(1, ge=1, description="CPU actors computing metrics and figures")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvalConfig":
+        from medsr_dist.eval.protocols import resolve_protocol  # raises ValueError naming the bad parameter
+
+        resolve_protocol(self.protocol, {k: getattr(self.params, k) for k in self.params.model_fields_set})
+        names = [m.name for m in self.models]
+        if not names:
+            raise ValueError("eval.models is empty: list at least one model (e.g. {name: bicubic, source: bicubic})")
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval.models: model names must be unique, got {names}")
+        return self
+
+
 class MedsrConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -315,6 +431,7 @@ class MedsrConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     enhance: EnhanceConfig = Field(default_factory=EnhanceConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     _source: str = PrivateAttr("<defaults>")
 
     @property

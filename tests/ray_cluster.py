@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -44,12 +43,7 @@ _STATUS_SENTENCES = {
     "FAILED": re.compile(r"Job '[^']+' failed"),
     "STOPPED": re.compile(r"Job '[^']+' was stopped"),
 }
-_SUBMIT_ATTEMPTS = 3
 _OTHER_STATUS = re.compile(r"Status for job '[^']+': (?:JobStatus\.)?([A-Z]+)")
-
-# AF_UNIX socket paths are limited to 107 bytes; Ray puts
-# "<temp_dir>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store" (~64 bytes after temp_dir) there.
-_MAX_TEMP_DIR_LEN = 107 - 64
 
 
 @dataclass(frozen=True)
@@ -60,7 +54,8 @@ class RayHead:
     dashboard_url: ``http://127.0.0.1:<port>``, the Jobs API (``ray job ... --address``).
     env: environment for client subprocesses: this environment plus the head's auth settings,
         ``RAY_ADDRESS`` and ``RAY_API_SERVER_ADDRESS``.
-    temp_dir: Ray's temp/log root for this head (session logs under ``session_latest/logs``).
+    temp_dir: Ray's temp/log root for this head (session logs under ``session_latest/logs``); removed
+        when the head stops unless something failed.
     log_path: stdout/stderr of the ``ray start`` process.
     """
 
@@ -78,17 +73,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _short_temp_dir(tmp_path: Path) -> tuple[str, bool]:
-    """(Ray temp dir, whether we must delete it ourselves): under tmp_path when its path is short enough
-    for Ray's unix sockets, else a short dir in the system temp dir, linked from tmp_path/ray."""
-    preferred = tmp_path / "ray"
-    if len(str(preferred)) <= _MAX_TEMP_DIR_LEN:
-        preferred.mkdir(parents=True, exist_ok=True)
-        return str(preferred), False
+def _short_temp_dir(tmp_path: Path) -> str:
+    """A fresh Ray temp dir with a short path, linked from ``tmp_path/ray``.
+
+    Ray puts unix sockets at ``<temp_dir>/session_<date>_<time>_<usec>_<pid>/sockets/<name>`` and fails
+    (e.g. its dashboard modules) when one exceeds 107 bytes, so pytest's long tmp_path cannot host it.
+    """
     short = tempfile.mkdtemp(prefix="medsr-ray-", dir="/tmp")
     with contextlib.suppress(OSError):
-        preferred.symlink_to(short, target_is_directory=True)
-    return short, True
+        (tmp_path / "ray").symlink_to(short, target_is_directory=True)
+    return short
 
 
 def _auth_env(tmp_path: Path) -> dict[str, str]:
@@ -158,15 +152,12 @@ def _head_env(tmp_path: Path) -> dict[str, str]:
         RAY_USAGE_STATS_ENABLED="0",
         # SIGTERM would otherwise first drain the node for up to 30 s (meant for Serve replicas).
         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
-        # On a busy 2-core machine the dashboard's module subprocesses can take longer than the default
-        # 30 s to import, and the dashboard (hence the whole head) then gives up.
-        RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT="180",
     )
     return env
 
 
 def _launch(
-    tmp_path: Path, temp_dir: str, num_cpus: int, log_name: str, startup_timeout_s: float
+    tmp_path: Path, temp_dir: str, num_cpus: int, startup_timeout_s: float
 ) -> tuple[RayHead, subprocess.Popen]:
     """Start ``ray start --head --block`` on fresh free ports and wait until it is ready; stop it and
     raise if it is not."""
@@ -181,7 +172,7 @@ def _launch(
             "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}",
         },
         temp_dir=temp_dir,
-        log_path=str(tmp_path / log_name),
+        log_path=str(tmp_path / "ray_head.log"),
     )
     command = [
         RAY_BIN, "start", "--head", "--block",
@@ -210,35 +201,21 @@ def _launch(
 
 
 @contextlib.contextmanager
-def local_ray_head(
-    tmp_path: Path, num_cpus: int = 2, startup_timeout_s: float = 180.0, start_attempts: int = 2
-) -> Iterator[RayHead]:
+def local_ray_head(tmp_path: Path, num_cpus: int = 2, startup_timeout_s: float = 180.0) -> Iterator[RayHead]:
     """Start a Ray head on 127.0.0.1 with free ports and token auth; yield it; always stop it (only it).
 
-    A head that dies while starting is started again, up to ``start_attempts`` times in all: on an
-    overloaded machine Ray's own startup timeouts (30 s, not configurable for all its processes) can
-    make ``ray start`` give up. Raises RuntimeError/TimeoutError with the tail of the head's log if it
-    never comes up.
+    Raises RuntimeError/TimeoutError with the tail of the head's log if it does not come up; Ray's own
+    logs then stay in ``tmp_path/ray`` for a post-mortem.
     """
     tmp_path = Path(tmp_path)
     tmp_path.mkdir(parents=True, exist_ok=True)
-    temp_dir, owns_temp_dir = _short_temp_dir(tmp_path)
+    temp_dir = _short_temp_dir(tmp_path)
+    head, process = _launch(tmp_path, temp_dir, num_cpus, startup_timeout_s)
     try:
-        for attempt in range(1, start_attempts + 1):
-            log_name = "ray_head.log" if attempt == 1 else f"ray_head.attempt{attempt}.log"
-            try:
-                head, process = _launch(tmp_path, temp_dir, num_cpus, log_name, startup_timeout_s)
-                break
-            except RuntimeError:
-                if attempt == start_attempts:
-                    raise
-        try:
-            yield head
-        finally:
-            _stop(process)
+        yield head
     finally:
-        if owns_temp_dir:
-            shutil.rmtree(temp_dir, ignore_errors=True)
+        _stop(process)
+    shutil.rmtree(temp_dir, ignore_errors=True)  # kept, like the logs above, when the body raised
 
 
 def _ray_cli(head: RayHead, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
@@ -297,16 +274,7 @@ def submit_job(
     ]  # fmt: skip
     if env_vars:
         submit += ["--runtime-env-json", json.dumps({"env_vars": env_vars})]
-    for attempt in range(1, _SUBMIT_ATTEMPTS + 1):
-        try:
-            _ray_cli(head, *submit, "--", *entrypoint)
-            break
-        except RuntimeError as refused:
-            # The head answers this (HTTP 500, "please try again later") before it has found its node's
-            # job agent; the job was not created, so resubmitting with the same id is safe.
-            if "No available agent" not in str(refused) or attempt == _SUBMIT_ATTEMPTS:
-                raise
-            time.sleep(5)
+    _ray_cli(head, *submit, "--", *entrypoint)
 
     deadline = time.monotonic() + timeout_s
     status = job_status(head, submission_id)

@@ -4,7 +4,9 @@ from __future__ import annotations
 import socket
 import sys
 import textwrap
+import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,8 +47,34 @@ FAILING_JOB = textwrap.dedent(
 )
 
 
+S3_WRITING_JOB = textwrap.dedent(
+    """
+    import sys
+
+    import ray
+
+    from medsr_dist.config import StorageConfig
+    from medsr_dist.storage import Storage
+
+    ray.init()
+    endpoint, uri = sys.argv[1], sys.argv[2]
+    storage = Storage(StorageConfig(endpoint_url=endpoint))  # shipped to the task by pickling
+
+
+    @ray.remote
+    def write(storage, uri):
+        storage.write_bytes(uri, b"written by a ray task")
+
+
+    ray.get(write.remote(storage, uri))
+    print("driver reads back:", storage.read_bytes(uri).decode())
+    """
+)
+
+
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory) -> RayHead:
+def ray_head(tmp_path_factory, s3_server) -> Iterator[RayHead]:
+    """One head for this module, started after the S3 server so its workers inherit the S3 credentials."""
     with local_ray_head(tmp_path_factory.mktemp("ray-head"), num_cpus=2) as head:
         yield head
 
@@ -91,6 +119,17 @@ def test_a_failing_job_reports_failed_with_its_traceback(ray_head, tmp_path):
 
     assert status == "FAILED"
     assert "ZeroDivisionError" in logs
+
+
+def test_a_job_ships_a_storage_to_its_tasks_and_reaches_s3(ray_head, s3_server, s3_bucket, storage_s3, tmp_path):
+    working_dir = _job_dir(tmp_path, "write_s3.py", S3_WRITING_JOB)
+    uri = f"{s3_bucket}/from-ray/out.bin"
+
+    status, logs = submit_job(ray_head, ["python", "write_s3.py", s3_server, uri], working_dir, timeout_s=180)
+
+    assert status == "SUCCEEDED", logs
+    assert "driver reads back: written by a ray task" in logs
+    assert storage_s3.read_bytes(uri) == b"written by a ray task"
 
 
 def test_the_head_requires_its_token(ray_head):

@@ -133,6 +133,14 @@ def test_list_files_does_not_mistake_a_sibling_with_the_same_stem_for_a_child(pl
     assert storage.list_files(storage.join(base, "run")) == [storage.join(base, "run", "x.bin")]
 
 
+def test_list_files_at_a_bucket_root_lists_the_whole_bucket(storage_s3, s3_bucket):
+    for key in ("top.png", "a/b.png"):
+        storage_s3.write_bytes(f"{s3_bucket}/{key}", b"1")
+    expected = [f"{s3_bucket}/a/b.png", f"{s3_bucket}/top.png"]
+    assert storage_s3.list_files(s3_bucket) == expected
+    assert storage_s3.list_files(s3_bucket + "/") == expected
+
+
 def test_list_files_never_returns_local_folders(tmp_path):
     storage = Storage()
     (tmp_path / "empty" / "nested").mkdir(parents=True)

@@ -220,3 +220,68 @@ class SecondOrderDegradation:
         results = [self.degrade_one(d, str(k), int(e)) for d, k, e in zip(batch["image"], batch["key"], batch["epoch"])]
         chw = lambda name: np.stack([r[name].transpose(2, 0, 1) for r in results]).astype(np.float32)  # noqa: E731
         return {"lq": chw("lq"), "gt": chw("gt"), "gt_usm": chw("gt_usm"), "key": np.asarray(batch["key"])}
+
+
+def decode_training_pair(gt_data: bytes, lq_data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    return decode_training_image(gt_data), decode_training_image(lq_data)
+
+
+class PairedCrop:
+    """Ray Data stage for paired datasets (real LR/HR pairs, no synthesis): aligned random crops.
+
+    In: ``image`` (GT PNG), ``lq_image`` (LQ PNG), ``key``, ``epoch``. Out: the same columns as
+    :class:`SecondOrderDegradation` (``gt_usm`` is the USM-sharpened GT, as in Real-ESRGAN's paired model).
+    """
+
+    def __init__(self, cfg: DegradationConfig, scale: int, run_seed: int):
+        if cfg.gt_size % scale:
+            raise ValueError(f"degradation.gt_size ({cfg.gt_size}) must be divisible by model.scale ({scale})")
+        self.cfg, self.scale, self.run_seed = cfg, scale, run_seed
+        cv2.setNumThreads(1)
+
+    def crop_one(self, gt_data: bytes, lq_data: bytes, key: str, epoch: int) -> dict:
+        gt, lq = decode_training_pair(gt_data, lq_data)
+        s, size = self.scale, self.cfg.gt_size
+        if gt.shape[0] != lq.shape[0] * s or gt.shape[1] != lq.shape[1] * s:
+            raise ValueError(f"{key}: pair is {gt.shape[:2]} / {lq.shape[:2]}, not x{s} (model.scale)")
+        lq_size = size // s
+        if lq.shape[0] < lq_size or lq.shape[1] < lq_size:
+            raise ValueError(f"{key}: low-resolution image {lq.shape[:2]} smaller than the crop {lq_size}")
+        rng = np.random.default_rng(sample_seed(self.run_seed, key, epoch))
+        top, left = rng.integers(0, lq.shape[0] - lq_size + 1), rng.integers(0, lq.shape[1] - lq_size + 1)
+        lq_c = lq[top:top + lq_size, left:left + lq_size]
+        gt_c = gt[top * s:top * s + size, left * s:left * s + size]
+        if self.cfg.use_hflip and rng.uniform() < 0.5:
+            lq_c, gt_c = lq_c[:, ::-1], gt_c[:, ::-1]
+        gt_c, lq_c = np.ascontiguousarray(gt_c), np.ascontiguousarray(lq_c)
+        gt_usm = np.clip(usm_sharp(gt_c), 0, 1).astype(np.float32) if self.cfg.usm_sharpen_gt else gt_c
+        return {"gt": gt_c, "gt_usm": gt_usm, "lq": lq_c}
+
+    def __call__(self, batch: dict) -> dict:
+        results = [self.crop_one(g, q, str(k), int(e))
+                   for g, q, k, e in zip(batch["image"], batch["lq_image"], batch["key"], batch["epoch"])]
+        chw = lambda name: np.stack([r[name].transpose(2, 0, 1) for r in results]).astype(np.float32)  # noqa: E731
+        return {"lq": chw("lq"), "gt": chw("gt"), "gt_usm": chw("gt_usm"), "key": np.asarray(batch["key"])}
+
+
+def preview_grid(image: np.ndarray, cfg: DegradationConfig, scale: int, n: int = 15, seed: int = 0,
+                 columns: int = 4) -> np.ndarray:
+    """A grid of ``n`` second-order degradations of one crop, with the ground-truth crop first.
+
+    ``image`` float32 (H, W, C) in [0, 1]. Each low-quality sample is shown nearest-upscaled to the crop
+    size. Returns uint8 (rows*gt_size, columns*gt_size, 3) RGB.
+    """
+    rgb = image if image.shape[2] == 3 else np.repeat(image[:, :, :1], 3, axis=2)
+    crop = random_crop(rgb.astype(np.float32), cfg.gt_size, np.random.default_rng(seed), hflip=False)
+    size = cfg.gt_size
+    tiles = [crop] + [
+        cv2.resize(degrade_second_order(crop, cfg, scale, sample_seed(seed, "preview", i))["lq"], (size, size),
+                   interpolation=cv2.INTER_NEAREST)
+        for i in range(n)
+    ]
+    rows = -(-len(tiles) // columns)
+    grid = np.ones((rows * size, columns * size, 3), np.float32)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, columns)
+        grid[r * size:(r + 1) * size, c * size:(c + 1) * size] = tile
+    return (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)

@@ -94,7 +94,7 @@ def side_by_side(
     panels: Sequence[tuple[str, np.ndarray]],
     *,
     crop_box: CropBox | None = None,
-    compare: tuple[int, int] | None = None,
+    compare: Sequence[int] | None = None,
     zoom: int = 4,
     gap: int = 4,
 ) -> bytes:
@@ -109,8 +109,10 @@ def side_by_side(
         panels: (caption, image) pairs; images (h, w), (h, w, 1), (h, w, 3) or (h, w, 4) (alpha ignored),
             float in [0, 1] or unsigned int (full dtype range), RGB channel order.
         crop_box: region to magnify, in ``H x W`` panel pixels; ``None`` picks one automatically.
-        compare: indices of the two panels whose disagreement picks the crop (e.g. bicubic and model);
-            ``None`` uses the per-pixel spread across all panels.
+        compare: indices of the panels whose disagreement picks the crop: two (e.g. bicubic and model) use
+            their absolute difference, more use the per-pixel spread (standard deviation) across them (e.g.
+            bicubic and every model, leaving out the LR input and the ground truth); ``None`` uses the spread
+            across all panels.
         zoom: magnification of the crop row.
         gap: pixels between panels and rows.
 
@@ -118,20 +120,23 @@ def side_by_side(
         8-bit RGB PNG bytes, ``n * W + (n - 1) * gap`` pixels wide.
 
     Raises:
-        ValueError: no panels, or bad shapes.
+        ValueError: no panels, bad shapes, or ``compare`` with fewer than two or out-of-range indices.
     """
     if not panels:
         raise ValueError("side_by_side needs at least one panel")
+    if compare is not None and (len(compare) < 2 or not all(-len(panels) <= i < len(panels) for i in compare)):
+        raise ValueError(f"compare needs two or more panel indices in range, got {tuple(compare)} for {len(panels)} panels")
     images = [_to_display_rgb(image) for _, image in panels]
     height, width = max((image.shape[:2] for image in images), key=lambda hw: hw[0] * hw[1])
     images = [_resize_nearest(image, height, width) for image in images]
 
     if crop_box is None:
         crop_h, crop_w = max(1, height // zoom), max(1, width // zoom)
-        if compare is not None:
+        if compare is not None and len(compare) == 2:
             crop_box = disagreement_box(images[compare[0]], images[compare[1]], crop_h, crop_w)
         else:
-            spread = np.stack(images).std(axis=0)
+            chosen = images if compare is None else [images[i] for i in compare]
+            spread = np.stack(chosen).std(axis=0)
             crop_box = disagreement_box(spread, np.zeros_like(spread), crop_h, crop_w)
 
     caption_h = int(np.clip(width // 10, 14, 36))

@@ -1,53 +1,224 @@
-"""A trained model on the store: ``model.pth`` (BasicSR layout) with ``meta.json`` beside it.
+"""A model for inference, described without loading it: where its weights are, what network they fit, their hash.
 
-``meta.json`` says which family and architecture to build (written by the training export), so an
-inference replica can rebuild the network without the training config.
+Three kinds of source are understood:
+
+* a model exported by training: ``model.pth`` (BasicSR layout) with ``meta.json`` beside it, which says the
+  family and architecture (written by :func:`medsr_dist.train.trainer.export_checkpoint`);
+* a plain BasicSR RRDBNet checkpoint (e.g. a copy of ``RealESRGAN_x4plus.pth``) on any store: the architecture
+  (scale, width, depth, growth) is read from the tensor shapes;
+* a model-zoo name (``RealESRGAN_x4plus``, see :mod:`medsr_dist.models.zoo`): fetched into the node's weights
+  cache, sha256-checked.
+
+An inference replica rebuilds the network from a :class:`ModelFile` alone (it pickles), and
+:func:`build_model_backend` turns it into any registered :class:`~medsr_dist.infer.backends.Backend`.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
-from dataclasses import dataclass
-
-from torch import nn
+import posixpath
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from medsr_dist.config import MedsrConfig, StorageConfig
 from medsr_dist.storage import Storage
 
+if TYPE_CHECKING:
+    from torch import nn
+
+    from medsr_dist.infer.backends import Backend
+
+META_FILE = "meta.json"
+ONNX_FILE = "model.onnx"
+
+# RRDBNet pixel-unshuffles its input by 4 / 2 for scale 1 / 2, so input sides must be multiples of this.
+_RRDBNET_SIZE_MULTIPLE = {1: 4, 2: 2, 4: 1}
+_RRDBNET_SCALE_FOR_IN_CH = {3: 4, 12: 2, 48: 1}  # conv_first in-channels: 3 * (pixel-unshuffle factor)**2
+
+# Backends that live in their own module register themselves on import (medsr_dist.infer.backends.register_backend).
+BACKEND_MODULES = {
+    "onnxruntime": "medsr_dist.infer.onnx_backend",
+    "tensorrt": "medsr_dist.infer.tensorrt_backend",  # not written yet: the name is reserved in EnhanceConfig
+}
+
 
 @dataclass(frozen=True)
 class ModelFile:
+    """An inference model on the store.
+
+    Attributes:
+        uri: the weights (``model.pth`` or a BasicSR checkpoint): local path, ``file://``, ``s3://`` or a zoo name.
+        name: human-readable name (``<run>@<iteration>`` for trained exports, the file stem otherwise).
+        sha256: hex digest of the weights file's bytes: the model's identity in output keys and provenance.
+        family: model family (``realesrgan``).
+        scale: native upscaling factor.
+        generator: generator architecture (``GeneratorConfig`` fields).
+        onnx_uri: the ONNX export used by the onnxruntime backend (default ``model.onnx`` beside the weights).
+    """
+
     uri: str
     name: str
     sha256: str
     family: str
     scale: int
-    generator: dict
+    generator: dict = field(hash=False)
+    onnx_uri: str | None = None
+
+    @property
+    def size_multiple(self) -> int:
+        """Input height and width must be multiples of this (RRDBNet x2: 2, x1: 4, x4: 1)."""
+        return _RRDBNET_SIZE_MULTIPLE.get(self.scale, 1)
+
+    @property
+    def is_zoo(self) -> bool:
+        return "/" not in self.uri and ":" not in self.uri and _zoo_module() is not None and _zoo_module().is_zoo_name(self.uri)
+
+    def read_weights(self, storage: Storage) -> bytes:
+        """The weights file's bytes (a zoo model is fetched into this node's cache first)."""
+        if self.is_zoo:
+            with open(_zoo_module().fetch(self.uri), "rb") as f:
+                return f.read()
+        return storage.read_bytes(self.uri)
 
     def build(self, storage: Storage) -> nn.Module:
-        """The inference network (EMA weights when present), on CPU, in eval mode."""
+        """The inference network (EMA weights when present), float32 on CPU, in eval mode.
+
+        Raises:
+            ValueError: the family has no inference network here.
+            RuntimeError: the weights do not fit the architecture (strict loading).
+        """
         from medsr_dist.models.weights import load_state_dict_bytes
 
-        cfg = MedsrConfig.model_validate({"model": {"family": self.family, "scale": self.scale, "generator": self.generator}})
         if self.family != "realesrgan":  # pragma: no cover - one family so far
             raise ValueError(f"{self.uri}: no inference network for family {self.family!r}")
         from medsr_dist.models.realesrgan import build_generator
 
+        cfg = MedsrConfig.model_validate({"model": {"family": self.family, "scale": self.scale, "generator": self.generator}})
         net = build_generator(cfg)
-        state = load_state_dict_bytes(storage.read_bytes(self.uri), self.uri)
+        state = load_state_dict_bytes(self.read_weights(storage), self.uri)
         net.load_state_dict(state, strict=True)
         return net.eval()
 
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready summary (for logs and the ONNX export's metadata)."""
+        return {"uri": self.uri, "name": self.name, "sha256": self.sha256, "family": self.family, "scale": self.scale,
+                "generator": dict(self.generator)}
 
-def read_model_file(uri: str, storage_cfg: StorageConfig | None = None) -> ModelFile:
-    """Describe the model at ``uri`` from its ``meta.json``; the sha256 is computed from the weights' bytes."""
+
+def build_model_backend(
+    model: ModelFile, backend: str, storage: Storage, *, device: str | None = None, precision: str = "fp32"
+) -> Backend:
+    """A ready :class:`~medsr_dist.infer.backends.Backend` for ``model``.
+
+    ``torch`` builds the network from the weights. Every other backend is looked up in the registry (its module
+    is imported first so it can register itself) and must offer ``from_model_file(model, storage, *, device,
+    precision)``: that is the whole contract a new runtime (TensorRT next) has to meet, usually by reading the
+    ONNX export at ``model.onnx_uri``.
+
+    Raises:
+        ValueError: unknown backend, or a backend that cannot be built from a model file.
+        ImportError: the backend's runtime package is not installed.
+    """
+    from medsr_dist.infer.backends import BACKENDS, TorchBackend
+
+    if backend == "torch":
+        return TorchBackend(model.build(storage), scale=model.scale, device=device, precision=precision,
+                            size_multiple=model.size_multiple)
+    if backend not in BACKENDS and backend in BACKEND_MODULES:
+        try:
+            importlib.import_module(BACKEND_MODULES[backend])
+        except ModuleNotFoundError as exc:
+            if exc.name == BACKEND_MODULES[backend]:
+                raise ValueError(f"backend {backend!r} is not implemented yet (available: torch, onnxruntime)") from None
+            raise
+    factory = BACKENDS.get(backend)
+    if factory is None:
+        raise ValueError(f"unknown backend {backend!r}; available: {sorted(set(BACKENDS) | set(BACKEND_MODULES))}")
+    from_model_file = getattr(factory, "from_model_file", None)
+    if from_model_file is None:
+        raise ValueError(f"backend {backend!r} ({factory!r}) has no from_model_file(); it cannot load {model.uri}")
+    return from_model_file(model, storage, device=device, precision=precision)
+
+
+# ----------------------------------------------------------------------------------------------------------
+def _zoo_module():
+    try:
+        from medsr_dist.models import zoo
+    except ImportError:  # pragma: no cover - the zoo is optional
+        return None
+    return zoo
+
+
+def _dirname(uri: str) -> str:
+    return uri.rsplit("/", 1)[0] if "/" in uri else "."
+
+
+def rrdbnet_architecture(state: dict) -> tuple[int, dict]:
+    """(scale, generator config) of a BasicSR RRDBNet state dict, read from its tensor shapes.
+
+    Raises:
+        ValueError: not an RRDBNet state dict (e.g. SRVGGNetCompact weights).
+    """
+    try:
+        first = state["conv_first.weight"]  # (num_feat, 3 * f**2, 3, 3)
+        grow = state["body.0.rdb1.conv1.weight"]  # (num_grow_ch, num_feat, 3, 3)
+        out = state["conv_last.weight"]  # (num_out_ch, num_feat, 3, 3)
+    except KeyError as missing:
+        raise ValueError(f"not a BasicSR RRDBNet checkpoint (no {missing} tensor)") from None
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"body\.(\d+)\.", k))}
+    in_ch = int(first.shape[1])
+    if in_ch not in _RRDBNET_SCALE_FOR_IN_CH:
+        raise ValueError(f"RRDBNet conv_first takes {in_ch} channels; expected 3, 12 or 48 (RGB at scale 4, 2, 1)")
+    generator = {"type": "RRDBNet", "num_in_ch": 3, "num_out_ch": int(out.shape[0]), "num_feat": int(first.shape[0]),
+                 "num_block": len(blocks), "num_grow_ch": int(grow.shape[0])}
+    return _RRDBNET_SCALE_FOR_IN_CH[in_ch], generator
+
+
+def read_model_file(uri: str, storage_cfg: StorageConfig | None = None, onnx_uri: str | None = None) -> ModelFile:
+    """Describe the model at ``uri`` (see the module docstring for the kinds of source).
+
+    The sha256 is computed from the weights' bytes. When ``meta.json`` records a sha256 too, the two must agree
+    (a half-copied export is refused rather than enhanced with).
+
+    Raises:
+        FileNotFoundError: no such weights file (the message says how to make one).
+        ValueError: meta.json disagrees with the weights, or a checkpoint without meta.json is not an RRDBNet.
+    """
     storage = Storage(storage_cfg)
+    zoo = _zoo_module()
+    if zoo is not None and "/" not in uri and zoo.is_zoo_name(uri):
+        entry = zoo.zoo_entry(uri)
+        if entry.net != "generator":
+            raise ValueError(f"enhance.checkpoint: zoo model {uri} is a {entry.net}, not a generator")
+        with open(zoo.fetch(uri), "rb") as f:
+            data = f.read()
+        return _from_checkpoint_bytes(uri, data, uri, onnx_uri)
     if not storage.exists(uri):
-        raise FileNotFoundError(f"enhance.checkpoint: model file {uri} does not exist (run `medsr train` first)")
-    meta_uri = uri.rsplit("/", 1)[0] + "/meta.json" if "/" in uri else "meta.json"
+        raise FileNotFoundError(f"enhance.checkpoint: model file {uri} does not exist (run `medsr train` first, "
+                                f"or name a model-zoo model such as RealESRGAN_x4plus)")
+    data = storage.read_bytes(uri)
+    digest = hashlib.sha256(data).hexdigest()
+    meta_uri = Storage.join(_dirname(uri), META_FILE) if "/" in uri else META_FILE
+    onnx_uri = onnx_uri or (Storage.join(_dirname(uri), ONNX_FILE) if "/" in uri else ONNX_FILE)
     if not storage.exists(meta_uri):
-        raise FileNotFoundError(f"enhance.checkpoint: {meta_uri} (architecture of {uri}) does not exist")
+        stem = posixpath.basename(uri).rsplit(".", 1)[0]
+        return _from_checkpoint_bytes(uri, data, stem, onnx_uri, digest)
     meta = json.loads(storage.read_bytes(meta_uri))
-    digest = hashlib.sha256(storage.read_bytes(uri)).hexdigest()
+    if meta.get("sha256") and meta["sha256"] != digest:
+        raise ValueError(f"enhance.checkpoint: {uri} has sha256 {digest} but {meta_uri} records {meta['sha256']} "
+                         f"(incomplete copy or mismatched files)")
     return ModelFile(uri=uri, name=str(meta.get("name", meta.get("run", "model"))), sha256=digest,
-                     family=meta["family"], scale=int(meta["scale"]), generator=dict(meta["generator"]))
+                     family=meta["family"], scale=int(meta["scale"]), generator=dict(meta["generator"]), onnx_uri=onnx_uri)
+
+
+def _from_checkpoint_bytes(uri: str, data: bytes, name: str, onnx_uri: str | None, digest: str | None = None) -> ModelFile:
+    from medsr_dist.models.weights import load_state_dict_bytes
+
+    try:
+        scale, generator = rrdbnet_architecture(load_state_dict_bytes(data, uri))
+    except ValueError as exc:
+        raise ValueError(f"enhance.checkpoint: {uri} has no {META_FILE} beside it and {exc}") from None
+    return ModelFile(uri=uri, name=name, sha256=digest or hashlib.sha256(data).hexdigest(), family="realesrgan",
+                     scale=scale, generator=generator, onnx_uri=onnx_uri)

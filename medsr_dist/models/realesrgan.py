@@ -115,7 +115,9 @@ def build_perceptual_loss(cfg: MedsrConfig) -> PerceptualLoss:
     path = resolve_vgg19_weights(cfg.train.vgg.weights)
     if path is None:
         log.warning("perceptual loss uses a RANDOMLY INITIALISED VGG19 (train.vgg.weights=%s): test/demo only", RANDOM_VGG)
-    with _vgg_weights_for_basicsr(path):
+    # fork_rng + a fixed seed: the random test VGG is the same on every rank and after a resume
+    with _vgg_weights_for_basicsr(path), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
         return PerceptualLoss(
             layer_weights=dict(cfg.train.losses.perceptual_layers), vgg_type="vgg19", use_input_norm=True,
             range_norm=False, perceptual_weight=cfg.train.losses.perceptual_weight, style_weight=0.0, criterion="l1",

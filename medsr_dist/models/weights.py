@@ -2,6 +2,8 @@
 
 Checkpoints are read with ``torch.load(weights_only=True)`` (or safetensors): never by unpickling
 arbitrary objects. BasicSR's layout is understood: a dict holding ``params_ema`` and/or ``params``.
+A weights *source* is a model-zoo name (:mod:`medsr_dist.models.zoo`, e.g. ``RealESRGAN_x4plus``), a local
+path, a ``file://`` URI or a store URI (``s3://bucket/key``); :func:`resolve_weights` turns any of them into bytes.
 """
 from __future__ import annotations
 
@@ -19,9 +21,32 @@ class WeightsError(RuntimeError):
 
 
 def read_weights_bytes(source: str, storage_cfg: StorageConfig | None = None) -> bytes:
+    """The bytes of a path or store URI (no zoo lookup; see :func:`resolve_weights`)."""
     from medsr_dist.storage import Storage
 
     return Storage(storage_cfg).read_bytes(source)
+
+
+def resolve_weights(source: str, storage_cfg: StorageConfig | None = None, *, allow_unverified: bool = False) -> bytes:
+    """The checkpoint bytes for a zoo name, path or URI.
+
+    A zoo name is served from the local weights cache, downloaded and sha256-checked on first use (see
+    :func:`medsr_dist.models.zoo.fetch`; ``allow_unverified`` is passed on). Anything else is read through
+    :class:`~medsr_dist.storage.Storage`.
+
+    Raises:
+        WeightsError: the file does not exist or cannot be read (zoo subclasses: download/checksum failures).
+    """
+    from medsr_dist.models import zoo
+    from medsr_dist.storage import StorageError
+
+    if zoo.is_zoo_name(source):
+        with open(zoo.fetch(source, allow_unverified=allow_unverified), "rb") as f:
+            return f.read()
+    try:
+        return read_weights_bytes(source, storage_cfg)
+    except StorageError as exc:
+        raise WeightsError(f"{exc} (not a model zoo name either; known names: {', '.join(zoo.ZOO)})") from None
 
 
 def load_state_dict_bytes(data: bytes, source: str, key: str | None = None) -> dict[str, torch.Tensor]:
@@ -50,9 +75,20 @@ def load_state_dict_bytes(data: bytes, source: str, key: str | None = None) -> d
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_state_dict_into(net: nn.Module, source: str, storage_cfg: StorageConfig | None = None, key: str | None = None) -> None:
-    """Strictly load ``source`` into ``net``; on mismatch list the missing and unexpected keys."""
-    state = load_state_dict_bytes(read_weights_bytes(source, storage_cfg), source, key)
+def load_state_dict_into(
+    net: nn.Module,
+    source: str,
+    storage_cfg: StorageConfig | None = None,
+    key: str | None = None,
+    *,
+    allow_unverified: bool = False,
+) -> None:
+    """Strictly load ``source`` (zoo name, path or URI, see :func:`resolve_weights`) into ``net``.
+
+    Raises:
+        WeightsError: unreadable/unsafe file, or keys/shapes that do not fit (lists missing and unexpected keys).
+    """
+    state = load_state_dict_bytes(resolve_weights(source, storage_cfg, allow_unverified=allow_unverified), source, key)
     own = net.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

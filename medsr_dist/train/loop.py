@@ -167,7 +167,7 @@ def train_loop_per_worker(config: dict) -> None:
         t_prev = time.perf_counter()
         step_s += t_prev - t_data
 
-        metrics = {"iteration": iteration, **logs, "data_wait_fraction": wait_s / max(wait_s + step_s, 1e-9),
+        metrics = {"iteration": iteration, "resumed_from": start_iteration, **logs, "data_wait_fraction": wait_s / max(wait_s + step_s, 1e-9),
                    "lr_g": optimizers[family.inference_net].param_groups[0]["lr"]}
         last = iteration == t.iterations
         if rank == 0 and val_pairs and (iteration % t.val_every == 0 or last):

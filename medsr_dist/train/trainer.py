@@ -54,14 +54,19 @@ def latest_iteration(storage: Storage, cfg: MedsrConfig) -> int:
 def build_train_stream(cfg: MedsrConfig, storage: Storage, start_iteration: int = 0):
     """The degraded training stream: enough epochs of the prepared train split for the remaining iterations.
 
+    Paired datasets (a ``lq_image`` column, from ``prepare.paired_lq``) are cropped instead of degraded.
     Each epoch's rows get an ``epoch`` column (so degradation seeds differ per epoch and resume where a
     restarted run left off); the degradation runs in an actor pool of ``degradation.num_actors`` CPU actors.
     """
     import ray
 
     pafs, path = storage.pyarrow_fs(storage.join(cfg.train.dataset, "train"))
+    import pyarrow.parquet as pq
+
+    paired = "lq_image" in pq.ParquetDataset(path, filesystem=pafs).schema.names
+    columns = ["key", "image", "lq_image"] if paired else ["key", "image"]
     # materialised once (the encoded images sit in the object store); every epoch re-reads it from there
-    base = ray.data.read_parquet(path, filesystem=pafs, columns=["key", "image"]).materialize()
+    base = ray.data.read_parquet(path, filesystem=pafs, columns=columns).materialize()
     n_images = base.count()
     if n_images == 0:
         raise ValueError(f"train.dataset: {cfg.train.dataset}/train holds no images")
@@ -73,11 +78,11 @@ def build_train_stream(cfg: MedsrConfig, storage: Storage, start_iteration: int 
     epochs = [base.randomize_block_order(seed=cfg.run.seed + e).map_batches(_tag_epoch(e), batch_format="pyarrow")
               for e in range(first_epoch, first_epoch + n_epochs)]
     stream = epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]
-    from medsr_dist.data.degrade import SecondOrderDegradation
+    from medsr_dist.data.degrade import PairedCrop, SecondOrderDegradation
 
     d = cfg.degradation
     return stream.map_batches(
-        SecondOrderDegradation,
+        PairedCrop if paired else SecondOrderDegradation,
         fn_constructor_args=(d, cfg.model.scale, cfg.run.seed),
         batch_size=4,
         compute=ray.data.ActorPoolStrategy(size=d.num_actors),
@@ -90,18 +95,23 @@ def validation_pairs(cfg: MedsrConfig, storage: Storage, limit: int = 8) -> list
     same pairs every time. Arrays (3, h, w) float32 in [0, 1]; empty when there is no val split."""
     import pyarrow.parquet as pq
 
-    from medsr_dist.data.degrade import SecondOrderDegradation
+    from medsr_dist.data.degrade import PairedCrop, SecondOrderDegradation
 
     val_uri = storage.join(cfg.train.dataset, "val")
     if not storage.exists(val_uri):
         return []
-    degrade = SecondOrderDegradation(cfg.degradation, cfg.model.scale, cfg.run.seed)
     pairs = []
     for uri in storage.list_files(val_uri, include=["*.parquet"]):
         with storage.open(uri) as f:
-            rows = pq.read_table(f, columns=["key", "image"]).to_pylist()
-        for row in rows:
-            out = degrade.degrade_one(row["image"], row["key"], -1)
+            table = pq.read_table(f)
+        if "lq_image" in table.column_names:
+            crop = PairedCrop(cfg.degradation, cfg.model.scale, cfg.run.seed)
+            make = lambda row: crop.crop_one(row["image"], row["lq_image"], row["key"], -1)  # noqa: E731
+        else:
+            degrade = SecondOrderDegradation(cfg.degradation, cfg.model.scale, cfg.run.seed)
+            make = lambda row: degrade.degrade_one(row["image"], row["key"], -1)  # noqa: E731
+        for row in table.select([c for c in ("key", "image", "lq_image") if c in table.column_names]).to_pylist():
+            out = make(row)
             pairs.append({"lq": out["lq"].transpose(2, 0, 1).copy(), "gt": out["gt"].transpose(2, 0, 1).copy()})
             if len(pairs) >= limit:
                 return pairs
@@ -110,12 +120,6 @@ def validation_pairs(cfg: MedsrConfig, storage: Storage, limit: int = 8) -> list
 
 def run_training(cfg: MedsrConfig, storage: Storage | None = None) -> TrainResult:
     """Train (or resume) ``cfg.run.name`` and export the EMA generator. Ray must be initialised."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from medsr_dist.runtime import cluster_has_gpus
-
     storage = storage or Storage(cfg.storage)
     t = cfg.train
     start = latest_iteration(storage, cfg)
@@ -125,11 +129,30 @@ def run_training(cfg: MedsrConfig, storage: Storage | None = None) -> TrainResul
         log.info("train: %s from iteration %d to %d", cfg.run.name, start, t.iterations)
     datasets = {"train": build_train_stream(cfg, storage, start)}
 
+    trainer = make_trainer(cfg, storage, datasets, validation_pairs(cfg, storage))
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {cfg.run.name} finished without a checkpoint")
+    export, digest = export_checkpoint(result.checkpoint, cfg, storage)
+    metrics = dict(result.metrics or {})
+    return TrainResult(iterations=int(metrics.get("iteration", start)), metrics=metrics,
+                       checkpoint=result.checkpoint.path, export=export, export_sha256=digest)
+
+
+def make_trainer(cfg: MedsrConfig, storage: Storage, datasets: dict, val_pairs: list[dict] | None = None):
+    """The TorchTrainer for ``cfg``: ``datasets["train"]`` yields ``lq``/``gt``/``gt_usm`` rows (any Ray Dataset)."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from medsr_dist.runtime import cluster_has_gpus
+
+    t = cfg.train
     use_gpu = t.use_gpu if t.use_gpu is not None else cluster_has_gpus()
     pafs, out_path = storage.pyarrow_fs(t.output)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "val_pairs": ray.put(validation_pairs(cfg, storage))},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "val_pairs": ray.put(val_pairs or [])},
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": t.cpus_per_worker},
         ),
@@ -140,13 +163,6 @@ def run_training(cfg: MedsrConfig, storage: Storage | None = None) -> TrainResul
         ),
         datasets=datasets,
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training run {cfg.run.name} finished without a checkpoint")
-    export, digest = export_checkpoint(result.checkpoint, cfg, storage)
-    metrics = dict(result.metrics or {})
-    return TrainResult(iterations=int(metrics.get("iteration", start)), metrics=metrics,
-                       checkpoint=result.checkpoint.path, export=export, export_sha256=digest)
 
 
 def export_checkpoint(checkpoint, cfg: MedsrConfig, storage: Storage) -> tuple[str, str]:

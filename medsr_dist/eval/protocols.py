@@ -1,0 +1,266 @@
+"""Evaluation protocols of the papers: how a source image becomes a (ground truth, model input) pair.
+
+A :class:`Protocol` is a small frozen description (sizes, kernels, blur, metric settings) with one job,
+:meth:`Protocol.make_pair`. The named presets in :data:`PRESETS` follow the papers' text; every parameter
+can be overridden (``eval.params.<key>=...``), and the report prints the parameters that were used.
+
+Steps, in order (all images float32 (H, W, C) in [0, 1], RGB or gray, as :func:`medsr_dist.io.image.decode_image`
+returns them):
+
+1. *source check*: with ``source_size`` set, the source must be ``source_size`` x ``source_size`` (NIH
+   ChestX-ray14 images are 1024 x 1024); anything else is an error for that image, not a silent resize.
+2. *ground truth*: resized to ``hr_size`` x ``hr_size`` with ``hr_resize`` (``none`` requires it to be that
+   size already), or, with ``hr_size`` null, the source modcropped to a multiple of ``scale`` (top-left, as
+   basicsr's ``mod_crop``).
+3. *model input*: the ground truth (``lr_from: hr``) or the source (``lr_from: source``) resized to
+   ground truth / ``scale`` with ``downsample`` (``matlab``: basicsr's MATLAB-compatible antialiased bicubic,
+   the classic-benchmark "BI" degradation; ``opencv``: ``cv2.resize`` ``INTER_CUBIC``, no antialiasing), then
+   a Gaussian blur of ``blur_sigma`` (kernel ``2*ceil(3*sigma)+1``, reflect-101 borders) when > 0, clipped
+   to [0, 1]. The input is kept in float32 (not re-quantised to 8 bits).
+4. *metrics*: PSNR/SSIM (basicsr's) with ``crop_border`` and ``test_y_channel``.
+
+This module imports nothing heavy at import time: the config validates protocol names and parameters
+through :func:`resolve_protocol` before any Ray work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["PRESETS", "Protocol", "ProtocolError", "ProtocolPair", "resolve_protocol"]
+
+_HR_RESIZE = ("none", "lanczos", "cubic", "area")
+_LR_FROM = ("hr", "source")
+_DOWNSAMPLE = ("matlab", "opencv")
+
+
+class ProtocolError(ValueError):
+    """An image cannot be evaluated under a protocol (wrong size, too small); the message says why."""
+
+
+@dataclass(frozen=True)
+class ProtocolPair:
+    """What a protocol makes of one source image.
+
+    Attributes:
+        hr: (H, W, C) float32 in [0, 1], the ground truth.
+        lr: (H / scale, W / scale, C) float32 in [0, 1], the model input.
+    """
+
+    hr: np.ndarray
+    lr: np.ndarray
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """An evaluation protocol; see the module docstring for what each parameter does."""
+
+    name: str
+    scale: int
+    description: str = ""
+    reference: str = ""
+    source_size: int | None = None
+    hr_size: int | None = None
+    hr_resize: str = "none"
+    lr_from: str = "hr"
+    downsample: str = "matlab"
+    blur_sigma: float = 0.0
+    test_y_channel: bool = False
+    crop_border: int = 0
+
+    def __post_init__(self) -> None:
+        if self.scale < 1:
+            raise ValueError(f"scale must be >= 1, got {self.scale}")
+        if self.hr_resize not in _HR_RESIZE:
+            raise ValueError(f"hr_resize must be one of {_HR_RESIZE}, got {self.hr_resize!r}")
+        if self.lr_from not in _LR_FROM:
+            raise ValueError(f"lr_from must be one of {_LR_FROM}, got {self.lr_from!r}")
+        if self.downsample not in _DOWNSAMPLE:
+            raise ValueError(f"downsample must be one of {_DOWNSAMPLE}, got {self.downsample!r}")
+        if self.blur_sigma < 0:
+            raise ValueError(f"blur_sigma must be >= 0, got {self.blur_sigma}")
+        if self.crop_border < 0:
+            raise ValueError(f"crop_border must be >= 0, got {self.crop_border}")
+        if self.hr_size is not None and self.hr_size % self.scale:
+            raise ValueError(f"hr_size {self.hr_size} is not a multiple of scale {self.scale}")
+        if self.hr_size is None and self.hr_resize != "none":
+            raise ValueError(f"hr_resize {self.hr_resize!r} needs hr_size (the size to resize to)")
+        if self.lr_from == "source" and self.hr_size is None:
+            raise ValueError("lr_from 'source' needs hr_size (the input is source resized to hr_size / scale)")
+        if self.source_size is not None and self.hr_size is None and self.source_size % self.scale:
+            raise ValueError(f"source_size {self.source_size} is not a multiple of scale {self.scale}")
+
+    @property
+    def degradation(self) -> str:
+        """One line saying how the model input is made, e.g. for report captions."""
+        gt = (f"{'source' if self.hr_resize == 'none' else self.hr_resize + ' resize to'} {self.hr_size}x{self.hr_size}"
+              if self.hr_size else f"source modcropped to a multiple of {self.scale}")
+        kernel = "MATLAB bicubic (antialiased)" if self.downsample == "matlab" else "OpenCV bicubic"
+        lr = f"{kernel} x{self.scale} downsampling of the {'ground truth' if self.lr_from == 'hr' else 'source'}"
+        if self.lr_from == "source":
+            lr = f"{kernel} resize of the source to {self.hr_size // self.scale}x{self.hr_size // self.scale}"
+        if self.blur_sigma > 0:
+            lr += f", then Gaussian blur sigma {self.blur_sigma:g}"
+        metric = ("Y channel" if self.test_y_channel else "all channels") + f", crop border {self.crop_border}"
+        return f"ground truth: {gt}; input: {lr}; metrics: {metric}"
+
+    def parameters(self) -> dict[str, Any]:
+        """The parameters as a JSON-ready dict (what the report prints)."""
+        return dataclasses.asdict(self)
+
+    def with_params(self, overrides: Mapping[str, Any]) -> Protocol:
+        """A copy with some parameters replaced.
+
+        Raises:
+            ValueError: an unknown parameter, or a combination :meth:`__post_init__` rejects.
+        """
+        known = {f.name for f in dataclasses.fields(self)} - {"name", "description", "reference"}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"protocol {self.name}: unknown parameter(s) {unknown} (known: {sorted(known)})")
+        return dataclasses.replace(self, **dict(overrides))
+
+    # -- the pair ---------------------------------------------------------------------------------------
+    def make_pair(self, source: np.ndarray) -> ProtocolPair:
+        """Ground truth and model input for one source image.
+
+        Args:
+            source: (H, W) or (H, W, C) float in [0, 1], C in {1, 3, 4} (alpha is dropped).
+
+        Returns:
+            The pair, both (h, w, C) float32 with C in {1, 3}.
+
+        Raises:
+            ProtocolError: the source has the wrong size, or is too small for the scale.
+            TypeError: integer input (decode to float first).
+        """
+        source = np.asarray(source)
+        if not np.issubdtype(source.dtype, np.floating):
+            raise TypeError(f"expected a float image in [0, 1], got dtype {source.dtype}")
+        if source.ndim == 2:
+            source = source[:, :, None]
+        if source.ndim != 3 or source.shape[2] not in (1, 3, 4):
+            raise ProtocolError(f"expected an (H, W, C) image with C in {{1, 3, 4}}, got shape {source.shape}")
+        source = np.ascontiguousarray(source[:, :, :3], dtype=np.float32)
+        h, w = source.shape[:2]
+        if self.source_size is not None and (h, w) != (self.source_size, self.source_size):
+            raise ProtocolError(
+                f"{self.name} expects {self.source_size}x{self.source_size} source images, got {w}x{h} "
+                f"(set eval.params.source_size=null to accept any size)"
+            )
+        hr = self._ground_truth(source)
+        if self.lr_from == "hr":
+            lr = _downsample(hr, self.scale, self.downsample)
+        else:
+            lr = _resize_to(source, hr.shape[0] // self.scale, hr.shape[1] // self.scale, self.downsample)
+        if self.blur_sigma > 0:
+            lr = gaussian_blur(lr, self.blur_sigma)
+        return ProtocolPair(hr=hr, lr=np.clip(lr, 0.0, 1.0).astype(np.float32, copy=False))
+
+    def _ground_truth(self, source: np.ndarray) -> np.ndarray:
+        h, w = source.shape[:2]
+        if self.hr_size is None:
+            hh, ww = h - h % self.scale, w - w % self.scale
+            if hh < self.scale or ww < self.scale:
+                raise ProtocolError(f"image {w}x{h} is smaller than the scale {self.scale}")
+            return source[:hh, :ww]
+        size = self.hr_size
+        if (h, w) == (size, size):
+            return source
+        if self.hr_resize == "none":
+            raise ProtocolError(f"{self.name} expects {size}x{size} images, got {w}x{h} (set eval.params.hr_resize)")
+        import cv2
+
+        flag = {"lanczos": cv2.INTER_LANCZOS4, "cubic": cv2.INTER_CUBIC, "area": cv2.INTER_AREA}[self.hr_resize]
+        return _as_hwc(np.clip(cv2.resize(source, (size, size), interpolation=flag), 0.0, 1.0))
+
+
+def _as_hwc(image: np.ndarray) -> np.ndarray:
+    return image[:, :, None] if image.ndim == 2 else image  # cv2 drops a single channel axis
+
+
+def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """(H, W, C) float32 blurred with an isotropic Gaussian: kernel side ``2*ceil(3*sigma)+1``, reflect-101."""
+    import cv2
+
+    k = 2 * math.ceil(3 * sigma) + 1
+    return _as_hwc(cv2.GaussianBlur(image, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101))
+
+
+def _downsample(image: np.ndarray, scale: int, kernel: str) -> np.ndarray:
+    h, w = image.shape[:2]
+    if h // scale < 1 or w // scale < 1:
+        raise ProtocolError(f"image {w}x{h} is too small for x{scale} downsampling")
+    if kernel == "matlab":
+        from medsr_dist.eval.metrics import bicubic_downscale
+
+        return _as_hwc(bicubic_downscale(image, scale))
+    return _resize_to(image, h // scale, w // scale, "opencv")
+
+
+def _resize_to(image: np.ndarray, height: int, width: int, kernel: str) -> np.ndarray:
+    h, w = image.shape[:2]
+    if height < 1 or width < 1:
+        raise ProtocolError(f"image {w}x{h} is too small to resize to {width}x{height}")
+    if kernel == "matlab":
+        factor = height / h
+        if not math.isclose(width / w, factor):
+            raise ProtocolError(f"MATLAB bicubic needs one factor for both axes; {w}x{h} -> {width}x{height} has two")
+        import medsr_dist.compat  # noqa: F401  (must precede basicsr)
+        from basicsr.utils.matlab_functions import imresize
+
+        return _as_hwc(np.clip(imresize(np.ascontiguousarray(image), factor, antialiasing=True), 0.0, 1.0))
+    import cv2
+
+    return _as_hwc(cv2.resize(image, (width, height), interpolation=cv2.INTER_CUBIC))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Presets
+# ------------------------------------------------------------------------------------------------------------
+def _classic(scale: int) -> Protocol:
+    return Protocol(
+        name=f"bicubic-x{scale}", scale=scale, downsample="matlab", test_y_channel=True, crop_border=scale,
+        description=f"Classic SR benchmark (Set5/Set14/BSD100/Urban100/Manga109 style), x{scale} 'BI' degradation",
+        reference="MATLAB imresize bicubic downsampling of the modcropped ground truth; PSNR/SSIM on Y, crop border = scale",
+    )
+
+
+#: The named protocols. Configs ``configs/eval_<name>.yaml`` select them and may override any parameter.
+PRESETS: dict[str, Protocol] = {
+    "drive-x2": Protocol(
+        name="drive-x2", scale=2, hr_size=512, hr_resize="lanczos", downsample="opencv", blur_sigma=1.0,
+        description="Retinal fundus (DRIVE), x2: the Real-ESRGAN fine-tuning paper",
+        reference="ground truth = image resized to 512x512 (Lanczos); input = bicubic x2 downsampling, then Gaussian blur",
+    ),
+    "nih-x4": Protocol(
+        name="nih-x4", scale=4, source_size=1024, downsample="opencv", blur_sigma=1.0,
+        description="Chest X-ray (NIH ChestX-ray14), x4",
+        reference="ground truth = the 1024x1024 image; input = bicubic x4 downsampling, then Gaussian blur",
+    ),
+    "cxr14-ldm": Protocol(
+        name="cxr14-ldm", scale=4, source_size=1024, hr_size=256, hr_resize="cubic", lr_from="source",
+        downsample="opencv",
+        description="Chest X-ray (NIH ChestX-ray14), x4 at 64 -> 256: the latent-diffusion chest X-ray paper",
+        reference="from the 1024x1024 image, HR 256x256 and LR 64x64 by two OpenCV bicubic resizes",
+    ),
+    **{f"bicubic-x{s}": _classic(s) for s in (2, 3, 4)},
+}
+
+
+def resolve_protocol(name: str, overrides: Mapping[str, Any] | None = None) -> Protocol:
+    """The preset ``name`` with ``overrides`` applied.
+
+    Raises:
+        ValueError: unknown preset (the message lists them) or invalid parameters.
+    """
+    try:
+        preset = PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown evaluation protocol {name!r} (known: {', '.join(PRESETS)})") from None
+    return preset.with_params(overrides or {})

@@ -1,0 +1,486 @@
+"""Specification of `medsr eval`: the papers' protocols, the statistics, LPIPS availability, the Ray Data job
+and the report a reader opens.
+
+Metric parity with basicsr is specified in tests/test_metrics_report.py.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+import medsr_dist.compat  # noqa: F401  (must precede basicsr)
+from basicsr.archs.rrdbnet_arch import RRDBNet
+from basicsr.utils.matlab_functions import imresize as matlab_imresize
+from medsr_dist.config import ConfigError, load_config
+from medsr_dist.data.synthetic import make_fundus, make_radiograph
+from medsr_dist.eval.evaluate import (
+    EvalModel,
+    build_report,
+    check_lpips,
+    figure_key,
+    plan_evaluation,
+    rrdbnet_from_state,
+    run_evaluation,
+    LpipsScorer,
+)
+from medsr_dist.eval.html_report import svg_metric_plot, write_eval_report
+from medsr_dist.eval.protocols import PRESETS, ProtocolError, resolve_protocol
+from medsr_dist.eval.stats import paired_bootstrap, summarize
+from medsr_dist.io.image import ImageMeta, encode_image
+from medsr_dist.models.weights import save_basicsr_checkpoint
+from medsr_dist.storage import Storage
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------
+def gaussian(image: np.ndarray, sigma: float) -> np.ndarray:
+    k = 2 * math.ceil(3 * sigma) + 1
+    out = cv2.GaussianBlur(image, (k, k), sigma, borderType=cv2.BORDER_REFLECT_101)
+    return out[:, :, None] if out.ndim == 2 else out
+
+
+def cubic(image: np.ndarray, size: int) -> np.ndarray:
+    out = cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC)
+    return out[:, :, None] if out.ndim == 2 else out
+
+
+def gray(size: int, seed: int = 0) -> np.ndarray:
+    return make_radiograph(seed, size)[:, :, None]
+
+
+def write_png16(path: Path, pixels: np.ndarray) -> None:
+    meta = ImageMeta(format="png", dtype="uint16", bits_stored=16, channels=pixels.shape[2], photometric="MONOCHROME2"
+                     if pixels.shape[2] == 1 else "RGB")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode_image(pixels, meta))
+
+
+def write_model(folder: Path, scale: int, *, meta: bool = True, seed: int = 0) -> Path:
+    """A tiny random RRDBNet as a model file (BasicSR layout), with or without meta.json beside it."""
+    torch.manual_seed(seed)
+    generator = {"type": "RRDBNet", "num_in_ch": 3, "num_out_ch": 3, "num_feat": 8, "num_block": 1, "num_grow_ch": 4}
+    net = RRDBNet(num_in_ch=3, num_out_ch=3, scale=scale, num_feat=8, num_block=1, num_grow_ch=4)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.pth"
+    save_basicsr_checkpoint(net, str(path), ema=net)
+    if meta:
+        (folder / "meta.json").write_text(json.dumps({"family": "realesrgan", "scale": scale, "generator": generator,
+                                                      "name": folder.name}))
+    return path
+
+
+def random_alexnet_backbone(path: Path) -> Path:
+    """TEST ONLY: a randomly initialised AlexNet trunk in torchvision's key layout (``features.*``).
+
+    Stands in for ImageNet weights, which cannot be downloaded here; LPIPS values computed with it are
+    meaningless, and the report must say the weights are not torchvision's.
+    """
+    import torchvision
+
+    torch.manual_seed(0)
+    trunk = {k: v for k, v in torchvision.models.alexnet(weights=None).state_dict().items() if k.startswith("features.")}
+    torch.save(trunk, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Protocols: sizes and degradations on known images
+# ---------------------------------------------------------------------------------------------------------
+def test_drive_x2_lanczos_ground_truth_then_bicubic_x2_then_gaussian_blur():
+    source = cv2.resize(make_fundus(3, 128), (400, 300), interpolation=cv2.INTER_AREA)  # DRIVE is 565x584, not square
+    pair = PRESETS["drive-x2"].make_pair(source)
+    hr = cv2.resize(source, (512, 512), interpolation=cv2.INTER_LANCZOS4).clip(0, 1)
+    assert pair.hr.shape == (512, 512, 3) and pair.lr.shape == (256, 256, 3)
+    np.testing.assert_allclose(pair.hr, hr, atol=1e-6)
+    np.testing.assert_allclose(pair.lr, gaussian(cubic(hr, 256), 1.0).clip(0, 1), atol=1e-6)
+    # sigma is a parameter; 0 leaves the bicubic input unblurred
+    sharp = resolve_protocol("drive-x2", {"blur_sigma": 0.0}).make_pair(source)
+    np.testing.assert_allclose(sharp.lr, cubic(hr, 256).clip(0, 1), atol=1e-6)
+    assert np.abs(np.diff(sharp.lr, axis=1)).mean() > 1.2 * np.abs(np.diff(pair.lr, axis=1)).mean()
+
+
+def test_nih_x4_keeps_the_1024_image_as_ground_truth_and_rejects_other_sizes():
+    source = gray(1024, seed=1)
+    pair = PRESETS["nih-x4"].make_pair(source)
+    assert pair.hr.shape == (1024, 1024, 1) and pair.lr.shape == (256, 256, 1)
+    np.testing.assert_array_equal(pair.hr, source)
+    np.testing.assert_allclose(pair.lr, gaussian(cubic(source, 256), 1.0).clip(0, 1), atol=1e-6)
+    with pytest.raises(ProtocolError, match="1024x1024"):
+        PRESETS["nih-x4"].make_pair(gray(512))
+    # with the size check lifted, any image works (modcropped to a multiple of 4)
+    small = resolve_protocol("nih-x4", {"source_size": None}).make_pair(gray(66)[:, :63])
+    assert small.hr.shape == (64, 60, 1) and small.lr.shape == (16, 15, 1)
+
+
+def test_cxr14_ldm_makes_256_hr_and_64_lr_by_two_opencv_bicubic_resizes_of_the_source():
+    source = gray(1024, seed=2)
+    pair = PRESETS["cxr14-ldm"].make_pair(source)
+    assert pair.hr.shape == (256, 256, 1) and pair.lr.shape == (64, 64, 1)
+    np.testing.assert_allclose(pair.hr, cubic(source, 256).clip(0, 1), atol=1e-6)
+    np.testing.assert_allclose(pair.lr, cubic(source, 64).clip(0, 1), atol=1e-6)
+    chained = resolve_protocol("cxr14-ldm", {"lr_from": "hr"}).make_pair(source)
+    np.testing.assert_allclose(chained.lr, cubic(pair.hr, 64).clip(0, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_classic_bicubic_protocols_modcrop_and_use_matlab_bicubic_with_y_channel_metrics(scale):
+    source = make_fundus(5, 101)[:, :98]  # 101 x 98: not a multiple of 2, 3 or 4
+    protocol = PRESETS[f"bicubic-x{scale}"]
+    pair = protocol.make_pair(source)
+    h, w = 101 - 101 % scale, 98 - 98 % scale
+    assert pair.hr.shape == (h, w, 3) and pair.lr.shape == (h // scale, w // scale, 3)
+    np.testing.assert_array_equal(pair.hr, source[:h, :w])
+    expected = np.clip(matlab_imresize(np.ascontiguousarray(source[:h, :w]), 1 / scale, antialiasing=True), 0, 1)
+    np.testing.assert_allclose(pair.lr, expected, atol=1e-6)
+    assert (protocol.test_y_channel, protocol.crop_border, protocol.blur_sigma) == (True, scale, 0.0)
+
+
+def test_protocol_parameters_are_validated_in_the_config(tmp_path):
+    cfg = load_config(REPO / "configs" / "eval_nih-x4.yaml", ["eval.params.blur_sigma=0.5", "eval.params.source_size=null"])
+    from medsr_dist.eval.evaluate import protocol_of
+
+    protocol = protocol_of(cfg.eval)
+    assert protocol.blur_sigma == 0.5 and protocol.source_size is None and protocol.scale == 4
+    with pytest.raises(ConfigError, match="unknown evaluation protocol 'nih-x8'.*known: drive-x2"):
+        load_config(None, ["eval.protocol=nih-x8"])
+    with pytest.raises(ConfigError, match="eval.params.blur_radius: unknown key"):
+        load_config(None, ["eval.params.blur_radius=2"])
+    with pytest.raises(ConfigError, match="hr_size 510 is not a multiple of scale 4"):
+        load_config(None, ["eval.params.hr_size=510", "eval.params.hr_resize=lanczos"])
+    with pytest.raises(ConfigError, match="unique"):
+        load_config(None, ["eval.models=[{name: a, source: bicubic}, {name: a, source: bicubic}]"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------------------
+def test_bootstrap_interval_contains_the_true_shift_and_is_reproducible():
+    rng = np.random.default_rng(7)
+    covered = 0
+    for trial in range(40):
+        baseline = rng.normal(30.0, 2.0, size=60)  # image-to-image spread shared by both models
+        model = baseline + 0.4 + rng.normal(0.0, 0.3, size=60)  # true mean difference 0.4 dB
+        comp = paired_bootstrap(model, baseline, samples=2000, seed=trial)
+        assert comp.ci_low <= comp.mean_difference <= comp.ci_high
+        assert comp.excludes_zero  # pairing removes the shared 2 dB spread: 0.4 dB is clearly resolved
+        covered += comp.ci_low <= 0.4 <= comp.ci_high
+    assert covered >= 34  # nominal 95% of 40 = 38; binomial slack
+    again = paired_bootstrap(model, baseline, samples=2000, seed=39)
+    assert (again.ci_low, again.ci_high) == (comp.ci_low, comp.ci_high)
+
+
+def test_bootstrap_of_no_difference_straddles_zero_and_skips_missing_pairs():
+    rng = np.random.default_rng(1)
+    a = rng.normal(0.9, 0.05, size=50)
+    b = a + rng.normal(0.0, 0.01, size=50)
+    values = list(a) + [None, math.inf]
+    baseline = list(b) + [0.9, 0.9]
+    comp = paired_bootstrap(values, baseline, samples=1000, confidence=0.9)
+    assert comp.n == 50 and comp.ci_low < 0 < comp.ci_high and comp.confidence == 0.9
+    assert paired_bootstrap([None], [1.0]).n == 0 and math.isnan(paired_bootstrap([None], [1.0]).mean_difference)
+    one = paired_bootstrap([2.0], [1.5])
+    assert (one.n, one.mean_difference, one.ci_low, one.ci_high) == (1, 0.5, 0.5, 0.5)
+
+
+def test_summary_has_mean_sample_std_and_counts_only_finite_values():
+    s = summarize([1.0, 2.0, 3.0, None, math.inf, math.nan])
+    assert (s.n, s.mean, s.min, s.max) == (3, 2.0, 1.0, 3.0) and s.std == pytest.approx(1.0)
+    assert summarize([]).n == 0 and math.isnan(summarize([5.0]).std)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LPIPS: available only with its backbone weights, and the report says which
+# ---------------------------------------------------------------------------------------------------------
+def test_lpips_without_backbone_weights_is_unavailable_and_says_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    cfg = load_config(None)
+    status = check_lpips(cfg.eval.lpips)
+    assert not status.available
+    assert "alexnet-owt-7be5be79.pth" in status.reason and str(tmp_path / "torch-home") in status.reason
+    assert "download" in status.reason
+    missing = load_config(None, [f"eval.lpips.backbone={tmp_path}/nowhere.pth"])
+    assert f"{tmp_path}/nowhere.pth" in check_lpips(missing.eval.lpips).reason
+    assert "disabled" in check_lpips(load_config(None, ["eval.lpips.enabled=false"]).eval.lpips).reason
+
+
+def test_lpips_with_a_backbone_file_is_computed_and_flags_non_imagenet_weights(tmp_path):
+    backbone = random_alexnet_backbone(tmp_path / "random-alexnet-TEST-ONLY.pth")
+    cfg = load_config(None, [f"eval.lpips.backbone={backbone}"])
+    status = check_lpips(cfg.eval.lpips, Storage())
+    assert status.available and status.imagenet is False
+    assert "NOT torchvision's ImageNet alex" in status.reason and "not comparable" in status.reason
+    scorer = LpipsScorer(status, Storage())
+    image = gray(64, seed=3)
+    noisy = np.clip(image + np.random.default_rng(0).normal(0, 0.1, image.shape), 0, 1).astype(np.float32)
+    assert scorer(image, image) == pytest.approx(0.0, abs=1e-6)
+    assert scorer(noisy, image) > 0
+    bad = tmp_path / "not-alexnet.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, bad)
+    broken = check_lpips(load_config(None, [f"eval.lpips.backbone={bad}"]).eval.lpips)
+    assert not broken.available and "do not load" in broken.reason and "features.0.weight" in broken.reason
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scale", [1, 2, 4])
+def test_plain_rrdbnet_checkpoints_are_recognised_from_their_tensor_shapes(scale):
+    net = RRDBNet(num_in_ch=3, num_out_ch=3, scale=scale, num_feat=8, num_block=3, num_grow_ch=4)
+    found_scale, generator = rrdbnet_from_state(net.state_dict())
+    assert found_scale == scale
+    assert (generator["num_feat"], generator["num_block"], generator["num_grow_ch"]) == (8, 3, 4)
+    with pytest.raises(ValueError, match="not a basicsr RRDBNet"):
+        rrdbnet_from_state({"weight": torch.zeros(1)})
+
+
+def test_missing_models_and_datasets_fail_before_any_ray_work(tmp_path):
+    write_png16(tmp_path / "images" / "a.png", gray(32))
+    base = [f"run.root={tmp_path}", f"eval.dataset={tmp_path / 'images'}", "eval.split=null"]
+    with pytest.raises(ValueError, match="model file .*/absent/model.pth does not exist"):
+        plan_evaluation(load_config(None, [*base, f"eval.models=[{{name: x, source: {tmp_path}/absent/model.pth}}]"]))
+    with pytest.raises(ValueError, match="zoo model 'RealESRGAN_x4plus' not found.*import-ncnn"):
+        plan_evaluation(load_config(None, [*base, "eval.models=[{name: x4plus, source: RealESRGAN_x4plus}]"]))
+    with pytest.raises(ValueError, match="no images under"):
+        plan_evaluation(load_config(None, [f"run.root={tmp_path}", f"eval.dataset={tmp_path / 'empty'}", "eval.split=null"]))
+    with pytest.raises(ValueError, match="no prepared split 'test'"):
+        plan_evaluation(load_config(None, [f"run.root={tmp_path}", f"eval.dataset={tmp_path / 'images'}"]))
+    with pytest.raises(ValueError, match="figure_images: no image named"):
+        plan_evaluation(load_config(None, [*base, "eval.figure_images=[b.png]"]))
+    # a zoo name resolves under eval.weights_dir (e.g. what `medsr weights import-ncnn` wrote)
+    write_model(tmp_path / "weights" / "RealESRGAN_x4plus", 4)
+    plan = plan_evaluation(load_config(None, [*base, "eval.models=[{name: x4plus, source: RealESRGAN_x4plus}]"]))
+    assert plan.models[0].model_file.uri.endswith("weights/RealESRGAN_x4plus/model.pth")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------
+def test_report_without_lpips_says_unavailable_and_keeps_error_cells(tmp_path, monkeypatch):
+    """Report level: rows with an error cell and no LPIPS weights render, with reasons, never zeros."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    for k in range(3):
+        write_png16(tmp_path / "images" / f"im{k}.png", gray(32, seed=k))
+    cfg = load_config(None, [f"run.root={tmp_path}", f"eval.dataset={tmp_path / 'images'}", "eval.split=null",
+                             "eval.figures=0", "eval.bootstrap.samples=200"])
+    plan = plan_evaluation(cfg, models=[EvalModel("bicubic", "bicubic"), EvalModel("net", "bicubic")])
+    rows = []
+    for k, item in enumerate(plan.items):
+        for i, name in enumerate(("bicubic", "net")):
+            failed = name == "net" and k == 1
+            rows.append({"image": item["name"], "key": item["key"], "model": name, "model_index": i,
+                         "status": "error" if failed else "ok", "error": "inference: RuntimeError: boom" if failed else "",
+                         "psnr": math.nan if failed else 30.0 + i + k, "ssim": math.nan if failed else 0.8,
+                         "lpips": math.nan, "consistency_psnr_db": 40.0, "seconds": 0.1, "figure": ""})
+    report = build_report(cfg, plan, rows)
+    files: dict[str, bytes] = {}
+    write_eval_report(report, {}, files.__setitem__)
+    assert report["summary"]["net"]["errors"] == 1 and report["summary"]["net"]["psnr"]["n"] == 2
+    assert report["comparisons"]["net"]["psnr"]["n"] == 2 and report["comparisons"]["net"]["psnr"]["mean_difference"] == 1.0
+    table = list(csv.DictReader(io.StringIO(files["results.csv"].decode())))
+    assert len(table) == 6 and {r["lpips"] for r in table if r["status"] == "ok"} == {"unavailable"}
+    failed = [r for r in table if r["status"] == "error"]
+    assert len(failed) == 1 and failed[0]["psnr_db"] == "" and "boom" in failed[0]["error"]
+    page = files["report.html"].decode()
+    assert "LPIPS: <b>unavailable</b>" in page and "alexnet-owt-7be5be79.pth" in page
+    assert page.count('class="unavailable"') >= 2 and '<td class="error" title="inference: RuntimeError: boom">error</td>' in page
+    assert "unavailable" in files["results.md"].decode() and json.loads(files["results.json"])["lpips"]["available"] is False
+
+
+def test_svg_plot_draws_a_point_per_value_and_a_gap_for_errors():
+    svg = svg_metric_plot("PSNR (dB)", ["a", "b", "c"], {"m1": [30.0, 31.0, 29.5], "m2": [28.0, None, 27.0]})
+    assert svg.startswith("<svg") and svg.count("<circle") == 5 and svg.count("<polyline") == 1
+    assert "<title>m2, c: 27.00</title>" in svg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Ray Data job, end to end
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def fragile_model():
+    """A x4 'model' (nearest upsampling) that fails on inputs 10 pixels wide, like an out-of-memory on one image.
+
+    Defined in a function so that Ray pickles the class by value (the test module is not importable there).
+    """
+
+    class FailsOnNarrowInputs:
+        scale = 4
+        size_multiple = 1
+
+        def __call__(self, batch):
+            if batch.shape[-1] == 10:
+                raise RuntimeError("simulated failure on a 10-pixel-wide input")
+            return np.ascontiguousarray(np.repeat(np.repeat(batch, 4, axis=2), 4, axis=3))
+
+    return FailsOnNarrowInputs
+
+
+@pytest.fixture(scope="module")
+def evaluated(ray_local, tmp_path_factory):
+    """One evaluation of four models on a folder of radiographs (one narrow, one corrupt) under nih-x4."""
+    root = tmp_path_factory.mktemp("eval")
+    images = root / "holdout"
+    for k in range(4):
+        write_png16(images / f"cxr{k}.png", gray(48, seed=10 + k))
+    write_png16(images / "narrow.png", gray(48, seed=20)[:, :40])  # LR 12 x 10: the fragile model fails here
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    x4 = write_model(root / "models" / "tiny-x4", 4)
+    x2 = write_model(root / "models" / "plain-x2", 2, meta=False)  # no meta.json: architecture read off the tensors
+    backbone = random_alexnet_backbone(root / "random-alexnet-TEST-ONLY.pth")
+    cfg = load_config(REPO / "configs" / "eval_nih-x4.yaml", [
+        f"run.root={root}", f"eval.dataset={images}", "eval.split=null", "eval.params.source_size=null",
+        "ray.progress=false", f"eval.models=[{{name: bicubic, source: bicubic}}, {{name: tiny-x4, source: {x4}}}, "
+        f"{{name: plain-x2, source: {x2}}}]", "eval.figures=2", "eval.figure_images=[cxr1.png, narrow.png]",
+        "eval.tile=8", "eval.tile_overlap=2", "eval.batch_size=2", "eval.cpus_per_replica=0.5",
+        f"eval.lpips.backbone={backbone}", "eval.bootstrap.samples=500",
+    ])
+    storage = Storage(cfg.storage)
+    models = [*plan_evaluation(cfg, storage).models, EvalModel("fragile", "python", factory=fragile_model())]
+    plan = plan_evaluation(cfg, storage, models=models)
+    result = run_evaluation(cfg, storage, plan=plan)
+    return {"cfg": cfg, "result": result, "root": root, "out": Path(result.output)}
+
+
+def test_every_image_and_model_gets_a_row_and_failures_are_error_cells(evaluated):
+    result = evaluated["result"]
+    names = ["corrupt.png", "cxr0.png", "cxr1.png", "cxr2.png", "cxr3.png", "narrow.png"]
+    models = ["bicubic", "tiny-x4", "plain-x2", "fragile"]
+    assert [(r["image"], r["model"]) for r in result.rows] == [(n, m) for n in names for m in models]
+    errors = {(r["image"], r["model"]): r["error"] for r in result.rows if r["status"] != "ok"}
+    assert set(errors) == {("corrupt.png", m) for m in models} | {("narrow.png", "fragile")}
+    assert "simulated failure" in errors[("narrow.png", "fragile")] and errors[("corrupt.png", "bicubic")].startswith("input:")
+    for r in result.rows:
+        if r["status"] == "ok":
+            assert all(np.isfinite(r[k]) for k in ("psnr", "ssim", "lpips", "consistency_psnr_db")), r
+    summary = result.report["summary"]
+    assert summary["fragile"]["psnr"]["n"] == 4 and summary["fragile"]["errors"] == 2
+    assert summary["bicubic"]["psnr"]["n"] == 5
+    # the x2 network is run at x2 and Lanczos-resized to the protocol's x4 (and the report says so)
+    x2 = next(m for m in result.report["models"] if m["name"] == "plain-x2")
+    assert x2["native_scale"] == 2 and "resized to x4" in x2["note"]
+
+
+def test_metrics_are_the_protocol_metrics_of_the_model_outputs(evaluated):
+    """The bicubic row equals PSNR/SSIM of cv2 bicubic against the protocol's ground truth, computed here."""
+    from medsr_dist.eval.metrics import bicubic_upscale, psnr, ssim
+
+    protocol = resolve_protocol("nih-x4", {"source_size": None})
+    pair = protocol.make_pair(gray(48, seed=11))
+    up = bicubic_upscale(pair.lr, 4)
+    row = next(r for r in evaluated["result"].rows if (r["image"], r["model"]) == ("cxr1.png", "bicubic"))
+    assert row["psnr"] == pytest.approx(psnr(up, pair.hr, max_value=1.0), abs=1e-3)  # 16-bit PNG round trip
+    assert row["ssim"] == pytest.approx(ssim(up, pair.hr, max_value=1.0), abs=1e-4)
+
+
+def test_report_files_contain_every_model_image_figure_and_comparison(evaluated):
+    out, report = evaluated["out"], evaluated["result"].report
+    assert {p.name for p in out.iterdir()} >= {"report.html", "results.csv", "results.json", "results.md", "figures"}
+    page = (out / "report.html").read_text()
+    for model in ("bicubic", "tiny-x4", "plain-x2", "fragile"):
+        assert f"<th>{model}</th>" in page
+    for image in ("corrupt.png", "cxr0.png", "cxr1.png", "cxr2.png", "cxr3.png", "narrow.png"):
+        assert image in page
+    assert page.count('<figure><img src="data:image/png;base64,') == 2  # the two images asked for
+    assert page.count("<svg") == 2 and "Paired difference with the baseline <code>bicubic</code>" in page
+    assert "NOT torchvision's ImageNet alex" in page  # the test backbone is named as such
+    assert not re.search(r"""(src|href)=["'](?!data:|#)""", page)  # self-contained
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert figures == sorted(Path(figure_key(n)).name for n in ("cxr1.png", "narrow.png"))
+    panel = cv2.imread(str(out / figure_key("narrow.png")), cv2.IMREAD_COLOR)
+    # LR | bicubic | tiny-x4 | plain-x2 | fragile (error) | ground truth, each 48 x 40, 4 px apart; crop row below
+    assert panel.shape[1] == 6 * 40 + 5 * 4 and panel.shape[0] > 2 * 48
+    data = json.loads((out / "results.json").read_text())
+    assert set(data["comparisons"]) == {"tiny-x4", "plain-x2", "fragile"}
+    ci = data["comparisons"]["tiny-x4"]["psnr"]
+    assert ci["ci_low"] <= ci["mean_difference"] <= ci["ci_high"] and ci["n"] == 5
+    rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
+    assert len(rows) == 24 and {r["model"] for r in rows} == {"bicubic", "tiny-x4", "plain-x2", "fragile"}
+    md = (out / "results.md").read_text()
+    assert "| fragile |" in md and "error" in md and "## Errors" in md
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is absent: CI installs it with "
+                    "`apt-get install -y --no-install-recommends chromium` (Debian package)")
+def test_report_opens_in_headless_chromium_with_every_image_loaded(evaluated, tmp_path):
+    page = (evaluated["out"] / "report.html").read_text()
+    probe = ("<script>window.addEventListener('load',()=>{const imgs=[...document.images];"
+             "const ok=imgs.filter(i=>i.complete&&i.naturalWidth>0).length;"
+             "document.body.insertAdjacentHTML('beforeend',`<p id=probe>images ${ok}/${imgs.length} "
+             "svgs ${document.querySelectorAll('svg circle').length}</p>`)});</script>")
+    checked = tmp_path / "report-probe.html"
+    checked.write_text(page.replace("</body>", probe + "</body>"))
+    proc = subprocess.run(
+        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=5000", "--dump-dom", checked.as_uri()],
+        capture_output=True, text=True, timeout=90,
+    )
+    match = re.search(r"images (\d+)/(\d+) svgs (\d+)", proc.stdout)
+    assert match, proc.stderr[-2000:]
+    loaded, total, points = map(int, match.groups())
+    assert total == 2 and loaded == total and points > 0
+
+
+def test_cli_eval_runs_a_preset_on_a_prepared_split_with_models_from_the_command_line(ray_local, tmp_path):
+    """`medsr eval -c configs/eval_cxr14-ldm.yaml -m NAME=SOURCE` on a prepared dataset's test split."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from medsr_dist.cli import app
+    from medsr_dist.data.prepare import to_training_png
+
+    split = tmp_path / "dataset" / "test"
+    split.mkdir(parents=True)
+    rows = [{"key": f"s3://archive/p{k}_000.png", "rel_key": f"p{k}_000.png", "image": to_training_png(gray(128, 30 + k), 16)}
+            for k in range(3)]
+    pq.write_table(pa.Table.from_pylist(rows), split / "shard-0.parquet")
+    model = write_model(tmp_path / "models" / "tiny", 4)
+    result = CliRunner().invoke(app, [
+        "eval", "-c", str(REPO / "configs" / "eval_cxr14-ldm.yaml"), "-m", f"tiny={model}",
+        f"run.root={tmp_path}", f"eval.dataset={tmp_path / 'dataset'}", "eval.params.source_size=128",
+        "eval.params.hr_size=64", "ray.progress=false", "eval.figures=1", "eval.cpus_per_replica=0.5",
+        f"eval.lpips.backbone={tmp_path}/absent.pth", "eval.bootstrap.samples=200",
+    ])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "eval" / "cxr14-ldm"
+    data = json.loads((out / "results.json").read_text())
+    assert [m["name"] for m in data["models"]] == ["bicubic", "tiny"]
+    assert [i["name"] for i in data["images"]] == ["p0_000.png", "p1_000.png", "p2_000.png"]
+    assert data["lpips"]["available"] is False and "absent.pth" in data["lpips"]["reason"]
+    assert data["summary"]["tiny"]["lpips"] == "unavailable" and data["summary"]["tiny"]["psnr"]["n"] == 3
+    assert data["protocol"]["hr_size"] == 64 and len(list((out / "figures").iterdir())) == 1
+    assert "report:" in result.output
+
+
+def test_shipped_eval_configs_select_their_presets():
+    for path in sorted((REPO / "configs").glob("eval_*.yaml")):
+        cfg = load_config(path)
+        name = path.stem.removeprefix("eval_")
+        assert cfg.eval.protocol == name
+        declared = yaml.safe_load(path.read_text())["eval"]["params"]
+        preset = PRESETS[name].parameters()
+        assert {k: preset[k] for k in declared} == declared, path.name  # the file spells out the preset
