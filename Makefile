@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml Makefile
 	# basicsr 1.4.2: its setup.py imports torch (so no build isolation) and its pins pull
 	# opencv-python beside opencv-python-headless and tb-nightly (so no deps; pyproject lists what it needs).
 	$(BIN)/pip install -q --no-build-isolation --no-deps basicsr==1.4.2
+	# Test-only reference implementation (RealESRGANer) for parity tests and benchmarks; its own pins
+	# pull opencv-python, facexlib and gfpgan, none of which RealESRGANer needs.
+	$(BIN)/pip install -q --no-deps realesrgan==0.3.0
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 

@@ -130,6 +130,7 @@ def demo(config: Optional[Path] = typer.Option(
 from medsr_dist.cli_weights import weights_app  # noqa: E402
 app.add_typer(weights_app, name="weights")
 # export / status (inference side): medsr_dist/cli_infer.py
+import medsr_dist.cli_infer  # noqa: E402,F401
 # eval (evaluation protocols): medsr_dist/cli_eval.py
 import medsr_dist.cli_eval  # noqa: E402,F401
 

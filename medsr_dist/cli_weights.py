@@ -3,7 +3,8 @@
     medsr weights list                                # zoo names, release URLs, sha256, cache state
     medsr weights fetch RealESRGAN_x4plus             # download into the cache (sha256-checked)
     medsr weights import-ncnn --from-package --output models/x4plus/model.pth
-    medsr weights import-ncnn --param X.param --bin X.bin --output s3://bucket/models/x4plus/model.pth
+    medsr weights import-ncnn --param X.param --bin X.bin --output s3://bucket/models/x4plus/model.pth \
+        storage.endpoint_url=http://minio:9000
 """
 from __future__ import annotations
 
@@ -80,20 +81,30 @@ def import_ncnn(
     package_model: str = typer.Option(
         "REALESRGAN_X4PLUS_UP4X", "--package-model", help="Model in that package (REALESRGAN_X4PLUS_UP4X = RealESRGAN_x4plus)"),
     name: Optional[str] = typer.Option(None, "--name", help="Model name recorded in meta.json"),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="Run config whose storage section (endpoint_url, profile) reaches an s3:// output"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Config overrides, e.g. storage.endpoint_url=http://minio:9000"),
 ) -> None:
     """Convert an ncnn Real-ESRGAN (RRDBNet) model into a PyTorch checkpoint usable as enhance.checkpoint."""
+    from medsr_dist.config import ConfigError, load_config
     from medsr_dist.models import ncnn_import
     from medsr_dist.models.weights import WeightsError
+    from medsr_dist.storage import StorageError
 
     explicit = param is not None or bin_path is not None
     if from_package == explicit or (explicit and (param is None or bin_path is None)):
         console.print("[bold red]error:[/] give either --from-package, or both --param and --bin", highlight=False)
         raise typer.Exit(2)
     try:
+        storage_cfg = load_config(config, overrides or []).storage
+    except ConfigError as exc:
+        console.print(f"[bold red]config error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    try:
         if from_package:
             param, bin_path = ncnn_import.packaged_model_files(package_model)
-        result = ncnn_import.import_ncnn(param, bin_path, output, name=name)
-    except WeightsError as exc:
+        result = ncnn_import.import_ncnn(param, bin_path, output, name=name, storage_cfg=storage_cfg)
+    except (WeightsError, StorageError) as exc:
         _fail(exc)
     g = result.generator
     console.print(f"RRDBNet x{result.scale} ({g['num_block']} blocks, {g['num_feat']} features) from {param}",

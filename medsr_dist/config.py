@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, model_serializer, field_validator, model_validator
 
 from medsr_dist.models.registry import FAMILIES, family_info
 
@@ -144,6 +144,10 @@ class PrepareConfig(Section):
     )
 
 
+KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
+KERNEL_PROBS = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
+
+
 class DegradationConfig(Section):
     """Real-ESRGAN second-order degradation; defaults are `finetune_realesrgan_x4plus.yml`."""
 
@@ -152,10 +156,8 @@ class DegradationConfig(Section):
     usm_sharpen_gt: bool = Field(True, description="Sharpen GT with USM for the L1/perceptual losses")
     # first degradation
     blur_kernel_size: int = 21
-    kernel_list: list[str] = Field(
-        default_factory=lambda: ["iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso"]
-    )
-    kernel_prob: list[float] = Field(default_factory=lambda: [0.45, 0.25, 0.12, 0.03, 0.12, 0.03])
+    kernel_list: list[str] = Field(default_factory=lambda: list(KERNEL_TYPES))
+    kernel_prob: list[float] = Field(default_factory=lambda: list(KERNEL_PROBS))
     sinc_prob: float = Field(0.1, ge=0, le=1)
     blur_sigma: Range = (0.2, 3.0)
     betag_range: Range = (0.5, 4.0)
@@ -170,10 +172,8 @@ class DegradationConfig(Section):
     # second degradation
     second_blur_prob: float = Field(0.8, ge=0, le=1)
     blur_kernel_size2: int = 21
-    kernel_list2: list[str] = Field(
-        default_factory=lambda: ["iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso"]
-    )
-    kernel_prob2: list[float] = Field(default_factory=lambda: [0.45, 0.25, 0.12, 0.03, 0.12, 0.03])
+    kernel_list2: list[str] = Field(default_factory=lambda: list(KERNEL_TYPES))
+    kernel_prob2: list[float] = Field(default_factory=lambda: list(KERNEL_PROBS))
     sinc_prob2: float = Field(0.1, ge=0, le=1)
     blur_sigma2: Range = (0.2, 1.5)
     betag_range2: Range = (0.5, 4.0)
@@ -197,6 +197,14 @@ class DegradationConfig(Section):
         "poisson_scale_range2", "jpeg_range2",
     )(_check_range)
     _probs = field_validator("kernel_prob", "kernel_prob2", "resize_prob", "resize_prob2")(_check_probs)
+
+    @field_validator("kernel_list", "kernel_list2")
+    @classmethod
+    def _known_kernels(cls, v: list[str]) -> list[str]:
+        unknown = [k for k in v if k not in KERNEL_TYPES]
+        if unknown:
+            raise ValueError(f"unknown kernel types {unknown} (known: {', '.join(KERNEL_TYPES)})")
+        return v
 
     @field_validator("blur_kernel_size", "blur_kernel_size2")
     @classmethod
@@ -298,6 +306,7 @@ class TrainConfig(Section):
     ema_decay: float = Field(0.999, ge=0, lt=1)
     checkpoint_every: int = Field(50, ge=1)
     val_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1, description="Report metrics to Ray Train every N iterations (and at checkpoints)")
     num_checkpoints_kept: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0, description="Worker-group restarts (Ray Train FailureConfig)")
     mixed_precision: bool = Field(False, description="autocast fp16 on GPU (ignored on CPU)")
@@ -352,7 +361,8 @@ class EvalConfig(Section):
         source: str = Field(
             ..., min_length=1,
             description="'bicubic'; a model file (model.pth with meta.json beside it, or a plain BasicSR RRDBNet "
-            "checkpoint such as RealESRGAN_x4plus.pth); or a zoo name (e.g. RealESRGAN_x4plus) found under eval.weights_dir",
+            "checkpoint such as RealESRGAN_x4plus.pth); or a zoo name (e.g. RealESRGAN_x4plus) found under eval.weights_dir "
+            "or in the model zoo's cache (nothing is downloaded)",
         )
         baseline: bool = Field(False, description="Compare every model with the first baseline (default: the first model)")
 
@@ -368,6 +378,12 @@ class EvalConfig(Section):
         blur_sigma: float | None = Field(None, ge=0, description="Gaussian blur after downsampling (0: none)")
         test_y_channel: bool | None = Field(None, description="Metrics on the Y channel of RGB images")
         crop_border: int | None = Field(None, ge=0, description="Pixels ignored at each edge by the metrics")
+
+        @model_serializer(mode="wrap")
+        def _only_set(self, handler):
+            # Only the keys given are overrides (null included): dump just those, so a dumped config
+            # (shipped to Ray workers, or printed by `medsr config`) loads back to the same protocol.
+            return {k: v for k, v in handler(self).items() if k in self.model_fields_set}
 
     class Lpips(Section):
         enabled: bool = True
@@ -392,11 +408,12 @@ class EvalConfig(Section):
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N images (sorted by key)")
     output: str | None = Field(None, description="Report prefix (default: <run.root>/eval/<protocol>)")
     models: list[Model] = Field(default_factory=lambda: [EvalConfig.Model(name="bicubic", source="bicubic")])
-    weights_dir: str | None = Field(None, description="Where zoo names are looked up (default: <run.root>/weights, then TORCH_HOME)")
+    weights_dir: str | None = Field(None, description="Where zoo names are looked up as <name>/model.pth or <name>.pth (default: <run.root>/weights, then the torch hub cache); then the model zoo's cache")
     figures: int = Field(4, ge=0, description="Images shown as LR | bicubic | models | ground truth figures")
     figure_images: list[str] = Field(default_factory=list, description="Names of the figure images (default: the first ones)")
     crop_box: tuple[int, int, int, int] | None = Field(None, description="Magnified region [y, x, height, width] in ground-truth pixels; null: where models disagree most")
     zoom: int = Field(4, ge=1, description="Magnification of the region row")
+    figure_panel: int = Field(512, ge=16, description="Largest side of a figure panel; larger images are drawn downscaled (the magnified row keeps full resolution)")
     lpips: Lpips = Field(default_factory=Lpips)
     bootstrap: Bootstrap = Field(default_factory=Bootstrap)
     backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"

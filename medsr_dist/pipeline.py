@@ -56,21 +56,33 @@ def run_train(cfg: MedsrConfig, console: Console):
     return result
 
 
-def run_enhance(cfg: MedsrConfig, console: Console):
+def run_enhance(cfg: MedsrConfig, console: Console, progress_every_s: float = 10.0):
+    """Enhance an archive; prints progress (items done/total, throughput) while it runs, then errors, flagged
+    outputs and, on the last line, where the manifest is."""
     from medsr_dist.infer.enhance_job import run_enhance_job
     from medsr_dist.runtime import init_ray
 
     init_ray(cfg)
+    last = {"t": 0.0, "pct": -1}
+
+    def progress(p) -> None:
+        pct = 100 * p.finished // max(p.total, 1)
+        if p.finished == p.total or p.elapsed_s - last["t"] >= progress_every_s or pct // 10 > last["pct"] // 10:
+            last.update(t=p.elapsed_s, pct=pct)
+            console.print(f"  enhance: {p.line()}", highlight=False)
+
     with _stage(console, f"enhance {cfg.enhance.input} → {cfg.enhance.output}"):
-        result = run_enhance_job(cfg, Storage(cfg.storage))
-    console.print(f"  items: {result.counts}")
+        result = run_enhance_job(cfg, Storage(cfg.storage), progress=progress)
+    console.print(f"  items: {result.counts} in {result.seconds:.0f} s "
+                  f"({result.input_pixels / 1e6 / max(result.seconds, 1e-9):.2f} input Mpx/s enhanced)", highlight=False)
     for row in result.rows:
         if row["status"] == "error":
             console.print(f"  [yellow]error[/] {row['input_key']}: {row['error']}", highlight=False)
-        elif row["flagged"]:
+        elif row["flagged"] and row["status"] == "done":
             console.print(f"  [yellow]flagged[/] {row['output_key']}: consistency {row['consistency_psnr_db']:.1f} dB "
                           f"< {cfg.enhance.consistency_threshold_db} dB", highlight=False)
-    console.print(f"  manifest: {result.manifest}")
+    console.print(f"  run manifest: {result.run_manifest}", highlight=False)
+    console.print(f"  manifest: {result.manifest}", highlight=False)
     return result
 
 

@@ -83,3 +83,44 @@ def s3_bucket(_s3_admin) -> Iterator[str]:
 def storage_s3(s3_server: str) -> Storage:
     """A Storage configured for the local S3 server (credentials come from the environment)."""
     return Storage(StorageConfig(endpoint_url=s3_server))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Inference: a tiny trained-model export (model.pth + meta.json), as `medsr train` writes it.
+# ------------------------------------------------------------------------------------------------------
+
+TINY_RRDBNET = {"num_feat": 8, "num_block": 1, "num_grow_ch": 4}
+
+
+def write_tiny_model(write, scale: int = 4, seed: int = 0, name: str = "tiny-test@1") -> bytes:
+    """Write a seeded tiny RRDBNet (num_feat 8, num_block 1, num_grow_ch 4) export through ``write(name, data)``:
+    ``model.pth`` (BasicSR layout: params + params_ema) and ``meta.json`` (family, scale, generator, sha256, name),
+    exactly the files of ``<train.output>/export/``. The last layer is biased towards mid-grey so outputs are not
+    clamped to black. Returns the model.pth bytes."""
+    import hashlib
+    import json
+
+    import torch
+
+    import medsr_dist.compat  # noqa: F401  (must precede basicsr)
+    from basicsr.archs.rrdbnet_arch import RRDBNet
+    from medsr_dist.models.weights import save_basicsr_checkpoint
+
+    torch.manual_seed(seed)
+    net = RRDBNet(num_in_ch=3, num_out_ch=3, scale=scale, **TINY_RRDBNET)
+    with torch.no_grad():
+        net.conv_last.bias.fill_(0.5)
+    data = save_basicsr_checkpoint(net, "", ema=net)
+    meta = {"family": "realesrgan", "scale": scale, "generator": {"type": "RRDBNet", "num_in_ch": 3, "num_out_ch": 3,
+            **TINY_RRDBNET}, "iteration": 1, "run": "tiny-test", "name": name, "sha256": hashlib.sha256(data).hexdigest()}
+    write("model.pth", data)
+    write("meta.json", json.dumps(meta, indent=2).encode())
+    return data
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A local folder holding a tiny x4 model export (model.pth + meta.json); use ``<dir>/model.pth``."""
+    root = tmp_path_factory.mktemp("tiny-model")
+    write_tiny_model(lambda name, data: (root / name).write_bytes(data))
+    return str(root)

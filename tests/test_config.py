@@ -116,3 +116,12 @@ def test_cli_help_documents_every_command():
         assert command in result.output
     result = CliRunner().invoke(app, ["enhance", "--help"])
     assert "--config" in result.output and "--fail-on-error" in result.output and "key=value" in result.output
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_config_survives_the_trip_to_ray_workers(name):
+    """Workers rebuild the config from its JSON dump: the round trip must give the same config."""
+    from medsr_dist.config import MedsrConfig
+
+    cfg = load_config(REPO / "configs" / name)
+    assert MedsrConfig.model_validate(cfg.model_dump(mode="json")).model_dump() == cfg.model_dump()

@@ -10,7 +10,6 @@ import io
 import json
 import math
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -32,7 +31,6 @@ from medsr_dist.eval.evaluate import (
     check_lpips,
     figure_key,
     plan_evaluation,
-    rrdbnet_from_state,
     run_evaluation,
     LpipsScorer,
 )
@@ -240,22 +238,13 @@ def test_lpips_with_a_backbone_file_is_computed_and_flags_non_imagenet_weights(t
 # ---------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("scale", [1, 2, 4])
-def test_plain_rrdbnet_checkpoints_are_recognised_from_their_tensor_shapes(scale):
-    net = RRDBNet(num_in_ch=3, num_out_ch=3, scale=scale, num_feat=8, num_block=3, num_grow_ch=4)
-    found_scale, generator = rrdbnet_from_state(net.state_dict())
-    assert found_scale == scale
-    assert (generator["num_feat"], generator["num_block"], generator["num_grow_ch"]) == (8, 3, 4)
-    with pytest.raises(ValueError, match="not a basicsr RRDBNet"):
-        rrdbnet_from_state({"weight": torch.zeros(1)})
-
-
-def test_missing_models_and_datasets_fail_before_any_ray_work(tmp_path):
+def test_missing_models_and_datasets_fail_before_any_ray_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDSR_CACHE", str(tmp_path / "zoo-cache"))  # an empty model-zoo cache
     write_png16(tmp_path / "images" / "a.png", gray(32))
     base = [f"run.root={tmp_path}", f"eval.dataset={tmp_path / 'images'}", "eval.split=null"]
     with pytest.raises(ValueError, match="model file .*/absent/model.pth does not exist"):
         plan_evaluation(load_config(None, [*base, f"eval.models=[{{name: x, source: {tmp_path}/absent/model.pth}}]"]))
-    with pytest.raises(ValueError, match="zoo model 'RealESRGAN_x4plus' not found.*import-ncnn"):
+    with pytest.raises(ValueError, match="model 'RealESRGAN_x4plus' not found.*zoo-cache.*import-ncnn"):
         plan_evaluation(load_config(None, [*base, "eval.models=[{name: x4plus, source: RealESRGAN_x4plus}]"]))
     with pytest.raises(ValueError, match="no images under"):
         plan_evaluation(load_config(None, [f"run.root={tmp_path}", f"eval.dataset={tmp_path / 'empty'}", "eval.split=null"]))
@@ -301,6 +290,25 @@ def test_report_without_lpips_says_unavailable_and_keeps_error_cells(tmp_path, m
     assert "LPIPS: <b>unavailable</b>" in page and "alexnet-owt-7be5be79.pth" in page
     assert page.count('class="unavailable"') >= 2 and '<td class="error" title="inference: RuntimeError: boom">error</td>' in page
     assert "unavailable" in files["results.md"].decode() and json.loads(files["results.json"])["lpips"]["available"] is False
+
+
+def test_figure_region_is_where_the_compared_models_disagree_and_big_panels_are_capped():
+    from medsr_dist.eval.report import side_by_side
+
+    gt = np.full((256, 256), 0.5, np.float32)
+    model_a, model_b, lr = gt.copy(), gt.copy(), gt[::4, ::4].copy()
+    model_a[200:232, 16:48] = 1.0  # the models disagree only here (bottom left) ...
+    gt[8:40, 200:232] = 0.0  # ... while the ground truth differs from both elsewhere (top right)
+    png = side_by_side([("LR", lr), ("a", model_a), ("b", model_b), ("gt", gt)], compare=[1, 2], zoom=4, max_panel=128)
+    canvas = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+    assert canvas.shape[1] == 4 * 128 + 3 * 4  # 256-pixel panels drawn at 128
+    caption_h = int(np.clip(128 // 10, 14, 36))
+    crops = canvas[caption_h + 128 + 4 :]  # the magnified 64 x 64 region, drawn at 128 x 128
+    crop_a, crop_gt = crops[:, 132:260, 0], crops[:, 396:524, 0]
+    assert (crop_a == 255).mean() == pytest.approx(0.25, abs=0.02)  # the whole 32 x 32 square of disagreement
+    assert (crop_gt == 0).sum() == 0  # not the region where only the ground truth differs
+    with pytest.raises(ValueError, match="two or more panel indices"):
+        side_by_side([("a", gt), ("b", gt)], compare=[0])
 
 
 def test_svg_plot_draws_a_point_per_value_and_a_gap_for_errors():
@@ -397,7 +405,7 @@ def test_metrics_are_the_protocol_metrics_of_the_model_outputs(evaluated):
 
 
 def test_report_files_contain_every_model_image_figure_and_comparison(evaluated):
-    out, report = evaluated["out"], evaluated["result"].report
+    out = evaluated["out"]
     assert {p.name for p in out.iterdir()} >= {"report.html", "results.csv", "results.json", "results.md", "figures"}
     page = (out / "report.html").read_text()
     for model in ("bicubic", "tiny-x4", "plain-x2", "fragile"):
@@ -406,7 +414,7 @@ def test_report_files_contain_every_model_image_figure_and_comparison(evaluated)
         assert image in page
     assert page.count('<figure><img src="data:image/png;base64,') == 2  # the two images asked for
     assert page.count("<svg") == 2 and "Paired difference with the baseline <code>bicubic</code>" in page
-    assert "NOT torchvision's ImageNet alex" in page  # the test backbone is named as such
+    assert "NOT torchvision" in page  # the test backbone is named as such
     assert not re.search(r"""(src|href)=["'](?!data:|#)""", page)  # self-contained
     figures = sorted(p.name for p in (out / "figures").iterdir())
     assert figures == sorted(Path(figure_key(n)).name for n in ("cxr1.png", "narrow.png"))

@@ -40,7 +40,6 @@ def test_train_job_submitted_with_ray_job_cli(tmp_path):
             timeout_s=600,
         )
     assert status == "SUCCEEDED", logs
-    checkpoints = sorted((run_root / "train" / "job").glob("checkpoint_*"))
-    assert checkpoints and (checkpoints[-1] / "state.pt").is_file()
+    assert sorted((run_root / "train" / "job").glob("checkpoint_*/state.pt"))
     assert (run_root / "train" / "export" / "model.pth").is_file()
     assert "exported model" in logs

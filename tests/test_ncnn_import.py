@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,26 +122,27 @@ def test_packaged_model_lookup_names_what_the_package_has():
 
 @pytest.fixture(scope="module")
 def x4plus(tmp_path_factory) -> dict:
-    """RealESRGAN_x4plus imported from the installed package through the CLI, as a user does it offline."""
+    """RealESRGAN_x4plus imported from the installed package through the CLI, as a user does it offline, and
+    the network rebuilt from that file the way ``medsr enhance`` does (``enhance.checkpoint=<file>``)."""
     from medsr_dist.cli import app
 
     out = tmp_path_factory.mktemp("x4plus") / "model.pth"
     result = CliRunner().invoke(app, ["weights", "import-ncnn", "--from-package", "--output", str(out)])
     assert result.exit_code == 0, result.output
-    net = RRDBNet(**{k: v for k, v in X4PLUS.items() if k != "type"}, scale=4)
-    net.load_state_dict(torch.load(out, map_location="cpu", weights_only=True)["params_ema"], strict=True)
-    return {"path": out, "net": net.eval()}
+    model = read_model_file(str(out))
+    return {"path": out, "model": model, "net": model.build(Storage())}
 
 
 def test_import_writes_a_model_file_that_enhance_can_use(x4plus):
-    path = x4plus["path"]
+    path, model = x4plus["path"], x4plus["model"]
     meta = json.loads((path.parent / "meta.json").read_text())
     assert meta["family"] == "realesrgan" and meta["scale"] == 4 and meta["iteration"] == 0
     assert meta["generator"] == X4PLUS and meta["name"] == "RealESRGAN_x4plus"
-    model = read_model_file(str(path))
-    assert model.sha256 == meta["sha256"]
-    built = model.build(Storage())
-    assert all(torch.equal(built.state_dict()[k], v) for k, v in x4plus["net"].state_dict().items())
+    assert meta["source"]["weight_storage"] == ["fp16"]
+    assert (model.family, model.scale, model.name, model.sha256) == ("realesrgan", 4, "RealESRGAN_x4plus", meta["sha256"])
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    assert list(checkpoint) == ["params_ema"] and len(checkpoint["params_ema"]) == 2 * 351
+    assert isinstance(x4plus["net"], RRDBNet) and not x4plus["net"].training
 
 
 def test_converted_x4plus_computes_what_ncnn_computes(x4plus):
@@ -182,12 +182,34 @@ def test_engine_matches_the_reference_realesrganer_on_8bit_rgb_and_gray(x4plus):
     rgb = np.clip(base + rng.normal(0, 12, (24, 24, 3)), 0, 255).astype(np.uint8)
     gray = rgb.mean(axis=2).astype(np.uint8)
 
+    # RealESRGANer returns uint8 (rounded); compare our float output quantised the same way
     ours_rgb = enhance_array(backend, rgb.astype(np.float32) / 255.0) * 255.0
     theirs_bgr, mode = reference.enhance(np.ascontiguousarray(rgb[..., ::-1]), outscale=4)  # cv2 order: BGR
-    assert mode == "RGB" and theirs_bgr.shape == (96, 96, 3)
-    assert np.abs(ours_rgb - theirs_bgr[..., ::-1].astype(np.float32)).max() <= 1.0
+    theirs_rgb = theirs_bgr[..., ::-1].astype(np.float32)
+    assert mode == "RGB" and theirs_rgb.shape == ours_rgb.shape == (96, 96, 3)
+    assert np.abs(np.round(ours_rgb) - theirs_rgb).max() <= 1.0  # measured: 1 level at 2 of 27648 values
+    assert np.abs(ours_rgb - theirs_rgb).max() <= 0.51  # i.e. nothing beyond the reference's rounding
 
+    # gray: both replicate to RGB; the way back differs (engine: channel mean, RealESRGANer: cv2 BGR2GRAY
+    # weights), which for this model's near-gray output is < 1 level before rounding (measured 0.86)
     ours_gray = enhance_array(backend, gray.astype(np.float32) / 255.0) * 255.0
     theirs_gray, mode = reference.enhance(gray, outscale=4)
     assert mode == "L" and theirs_gray.shape == ours_gray.shape == (96, 96)
-    assert np.abs(ours_gray - theirs_gray.astype(np.float32)).max() <= 1.0
+    assert np.abs(np.round(ours_gray) - theirs_gray.astype(np.float32)).max() <= 1.0
+
+
+def test_import_to_object_storage_gives_a_loadable_model_file(tmp_path, s3_server, s3_bucket, storage_s3):
+    from medsr_dist.cli import app
+
+    net = small_rrdbnet(seed=3)
+    param, blob = to_ncnn(net, 1)
+    (tmp_path / "tiny.param").write_text(param)
+    (tmp_path / "tiny.bin").write_bytes(blob)
+    uri = f"{s3_bucket}/models/tiny/model.pth"
+    result = CliRunner().invoke(app, ["weights", "import-ncnn", "--param", str(tmp_path / "tiny.param"), "--bin",
+                                      str(tmp_path / "tiny.bin"), "--output", uri, f"storage.endpoint_url={s3_server}"])
+    assert result.exit_code == 0, result.output
+    model = read_model_file(uri, storage_s3.config)
+    assert (model.name, model.scale, model.generator["num_block"]) == ("tiny", 4, 1)
+    built = model.build(storage_s3)
+    assert torch.equal(built.conv_first.weight, net.conv_first.weight.half().float())

@@ -73,11 +73,6 @@ def test_two_workers_equal_one_worker_with_double_batch(ray_local, tmp_path):
     assert any(not torch.allclose(init[k], v) for k, v in one["nets"]["net_g"].items())
 
 
-def _slow(batch: dict) -> dict:
-    time.sleep(0.2)
-    return batch
-
-
 def test_killed_worker_is_restored_from_last_checkpoint(ray_local, tmp_path):
     """SIGKILL one training worker mid-run: Ray Train restarts the group from the last checkpoint and the run
     still ends at the configured iteration."""
@@ -99,7 +94,11 @@ def test_killed_worker_is_restored_from_last_checkpoint(ray_local, tmp_path):
             os.kill(workers[0].pid, signal.SIGKILL)
             killed.append(workers[0].pid)
 
-    data = ray.data.from_items(fixed_pairs(64)).map_batches(_slow, batch_size=1)
+    def slow(batch: dict) -> dict:  # defined here so Ray pickles it by value (tests/ is not on workers' path)
+        time.sleep(0.2)
+        return batch
+
+    data = ray.data.from_items(fixed_pairs(64)).map_batches(slow, batch_size=1)
     killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     killer.start()
     result = make_trainer(cfg, Storage(), {"train": data}).fit()

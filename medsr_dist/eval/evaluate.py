@@ -33,15 +33,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from medsr_dist import __version__
 from medsr_dist.config import EvalConfig, MedsrConfig, StorageConfig
 from medsr_dist.eval.protocols import Protocol, resolve_protocol
-from medsr_dist.infer.model_file import ModelFile, read_model_file
 from medsr_dist.storage import Storage
+
+if TYPE_CHECKING:  # torch is imported only where a network runs (stage 1 workers never load it)
+    from medsr_dist.infer.model_file import ModelFile
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,6 @@ EMPTY = np.zeros((0, 0, 1), np.float32)  # placeholder pixels of rows that faile
 ROW_FIELDS = ("image", "key", "model", "model_index", "status", "error", "psnr", "ssim", "lpips",
               "consistency_psnr_db", "seconds", "figure")
 METRICS = ("psnr", "ssim", "lpips", "consistency_psnr_db")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
 
 # torchvision's ImageNet backbone files for LPIPS; torchvision names each file after its sha256 prefix.
 LPIPS_BACKBONES = {
@@ -95,11 +96,6 @@ class EvalModel:
     def sha256(self) -> str:
         return self.model_file.sha256 if self.model_file else ""
 
-    def native_scale(self, protocol: Protocol) -> int:
-        if self.model_file is not None:
-            return self.model_file.scale
-        return protocol.scale
-
     def describe(self, protocol: Protocol) -> dict[str, Any]:
         """JSON-ready description for the report."""
         info: dict[str, Any] = {"name": self.name, "source": self.source, "baseline": self.baseline}
@@ -114,46 +110,6 @@ class EvalModel:
         else:
             info.update(kind="python", factory=getattr(self.factory, "__qualname__", repr(self.factory)))
         return info
-
-
-def rrdbnet_from_state(state: dict) -> tuple[int, dict]:
-    """(scale, generator config) of a basicsr RRDBNet state dict, read off its tensor shapes.
-
-    RRDBNet pixel-unshuffles by 2 (x2) or 4 (x1) in front of ``conv_first``, so its input channels are
-    3, 12 or 48 for an RGB network.
-
-    Raises:
-        ValueError: the state dict is not an RRDBNet's.
-    """
-    try:
-        first = state["conv_first.weight"]
-        blocks = {int(k.split(".")[1]) for k in state if k.startswith("body.") and k.split(".")[1].isdigit()}
-        grow = state["body.0.rdb1.conv1.weight"].shape[0]
-        out_ch = state["conv_last.weight"].shape[0]
-    except (KeyError, IndexError, AttributeError) as exc:
-        raise ValueError(f"not a basicsr RRDBNet state dict (missing {exc})") from None
-    scale = {3: 4, 12: 2, 48: 1}.get(int(first.shape[1]))
-    if scale is None or not blocks:
-        raise ValueError(f"not an RGB RRDBNet: conv_first takes {first.shape[1]} channels (3, 12 or 48 expected)")
-    generator = {"type": "RRDBNet", "num_in_ch": 3, "num_out_ch": int(out_ch), "num_feat": int(first.shape[0]),
-                 "num_block": max(blocks) + 1, "num_grow_ch": int(grow)}
-    return scale, generator
-
-
-def _model_file(uri: str, name: str, storage: Storage) -> ModelFile:
-    """A model file with meta.json beside it, or a plain BasicSR RRDBNet checkpoint (architecture inferred)."""
-    meta_uri = uri.rsplit("/", 1)[0] + "/meta.json" if "/" in uri else "meta.json"
-    if storage.exists(meta_uri):
-        return read_model_file(uri, storage.config)
-    from medsr_dist.models.weights import load_state_dict_bytes
-
-    data = storage.read_bytes(uri)
-    try:
-        scale, generator = rrdbnet_from_state(load_state_dict_bytes(data, uri))
-    except ValueError as exc:
-        raise EvalInputError(f"eval.models[{name}]: {uri} has no meta.json beside it and {exc}") from None
-    return ModelFile(uri=uri, name=PurePosixPath(uri).stem, sha256=hashlib.sha256(data).hexdigest(),
-                     family="realesrgan", scale=scale, generator=generator)
 
 
 def _looks_like_path(source: str) -> bool:
@@ -172,9 +128,17 @@ def weights_dirs(cfg: MedsrConfig) -> list[str]:
 def resolve_models(cfg: MedsrConfig, storage: Storage | None = None) -> list[EvalModel]:
     """The configured models, with their files found and hashed (no network is built here).
 
+    A source is ``bicubic``; a model file (:func:`~medsr_dist.infer.model_file.read_model_file`: a training
+    export with meta.json, or a plain RRDBNet checkpoint); or a zoo name, looked up as ``<dir>/<name>/model.pth``
+    or ``<dir>/<name>.pth`` in :func:`weights_dirs` (where ``medsr weights import-ncnn`` can put it), then in the
+    model zoo's cache. Nothing is downloaded.
+
     Raises:
         EvalInputError: a model file or zoo name that cannot be found, or a file that is no known network.
     """
+    from medsr_dist.infer.model_file import read_model_file
+    from medsr_dist.models import zoo
+
     storage = storage or Storage(cfg.storage)
     models = []
     for m in cfg.eval.models:
@@ -190,12 +154,20 @@ def resolve_models(cfg: MedsrConfig, storage: Storage | None = None) -> list[Eva
             for folder in weights_dirs(cfg):
                 tried += [Storage.join(folder, m.source, "model.pth"), Storage.join(folder, f"{m.source}.pth")]
             uri = next((t for t in tried if storage.exists(t)), None)
+            if uri is None and zoo.is_zoo_name(m.source) and zoo.cache_state(m.source) != "missing":
+                uri = m.source  # the zoo's verified cache
             if uri is None:
+                cached = f", {zoo.cached_path(m.source)}" if zoo.is_zoo_name(m.source) else ""
                 raise EvalInputError(
-                    f"eval.models[{m.name}]: zoo model {m.source!r} not found (looked for {', '.join(tried)}); "
-                    f"import it (e.g. `medsr weights import-ncnn`) or give the path of its model.pth"
+                    f"eval.models[{m.name}]: model {m.source!r} not found (looked for {', '.join(tried)}{cached}); "
+                    f"import it (`medsr weights import-ncnn`), fetch it (`medsr weights fetch`), or give the path "
+                    f"of its model.pth"
                 )
-        models.append(EvalModel(m.name, m.source, m.baseline, model_file=_model_file(uri, m.name, storage)))
+        try:
+            model_file = read_model_file(uri, storage.config)
+        except (ValueError, FileNotFoundError) as exc:
+            raise EvalInputError(f"eval.models[{m.name}]: {exc}") from None
+        models.append(EvalModel(m.name, m.source, m.baseline, model_file=model_file))
     return models
 
 
@@ -324,7 +296,7 @@ class EvalPlan:
     models: list[EvalModel]
     dataset: str
     split: str | None
-    items: list[dict[str, str]]  # {"name", "key"} in evaluation order
+    items: list[dict[str, str]]  # {"name", "key"[, "shard"]} in evaluation order
     figures: list[str]  # image names shown as figures
     lpips: LpipsStatus
     output: str
@@ -366,7 +338,7 @@ def list_items(cfg: MedsrConfig, storage: Storage) -> tuple[str, list[dict[str, 
         for f in files:
             with storage.open(f) as handle:
                 table = pq.read_table(handle, columns=["key", "rel_key"])
-            items += [{"name": r["rel_key"] or r["key"], "key": r["key"]} for r in table.to_pylist()]
+            items += [{"name": r["rel_key"] or r["key"], "key": r["key"], "shard": f} for r in table.to_pylist()]
     else:
         keys = storage.list_files(dataset, include=e.include, exclude=e.exclude) if storage.exists(dataset) else []
         root = dataset.rstrip("/")
@@ -429,37 +401,32 @@ class ProtocolPairs:
     """Stage 1 (CPU tasks): ``{"key"[, "image"]}`` rows -> protocol pairs.
 
     Input rows carry ``key`` (a file on the store) and, for a prepared dataset, ``image`` (lossless PNG
-    bytes). Output columns: ``image`` (name), ``key``, ``status`` ("ok"/"error"), ``error``, ``hr``, ``lr``,
-    ``bicubic`` (arrays (h, w, C) float32 in [0, 1]; empty on error), ``figure`` (bool), ``bicubic_seconds``.
+    bytes). Output columns: ``image`` (name), ``key``, ``status`` ("ok"/"error"), ``error``, ``hr``, ``lr``
+    (arrays (h, w, C) float32 in [0, 1]; empty on error), ``figure`` (bool).
     """
 
     def __init__(self, storage: Storage, protocol: Protocol, names: dict[str, str], figures: list[str]):
         self.storage, self.protocol, self.names, self.figures = storage, protocol, names, set(figures)
 
     def __call__(self, batch: dict) -> dict:
-        from medsr_dist.eval.metrics import bicubic_upscale
         from medsr_dist.io.image import decode_image
 
-        out: dict[str, list] = {k: [] for k in ("image", "key", "status", "error", "hr", "lr", "bicubic", "figure",
-                                                "bicubic_seconds")}
+        out: dict[str, list] = {k: [] for k in ("image", "key", "status", "error", "hr", "lr", "figure")}
         images = batch.get("image")
         for i, key in enumerate(batch["key"]):
             key = str(key)
             name = self.names.get(key, key)
-            row = {"image": name, "key": key, "status": "ok", "error": "", "hr": EMPTY, "lr": EMPTY, "bicubic": EMPTY,
-                   "figure": name in self.figures, "bicubic_seconds": 0.0}
+            row = {"image": name, "key": key, "status": "ok", "error": "", "hr": EMPTY, "lr": EMPTY,
+                   "figure": name in self.figures}
             try:
                 data = bytes(images[i]) if images is not None else self.storage.read_bytes(key)
                 pair = self.protocol.make_pair(decode_image(data, key).pixels)
-                t0 = time.perf_counter()
-                bicubic = bicubic_upscale(pair.lr, self.protocol.scale)
-                row.update(hr=pair.hr, lr=pair.lr, bicubic=bicubic.reshape(pair.hr.shape),
-                           bicubic_seconds=time.perf_counter() - t0)
+                row.update(hr=pair.hr, lr=pair.lr)
             except Exception as exc:  # noqa: BLE001 - an unreadable image is an error row for every model
                 row.update(status="error", error=f"input: {_error_text(exc)}")
             for k, v in row.items():
                 out[k].append(v)
-        return {k: _object_array(v) if k in ("hr", "lr", "bicubic") else np.asarray(v) for k, v in out.items()}
+        return {k: _object_array(v) if k in ("hr", "lr") else np.asarray(v) for k, v in out.items()}
 
 
 def _column(i: int, what: str) -> str:
@@ -469,14 +436,15 @@ def _column(i: int, what: str) -> str:
 class ModelReplica:
     """Stage 2 (actor pool): every network model on every input, through the tiled inference engine.
 
-    Adds, per model ``i``, columns ``m{i}_sr`` (the output, (H, W, C) float32 in [0, 1], the ground truth's
-    shape; empty for bicubic and failures), ``m{i}_error`` and ``m{i}_seconds``. A failing batch is retried
-    image by image, so one bad image fails alone.
+    Adds ``bicubic`` (the OpenCV bicubic upscaling of the input, the figures' bicubic panel) and, per model
+    ``i``, columns ``m{i}_sr`` (the output, (H, W, C) float32 in [0, 1], the ground truth's shape; empty for
+    failures and bicubic models), ``m{i}_error`` and ``m{i}_seconds``. A failing batch is retried image by image, so one bad
+    image fails alone.
     """
 
     def __init__(self, models: list[EvalModel], protocol: Protocol, e: EvalConfig, storage_cfg: StorageConfig):
-        from medsr_dist.infer.backends import build_backend
         from medsr_dist.infer.engine import TileSpec
+        from medsr_dist.infer.model_file import build_model_backend
 
         self.models, self.protocol = models, protocol
         self.spec = TileSpec(tile=e.tile, overlap=e.tile_overlap, batch_size=e.batch_size)
@@ -486,8 +454,7 @@ class ModelReplica:
             if m.factory is not None:
                 self.backends[i] = m.factory()
             elif m.model_file is not None:
-                net = m.model_file.build(storage)
-                self.backends[i] = build_backend(e.backend, model=net, scale=m.model_file.scale, precision=e.precision)
+                self.backends[i] = build_model_backend(m.model_file, e.backend, storage, precision=e.precision)
 
     def _outscale(self, i: int) -> float | None:
         native = int(self.backends[i].scale)
@@ -499,12 +466,22 @@ class ModelReplica:
         return list(enhance_many(self.backends[i], lrs, self.spec, outscale=self._outscale(i)))
 
     def __call__(self, batch: dict) -> dict:
+        from medsr_dist.eval.metrics import bicubic_upscale
+
         n = len(batch["key"])
         ok = [j for j in range(n) if batch["status"][j] == "ok"]
         result = dict(batch)
-        for i, _ in enumerate(self.models):
+        bicubic, bicubic_seconds = [EMPTY] * n, [0.0] * n
+        for j in ok:
+            t0 = time.perf_counter()
+            bicubic[j] = bicubic_upscale(batch["lr"][j], self.protocol.scale).reshape(batch["hr"][j].shape)
+            bicubic_seconds[j] = time.perf_counter() - t0
+        result["bicubic"] = _object_array(bicubic)
+        for i, m in enumerate(self.models):
             outputs, errors, seconds = [EMPTY] * n, [""] * n, [0.0] * n
-            if i in self.backends and ok:
+            if m.is_bicubic:
+                seconds = bicubic_seconds  # its output is the bicubic column
+            elif ok:
                 t0 = time.perf_counter()
                 try:
                     results = dict(zip(ok, self._run(i, [batch["lr"][j] for j in ok])))
@@ -535,7 +512,8 @@ class ModelReplica:
 
 def figure_key(name: str) -> str:
     """``figures/<sanitised name>-<8 hex of its sha1>.png``: unique per image name, safe as a file name."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "image"
+    base = name.rsplit(".", 1)[0] if "." in name.rsplit("/", 1)[-1] else name
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._") or "image"
     return f"figures/{stem}-{hashlib.sha1(name.encode()).hexdigest()[:8]}.png"
 
 
@@ -543,27 +521,30 @@ class ScoreImages:
     """Stage 3 (CPU actors): per (image, model) scores, and the figures of the chosen images.
 
     Returns one row per (image, model) with :data:`ROW_FIELDS`; ``lpips`` is NaN where LPIPS is unavailable
-    (the report writes "unavailable" there), metric cells are NaN for errors.
+    (the report writes "unavailable" there), metric cells are NaN for errors. LPIPS failing on one image
+    (e.g. too small for AlexNet) leaves that cell NaN with the reason in ``error`` and the row ``ok``.
     """
 
     def __init__(self, models: list[EvalModel], protocol: Protocol, lpips: LpipsStatus, storage: Storage,
-                 output: str, crop_box: tuple[int, int, int, int] | None, zoom: int):
+                 output: str, crop_box: tuple[int, int, int, int] | None, zoom: int, max_panel: int | None = None):
         self.models, self.protocol, self.storage, self.output = models, protocol, storage, output
-        self.crop_box, self.zoom = crop_box, zoom
+        self.crop_box, self.zoom, self.max_panel = crop_box, zoom, max_panel
         self.lpips = LpipsScorer(lpips, storage) if lpips.available else None
 
-    def _scores(self, sr: np.ndarray, hr: np.ndarray, lr: np.ndarray) -> dict[str, float]:
+    def _scores(self, sr: np.ndarray, hr: np.ndarray, lr: np.ndarray) -> dict[str, float | str]:
         from medsr_dist.eval.metrics import psnr, ssim
         from medsr_dist.infer.enhance_job import consistency_psnr
 
         p = self.protocol
         args = {"crop_border": p.crop_border, "test_y_channel": p.test_y_channel, "max_value": 1.0}
-        return {
-            "psnr": psnr(sr, hr, **args),
-            "ssim": ssim(sr, hr, **args),
-            "lpips": self.lpips(sr, hr, p.crop_border) if self.lpips is not None else math.nan,
-            "consistency_psnr_db": consistency_psnr(sr, lr),
-        }
+        scores = {"psnr": psnr(sr, hr, **args), "ssim": ssim(sr, hr, **args), "lpips": math.nan,
+                  "consistency_psnr_db": consistency_psnr(sr, lr)}
+        if self.lpips is not None:
+            try:
+                scores["lpips"] = self.lpips(sr, hr, p.crop_border)
+            except Exception as exc:  # noqa: BLE001 - e.g. an image too small for AlexNet: PSNR/SSIM still count
+                scores["error"] = f"lpips: {_error_text(exc)}"
+        return scores
 
     def __call__(self, batch: dict) -> dict:
         rows: list[dict] = []
@@ -577,11 +558,11 @@ class ScoreImages:
                        "seconds": 0.0, "figure": figure}
                 if batch["status"][j] != "ok":
                     row.update(status="error", error=str(batch["error"][j]))
-                elif not m.is_bicubic and str(batch[_column(i, "error")][j]):
+                elif str(batch[_column(i, "error")][j]):
                     row.update(status="error", error=str(batch[_column(i, "error")][j]))
                 else:
                     sr = batch["bicubic"][j] if m.is_bicubic else batch[_column(i, "sr")][j]
-                    row["seconds"] = float(batch["bicubic_seconds"][j] if m.is_bicubic else batch[_column(i, "seconds")][j])
+                    row["seconds"] = float(batch[_column(i, "seconds")][j])
                     try:
                         row.update(self._scores(sr, batch["hr"][j], batch["lr"][j]))
                         outputs[i] = sr
@@ -621,7 +602,8 @@ class ScoreImages:
             height, width = hr.shape[:2]
             y, x = min(max(y, 0), height - 1), min(max(x, 0), width - 1)
             box = CropBox(y, x, max(1, min(h, height - y)), max(1, min(w, width - x)))
-        return side_by_side(panels, crop_box=box, compare=compare if len(compare) >= 2 else None, zoom=self.zoom)
+        return side_by_side(panels, crop_box=box, compare=compare if len(compare) >= 2 else None, zoom=self.zoom,
+                            max_panel=self.max_panel)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -641,15 +623,40 @@ class EvalResult:
         return sum(1 for r in self.rows if r["status"] != "ok")
 
 
+class ReadShards:
+    """Stage 0 for a prepared dataset (CPU tasks): ``{"shard"}`` rows -> ``{"key", "image"}`` rows of the
+    wanted images in that Parquet shard (only those two columns are read)."""
+
+    def __init__(self, storage: Storage, keys: frozenset[str]):
+        self.storage, self.keys = storage, keys
+
+    def __call__(self, batch: dict) -> dict:
+        import pyarrow.parquet as pq
+
+        keys, images = [], []
+        for shard in batch["shard"]:
+            with self.storage.open(str(shard)) as handle:
+                for row in pq.read_table(handle, columns=["key", "image"]).to_pylist():
+                    if row["key"] in self.keys:
+                        keys.append(row["key"])
+                        images.append(row["image"])
+        return {"key": np.asarray(keys, dtype=object), "image": _object_array(images)}
+
+
 def _dataset_of(plan: EvalPlan, storage: Storage):
+    """The input rows: ``{"key"}`` per image file, or ``{"key", "image"}`` read from a prepared split's shards.
+
+    The shards are read by our own task rather than ``ray.data.read_parquet``, whose file-listing task
+    wants a whole CPU that the pre-started actor pools may already hold on a small machine.
+    """
     import ray
 
-    keys = [item["key"] for item in plan.items]
     if plan.split:
-        pafs, path = storage.pyarrow_fs(_split_uri(plan.dataset, plan.split, storage))
-        ds = ray.data.read_parquet(path, filesystem=pafs, columns=["key", "image"])
-        wanted = frozenset(keys)
-        return ds.filter(lambda row: row["key"] in wanted)
+        shards = sorted({item["shard"] for item in plan.items})
+        ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
+        return ds.map_batches(ReadShards(storage, frozenset(item["key"] for item in plan.items)), batch_size=1,
+                              num_cpus=0.5)
+    keys = [item["key"] for item in plan.items]
     return ray.data.from_items([{"key": k} for k in keys], override_num_blocks=min(len(keys), 200))
 
 
@@ -667,14 +674,15 @@ def run_evaluation(cfg: MedsrConfig, storage: Storage | None = None, *, plan: Ev
     gpu = 1 if cluster_has_gpus() else 0
     names = {item["key"]: item["name"] for item in plan.items}
     ds = _dataset_of(plan, storage)
-    ds = ds.map_batches(ProtocolPairs, fn_constructor_args=(storage, plan.protocol, names, plan.figures),
-                        batch_size=1, num_cpus=0.5)
+    # an instance (not the class) runs as tasks: no idle actor holds a CPU the other stages need
+    ds = ds.map_batches(ProtocolPairs(storage, plan.protocol, names, plan.figures), batch_size=e.batch_size,
+                        num_cpus=0.5)
     ds = ds.map_batches(ModelReplica, fn_constructor_args=(plan.models, plan.protocol, e, cfg.storage),
                         batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=e.replicas),
                         num_gpus=gpu, num_cpus=0 if gpu else e.cpus_per_replica)
     ds = ds.map_batches(ScoreImages, fn_constructor_args=(plan.models, plan.protocol, plan.lpips, storage, plan.output,
-                                                          e.crop_box, e.zoom),
-                        batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=e.score_workers),
+                                                          e.crop_box, e.zoom, e.figure_panel),
+                        batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=e.score_workers),
                         num_cpus=0.5)
     order = {item["name"]: k for k, item in enumerate(plan.items)}
     rows = sorted((_plain(r) for r in ds.take_all()), key=lambda r: (order.get(r["image"], len(order)), r["model_index"]))

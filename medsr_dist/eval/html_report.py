@@ -300,6 +300,15 @@ def _metric_cell(cell: dict, metric: str) -> str:
     return f'<td class="num">{_e(_num(value, METRIC_LABELS[metric][1]))}</td>'
 
 
+def _display_width(png: bytes, target: int = 1200) -> str:
+    """A width attribute that magnifies small figures by a whole factor (pixels stay sharp), up to ``target``."""
+    if png[:8] != b"\x89PNG\r\n\x1a\n" or len(png) < 24:
+        return ""
+    width = int.from_bytes(png[16:20], "big")
+    factor = max(1, target // max(width, 1))
+    return f' width="{width * factor}"' if factor > 1 else ""
+
+
 def render_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
     """The whole report as one HTML document (figures embedded as data URIs, plots as inline SVG)."""
     p = report["protocol"]
@@ -372,7 +381,7 @@ def render_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
         data = figures.get(image["figure"]) if image["figure"] else None
         if data:
             uri = "data:image/png;base64," + base64.b64encode(data).decode()
-            parts.append(f'<figure><img src="{uri}" alt="{_e(name)}"><figcaption><b>{_e(name)}</b> — PSNR/SSIM: '
+            parts.append(f'<figure><img src="{uri}" alt="{_e(name)}"{_display_width(data)}><figcaption><b>{_e(name)}</b> — PSNR/SSIM: '
                          f"{scores}</figcaption></figure>")
         else:
             parts.append(f"<p class='warn'>{_e(name)}: no figure (the input could not be evaluated). {scores}</p>")

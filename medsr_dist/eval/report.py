@@ -97,6 +97,7 @@ def side_by_side(
     compare: Sequence[int] | None = None,
     zoom: int = 4,
     gap: int = 4,
+    max_panel: int | None = None,
 ) -> bytes:
     """Render captioned panels side by side with a magnified crop of the same region below each.
 
@@ -115,9 +116,12 @@ def side_by_side(
             across all panels.
         zoom: magnification of the crop row.
         gap: pixels between panels and rows.
+        max_panel: largest side of a drawn panel; bigger panels are drawn area-downscaled to fit (the crop
+            is still cut at full resolution, so the magnified row keeps every pixel). ``None``: no limit.
 
     Returns:
-        8-bit RGB PNG bytes, ``n * W + (n - 1) * gap`` pixels wide.
+        8-bit RGB PNG bytes, ``n * w + (n - 1) * gap`` pixels wide, ``w`` = ``W`` or, with ``max_panel``,
+        the downscaled panel width.
 
     Raises:
         ValueError: no panels, bad shapes, or ``compare`` with fewer than two or out-of-range indices.
@@ -139,20 +143,25 @@ def side_by_side(
             spread = np.stack(chosen).std(axis=0)
             crop_box = disagreement_box(spread, np.zeros_like(spread), crop_h, crop_w)
 
-    caption_h = int(np.clip(width // 10, 14, 36))
+    f = 1.0 if max_panel is None or max(height, width) <= max_panel else max_panel / max(height, width)
+    ph, pw = max(1, round(height * f)), max(1, round(width * f))  # drawn panel size
+    caption_h = int(np.clip(pw // 10, 14, 36))
     n = len(images)
-    canvas = np.full((caption_h + 2 * height + gap, n * width + (n - 1) * gap, 3), _BACKGROUND, dtype=np.uint8)
+    canvas = np.full((caption_h + 2 * ph + gap, n * pw + (n - 1) * gap, 3), _BACKGROUND, dtype=np.uint8)
     b = crop_box
-    thickness = max(1, min(height, width) // 128)
+    thickness = max(1, min(ph, pw) // 128)
     for i, ((caption, _), image) in enumerate(zip(panels, images)):
-        x = i * (width + gap)
+        x = i * (pw + gap)
         panel = np.round(image * 255.0).astype(np.uint8)
         crop = panel[b.y : b.y + b.height, b.x : b.x + b.width]
-        canvas[caption_h + height + gap :, x : x + width] = _resize_nearest(crop, height, width)
-        outlined = np.ascontiguousarray(panel)
-        cv2.rectangle(outlined, (b.x, b.y), (b.x + b.width - 1, b.y + b.height - 1), _BOX_COLOR_RGB, thickness)
-        canvas[caption_h : caption_h + height, x : x + width] = outlined
-        canvas[:caption_h, x : x + width] = _caption_strip(caption, width, caption_h)
+        canvas[caption_h + ph + gap :, x : x + pw] = _resize_nearest(crop, ph, pw)
+        shown = panel if f == 1.0 else cv2.resize(panel, (pw, ph), interpolation=cv2.INTER_AREA)
+        outlined = np.ascontiguousarray(shown)
+        y0, x0 = int(b.y * f), int(b.x * f)
+        y1, x1 = max(y0, round((b.y + b.height) * f) - 1), max(x0, round((b.x + b.width) * f) - 1)
+        cv2.rectangle(outlined, (x0, y0), (x1, y1), _BOX_COLOR_RGB, thickness)
+        canvas[caption_h : caption_h + ph, x : x + pw] = outlined
+        canvas[:caption_h, x : x + pw] = _caption_strip(caption, pw, caption_h)
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
     if not ok:
         raise RuntimeError("cv2 failed to encode the comparison PNG")

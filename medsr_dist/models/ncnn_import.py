@@ -239,12 +239,12 @@ def convs_to_rrdbnet(convs: list[NcnnConv], source: str = "<ncnn>") -> tuple[dic
     num_feat, conv_in = convs[0].weight.shape[:2]
     num_grow_ch = convs[1].weight.shape[0]
     num_out_ch = convs[-1].weight.shape[0]
-    # RRDBNet pixel-unshuffles x2 inputs by 2 and x1 inputs by 4 before conv_first
-    unshuffle = {1: 4, 4: 2, 16: 1}.get(conv_in // num_out_ch) if conv_in % num_out_ch == 0 else None
-    if unshuffle is None:
+    # RRDBNet pixel-unshuffles x2 inputs by 2 and x1 inputs by 4 in front of conv_first, multiplying its input
+    # channels by 4 or 16 (the scale is read from that, assuming as Real-ESRGAN does num_in_ch == num_out_ch)
+    scale = {1: 4, 4: 2, 16: 1}.get(conv_in // num_out_ch) if conv_in % num_out_ch == 0 else None
+    if scale is None:
         raise NcnnImportError(f"{source}: conv_first takes {conv_in} channels, not 1, 4 or 16 times the "
                               f"{num_out_ch} output channels")
-    scale = unshuffle
     num_in_ch = conv_in // {4: 1, 2: 4, 1: 16}[scale]
 
     from medsr_dist.config import MedsrConfig

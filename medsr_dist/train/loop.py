@@ -147,7 +147,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     iteration = start_iteration
-    wait_s = step_s = 0.0
+    wait_s = step_s = first_batch_s = 0.0
     t_prev = time.perf_counter()
     batches = shard.iter_torch_batches(
         batch_size=t.batch_size, drop_last=True, local_shuffle_buffer_size=cfg.degradation.shuffle_buffer or None,
@@ -157,7 +157,10 @@ def train_loop_per_worker(config: dict) -> None:
         if iteration >= t.iterations:
             break
         t_data = time.perf_counter()
-        wait_s += t_data - t_prev
+        if iteration == start_iteration:
+            first_batch_s = t_data - t_prev  # pipeline start-up, kept out of the steady-state wait fraction
+        else:
+            wait_s += t_data - t_prev
         iteration += 1
         step_ctx.iteration = iteration
         logs = family.train_step(step_ctx, _to_device_batch(batch, device))
@@ -167,8 +170,10 @@ def train_loop_per_worker(config: dict) -> None:
         t_prev = time.perf_counter()
         step_s += t_prev - t_data
 
-        metrics = {"iteration": iteration, "resumed_from": start_iteration, **logs, "data_wait_fraction": wait_s / max(wait_s + step_s, 1e-9),
-                   "lr_g": optimizers[family.inference_net].param_groups[0]["lr"]}
+        steps = iteration - start_iteration
+        metrics = {"iteration": iteration, "resumed_from": start_iteration, **logs,
+                   "data_wait_fraction": wait_s / max(wait_s + step_s, 1e-9), "step_seconds": step_s / steps,
+                   "first_batch_seconds": first_batch_s, "lr_g": optimizers[family.inference_net].param_groups[0]["lr"]}
         last = iteration == t.iterations
         if rank == 0 and val_pairs and (iteration % t.val_every == 0 or last):
             metrics.update(validate(ema, val_pairs, device, cfg.model.scale))
@@ -179,7 +184,7 @@ def train_loop_per_worker(config: dict) -> None:
                     save_checkpoint_dir(d, cfg, iteration, raw_nets, ema, optimizers, schedulers)
                     ckpt = ray.train.Checkpoint.from_directory(d)
                 ray.train.report(metrics, checkpoint=ckpt)
-        else:
+        elif iteration % t.log_every == 0 or iteration % t.val_every == 0:  # the same iterations on every rank
             ray.train.report(metrics)
     if iteration < t.iterations:
         raise RuntimeError(

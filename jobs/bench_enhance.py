@@ -1,0 +1,344 @@
+"""Benchmark the enhancement engine against RealESRGANer, the archive job against the bare model, and the model
+actor's memory. All ratios come from one run, on the same weights and the same images.
+
+    python jobs/bench_enhance.py                         # short default: 2 images of 128x128, 2 rounds
+    python jobs/bench_enhance.py --images 4 --size 256 --rounds 3 --rss-size 2048 --json /tmp/bench.json
+
+What is measured (the issue's goals in brackets):
+
+1. Model throughput, input pixels per second, of (a) RealESRGANer (realesrgan 0.3.0; tile_pad 10, pre_pad 0 as in
+   its inference script) untiled and at ``--tile``; (b) the engine (``TileBatcher``) with the torch and the
+   onnxruntime backends, at RealESRGANer's tile and at ``--engine-tile``. Network: the full RRDBNet x4plus
+   architecture (64 features, 23 blocks, growth 32) with seeded random weights whose last layer is rescaled so the
+   output spans [0, 1] (speed does not depend on the values; agreement is then measured on real contrast).
+   Reported: px/s, ratio to RealESRGANer untiled [>= 1.0 while tiling] and to RealESRGANer tiled [>= 1.5],
+   tile overlap overhead (extra pixels the network computes, from the tiling plan) [<= 5%], and the max abs
+   difference from RealESRGANer untiled in 1/255 [<= 1].
+2. End to end: ``run_enhance_job`` on a local folder archive of the images as 16-bit RGB PNG (decode, infer,
+   encode, write, manifest; local Ray, one CPU replica) against the engine's own throughput on the same images
+   with the same settings [>= 0.9]. The job's time includes what a nightly run pays once (model check in the
+   driver, Ray Data start, the replica importing torch and loading the model); the ratio after the first output is
+   reported too.
+3. Peak RSS of the model actor (a Ray actor holding ``EnhanceReplica``) enhancing one ``--rss-size`` square 16-bit
+   image at x4, with a reduced RRDBNet (``--rss-feat``/``--rss-blocks``/``--rss-grow``) [<= 3 GB].
+
+Timings take the best of ``--rounds`` rounds; methods are interleaved within a round so that load from other
+processes falls on all of them alike.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the working dir holds medsr_dist/
+
+import numpy as np  # noqa: E402
+
+X4PLUS = {"num_feat": 64, "num_block": 23, "num_grow_ch": 32}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=2, help="images for the model-throughput comparison")
+    p.add_argument("--size", type=int, default=128, help="side of those images (input pixels)")
+    p.add_argument("--rounds", type=int, default=2, help="timing rounds (best is kept)")
+    p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 2), help="torch/ORT threads everywhere")
+    p.add_argument("--tile", type=int, default=64, help="RealESRGANer tile (and the engine's like-for-like tile)")
+    p.add_argument("--tile-pad", type=int, default=10, help="RealESRGANer tile_pad = engine overlap")
+    p.add_argument("--engine-tile", type=int, default=256, help="the engine's own tile (enhance.tile)")
+    p.add_argument("--blend", type=int, default=4, help="engine cross-fade half-width (enhance.tile_blend)")
+    p.add_argument("--batch-size", type=int, default=4, help="engine tiles per model call")
+    p.add_argument("--e2e-images", type=int, default=4, help="images in the end-to-end archive (0: skip)")
+    p.add_argument("--rss-size", type=int, default=2048, help="side of the RSS image (0: skip)")
+    p.add_argument("--rss-tile", type=int, default=256)
+    p.add_argument("--rss-feat", type=int, default=16)
+    p.add_argument("--rss-blocks", type=int, default=1)
+    p.add_argument("--rss-grow", type=int, default=8)
+    p.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime backend")
+    p.add_argument("--json", type=str, default=None, help="also write the figures here")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------------
+def seeded_rrdbnet(feat: int, blocks: int, grow: int, seed: int = 0):
+    """RRDBNet x4 with seeded random weights; last layer rescaled so outputs span [0, 1]."""
+    import torch
+
+    import medsr_dist.compat  # noqa: F401
+    from basicsr.archs.rrdbnet_arch import RRDBNet
+
+    torch.manual_seed(seed)
+    net = RRDBNet(num_in_ch=3, num_out_ch=3, scale=4, num_feat=feat, num_block=blocks, num_grow_ch=grow).eval()
+    probe = torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        raw = net(probe)
+        net.conv_last.weight.mul_(0.25 / max(float(raw.std()), 1e-6))
+        net.conv_last.bias.zero_()
+        net.conv_last.bias.copy_(0.5 - net(probe).mean(dim=(0, 2, 3)))
+    return net
+
+
+def write_model(net, directory: Path, generator: dict) -> str:
+    """model.pth (BasicSR layout) + meta.json, as `medsr train` exports them; returns the model.pth path."""
+    from medsr_dist.models.weights import save_basicsr_checkpoint
+
+    directory.mkdir(parents=True, exist_ok=True)
+    data = save_basicsr_checkpoint(net, str(directory / "model.pth"), ema=net)
+    meta = {"family": "realesrgan", "scale": 4, "generator": {"type": "RRDBNet", "num_in_ch": 3, "num_out_ch": 3, **generator},
+            "name": "bench-random-x4", "sha256": hashlib.sha256(data).hexdigest()}
+    (directory / "meta.json").write_text(json.dumps(meta))
+    return str(directory / "model.pth")
+
+
+def radiograph_rgb16(seed: int, size: int) -> np.ndarray:
+    """(size, size, 3) uint16: a synthetic radiograph repeated in R, G and B."""
+    from medsr_dist.data.synthetic import make_radiograph
+
+    gray = np.rint(make_radiograph(seed, size) * 65535).astype(np.uint16)
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def engine_overhead(size: int, tile: int, overlap: int, blend: int) -> float:
+    """Extra pixels the network computes for a size x size image under the engine's tiling plan (fraction)."""
+    from medsr_dist.infer.engine import TileSpec, plan_axis
+
+    axis = plan_axis(size, TileSpec(tile=tile, overlap=overlap, blend=blend))
+    return (axis.count * axis.window) ** 2 / size**2 - 1
+
+
+def realesrganer_overhead(size: int, tile: int, pad: int) -> float:
+    if not tile:
+        return 0.0
+    spans = [min(x + tile + pad, size) - max(x - pad, 0) for x in range(0, size, tile)]
+    return sum(spans) ** 2 / size**2 - 1
+
+
+def timed(fn) -> tuple[float, list]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+# ------------------------------------------------------------------------------------------------------
+def model_throughput(args, net, images: list[np.ndarray]) -> list[dict]:
+    import contextlib
+    import io
+
+    import torch
+
+    import medsr_dist.compat  # noqa: F401
+    from realesrgan import RealESRGANer
+
+    from medsr_dist.infer.backends import TorchBackend
+    from medsr_dist.infer.engine import TileSpec, enhance_many
+
+    torch.set_num_threads(args.threads)
+    floats = [img.astype(np.float32) / 65535 for img in images]
+    pixels = sum(img.shape[0] * img.shape[1] for img in images)
+    tmp = Path(tempfile.mkdtemp(prefix="medsr-bench-"))
+    model_path = write_model(net, tmp / "x4plus", X4PLUS)
+
+    def realesrganer(tile: int):
+        upsampler = RealESRGANer(scale=4, model_path=model_path, model=seeded_rrdbnet(**_arch(X4PLUS)), tile=tile,
+                                 tile_pad=args.tile_pad, pre_pad=0, half=False, device=torch.device("cpu"))
+
+        def run():
+            outs = []
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per tile
+                for img in images:
+                    out, _ = upsampler.enhance(img[:, :, ::-1].copy())  # it takes BGR
+                    outs.append(out[:, :, ::-1].astype(np.float32) / 65535)
+            return outs
+        return run
+
+    def engine(backend, tile: int):
+        spec = TileSpec(tile=tile, overlap=args.tile_pad, blend=args.blend, batch_size=args.batch_size)
+        return lambda: list(enhance_many(backend, floats, spec))
+
+    torch_backend = TorchBackend(seeded_rrdbnet(**_arch(X4PLUS)), scale=4, device="cpu")
+    methods = {
+        "RealESRGANer untiled": (realesrganer(0), 0.0),
+        f"RealESRGANer tile={args.tile} pad={args.tile_pad}": (realesrganer(args.tile),
+                                                              realesrganer_overhead(args.size, args.tile, args.tile_pad)),
+        f"engine torch tile={args.tile}": (engine(torch_backend, args.tile),
+                                           engine_overhead(args.size, args.tile, args.tile_pad, args.blend)),
+        f"engine torch tile={args.engine_tile}": (engine(torch_backend, args.engine_tile),
+                                                  engine_overhead(args.size, args.engine_tile, args.tile_pad, args.blend)),
+    }
+    if not args.no_onnx:
+        from medsr_dist.infer.export import export_onnx
+        from medsr_dist.infer.onnx_backend import OnnxRuntimeBackend
+
+        ort_backend = OnnxRuntimeBackend(export_onnx(net, scale=4).data, threads=args.threads)
+        methods[f"engine onnxruntime tile={args.tile}"] = (engine(ort_backend, args.tile), methods[f"engine torch tile={args.tile}"][1])
+        methods[f"engine onnxruntime tile={args.engine_tile}"] = (engine(ort_backend, args.engine_tile),
+                                                                  methods[f"engine torch tile={args.engine_tile}"][1])
+    best: dict[str, float] = {name: math.inf for name in methods}
+    outputs: dict[str, list] = {}
+    for r in range(args.rounds):
+        for name, (run, _) in methods.items():
+            seconds, outs = timed(run)
+            best[name] = min(best[name], seconds)
+            outputs.setdefault(name, outs)
+            print(f"  round {r + 1}: {name}: {seconds:.2f} s", flush=True)
+    reference = outputs["RealESRGANer untiled"]
+    base, tiled = best["RealESRGANer untiled"], best[f"RealESRGANer tile={args.tile} pad={args.tile_pad}"]
+    rows = []
+    for name, (_, overhead) in methods.items():
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(outputs[name], reference)) * 255
+        rows.append({"method": name, "seconds": best[name], "px_per_s": pixels / best[name], "vs_untiled": base / best[name],
+                     "vs_tiled": tiled / best[name], "overlap_overhead": overhead, "max_diff_255": diff})
+    return rows
+
+
+def _arch(g: dict) -> dict:
+    return {"feat": g["num_feat"], "blocks": g["num_block"], "grow": g["num_grow_ch"]}
+
+
+# ------------------------------------------------------------------------------------------------------
+def end_to_end(args, net) -> dict:
+    import ray
+    import torch
+
+    from medsr_dist.config import load_config
+    from medsr_dist.infer.backends import TorchBackend
+    from medsr_dist.infer.engine import TileSpec, enhance_many
+    from medsr_dist.infer.enhance_job import run_enhance_job
+    from medsr_dist.io.image import ImageMeta, encode_image
+
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="medsr-bench-e2e-"))
+    model_path = write_model(net, tmp / "model", X4PLUS)
+    images = [radiograph_rgb16(1000 + i, args.size) for i in range(args.e2e_images)]
+    meta = ImageMeta(format="png", dtype="uint16", bits_stored=16, channels=3, photometric="RGB")
+    for i, img in enumerate(images):
+        (tmp / "archive").mkdir(exist_ok=True)
+        (tmp / "archive" / f"img{i:03d}.png").write_bytes(encode_image(img.astype(np.float32) / 65535, meta))
+    pixels = sum(img.shape[0] * img.shape[1] for img in images)
+
+    spec = TileSpec(tile=args.engine_tile, overlap=args.tile_pad, blend=args.blend, batch_size=args.batch_size)
+    backend = TorchBackend(seeded_rrdbnet(**_arch(X4PLUS)), scale=4, device="cpu")
+    floats = [img.astype(np.float32) / 65535 for img in images]
+    model_s = min(timed(lambda: list(enhance_many(backend, floats, spec)))[0] for _ in range(args.rounds))
+
+    cfg = load_config(None, [
+        f"run.root={tmp}", f"enhance.input={tmp / 'archive'}", f"enhance.output={tmp / 'out'}",
+        f"enhance.checkpoint={model_path}", f"enhance.tile={args.engine_tile}", f"enhance.tile_overlap={args.tile_pad}",
+        f"enhance.tile_blend={args.blend}", f"enhance.batch_size={args.batch_size}", "enhance.images_per_batch=2",
+        f"enhance.cpus_per_replica={args.threads}", "ray.progress=false",
+    ])
+    ray.init(address="local", num_cpus=args.threads + 2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        marks: list[float] = []
+        t0 = time.perf_counter()
+        result = run_enhance_job(cfg, progress=lambda p: marks.append(time.perf_counter() - t0))
+    finally:
+        ray.shutdown()
+    assert result.counts == {"done": len(images)}, result.counts
+    steady = (marks[-1] - marks[0]) if len(marks) > 1 else math.nan
+    steady_model = model_s * (len(images) - 1) / len(images)
+    return {"images": len(images), "size": args.size, "model_s": model_s, "job_s": result.seconds,
+            "model_px_per_s": pixels / model_s, "job_px_per_s": pixels / result.seconds,
+            "ratio": model_s / result.seconds, "first_output_s": marks[0],
+            "ratio_after_first": steady_model / steady if steady > 0 else math.nan}
+
+
+# ------------------------------------------------------------------------------------------------------
+def actor_peak_rss(args) -> dict:
+    import ray
+
+    from medsr_dist.config import load_config
+    from medsr_dist.infer.enhance_job import EnhanceReplica, JobSpec, ReadDecode, enhance_params
+    from medsr_dist.infer.model_file import read_model_file
+    from medsr_dist.io.image import ImageMeta, encode_image
+    from medsr_dist.storage import Storage
+
+    tmp = Path(tempfile.mkdtemp(prefix="medsr-bench-rss-"))
+    generator = {"num_feat": args.rss_feat, "num_block": args.rss_blocks, "num_grow_ch": args.rss_grow}
+    model_path = write_model(seeded_rrdbnet(args.rss_feat, args.rss_blocks, args.rss_grow), tmp / "model", generator)
+    gray = radiograph_rgb16(7, args.rss_size)[:, :, :1]
+    meta = ImageMeta(format="png", dtype="uint16", bits_stored=16, channels=1, photometric="MONOCHROME2")
+    (tmp / "archive").mkdir()
+    (tmp / "archive" / "big.png").write_bytes(encode_image(gray.astype(np.float32) / 65535, meta))
+    cfg = load_config(None, [f"run.root={tmp}", f"enhance.input={tmp / 'archive'}", f"enhance.output={tmp / 'out'}",
+                             f"enhance.checkpoint={model_path}", f"enhance.tile={args.rss_tile}", "enhance.tile_overlap=10",
+                             f"enhance.batch_size={args.batch_size}", f"enhance.cpus_per_replica={args.threads}"])
+    e = cfg.enhance
+    model = read_model_file(e.checkpoint)
+    spec = JobSpec(storage=Storage(), input=e.input, output=e.output, model=model, params=enhance_params(e, model),
+                   run_id="bench", threshold_db=30.0)
+    batch = ReadDecode(spec)({"key": np.array([str(tmp / "archive" / "big.png")])})
+
+    @ray.remote(num_cpus=args.threads)
+    class ModelActor:
+        def __init__(self):
+            self.replica = EnhanceReplica(model, cfg.storage, e)
+            self.ready_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+        def run(self, batch):
+            t0 = time.perf_counter()
+            shapes = [tuple(np.asarray(b["output"][0]).shape) for b in self.replica(batch)]
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            return {"ready_rss": self.ready_rss, "peak_rss": peak, "seconds": time.perf_counter() - t0, "shapes": shapes}
+
+    ray.init(address="local", num_cpus=args.threads + 1, include_dashboard=False, log_to_driver=False)
+    try:
+        actor = ModelActor.remote()
+        result = ray.get(actor.run.remote(batch))
+    finally:
+        ray.shutdown()
+    assert result["shapes"] == [(args.rss_size * 4, args.rss_size * 4, 1)], result["shapes"]
+    return {"size": args.rss_size, "tile": args.rss_tile, "generator": generator, **result}
+
+
+# ------------------------------------------------------------------------------------------------------
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    command = "python jobs/bench_enhance.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"# {command}\n# threads {args.threads}, {os.cpu_count()} CPUs visible", flush=True)
+    import torch
+
+    net = seeded_rrdbnet(**_arch(X4PLUS))
+    figures: dict = {"command": command, "threads": args.threads, "torch": torch.__version__}
+
+    images = [radiograph_rgb16(i, args.size) for i in range(args.images)]
+    print(f"\n## model throughput: RRDBNet x4plus (random weights), {args.images} images of {args.size}x{args.size}, "
+          f"best of {args.rounds}", flush=True)
+    figures["model"] = model_throughput(args, net, images)
+    print(f"| method | s | input px/s | vs RealESRGANer untiled | vs RealESRGANer tile={args.tile} | overlap overhead "
+          f"| max diff vs untiled (1/255) |\n|---|---|---|---|---|---|---|")
+    for r in figures["model"]:
+        print(f"| {r['method']} | {r['seconds']:.2f} | {r['px_per_s']:.0f} | {r['vs_untiled']:.2f}x | {r['vs_tiled']:.2f}x "
+              f"| {100 * r['overlap_overhead']:.0f}% | {r['max_diff_255']:.3f} |", flush=True)
+
+    if args.e2e_images:
+        print(f"\n## end to end: {args.e2e_images} images of {args.size}x{args.size}, 16-bit RGB PNG, tile "
+              f"{args.engine_tile}", flush=True)
+        e2e = figures["e2e"] = end_to_end(args, net)
+        print(f"engine alone {e2e['model_px_per_s']:.0f} px/s ({e2e['model_s']:.1f} s); job {e2e['job_px_per_s']:.0f} px/s "
+              f"({e2e['job_s']:.1f} s, first output after {e2e['first_output_s']:.1f} s): ratio {e2e['ratio']:.2f} "
+              f"(after the first output: {e2e['ratio_after_first']:.2f})", flush=True)
+
+    if args.rss_size:
+        print(f"\n## model actor peak RSS: one {args.rss_size}x{args.rss_size} 16-bit image at x4, tile {args.rss_tile}, "
+              f"RRDBNet {args.rss_feat}/{args.rss_blocks}/{args.rss_grow}", flush=True)
+        rss = figures["rss"] = actor_peak_rss(args)
+        print(f"actor RSS after loading the model {rss['ready_rss'] / 2**30:.2f} GiB, peak {rss['peak_rss'] / 2**30:.2f} GiB "
+              f"({rss['seconds']:.0f} s)", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2, default=str))
+    return figures
+
+
+if __name__ == "__main__":
+    main()

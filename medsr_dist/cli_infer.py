@@ -1,0 +1,66 @@
+"""`medsr export` and `medsr status`: the inference side's commands besides `medsr enhance`.
+
+    medsr export --format onnx -c configs/enhance_nightly.yaml          # model.onnx beside enhance.checkpoint
+    medsr export --format onnx --checkpoint runs/x/train/export/model.pth --output /tmp/x4.onnx
+    medsr status s3://archive/enhanced -c configs/enhance_nightly.yaml  # -c only for storage settings
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from medsr_dist.cli import ConfigOpt, OverridesArg, _load, app, console
+
+
+@app.command()
+def export(
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = OverridesArg,
+    fmt: str = typer.Option("onnx", "--format", "-f", help="Export format (onnx)"),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Model to export (default: enhance.checkpoint)"),
+    output: Optional[str] = typer.Option(None, "--output", "-o",
+                                         help="Where to write (default: enhance.onnx_model, else model.onnx beside the checkpoint)"),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset"),
+    exporter: str = typer.Option("auto", "--exporter", help="torch exporter: auto, torchscript or dynamo"),
+) -> None:
+    """Export a model for the onnxruntime backend (dynamic batch/height/width), checked against torch (<= 1e-4)."""
+    from medsr_dist.infer.export import export_model_file
+    from medsr_dist.infer.model_file import read_model_file
+    from medsr_dist.storage import Storage
+
+    if fmt != "onnx":
+        console.print(f"[bold red]error:[/] unknown format {fmt!r} (supported: onnx)", highlight=False)
+        raise typer.Exit(2)
+    cfg = _load(config, overrides)
+    try:
+        model = read_model_file(checkpoint or cfg.enhance.checkpoint, cfg.storage,
+                                onnx_uri=None if checkpoint else cfg.enhance.onnx_model)
+        result = export_model_file(model, Storage(cfg.storage), output, opset=opset, exporter=exporter)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"exported {model.name} (x{model.scale}, sha256 {model.sha256[:12]}…) with the {result.exporter} "
+                  f"exporter: ONNX Runtime vs torch max abs difference {result.max_abs_diff:.2e} on a "
+                  f"{'x'.join(map(str, result.check_shape))} batch", highlight=False)
+    typer.echo(result.uri)
+
+
+@app.command()
+def status(
+    output: str = typer.Argument(..., help="Output prefix of `medsr enhance` (enhance.output)"),
+    overrides: Optional[list[str]] = OverridesArg,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Summarise the manifests under an output prefix: outputs, flagged, the latest run's counts and errors."""
+    from medsr_dist.infer.enhance_job import format_summary, manifest_summary
+    from medsr_dist.storage import Storage
+
+    cfg = _load(config, overrides)
+    try:
+        summary = manifest_summary(Storage(cfg.storage), output)
+    except FileNotFoundError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    typer.echo(format_summary(summary))

@@ -1,0 +1,409 @@
+"""Specification of the nightly archive enhancement (`medsr enhance`, jobs/enhance.py, `medsr status`).
+
+The end-to-end part runs the job three times on one S3 archive (the suite's S3 server, a local Ray):
+a run whose driver process is SIGKILLed mid-run, a run that finishes the rest, and a run that finds nothing to do.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import yaml
+from rich.console import Console
+from typer.testing import CliRunner
+
+from conftest import write_tiny_model
+from medsr_dist.config import load_config
+from medsr_dist.data.synthetic import make_corrupt_files, make_radiograph, write_sample_archive
+from medsr_dist.infer.enhance_job import (
+    MANIFEST_DIR,
+    EncodeCommit,
+    EnhanceReplica,
+    JobSpec,
+    ReadDecode,
+    _rows,
+    enhance_params,
+    item_id,
+    output_id,
+    output_key_for,
+    read_manifest,
+    remove_stale_partials,
+)
+from medsr_dist.infer.model_file import read_model_file
+from medsr_dist.io.image import decode_image
+from medsr_dist.storage import PARTIAL_SUFFIX, Storage
+
+REPO = Path(__file__).resolve().parent.parent
+N_IMAGES = 20
+SIZE = 64
+CORRUPT = ("truncated.png", "notes.png", "corrupt.dcm")
+DCIODVFY = shutil.which("dciodvfy")
+NO_DCIODVFY = "dciodvfy not installed (Debian: apt-get install -y dicom3tools)"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Identity of an output
+# --------------------------------------------------------------------------------------------------------
+def test_an_output_is_keyed_by_input_content_model_and_parameters():
+    params = {"scale": 4, "outscale": 4, "tile": 256, "tile_overlap": 16, "tile_blend": 4, "backend": "torch",
+              "precision": "fp32"}
+    oid = output_id("in-sha", "model-sha", params)
+    assert oid == output_id("in-sha", "model-sha", dict(reversed(params.items())))
+    assert len({oid, output_id("other-in", "model-sha", params), output_id("in-sha", "other-model", params),
+                output_id("in-sha", "model-sha", {**params, "tile": 128})}) == 4
+    # beside its source's relative folder, source stem kept (DICOM files are often named by UID), same extension
+    assert output_key_for("s3://b/out", "ward/1.2.840.5.dcm", oid, ".dcm") == f"s3://b/out/ward/1.2.840.5.sr-{oid[:10]}.dcm"
+    # the same content under two names is two inputs with two outputs
+    assert item_id("a/x.png", oid) != item_id("b/x.png", oid)
+
+
+def test_a_killed_runs_local_temp_files_are_removed_and_nothing_else(tmp_path):
+    out = tmp_path / "out"
+    (out / "ward").mkdir(parents=True)
+    keep = [out / "ward" / "a.sr-1.png", out / "ward" / ".hidden.png"]
+    stale = [out / "ward" / f".a.sr-2.png.x1y2{PARTIAL_SUFFIX}", out / f".record.json.z9{PARTIAL_SUFFIX}"]
+    for path in keep + stale:
+        path.write_bytes(b"x")
+    assert sorted(remove_stale_partials(Storage(), str(out))) == sorted(map(str, stale))
+    assert all(p.exists() for p in keep) and not any(p.exists() for p in stale)
+    assert remove_stale_partials(Storage(), str(tmp_path / "missing")) == []
+
+
+# --------------------------------------------------------------------------------------------------------
+# The stages as plain callables (no Ray): what each row becomes
+# --------------------------------------------------------------------------------------------------------
+def run_stages_locally(cfg, keys: list[str]) -> list[dict]:
+    """ReadDecode -> EnhanceReplica -> EncodeCommit in this process, as Ray Data would chain them."""
+    e = cfg.enhance
+    model = read_model_file(e.checkpoint, cfg.storage)
+    spec = JobSpec(storage=Storage(cfg.storage), input=e.input, output=e.output, model=model,
+                   params=enhance_params(e, model), run_id="local", threshold_db=e.consistency_threshold_db)
+    decoded = ReadDecode(spec)({"key": np.array(keys)})
+    commit = EncodeCommit(spec)
+    return [commit.one(row) for batch in EnhanceReplica(model, cfg.storage, e)(decoded) for row in _rows(batch)]
+
+
+def valid_dx_dataset(image: np.ndarray, bits: int, photometric: str, patient: str):
+    """A DX object that dciodvfy accepts without errors: the sample builder's dataset plus the DX attributes it
+    leaves out (the derived object must not add errors of its own on top)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from medsr_dist.io.dicom import build_radiograph_dataset
+
+    def code(value, scheme, meaning):
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+        return item
+
+    ds = build_radiograph_dataset(image, bits_stored=bits, photometric=photometric, patient_id=patient, modality="DX",
+                                  uid_key=f"valid/{bits}/{photometric}")
+    ds.StudyTime, ds.ReferringPhysicianName, ds.AccessionNumber = "120000", "", ""
+    ds.ImageLaterality, ds.BurnedInAnnotation = "U", "NO"
+    ds.AnatomicRegionSequence = Sequence([code("51185008", "SCT", "Chest")])
+    ds.ViewCodeSequence = Sequence([code("399348003", "SCT", "postero-anterior")])
+    ds.PixelIntensityRelationship, ds.PixelIntensityRelationshipSign = "LIN", 1
+    ds.PresentationLUTShape = "INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"
+    ds.DetectorType, ds.PositionerType = "SCINTILLATOR", "NONE"
+    ds.AcquisitionContextSequence = Sequence([])
+    return ds
+
+
+def dciodvfy_findings(path: str | Path) -> list[str]:
+    result = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
+    return sorted(line for line in (result.stdout + result.stderr).splitlines() if line.startswith(("Error", "Warning")))
+
+
+def test_stages_enhance_record_and_then_skip_each_item(tmp_path, tiny_model_dir):
+    from medsr_dist.io.dicom import dataset_to_bytes
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    valid = {"mono1-12.dcm": valid_dx_dataset(make_radiograph(1, 40), 12, "MONOCHROME1", "00000077"),
+             "mono2-16.dcm": valid_dx_dataset(make_radiograph(2, 40), 16, "MONOCHROME2", "00000078")}
+    for name, ds in valid.items():
+        (archive / name).write_bytes(dataset_to_bytes(ds))
+    (archive / "empty.png").write_bytes(b"")
+    cfg = load_config(None, [f"run.root={tmp_path}", f"enhance.input={archive}", f"enhance.output={tmp_path / 'out'}",
+                             f"enhance.checkpoint={tiny_model_dir}/model.pth", "enhance.tile=16", "enhance.tile_overlap=4",
+                             "enhance.outscale=3"])
+    keys = sorted(str(p) for p in archive.iterdir())
+    rows = {Path(r["input_key"]).name: r for r in run_stages_locally(cfg, keys)}
+    assert rows["empty.png"]["status"] == "error" and rows["empty.png"]["error"] == "empty file (0 bytes)"
+    assert rows["empty.png"]["output_key"] == ""
+    for name, ds in valid.items():
+        row = rows[name]
+        assert row["status"] == "done", row
+        out = pydicom.dcmread(row["output_key"])
+        assert (out.Rows, out.Columns) == (120, 120)  # outscale 3: Lanczos after the x4 model
+        assert [float(v) for v in out.PixelSpacing] == pytest.approx([float(v) / 3 for v in ds.PixelSpacing])
+        assert "Super-resolution x3 by model tiny-test@1" in out.DerivationDescription
+        assert (tmp_path / "out" / MANIFEST_DIR / "items" / f"{row['item_id']}.json").is_file()
+        if DCIODVFY:
+            assert dciodvfy_findings(archive / name) == []
+            assert dciodvfy_findings(row["output_key"]) == []  # a valid source gives a valid derived object
+    again = {Path(r["input_key"]).name: r for r in run_stages_locally(cfg, keys)}
+    assert {n: r["status"] for n, r in again.items()} == {"mono1-12.dcm": "skipped", "mono2-16.dcm": "skipped",
+                                                            "empty.png": "error"}
+    assert again["mono1-12.dcm"]["output_key"] == rows["mono1-12.dcm"]["output_key"]
+    Path(rows["mono2-16.dcm"]["output_key"]).unlink()  # an output deleted since: made again, under the same key
+    third = {Path(r["input_key"]).name: r for r in run_stages_locally(cfg, keys)}
+    assert third["mono2-16.dcm"]["status"] == "done" and Path(rows["mono2-16.dcm"]["output_key"]).is_file()
+    assert third["mono2-16.dcm"]["output_key"] == rows["mono2-16.dcm"]["output_key"]
+
+
+def test_the_nightly_config_is_a_valid_production_example():
+    cfg = load_config(REPO / "configs" / "enhance_nightly.yaml")
+    e = cfg.enhance
+    assert e.input.startswith("s3://") and e.output.startswith("s3://") and e.checkpoint.startswith("s3://")
+    assert (e.tile, e.backend) == (256, "torch") and e.max_replicas > 1
+    assert "CHANGE ME" in (REPO / "configs" / "enhance_nightly.yaml").read_text()
+
+
+# --------------------------------------------------------------------------------------------------------
+# End to end: an S3 archive, a killed run, its resumption, a run with nothing left to do
+# --------------------------------------------------------------------------------------------------------
+def s3_objects(client, url: str) -> dict[str, tuple[str, str]]:
+    """{key: (ETag, LastModified)} of every object under an s3:// prefix."""
+    bucket, _, prefix = url[len("s3://"):].partition("/")
+    found = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        for item in page.get("Contents", []):
+            found[f"s3://{bucket}/{item['Key']}"] = (item["ETag"], str(item["LastModified"]))
+    return found
+
+
+def kill_mid_run(config_path: Path, storage: Storage, items_dir: str, log_path: Path, timeout_s: float = 300.0) -> int:
+    """Start `python jobs/enhance.py --config ...`, SIGKILL its driver once the first item record exists.
+
+    Returns how many item records existed at the kill. The driver started its own local Ray; once the driver is
+    dead the rest of its process group (that Ray instance) is killed too, as a lost driver node would take it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "jobs/enhance.py", "--config", str(config_path)], cwd=REPO, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            records = storage.list_files(items_dir) if storage.exists(items_dir) else []
+            if records:
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no item record before the run ended or {timeout_s:.0f}s passed:\n"
+                                     f"{log_path.read_text()[-4000:]}")
+            time.sleep(0.2)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+        return len(records)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+        time.sleep(2)  # let the orphaned Ray processes notice; then stop whatever of that instance is left
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def nightly(s3_server, tmp_path_factory, _s3_admin):
+    """Archive on S3 -> killed run (subprocess) -> resumed run -> run with nothing left; what each left behind."""
+    import ray
+
+    tmp = tmp_path_factory.mktemp("nightly")
+    bucket = f"medsr-nightly-{os.getpid()}"
+    _s3_admin.create_bucket(Bucket=bucket)
+    storage = Storage(load_config(None, [f"storage.endpoint_url={s3_server}"]).storage)
+    archive, output, models = f"s3://{bucket}/archive", f"s3://{bucket}/enhanced", f"s3://{bucket}/models/tiny"
+    written = write_sample_archive(lambda key, data: storage.write_bytes(f"{archive}/{key}", data),
+                                   n_images=N_IMAGES, size=SIZE, seed=3)
+    for name, data in make_corrupt_files(SIZE).items():
+        if name in CORRUPT:
+            storage.write_bytes(f"{archive}/incoming/{name}", data)
+    first_png = next(w["key"] for w in written if w["format"] == "png")
+    storage.write_bytes(f"{archive}/sub/copy_of_first.png", storage.read_bytes(f"{archive}/{first_png}"))
+    storage.write_bytes(f"{archive}/README.txt", b"not an image, excluded by enhance.exclude")
+    write_tiny_model(lambda name, data: storage.write_bytes(f"{models}/{name}", data))
+    valid = sorted([f"{archive}/{w['key']}" for w in written] + [f"{archive}/sub/copy_of_first.png"])
+    corrupt = sorted(f"{archive}/incoming/{name}" for name in CORRUPT)
+
+    config = {
+        "run": {"name": "nightly-test", "root": str(tmp / "run")},
+        "storage": {"endpoint_url": s3_server},
+        "ray": {"num_cpus": 4, "progress": False},
+        "enhance": {"input": archive, "output": output, "checkpoint": f"{models}/model.pth", "exclude": ["*.txt"],
+                    "tile": 32, "tile_overlap": 4, "batch_size": 4, "images_per_batch": 2},
+    }
+    config_path = tmp / "enhance.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    items_dir = f"{output}/{MANIFEST_DIR}/items"
+
+    at_kill = kill_mid_run(config_path, storage, items_dir, tmp / "killed-run.log")
+    after_kill = len(storage.list_files(items_dir))
+
+    from medsr_dist.pipeline import run_enhance
+
+    cfg = load_config(config_path)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        text = io.StringIO()
+        resumed = run_enhance(cfg, Console(file=text, width=250))
+        before_third = s3_objects(_s3_admin, output)
+        third = run_enhance(cfg, Console(file=io.StringIO(), width=250))
+        after_third = s3_objects(_s3_admin, output)
+    finally:
+        ray.shutdown()
+    yield {"storage": storage, "config_path": config_path, "archive": archive, "output": output, "valid": valid,
+           "corrupt": corrupt, "at_kill": at_kill, "after_kill": after_kill, "resumed": resumed,
+           "resumed_console": text.getvalue(), "third": third, "before_third": before_third, "after_third": after_third}
+    for page in _s3_admin.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for item in page.get("Contents", []):
+            _s3_admin.delete_object(Bucket=bucket, Key=item["Key"])
+    _s3_admin.delete_bucket(Bucket=bucket)
+
+
+@pytest.mark.slow
+def test_a_killed_run_started_again_completes_exactly_once(nightly):
+    valid, resumed = nightly["valid"], nightly["resumed"]
+    assert 0 < nightly["at_kill"] < len(valid), "the kill must land mid-run"
+    rows = {r["input_key"]: r for r in resumed.rows}
+    assert sorted(rows) == sorted(valid + nightly["corrupt"])  # README.txt is excluded, nothing else is missing
+    assert resumed.counts["done"] + resumed.counts.get("skipped", 0) == len(valid)
+    assert resumed.counts.get("skipped", 0) >= nightly["at_kill"]  # what the killed run finished is not redone
+    if nightly["after_kill"] < len(valid):
+        assert resumed.counts["done"] >= len(valid) - nightly["after_kill"]
+
+    # exactly one output per valid input, and nothing else visible under the output prefix but the manifests
+    output_keys = [rows[k]["output_key"] for k in valid]
+    assert len(set(output_keys)) == len(valid) and all(output_keys)
+    objects = set(nightly["before_third"])
+    manifests = {k for k in objects if f"/{MANIFEST_DIR}/" in k}
+    assert objects - manifests == set(output_keys)
+    assert all(k.endswith((".json", ".parquet")) for k in manifests)
+
+    cumulative = read_manifest(nightly["storage"], resumed.manifest)
+    assert sorted(r["input_key"] for r in cumulative) == valid  # the killed run's items included
+    assert len({r["item_id"] for r in cumulative}) == len(valid)
+    assert all(r["status"] == "done" and r["output_key"] == rows[r["input_key"]]["output_key"] for r in cumulative)
+    run_rows = read_manifest(nightly["storage"], resumed.run_manifest)
+    assert sorted(r["input_key"] for r in run_rows) == sorted(rows)
+
+
+@pytest.mark.slow
+def test_corrupt_files_get_error_rows_with_reasons_and_do_not_stop_the_run(nightly):
+    rows = {r["input_key"]: r for r in nightly["resumed"].rows}
+    reasons = {Path(k).name: rows[k]["error"] for k in nightly["corrupt"]}
+    assert all(rows[k]["status"] == "error" and rows[k]["output_key"] == "" for k in nightly["corrupt"])
+    assert reasons["truncated.png"].startswith("truncated PNG")
+    assert reasons["notes.png"].startswith("not a recognised image format")
+    assert "corrupt DICOM" in reasons["corrupt.dcm"] or "pixel" in reasons["corrupt.dcm"]
+    assert nightly["resumed"].n_errors == len(nightly["corrupt"])
+
+
+@pytest.mark.slow
+def test_every_output_keeps_its_inputs_form_and_carries_provenance(nightly):
+    storage, resumed = nightly["storage"], nightly["resumed"]
+    manifest = {r["input_key"]: r for r in read_manifest(storage, resumed.manifest)}
+    forms = set()
+    for key in nightly["valid"]:
+        row = manifest[key]
+        src = decode_image(storage.read_bytes(key), key)
+        data = storage.read_bytes(row["output_key"])
+        out = decode_image(data, row["output_key"])
+        assert out.pixels.shape == (SIZE * 4, SIZE * 4, src.pixels.shape[2])
+        assert (out.meta.format, out.meta.dtype, out.meta.bits_stored, out.meta.channels, out.meta.photometric) == (
+            src.meta.format, src.meta.dtype, src.meta.bits_stored, src.meta.channels, src.meta.photometric)
+        forms.add((src.meta.format, src.meta.bits_stored, src.meta.photometric))
+        assert (row["input_height"], row["output_height"], row["output_bytes"]) == (SIZE, SIZE * 4, len(data))
+        assert np.isfinite(row["consistency_psnr_db"]) and row["flagged"] == (row["consistency_psnr_db"] < 30.0)
+        provenance = json.loads(row["provenance"])  # every manifest row repeats what the file carries
+        assert provenance["medsr:source"] == key and provenance["medsr:source_sha256"] == row["input_sha256"]
+        assert provenance["medsr:model_sha256"] == row["model_sha256"] and provenance["medsr:scale"] == "4"
+        if out.meta.format != "dicom":
+            assert {k: out.meta.text[k] for k in provenance} == provenance
+    assert {("png", 8, "MONOCHROME2"), ("png", 16, "MONOCHROME2"), ("tiff", 16, "MONOCHROME2"),
+            ("dicom", 12, "MONOCHROME2"), ("dicom", 16, "MONOCHROME1"), ("dicom", 16, "MONOCHROME2")} <= forms
+
+
+@pytest.mark.slow
+def test_dicom_outputs_are_derived_objects_of_the_same_study(nightly, tmp_path):
+    storage = nightly["storage"]
+    manifest = {r["input_key"]: r for r in read_manifest(storage, nightly["resumed"].manifest)}
+    dicoms = [k for k in nightly["valid"] if k.endswith(".dcm")]
+    assert len(dicoms) >= 6
+    for key in dicoms:
+        row = manifest[key]
+        src = pydicom.dcmread(io.BytesIO(storage.read_bytes(key)))
+        out_bytes = storage.read_bytes(row["output_key"])
+        out = pydicom.dcmread(io.BytesIO(out_bytes))
+        assert out.SOPInstanceUID != src.SOPInstanceUID and out.SeriesInstanceUID != src.SeriesInstanceUID
+        assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID
+        assert (out.StudyInstanceUID, out.PatientID, out.PatientName, out.SOPClassUID) == (
+            src.StudyInstanceUID, src.PatientID, src.PatientName, src.SOPClassUID)
+        assert list(out.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+        assert f"x4 by model {row['model_name']}" in out.DerivationDescription
+        assert row["model_sha256"] in out.DerivationDescription
+        assert (out.Rows, out.Columns) == (src.Rows * 4, src.Columns * 4)
+        for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+            assert [float(v) for v in out[keyword].value] == pytest.approx([float(v) / 4 for v in src[keyword].value])
+        assert (out.PhotometricInterpretation, out.BitsStored, out.BitsAllocated, out.HighBit) == (
+            src.PhotometricInterpretation, src.BitsStored, src.BitsAllocated, src.HighBit)
+        assert (out.WindowCenter, out.WindowWidth) == (src.WindowCenter, src.WindowWidth)  # same VOI
+        assert (out.RescaleSlope, out.RescaleIntercept) == (src.RescaleSlope, src.RescaleIntercept)
+        assert out.pixel_array.shape == (src.Rows * 4, src.Columns * 4)
+        if DCIODVFY:  # the derivation adds no finding to those of its (synthetic) source
+            (tmp_path / "src.dcm").write_bytes(storage.read_bytes(key))
+            (tmp_path / "out.dcm").write_bytes(out_bytes)
+            assert set(dciodvfy_findings(tmp_path / "out.dcm")) <= set(dciodvfy_findings(tmp_path / "src.dcm"))
+
+
+@pytest.mark.skipif(DCIODVFY is None, reason=NO_DCIODVFY)
+def test_dciodvfy_is_available_for_the_dicom_checks():
+    """Present so that a run without dicom3tools says so among the skips (the checks above then only use pydicom)."""
+    assert DCIODVFY
+
+
+@pytest.mark.slow
+def test_a_run_with_nothing_left_skips_everything_and_rewrites_nothing(nightly):
+    third, valid = nightly["third"], nightly["valid"]
+    assert third.counts == {"skipped": len(valid), "error": len(nightly["corrupt"])}
+    before, after = nightly["before_third"], nightly["after_third"]
+    unchanged = {k: v for k, v in before.items() if "/_manifest/runs/" not in k and not k.endswith("manifest.parquet")}
+    assert {k: after[k] for k in unchanged} == unchanged  # outputs and item records: same ETag, same LastModified
+    new = set(after) - set(before)
+    assert len(new) == 1 and f"/{MANIFEST_DIR}/runs/" in new.pop()  # only this run's manifest was added
+    assert sorted(r["input_key"] for r in read_manifest(nightly["storage"], third.manifest)) == valid
+
+
+@pytest.mark.slow
+def test_progress_shows_items_and_throughput_and_the_last_line_names_the_manifest(nightly):
+    lines = [line.strip() for line in nightly["resumed_console"].splitlines() if line.strip()]
+    total = len(nightly["valid"]) + len(nightly["corrupt"])
+    progress = [line for line in lines if line.startswith("enhance: ")]
+    assert progress and progress[-1].startswith(f"enhance: {total}/{total} items (100%)")
+    assert all("items/s" in line and "input Mpx/s" in line for line in progress)
+    assert lines[-1] == f"manifest: {nightly['resumed'].manifest}"
+
+
+@pytest.mark.slow
+def test_status_summarises_the_manifests_of_an_output_prefix(nightly):
+    from medsr_dist.cli import app
+
+    result = CliRunner().invoke(app, ["status", nightly["output"], "--config", str(nightly["config_path"])])
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert f"outputs: {len(nightly['valid'])} " in text
+    assert f"skipped {len(nightly['valid'])}, error {len(nightly['corrupt'])}" in text  # the latest run
+    assert all(Path(k).name in text for k in nightly["corrupt"])
+    assert text.strip().splitlines()[-1] == f"manifest: {nightly['third'].manifest}"
