@@ -1,7 +1,7 @@
 """Benchmark: patches/s of our second-order degradation stage against Real-ESRGAN's own degradation, on CPU.
 
-    python jobs/bench_degradation.py                       # defaults: gt 256, x4, ~1-3 min on 2 idle cores
-    python jobs/bench_degradation.py --patches 320 --ref-batches 6 --ref-threads 2
+    python jobs/bench_degradation.py                       # defaults: gt 256, x4, about 1 min on 2 idle cores
+    python jobs/bench_degradation.py --patches 480 --ref-batches 6 --ref-threads 1 --ray-batch-size 16
 
 What is timed (every side produces the same thing: 256x256 ground-truth/USM patches and 64x64 LQ patches,
 float32 RGB in [0, 1], from the same 16-bit grayscale PNGs, with the same degradation distributions):
@@ -20,7 +20,14 @@ float32 RGB in [0, 1], from the same 16-bit grayscale PNGs, with the same degrad
 * ours, Ray Data: the same rows through ``map_batches(SecondOrderDegradation, batch_size=4,
   compute=ActorPoolStrategy(size=N), num_cpus=1)`` exactly as ``build_train_stream`` declares it, for N = 1 and 2,
   on ``ray.init(num_cpus=2)``. Throughput is steady state: patches finished after every actor delivered its first
-  batch, divided by the time from then to the last batch (actor start-up is reported separately).
+  batch, divided by the time from then to the last batch (actor start-up is reported separately). Also printed:
+  the rate counting only the time inside the stage's ``__call__`` (the rest is Ray Data's per-batch cost, or
+  waiting) and the share of a core this driver used consuming the stream (on a trainer in real runs).
+
+The reference and the in-process run are each timed in two halves, one before and one after the Ray runs, all
+beside the same idle Ray instance; the halves' difference ("drift") shows whether the machine's load changed.
+Ray starts its worker processes (our actors) at nice 15 while this driver (reference, in-process) runs at nice 0:
+no difference on an idle machine, a handicap for the actors on a busy one.
 
 The degradation options of both sides come from one ``DegradationConfig`` (defaults = Real-ESRGAN's
 options/finetune_realesrgan_x4plus.yml); the script fails if a degradation field is not handed to the reference.
@@ -206,29 +213,32 @@ class TimedDegradation(SecondOrderDegradation):
     """The stage plus two bookkeeping columns: when the actor finished the batch, and which actor it was."""
 
     def __call__(self, batch: dict) -> dict:
+        t0 = time.perf_counter()
         out = super().__call__(batch)
         n = len(out["key"])
         out["t_done"] = np.full(n, time.time())
+        out["t_work"] = np.full(n, (time.perf_counter() - t0) / n)  # seconds of stage work per patch
         out["pid"] = np.full(n, os.getpid())
         return out
 
 
-def time_ours_ray(cfg: DegradationConfig, scale: int, rows: list[dict], seed: int, actors: int) -> dict:
+def time_ours_ray(cfg: DegradationConfig, scale: int, rows: list[dict], seed: int, actors: int, batch_size: int = 4) -> dict:
     """Steady-state patches/s of the Ray Data actor pool (the same map_batches call as build_train_stream)."""
     import ray
 
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     ds = ray.data.from_items(rows).map_batches(
-        TimedDegradation, fn_constructor_args=(cfg, scale, seed), batch_size=4,
+        TimedDegradation, fn_constructor_args=(cfg, scale, seed), batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
     )
-    done, pids = [], []
+    done, pids, work = [], [], []
     for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
         assert b["lq"].shape[1:] == (3, cfg.gt_size // scale, cfg.gt_size // scale)
         done.append(b["t_done"])
         pids.append(b["pid"])
-    t_end_driver = time.time()
-    done, pids = np.concatenate(done), np.concatenate(pids)
+        work.append(b["t_work"])
+    t_end_driver, driver_cpu = time.time(), time.process_time() - cpu0
+    done, pids, work = np.concatenate(done), np.concatenate(pids), np.concatenate(work)
     if len(done) != len(rows):
         raise RuntimeError(f"Ray Data returned {len(done)} patches of {len(rows)}")
     first = {p: done[pids == p].min() for p in np.unique(pids)}
@@ -240,7 +250,10 @@ def time_ours_ray(cfg: DegradationConfig, scale: int, rows: list[dict], seed: in
     return {"patches": int(in_window.sum()), "seconds": float(window), "rate": float(in_window.sum() / window),
             "actors_seen": len(first), "startup_s": float(min(first.values()) - t0),
             "all_up_s": float(t_start - t0), "end_to_end_s": float(t_end_driver - t0),
-            "end_to_end_rate": len(rows) / (t_end_driver - t0)}
+            "end_to_end_rate": len(rows) / (t_end_driver - t0),
+            # patches/s of one actor counting only the time inside the stage's __call__
+            "work_rate_per_actor": float(len(work) / work.sum()),
+            "driver_cpu_share": driver_cpu / (t_end_driver - t0)}
 
 
 def main(argv=None) -> None:
@@ -256,6 +269,7 @@ def main(argv=None) -> None:
     p.add_argument("--patches", type=int, default=240, help="patches per Ray Data run (half of them for each "
                    "in-process run)")
     p.add_argument("--actors", default="1,2", help="actor pool sizes to time")
+    p.add_argument("--ray-batch-size", type=int, default=4, help="map_batches batch_size (build_train_stream: 4)")
     p.add_argument("--num-cpus", type=int, default=2, help="ray.init(num_cpus=...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-reference", action="store_true")
@@ -294,7 +308,7 @@ def main(argv=None) -> None:
         inproc_first = time_ours_in_process(cfg, args.scale, rows[:half], args.seed)
         if ray is not None:
             for n in actor_counts:
-                results[f"ray{n}"] = time_ours_ray(cfg, args.scale, rows, args.seed, n)
+                results[f"ray{n}"] = time_ours_ray(cfg, args.scale, rows, args.seed, n, args.ray_batch_size)
         results["inproc"] = combine(inproc_first, time_ours_in_process(cfg, args.scale, rows[half:], args.seed))
         if ref is not None:
             second = ref.run(max(args.ref_batches // 2, 1))
@@ -324,6 +338,8 @@ def main(argv=None) -> None:
                   f"{r['rate']:7.2f} patches/s  steady state ({r['patches']} patches in {r['seconds']:.1f} s after all "
                   f"actors were up; first batch after {r['startup_s']:.1f} s, all actors up after {r['all_up_s']:.1f} s; "
                   f"end to end incl. start-up {r['end_to_end_rate']:.2f} patches/s)")
+            print(f"           ... inside the stage's __call__ one actor does {r['work_rate_per_actor']:.2f} patches/s; "
+                  f"this driver, consuming the stream, used {r['driver_cpu_share']:.0%} of a core meanwhile")
 
     load = os.getloadavg()[0]
     print(f"\n# load average at end {load:.1f}" + (f" (above {os.cpu_count()}: other work shared these cores, "

@@ -65,7 +65,7 @@ def make_cfg(root: str, args, workers: int, iterations: int, actors: int = 1):
         f"degradation.gt_size={args.gt_size}", f"degradation.num_actors={actors}",
         f"degradation.shuffle_buffer={args.shuffle_buffer}", f"train.num_workers={workers}", "train.cpus_per_worker=1",
         f"train.batch_size={args.batch_size}", f"train.iterations={iterations}",
-        f"train.checkpoint_every={iterations}", f"train.val_every={iterations}", "train.use_gpu=false",
+        f"train.checkpoint_every={iterations}", f"train.val_every={iterations}", f"train.use_gpu={str(args.gpu).lower()}",
         *([f"train.log_every={args.log_every}"] if args.log_every else []),
         "train.vgg.weights=random-init-for-testing",  # same architecture; the weights do not change the timing
         *MODELS[args.model],
@@ -190,13 +190,13 @@ class BareLoop:
     ``build_optimizers``, MultiStepLR, ``build_losses``, ``StepContext``), without DDP, Ray or checkpoints.
     """
 
-    def __init__(self, cfg, pairs: list[dict], batch: int, threads: int):
+    def __init__(self, cfg, pairs: list[dict], batch: int, threads: int, device: str = "cpu"):
         import torch
 
         from medsr_dist.models.base import StepContext
         from medsr_dist.models.registry import load_family
 
-        self.cfg, self.batch, self.threads = cfg, batch, threads
+        self.cfg, self.batch, self.threads, self.device = cfg, batch, threads, torch.device(device)
         torch.set_num_threads(threads)
         t = time.perf_counter()
         self.family = family = load_family(cfg.model.family)
@@ -204,18 +204,19 @@ class BareLoop:
         self.raw_nets = raw_nets = family.build_networks(cfg)
         self.ema = copy.deepcopy(raw_nets[family.inference_net]).requires_grad_(False)
         for net in raw_nets.values():
-            net.train()
-        self.ema.eval()
+            net.to(self.device).train()
+        self.ema.to(self.device).eval()
         optimizers = family.build_optimizers(cfg, raw_nets)
         self.schedulers = [torch.optim.lr_scheduler.MultiStepLR(o, milestones=cfg.train.milestones,
                                                                 gamma=cfg.train.lr_gamma) for o in optimizers.values()]
         self.ctx = StepContext(nets=raw_nets, raw_nets=raw_nets, optimizers=optimizers,
-                               losses=family.build_losses(cfg, torch.device("cpu")), iteration=0)
+                               losses=family.build_losses(cfg, self.device), iteration=0)
         self.build_s = time.perf_counter() - t
         self.batches = []
         for i in range(max(1, len(pairs) // batch)):
             chunk = [pairs[(i * batch + j) % len(pairs)] for j in range(batch)]
-            self.batches.append({k: torch.from_numpy(np.stack([p[k] for p in chunk])) for k in ("lq", "gt", "gt_usm")})
+            self.batches.append({k: torch.from_numpy(np.stack([p[k] for p in chunk])).to(self.device)
+                                 for k in ("lq", "gt", "gt_usm")})
 
     def run(self, warmup: int, steps: int) -> dict:
         """Mean/median seconds per step over ``steps`` steps after ``warmup`` untimed ones."""
@@ -232,6 +233,8 @@ class BareLoop:
             for s in self.schedulers:
                 s.step()
             ema_update(self.ema, self.raw_nets[self.family.inference_net], self.cfg.train.ema_decay)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
         timed = times[warmup:]
         return {"iter_s": float(np.mean(timed)), "median_s": float(np.median(timed))}
@@ -303,6 +306,8 @@ def main(argv=None) -> None:
     p.add_argument("--health-check-interval", type=float, default=None,
                    help="set RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default 2.0): how often the controller "
                         "takes one ray.train.report from each worker (a worker reporting faster blocks)")
+    p.add_argument("--gpu", action="store_true", help="trainers on one GPU each (train.use_gpu=true) and the bare "
+                   "loop on cuda; degradation actors stay on CPU (not tried on the CPU-only development machine)")
     p.add_argument("--log-every", type=int, default=None, help="train.log_every (default: the config default)")
     args = p.parse_args(argv)
     from medsr_dist.config import TrainConfig
@@ -338,6 +343,7 @@ def main(argv=None) -> None:
     ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
     print(f"# ray.init(address='local', num_cpus={num_cpus}): 1 logical CPU per trainer worker and per degradation "
           f"actor (+1 for Ray Data tasks)")
+    unit = "1 GPU" if args.gpu else "1 CPU"
     out: dict = {"a": {}, "b": {}}
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:
@@ -349,7 +355,7 @@ def main(argv=None) -> None:
             ds = ray.data.from_items([pairs[i % len(pairs)] for i in range(rows_needed)]).materialize()
             # the bare loop is timed just before and just after the Ray run: their mean is the reference, their
             # difference shows how much the machine's load drifted meanwhile
-            bare_loop = BareLoop(cfg, pairs, args.batch_size * w, threads=w)
+            bare_loop = BareLoop(cfg, pairs, args.batch_size * w, threads=w, device="cuda" if args.gpu else "cpu")
             before = bare_loop.run(k, n - k)
             r = run_ray_training(cfg, {"train": ds}, k, n)
             after = bare_loop.run(2, n - k)
@@ -359,7 +365,7 @@ def main(argv=None) -> None:
                     "build_s": bare_loop.build_s}
             del bare_loop
             out["a"][w] = {"ray": r, "bare": bare}
-            print(f"\n(a) {w} Ray Train worker(s) x 1 CPU (torch threads in the worker: {r['torch_threads']}), batch "
+            print(f"\n(a) {w} Ray Train worker(s) x {unit} (torch threads in the worker: {r['torch_threads']}), batch "
                   f"{args.batch_size} each, fixed degraded pairs streamed from a materialised Ray Dataset")
             print(f"    Ray loop  per step: {r['iter_s'] * 1e3:8.1f} ms = compute {r['compute_s'] * 1e3:.1f} ms + "
                   f"ray.train.report {r['report_s'] * 1e3:.1f} ms + data wait {r['data_wait_s'] * 1e3:.1f} ms "
@@ -381,7 +387,7 @@ def main(argv=None) -> None:
                 cfg = make_cfg(str(data_root), args, 1, iterations, actors=a)
                 r = run_ray_training(cfg, {"train": build_train_stream(cfg, Storage(cfg.storage))}, k, n)
                 out["b"][a] = r
-                print(f"\n(b) 1 trainer x 1 CPU + {a} degradation actor(s) x 1 CPU, live build_train_stream "
+                print(f"\n(b) 1 trainer x {unit} + {a} degradation actor(s) x 1 CPU, live build_train_stream "
                       f"({args.images} images {args.image_size}px; {1 + a} busy processes on {os.cpu_count()} cores)")
                 print(f"    per step {r['iter_s'] * 1e3:8.1f} ms = compute {r['compute_s'] * 1e3:.1f} ms + "
                       f"ray.train.report {r['report_s'] * 1e3:.1f} ms + data wait {r['data_wait_s'] * 1e3:.1f} ms")
@@ -391,7 +397,16 @@ def main(argv=None) -> None:
                       f"{r['reported_data_wait_fraction']:6.1%}")
                 first = f", first batch {r['first_batch_s']:.1f} s" if r["first_batch_s"] is not None else ""
                 print(f"    start-up: fit() -> loop running {r['startup_to_loop_s']:.1f} s{first}")
-            out["b"]["actor_rate"] = actor_patch_rate(make_cfg(str(data_root), args, 1, iterations), args.image_size)
+            # one actor's steady-state patches/s through Ray Data, measured as jobs/bench_degradation.py does
+            import bench_degradation  # jobs/ is on sys.path when this script runs
+            from bench_degradation import make_rows, time_ours_ray
+            from ray import cloudpickle
+
+            cloudpickle.register_pickle_by_value(bench_degradation)  # its stage class travels to the actor by value
+            cfg = make_cfg(str(data_root), args, 1, iterations)
+            _, rows = make_rows(8, args.image_size, 600)
+            out["b"]["actor_rate"] = time_ours_ray(cfg.degradation, cfg.model.scale, rows, cfg.run.seed, 1)["rate"]
+            out["b"]["actor_rate_in_process"] = actor_patch_rate(cfg, args.image_size)
     finally:
         ray.shutdown()
         import shutil
@@ -420,9 +435,10 @@ def main(argv=None) -> None:
         busy = ref["iter_s"] - ref["data_wait_s"]
         demand = args.batch_size / busy
         need = demand / rate
-        print(f"(b) one degradation actor (1 CPU, OpenCV 1 thread): {rate:.1f} patches/s at gt {args.gt_size} "
-              f"(its work timed in-process)")
-        print(f"    one trainer (1 CPU) never waiting for data: {args.batch_size} samples / {busy * 1e3:.0f} ms = "
+        print(f"(b) one degradation actor (1 CPU, OpenCV 1 thread): {rate:.1f} patches/s at gt {args.gt_size}, steady "
+              f"state through Ray Data (the same work in-process, without Ray: "
+              f"{out['b']['actor_rate_in_process']:.1f} patches/s)")
+        print(f"    one trainer ({unit}) never waiting for data: {args.batch_size} samples / {busy * 1e3:.0f} ms = "
               f"{demand:.1f} samples/s (step time minus data wait, from {src})")
         print(f"    sizing rule: degradation CPUs per trainer = {demand:.1f} / {rate:.1f} = {need:.2f} -> "
               f"{max(1, math.ceil(need * 1.1))} (rounded up with 10% headroom)")

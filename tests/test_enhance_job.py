@@ -162,6 +162,30 @@ def test_stages_enhance_record_and_then_skip_each_item(tmp_path, tiny_model_dir)
     assert third["mono2-16.dcm"]["output_key"] == rows["mono2-16.dcm"]["output_key"]
 
 
+def test_the_onnxruntime_backend_gives_the_same_outputs_under_its_own_keys(tmp_path, tiny_model_dir):
+    from medsr_dist.infer.export import export_model_file
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    export_model_file(read_model_file(str(model_dir / "model.pth")), Storage())  # medsr export --format onnx
+    archive = tmp_path / "archive"
+    write_sample_archive(lambda key, data: (archive / key).parent.mkdir(exist_ok=True) or (archive / key).write_bytes(data),
+                         n_images=3, size=40, seed=5)
+    keys = sorted(str(p) for p in archive.iterdir())
+    outputs = {}
+    for backend in ("torch", "onnxruntime"):
+        cfg = load_config(None, [f"run.root={tmp_path}", f"enhance.input={archive}", f"enhance.output={tmp_path / 'out'}",
+                                 f"enhance.checkpoint={model_dir}/model.pth", "enhance.tile=16", f"enhance.backend={backend}"])
+        outputs[backend] = {r["input_key"]: r for r in run_stages_locally(cfg, keys)}
+    for key in keys:
+        torch_row, onnx_row = outputs["torch"][key], outputs["onnxruntime"][key]
+        assert torch_row["status"] == onnx_row["status"] == "done"
+        assert torch_row["output_key"] != onnx_row["output_key"]  # the backend is part of an output's identity
+        a = decode_image(Path(torch_row["output_key"]).read_bytes(), "torch")
+        b = decode_image(Path(onnx_row["output_key"]).read_bytes(), "onnx")
+        assert float(np.abs(a.pixels - b.pixels).max()) <= 1.0 / a.meta.maxval + 1e-4  # at most one stored level
+
+
 def test_the_nightly_config_is_a_valid_production_example():
     cfg = load_config(REPO / "configs" / "enhance_nightly.yaml")
     e = cfg.enhance

@@ -76,8 +76,8 @@ def test_two_workers_equal_one_worker_with_double_batch(ray_local, tmp_path):
 def test_killed_worker_is_restored_from_last_checkpoint(ray_local, tmp_path):
     """SIGKILL one training worker mid-run: Ray Train restarts the group from the last checkpoint and the run
     still ends at the configured iteration."""
+    import psutil
     import ray
-    from ray.util.state import list_actors
 
     cfg = load_config(None, [*TINY, f"run.root={tmp_path}", "run.name=faults", "train.num_workers=2",
                              "train.batch_size=1", "train.iterations=24", "train.checkpoint_every=4",
@@ -87,9 +87,11 @@ def test_killed_worker_is_restored_from_last_checkpoint(ray_local, tmp_path):
 
     def kill_after_first_checkpoint():
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not list(run_dir.glob("checkpoint_*/state.pt")):
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"  # written once a checkpoint is registered
+        while time.monotonic() < deadline and not (snapshot.is_file() and "checkpoint_" in snapshot.read_text()):
             time.sleep(0.2)
-        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        # the worker processes of this run (Ray names them after the actor class)
+        workers = [p for p in psutil.process_iter(["cmdline"]) if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
         if workers:
             os.kill(workers[0].pid, signal.SIGKILL)
             killed.append(workers[0].pid)

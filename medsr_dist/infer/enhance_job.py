@@ -239,12 +239,19 @@ def stored_maxval(meta_json: str) -> int:
     return ImageMeta.from_json(meta_json).maxval
 
 
-def quantize(image: np.ndarray, maxval: int) -> np.ndarray:
+def quantize(image: np.ndarray, maxval: int, *, in_place: bool = False) -> np.ndarray:
     """(H, W[, C]) float in [0, 1] -> (H, W, C) uint16 ``rint(p * maxval)``: exactly the values ``encode_image``
-    writes for ``p``, and ``q / maxval`` encodes to ``q`` again (float32 error << 0.5 for maxval <= 65535)."""
+    writes for ``p``, and ``q / maxval`` encodes to ``q`` again (float32 error << 0.5 for maxval <= 65535).
+
+    ``in_place=True`` reuses a writable float32 ``image`` as scratch (it is overwritten), saving a full-size float
+    copy: 256 MB for a 2048 x 2048 input at x4."""
     if image.ndim == 2:
         image = image[:, :, None]
-    q = np.clip(image, 0.0, 1.0) * np.float32(maxval)
+    if in_place and image.dtype == np.float32 and image.flags.writeable:
+        q = np.clip(image, 0.0, 1.0, out=image)
+        q *= np.float32(maxval)
+    else:
+        q = np.clip(image, 0.0, 1.0) * np.float32(maxval)
     return np.rint(q, out=q).astype(np.uint16)
 
 
@@ -279,7 +286,8 @@ class EnhanceReplica:
         try:
             for row, out in zip(todo, enhance_many(self.backend, (r["pixels"] for r in todo), self.spec,
                                                    outscale=self.outscale)):
-                row["output"] = quantize(out, stored_maxval(str(row["meta"])))
+                row["output"] = quantize(out, stored_maxval(str(row["meta"])), in_place=True)
+                del out
                 row["seconds"] = float(row["seconds"]) + time.perf_counter() - t0
                 done += 1
                 yield _columns([row])
