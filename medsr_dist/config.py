@@ -306,7 +306,10 @@ class TrainConfig(Section):
     ema_decay: float = Field(0.999, ge=0, lt=1)
     checkpoint_every: int = Field(50, ge=1)
     val_every: int = Field(50, ge=1)
-    log_every: int = Field(10, ge=1, description="Report metrics to Ray Train every N iterations (and at checkpoints)")
+    log_every: int = Field(
+        50, ge=1, description="Report metrics to Ray Train every N iterations (and at checkpoints); Ray Train takes "
+        "one report per worker every ~2 s, so reports much more frequent than that stall the loop",
+    )
     num_checkpoints_kept: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0, description="Worker-group restarts (Ray Train FailureConfig)")
     mixed_precision: bool = Field(False, description="autocast fp16 on GPU (ignored on CPU)")
@@ -576,7 +579,9 @@ def check_local_inputs(cfg: MedsrConfig, stage: str) -> None:
         if uri is None or "://" in uri and not uri.startswith("file://"):
             continue
         local = uri[len("file://"):] if uri.startswith("file://") else uri
-        if key.startswith("model.pretrained") and not ("/" in local or local.endswith((".pth", ".pt", ".safetensors"))):
+        if key in ("model.pretrained_g", "model.pretrained_d", "enhance.checkpoint") and not (
+            "/" in local or local.endswith((".pth", ".pt", ".safetensors"))
+        ):
             continue  # a model-zoo name, resolved by the zoo
         if not os.path.exists(local):
             raise ConfigError(f"invalid config {cfg.source}:\n  {key}: path {uri} does not exist")

@@ -84,7 +84,7 @@ def build_train_stream(cfg: MedsrConfig, storage: Storage, start_iteration: int 
     return stream.map_batches(
         PairedCrop if paired else SecondOrderDegradation,
         fn_constructor_args=(d, cfg.model.scale, cfg.run.seed),
-        batch_size=4,
+        batch_size=16,  # rows per call: smaller batches cost 20-30 % of an actor's throughput in Ray Data overhead
         compute=ray.data.ActorPoolStrategy(size=d.num_actors),
         num_cpus=d.cpus_per_actor,
     ).select_columns(["lq", "gt", "gt_usm"])
