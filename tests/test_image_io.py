@@ -504,3 +504,21 @@ def test_unsupported_samples_are_rejected_rather_than_misread():
     tifffile.imwrite(buf, np.zeros((2, 8, 8), np.uint16))
     with pytest.raises(ImageDecodeError, match="multi-page TIFF"):
         decode_image(buf.getvalue(), "stack.tif")
+
+
+def test_derived_dicom_instance_uid_depends_on_every_parameter():
+    """Two outputs of one image that differ only in inference parameters are different instances."""
+    import pydicom
+
+    from medsr_dist.data.synthetic import make_radiograph
+    from medsr_dist.io.dicom import build_radiograph_dataset, dataset_to_bytes
+
+    src = decode_image(dataset_to_bytes(build_radiograph_dataset(make_radiograph(3, 32))), "a.dcm")
+    out = np.kron(src.pixels, np.ones((2, 2, 1), np.float32))
+    base = {"medsr:model": "m", "medsr:model_sha256": "abc", "medsr:scale": "2"}
+    uids = [
+        pydicom.dcmread(io.BytesIO(encode_image(out, src.meta, src.header, scale=2, provenance={**base, "medsr:params": p})))
+        for p in ('{"tile": 0}', '{"tile": 64}')
+    ]
+    assert uids[0].SOPInstanceUID != uids[1].SOPInstanceUID
+    assert uids[0].SeriesInstanceUID == uids[1].SeriesInstanceUID  # one new series per source series and model

@@ -296,7 +296,9 @@ def encode_dicom(
     source_sop = ds.get("SOPInstanceUID")
     source_series = ds.get("SeriesInstanceUID") or source_sop or ""
     series_uid = generate_uid(entropy_srcs=[str(source_series), model_hash or model])
-    sop_uid = generate_uid(entropy_srcs=[str(source_sop or source_series), model_hash or model, scale_text])
+    # every parameter that changes the pixels (tile, backend, precision…) changes the instance
+    params = provenance.get("medsr:params", "")
+    sop_uid = generate_uid(entropy_srcs=[str(source_sop or source_series), model_hash or model, scale_text, params])
     ds.SeriesInstanceUID = series_uid
     ds.SOPInstanceUID = sop_uid
     if "StudyInstanceUID" not in ds:  # a derived object must sit in a study; keep it stable per source
