@@ -427,6 +427,9 @@ def build_radiograph_dataset(
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid or uid("sop")
     ds.StudyDate = "20240101"
+    ds.StudyTime = "120000"
+    ds.ReferringPhysicianName = ""
+    ds.AccessionNumber = ""
     ds.Modality = modality
     ds.Manufacturer = "medsr-dist synthetic"
     ds.StudyDescription = "CHEST"
@@ -443,8 +446,18 @@ def build_radiograph_dataset(
     ds.SeriesNumber = 1
     ds.InstanceNumber = instance_number
     ds.PatientOrientation = ["L", "F"]
-    if modality == "DX":
+    if modality == "DX":  # the DX Image, DX Anatomy Imaged, DX Detector and DX Positioning modules
         ds.PresentationIntentType = "FOR PRESENTATION"
+        ds.ImageLaterality = "U"  # a chest: unpaired
+        ds.BurnedInAnnotation = "NO"
+        ds.AnatomicRegionSequence = Sequence([_code_item("51185008", "Chest", "SCT")])
+        ds.ViewCodeSequence = Sequence([_code_item("399348003", "postero-anterior", "SCT")])
+        ds.PixelIntensityRelationship = "LIN"
+        ds.PixelIntensityRelationshipSign = 1
+        ds.PresentationLUTShape = "INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"
+        ds.DetectorType = "SCINTILLATOR"
+        ds.PositionerType = "NONE"
+        ds.AcquisitionContextSequence = Sequence([])
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
     if image.ndim == 3:
