@@ -164,18 +164,34 @@ def test_axis_plan_contract(length, size_multiple):
     plan = plan_axis(length, spec, size_multiple)
     scale = 3
     coverage = np.zeros(length * scale)
+    inner_sizes = {plan.size(i) for i in range(1, plan.count - 1)}
+    assert len(inner_sizes) <= 1, "inner windows share one size, so they batch together"
     for i in range(plan.count):
         lo, hi = plan.contribution(i)
-        start = plan.window_starts[i]
-        assert start % size_multiple == 0 and plan.window % size_multiple == 0
-        assert 0 <= start and start + plan.window <= plan.padded_length
-        assert lo >= start and hi <= start + plan.window
+        start, stop = plan.window_starts[i], plan.window_stops[i]
+        assert start % size_multiple == 0 and stop % size_multiple == 0
+        assert 0 <= start <= lo and hi <= stop <= plan.padded_length
         # at least `overlap` pixels of context inside the window, except where the window meets the border
         assert start == 0 or lo - start >= spec.overlap
-        assert start + plan.window == plan.padded_length or start + plan.window - hi >= spec.overlap
+        assert stop == plan.padded_length or stop - hi >= spec.overlap
         coverage[lo * scale : hi * scale] += plan.weights(i, scale)
     np.testing.assert_allclose(coverage, 1.0, atol=1e-6)
     assert plan.padded_length >= length and plan.padded_length % size_multiple == 0
+
+
+def test_windows_are_clipped_at_the_image_border_like_realesrganers():
+    """tile 64 / pad 10 on 128 pixels: RealESRGANer computes [0, 74) and [54, 128); so does the engine with a
+    hard crop, and a blend only widens the windows towards the neighbour."""
+    hard = plan_axis(128, TileSpec(tile=64, overlap=10, blend=0))
+    assert list(zip(hard.window_starts, hard.window_stops)) == [(0, 74), (54, 128)]
+    assert hard.computed == 148  # RealESRGANer's 34 % overlap overhead in 2-D: (148 / 128) ** 2 - 1
+    blended = plan_axis(128, TileSpec(tile=64, overlap=10, blend=4))
+    assert list(zip(blended.window_starts, blended.window_stops)) == [(0, 78), (50, 128)]
+    # many tiles: first and last windows are shorter than the inner ones by the missing context
+    plan = plan_axis(2048, TileSpec(tile=256, overlap=10, blend=4))
+    assert plan.count == 8 and {plan.size(i) for i in range(1, 7)} == {284}
+    assert plan.size(0) == plan.size(7) == 256 + 14
+    assert plan.computed == 2048 + 7 * 2 * 14
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -183,12 +199,13 @@ def test_axis_plan_contract(length, size_multiple):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_tiles_of_several_images_share_batches_and_give_the_one_by_one_results(rrdbnet_backend):
+def test_tiles_of_an_image_are_batched_by_shape_and_give_the_one_by_one_results(rrdbnet_backend):
     spec = TileSpec(tile=16, overlap=6, blend=2, batch_size=4)
     images = [random_image(46, 39, seed=k) for k in range(3)]
     rows, cols = TileBatcher(rrdbnet_backend, spec).grid(46, 39)
-    tiles_per_image = rows.count * cols.count
-    assert tiles_per_image % spec.batch_size != 0, "so that batches straddle images"
+    assert rows.count == cols.count == 3
+    shapes = {(rows.size(r), cols.size(c)) for r in range(3) for c in range(3)}
+    assert len(shapes) > 1, "border windows are clipped, so an image has tiles of several shapes"
 
     one_by_one = [enhance_array(rrdbnet_backend, image, spec) for image in images]
     recorder = RecordingBackend(rrdbnet_backend)
@@ -198,8 +215,20 @@ def test_tiles_of_several_images_share_batches_and_give_the_one_by_one_results(r
     for got, want in zip(batched, one_by_one):
         np.testing.assert_allclose(got, want, atol=1e-5)
     assert max(shape[0] for shape in recorder.batch_shapes) <= spec.batch_size
-    total_tiles = tiles_per_image * len(images)
-    assert len(recorder.batch_shapes) == -(-total_tiles // spec.batch_size), "every batch but the last is full"
+    assert sum(shape[0] for shape in recorder.batch_shapes) == 9 * len(images), "each tile computed once"
+    # an image with >= batch_size tiles is finished on its own: per image, one batch per shape and 4 tiles
+    per_image = sum(-(-sum(1 for r in range(3) for c in range(3) if (rows.size(r), cols.size(c)) == shape) // 4)
+                    for shape in shapes)
+    assert len(recorder.batch_shapes) == per_image * len(images)
+
+
+def test_small_images_of_one_size_share_batches():
+    backend = NearestBackend(scale=2)
+    images = [random_image(10, 12, seed=k) for k in range(7)]
+    results = list(enhance_many(backend, images, TileSpec(tile=0, batch_size=3)))
+    assert [shape[0] for shape in backend.batch_shapes] == [3, 3, 1]
+    for image, result in zip(images, results):
+        np.testing.assert_array_equal(result, image.repeat(2, axis=0).repeat(2, axis=1))
 
 
 def test_images_of_different_sizes_are_batched_only_with_same_shaped_tiles():
@@ -207,7 +236,7 @@ def test_images_of_different_sizes_are_batched_only_with_same_shaped_tiles():
     images = [random_image(h, w, seed=h) for h, w in [(10, 12), (10, 12), (7, 9), (10, 12)]]
     results = list(enhance_many(backend, images, TileSpec(tile=0, batch_size=8)))
     assert [r.shape for r in results] == [(20, 24, 3), (20, 24, 3), (14, 18, 3), (20, 24, 3)]
-    assert [shape[0] for shape in backend.batch_shapes] == [2, 1, 1]  # consecutive equal shapes share a batch
+    assert [shape[0] for shape in backend.batch_shapes] == [3, 1]  # equal shapes share a batch, in input order out
     for image, result in zip(images, results):
         np.testing.assert_array_equal(result, image.repeat(2, axis=0).repeat(2, axis=1))
 
@@ -260,8 +289,8 @@ def test_images_are_pulled_lazily_and_released_as_soon_as_done():
     for _ in enhance_many(Watching(scale=2), images(), spec):
         yielded += 1
     assert yielded == 20
-    # an image's tiles span a few batches; a batch straddles at most two images
-    assert max(in_flight_at_calls) <= 2
+    # an image with at least batch_size tiles is finished before the next one is pulled
+    assert max(in_flight_at_calls) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -401,3 +430,17 @@ def test_register_backend_adds_a_name_once():
             register_backend("nearest-test")(NearestBackend)
     finally:
         BACKENDS.pop("nearest-test")
+
+
+def test_the_default_tile_batch_is_one_on_cpu_and_larger_on_a_gpu():
+    from types import SimpleNamespace
+
+    from medsr_dist.infer.backends import AUTO_BATCH_SIZE, auto_batch_size
+
+    cpu = TorchBackend(random_rrdbnet(4), scale=4, device="cpu")
+    assert auto_batch_size(cpu) == AUTO_BATCH_SIZE["cpu"] == 1
+    cuda_torch = SimpleNamespace(scale=4, size_multiple=1, device=torch.device("cuda"))
+    assert auto_batch_size(cuda_torch) == AUTO_BATCH_SIZE["gpu"] > 1
+    ort_gpu = SimpleNamespace(scale=4, size_multiple=1, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    ort_cpu = SimpleNamespace(scale=4, size_multiple=1, providers=["CPUExecutionProvider"])
+    assert (auto_batch_size(ort_gpu), auto_batch_size(ort_cpu)) == (AUTO_BATCH_SIZE["gpu"], 1)

@@ -8,13 +8,21 @@ Tiling scheme (per axis, in input pixels; the same along height and width):
   the fade-in of the next, so the weights of all tiles sum to 1 everywhere: the output is accumulated
   directly, with no full-size weight map and no normalisation pass.
 * Each tile is sent to the backend as a *window* reaching ``overlap + blend`` pixels beyond its core on
-  both sides, so every pixel a tile contributes to has at least ``overlap`` pixels of real image context
-  in that tile (RealESRGANer's ``tile_pad`` guarantee; ``blend=0`` is RealESRGANer's hard crop). All
-  windows have the same size ``roundup(tile + 2*(overlap + blend) + size_multiple - 1, size_multiple)``;
-  at the image borders a window slides inwards instead of padding. Window starts are multiples of
-  ``size_multiple`` so a pixel-unshuffling model sees the same pixel phase as on the whole image.
-* An axis no longer than one window is not cut: it goes through in one piece, reflect-padded at the end
-  to a multiple of ``size_multiple`` (RealESRGANer's ``mod_pad``), as is the whole image when ``tile=0``.
+  each side that has a neighbour, so every pixel a tile contributes to has at least ``overlap`` pixels of
+  real image context in that tile (RealESRGANer's ``tile_pad`` guarantee; ``blend=0`` is RealESRGANer's hard
+  crop). At the image borders the window is clipped, as RealESRGANer clips it: there is no context to add
+  there, and computing one costs as much as a pad. Window starts are multiples of ``size_multiple`` so a
+  pixel-unshuffling model sees the same pixel phase as on the whole image; all inner windows have the same
+  size ``roundup(tile + 2*(overlap + blend) + size_multiple - 1, size_multiple)``, so an axis has at most
+  three window sizes (first, inner, last) and an image at most nine tile shapes.
+* An axis no longer than one inner window is not cut: it goes through in one piece, reflect-padded at the
+  end to a multiple of ``size_multiple`` (RealESRGANer's ``mod_pad``), as is the whole image when ``tile=0``.
+
+Batching: the backend gets tiles of one shape per call. Tiles wait in one pending batch per shape; a batch
+runs as soon as it is full. An image with at least ``batch_size`` tiles flushes its partial batches when its
+last tile is queued, so large images are finished one at a time (one output accumulator in memory); smaller
+images leave theirs for the next images to fill (whole small images batched together), up to
+``batch_size`` images in flight.
 
 Why both ``overlap`` and ``blend``: fading over pixels near a window's edge, where the network lacked
 context, lets that error into the result, so the fade is placed where both tiles still have ``overlap``
@@ -24,11 +32,10 @@ deviation from the untiled result / largest extra step across a seam, in 1/255: 
 overlap 8 with or without blend: < 0.001. (An earlier variant that faded across the whole 8-pixel pad
 instead of beyond it gave 1.3/255 where a hard crop gave 3e-5/255.)
 
-Memory: per image the engine holds the (reflect-padded) input and one float32 output accumulator of the
-final size; beyond that only the current batch of at most ``batch_size`` tiles and the backend's output
-for it. Tiles are cut lazily from the input when a batch is assembled, never all at once. Across images,
-consecutive tiles of the same shape share batches, so a stream of same-sized slices keeps the backend
-full; an image is yielded as soon as its last tile is blended.
+Memory: per image in flight the engine holds the (reflect-padded) input and one float32 output accumulator
+of the final size; beyond that only the pending batches (references to tile positions, not pixels) and the
+one batch being run with the backend's output for it. Tiles are cut from the input when a batch runs, never
+all at once. An image is yielded, in input order, as soon as its last tile is blended.
 """
 from __future__ import annotations
 
@@ -93,29 +100,43 @@ def _round_up(value: int, multiple: int) -> int:
 class AxisTiling:
     """How one image axis is cut into tiles. All positions are in input pixels.
 
-    Tile ``i`` reads input ``[window_starts[i], window_starts[i] + window)`` of the padded axis and contributes
-    to output pixels ``contribution(i)`` (times the scale) with weights :meth:`weights`.
+    Tile ``i`` reads input ``[window_starts[i], window_stops[i])`` of the padded axis and contributes to output
+    pixels ``contribution(i)`` (times the scale) with weights :meth:`weights`.
 
     Attributes:
         length: image length along the axis.
         padded_length: length after reflect padding at the end (>= length).
-        window: extent of every tile along this axis, a multiple of the backend's size_multiple.
         boundaries: core boundaries ``0 = c_0 < c_1 < ... < c_n = length``.
-        window_starts: start of each of the ``n`` windows.
+        window_starts: start of each of the ``n`` windows (multiples of the backend's size_multiple).
+        window_stops: end of each window (multiples of size_multiple; the last is ``padded_length``).
         ramps: cross-fade half-width at each boundary (``n + 1`` entries; the first and last are 0).
     """
 
     length: int
     padded_length: int
-    window: int
     boundaries: tuple[int, ...]
     window_starts: tuple[int, ...]
+    window_stops: tuple[int, ...]
     ramps: tuple[int, ...]
 
     @property
     def count(self) -> int:
         """Number of tiles along the axis."""
         return len(self.window_starts)
+
+    def size(self, i: int) -> int:
+        """Extent of window ``i``."""
+        return self.window_stops[i] - self.window_starts[i]
+
+    @property
+    def window(self) -> int:
+        """The largest window extent along the axis."""
+        return max(self.size(i) for i in range(self.count))
+
+    @property
+    def computed(self) -> int:
+        """Input pixels the backend processes along the axis, all windows together (``>= length``)."""
+        return sum(self.size(i) for i in range(self.count))
 
     def contribution(self, i: int) -> tuple[int, int]:
         """Input-pixel range ``[start, stop)`` where tile ``i`` has non-zero weight."""
@@ -151,7 +172,7 @@ def plan_axis(length: int, spec: TileSpec, size_multiple: int = 1) -> AxisTiling
 
     Guarantees: every pixel a tile contributes to (with non-zero weight) lies at least ``spec.overlap``
     pixels inside that tile's window, unless the window already reaches the image border on that side;
-    window starts and the window size are multiples of ``size_multiple``.
+    window starts and stops are multiples of ``size_multiple``.
 
     Raises:
         ValueError: length < 1 or size_multiple < 1.
@@ -161,24 +182,31 @@ def plan_axis(length: int, spec: TileSpec, size_multiple: int = 1) -> AxisTiling
     if size_multiple < 1:
         raise ValueError(f"size_multiple must be >= 1, got {size_multiple}")
     m = size_multiple
-    reach = spec.overlap + spec.blend  # how far a window extends beyond its core on each side
+    reach = spec.overlap + spec.blend  # how far a window extends beyond its core towards a neighbour
     # + m - 1: window starts are rounded down to a multiple of m, which can cost up to m - 1 pixels of reach
-    window = _round_up(spec.tile + 2 * reach + m - 1, m) if spec.tile else 0
+    inner = _round_up(spec.tile + 2 * reach + m - 1, m) if spec.tile else 0
     padded = _round_up(length, m)
-    if not spec.tile or length <= window:
-        return AxisTiling(length, padded, padded, (0, length), (0,), (0, 0))
+    if not spec.tile or length <= inner:
+        return AxisTiling(length, padded, (0, length), (0,), (padded,), (0, 0))
 
     n = math.ceil(length / spec.tile)
     boundaries = tuple(round(k * length / n) for k in range(n + 1))
-    starts = tuple(min(max((c - reach) // m * m, 0), padded - window) for c in boundaries[:-1])
     cores = [b - a for a, b in zip(boundaries[:-1], boundaries[1:])]
     # fades on the two sides of a core must not meet, so a fade is at most half of either adjacent core
     ramps = (0, *(min(spec.blend, cores[k - 1] // 2, cores[k] // 2) for k in range(1, n)), 0)
-    tiling = AxisTiling(length, padded, window, boundaries, starts, ramps)
-    for i, start in enumerate(starts):  # the window arithmetic above guarantees this; keep it explicit
+    starts = tuple(0 if i == 0 else max((boundaries[i] - reach) // m * m, 0) for i in range(n))
+    stops = tuple(
+        padded if i == n - 1  # the last window ends at the border
+        else min(_round_up(boundaries[1] + reach, m), padded) if i == 0  # the first is clipped at 0
+        else min(starts[i] + inner, padded)
+        for i in range(n)
+    )
+    tiling = AxisTiling(length, padded, boundaries, starts, stops, ramps)
+    for i, (start, stop) in enumerate(zip(starts, stops)):  # the arithmetic above guarantees this; keep it explicit
         lo, hi = tiling.contribution(i)
+        assert start % m == 0 and stop % m == 0 and 0 <= start <= lo and hi <= stop <= padded, (tiling, i)
         assert start == 0 or lo - start >= spec.overlap, (tiling, i)
-        assert start + window == padded or start + window - hi >= spec.overlap, (tiling, i)
+        assert stop == padded or stop - hi >= spec.overlap, (tiling, i)
     return tiling
 
 
@@ -229,9 +257,11 @@ class _ImageJob:
     def __post_init__(self) -> None:
         self.tiles_left = self.rows.count * self.cols.count
 
-    @property
-    def window_shape(self) -> tuple[int, int]:
-        return self.rows.window, self.cols.window
+    def tile_shape(self, row: int, col: int) -> tuple[int, int]:
+        return self.rows.size(row), self.cols.size(col)
+
+
+_Tile = tuple[_ImageJob, int, int]  # (image, row, col)
 
 
 class TileBatcher:
@@ -267,19 +297,30 @@ class TileBatcher:
         yielded (in input order) right after the batch holding its last tile has run.
         """
         in_flight: deque[_ImageJob] = deque()
-        batch: list[tuple[_ImageJob, int, int]] = []
+        pending: dict[tuple[int, int], list[_Tile]] = {}  # one partial batch per tile shape
         for job in self._jobs(images, outscale):
             in_flight.append(job)
             for row in range(job.rows.count):
                 for col in range(job.cols.count):
-                    if batch and (len(batch) == self.spec.batch_size or batch[0][0].window_shape != job.window_shape):
-                        self._run_batch(batch)
-                        batch = []
-                        yield from self._finished(in_flight)
+                    shape = job.tile_shape(row, col)
+                    batch = pending.setdefault(shape, [])
                     batch.append((job, row, col))
-        if batch:
-            self._run_batch(batch)
-        yield from self._finished(in_flight)
+                    if len(batch) == self.spec.batch_size:
+                        del pending[shape]
+                        self._run_batch(shape, batch)
+                        yield from self._finished(in_flight)
+            # a large image is finished before the next one starts (one output accumulator in memory);
+            # small images wait for the next ones to fill their batches, a bounded number of them
+            if job.rows.count * job.cols.count >= self.spec.batch_size or len(in_flight) >= self.spec.batch_size:
+                yield from self._flush(pending, in_flight)
+        yield from self._flush(pending, in_flight)
+
+    def _flush(self, pending: dict[tuple[int, int], list[_Tile]], in_flight: deque[_ImageJob]) -> Iterator[np.ndarray]:
+        """Run every partial batch (oldest shape first) and yield the images that are then complete."""
+        while pending:
+            shape = next(iter(pending))
+            self._run_batch(shape, pending.pop(shape))
+            yield from self._finished(in_flight)
 
     def _jobs(self, images: Iterable[np.ndarray], outscale: float | None) -> Iterator[_ImageJob]:
         for image in images:
@@ -305,8 +346,8 @@ class TileBatcher:
         output = np.zeros((height * self.scale, width * self.scale, channels), dtype=np.float32)
         return _ImageJob(rows, cols, model_input, output, alpha, squeeze, outscale)
 
-    def _run_batch(self, batch: list[tuple[_ImageJob, int, int]]) -> None:
-        win_h, win_w = batch[0][0].window_shape
+    def _run_batch(self, shape: tuple[int, int], batch: list[_Tile]) -> None:
+        win_h, win_w = shape
         tiles = np.empty((len(batch), 3, win_h, win_w), dtype=np.float32)
         for slot, (job, row, col) in enumerate(batch):
             y0, x0 = job.rows.window_starts[row], job.cols.window_starts[col]

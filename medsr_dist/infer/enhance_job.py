@@ -128,7 +128,9 @@ def consistency_psnr(output: np.ndarray, source: np.ndarray) -> float:
 
 
 def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    """UTC, ISO 8601 with milliseconds (items finish several per second)."""
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
 
 
 def _object_array(items: list) -> np.ndarray:
@@ -264,10 +266,12 @@ class EnhanceReplica:
     """
 
     def __init__(self, model: ModelFile, storage_cfg: StorageConfig, e: EnhanceConfig):
+        from medsr_dist.infer.backends import auto_batch_size
         from medsr_dist.infer.engine import TileSpec
 
         self.backend = build_model_backend(model, e.backend, Storage(storage_cfg), precision=e.precision)
-        self.spec = TileSpec(tile=e.tile, overlap=e.tile_overlap, blend=e.tile_blend, batch_size=e.batch_size)
+        batch_size = e.batch_size or auto_batch_size(self.backend)
+        self.spec = TileSpec(tile=e.tile, overlap=e.tile_overlap, blend=e.tile_blend, batch_size=batch_size)
         self.outscale = e.outscale
         log.info("model replica ready: %r, %s", self.backend, self.spec)
 
