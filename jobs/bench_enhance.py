@@ -8,7 +8,8 @@ What is measured (the issue's goals in brackets):
 
 1. Model throughput, input pixels per second, of (a) RealESRGANer (realesrgan 0.3.0; tile_pad 10, pre_pad 0 as in
    its inference script) untiled and at ``--tile``; (b) the engine (``TileBatcher``) with the torch and the
-   onnxruntime backends, at RealESRGANer's tile and at ``--engine-tile``. Network: the full RRDBNet x4plus
+   onnxruntime backends, at RealESRGANer's tile (with the ``--blend`` cross-fade, and with a hard crop as
+   RealESRGANer's: the same windows) and at ``--engine-tile``. Network: the full RRDBNet x4plus
    architecture (64 features, 23 blocks, growth 32) with seeded random weights whose last layer is rescaled so the
    output spans [0, 1] (speed does not depend on the values; agreement is then measured on real contrast).
    Reported: px/s, ratio to RealESRGANer untiled [>= 1.0 while tiling] and to RealESRGANer tiled [>= 1.5],
@@ -17,8 +18,8 @@ What is measured (the issue's goals in brackets):
 2. End to end: ``run_enhance_job`` on a local folder archive of the images as 16-bit RGB PNG (decode, infer,
    encode, write, manifest; local Ray, one CPU replica) against the engine's own throughput on the same images
    with the same settings [>= 0.9]. The job's time includes what every run pays once (model check in the
-   driver, Ray Data start, the replica importing torch and loading the model); the marginal ratio cancels that by
-   running the job on 1 image and on all of them: (n - 1) images / (T(n) - T(1)).
+   driver, Ray Data start, the replica importing torch and loading the model); the steady-state ratio leaves that
+   out: the pixels of the items after the first over the time from the first output to the last.
 3. Peak RSS of the model actor (a Ray actor holding ``EnhanceReplica``) enhancing one ``--rss-size`` square 16-bit
    image at x4, with a reduced RRDBNet (``--rss-feat``/``--rss-blocks``/``--rss-grow``) [<= 3 GB].
 
@@ -36,6 +37,7 @@ import resource
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the working dir holds medsr_dist/
@@ -55,7 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tile-pad", type=int, default=10, help="RealESRGANer tile_pad = engine overlap")
     p.add_argument("--engine-tile", type=int, default=256, help="the engine's own tile (enhance.tile)")
     p.add_argument("--blend", type=int, default=4, help="engine cross-fade half-width (enhance.tile_blend)")
-    p.add_argument("--batch-size", type=int, default=4, help="engine tiles per model call")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="engine tiles per model call (default: enhance.batch_size's, 1 on CPU)")
+    p.add_argument("--images-per-batch", type=int, default=4, help="enhance.images_per_batch in the end-to-end job")
     p.add_argument("--e2e-images", type=int, default=4, help="images in the end-to-end archive (0: skip)")
     p.add_argument("--rss-size", type=int, default=2048, help="side of the RSS image (0: skip)")
     p.add_argument("--rss-tile", type=int, default=256)
@@ -111,7 +115,7 @@ def engine_overhead(size: int, tile: int, overlap: int, blend: int) -> float:
     from medsr_dist.infer.engine import TileSpec, plan_axis
 
     axis = plan_axis(size, TileSpec(tile=tile, overlap=overlap, blend=blend))
-    return (axis.count * axis.window) ** 2 / size**2 - 1
+    return axis.computed**2 / size**2 - 1
 
 
 def realesrganer_overhead(size: int, tile: int, pad: int) -> float:
@@ -137,7 +141,7 @@ def model_throughput(args, net, images: list[np.ndarray]) -> list[dict]:
     import medsr_dist.compat  # noqa: F401
     from realesrgan import RealESRGANer
 
-    from medsr_dist.infer.backends import TorchBackend
+    from medsr_dist.infer.backends import TorchBackend, auto_batch_size
     from medsr_dist.infer.engine import TileSpec, enhance_many
 
     torch.set_num_threads(args.threads)
@@ -159,8 +163,8 @@ def model_throughput(args, net, images: list[np.ndarray]) -> list[dict]:
             return outs
         return run
 
-    def engine(backend, tile: int):
-        spec = TileSpec(tile=tile, overlap=args.tile_pad, blend=args.blend, batch_size=args.batch_size)
+    def engine(backend, tile: int, blend: int = args.blend):
+        spec = TileSpec(tile=tile, overlap=args.tile_pad, blend=blend, batch_size=args.batch_size or auto_batch_size(backend))
         return lambda: list(enhance_many(backend, floats, spec))
 
     torch_backend = TorchBackend(seeded_rrdbnet(**_arch(X4PLUS)), scale=4, device="cpu")
@@ -170,6 +174,8 @@ def model_throughput(args, net, images: list[np.ndarray]) -> list[dict]:
                                                               realesrganer_overhead(args.size, args.tile, args.tile_pad)),
         f"engine torch tile={args.tile}": (engine(torch_backend, args.tile),
                                            engine_overhead(args.size, args.tile, args.tile_pad, args.blend)),
+        f"engine torch tile={args.tile} hard crop": (engine(torch_backend, args.tile, blend=0),
+                                                     engine_overhead(args.size, args.tile, args.tile_pad, 0)),
         f"engine torch tile={args.engine_tile}": (engine(torch_backend, args.engine_tile),
                                                   engine_overhead(args.size, args.engine_tile, args.tile_pad, args.blend)),
     }
@@ -179,6 +185,8 @@ def model_throughput(args, net, images: list[np.ndarray]) -> list[dict]:
 
         ort_backend = OnnxRuntimeBackend(export_onnx(net, scale=4).data, threads=args.threads)
         methods[f"engine onnxruntime tile={args.tile}"] = (engine(ort_backend, args.tile), methods[f"engine torch tile={args.tile}"][1])
+        methods[f"engine onnxruntime tile={args.tile} hard crop"] = (
+            engine(ort_backend, args.tile, blend=0), methods[f"engine torch tile={args.tile} hard crop"][1])
         methods[f"engine onnxruntime tile={args.engine_tile}"] = (engine(ort_backend, args.engine_tile),
                                                                   methods[f"engine torch tile={args.engine_tile}"][1])
     best: dict[str, float] = {name: math.inf for name in methods}
@@ -209,7 +217,7 @@ def end_to_end(args, net) -> dict:
     import torch
 
     from medsr_dist.config import load_config
-    from medsr_dist.infer.backends import TorchBackend
+    from medsr_dist.infer.backends import TorchBackend, auto_batch_size
     from medsr_dist.infer.engine import TileSpec, enhance_many
     from medsr_dist.infer.enhance_job import run_enhance_job
     from medsr_dist.io.image import ImageMeta, encode_image
@@ -224,40 +232,58 @@ def end_to_end(args, net) -> dict:
         (tmp / "archive" / f"img{i:03d}.png").write_bytes(encode_image(img.astype(np.float32) / 65535, meta))
     pixels = sum(img.shape[0] * img.shape[1] for img in images)
 
-    spec = TileSpec(tile=args.engine_tile, overlap=args.tile_pad, blend=args.blend, batch_size=args.batch_size)
     backend = TorchBackend(seeded_rrdbnet(**_arch(X4PLUS)), scale=4, device="cpu")
+    spec = TileSpec(tile=args.engine_tile, overlap=args.tile_pad, blend=args.blend,
+                    batch_size=args.batch_size or auto_batch_size(backend))
     floats = [img.astype(np.float32) / 65535 for img in images]
-    model_s = min(timed(lambda: list(enhance_many(backend, floats, spec)))[0] for _ in range(args.rounds))
 
-    def job(n: int) -> float:
-        """Seconds of run_enhance_job over the first n images, on a fresh local Ray (so each run pays start-up)."""
-        archive, out = tmp / f"archive-{n}", tmp / f"out-{n}"
+    def job(n: int, attempt: int) -> dict:
+        """run_enhance_job over the first n images on a fresh local Ray (so each run pays start-up), with the
+        time each output was committed."""
+        archive, out = tmp / f"archive-{n}-{attempt}", tmp / f"out-{n}-{attempt}"
         archive.mkdir()
         for i in range(n):
             (archive / f"img{i:03d}.png").hardlink_to(tmp / "archive" / f"img{i:03d}.png")
-        cfg = load_config(None, [
+        overrides = [
             f"run.root={tmp}", f"enhance.input={archive}", f"enhance.output={out}",
             f"enhance.checkpoint={model_path}", f"enhance.tile={args.engine_tile}", f"enhance.tile_overlap={args.tile_pad}",
-            f"enhance.tile_blend={args.blend}", f"enhance.batch_size={args.batch_size}", "enhance.images_per_batch=2",
+            f"enhance.tile_blend={args.blend}", f"enhance.images_per_batch={args.images_per_batch}",
             f"enhance.cpus_per_replica={args.threads}", "ray.progress=false",
-        ])
+        ] + ([f"enhance.batch_size={args.batch_size}"] if args.batch_size else [])
+        cfg = load_config(None, overrides)
         ray.init(address="local", num_cpus=args.threads + 2, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
+        t0 = time.time()
         try:
             result = run_enhance_job(cfg)
         finally:
             ray.shutdown()
         assert result.counts == {"done": n}, result.counts
-        return result.seconds
+        # when each output was committed (its manifest row's finished_at), seconds after the job started
+        finished = sorted(datetime.fromisoformat(r["finished_at"]).timestamp() - t0 for r in result.rows)
+        return {"seconds": result.seconds, "finished": finished}
 
-    one = job(1)
-    full = job(len(images))
-    per_image_px = pixels / len(images)
-    # the difference of the two runs cancels what every run pays once (Ray Data start, replica start-up, model check)
-    marginal = (len(images) - 1) * per_image_px / (full - one)
-    return {"images": len(images), "size": args.size, "model_s": model_s, "job_s": full, "job_1_image_s": one,
-            "model_px_per_s": pixels / model_s, "job_px_per_s": pixels / full, "ratio": model_s / full,
-            "job_marginal_px_per_s": marginal, "ratio_marginal": marginal / (pixels / model_s)}
+    def steady_px_per_s(finished: list[float]) -> float:
+        # Outputs leave a replica a batch (images_per_batch) at a time, so: the outputs after the first batch over
+        # the time from the first batch's commit to the last commit. What every run pays once (model check, Ray
+        # Data start, replica start-up and model load) lies before the first commit.
+        after = [t for t in finished if t > finished[0] + 1.0]
+        return len(after) * pixels / len(images) / (after[-1] - finished[0]) if after else math.nan
+
+    # engine alone and job interleaved, best of --rounds each, so that load from elsewhere falls on both alike
+    model_s, jobs = math.inf, []
+    for r in range(args.rounds):
+        model_s = min(model_s, timed(lambda: list(enhance_many(backend, floats, spec)))[0])
+        jobs.append(job(len(images), r))
+        print(f"  round {r + 1}: engine alone {model_s:.1f} s (best so far); job {jobs[-1]['seconds']:.1f} s, steady "
+              f"{steady_px_per_s(jobs[-1]['finished']):.0f} px/s", flush=True)
+    full = min(jobs, key=lambda j: j["seconds"])
+    steady = max(steady_px_per_s(j["finished"]) for j in jobs)
+    first = full["finished"][0]
+    return {"images": len(images), "size": args.size, "model_s": model_s, "job_s": full["seconds"],
+            "first_output_s": first, "finished_s": [j["finished"] for j in jobs],
+            "model_px_per_s": pixels / model_s, "job_px_per_s": pixels / full["seconds"], "ratio": model_s / full["seconds"],
+            "steady_px_per_s": steady, "ratio_steady": steady / (pixels / model_s)}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -279,7 +305,8 @@ def actor_peak_rss(args) -> dict:
     (tmp / "archive" / "big.png").write_bytes(encode_image(gray.astype(np.float32) / 65535, meta))
     cfg = load_config(None, [f"run.root={tmp}", f"enhance.input={tmp / 'archive'}", f"enhance.output={tmp / 'out'}",
                              f"enhance.checkpoint={model_path}", f"enhance.tile={args.rss_tile}", "enhance.tile_overlap=10",
-                             f"enhance.batch_size={args.batch_size}", f"enhance.cpus_per_replica={args.threads}"])
+                             f"enhance.cpus_per_replica={args.threads}"]
+                            + ([f"enhance.batch_size={args.batch_size}"] if args.batch_size else []))
     e = cfg.enhance
     model = read_model_file(e.checkpoint)
     spec = JobSpec(storage=Storage(), input=e.input, output=e.output, model=model, params=enhance_params(e, model),
@@ -335,9 +362,9 @@ def main(argv=None) -> dict:
               f"{args.engine_tile}", flush=True)
         e2e = figures["e2e"] = end_to_end(args, net)
         print(f"engine alone {e2e['model_px_per_s']:.0f} px/s ({e2e['model_s']:.1f} s); job {e2e['job_px_per_s']:.0f} px/s "
-              f"({e2e['job_s']:.1f} s; 1 image: {e2e['job_1_image_s']:.1f} s): ratio {e2e['ratio']:.2f}; "
-              f"marginal job throughput (start-up cancelled) {e2e['job_marginal_px_per_s']:.0f} px/s: "
-              f"ratio {e2e['ratio_marginal']:.2f}", flush=True)
+              f"({e2e['job_s']:.1f} s, first output after {e2e['first_output_s']:.1f} s): ratio {e2e['ratio']:.2f}; "
+              f"steady state (first to last output) {e2e['steady_px_per_s']:.0f} px/s: ratio {e2e['ratio_steady']:.2f}",
+              flush=True)
 
     if args.rss_size:
         print(f"\n## model actor peak RSS: one {args.rss_size}x{args.rss_size} 16-bit image at x4, tile {args.rss_tile}, "
