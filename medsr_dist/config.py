@@ -327,7 +327,9 @@ class EnhanceConfig(Section):
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
     backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"
-    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="fp16/bf16 only on GPU")
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="fp16: GPU only (CPU replicas run fp32); bf16: GPU or a CPU with bf16 hardware, ~2x "
+        "there but several grey levels off fp32 (docs/PERFORMANCE.md). Outputs record the precision that ran")
     tile: int = Field(0, ge=0, description="Tile size in input pixels; 0: whole image")
     tile_overlap: int = Field(16, ge=0)
     batch_size: int | None = Field(

@@ -11,7 +11,7 @@ import torch
 
 import medsr_dist.compat  # noqa: F401  (must precede basicsr)
 from basicsr.archs.rrdbnet_arch import RRDBNet
-from medsr_dist.infer.backends import BACKENDS, Backend, TorchBackend, build_backend, register_backend
+from medsr_dist.infer.backends import BACKENDS, Backend, TorchBackend, build_backend, cpu_has_native_bf16, register_backend
 from medsr_dist.infer.engine import (
     TileBatcher,
     TileSpec,
@@ -394,6 +394,63 @@ def test_reduced_precision_falls_back_to_fp32_on_cpu(caplog):
         backend = TorchBackend(random_rrdbnet(4), scale=4, precision="fp16")
     assert backend.precision == "fp32" and backend.dtype == torch.float32
     assert "fp16" in caplog.text
+
+
+def test_bf16_runs_on_a_cpu_only_where_it_has_bf16_hardware(monkeypatch, caplog):
+    from medsr_dist.infer import backends
+
+    assert backends.torch_precision("fp16", "cuda") == "fp16" and backends.torch_precision("bf16", "cuda") == "bf16"
+    assert backends.torch_precision("fp16", "cpu") == "fp32"  # no fast CPU fp16 convolution
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: False)
+    assert backends.torch_precision("bf16", "cpu") == "fp32"
+    with caplog.at_level(logging.WARNING):
+        backend = TorchBackend(random_rrdbnet(4), scale=4, device="cpu", precision="bf16")
+    assert backend.precision == "fp32" and "bf16" in caplog.text
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: True)
+    assert backends.torch_precision("bf16", "cpu") == "bf16"
+    assert TorchBackend(random_rrdbnet(4), scale=4, device="cpu", precision="bf16").dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="precision"):
+        backends.torch_precision("fp8", "cpu")
+
+
+def test_native_bf16_is_read_from_the_cpu_flags_not_from_onednn_emulation(monkeypatch):
+    from medsr_dist.infer import backends
+
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this torch/CPU has no oneDNN bf16 at all")
+    monkeypatch.setattr(backends, "_cpu_flags", lambda: frozenset({"avx512f", "avx512bw", "avx512vl"}))
+    assert not backends.cpu_has_native_bf16()  # AVX-512 alone: emulated, slower than fp32
+    monkeypatch.setattr(backends, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert backends.cpu_has_native_bf16()
+    monkeypatch.setattr(backends, "_cpu_flags", frozenset)  # flags unreadable (not Linux)
+    assert not backends.cpu_has_native_bf16()
+
+
+def test_what_a_replica_will_run_is_known_before_it_starts():
+    from medsr_dist.infer.backends import torch_precision
+    from medsr_dist.infer.model_file import runnable_precision
+
+    assert runnable_precision("torch", "fp16", gpu=True) == "fp16"
+    assert runnable_precision("torch", "fp16", gpu=False) == "fp32"
+    assert runnable_precision("torch", "bf16", gpu=False) == torch_precision("bf16", "cpu")
+    assert runnable_precision("onnxruntime", "fp16", gpu=True) == "fp32"  # the export is an fp32 graph
+    with pytest.raises(ValueError, match="precision"):
+        runnable_precision("torch", "int8", gpu=False)
+    with pytest.raises(ValueError, match="not implemented yet"):
+        runnable_precision("tensorrt", "fp16", gpu=True)
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(),
+                    reason="needs a CPU with bf16 hardware (AVX512-BF16 or AMX)")
+def test_bf16_on_a_cpu_with_bf16_hardware_stays_close_to_fp32():
+    image = random_image(40, 33)
+    fp32 = enhance_array(TorchBackend(random_rrdbnet(4), scale=4, device="cpu"), image)
+    low_backend = TorchBackend(random_rrdbnet(4), scale=4, device="cpu", precision="bf16")
+    assert low_backend.precision == "bf16"
+    low = enhance_array(low_backend, image)
+    assert low.dtype == np.float32
+    diff = np.abs(low - fp32)
+    assert 0 < diff.max() < 0.05  # really computed in bf16, and still the same image
 
 
 @pytest.mark.gpu

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import torch
 import yaml
 from rich.console import Console
 from typer.testing import CliRunner
@@ -167,6 +168,22 @@ def test_the_onnxruntime_backend_gives_the_same_outputs_under_its_own_keys(tmp_p
         assert float(np.abs(a.pixels - b.pixels).max()) <= 1.0 / a.meta.maxval + 1e-4  # at most one stored level
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CPU replica")
+def test_a_replica_that_would_run_another_precision_than_the_keys_record_refuses_to_start(
+        tmp_path, tiny_model_dir, monkeypatch):
+    from medsr_dist.infer import backends
+
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: False)  # a node without bf16 hardware
+    cfg = load_config(None, [f"run.root={tmp_path}", f"enhance.checkpoint={tiny_model_dir}/model.pth",
+                             "enhance.precision=bf16"])
+    model = read_model_file(cfg.enhance.checkpoint, cfg.storage)
+    with pytest.raises(RuntimeError, match=r"enhance.precision: .* runs fp32, but the job's outputs are keyed and "
+                                           r"labelled bf16"):
+        EnhanceReplica(model, cfg.storage, cfg.enhance, "bf16")
+    assert EnhanceReplica(model, cfg.storage, cfg.enhance, "fp32").backend.precision == "fp32"
+    assert enhance_params(cfg.enhance, model, precision="fp32")["precision"] == "fp32"
+
+
 def test_the_nightly_config_is_a_valid_production_example():
     cfg = load_config(REPO / "configs" / "enhance_nightly.yaml")
     e = cfg.enhance
@@ -248,7 +265,8 @@ def nightly(s3_server, tmp_path_factory, _s3_admin):
         "storage": {"endpoint_url": s3_server},
         "ray": {"num_cpus": 4, "progress": False},
         "enhance": {"input": archive, "output": output, "checkpoint": f"{models}/model.pth", "exclude": ["*.txt"],
-                    "tile": 32, "tile_overlap": 4, "batch_size": 4, "images_per_batch": 2},
+                    "tile": 32, "tile_overlap": 4, "batch_size": 4, "images_per_batch": 2,
+                    "precision": "fp16"},  # as configs/enhance_nightly.yaml asks; CPU replicas run fp32 and say so
     }
     config_path = tmp / "enhance.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -335,6 +353,9 @@ def test_every_output_keeps_its_inputs_form_and_carries_provenance(nightly):
         provenance = json.loads(row["provenance"])  # every manifest row repeats what the file carries
         assert provenance["medsr:source"] == key and provenance["medsr:source_sha256"] == row["input_sha256"]
         assert provenance["medsr:model_sha256"] == row["model_sha256"] and provenance["medsr:scale"] == "4"
+        # the precision that ran, not the one asked for (fp16 has no CPU path)
+        assert json.loads(provenance["medsr:params"])["precision"] == json.loads(row["params"])["precision"] == (
+            "fp16" if torch.cuda.is_available() else "fp32")
         if out.meta.format != "dicom":
             assert {k: out.meta.text[k] for k in provenance} == provenance
     assert {("png", 8, "MONOCHROME2"), ("png", 16, "MONOCHROME2"), ("tiff", 16, "MONOCHROME2"),

@@ -365,6 +365,7 @@ def evaluated(ray_local, tmp_path_factory):
         f"{{name: plain-x2, source: {x2}}}]", "eval.figures=2", "eval.figure_images=[cxr1.png, narrow.png]",
         "eval.tile=8", "eval.tile_overlap=2", "eval.batch_size=2", "eval.cpus_per_replica=0.5",
         f"eval.lpips.backbone={backbone}", "eval.bootstrap.samples=500",
+        "eval.precision=fp16",  # a CPU replica runs fp32, and the report says so
     ])
     storage = Storage(cfg.storage)
     models = [*plan_evaluation(cfg, storage).models, EvalModel("fragile", "python", factory=fragile_model())]
@@ -390,6 +391,7 @@ def test_every_image_and_model_gets_a_row_and_failures_are_error_cells(evaluated
     # the x2 network is run at x2 and Lanczos-resized to the protocol's x4 (and the report says so)
     x2 = next(m for m in result.report["models"] if m["name"] == "plain-x2")
     assert x2["native_scale"] == 2 and "resized to x4" in x2["note"]
+    assert result.report["engine"]["precision"] == ("fp16" if torch.cuda.is_available() else "fp32")
 
 
 def test_metrics_are_the_protocol_metrics_of_the_model_outputs(evaluated):

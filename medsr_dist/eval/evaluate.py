@@ -686,7 +686,7 @@ def run_evaluation(cfg: MedsrConfig, storage: Storage | None = None, *, plan: Ev
                         num_cpus=0.5)
     order = {item["name"]: k for k, item in enumerate(plan.items)}
     rows = sorted((_plain(r) for r in ds.take_all()), key=lambda r: (order.get(r["image"], len(order)), r["model_index"]))
-    report = build_report(cfg, plan, rows, seconds=time.perf_counter() - t0)
+    report = build_report(cfg, plan, rows, seconds=time.perf_counter() - t0, precision=_runs_precision(plan, e, gpu))
     figures = {}
     for key in sorted({r["figure"] for r in rows if r["figure"]}):
         figures[key] = storage.read_bytes(storage.join(plan.output, key))
@@ -704,7 +704,17 @@ def _plain(row: dict) -> dict:
     return out
 
 
-def build_report(cfg: MedsrConfig, plan: EvalPlan, rows: list[dict], seconds: float = 0.0) -> dict[str, Any]:
+def _runs_precision(plan: EvalPlan, e: EvalConfig, gpu: int) -> str:
+    """The precision the replicas ran the network models in (a CPU asked for fp16 runs fp32)."""
+    from medsr_dist.infer.model_file import runnable_precision
+
+    if not any(m.model_file is not None for m in plan.models):
+        return e.precision
+    return runnable_precision(e.backend, e.precision, gpu=bool(gpu))
+
+
+def build_report(cfg: MedsrConfig, plan: EvalPlan, rows: list[dict], seconds: float = 0.0,
+                 precision: str | None = None) -> dict[str, Any]:
     """The report as a JSON-ready dict (NaN/inf floats are kept; writers spell them): settings, per-image values,
     per-model summaries and paired comparisons with the baseline."""
     from medsr_dist.eval.stats import paired_bootstrap, summarize
@@ -766,7 +776,8 @@ def build_report(cfg: MedsrConfig, plan: EvalPlan, rows: list[dict], seconds: fl
         "figures": [image for image in plan.figures],
         "errors": [{"image": r["image"], "model": r["model"], "error": r["error"]} for r in rows if r["status"] != "ok"],
         "seconds": seconds,
-        "engine": {"backend": e.backend, "precision": e.precision, "tile": e.tile, "tile_overlap": e.tile_overlap},
+        "engine": {"backend": e.backend, "precision": precision or e.precision, "tile": e.tile,
+                   "tile_overlap": e.tile_overlap},
     }
 
 

@@ -20,6 +20,51 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: CPU flags (Linux /proc/cpuinfo) of native bf16 arithmetic: AVX512-BF16 (Cooper Lake, Zen 4 and later) or AMX.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 convolutions in hardware (oneDNN with AVX512-BF16 or AMX).
+
+    oneDNN also *emulates* bf16 on plain AVX-512, which is slower than fp32, so the CPU's own flags decide;
+    where they cannot be read (not Linux) the answer is no.
+    """
+    try:
+        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return False
+    except (AttributeError, RuntimeError):  # pragma: no cover - a torch build without oneDNN
+        return False
+    return bool(_cpu_flags() & NATIVE_BF16_FLAGS)
+
+
+def torch_precision(requested: str, device: str | torch.device) -> str:
+    """The precision :class:`TorchBackend` runs when ``requested`` on ``device``.
+
+    CUDA runs what is asked. A CPU runs bf16 only where it has bf16 in hardware (:func:`cpu_has_native_bf16`:
+    about 2x fp32 there, see docs/PERFORMANCE.md) and fp32 otherwise; fp16 convolutions have no fast CPU path.
+
+    Raises:
+        ValueError: ``requested`` is not one of :data:`PRECISIONS`.
+    """
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {requested!r}")
+    if requested == "fp32" or torch.device(device).type == "cuda":
+        return requested
+    if requested == "bf16" and cpu_has_native_bf16():
+        return "bf16"
+    return "fp32"
 
 
 @runtime_checkable
@@ -53,9 +98,9 @@ class TorchBackend:
 
     The backend takes the module over: it is set to eval mode, moved to ``device``, converted to
     channels_last memory format and, for fp16/bf16, cast to that dtype (as RealESRGANer does with
-    ``model.half()``). Reduced precision is a GPU feature: on CPU the request falls back to fp32 (logged),
-    because CPU half-precision convolutions are slow or unsupported. The network output is clamped to
-    [0, 1] and returned as float32 whatever the compute precision.
+    ``model.half()``). On CPU only bf16 on a CPU with bf16 hardware is honoured; other reduced-precision
+    requests fall back to fp32 (logged; see :func:`torch_precision`). :attr:`precision` is what runs. The
+    network output is clamped to [0, 1] and returned as float32 whatever the compute precision.
     """
 
     def __init__(
@@ -71,15 +116,13 @@ class TorchBackend:
             model: maps (B, 3, h, w) float RGB in [0, 1] to (B, 3, h*scale, w*scale).
             scale: the model's native upscaling factor (>= 1).
             device: torch device string; ``None`` picks ``"cuda"`` when available, else ``"cpu"``.
-            precision: ``"fp32"``, ``"fp16"`` or ``"bf16"``; the latter two only take effect on CUDA.
+            precision: ``"fp32"``, ``"fp16"`` or ``"bf16"``; see :func:`torch_precision` for what runs where.
             size_multiple: input sides must be multiples of this; ``None`` reads ``model.size_multiple``
                 if the model defines it, else 1.
 
         Raises:
             ValueError: unknown precision, scale < 1 or size_multiple < 1.
         """
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if scale < 1:
             raise ValueError(f"scale must be >= 1, got {scale}")
         if size_multiple is None:
@@ -89,13 +132,19 @@ class TorchBackend:
         self.scale = int(scale)
         self.size_multiple = int(size_multiple)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if precision != "fp32" and self.device.type != "cuda":
-            logger.warning("precision %s requested on %s; running fp32", precision, self.device)
-            precision = "fp32"
-        self.precision = precision
+        runs = torch_precision(precision, self.device)
+        if runs != precision:
+            logger.warning("precision %s requested on %s, which has no fast path for it; running %s",
+                           precision, self.device, runs)
+        self.precision = precision = runs
         self.dtype = _TORCH_DTYPES[precision]
         model.eval().requires_grad_(False)
         self.model = model.to(device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
+
+    @staticmethod
+    def runnable_precision(requested: str, *, gpu: bool) -> str:
+        """The precision a replica of this backend will run for ``requested`` (on a GPU, or on this CPU)."""
+        return torch_precision(requested, "cuda" if gpu else "cpu")
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """See :meth:`Backend.__call__`."""

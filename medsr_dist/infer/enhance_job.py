@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 
 from medsr_dist import __version__
 from medsr_dist.config import EnhanceConfig, MedsrConfig, StorageConfig
-from medsr_dist.infer.model_file import ModelFile, build_model_backend, read_model_file
+from medsr_dist.infer.model_file import ModelFile, build_model_backend, read_model_file, runnable_precision
 from medsr_dist.storage import PARTIAL_SUFFIX, Storage
 
 log = logging.getLogger(__name__)
@@ -76,10 +76,14 @@ output file (PNG/TIFF/JPEG text, DICOM derivation). ``run_id``/``finished_at``: 
 # ----------------------------------------------------------------------------------------------------------
 # Identity of an output
 # ----------------------------------------------------------------------------------------------------------
-def enhance_params(e: EnhanceConfig, model: ModelFile) -> dict:
-    """The parameters that determine an output's pixels (part of its identity)."""
+def enhance_params(e: EnhanceConfig, model: ModelFile, *, precision: str | None = None) -> dict:
+    """The parameters that determine an output's pixels (part of its identity and provenance).
+
+    ``precision`` is the one the replicas will run (:func:`~medsr_dist.infer.model_file.runnable_precision`: a
+    CPU asked for fp16 runs fp32, and says so); ``None`` takes ``enhance.precision`` as written.
+    """
     return {"scale": model.scale, "outscale": e.outscale or model.scale, "tile": e.tile, "tile_overlap": e.tile_overlap,
-            "tile_blend": e.tile_blend, "backend": e.backend, "precision": e.precision}
+            "tile_blend": e.tile_blend, "backend": e.backend, "precision": precision or e.precision}
 
 
 def output_id(input_sha256: str, model_sha256: str, params: dict) -> str:
@@ -265,11 +269,20 @@ class EnhanceReplica:
     (H*s, W*s, C) uint16 stored values (see :func:`quantize`), and turns rows whose inference failed into errors.
     """
 
-    def __init__(self, model: ModelFile, storage_cfg: StorageConfig, e: EnhanceConfig):
+    def __init__(self, model: ModelFile, storage_cfg: StorageConfig, e: EnhanceConfig, precision: str | None = None):
+        """``precision``: the one the job's output keys record (default ``enhance.precision``). A replica that
+        would run another (e.g. a CPU node without bf16 hardware in a cluster whose driver has it) refuses to
+        start rather than write outputs whose provenance is wrong."""
         from medsr_dist.infer.backends import auto_batch_size
         from medsr_dist.infer.engine import TileSpec
 
-        self.backend = build_model_backend(model, e.backend, Storage(storage_cfg), precision=e.precision)
+        precision = precision or e.precision
+        self.backend = build_model_backend(model, e.backend, Storage(storage_cfg), precision=precision)
+        runs = getattr(self.backend, "precision", precision)
+        if runs != precision:
+            raise RuntimeError(f"enhance.precision: this replica ({self.backend!r}) runs {runs}, but the job's outputs "
+                               f"are keyed and labelled {precision}; run replicas on like nodes or set "
+                               f"enhance.precision: {runs}")
         batch_size = e.batch_size or auto_batch_size(self.backend)
         self.spec = TileSpec(tile=e.tile, overlap=e.tile_overlap, blend=e.tile_blend, batch_size=batch_size)
         self.outscale = e.outscale
@@ -539,7 +552,12 @@ def run_enhance_job(
     e = cfg.enhance
     model = read_model_file(e.checkpoint, cfg.storage, onnx_uri=e.onnx_model)
     build_model_backend(model, e.backend, storage, device="cpu")  # a bad model or export fails here, not in every replica
-    params = enhance_params(e, model)
+    gpu = cluster_has_gpus()
+    precision = runnable_precision(e.backend, e.precision, gpu=gpu)
+    if precision != e.precision:
+        log.warning("enhance.precision %s: %s replicas run %s; outputs record %s", e.precision,
+                    "GPU" if gpu else "CPU", precision, precision)
+    params = enhance_params(e, model, precision=precision)
     keys = list_inputs(storage, e)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     for path in remove_stale_partials(storage, e.output):
@@ -547,11 +565,10 @@ def run_enhance_job(
     spec = JobSpec(storage=storage, input=e.input.rstrip("/"), output=e.output.rstrip("/"), model=model, params=params,
                    run_id=run_id, threshold_db=e.consistency_threshold_db)
 
-    gpu = cluster_has_gpus()
     ds = ray.data.from_items([{"key": k} for k in keys],
                              override_num_blocks=max(1, min(math.ceil(len(keys) / e.images_per_batch), 20_000)))
     ds = ds.map_batches(ReadDecode(spec), batch_size=None, num_cpus=0.5)
-    ds = ds.map_batches(EnhanceReplica, fn_constructor_args=(model, cfg.storage, e), batch_size=e.images_per_batch,
+    ds = ds.map_batches(EnhanceReplica, fn_constructor_args=(model, cfg.storage, e, precision), batch_size=e.images_per_batch,
                         compute=ray.data.ActorPoolStrategy(min_size=e.min_replicas, max_size=e.max_replicas),
                         num_gpus=1 if gpu else 0, num_cpus=1 if gpu else e.cpus_per_replica)
     ds = ds.map_batches(EncodeCommit(spec), batch_size=1, num_cpus=0.5)

@@ -121,11 +121,27 @@ def build_model_backend(
         ValueError: unknown backend, or a backend that cannot be built from a model file.
         ImportError: the backend's runtime package is not installed.
     """
-    from medsr_dist.infer.backends import BACKENDS, TorchBackend
+    from medsr_dist.infer.backends import TorchBackend
 
     if backend == "torch":
         return TorchBackend(model.build(storage), scale=model.scale, device=device, precision=precision,
                             size_multiple=model.size_multiple)
+    factory = backend_factory(backend)
+    from_model_file = getattr(factory, "from_model_file", None)
+    if from_model_file is None:
+        raise ValueError(f"backend {backend!r} ({factory!r}) has no from_model_file(); it cannot load {model.uri}")
+    return from_model_file(model, storage, device=device, precision=precision)
+
+
+def backend_factory(backend: str) -> Any:
+    """The factory registered as ``backend``, importing its module first if it registers itself there.
+
+    Raises:
+        ValueError: unknown or not yet implemented backend.
+        ImportError: the backend's runtime package is not installed.
+    """
+    from medsr_dist.infer.backends import BACKENDS
+
     if backend not in BACKENDS and backend in BACKEND_MODULES:
         try:
             importlib.import_module(BACKEND_MODULES[backend])
@@ -136,10 +152,21 @@ def build_model_backend(
     factory = BACKENDS.get(backend)
     if factory is None:
         raise ValueError(f"unknown backend {backend!r}; available: {sorted(set(BACKENDS) | set(BACKEND_MODULES))}")
-    from_model_file = getattr(factory, "from_model_file", None)
-    if from_model_file is None:
-        raise ValueError(f"backend {backend!r} ({factory!r}) has no from_model_file(); it cannot load {model.uri}")
-    return from_model_file(model, storage, device=device, precision=precision)
+    return factory
+
+
+def runnable_precision(backend: str, requested: str, *, gpu: bool) -> str:
+    """The precision replicas of ``backend`` will actually run for ``requested``, on GPUs or on this machine's
+    CPU: what an output's identity and provenance must record (a CPU asked for fp16 runs fp32).
+
+    A backend states it with ``runnable_precision(requested, *, gpu)``; one that does not runs what is asked.
+    """
+    from medsr_dist.infer.backends import PRECISIONS
+
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {requested!r}")
+    decide = getattr(backend_factory(backend), "runnable_precision", None)
+    return requested if decide is None else decide(requested, gpu=gpu)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -102,6 +102,11 @@ class OnnxRuntimeBackend:
         self.providers = self.session.get_providers()
         self.precision = "fp32"
 
+    @staticmethod
+    def runnable_precision(requested: str, *, gpu: bool) -> str:
+        """Always ``"fp32"``: the export is an fp32 graph (see the class docstring)."""
+        return "fp32"
+
     @classmethod
     def from_model_file(
         cls, model: ModelFile, storage: Storage, *, device: str | None = None, precision: str = "fp32"
