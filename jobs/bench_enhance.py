@@ -57,7 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="timing rounds (best is kept)")
     p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 2), help="torch/ORT threads everywhere")
     p.add_argument("--tile", type=int, default=64, help="RealESRGANer tile (and the engine's like-for-like tile)")
-    p.add_argument("--tile-pad", type=int, default=10, help="RealESRGANer tile_pad = engine overlap")
+    p.add_argument("--tile-pad", type=int, default=10, help="RealESRGANer tile_pad = the engine's overlap at --tile")
+    p.add_argument("--engine-overlap", type=int, default=None,
+                   help="the engine's overlap at --engine-tile, in the end-to-end job and for the RSS figure "
+                        "(default: enhance.tile_overlap's default, 64)")
     p.add_argument("--engine-tile", type=int, default=256, help="the engine's own tile (enhance.tile)")
     p.add_argument("--blend", type=int, default=4, help="engine cross-fade half-width (enhance.tile_blend)")
     p.add_argument("--batch-size", type=int, default=None,
@@ -187,7 +190,8 @@ def model_throughput(args, net, images: list[np.ndarray]) -> list[dict]:
         return run
 
     def engine(backend, tile: int, blend: int = args.blend):
-        spec = TileSpec(tile=tile, overlap=args.tile_pad, blend=blend, batch_size=args.batch_size or auto_batch_size(backend))
+        overlap = args.tile_pad if tile == args.tile else args.engine_overlap
+        spec = TileSpec(tile=tile, overlap=overlap, blend=blend, batch_size=args.batch_size or auto_batch_size(backend))
         return lambda: list(enhance_many(backend, floats, spec))
 
     torch_backend = TorchBackend(copy.deepcopy(net), scale=4, device="cpu")
@@ -200,7 +204,8 @@ def model_throughput(args, net, images: list[np.ndarray]) -> list[dict]:
         f"engine torch tile={args.tile} hard crop": (engine(torch_backend, args.tile, blend=0),
                                                      engine_overhead(args.size, args.tile, args.tile_pad, 0)),
         f"engine torch tile={args.engine_tile}": (engine(torch_backend, args.engine_tile),
-                                                  engine_overhead(args.size, args.engine_tile, args.tile_pad, args.blend)),
+                                                  engine_overhead(args.size, args.engine_tile, args.engine_overlap,
+                                                                  args.blend)),
     }
     if args.bf16 == "on" or (args.bf16 == "auto" and cpu_has_native_bf16()):
         bf16_backend = TorchBackend(copy.deepcopy(net), scale=4, device="cpu", precision="bf16")
@@ -266,7 +271,7 @@ def end_to_end(args, net) -> dict:
     pixels = sum(img.shape[0] * img.shape[1] for img in images)
 
     backend = TorchBackend(seeded_rrdbnet(**_arch(X4PLUS)), scale=4, device="cpu")
-    spec = TileSpec(tile=args.engine_tile, overlap=args.tile_pad, blend=args.blend,
+    spec = TileSpec(tile=args.engine_tile, overlap=args.engine_overlap, blend=args.blend,
                     batch_size=args.batch_size or auto_batch_size(backend))
     floats = [img.astype(np.float32) / 65535 for img in images]
 
@@ -279,7 +284,7 @@ def end_to_end(args, net) -> dict:
             (archive / f"img{i:03d}.png").hardlink_to(tmp / "archive" / f"img{i:03d}.png")
         overrides = [
             f"run.root={tmp}", f"enhance.input={archive}", f"enhance.output={out}",
-            f"enhance.checkpoint={model_path}", f"enhance.tile={args.engine_tile}", f"enhance.tile_overlap={args.tile_pad}",
+            f"enhance.checkpoint={model_path}", f"enhance.tile={args.engine_tile}", f"enhance.tile_overlap={args.engine_overlap}",
             f"enhance.tile_blend={args.blend}", f"enhance.images_per_batch={args.images_per_batch}",
             f"enhance.cpus_per_replica={args.threads}", "ray.progress=false",
         ] + ([f"enhance.batch_size={args.batch_size}"] if args.batch_size else [])
@@ -337,7 +342,7 @@ def actor_peak_rss(args) -> dict:
     (tmp / "archive").mkdir()
     (tmp / "archive" / "big.png").write_bytes(encode_image(gray.astype(np.float32) / 65535, meta))
     cfg = load_config(None, [f"run.root={tmp}", f"enhance.input={tmp / 'archive'}", f"enhance.output={tmp / 'out'}",
-                             f"enhance.checkpoint={model_path}", f"enhance.tile={args.rss_tile}", "enhance.tile_overlap=10",
+                             f"enhance.checkpoint={model_path}", f"enhance.tile={args.rss_tile}", f"enhance.tile_overlap={args.engine_overlap}",
                              f"enhance.cpus_per_replica={args.threads}"]
                             + ([f"enhance.batch_size={args.batch_size}"] if args.batch_size else []))
     e = cfg.enhance
@@ -371,6 +376,10 @@ def actor_peak_rss(args) -> dict:
 # ------------------------------------------------------------------------------------------------------
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.engine_overlap is None:
+        from medsr_dist.infer.engine import DEFAULT_TILE_OVERLAP
+
+        args.engine_overlap = DEFAULT_TILE_OVERLAP
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     command = "python jobs/bench_enhance.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"# {command}\n# threads {args.threads}, {os.cpu_count()} CPUs visible", flush=True)

@@ -331,7 +331,8 @@ class EnhanceConfig(Section):
         "fp32", description="fp16: GPU only (CPU replicas run fp32); bf16: GPU or a CPU with bf16 hardware, ~2x "
         "there but several grey levels off fp32 (docs/PERFORMANCE.md). Outputs record the precision that ran")
     tile: int = Field(0, ge=0, description="Tile size in input pixels; 0: whole image")
-    tile_overlap: int = Field(16, ge=0)
+    tile_overlap: int = Field(64, ge=0, description="Context pixels beyond each tile; 64 keeps RealESRGAN_x4plus "
+                              "within 2/255 of its untiled output, 16 leaves seams of ~25/255 (docs/PERFORMANCE.md)")
     batch_size: int | None = Field(
         None, ge=1, description="Tiles per model call; empty: 1 on CPU (fastest there), 8 on a GPU"
     )
@@ -426,7 +427,8 @@ class EvalConfig(Section):
     backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     tile: int = Field(0, ge=0, description="Tile size in input pixels; 0: whole image")
-    tile_overlap: int = Field(16, ge=0)
+    tile_overlap: int = Field(64, ge=0, description="Context pixels beyond each tile; 64 keeps RealESRGAN_x4plus "
+                              "within 2/255 of its untiled output, 16 leaves seams of ~25/255 (docs/PERFORMANCE.md)")
     batch_size: int = Field(4, ge=1, description="Images per Ray Data batch and tiles per model call")
     replicas: int = Field(1, ge=1, description="Model replicas (actors holding every model; one GPU each when present)")
     cpus_per_replica: float = Field(1.0, gt=0)

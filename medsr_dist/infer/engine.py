@@ -32,6 +32,15 @@ deviation from the untiled result / largest extra step across a seam, in 1/255: 
 overlap 8 with or without blend: < 0.001. (An earlier variant that faded across the whole 8-pixel pad
 instead of beyond it gave 1.3/255 where a hard crop gave 3e-5/255.)
 
+How much ``overlap`` a *trained* network needs is another matter: random weights hardly depend on far context,
+RealESRGAN_x4plus does (23 RRDB blocks, a receptive field of hundreds of pixels). Measured with
+jobs/bench_tile_overlap.py on 384-pixel synthetic images at tile 128, max deviation from untiled in 1/255,
+radiograph / fundus: overlap 16: 22 / 28; 32: 6.8 / 7.2; 48: 2.1 / 2.0; 64: 0.72 / 0.52. Smaller tiles need
+more (a pixel can lack context on two sides): at tile 64 on 256 pixels, radiograph: RealESRGANer's pad 10: 67;
+32: 27; 48: 11; 64: 1.5. Hence :data:`DEFAULT_TILE_OVERLAP` = 64 (docs/PERFORMANCE.md has the cost); the real
+x4plus is checked against it in tests/test_tile_context_x4plus.py. A x2 RRDBNet pixel-unshuffles, so its trunk
+sees twice as far in input pixels: give it twice as much.
+
 Memory: per image in flight the engine holds the (reflect-padded) input and one float32 output accumulator
 of the final size; beyond that only the pending batches (references to tile positions, not pixels) and the
 one batch being run with the backend's output for it. Tiles are cut from the input when a batch runs, never
@@ -49,6 +58,10 @@ import cv2
 import numpy as np
 
 from medsr_dist.infer.backends import Backend
+
+#: Context pixels beyond a tile that keep RealESRGAN_x4plus within 2/255 of its untiled output at tile 64 and
+#: within 1/255 from tile 128 up (module docstring).
+DEFAULT_TILE_OVERLAP = 64
 
 __all__ = [
     "AxisTiling",
@@ -77,7 +90,7 @@ class TileSpec:
     """
 
     tile: int = 0
-    overlap: int = 16
+    overlap: int = DEFAULT_TILE_OVERLAP
     blend: int = 4
     batch_size: int = 4
 
