@@ -56,12 +56,13 @@ NO_DCIODVFY = "dciodvfy not installed (Debian: apt-get install -y dicom3tools)"
 # Identity of an output
 # --------------------------------------------------------------------------------------------------------
 def test_an_output_is_keyed_by_input_content_model_and_parameters():
-    params = {"scale": 4, "outscale": 4, "tile": 256, "tile_overlap": 16, "tile_blend": 4, "backend": "torch",
-              "precision": "fp32"}
+    params = {"scale": 4, "outscale": 4, "tile": 256, "tile_overlap": 64, "tile_blend": 4, "backend": "torch",
+              "precision": "fp32", "engine": 2}
     oid = output_id("in-sha", "model-sha", params)
     assert oid == output_id("in-sha", "model-sha", dict(reversed(params.items())))
     assert len({oid, output_id("other-in", "model-sha", params), output_id("in-sha", "other-model", params),
-                output_id("in-sha", "model-sha", {**params, "tile": 128})}) == 4
+                output_id("in-sha", "model-sha", {**params, "tile": 128}),
+                output_id("in-sha", "model-sha", {**params, "engine": 3})}) == 5
     # beside its source's relative folder, source stem kept (DICOM files are often named by UID), same extension
     assert output_key_for("s3://b/out", "ward/1.2.840.5.dcm", oid, ".dcm") == f"s3://b/out/ward/1.2.840.5.sr-{oid[:10]}.dcm"
     # the same content under two names is two inputs with two outputs
@@ -106,7 +107,7 @@ def dciodvfy_findings(path: str | Path) -> list[str]:
     return sorted(line for line in (result.stdout + result.stderr).splitlines() if line.startswith(("Error", "Warning")))
 
 
-def test_stages_enhance_record_and_then_skip_each_item(tmp_path, tiny_model_dir):
+def test_stages_enhance_record_and_then_skip_each_item(tmp_path, tiny_model_dir, monkeypatch):
     from medsr_dist.io.dicom import dataset_to_bytes
 
     archive = tmp_path / "archive"
@@ -142,6 +143,15 @@ def test_stages_enhance_record_and_then_skip_each_item(tmp_path, tiny_model_dir)
     third = {Path(r["input_key"]).name: r for r in run_stages_locally(cfg, keys)}
     assert third["mono2-16.dcm"]["status"] == "done" and Path(rows["mono2-16.dcm"]["output_key"]).is_file()
     assert third["mono2-16.dcm"]["output_key"] == rows["mono2-16.dcm"]["output_key"]
+    # an engine whose pixels differ (a new ENGINE_REVISION) makes its own outputs beside the older engine's
+    from medsr_dist.infer import enhance_job
+
+    monkeypatch.setattr(enhance_job, "ENGINE_REVISION", enhance_job.ENGINE_REVISION + 1)
+    newer = {Path(r["input_key"]).name: r for r in run_stages_locally(cfg, keys)}
+    for name in valid:
+        assert newer[name]["status"] == "done" and newer[name]["output_key"] != rows[name]["output_key"]
+        assert json.loads(newer[name]["params"])["engine"] == enhance_job.ENGINE_REVISION
+        assert Path(rows[name]["output_key"]).is_file() and Path(newer[name]["output_key"]).is_file()
 
 
 def test_the_onnxruntime_backend_gives_the_same_outputs_under_its_own_keys(tmp_path, tiny_model_dir):

@@ -37,6 +37,7 @@ from medsr_dist.eval.evaluate import (
 from medsr_dist.eval.html_report import svg_metric_plot, write_eval_report
 from medsr_dist.eval.protocols import PRESETS, ProtocolError, resolve_protocol
 from medsr_dist.eval.stats import paired_bootstrap, summarize
+from medsr_dist.infer.engine import ENGINE_REVISION
 from medsr_dist.io.image import ImageMeta, encode_image
 from medsr_dist.models.weights import save_basicsr_checkpoint
 from medsr_dist.storage import Storage
@@ -392,6 +393,7 @@ def test_every_image_and_model_gets_a_row_and_failures_are_error_cells(evaluated
     x2 = next(m for m in result.report["models"] if m["name"] == "plain-x2")
     assert x2["native_scale"] == 2 and "resized to x4" in x2["note"]
     assert result.report["engine"]["precision"] == ("fp16" if torch.cuda.is_available() else "fp32")
+    assert result.report["engine"]["revision"] == ENGINE_REVISION  # which tiling made the numbers
 
 
 def test_metrics_are_the_protocol_metrics_of_the_model_outputs(evaluated):

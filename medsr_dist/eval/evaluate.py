@@ -40,6 +40,7 @@ import numpy as np
 from medsr_dist import __version__
 from medsr_dist.config import EvalConfig, MedsrConfig, StorageConfig
 from medsr_dist.eval.protocols import Protocol, resolve_protocol
+from medsr_dist.infer.engine import ENGINE_REVISION
 from medsr_dist.storage import Storage
 
 if TYPE_CHECKING:  # torch is imported only where a network runs (stage 1 workers never load it)
@@ -777,7 +778,7 @@ def build_report(cfg: MedsrConfig, plan: EvalPlan, rows: list[dict], seconds: fl
         "errors": [{"image": r["image"], "model": r["model"], "error": r["error"]} for r in rows if r["status"] != "ok"],
         "seconds": seconds,
         "engine": {"backend": e.backend, "precision": precision or e.precision, "tile": e.tile,
-                   "tile_overlap": e.tile_overlap},
+                   "tile_overlap": e.tile_overlap, "revision": ENGINE_REVISION},
     }
 
 

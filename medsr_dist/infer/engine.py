@@ -53,17 +53,26 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
-from medsr_dist.infer.backends import Backend
+if TYPE_CHECKING:  # the engine itself needs only numpy and OpenCV: importing it does not load torch
+    from medsr_dist.infer.backends import Backend
 
 #: Context pixels beyond a tile that keep RealESRGAN_x4plus within 2/255 of its untiled output at tile 64 and
 #: within 1/255 from tile 128 up (module docstring).
 DEFAULT_TILE_OVERLAP = 64
 
+#: Part of every output's identity (``enhance_params``) and provenance, and of evaluation reports. Bump it with any
+#: change that makes the same model, parameters and input give different pixels (tiling plan, blending, padding,
+#: quantisation), so a nightly run re-enhances what an older engine made instead of skipping it as done.
+#: 2: windows clipped at the image border like RealESRGANer's (revision 1 slid them inwards).
+ENGINE_REVISION = 2
+
 __all__ = [
+    "ENGINE_REVISION",
     "AxisTiling",
     "TileBatcher",
     "TileSpec",
@@ -282,7 +291,7 @@ class TileBatcher:
 
     Example::
 
-        batcher = TileBatcher(TorchBackend(model, scale=4), TileSpec(tile=256, overlap=16, blend=4, batch_size=8))
+        batcher = TileBatcher(TorchBackend(model, scale=4), TileSpec(tile=256, overlap=64, blend=4, batch_size=8))
         for sr in batcher.run(slices):  # lazily; one result per input, in order
             ...
     """

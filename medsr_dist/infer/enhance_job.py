@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 
 from medsr_dist import __version__
 from medsr_dist.config import EnhanceConfig, MedsrConfig, StorageConfig
+from medsr_dist.infer.engine import ENGINE_REVISION
 from medsr_dist.infer.model_file import ModelFile, build_model_backend, read_model_file, runnable_precision
 from medsr_dist.storage import PARTIAL_SUFFIX, Storage
 
@@ -77,13 +78,16 @@ output file (PNG/TIFF/JPEG text, DICOM derivation). ``run_id``/``finished_at``: 
 # Identity of an output
 # ----------------------------------------------------------------------------------------------------------
 def enhance_params(e: EnhanceConfig, model: ModelFile, *, precision: str | None = None) -> dict:
-    """The parameters that determine an output's pixels (part of its identity and provenance).
+    """The parameters that determine an output's pixels (part of its identity and provenance), with the
+    engine's revision (:data:`~medsr_dist.infer.engine.ENGINE_REVISION`): a run of a newer engine does not take an
+    older engine's outputs for its own.
 
     ``precision`` is the one the replicas will run (:func:`~medsr_dist.infer.model_file.runnable_precision`: a
     CPU asked for fp16 runs fp32, and says so); ``None`` takes ``enhance.precision`` as written.
     """
     return {"scale": model.scale, "outscale": e.outscale or model.scale, "tile": e.tile, "tile_overlap": e.tile_overlap,
-            "tile_blend": e.tile_blend, "backend": e.backend, "precision": precision or e.precision}
+            "tile_blend": e.tile_blend, "backend": e.backend, "precision": precision or e.precision,
+            "engine": ENGINE_REVISION}
 
 
 def output_id(input_sha256: str, model_sha256: str, params: dict) -> str:
