@@ -44,6 +44,9 @@ _STATUS_SENTENCES = {
     "STOPPED": re.compile(r"Job '[^']+' was stopped"),
 }
 _OTHER_STATUS = re.compile(r"Status for job '[^']+': (?:JobStatus\.)?([A-Z]+)")
+# How `ray start` says one of the ports it was given is not free (then the head is started again).
+_PORT_TAKEN = re.compile(r"trying to use a port number|[Aa]ddress already in use|[Ff]ailed to bind")
+_LAUNCH_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,22 @@ class RayHead:
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports on 127.0.0.1 that nothing listens on right now.
+
+    All sockets stay bound until every port is chosen: closing each before asking for the next lets the
+    kernel hand out the same port twice (a CI run got one port for both the GCS and the dashboard agent).
+    """
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    return ports
 
 
 def _short_temp_dir(tmp_path: Path) -> str:
@@ -161,7 +177,7 @@ def _launch(
 ) -> tuple[RayHead, subprocess.Popen]:
     """Start ``ray start --head --block`` on fresh free ports and wait until it is ready; stop it and
     raise if it is not."""
-    gcs_port, dashboard_port, agent_port = free_port(), free_port(), free_port()
+    gcs_port, dashboard_port, agent_port, client_port = free_ports(4)
     head_env = _head_env(tmp_path)
     head = RayHead(
         address=f"127.0.0.1:{gcs_port}",
@@ -181,7 +197,7 @@ def _launch(
         "--dashboard-host", "127.0.0.1",
         "--dashboard-port", str(dashboard_port),
         # Fixed defaults (10001, 52365) would collide with any other Ray on this machine.
-        "--ray-client-server-port", str(free_port()),
+        "--ray-client-server-port", str(client_port),
         "--dashboard-agent-listen-port", str(agent_port),
         "--num-cpus", str(num_cpus),
         "--num-gpus", "0",
@@ -210,7 +226,14 @@ def local_ray_head(tmp_path: Path, num_cpus: int = 2, startup_timeout_s: float =
     tmp_path = Path(tmp_path)
     tmp_path.mkdir(parents=True, exist_ok=True)
     temp_dir = _short_temp_dir(tmp_path)
-    head, process = _launch(tmp_path, temp_dir, num_cpus, startup_timeout_s)
+    for attempt in range(1, _LAUNCH_ATTEMPTS + 1):
+        try:
+            head, process = _launch(tmp_path, temp_dir, num_cpus, startup_timeout_s)
+            break
+        except RuntimeError as error:
+            # A port chosen free can be taken by another process before Ray binds it: try fresh ports.
+            if attempt == _LAUNCH_ATTEMPTS or not _PORT_TAKEN.search(str(error)):
+                raise
     try:
         yield head
     finally:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ray_cluster import RayHead, local_ray_head, submit_job
+import ray_cluster
+from ray_cluster import RayHead, free_ports, local_ray_head, submit_job
 
 pytestmark = pytest.mark.slow
 
@@ -146,3 +147,27 @@ def test_stopping_a_head_frees_its_ports_and_leaves_other_clusters_running(ray_h
     assert not _accepts_connections(other.address)
     assert not _accepts_connections(other.dashboard_url)
     assert _accepts_connections(ray_head.address) and _accepts_connections(ray_head.dashboard_url)
+
+
+def test_ports_chosen_together_are_distinct():
+    ports = free_ports(64)
+    assert len(set(ports)) == 64
+
+
+def test_a_head_given_a_port_twice_is_started_again_on_fresh_ports(ray_head, tmp_path, monkeypatch):
+    """What failed a CI run: the GCS and the dashboard agent got the same port and `ray start` exited."""
+    chosen = []
+
+    def first_with_a_repeated_port(count):
+        ports = free_ports(count)
+        if not chosen:
+            ports[2] = ports[0]  # dashboard agent on the GCS port
+        chosen.append(ports)
+        return ports
+
+    monkeypatch.setattr(ray_cluster, "free_ports", first_with_a_repeated_port)
+    with local_ray_head(tmp_path, num_cpus=1) as other:
+        assert _accepts_connections(other.address) and _accepts_connections(other.dashboard_url)
+    # Retried only because `ray start` said a port was taken (see _PORT_TAKEN), and on the fresh ports.
+    assert len(chosen) == 2
+    assert other.address.endswith(f":{chosen[1][0]}")
