@@ -16,11 +16,16 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
+import json
 import os
 import posixpath
+import socket
 import tempfile
 import threading
+import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
 from medsr_dist.config import StorageConfig
@@ -62,6 +67,56 @@ def local_path(uri: PathLike) -> str | None:
         return None
     scheme, sep, rest = uri.partition("://")
     return rest if sep else uri
+
+
+def normalize_uri(uri: PathLike) -> str:
+    """One spelling per location, for comparing prefixes: local paths and ``file://`` URIs become absolute,
+    normalised paths (``./``, ``//``, ``..``, a trailing ``/`` resolved lexically, symlinks not followed);
+    ``s3://bucket/key`` URIs lose empty and ``.`` segments and trailing slashes (``..`` is kept: on S3 it is part
+    of a key's name, see :func:`relative_key`)."""
+    backend, path = _split(uri)
+    if backend == _LOCAL:
+        return os.path.normpath(path)
+    return "s3://" + "/".join(p for p in path.split("/") if p not in ("", "."))
+
+
+def is_under(uri: PathLike, prefix: PathLike) -> bool:
+    """Whether ``uri`` is ``prefix`` or lies below it, however either is spelled (see :func:`normalize_uri`)."""
+    u, p = normalize_uri(uri), normalize_uri(prefix)
+    return u == p or u.startswith(p.rstrip("/") + "/")
+
+
+def relative_key(uri: PathLike, prefix: PathLike) -> str:
+    """The ``/``-separated path of ``uri`` below ``prefix``, normalised (empty and ``.`` segments dropped).
+
+    Raises:
+        ValueError: ``uri`` is not below ``prefix``, or its relative part is absolute (``prefix//x``) or has a
+            ``..`` segment (legal in an S3 key; written under an output prefix it would climb out of it).
+    """
+    text, base = os.fspath(uri), os.fspath(prefix).rstrip("/")
+    if not text.startswith(base + "/"):
+        raise ValueError(f"{text} is not below {base}")
+    rest = text[len(base) + 1:]
+    if rest.startswith("/"):
+        raise ValueError(f"{text}: its key below {base} is absolute ({rest!r})")
+    parts = rest.split("/")
+    if ".." in parts:
+        raise ValueError(f"{text}: its key below {base} has a '..' segment")
+    clean = [p for p in parts if p not in ("", ".")]
+    if not clean:
+        raise ValueError(f"{text}: no file name below {base}")
+    return "/".join(clean)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One listed file: ``uri`` spelled like the listing prefix, ``size`` in bytes, and ``version``: what changes
+    whenever the content may have changed without a read — ``etag:<ETag>`` on S3, ``mtime_ns:<st_mtime_ns>:<inode>``
+    locally (an atomic replace makes a new inode even within one mtime tick)."""
+
+    uri: str
+    size: int
+    version: str
 
 
 def _split(uri: PathLike) -> tuple[str, str]:
@@ -336,14 +391,27 @@ class Storage:
         A missing prefix lists as empty; a missing bucket raises StorageError. If ``prefix`` is itself a
         file, the result is ``[prefix]`` (filtered by its basename).
         """
-        fs, root = self.fs(prefix)
+        return [entry.uri for entry in self.list_entries(prefix, include, exclude)]
+
+    def list_entries(
+        self,
+        prefix: PathLike,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+    ) -> list[FileEntry]:
+        """:meth:`list_files` with each file's size and version (:class:`FileEntry`), from the listing itself:
+        S3's ListObjectsV2 carries size and ETag, a local directory scan size and mtime — no per-file request."""
+        backend, root = _split(prefix)
         root = root.rstrip("/") or "/"
         with _errors(prefix, "list"):
-            found = fs.find(root, withdirs=False, detail=True)
+            found = _scan_local(root) if backend == _LOCAL else {
+                path: (int(info.get("size") or 0), "etag:" + str(info.get("ETag", "")).strip('"'))
+                for path, info in self._filesystem(backend).find(root, withdirs=False, detail=True).items()
+                if info.get("type") == "file" and not path.endswith("/")}
         prefix = os.fspath(prefix)
         results = []
-        for path, info in found.items():
-            if info.get("type") != "file" or path.endswith("/") or _is_partial(path):
+        for path, (size, version) in found.items():
+            if _is_partial(path):
                 continue
             if path == root:  # prefix is a single file
                 relative, uri = posixpath.basename(path), prefix
@@ -354,5 +422,273 @@ class Storage:
                 continue
             if exclude and any(glob_match(relative, p) for p in exclude):
                 continue
-            results.append(uri)
-        return sorted(results)
+            results.append(FileEntry(uri, size, version))
+        return sorted(results, key=lambda e: e.uri)
+
+    # -- exclusive objects (leases) ---------------------------------------------------------------------
+    def create_exclusive(self, uri: PathLike, data: bytes) -> str | None:
+        """Create a file/object with ``data`` only if nothing exists at ``uri``, atomically: of two concurrent
+        callers exactly one succeeds. Returns the new object's version (see :meth:`version`), None if something
+        was already there. S3: ``PutObject`` with ``If-None-Match: *``; local: a complete temp file hard-linked
+        into place (``link`` fails when the name exists, like ``O_EXCL``, and readers never see a partial file)."""
+        backend, path = _split(uri)
+        with _errors(uri, "create"):
+            if backend == _LOCAL:
+                directory, name = os.path.split(path)
+                os.makedirs(directory, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=PARTIAL_SUFFIX, dir=directory)
+                try:
+                    with os.fdopen(fd, "wb") as handle:
+                        handle.write(data)
+                        handle.flush()
+                        os.fsync(handle.fileno())
+                    os.chmod(tmp, 0o666 & ~_UMASK)
+                    try:
+                        os.link(tmp, path)
+                    except FileExistsError:
+                        return None
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
+                return self.version(uri)
+            return self._put_conditional(path, data, IfNoneMatch="*")
+
+    def replace_if(self, uri: PathLike, data: bytes, version: str) -> str | None:
+        """Replace the file/object at ``uri`` only if its version is still ``version``; returns the new version,
+        or None when it changed (or vanished) meanwhile. S3: ``PutObject`` with ``If-Match: <ETag>``; local: the
+        check and the atomic replace run under an exclusive ``flock`` of ``<uri>.lock`` (local disks only)."""
+        backend, path = _split(uri)
+        with _errors(uri, "replace"):
+            if backend == _LOCAL:
+                with _local_lock(path):
+                    if self._local_version(path) != version:
+                        return None
+                    _write_local_atomic(path, data)
+                    return self._local_version(path)
+            return self._put_conditional(path, data, IfMatch=version.removeprefix("etag:"))
+
+    def delete_if(self, uri: PathLike, version: str) -> bool:
+        """Delete ``uri`` only if its version is still ``version``; False when it changed or is gone. (S3: a
+        HEAD then a DELETE, so a replace in the milliseconds between the two is not seen.)"""
+        backend, path = _split(uri)
+        with _errors(uri, "delete"):
+            if backend == _LOCAL:
+                with _local_lock(path):
+                    if self._local_version(path) != version:
+                        return False
+                    os.unlink(path)
+                    return True
+            if self.version(uri) != version:
+                return False
+            self._filesystem(backend).rm_file(path)
+            return True
+
+    def version(self, uri: PathLike) -> str | None:
+        """The version of one file/object (as :class:`FileEntry` has it), None if it does not exist."""
+        backend, path = _split(uri)
+        with _errors(uri, "stat"):
+            if backend == _LOCAL:
+                return self._local_version(path)
+            fs = self._filesystem(backend)
+            try:
+                info = fs.info(path, refresh=True)
+            except FileNotFoundError:
+                return None
+            return "etag:" + str(info.get("ETag", "")).strip('"')
+
+    @staticmethod
+    def _local_version(path: str) -> str | None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        return f"mtime_ns:{st.st_mtime_ns}:{st.st_ino}"
+
+    def _put_conditional(self, path: str, data: bytes, **condition: str) -> str | None:
+        fs = self._filesystem(_S3)
+        bucket, _, key = path.partition("/")
+        try:
+            response = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=bytes(data), **condition)
+        except FileExistsError:  # s3fs's translation of 412 PreconditionFailed
+            return None
+        except FileNotFoundError as exc:  # If-Match on a key that is gone (a missing bucket is an error)
+            if "bucket" in str(exc).lower():
+                raise
+            return None
+        except OSError as exc:  # 412 (If-Match) or 409 ConditionalRequestConflict (a concurrent write won)
+            original = exc.__cause__ or exc.__context__
+            code = str(getattr(original, "response", {}).get("Error", {}).get("Code", ""))
+            text = str(exc).lower()
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or "pre-condition" in text or "conflict" in text:
+                return None
+            raise
+        return "etag:" + str(response.get("ETag", "")).strip('"')
+
+
+def _scan_local(root: str) -> dict[str, tuple[int, str]]:
+    """{path: (size, "mtime_ns:<n>:<inode>")} of every file below a local folder (or the file itself), one stat each
+    (``os.scandir``, following symlinks like fsspec's ``find``). A missing root is empty."""
+    try:
+        top = os.stat(root)
+    except FileNotFoundError:
+        return {}
+    if not os.path.isdir(root):
+        return {root: (top.st_size, f"mtime_ns:{top.st_mtime_ns}:{top.st_ino}")}
+    found: dict[str, tuple[int, str]] = {}
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):  # removed while listing
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir():
+                    stack.append(entry.path)
+                elif entry.is_file():
+                    st = entry.stat()
+                    found[entry.path] = (st.st_size, f"mtime_ns:{st.st_mtime_ns}:{st.st_ino}")
+            except FileNotFoundError:  # pragma: no cover - removed while listing
+                continue
+    return found
+
+
+@contextlib.contextmanager
+def _local_lock(path: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<path>.lock`` (created beside ``path``) for a check-then-write."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path + ".lock", os.O_CREAT | os.O_RDWR, 0o666 & ~_UMASK)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Leases: one writer per prefix
+# ----------------------------------------------------------------------------------------------------------
+class LeaseHeldError(StorageError):
+    """Another live run holds the lease; the message names it and when the lease expires."""
+
+
+class LeaseLostError(StorageError):
+    """This run's lease was taken over (it was not refreshed in time) or removed."""
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (Linux /proc), which tells a live holder from a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+class Lease:
+    """An exclusive, expiring claim on a prefix held through one small object (e.g. ``_manifest/lease.json``).
+
+    :meth:`acquire` creates the object atomically (:meth:`Storage.create_exclusive`). An existing lease is taken
+    over (:meth:`Storage.replace_if`, so of two takers one wins) when it expired — not refreshed for ``ttl_s`` — or
+    when its holder ran on this host and that process is gone (a killed run is not waited for). :meth:`refresh`
+    (every ``ttl_s / 3`` by :meth:`keep_alive`'s thread) extends it; :meth:`release` deletes it if still ours.
+    The object holds only run id, host, pid and times: nothing about the data.
+    """
+
+    def __init__(self, storage: Storage, uri: str, owner: str, ttl_s: float):
+        self.storage, self.uri, self.owner, self.ttl_s = storage, uri, owner, float(ttl_s)
+        self.version: str | None = None
+        self.lost: str | None = None  # why the lease was lost, once it was
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        now = time.time()
+        return json.dumps({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
+                           "pid_start": _process_start(os.getpid()), "refreshed_at": now,
+                           "expires_at": now + self.ttl_s, "ttl_s": self.ttl_s}).encode()
+
+    @staticmethod
+    def _holder_gone(info: dict) -> bool:
+        if info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+            return False
+        start = _process_start(info["pid"])
+        return start is None or (info.get("pid_start") is not None and start != info["pid_start"])
+
+    @classmethod
+    def acquire(cls, storage: Storage, uri: str, owner: str, ttl_s: float) -> Lease:
+        """Take the lease at ``uri`` for ``owner`` (a run id).
+
+        Raises:
+            LeaseHeldError: a live holder has it (message: who, since when, until when).
+        """
+        lease = cls(storage, uri, owner, ttl_s)
+        for _ in range(5):  # a lease released or replaced between our reads: look again
+            lease.version = storage.create_exclusive(uri, lease._body())
+            if lease.version is not None:
+                return lease
+            seen = storage.version(uri)
+            if seen is None:
+                continue
+            try:
+                info = json.loads(storage.read_bytes(uri))
+            except (StorageError, ValueError):
+                info = {}
+            if storage.version(uri) != seen:
+                continue
+            expired = float(info.get("expires_at", 0)) < time.time()
+            if not (expired or cls._holder_gone(info)):
+                until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(info.get("expires_at", 0))))
+                raise LeaseHeldError(
+                    f"{uri}: another run ({info.get('owner', '?')} on host {info.get('host', '?')}, pid "
+                    f"{info.get('pid', '?')}) holds this prefix; its lease expires at {until} unless refreshed. "
+                    f"Only one run per output prefix: this one exits and touches nothing")
+            lease.version = storage.replace_if(uri, lease._body(), seen)
+            if lease.version is not None:
+                return lease
+        raise LeaseHeldError(f"{uri}: the lease kept changing while this run tried to take it; another run is "
+                             f"starting on this prefix")
+
+    def refresh(self) -> None:
+        """Extend the lease by ``ttl_s`` from now. Raises LeaseLostError if it is no longer ours."""
+        if self.lost:
+            raise LeaseLostError(self.lost)
+        version = self.storage.replace_if(self.uri, self._body(), self.version or "")
+        if version is None:
+            self.lost = f"{self.uri}: this run's lease was taken over or removed (not refreshed within {self.ttl_s:g} s)"
+            raise LeaseLostError(self.lost)
+        self.version = version
+
+    def keep_alive(self) -> None:
+        """Refresh every ``ttl_s / 3`` in a daemon thread until :meth:`release`."""
+        def loop() -> None:
+            while not self._stop.wait(self.ttl_s / 3):
+                try:
+                    self.refresh()
+                except LeaseLostError:
+                    return
+                except StorageError as exc:  # transient: the next tick tries again, well within the TTL
+                    import logging
+
+                    logging.getLogger(__name__).warning("lease refresh failed (%s); retrying", exc)
+
+        self._thread = threading.Thread(target=loop, name="medsr-lease", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        """Stop refreshing and delete the lease if it is still ours (a taken-over lease is left alone)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self.version is not None and not self.lost:
+            self.storage.delete_if(self.uri, self.version)
+        self.version = None
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -324,3 +324,104 @@ def test_a_folder_is_not_a_file(tmp_path):
 def test_unsupported_or_incomplete_uris_are_rejected(uri):
     with pytest.raises(StorageError, match="s3://|scheme"):
         Storage().read_bytes(uri)
+
+
+# -- listing with sizes and versions (incremental runs) -----------------------------------------------------
+def test_list_entries_carries_size_and_a_version_that_changes_with_the_content(place):
+    from medsr_dist.storage import FileEntry
+
+    storage, base = place
+    uri = storage.join(base, "sub", "a.png")
+    storage.write_bytes(uri, b"12345")
+    storage.write_bytes(storage.join(base, "b.png"), b"1")
+    entries = storage.list_entries(base, include=["*.png"])
+    assert [e.uri for e in entries] == storage.list_files(base, include=["*.png"])
+    first = {e.uri: e for e in entries}[uri]
+    assert isinstance(first, FileEntry) and first.size == 5
+    assert first.version.startswith("etag:" if base.startswith("s3://") else "mtime_ns:")
+    assert storage.list_entries(base)[-1].version == storage.list_entries(base)[-1].version  # stable when unchanged
+    assert {e.uri: e for e in storage.list_entries(base)}[uri] == first
+    storage.write_bytes(uri, b"54321")  # same size, new content
+    assert {e.uri: e for e in storage.list_entries(base)}[uri].version != first.version
+    assert storage.list_entries(uri) == [FileEntry(uri, 5, storage.list_entries(uri)[0].version)]
+
+
+@pytest.mark.parametrize(("a", "b"), [
+    ("/data/out", "/data/out/"), ("/data/out", "file:///data/out"), ("/data/./out", "/data//out/"),
+    ("/data/x/../out", "file:///data/out/"), ("s3://b/out", "s3://b/out/"), ("s3://b//out/./", "s3://b/out"),
+])
+def test_one_location_normalises_to_one_spelling(a, b):
+    from medsr_dist.storage import is_under, normalize_uri
+
+    assert normalize_uri(a) == normalize_uri(b)
+    assert is_under(a + "/x.png", b) and is_under(b, a)
+    assert not is_under("/data/outside/x.png", a) and not is_under("/data/out2/x.png", a)
+
+
+def test_relative_keys_are_normalised_and_climbing_or_absolute_ones_refused():
+    from medsr_dist.storage import relative_key
+
+    assert relative_key("s3://b/in/a/./b//c.dcm", "s3://b/in/") == "a/b/c.dcm"
+    with pytest.raises(ValueError, match=r"'\.\.' segment"):
+        relative_key("s3://b/in/a/../../escape.png", "s3://b/in")
+    with pytest.raises(ValueError, match="absolute"):
+        relative_key("s3://b/in//etc/x.png", "s3://b/in")
+    with pytest.raises(ValueError, match="not below"):
+        relative_key("s3://b/other/x.png", "s3://b/in")
+
+
+# -- exclusive creation and leases ----------------------------------------------------------------------------
+def test_exclusive_create_and_conditional_replace_let_exactly_one_writer_win(place):
+    storage, base = place
+    uri = storage.join(base, "_manifest", "lease.json")
+    v1 = storage.create_exclusive(uri, b"first")
+    assert v1 and storage.read_bytes(uri) == b"first"
+    assert storage.create_exclusive(uri, b"second") is None and storage.read_bytes(uri) == b"first"
+    v2 = storage.replace_if(uri, b"taken", v1)
+    assert v2 and v2 != v1 and storage.read_bytes(uri) == b"taken"
+    assert storage.replace_if(uri, b"late", v1) is None and storage.read_bytes(uri) == b"taken"  # stale version
+    assert not storage.delete_if(uri, v1) and storage.exists(uri)
+    assert storage.delete_if(uri, v2) and not storage.exists(uri)
+
+
+def test_a_lease_is_exclusive_until_released_or_expired(place):
+    import json as _json
+    import time as _time
+
+    from medsr_dist.storage import Lease, LeaseHeldError, LeaseLostError
+
+    storage, base = place
+    uri = storage.join(base, "_manifest", "lease.json")
+    first = Lease.acquire(storage, uri, "run-1", ttl_s=60)
+    with pytest.raises(LeaseHeldError, match=r"another run \(run-1 on host .*pid .*\) holds this prefix"):
+        Lease.acquire(storage, uri, "run-2", ttl_s=60)
+    assert _json.loads(storage.read_bytes(uri))["owner"] == "run-1"  # the refused run changed nothing
+    first.refresh()
+    first.release()
+    assert not storage.exists(uri)
+    second = Lease.acquire(storage, uri, "run-2", ttl_s=0.5)  # free again
+    _time.sleep(0.7)
+    third = Lease.acquire(storage, uri, "run-3", ttl_s=60)  # run-2 let it expire: taken over
+    assert _json.loads(storage.read_bytes(uri))["owner"] == "run-3"
+    with pytest.raises(LeaseLostError, match="taken over"):
+        second.refresh()
+    second.release()  # a lost lease is not deleted: run-3 keeps it
+    assert _json.loads(storage.read_bytes(uri))["owner"] == "run-3"
+    third.release()
+
+
+def test_a_lease_whose_holder_died_on_this_host_is_taken_over_at_once(tmp_path):
+    import json as _json
+    import socket
+    import subprocess
+    import sys
+
+    from medsr_dist.storage import Lease
+
+    storage, uri = Storage(), str(tmp_path / "lease.json")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    storage.write_bytes(uri, _json.dumps({"owner": "killed", "host": socket.gethostname(), "pid": int(dead.stdout),
+                                          "pid_start": "1", "expires_at": 4e9}).encode())
+    lease = Lease.acquire(storage, uri, "next", ttl_s=60)
+    assert _json.loads(storage.read_bytes(uri))["owner"] == "next"
+    lease.release()
