@@ -435,11 +435,18 @@ def test_preamble_less_and_implicit_vr_dicom_are_accepted():
         assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
 
 
-def test_multi_frame_dicom_is_rejected_clearly():
+def test_multi_frame_dicom_decodes_every_frame_and_writes_one_multi_frame_object():
     frames = np.stack([make_radiograph(i, 32) for i in range(3)])
     data = dataset_to_bytes(build_radiograph_dataset(frames, bits_stored=12))
-    with pytest.raises(ImageDecodeError, match=r"cine\.dcm: multi-frame .*NumberOfFrames=3.* not supported yet"):
-        decode_image(data, "cine.dcm")
+    image = decode_image(data, "cine.dcm")
+    assert image.meta.frames == 3 and image.pixels.shape == (3, 32, 32, 1)
+    np.testing.assert_array_equal(image.pixels[..., 0], np.rint(frames * 4095).astype(np.float32) / 4095)
+    out = pydicom.dcmread(io.BytesIO(encode_image(np.repeat(np.repeat(image.pixels, 2, 1), 2, 2), image.meta,
+                                                  image.header, scale=2)))
+    assert (out.NumberOfFrames, out.Rows, out.Columns) == (3, 64, 64)
+    np.testing.assert_array_equal(out.pixel_array[:, ::2, ::2], np.rint(frames * 4095).astype(np.uint16))
+    with pytest.raises(ValueError, match=r"\(3, H, W, 1\)"):
+        encode_image(image.pixels[0], image.meta, image.header)  # one frame of three is not the object
 
 
 def test_compressed_dicom_that_pydicom_can_decode_is_accepted_and_written_uncompressed():

@@ -1,8 +1,17 @@
-"""DICOM side of medsr-dist image I/O: read a single-frame image, write a derived SR object, build samples.
+"""DICOM side of medsr-dist image I/O: read an image object, write a derived SR object, build samples.
 
-The model sees *stored* values normalised by ``2**BitsStored - 1`` (display-oriented, MONOCHROME1 inverted);
-the modality LUT (Rescale Slope/Intercept) and the VOI window travel unchanged in the header, so a derived
-object maps its stored values to the same physical units and opens with the same window as its source.
+Read: any transfer syntax pydicom's pixel handlers and the pylibjpeg plugins decode (Implicit/Explicit VR Little
+Endian, Explicit VR Big Endian, Deflate, RLE Lossless, JPEG Baseline/Extended/Lossless, JPEG-LS, JPEG 2000),
+single- and multi-frame, unsigned and signed (PixelRepresentation=1), MONOCHROME1/2, RGB, YBR_* and PALETTE
+COLOR (the last two converted to RGB); Part 10 files, also with a non-zero preamble (dual-personality
+DICOM/TIFF), and bare datasets without preamble or file meta. Objects without an image (SR, waveforms, RT
+plans, presentation states, ...) raise :class:`~medsr_dist.io.image.NotAnImageObject`.
+
+The model sees *stored* values normalised by ``2**BitsStored - 1`` (display-oriented, MONOCHROME1 inverted,
+signed values offset by ``2**(BitsStored-1)``); the modality LUT (Rescale Slope/Intercept) and the VOI window
+travel unchanged in the header, so a derived object maps its stored values to the same physical units and opens
+with the same window as its source. Derived objects are written Explicit VR Little Endian, or RLE Lossless /
+JPEG 2000 Lossless on request — never lossy.
 
 Most callers go through :func:`medsr_dist.io.image.decode_image` / :func:`~medsr_dist.io.image.encode_image`;
 this module holds the DICOM specifics and the dataset builders used for sample data and tests
@@ -12,6 +21,7 @@ this module holds the DICOM specifics and the dataset builders used for sample d
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -27,12 +37,14 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     ExplicitVRBigEndian,
+    JPEG2000Lossless,
+    RLELossless,
     PYDICOM_IMPLEMENTATION_UID,
     generate_uid,
 )
 from pydicom.valuerep import format_number_as_ds
 
-from medsr_dist.io.image import ImageDecodeError, ImageMeta, MedicalImage
+from medsr_dist.io.image import ImageDecodeError, ImageMeta, ImageProbe, MedicalImage, NotAnImageObject
 
 __all__ = [
     "PROVENANCE_MODEL",
@@ -40,6 +52,7 @@ __all__ = [
     "PROVENANCE_SCALE",
     "PROVENANCE_NOTE",
     "looks_like_dicom",
+    "probe_dicom",
     "decode_dicom",
     "encode_dicom",
     "build_radiograph_dataset",
@@ -64,37 +77,56 @@ _STALE_PIXEL_KEYWORDS = (
     "PlanarConfiguration",
 )
 _SPACING_KEYWORDS = ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing")
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_COMPRESSION_SYNTAX = {"rle": RLELossless, "jpeg2000-lossless": JPEG2000Lossless}
+# Explicit VR value representations, to tell a bare explicit-VR dataset from arbitrary bytes.
+_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
+)
 
 
 def looks_like_dicom(data: bytes | bytearray | memoryview) -> bool:
     """True when ``data`` is a DICOM Part 10 file (``DICM`` at offset 128) or plausibly a bare dataset.
 
-    A bare (preamble-less) dataset is recognised by its first tag being in group 0x0002 or 0x0008, little
-    endian, which is how such datasets start in practice; :func:`decode_dicom` then has the final word.
+    A bare (preamble-less) dataset is recognised by its first element: a tag in group 0x0002 or 0x0008 (little or
+    big endian), followed either by a valid explicit VR or by an implicit-VR length that fits in the data — how
+    such datasets start in practice. :func:`decode_dicom` / :func:`probe_dicom` then have the final word.
     """
     view = memoryview(data)
     if len(view) >= 132 and bytes(view[128:132]) == b"DICM":
         return True
-    return len(view) >= 8 and bytes(view[1:2]) == b"\x00" and bytes(view[0:1]) in (b"\x02", b"\x08") and bytes(
-        view[3:4]
-    ) == b"\x00"
+    if len(view) < 12:
+        return False
+    head = bytes(view[:12])
+    for order in ("<", ">"):
+        group, element = struct.unpack(order + "HH", head[:4])
+        if group not in (0x0002, 0x0008) or element > 0x1FFF:
+            continue
+        if head[4:6] in _VRS:
+            return True
+        if order == "<" and struct.unpack("<I", head[4:8])[0] <= len(view) - 8:
+            return True  # implicit VR is always little endian
+    return False
 
 
-def _read_dataset(data: bytes | bytearray | memoryview, name: str) -> Dataset:
+def _read_dataset(data: bytes | bytearray | memoryview, name: str, *, header_only: bool = False) -> Dataset:
+    """Parse ``data`` (never modified). ``header_only``: values over 1 KiB (the pixel data) are not read."""
     view = memoryview(data)
     has_magic = len(view) >= 132 and bytes(view[128:132]) == b"DICM"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            # BytesIO copies, so the caller's buffer is never touched.
-            ds = pydicom.dcmread(io.BytesIO(bytes(view)), force=not has_magic)
+            # BytesIO shares an immutable bytes object and copies anything else: the caller's buffer is never touched.
+            source = io.BytesIO(data if isinstance(data, bytes) else bytes(view))
+            ds = pydicom.dcmread(source, force=not has_magic, defer_size=1024 if header_only else None)
     except Exception as exc:  # pydicom raises a zoo of types on garbage (InvalidDicomError, EOFError, ...)
-        raise ImageDecodeError(name, f"corrupt DICOM ({type(exc).__name__}: {exc})") from exc
+        raise ImageDecodeError(name, f"corrupt DICOM ({type(exc).__name__})") from exc
     if "TransferSyntaxUID" not in ds.get("file_meta", {}):
-        # Bare dataset: record the encoding it was read with, so the pixel decoders know it.
+        # Bare dataset: read with force=True, so check it is one before trusting it (pydicom parses some
+        # arbitrary bytes into a few elements): real datasets name their SOP class, modality or image matrix.
         implicit, little = ds.original_encoding
-        if implicit is None:
-            raise ImageDecodeError(name, "not a DICOM dataset (no readable elements)")
+        if implicit is None or len(ds) < 2 or not any(k in ds for k in ("SOPClassUID", "Modality", "Rows")):
+            raise ImageDecodeError(name, "not a DICOM dataset (no preamble, no file meta and no readable elements)")
         ds.file_meta = ds.get("file_meta") or FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = (
             ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
@@ -155,6 +187,8 @@ def _summary(ds: Dataset) -> dict[str, Any]:
         "body_part_examined": text("BodyPartExamined"),
         "view_position": text("ViewPosition"),
         "image_type": None if "ImageType" not in ds else [str(v) for v in ds.ImageType],
+        "number_of_frames": int(ds.get("NumberOfFrames") or 1),
+        "source_photometric": text("PhotometricInterpretation"),
     }
 
 
@@ -175,49 +209,124 @@ def _header_bytes(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
+def _sop_class(ds: Dataset) -> tuple[str, str]:
+    """(SOPClassUID, pydicom's name for it); ("", "unknown") when absent."""
+    uid = str(ds.get("SOPClassUID", "") or "").strip()
+    return (uid, UID(uid).name) if uid else ("", "unknown")
+
+
+def _require_image(ds: Dataset, name: str) -> None:
+    """Raise NotAnImageObject unless ``ds`` is an image object: an image SOP class (pydicom names every one
+    "... Image Storage ...") or an unknown/private/absent one, with pixel data. An image SOP class without pixel
+    data is a damaged file (ImageDecodeError), not a different kind of object."""
+    uid, label = _sop_class(ds)
+    known = bool(uid) and label != uid
+    if known and "Image Storage" not in label:
+        raise NotAnImageObject(name, uid, label)
+    if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
+        if known:
+            raise ImageDecodeError(name, f"{label} object has no PixelData (truncated or stripped)")
+        raise NotAnImageObject(name, uid, label, "no pixel data")
+
+
+def _positive(ds: Dataset, keyword: str, name: str, default: int | None = None) -> int:
+    value = ds.get(keyword)
+    if value in (None, ""):
+        if default is not None:
+            return default
+        raise ImageDecodeError(name, f"DICOM image is missing the required attribute {keyword}")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ImageDecodeError(name, f"DICOM attribute {keyword} is not an integer") from None
+    if number < 1:
+        raise ImageDecodeError(name, f"DICOM attribute {keyword}={number} must be positive")
+    return number
+
+
+def probe_dicom(data: bytes | bytearray | memoryview, name: str) -> ImageProbe:
+    """Header-only :class:`~medsr_dist.io.image.ImageProbe` of a DICOM object (values over 1 KiB, i.e. the
+    pixel data, are not read). Raises NotAnImageObject / ImageDecodeError as :func:`decode_dicom` would for the
+    object class and the image matrix; sample layout and transfer syntax are only checked by decoding."""
+    ds = _read_dataset(data, name, header_only=True)
+    _require_image(ds, name)
+    rows, columns = _positive(ds, "Rows", name), _positive(ds, "Columns", name)
+    frames = _positive(ds, "NumberOfFrames", name, default=1)
+    samples = _positive(ds, "SamplesPerPixel", name, default=1)
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip()
+    channels = 3 if photometric == "PALETTE COLOR" else samples
+    bits = _positive(ds, "BitsAllocated", name, default=16)
+    return ImageProbe("dicom", rows, columns, frames, channels, bits)
+
+
+def _palette_bits(ds: Dataset, name: str) -> int:
+    descriptors = [ds.get(f"{c}PaletteColorLookupTableDescriptor") for c in ("Red", "Green", "Blue")]
+    if any(d is None or len(d) != 3 for d in descriptors):
+        raise ImageDecodeError(name, "PALETTE COLOR image without complete palette colour lookup table descriptors")
+    bits = {int(d[2]) for d in descriptors}
+    if not bits <= {8, 16} or len(bits) != 1:
+        raise ImageDecodeError(name, f"palette colour lookup tables of {sorted(bits)} bits are not supported")
+    return bits.pop()
+
+
 def decode_dicom(data: bytes | bytearray | memoryview, name: str) -> MedicalImage:
-    """Decode a single-frame DICOM image to display-oriented float pixels; see ``decode_image``.
+    """Decode a DICOM image object to display-oriented float pixels; see ``decode_image``.
 
-    Returns ``MedicalImage`` with pixels float32 (H, W, C) in [0, 1] = stored value / (2**BitsStored - 1)
-    (MONOCHROME1 inverted, so higher is brighter; YBR colour converted to RGB), ``meta.dicom`` the header
-    summary and ``header`` the dataset without PixelData (Explicit VR Little Endian Part 10 bytes).
+    Returns ``MedicalImage`` with pixels float32 (H, W, C), or (F, H, W, C) when NumberOfFrames = F > 1, in
+    [0, 1] = (stored value + offset) / (2**BitsStored - 1) — offset 2**(BitsStored-1) for signed samples
+    (PixelRepresentation=1), else 0; bits above BitsStored ignored —, MONOCHROME1 inverted so higher is brighter,
+    YBR_* converted to RGB, PALETTE COLOR looked up to RGB (8 or 16 bits as the palette holds them);
+    ``meta.dicom`` the header summary and ``header`` the dataset without PixelData (Explicit VR Little Endian
+    Part 10 bytes). Any transfer syntax that pydicom's handlers (with the pylibjpeg plugins) decode is accepted.
 
-    Raises ImageDecodeError for unreadable data, no PixelData, multi-frame images, compressed transfer
-    syntaxes without an installed decoder, signed or non-8/16-bit samples and unsupported photometrics.
+    Raises NotAnImageObject for objects without an image (SR, waveform, RT plan, presentation state, ...);
+    ImageDecodeError for unreadable data, missing image attributes, 1-bit or 32-bit samples, float pixel data,
+    signed colour, unsupported photometrics, and pixel data that cannot be decoded (naming the transfer syntax).
     """
     ds = _read_dataset(data, name)
+    _require_image(ds, name)
     if "PixelData" not in ds:
-        raise ImageDecodeError(name, "DICOM dataset has no PixelData (not an image object, or truncated)")
-    for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored", "PhotometricInterpretation"):
-        if ds.get(keyword) in (None, ""):
-            raise ImageDecodeError(name, f"DICOM image is missing the required attribute {keyword}")
-    frames = int(ds.get("NumberOfFrames") or 1)
-    if frames > 1:
-        raise ImageDecodeError(name, f"multi-frame DICOM (NumberOfFrames={frames}) is not supported yet")
-    if int(ds.get("PixelRepresentation", 0)) != 0:
-        raise ImageDecodeError(name, "signed DICOM pixel data (PixelRepresentation=1) is not supported yet")
-    allocated, stored_bits = int(ds.BitsAllocated), int(ds.BitsStored)
+        raise ImageDecodeError(name, "float pixel data (FloatPixelData / DoubleFloatPixelData) is not supported")
+    rows, columns = _positive(ds, "Rows", name), _positive(ds, "Columns", name)
+    frames = _positive(ds, "NumberOfFrames", name, default=1)
+    allocated, stored_bits = _positive(ds, "BitsAllocated", name), _positive(ds, "BitsStored", name)
+    if ds.get("PhotometricInterpretation") in (None, ""):
+        raise ImageDecodeError(name, "DICOM image is missing the required attribute PhotometricInterpretation")
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
     if allocated not in (8, 16) or not 1 <= stored_bits <= allocated:
         raise ImageDecodeError(
-            name, f"unsupported DICOM sample layout (BitsAllocated={allocated}, BitsStored={stored_bits})"
+            name, f"unsupported DICOM sample layout (BitsAllocated={allocated}, BitsStored={stored_bits}; "
+            "only 8- and 16-bit samples are supported)"
         )
     source_photometric = str(ds.PhotometricInterpretation).strip()
-    if source_photometric in ("MONOCHROME1", "MONOCHROME2"):
-        photometric, channels = source_photometric, 1
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if source_photometric in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR"):
+        expected_samples = 1
     elif source_photometric == "RGB" or source_photometric.startswith("YBR_"):
-        photometric, channels = "RGB", 3  # pydicom converts YBR to RGB when decoding
+        expected_samples = 3
     else:
         raise ImageDecodeError(name, f"DICOM PhotometricInterpretation {source_photometric!r} is not supported yet")
-    if int(ds.get("SamplesPerPixel", 1)) != channels:
-        raise ImageDecodeError(
-            name, f"SamplesPerPixel={ds.get('SamplesPerPixel')} does not match {source_photometric}"
-        )
+    if samples != expected_samples:
+        raise ImageDecodeError(name, f"SamplesPerPixel={samples} does not match {source_photometric}")
+    if signed and expected_samples == 3:
+        raise ImageDecodeError(name, f"signed {source_photometric} colour samples are not supported")
 
     syntax = UID(ds.file_meta.TransferSyntaxUID)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            array = ds.pixel_array
+            array = ds.pixel_array  # YBR_* come back as RGB (pydicom's as_rgb default)
+            if source_photometric == "PALETTE COLOR":
+                from pydicom.pixels import apply_color_lut
+
+                stored_bits = _palette_bits(ds, name)
+                array = apply_color_lut(array, ds)
+                if stored_bits == 16 and not (array & 0xFF).any():
+                    # 8-bit colours in 16-bit entries (x * 256, as most writers store them): keep 8 bits, exactly,
+                    # which is also what 8-bit-only IODs (US, SC) allow for RGB.
+                    array, stored_bits = (array >> 8).astype(np.uint8), 8
+    except ImageDecodeError:
+        raise
     except Exception as exc:
         if syntax.is_compressed:
             raise ImageDecodeError(
@@ -226,29 +335,57 @@ def decode_dicom(data: bytes | bytearray | memoryview, name: str) -> MedicalImag
                 f"handler such as pylibjpeg or gdcm may be missing ({type(exc).__name__}: {exc})",
             ) from exc
         raise ImageDecodeError(name, f"corrupt DICOM pixel data ({type(exc).__name__}: {exc})") from exc
-    expected = (int(ds.Rows), int(ds.Columns)) + ((3,) if channels == 3 else ())
+    if source_photometric == "PALETTE COLOR":
+        photometric, channels, allocated, signed = "RGB", 3, stored_bits, False
+    elif expected_samples == 3:
+        photometric, channels = "RGB", 3
+    else:
+        photometric, channels = source_photometric, 1
+    expected = ((frames,) if frames > 1 else ()) + (rows, columns) + ((3,) if channels == 3 else ())
     if array.shape != expected:
         raise ImageDecodeError(name, f"DICOM pixel array has shape {array.shape}, expected {expected}")
 
-    dtype = np.uint8 if allocated == 8 else np.uint16
     maxval = (1 << stored_bits) - 1
     # Bits above BitsStored carry no image information (historically overlays); the standard says ignore them.
-    stored = (array.astype(dtype, copy=False) & dtype(maxval)).reshape(expected[0], expected[1], channels)
+    # Masking also turns sign-extended negatives into their BitsStored-bit two's complement, and flipping the
+    # sign bit maps that to value + 2**(BitsStored-1): signed [-2**(b-1), 2**(b-1)) -> offset [0, 2**b).
+    stored = array.astype(np.int32, copy=False) & maxval if signed else array & array.dtype.type(maxval)
+    if signed:
+        stored = (stored ^ (1 << (stored_bits - 1))).astype(np.uint16)
     if photometric == "MONOCHROME1":
-        stored = dtype(maxval) - stored  # integer inversion: a MONOCHROME2 twin decodes to identical floats
-    pixels = stored.astype(np.float32) / np.float32(maxval)
+        stored = stored.dtype.type(maxval) - stored  # integer inversion: a MONOCHROME2 twin decodes alike
+    pixels = stored.astype(np.float32).reshape(((frames,) if frames > 1 else ()) + (rows, columns, channels))
+    pixels /= np.float32(maxval)
 
+    dtype = ("int" if signed else "uint") + ("8" if allocated == 8 else "16")
     meta = ImageMeta(
         format="dicom",
-        dtype=np.dtype(dtype).name,
+        dtype=dtype,
         bits_stored=stored_bits,
         channels=channels,
         photometric=photometric,
         patient_id=str(ds.PatientID) if ds.get("PatientID") not in (None, "") else None,
         text={},
         dicom=_summary(ds),
+        frames=frames,
     )
     return MedicalImage(pixels=pixels, meta=meta, header=_header_bytes(ds))
+
+
+def _update_functional_groups(ds: Dataset, scale: float) -> None:
+    """Enhanced (multi-frame functional group) objects: PixelMeasuresSequence PixelSpacing divided by ``scale``
+    and FrameType value 1 DERIVED, in the shared group and in every per-frame group."""
+    groups = list(ds.get("SharedFunctionalGroupsSequence", [])) + list(ds.get("PerFrameFunctionalGroupsSequence", []))
+    for group in groups:
+        for measures in group.get("PixelMeasuresSequence", []):
+            values = _floats(measures.get("PixelSpacing"))
+            if values:
+                measures.PixelSpacing = [format_number_as_ds(v / scale) for v in values]
+        for elem in group:
+            if elem.VR == "SQ" and elem.keyword.endswith("FrameTypeSequence"):
+                for item in elem.value:
+                    if "FrameType" in item:
+                        item.FrameType = ["DERIVED"] + [str(v) for v in list(item.FrameType)[1:]]
 
 
 def _code_item(value: str, meaning: str, scheme: str = "DCM") -> Dataset:
@@ -270,24 +407,34 @@ def encode_dicom(
     *,
     scale: float = 1.0,
     provenance: Mapping[str, str] | None = None,
+    compression: str = "none",
 ) -> bytes:
     """Write a derived (super-resolved) DICOM object from its source header and new stored values.
 
-    ``stored``: uint8/uint16 (H', W', C) stored values, already in the file's sense (MONOCHROME1 re-inverted),
-    at most ``2**meta.bits_stored - 1``. ``header``: ``MedicalImage.header`` of the source. ``scale``: factor by
-    which the pixel grid got finer (PixelSpacing / ImagerPixelSpacing are divided by it).
+    ``stored``: meta.dtype (uint8/uint16/int8/int16) (H', W', C) — (F, H', W', C) for a multi-frame meta —
+    stored values, already in the file's sense (MONOCHROME1 re-inverted, signed values signed), within
+    BitsStored bits. ``header``: ``MedicalImage.header`` of the source. ``scale``: factor by which the pixel grid
+    got finer (PixelSpacing / ImagerPixelSpacing, and PixelSpacing in the shared and per-frame functional groups'
+    PixelMeasuresSequence, are divided by it). ``compression``: "none" (Explicit VR Little Endian), "rle" (RLE
+    Lossless) or "jpeg2000-lossless" (JPEG 2000 Lossless Only); all three keep every stored value.
 
     The result keeps the Study, Patient and equipment modules, the modality LUT and VOI window; it gets a new
     Series (deterministic from the source SeriesInstanceUID and the model hash in ``provenance``) and a new SOP
     Instance (deterministic from the source SOPInstanceUID, model hash and scale, so a retried task writes the
-    same object), ImageType DERIVED\\SECONDARY, a DerivationDescription, a SourceImageSequence reference to the
-    source and a ContributingEquipmentSequence entry for medsr-dist. Encoded Explicit VR Little Endian.
+    same object), ImageType DERIVED\\SECONDARY (and FrameType DERIVED in functional groups), a
+    DerivationDescription, a SourceImageSequence reference to the source and a ContributingEquipmentSequence entry
+    for medsr-dist. PixelRepresentation, BitsStored, NumberOfFrames and rescale are the source's; a YBR or
+    PALETTE COLOR source is written as RGB (PlanarConfiguration 0, palette tables removed).
     """
     provenance = dict(provenance or {})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = pydicom.dcmread(io.BytesIO(header), force=True)
-    height, width, channels = stored.shape
+    if compression != "none" and compression not in _COMPRESSION_SYNTAX:
+        raise ValueError(f"DICOM compression must be none, {' or '.join(_COMPRESSION_SYNTAX)}, got {compression!r}")
+    if stored.ndim == 3:
+        stored = stored[None]
+    frames, height, width, channels = stored.shape
     model = provenance.get(PROVENANCE_MODEL, "unknown model")
     model_hash = provenance.get(PROVENANCE_MODEL_SHA256, "")
     scale_text = provenance.get(PROVENANCE_SCALE, _format_scale(scale))
@@ -343,7 +490,12 @@ def encode_dicom(
     for tag in [t for t in ds.keys() if 0x6000 <= t.group <= 0x601E and t.group % 2 == 0]:
         del ds[tag]  # overlay planes are sized for the old matrix
 
-    allocated = 8 if meta.dtype == "uint8" else 16
+    _update_functional_groups(ds, scale)
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "PALETTE COLOR":
+        for tag in [t for t in ds.keys() if t.group == 0x0028 and 0x1100 <= t.element <= 0x1223]:
+            del ds[tag]  # palette descriptors, UID and tables: the derived object is RGB
+
+    allocated = 8 if meta.dtype in ("uint8", "int8") else 16
     ds.Rows, ds.Columns = height, width
     ds.SamplesPerPixel = channels
     ds.PhotometricInterpretation = meta.photometric
@@ -352,10 +504,14 @@ def encode_dicom(
     ds.BitsAllocated = allocated
     ds.BitsStored = meta.bits_stored
     ds.HighBit = meta.bits_stored - 1
-    ds.PixelRepresentation = 0
-    if "NumberOfFrames" in ds:
-        del ds.NumberOfFrames
-    payload = np.ascontiguousarray(stored.astype("<u2" if allocated == 16 else np.uint8)).tobytes()
+    ds.PixelRepresentation = 1 if meta.signed else 0
+    if frames > 1 or "NumberOfFrames" in ds:  # kept where the source has it (some IODs require it even for 1)
+        ds.NumberOfFrames = frames
+    little = stored.astype(stored.dtype.newbyteorder("<"), copy=False)
+    array = np.ascontiguousarray(little if frames > 1 else little[0])
+    if channels == 1:
+        array = array[..., 0]
+    payload = array.tobytes()
     if len(payload) % 2:
         payload += b"\x00"
     ds.PixelData = payload
@@ -367,6 +523,13 @@ def encode_dicom(
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.preamble = b"\x00" * 128
+    if compression != "none":
+        # Lossless only: every stored value survives (checked by the round-trip tests). RGB is coded without the
+        # reversible colour transform so the object stays PhotometricInterpretation RGB.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds.compress(_COMPRESSION_SYNTAX[compression], array, generate_instance_uid=False,
+                        **({"use_mct": False} if compression == "jpeg2000-lossless" else {}))
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)
     return buf.getvalue()

@@ -1,14 +1,18 @@
 """Decode and encode medical and ordinary images (PNG, JPEG, TIFF, DICOM) without losing their form.
 
-``decode_image`` turns file bytes into a :class:`MedicalImage`: float32 pixels (H, W, C) in [0, 1], RGB(A)
-order, display-oriented (higher is brighter), plus an :class:`ImageMeta` that remembers how the pixels were
-stored (format, sample type, bits, channels, photometric, text, DICOM header summary). ``encode_image`` writes
+``decode_image`` turns file bytes into a :class:`MedicalImage`: float32 pixels (H, W, C) — (F, H, W, C) for a
+multi-frame DICOM object — in [0, 1], RGB(A) order, display-oriented (higher is brighter), plus an
+:class:`ImageMeta` that remembers how the pixels were stored (format, sample type, signedness, bits, channels,
+frames, photometric, text, DICOM header summary). ``encode_image`` writes
 new pixels — usually super-resolved, so of another size — back in that same form: 16-bit stays 16-bit, grey
 stays grey, MONOCHROME1 stays MONOCHROME1, DICOM becomes a valid derived object of the same study. Provenance
 (which model made the image) is written as PNG tEXt/iTXt, TIFF ImageDescription JSON, a JPEG COM segment or
 DICOM derivation attributes, and text metadata is read back into ``ImageMeta.text``.
 
-The format is detected from the content (magic bytes), never from the file name.
+The format is detected from the content (magic bytes), never from the file name. :func:`probe_image` reads only
+the header (dimensions, frames, channels, bits) so that pixel limits can be enforced before anything is decoded.
+DICOM objects that hold no image (structured reports, waveforms, RT plans, presentation states, ...) raise
+:class:`NotAnImageObject`, so that callers can count them apart from broken files.
 """
 
 from __future__ import annotations
@@ -28,11 +32,14 @@ import tifffile
 
 __all__ = [
     "ImageDecodeError",
+    "NotAnImageObject",
     "ImageMeta",
+    "ImageProbe",
     "MedicalImage",
     "FORMATS",
     "detect_format",
     "decode_image",
+    "probe_image",
     "encode_image",
     "output_extension",
 ]
@@ -42,6 +49,8 @@ _EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "tiff": ".tif", "dicom": ".dcm"}
 _PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2", "RGB", "RGBA")
 _CHANNELS_FOR = {"MONOCHROME1": 1, "MONOCHROME2": 1, "RGB": 3, "RGBA": 4}
 _MAXVAL = {"uint8": 255, "uint16": 65535}
+_SIGNED_DTYPES = ("int8", "int16")  # DICOM PixelRepresentation=1 only
+DICOM_COMPRESSIONS = ("none", "rle", "jpeg2000-lossless")
 JPEG_QUALITY = 95
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -60,17 +69,45 @@ class ImageDecodeError(ValueError):
         return (type(self), (self.name, self.reason))
 
 
+class NotAnImageObject(ImageDecodeError):
+    """A readable DICOM object that holds no image to enhance (SR, waveform, RT plan/dose/structure set,
+    presentation state, segmentation, encapsulated document, ...): not an error of the file, a different kind
+    of object. Callers give it its own status (the nightly job: ``ignored``) instead of counting it as an error.
+
+    Attributes: ``name`` (file name or key), ``sop_class_uid`` ("" when the object has none), ``sop_class_name``
+    (pydicom's name of the SOP class, or the UID itself when unknown, "unknown" when absent), ``reason``.
+    ``str()`` is ``"<name>: not an image object (<sop_class_name>, SOP class <uid>): <detail>"``; it never holds
+    patient identifiers. It is an ImageDecodeError (so a ValueError): code that only knows ImageDecodeError still
+    refuses it cleanly — catch NotAnImageObject first where it must be told apart. Picklable.
+    """
+
+    def __init__(self, name: str, sop_class_uid: str, sop_class_name: str, detail: str = "not an image SOP class"):
+        label = f"{sop_class_name}, SOP class {sop_class_uid}" if sop_class_uid else "no SOP class"
+        super().__init__(name, f"not an image object ({label}): {detail}")
+        self.sop_class_uid = sop_class_uid
+        self.sop_class_name = sop_class_name
+        self.detail = detail
+
+    def __reduce__(self):
+        return (type(self), (self.name, self.sop_class_uid, self.sop_class_name, self.detail))
+
+
 @dataclass
 class ImageMeta:
     """How an image was stored, so that a derived image can be written in the same form.
 
-    format: "png" | "jpeg" | "tiff" | "dicom"; dtype: stored sample type "uint8" | "uint16";
-    bits_stored: significant bits (DICOM BitsStored; 8 or 16 elsewhere); channels: 1, 3 or 4 as stored;
+    format: "png" | "jpeg" | "tiff" | "dicom"; dtype: stored sample type "uint8" | "uint16", or for signed DICOM
+    pixel data (PixelRepresentation=1: CT, some MR) "int8" | "int16"; bits_stored: significant bits (DICOM
+    BitsStored; 8 or 16 elsewhere); channels: 1, 3 or 4 as decoded (colour DICOM of any photometric is RGB);
     photometric: "MONOCHROME1" (stored inverted: low value = bright) | "MONOCHROME2" | "RGB" | "RGBA";
     patient_id: DICOM PatientID, else None; text: text metadata of the file (PNG tEXt/zTXt/iTXt, TIFF
     ImageDescription — a JSON object there is unpacked into its keys —, JPEG COM); dicom: JSON-ready summary of
     the DICOM header (rescale slope/intercept, window centre/width lists, pixel spacing in mm [row, column],
-    UIDs, modality, ...; see ``medsr_dist.io.dicom``), else None.
+    UIDs, modality, ...; see ``medsr_dist.io.dicom``), else None; frames: number of frames (DICOM
+    NumberOfFrames; 1 for every other format) — pixels are (F, H, W, C) when frames > 1.
+
+    Signed samples are mapped into [0, 1] by ``(value + offset) / maxval`` with ``offset = 2**(bits_stored-1)``,
+    so ``rint(p * maxval) - offset`` recovers every stored value exactly (see :attr:`offset`).
     """
 
     format: str
@@ -81,39 +118,84 @@ class ImageMeta:
     patient_id: str | None = None
     text: dict[str, str] = field(default_factory=dict)
     dicom: dict[str, Any] | None = None
+    frames: int = 1
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
-        if self.dtype not in _MAXVAL:
-            raise ValueError(f"dtype must be uint8 or uint16, got {self.dtype!r}")
+        if self.dtype not in _MAXVAL and not (self.dtype in _SIGNED_DTYPES and self.format == "dicom"):
+            raise ValueError(f"dtype must be uint8 or uint16 (int8/int16 for DICOM only), got {self.dtype!r}")
         if self.photometric not in _PHOTOMETRICS:
             raise ValueError(f"photometric must be one of {_PHOTOMETRICS}, got {self.photometric!r}")
         if self.channels != _CHANNELS_FOR[self.photometric]:
             raise ValueError(f"{self.photometric} has {_CHANNELS_FOR[self.photometric]} channels, not {self.channels}")
-        limit = 8 if self.dtype == "uint8" else 16
+        limit = 8 if self.dtype in ("uint8", "int8") else 16
         if not 1 <= self.bits_stored <= limit:
             raise ValueError(f"bits_stored {self.bits_stored} does not fit {self.dtype}")
+        if not isinstance(self.frames, int) or self.frames < 1:
+            raise ValueError(f"frames must be a positive integer, got {self.frames!r}")
+        if self.frames > 1 and self.format != "dicom":
+            raise ValueError(f"only DICOM images have several frames, not {self.format}")
+
+    @property
+    def signed(self) -> bool:
+        """True for signed stored samples (DICOM PixelRepresentation=1)."""
+        return self.dtype in _SIGNED_DTYPES
+
+    @property
+    def offset(self) -> int:
+        """Added to a stored value before normalising: ``2**(bits_stored-1)`` when signed, else 0."""
+        return 1 << (self.bits_stored - 1) if self.signed else 0
 
     @property
     def maxval(self) -> int:
-        """The stored value that means 1.0: ``2**bits_stored - 1`` for DICOM, the dtype maximum otherwise."""
+        """The (offset) stored value that means 1.0: ``2**bits_stored - 1`` for DICOM, the dtype maximum
+        otherwise. ``rint(p * maxval)`` is always in [0, maxval] <= 65535, so it fits uint16 for every form."""
         return (1 << self.bits_stored) - 1 if self.format == "dicom" else _MAXVAL[self.dtype]
+
+    def pixel_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """The ``MedicalImage.pixels`` shape of an image of this form: (H, W, C), or (F, H, W, C) if frames > 1."""
+        return ((self.frames,) if self.frames > 1 else ()) + (height, width, self.channels)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ImageMeta:
+        """Inverse of :meth:`to_json`; JSON written before a field existed gets that field's default."""
         return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class ImageProbe:
+    """What an image's header says, read without decoding any pixel data (see :func:`probe_image`).
+
+    format: as :data:`FORMATS`; height, width: pixels per frame as stored (JPEG EXIF orientation not applied);
+    frames: DICOM NumberOfFrames, TIFF page count, else 1; channels: samples per pixel as ``decode_image`` will
+    return them (PNG palette -> 3, grey+alpha -> 4, DICOM PALETTE COLOR / YBR -> 3); bits: bits per stored sample
+    (DICOM BitsAllocated, PNG/TIFF bit depth, JPEG sample precision).
+    """
+
+    format: str
+    height: int
+    width: int
+    frames: int
+    channels: int
+    bits: int
+
+    @property
+    def pixels(self) -> int:
+        """Pixels of all frames together: frames * height * width."""
+        return self.frames * self.height * self.width
 
 
 @dataclass
 class MedicalImage:
     """Display-ready pixels with the metadata needed to write a derived image in the source's form.
 
-    pixels: float32 (H, W, C), C = meta.channels in {1, 3, 4}, range [0, 1], RGB(A) order, higher = brighter
-    (MONOCHROME1 already inverted). header: DICOM only — the source dataset without PixelData as Explicit VR
+    pixels: float32 (H, W, C) — (F, H, W, C) with F = meta.frames when meta.frames > 1 —, C = meta.channels in
+    {1, 3, 4}, range [0, 1], RGB(A) order, higher = brighter (MONOCHROME1 already inverted; signed samples offset
+    as described in :class:`ImageMeta`). header: DICOM only — the source dataset without PixelData as Explicit VR
     Little Endian Part 10 bytes, for ``encode_image``; None for other formats.
     """
 
@@ -122,10 +204,12 @@ class MedicalImage:
     header: bytes | None = None
 
     def __post_init__(self) -> None:
-        if self.pixels.dtype != np.float32 or self.pixels.ndim != 3 or self.pixels.shape[2] != self.meta.channels:
-            raise ValueError(
-                f"pixels must be float32 (H, W, {self.meta.channels}), got {self.pixels.dtype} {self.pixels.shape}"
-            )
+        frames = self.meta.frames
+        ok = self.pixels.dtype == np.float32 and self.pixels.shape[-1:] == (self.meta.channels,)
+        ok = ok and (self.pixels.ndim == 3 if frames == 1 else (self.pixels.ndim == 4 and self.pixels.shape[0] == frames))
+        if not ok:
+            layout = f"(H, W, {self.meta.channels})" if frames == 1 else f"({frames}, H, W, {self.meta.channels})"
+            raise ValueError(f"pixels must be float32 {layout}, got {self.pixels.dtype} {self.pixels.shape}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -133,8 +217,14 @@ class MedicalImage:
 
 
 def detect_format(data: bytes | bytearray | memoryview) -> str | None:
-    """"png" | "jpeg" | "tiff" | "dicom" from the leading bytes, or None when none matches."""
+    """"png" | "jpeg" | "tiff" | "dicom" from the leading bytes, or None when none matches.
+
+    ``DICM`` at offset 128 wins over anything in the 128-byte preamble (dual-personality DICOM/TIFF files hold a
+    TIFF header there); DICOM without preamble (bare implicit- or explicit-VR datasets) is recognised by its first
+    element (:func:`medsr_dist.io.dicom.looks_like_dicom`)."""
     head = bytes(memoryview(data)[:132])
+    if head[128:132] == b"DICM":
+        return "dicom"
     if head.startswith(_PNG_SIGNATURE):
         return "png"
     if head.startswith(b"\xff\xd8\xff"):
@@ -151,14 +241,15 @@ def detect_format(data: bytes | bytearray | memoryview) -> str | None:
 def decode_image(data: bytes | bytearray | memoryview, name: str) -> MedicalImage:
     """Decode image file bytes (PNG, JPEG, TIFF or DICOM, detected by content) into a :class:`MedicalImage`.
 
-    ``name`` is only used in error messages (the file name or key). Pixels are float32 (H, W, C) in [0, 1]:
-    stored value / 255 or 65535 for PNG/JPEG/TIFF, / (2**BitsStored - 1) for DICOM; RGB(A) order; MONOCHROME1
-    (DICOM, TIFF min-is-white) inverted to higher = brighter; JPEG EXIF orientation applied. Grey+alpha PNG/TIFF
-    come back as RGBA. ``data`` is never modified.
+    ``name`` is only used in error messages (the file name or key). Pixels are float32 (H, W, C) in [0, 1] —
+    (F, H, W, C) for multi-frame DICOM —: stored value / 255 or 65535 for PNG/JPEG/TIFF, (value + offset) /
+    (2**BitsStored - 1) for DICOM (offset 2**(BitsStored-1) for signed samples, else 0); RGB(A) order;
+    MONOCHROME1 (DICOM, TIFF min-is-white) inverted to higher = brighter; DICOM YBR and PALETTE COLOR converted
+    to RGB; JPEG EXIF orientation applied. Grey+alpha PNG/TIFF come back as RGBA. ``data`` is never modified.
 
-    Raises ImageDecodeError (naming ``name`` and the reason) for empty, truncated, corrupt, unrecognised or
-    unsupported input (multi-frame DICOM, multi-page TIFF, signed/float samples, compressed DICOM without a
-    decoder, ...).
+    Raises NotAnImageObject for DICOM objects without an image (SR, waveform, RT plan, ...), ImageDecodeError
+    (naming ``name`` and the reason) for empty, truncated, corrupt, unrecognised or unsupported input (multi-page
+    TIFF, float samples, 32-bit or 1-bit DICOM, ...). Reasons never hold patient identifiers.
     """
     if len(memoryview(data)) == 0:
         raise ImageDecodeError(name, "empty file (0 bytes)")
@@ -179,6 +270,98 @@ def decode_image(data: bytes | bytearray | memoryview, name: str) -> MedicalImag
     )
 
 
+def probe_image(data: bytes | bytearray | memoryview, name: str) -> ImageProbe:
+    """Read an image's dimensions from its header alone — PNG IHDR, JPEG SOFn, TIFF page tags, DICOM Rows,
+    Columns, NumberOfFrames, SamplesPerPixel — without decoding (or decompressing) any pixel data, so a caller
+    can refuse a decompression bomb before allocating for it. Costs O(header), plus for DICOM a scan over the
+    encapsulated fragments' item tags.
+
+    Raises NotAnImageObject for a DICOM object without an image, ImageDecodeError (naming ``name``) for empty,
+    unrecognised or unreadable headers. A successful probe does not promise that ``decode_image`` succeeds.
+    """
+    view = memoryview(data)
+    if len(view) == 0:
+        raise ImageDecodeError(name, "empty file (0 bytes)")
+    kind = detect_format(view)
+    if kind == "png":
+        return _probe_png(bytes(view[:64]), name)
+    if kind == "jpeg":
+        return _probe_jpeg(view, name)
+    if kind == "tiff":
+        return _probe_tiff(data if isinstance(data, bytes) else bytes(view), name)  # bytes: shared, not copied
+    if kind == "dicom":
+        from medsr_dist.io.dicom import probe_dicom
+
+        return probe_dicom(data, name)
+    raise ImageDecodeError(
+        name, f"not a recognised image format (PNG, JPEG, TIFF or DICOM); file starts with {bytes(view[:8])!r}"
+    )
+
+
+def _probe_png(head: bytes, name: str) -> ImageProbe:
+    if len(head) < 33 or head[12:16] != b"IHDR":
+        raise ImageDecodeError(name, "corrupt PNG: no IHDR chunk at the start")
+    length, = struct.unpack(">I", head[8:12])
+    if length != 13 or zlib.crc32(head[12:29]) & 0xFFFFFFFF != struct.unpack(">I", head[29:33])[0]:
+        raise ImageDecodeError(name, "corrupt PNG: damaged IHDR chunk")
+    width, height, depth, colour = struct.unpack(">IIBB", head[16:26])
+    channels = {0: 1, 2: 3, 3: 3, 4: 4, 6: 4}.get(colour)  # grey+alpha decodes as RGBA, palette as RGB
+    if channels is None or width == 0 or height == 0:
+        raise ImageDecodeError(name, f"corrupt PNG: IHDR says {width}x{height}, colour type {colour}")
+    return ImageProbe("png", height, width, 1, channels, 16 if depth == 16 else 8)
+
+
+def _probe_jpeg(view: memoryview, name: str) -> ImageProbe:
+    # Walk the marker segments up to the first SOFn; only segment headers are touched.
+    pos, end = 2, len(view)
+    while pos + 4 <= end:
+        if view[pos] != 0xFF:
+            break
+        marker = view[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):
+            break
+        (length,) = struct.unpack(">H", view[pos + 2 : pos + 4])
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if pos + 10 > end:
+                break
+            precision, height, width, components = struct.unpack(">BHHB", view[pos + 4 : pos + 10])
+            if height == 0 or width == 0:
+                raise ImageDecodeError(name, f"JPEG frame header says {width}x{height} (DNL height is not supported)")
+            return ImageProbe("jpeg", height, width, 1, components, precision)
+        pos += 2 + length
+    raise ImageDecodeError(name, "corrupt JPEG: no frame header (SOFn) before the image data")
+
+
+def _probe_tiff(raw: bytes, name: str) -> ImageProbe:
+    try:
+        with tifffile.TiffFile(io.BytesIO(raw)) as tif:
+            pages = len(tif.pages)
+            if pages == 0:
+                raise ImageDecodeError(name, "TIFF has no image pages")
+            page = tif.pages.first
+            height, width = int(page.imagelength), int(page.imagewidth)
+            depth = int(getattr(page, "imagedepth", 1) or 1)
+            samples, bits = int(page.samplesperpixel), int(page.bitspersample)
+            extrasamples = len(page.extrasamples)
+            photometric = int(page.photometric)
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # tifffile raises many types for damaged headers
+        raise ImageDecodeError(name, f"corrupt TIFF header ({type(exc).__name__}: {exc})") from exc
+    channels = samples
+    if photometric in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.MINISWHITE) and samples == 2:
+        channels = 4  # grey+alpha decodes as RGBA
+    elif photometric == tifffile.PHOTOMETRIC.PALETTE or (photometric == tifffile.PHOTOMETRIC.YCBCR and not extrasamples):
+        channels = 3
+    return ImageProbe("tiff", height, width, pages * depth, channels, bits)
+
+
 def output_extension(meta: ImageMeta | str) -> str:
     """File extension for writing an image of ``meta``'s form (or a format name): .png .jpg .tif .dcm."""
     kind = meta if isinstance(meta, str) else meta.format
@@ -195,24 +378,40 @@ def encode_image(
     *,
     scale: float = 1.0,
     provenance: Mapping[str, str] | None = None,
+    dicom_compression: str = "none",
 ) -> bytes:
     """Encode ``pixels`` in the form described by ``meta`` (usually the source image's meta).
 
     pixels: float (H', W', C) with C = meta.channels (or (H', W') when C = 1) in [0, 1] (clipped), RGB(A),
-    display-oriented; H', W' may differ from the source (super-resolution by ``scale``). Values become
-    ``rint(p * maxval)`` in meta.dtype (maxval 255 / 65535, DICOM ``2**bits_stored - 1``); MONOCHROME1 is
-    re-inverted. PNG/TIFF are lossless, JPEG uses quality 95. ``provenance`` (str -> str) is merged over
-    ``meta.text`` and written as PNG tEXt/iTXt chunks, a TIFF ImageDescription JSON object or a JPEG COM JSON
-    object; for DICOM (``header`` = the source ``MedicalImage.header``, required) it becomes the derived
-    object's DerivationDescription and equipment entry, and the pixel spacing is divided by ``scale``.
+    display-oriented — (F, H', W', C) with F = meta.frames for a multi-frame DICOM meta —; H', W' may differ from
+    the source (super-resolution by ``scale``). Values become ``rint(p * maxval) - offset`` in meta.dtype (maxval
+    255 / 65535, DICOM ``2**bits_stored - 1``; offset ``2**(bits_stored-1)`` for signed DICOM, else 0), exactly
+    inverting ``decode_image``; MONOCHROME1 is re-inverted. PNG/TIFF are lossless, JPEG uses quality 95.
+    ``provenance`` (str -> str) is merged over ``meta.text`` and written as PNG tEXt/iTXt chunks, a TIFF
+    ImageDescription JSON object or a JPEG COM JSON object; for DICOM (``header`` = the source
+    ``MedicalImage.header``, required) it becomes the derived object's DerivationDescription and equipment entry,
+    and the pixel spacing (also in functional groups) is divided by ``scale``. ``dicom_compression`` (DICOM only):
+    "none" (Explicit VR Little Endian), "rle" (RLE Lossless) or "jpeg2000-lossless" — never lossy.
 
-    Raises ValueError for a channel-count mismatch, non-finite pixels, or a DICOM meta without header.
+    Raises ValueError for a shape or channel-count mismatch, non-finite pixels, a DICOM meta without header or an
+    unknown ``dicom_compression``.
     """
     array = np.asarray(pixels)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if array.ndim != 3 or array.shape[2] != meta.channels or min(array.shape[:2]) < 1:
-        raise ValueError(f"pixels must be (H, W, {meta.channels}) for {meta.photometric}, got {array.shape}")
+    if meta.frames > 1:
+        if array.ndim == 3 and meta.channels == 1:
+            array = array[..., None]
+        if array.ndim != 4 or array.shape[0] != meta.frames or array.shape[3] != meta.channels or min(array.shape[1:3]) < 1:
+            raise ValueError(
+                f"pixels must be ({meta.frames}, H, W, {meta.channels}) for a {meta.frames}-frame {meta.photometric} "
+                f"image, got {array.shape}"
+            )
+    else:
+        if array.ndim == 2:
+            array = array[:, :, None]
+        if array.ndim != 3 or array.shape[2] != meta.channels or min(array.shape[:2]) < 1:
+            raise ValueError(f"pixels must be (H, W, {meta.channels}) for {meta.photometric}, got {array.shape}")
+    if dicom_compression not in DICOM_COMPRESSIONS:
+        raise ValueError(f"dicom_compression must be one of {DICOM_COMPRESSIONS}, got {dicom_compression!r}")
     if not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"pixels must be floating point in [0, 1], got {array.dtype}")
     if not np.isfinite(array).all():
@@ -225,9 +424,15 @@ def encode_image(
 
     maxval = meta.maxval
     stored = np.rint(np.clip(array.astype(np.float32, copy=False), 0.0, 1.0) * np.float32(maxval))
-    stored = stored.astype(meta.dtype)
-    if meta.photometric == "MONOCHROME1":
-        stored = np.asarray(maxval, dtype=meta.dtype) - stored
+    if meta.signed:  # offset values in [0, maxval] -> signed stored values; MONOCHROME1 inverts before the shift
+        offset_values = stored.astype(np.int32)
+        if meta.photometric == "MONOCHROME1":
+            offset_values = maxval - offset_values
+        stored = (offset_values - meta.offset).astype(meta.dtype)
+    else:
+        stored = stored.astype(meta.dtype)
+        if meta.photometric == "MONOCHROME1":
+            stored = np.asarray(maxval, dtype=meta.dtype) - stored
 
     if meta.format == "png":
         return _encode_png(stored, text)
@@ -237,7 +442,7 @@ def encode_image(
         return _encode_tiff(stored, meta, text)
     from medsr_dist.io.dicom import encode_dicom
 
-    return encode_dicom(stored, meta, header, scale=scale, provenance=provenance)
+    return encode_dicom(stored, meta, header, scale=scale, provenance=provenance, compression=dicom_compression)
 
 
 # ----------------------------------------------------------------------------------------------------------------
