@@ -350,6 +350,23 @@ class EnhanceConfig(Section):
         30.0, description="Rows whose consistency PSNR (output degraded back vs input) is below this are flagged for review"
     )
     report_images: int = Field(2, ge=0, description="Side-by-side figures in the report (hold-out ground truth needed)")
+    max_input_pixels: int = Field(
+        100_000_000, ge=1, description="Largest input (height x width x frames) read from its header before decoding; "
+        "larger ones are refused unread (error row). The default fits a 4k x 5k mammogram with room to spare")
+    max_output_pixels: int = Field(
+        400_000_000, ge=1, description="Largest output (height x width x frames after outscale); 4k x 5k at x4 is "
+        "320 M. The replica's float32 RGB canvas is 12 bytes per output pixel")
+    max_attempts: int = Field(
+        3, ge=1, description="Runs in which an input may kill its model replica (crash, out of memory) before it is "
+        "'quarantined' and no longer tried (until its content changes)")
+    lease_ttl_s: float = Field(
+        600.0, gt=0, description="One run per output prefix: a run's lease (_manifest/lease.json), refreshed every "
+        "third of this, may be taken over by another run once it is this old")
+    log_keys: bool = Field(False, description="Name input keys in job logs (keys often embed accession numbers); "
+                           "off: logs name items by item id. Manifests always keep keys")
+    dicom_compression: Literal["none", "rle", "jpeg2000-lossless"] = Field(
+        "none", description="Transfer syntax of derived DICOM objects: none (Explicit VR Little Endian), rle (RLE "
+        "Lossless) or jpeg2000-lossless (JPEG 2000 Lossless Only); every stored value is kept, never lossy")
 
     @model_validator(mode="after")
     def _replicas(self) -> "EnhanceConfig":
