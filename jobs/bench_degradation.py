@@ -71,6 +71,7 @@ NOT_OPTIONS = {
     "usm_sharpen_gt": "always on in feed_data (l1/percep_gt_usm: True)",
     "shuffle_buffer": "opt['queue_size'] (training pair pool)",
     "num_actors": "placement only", "cpus_per_actor": "placement only",
+    "lq_quantization": "feed_data always rounds the LQ to 8 bits ('8bit'); the bench's 16-bit sources use 'source'",
 }
 REF_CROP = 400  # RealESRGANDataset's hard-coded crop_pad_size
 
@@ -87,6 +88,8 @@ def reference_options(cfg: DegradationConfig, scale: int, dataroot: str, meta_in
     dataset_opt = {k: plain(getattr(cfg, k)) for k in DATASET_KEYS}
     dataset_opt.update(dataroot_gt=dataroot, meta_info=meta_info, io_backend={"type": "disk"}, use_rot=False)
     model_opt = {k: plain(getattr(cfg, k)) for k in MODEL_KEYS}
+    for k in ("gray_noise_prob", "gray_noise_prob2"):  # null: 1.0 for gray sources, as the bench's radiographs are
+        model_opt[k] = 1.0 if model_opt[k] is None else model_opt[k]
     model_opt.update(scale=scale, queue_size=cfg.shuffle_buffer, high_order_degradation=True)
     return dataset_opt, model_opt
 

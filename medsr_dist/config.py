@@ -142,6 +142,11 @@ class PrepareConfig(Section):
         None, description="Paired-data mode: prefix of low-resolution images matching `input` (ground truth) by "
         "relative path and file stem; training then crops these pairs instead of degrading",
     )
+    group_secret_file: str | None = Field(
+        None, description="File (path or URI) holding the site secret (>= 16 bytes) that pseudonymises DICOM "
+        "PatientIDs (HMAC-SHA256) for the patient-level split; default: the MEDSR_GROUP_SECRET environment variable. "
+        "Required when files carry a PatientID and split.group_by is patient_id; the same secret keeps the same split",
+    )
 
 
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
@@ -167,7 +172,9 @@ class DegradationConfig(Section):
     gaussian_noise_prob: float = Field(0.5, ge=0, le=1)
     noise_range: Range = (1.0, 30.0)
     poisson_scale_range: Range = (0.05, 3.0)
-    gray_noise_prob: float = Field(0.4, ge=0, le=1)
+    gray_noise_prob: float | None = Field(
+        None, ge=0, le=1, description="Probability that the noise is gray (equal on every channel); null: 1.0 for gray "
+        "sources (a radiograph never has chroma noise), 0.4 (Real-ESRGAN) for colour ones")
     jpeg_range: Range = (30.0, 95.0)
     # second degradation
     second_blur_prob: float = Field(0.8, ge=0, le=1)
@@ -183,13 +190,17 @@ class DegradationConfig(Section):
     gaussian_noise_prob2: float = Field(0.5, ge=0, le=1)
     noise_range2: Range = (1.0, 25.0)
     poisson_scale_range2: Range = (0.05, 2.5)
-    gray_noise_prob2: float = Field(0.4, ge=0, le=1)
+    gray_noise_prob2: float | None = Field(None, ge=0, le=1, description="As gray_noise_prob, second degradation")
     jpeg_range2: Range = (30.0, 95.0)
     final_sinc_prob: float = Field(0.8, ge=0, le=1)
     # placement: CPU actors sized separately from the trainers
     num_actors: int = Field(1, ge=1, description="Degradation actors (Ray Data actor pool size)")
     cpus_per_actor: float = Field(1.0, gt=0)
     shuffle_buffer: int = Field(180, ge=0, description="Training-pair pool: local shuffle buffer in samples")
+    lq_quantization: Literal["source", "8bit"] = Field(
+        "source", description="Grid of the LQ values: 'source' = the source's significant bits (a 12-bit CT trains on "
+        "12-bit inputs, as inference feeds it; its JPEG steps add libjpeg's error without 8-bit rounding), '8bit' = "
+        "Real-ESRGAN's round(x*255)/255 for every source. 8-bit sources degrade the same either way")
 
     _ranges = field_validator(
         "blur_sigma", "betag_range", "betap_range", "resize_range", "noise_range", "poisson_scale_range",

@@ -4,12 +4,23 @@ This is the synthesis of ``RealESRGANDataset.__getitem__`` (kernels) and
 ``RealESRGANModel.feed_data`` (blur, resize, noise, JPEG, twice, then the final sinc/JPEG in
 random order) moved out of the training step into the data pipeline. The random draws follow the
 same distributions; basicsr's kernel and noise functions are used as they are. Differences, on
-purpose: the pipeline runs per sample in numpy/OpenCV (real libjpeg instead of DiffJPEG; cv2
-INTER_AREA/LINEAR/CUBIC for torch's area/bilinear/bicubic), and the GT is cropped to ``gt_size``
-before degradation instead of degrading a 400-pixel crop and cropping afterwards.
+purpose: the pipeline runs per sample in numpy/OpenCV (real libjpeg instead of DiffJPEG: the two differ by
+~1.4-3.6/255 on average at quality 30-95, about half of JPEG's own error, see tests/test_degradation.py; cv2
+bilinear/bicubic and an adaptive-pooling ``area`` equal to torch's ``F.interpolate`` with ``size=``), the
+first-order resize maps the image extent exactly (feed_data's ``scale_factor=f`` samples at ``(x+0.5)/f-0.5``,
+which stretches the content by up to ~2 pixels at the far edge of a 256-pixel crop), and the GT is cropped to
+``gt_size`` before degradation instead of degrading a 400-pixel crop and cropping afterwards. Kernels,
+``filter2D`` and the noise draws are basicsr's own (parity tests in tests/test_degradation.py).
 
 Every sample is seeded from (run seed, image key, epoch): the same sample always degrades the same
 way, on any actor, in any order.
+
+Medical archives, on purpose too: a gray source gets gray noise only (``gray_noise_prob`` null: 1.0 for gray
+images, Real-ESRGAN's 0.4 for colour ones: a radiograph never has chroma noise), and the LQ is quantized to
+the source's significant bits (``lq_quantization: source``; the prepared PNG's ``sBIT`` says them), because
+inference feeds a 12-bit CT as 12-bit values, not 8-bit ones. For such sources the 8-bit libjpeg round trip
+adds its error (JPEG(x) - round8(x): block and ringing artefacts) to the unquantized image instead of
+replacing it with 8-bit values. An 8-bit colour source degrades exactly as Real-ESRGAN's pipeline.
 
 Arrays: ``gt``/``gt_usm`` (3, gt_size, gt_size) and ``lq`` (3, gt_size/scale, gt_size/scale),
 float32 in [0, 1], RGB.
@@ -32,7 +43,7 @@ from basicsr.data.degradations import (
 )
 from basicsr.utils.img_process_util import usm_sharp
 
-from medsr_dist.config import DegradationConfig
+from medsr_dist.config import DegradationConfig, Range
 
 _RESIZE_MODES = {"area": cv2.INTER_AREA, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
 
@@ -41,6 +52,15 @@ def sample_seed(run_seed: int, key: str, epoch: int) -> int:
     """A 32-bit seed that depends only on the run seed, the sample's key and the epoch."""
     digest = hashlib.blake2b(f"{run_seed}|{key}|{epoch}".encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little")
+
+
+def training_image_info(data: bytes) -> tuple[int, bool]:
+    """(significant bits, gray) of a prepared PNG: its ``sBIT`` chunk (else its bit depth) and whether it is
+    stored as one gray channel."""
+    from medsr_dist.data.prepare import significant_bits
+
+    data = bytes(data)
+    return significant_bits(data), data[25] in (0, 4)
 
 
 def decode_training_image(data: bytes) -> np.ndarray:
@@ -106,21 +126,66 @@ def _filter(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return cv2.filter2D(img, -1, kernel, borderType=cv2.BORDER_REFLECT_101)
 
 
+def _area(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    """torch's ``F.interpolate(mode="area")``, i.e. adaptive average pooling: output pixel i averages input pixels
+    ``floor(i*H/h)`` to ``ceil((i+1)*H/h) - 1`` (OpenCV's INTER_AREA weights fractional pixels instead, and is
+    bilinear when enlarging)."""
+    for axis, (n_in, n_out) in enumerate(((img.shape[0], h), (img.shape[1], w))):
+        if n_in == n_out:
+            continue
+        i = np.arange(n_out)
+        start, end = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        cs = np.cumsum(img, axis=axis, dtype=np.float64)
+        cs = np.concatenate([np.zeros_like(np.take(cs, [0], axis=axis)), cs], axis=axis)
+        shape = [1] * img.ndim
+        shape[axis] = n_out
+        img = ((np.take(cs, end, axis=axis) - np.take(cs, start, axis=axis)) / (end - start).reshape(shape)).astype(np.float32)
+    return img
+
+
 def _resize(img: np.ndarray, size_hw: tuple[int, int], mode: str) -> np.ndarray:
+    """``F.interpolate(img, size=size_hw, mode=mode)`` as feed_data calls it (align_corners False, no antialias):
+    cv2's bilinear/bicubic agree with torch's within 0.002/255, ``area`` is torch's adaptive pooling exactly."""
     h, w = max(1, size_hw[0]), max(1, size_hw[1])
-    out = cv2.resize(img, (w, h), interpolation=_RESIZE_MODES[mode])
+    out = _area(img, h, w) if mode == "area" else cv2.resize(img, (w, h), interpolation=_RESIZE_MODES[mode])
     return out if out.ndim == 3 else out[:, :, None]
 
 
-def _jpeg(img: np.ndarray, quality: float) -> np.ndarray:
-    """Real JPEG round trip at ``quality`` on an RGB float image (libjpeg expects BGR)."""
-    bgr = cv2.cvtColor(np.clip(img, 0, 1), cv2.COLOR_RGB2BGR)
-    ok, enc = cv2.imencode(".jpg", (bgr * 255.0).round().astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    assert ok, "OpenCV JPEG encoding failed"
-    return cv2.cvtColor(cv2.imdecode(enc, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+def _jpeg(img: np.ndarray, quality: float, keep_depth: bool = False) -> np.ndarray:
+    """Real JPEG round trip at ``quality`` on an RGB float image (libjpeg expects BGR), clipped to [0, 1].
+
+    ``keep_depth``: return ``img + (JPEG(img) - round8(img))``, the JPEG's error on the unquantized image (for
+    sources of more than 8 bits: artefacts without the 8-bit staircase)."""
+    clipped = np.clip(img, 0, 1)
+    bgr8 = (cv2.cvtColor(clipped, cv2.COLOR_RGB2BGR) * 255.0).round().astype(np.uint8)
+    ok, enc = cv2.imencode(".jpg", bgr8, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise RuntimeError("OpenCV JPEG encoding failed")
+    out = cv2.cvtColor(cv2.imdecode(enc, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+    if keep_depth:
+        error = out - cv2.cvtColor(bgr8, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+        out = np.clip(clipped + error, 0, 1)
+    return out
 
 
-def _resize_noise_jpeg(out, c: DegradationConfig, stage: int, target_hw=None, ori_hw=None, scale=None, log=None):
+def random_add_poisson_noise_rgb(img: np.ndarray, scale_range: Range, gray_prob: float) -> np.ndarray:
+    """basicsr's ``random_add_poisson_noise`` (clipped, not rounded) on an RGB image: the numpy version takes the
+    gray level of a BGR image (``cv2.COLOR_BGR2GRAY``), so the channels are reversed around it, giving the
+    luminance feed_data's torch version uses (``rgb_to_grayscale``). The random draws are unchanged."""
+    bgr = np.ascontiguousarray(img[:, :, ::-1])
+    out = random_add_poisson_noise(bgr, scale_range=scale_range, gray_prob=gray_prob, clip=True, rounds=False)
+    return np.ascontiguousarray(out[:, :, ::-1])
+
+
+def gray_noise_prob(cfg: DegradationConfig, stage: int, gray: bool) -> float:
+    """``gray_noise_prob`` (stage 1) / ``gray_noise_prob2`` (stage 2); null: 1.0 for gray sources, 0.4 (Real-ESRGAN)
+    for colour ones."""
+    value = getattr(cfg, "gray_noise_prob" if stage == 1 else "gray_noise_prob2")
+    return value if value is not None else (1.0 if gray else 0.4)
+
+
+def _resize_noise_jpeg(out, c: DegradationConfig, stage: int, target_hw=None, ori_hw=None, scale=None, log=None,
+                       gray: bool = False):
     """One degradation order's resize + noise (+ JPEG in the first order), drawn as feed_data draws them."""
     suffix = "" if stage == 1 else "2"
     resize_prob = getattr(c, f"resize_prob{suffix}")
@@ -134,20 +199,25 @@ def _resize_noise_jpeg(out, c: DegradationConfig, stage: int, target_hw=None, or
         out = _resize(out, (int(h * factor), int(w * factor)), mode)
     else:
         out = _resize(out, (int(ori_hw[0] / scale * factor), int(ori_hw[1] / scale * factor)), mode)
-    gray_prob = getattr(c, f"gray_noise_prob{suffix}")
+    gray_prob = gray_noise_prob(c, stage, gray)
     if np.random.uniform() < getattr(c, f"gaussian_noise_prob{suffix}"):
         out = random_add_gaussian_noise(out, sigma_range=getattr(c, f"noise_range{suffix}"), clip=True, rounds=False, gray_prob=gray_prob)
         noise = "gaussian"
     else:
-        out = random_add_poisson_noise(out, scale_range=getattr(c, f"poisson_scale_range{suffix}"), gray_prob=gray_prob, clip=True, rounds=False)
+        out = random_add_poisson_noise_rgb(out, getattr(c, f"poisson_scale_range{suffix}"), gray_prob)
         noise = "poisson"
     if log is not None:
         log[f"resize{stage}"], log[f"noise{stage}"] = updown, noise
     return out.astype(np.float32)
 
 
-def degrade_second_order(gt: np.ndarray, cfg: DegradationConfig, scale: int, seed: int) -> dict:
+def degrade_second_order(gt: np.ndarray, cfg: DegradationConfig, scale: int, seed: int, *, bits: int = 8,
+                         gray: bool = False) -> dict:
     """Degrade one GT crop. ``gt`` float32 (H, W, 3) in [0, 1], H and W divisible by ``scale``.
+
+    ``bits``: the source's significant bits (1-16); with ``lq_quantization: source`` the LQ lies on the
+    ``1 / (2**bits - 1)`` grid (and, above 8 bits, JPEG keeps the depth, see :func:`_jpeg`). ``gray``: the source
+    is gray (its three channels are equal), which sets the default ``gray_noise_prob`` to 1.0.
 
     Returns ``{"gt", "gt_usm", "lq"}`` as float32 (H, W, 3) / (H/scale, W/scale, 3) in [0, 1], plus
     ``"log"``: which random branches were taken (kernel kinds, sinc use, JPEG use) for statistics.
@@ -162,26 +232,28 @@ def degrade_second_order(gt: np.ndarray, cfg: DegradationConfig, scale: int, see
 
     # ----- first order (Real-ESRGAN degrades the USM-sharpened GT) -----
     out = _filter(gt_usm, kernels["kernel1"])
-    out = _resize_noise_jpeg(out, c, 1, log=log)
-    out = _jpeg(out, np.random.uniform(*c.jpeg_range))
+    levels = (1 << bits) - 1 if c.lq_quantization == "source" else 255
+    deep = levels > 255
+    out = _resize_noise_jpeg(out, c, 1, log=log, gray=gray)
+    out = _jpeg(out, np.random.uniform(*c.jpeg_range), deep)
 
     # ----- second order -----
     log["blur2"] = bool(np.random.uniform() < c.second_blur_prob)
     if log["blur2"]:
         out = _filter(out, kernels["kernel2"])
-    out = _resize_noise_jpeg(out, c, 2, ori_hw=ori_hw, scale=scale, log=log)
+    out = _resize_noise_jpeg(out, c, 2, ori_hw=ori_hw, scale=scale, log=log, gray=gray)
 
     # ----- final: [resize back + sinc] and JPEG, in random order -----
     lq_hw = (ori_hw[0] // scale, ori_hw[1] // scale)
     if np.random.uniform() < 0.5:
         out = _filter(_resize(out, lq_hw, random.choice(list(_RESIZE_MODES))), kernels["sinc"])
-        out = _jpeg(out, np.random.uniform(*c.jpeg_range2))
+        out = _jpeg(out, np.random.uniform(*c.jpeg_range2), deep)
         log["order"] = "sinc-then-jpeg"
     else:
-        out = _jpeg(out, np.random.uniform(*c.jpeg_range2))
+        out = _jpeg(out, np.random.uniform(*c.jpeg_range2), deep)
         out = _filter(_resize(out, lq_hw, random.choice(list(_RESIZE_MODES))), kernels["sinc"])
         log["order"] = "jpeg-then-sinc"
-    lq = (np.clip(out, 0, 1) * 255.0).round() / 255.0
+    lq = (np.clip(out, 0, 1) * levels).round() / levels
     return {"gt": gt, "gt_usm": gt_usm, "lq": lq.astype(np.float32), "log": log}
 
 
@@ -213,8 +285,9 @@ class SecondOrderDegradation:
 
     def degrade_one(self, data: bytes, key: str, epoch: int) -> dict:
         seed = sample_seed(self.run_seed, key, epoch)
+        bits, gray = training_image_info(data)
         crop = random_crop(decode_training_image(data), self.cfg.gt_size, np.random.default_rng(seed), self.cfg.use_hflip)
-        return degrade_second_order(crop, self.cfg, self.scale, seed)
+        return degrade_second_order(crop, self.cfg, self.scale, seed, bits=bits, gray=gray)
 
     def __call__(self, batch: dict) -> dict:
         results = [self.degrade_one(d, str(k), int(e)) for d, k, e in zip(batch["image"], batch["key"], batch["epoch"])]
@@ -275,7 +348,8 @@ def preview_grid(image: np.ndarray, cfg: DegradationConfig, scale: int, n: int =
     crop = random_crop(rgb.astype(np.float32), cfg.gt_size, np.random.default_rng(seed), hflip=False)
     size = cfg.gt_size
     tiles = [crop] + [
-        cv2.resize(degrade_second_order(crop, cfg, scale, sample_seed(seed, "preview", i))["lq"], (size, size),
+        cv2.resize(degrade_second_order(crop, cfg, scale, sample_seed(seed, "preview", i), gray=image.shape[2] == 1)["lq"],
+                   (size, size),
                    interpolation=cv2.INTER_NEAREST)
         for i in range(n)
     ]
