@@ -178,31 +178,23 @@ def run_ray_training(cfg, datasets: dict, k: int, n: int) -> dict:
 class BareLoop:
     """The loop's per-step work (family step, schedulers, EMA) in this process on in-memory tensors.
 
-    Built as ``train_loop_per_worker`` builds it (``load_family``, seed, ``build_networks``, EMA copy,
-    ``build_optimizers``, MultiStepLR, ``build_losses``, ``StepContext``), without DDP, Ray or checkpoints.
+    Built as ``train_loop_per_worker`` builds it (``medsr_dist.train.loop.build_training``: family networks,
+    EMA copies, optimisers, schedulers, losses, the strategy in one process), without Ray or checkpoints.
     """
 
     def __init__(self, cfg, pairs: list[dict], batch: int, threads: int, device: str = "cpu"):
         import torch
 
         from medsr_dist.models.base import StepContext
-        from medsr_dist.models.registry import load_family
+        from medsr_dist.train.loop import build_training
 
         self.cfg, self.batch, self.threads, self.device = cfg, batch, threads, torch.device(device)
         torch.set_num_threads(threads)
         t = time.perf_counter()
-        self.family = family = load_family(cfg.model.family)
-        torch.manual_seed(cfg.run.seed)
-        self.raw_nets = raw_nets = family.build_networks(cfg)
-        self.ema = copy.deepcopy(raw_nets[family.inference_net]).requires_grad_(False)
-        for net in raw_nets.values():
-            net.to(self.device).train()
-        self.ema.to(self.device).eval()
-        optimizers = family.build_optimizers(cfg, raw_nets)
-        self.schedulers = [torch.optim.lr_scheduler.MultiStepLR(o, milestones=cfg.train.milestones,
-                                                                gamma=cfg.train.lr_gamma) for o in optimizers.values()]
-        self.ctx = StepContext(nets=raw_nets, raw_nets=raw_nets, optimizers=optimizers,
-                               losses=family.build_losses(cfg, self.device), iteration=0)
+        # the loop's own set-up (family networks/optimisers/schedulers, EMA copies, strategy) without Ray Train
+        self.family, self.strategy, self.ema, schedulers, losses = build_training(cfg, self.device, distributed=False)
+        self.schedulers = list(schedulers.values())
+        self.ctx = StepContext(strategy=self.strategy, losses=losses, iteration=0)
         self.build_s = time.perf_counter() - t
         self.batches = []
         for i in range(max(1, len(pairs) // batch)):
@@ -224,7 +216,8 @@ class BareLoop:
             self.family.train_step(self.ctx, self.batches[self.ctx.iteration % len(self.batches)])
             for s in self.schedulers:
                 s.step()
-            ema_update(self.ema, self.raw_nets[self.family.inference_net], self.cfg.train.ema_decay)
+            for k, e in self.ema.items():
+                ema_update(e, self.strategy.raw(k), self.cfg.train.ema_decay)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)

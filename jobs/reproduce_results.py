@@ -57,7 +57,7 @@ FINETUNE_OVERRIDES = [
     "prepare.split={train: 0.75, val: 0.25, test: 0.0}", "degradation.gt_size=64", "degradation.shuffle_buffer=8",
     "model.scale=4", "model.generator={num_feat: 64, num_block: 23, num_grow_ch: 32}", "model.discriminator.num_feat=32",
     "train.num_workers=2", "train.batch_size=2", "train.lr_g=1.0e-4", "train.ema_decay=0.9",
-    "train.losses.perceptual_weight=0", "train.losses.gan_weight=0.1", "train.vgg.weights=random-init-for-testing",
+    "model.losses.perceptual_weight=0", "model.losses.gan_weight=0.1", "train.vgg.weights=random-init-for-testing",
 ]
 
 
@@ -83,6 +83,9 @@ def finetune(imported: str, root: str, iterations: int, size: int, overrides: li
     write_sample_archive(lambda key, data: storage.write_bytes(storage.join(cfg.sample.archive, key), data),
                          n_images=cfg.sample.n_images, size=size, seed=cfg.run.seed)
     console = Console(stderr=True)
+    from medsr_dist.data.prepare import use_demo_group_secret
+
+    use_demo_group_secret()  # the synthetic archive's patients need a secret for their pseudonyms; no real one needed
     run_prepare(cfg, console)
     return run_train(cfg, console).export
 

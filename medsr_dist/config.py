@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, model_serializer, field_validator, model_validator
 
-from medsr_dist.models.registry import FAMILIES, family_info
+from medsr_dist.models.registry import FAMILIES
 
 
 class ConfigError(ValueError):
@@ -201,6 +201,7 @@ class DegradationConfig(Section):
         "source", description="Grid of the LQ values: 'source' = the source's significant bits (a 12-bit CT trains on "
         "12-bit inputs, as inference feeds it; its JPEG steps add libjpeg's error without 8-bit rounding), '8bit' = "
         "Real-ESRGAN's round(x*255)/255 for every source. 8-bit sources degrade the same either way")
+    bicubic: "BicubicConfig" = Field(default_factory=lambda: BicubicConfig(), description="Classic BI pairs (families with model.degradation: bicubic)")
 
     _ranges = field_validator(
         "blur_sigma", "betag_range", "betap_range", "resize_range", "noise_range", "poisson_scale_range",
@@ -233,9 +234,16 @@ class DegradationConfig(Section):
 
 
 # --------------------------------------------------------------------------------------------
-# Models
+# Models: one section per family (a discriminated union keyed by model.family)
 # --------------------------------------------------------------------------------------------
-class GeneratorConfig(Section):
+#: scales each generator architecture really produces. basicsr's RRDBNet has x4 upsampling (pixel-unshuffle by
+#: 2 or 4 in front for x2/x1): with scale=3 it silently outputs x4, so x3 is refused. MSRResNet does x2, x3, x4.
+GENERATOR_SCALES: dict[str, tuple[int, ...]] = {"RRDBNet": (1, 2, 4), "MSRResNet": (2, 3, 4)}
+
+
+class RRDBNetConfig(Section):
+    """basicsr ``RRDBNet`` (ESRGAN / Real-ESRGAN generator)."""
+
     type: Literal["RRDBNet"] = "RRDBNet"
     num_in_ch: int = 3
     num_out_ch: int = 3
@@ -244,46 +252,50 @@ class GeneratorConfig(Section):
     num_grow_ch: int = Field(32, ge=1)
 
 
-class DiscriminatorConfig(Section):
+class MSRResNetConfig(Section):
+    """basicsr ``MSRResNet`` (SRResNet without BatchNorm; the SRGAN generator): x2, x3, x4."""
+
+    type: Literal["MSRResNet"] = "MSRResNet"
+    num_in_ch: int = 3
+    num_out_ch: int = 3
+    num_feat: int = Field(64, ge=1)
+    num_block: int = Field(16, ge=1)
+
+
+GeneratorConfig = Annotated[Union[RRDBNetConfig, MSRResNetConfig], Field(discriminator="type")]
+
+
+class UNetDiscriminatorConfig(Section):
+    """basicsr ``UNetDiscriminatorSN`` (Real-ESRGAN): any input size."""
+
     type: Literal["UNetDiscriminatorSN"] = "UNetDiscriminatorSN"
     num_in_ch: int = 3
     num_feat: int = Field(64, ge=1)
     skip_connection: bool = True
 
 
-class ModelConfig(Section):
-    family: str = Field("realesrgan", description=f"One of: {', '.join(sorted(FAMILIES))}")
-    scale: int = Field(4, description="Super-resolution factor of the network")
-    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
-    discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
-    pretrained_g: str | None = Field(None, description="Generator weights: zoo name, path or URI")
-    pretrained_d: str | None = Field(None, description="Discriminator weights: zoo name, path or URI")
-
-    @field_validator("scale")
-    @classmethod
-    def _supported_scale(cls, scale: int, info: ValidationInfo) -> int:
-        family = info.data.get("family")
-        if family is None:  # the family itself failed validation and is reported
-            return scale
-        arch = family_info(family)
-        if scale not in arch.scales:
-            raise ValueError(
-                f"scale {scale} is not supported by the {arch.name} architecture "
-                f"(supported: {', '.join(map(str, arch.scales))})"
-            )
-        return scale
-
-    @field_validator("family")
-    @classmethod
-    def _known_family(cls, family: str) -> str:
-        family_info(family)  # raises ValueError listing the known families
-        return family
+DiscriminatorConfig = UNetDiscriminatorConfig  # the name older code imports
 
 
-# --------------------------------------------------------------------------------------------
-# Training
-# --------------------------------------------------------------------------------------------
+class VGGDiscriminatorConfig(Section):
+    """basicsr ``VGGStyleDiscriminator`` (SRGAN / ESRGAN): takes exactly ``input_size`` px crops (degradation.gt_size)."""
+
+    type: Literal["VGGStyleDiscriminator"] = "VGGStyleDiscriminator"
+    num_in_ch: int = 3
+    num_feat: int = Field(64, ge=1)
+    input_size: Literal[128, 256] = 128
+
+
+class PixelLossConfig(Section):
+    """L1 only (PSNR-oriented training)."""
+
+    l1_weight: float = Field(1.0, gt=0)
+
+
 class LossConfig(Section):
+    """Generator losses of a GAN family: L1 + perceptual (VGG19 features) + GAN. Defaults: Real-ESRGAN
+    (``finetune_realesrgan_x4plus.yml``)."""
+
     l1_weight: float = Field(1.0, ge=0)
     perceptual_weight: float = Field(1.0, ge=0)
     perceptual_layers: dict[str, float] = Field(
@@ -293,12 +305,173 @@ class LossConfig(Section):
     gan_type: Literal["vanilla", "lsgan", "wgan_softplus"] = "vanilla"
 
 
+class ESRGANLossConfig(LossConfig):
+    """basicsr ``options/train/ESRGAN/train_ESRGAN_x4.yml`` (also ``train_SRGAN_x4.yml``): pixel_opt L1 weight
+    1e-2, perceptual_opt VGG19 ``conv5_4`` (before activation) weight 1.0, gan_opt vanilla weight 5e-3."""
+
+    l1_weight: float = Field(1e-2, ge=0)
+    perceptual_layers: dict[str, float] = Field(default_factory=lambda: {"conv5_4": 1.0})
+    gan_weight: float = Field(5e-3, ge=0)
+
+
+class BicubicConfig(Section):
+    """Classic "BI" pairs: optional Gaussian blur, bicubic downsampling, optional Gaussian noise (per sample)."""
+
+    kernel: Literal["matlab", "opencv"] = Field(
+        "matlab", description="matlab: MATLAB imresize bicubic (antialiased, the SR benchmarks' BI); opencv: cv2 INTER_CUBIC"
+    )
+    blur_sigma: Range = Field((0.0, 0.0), description="Gaussian blur sigma range (GT pixels) before downsampling; 0: none")
+    noise_sigma: Range = Field((0.0, 0.0), description="Gaussian noise std range on the LQ, in 8-bit grey levels; 0: none")
+
+    @field_validator("blur_sigma", "noise_sigma")
+    @classmethod
+    def _non_negative_range(cls, v: Range) -> Range:
+        _check_range(v)
+        if v[0] < 0:
+            raise ValueError(f"must be non-negative, got {v}")
+        return v
+
+
+class _FamilySection(Section):
+    """Fields every family has. ``generator`` comes before ``scale`` so the scale check can see it."""
+
+    #: generator type used when ``model.generator`` gives no ``type``
+    default_generator: ClassVar[str] = "RRDBNet"
+    family: str
+    generator: Any
+    scale: int = Field(4, description="Super-resolution factor of the network")
+    pretrained_g: str | None = Field(None, description="Generator weights: zoo name, path or URI (e.g. a psnr export)")
+    degradation: Literal["second_order", "bicubic"] = Field(
+        "bicubic", description="Training pairs: Real-ESRGAN second-order pipeline, or classic bicubic BI (degradation.bicubic)"
+    )
+
+    @field_validator("generator", mode="before")
+    @classmethod
+    def _default_generator_type(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "type" not in v:
+            return {"type": cls.default_generator, **v}
+        return v
+
+    @field_validator("scale")
+    @classmethod
+    def _supported_scale(cls, scale: int, info: ValidationInfo) -> int:
+        gen = info.data.get("generator")
+        if gen is None:  # the generator itself failed validation and is reported
+            return scale
+        family = cls.model_fields["family"].default
+        supported = GENERATOR_SCALES[gen.type]
+        if scale not in supported:
+            hint = ""
+            if gen.type == "RRDBNet" and scale == 3:
+                hint = "; basicsr's RRDBNet with scale=3 silently outputs x4"
+                if "MSRResNet" in str(cls.model_fields["generator"].annotation):
+                    hint += ": use model.generator.type=MSRResNet for x3"
+            raise ValueError(
+                f"scale {scale} is not supported by the {family} architecture {gen.type} "
+                f"(supported: {', '.join(map(str, supported))}{hint})"
+            )
+        return scale
+
+
+class RealESRGANModelConfig(_FamilySection):
+    """Real-ESRGAN: RRDBNet + UNetDiscriminatorSN, L1 + perceptual + GAN on second-order degraded pairs."""
+
+    family: Literal["realesrgan"] = "realesrgan"
+    generator: RRDBNetConfig = Field(default_factory=RRDBNetConfig)
+    discriminator: UNetDiscriminatorConfig = Field(default_factory=UNetDiscriminatorConfig)
+    pretrained_d: str | None = Field(None, description="Discriminator weights: zoo name, path or URI")
+    losses: LossConfig = Field(default_factory=LossConfig)
+    degradation: Literal["second_order", "bicubic"] = "second_order"
+
+
+class ESRGANModelConfig(_FamilySection):
+    """ESRGAN (basicsr ``ESRGANModel``): RRDBNet (MSRResNet for x3) + VGGStyleDiscriminator, relativistic average GAN."""
+
+    family: Literal["esrgan"] = "esrgan"
+    generator: GeneratorConfig = Field(default_factory=RRDBNetConfig)
+    discriminator: VGGDiscriminatorConfig = Field(default_factory=VGGDiscriminatorConfig)
+    pretrained_d: str | None = Field(None, description="Discriminator weights: path or URI")
+    losses: ESRGANLossConfig = Field(default_factory=ESRGANLossConfig)
+
+
+class SRGANModelConfig(_FamilySection):
+    """SRGAN (basicsr ``SRGANModel``): MSRResNet + VGGStyleDiscriminator, standard GAN, ESRGAN's perceptual loss."""
+
+    default_generator: ClassVar[str] = "MSRResNet"
+    family: Literal["srgan"] = "srgan"
+    generator: MSRResNetConfig = Field(default_factory=MSRResNetConfig)
+    discriminator: VGGDiscriminatorConfig = Field(default_factory=VGGDiscriminatorConfig)
+    pretrained_d: str | None = Field(None, description="Discriminator weights: path or URI")
+    losses: ESRGANLossConfig = Field(default_factory=ESRGANLossConfig)
+
+
+class PSNRModelConfig(_FamilySection):
+    """PSNR-oriented generator training (L1 only): RRDBNet or MSRResNet; its export is the ``pretrained_g`` of a GAN family."""
+
+    family: Literal["psnr"] = "psnr"
+    generator: GeneratorConfig = Field(default_factory=RRDBNetConfig)
+    losses: PixelLossConfig = Field(default_factory=PixelLossConfig)
+
+
+FAMILY_SECTIONS: dict[str, type[_FamilySection]] = {
+    c.model_fields["family"].default: c
+    for c in (RealESRGANModelConfig, ESRGANModelConfig, SRGANModelConfig, PSNRModelConfig)
+}
+#: ``model``: the section of the family ``model.family`` names (default realesrgan)
+ModelConfig = Annotated[
+    Union[RealESRGANModelConfig, ESRGANModelConfig, SRGANModelConfig, PSNRModelConfig], Field(discriminator="family")
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
 class VGGConfig(Section):
     weights: str = Field(
         "torchvision",
         description="'torchvision' (TORCH_HOME cache), a path/URI to vgg19 ImageNet weights, or "
         "'random-init-for-testing' (explicit, meaningless features: tests and demos only)",
     )
+
+
+def _check_zero_stage(stage: int | None) -> int | None:
+    if stage is not None and stage not in (0, 1, 2):
+        raise ValueError(
+            f"ZeRO stage {stage} is not supported (0: data parallel, 1: optimiser states partitioned, 2: optimiser "
+            "states and gradients partitioned); stage 3 partitions the parameters themselves, which the loop's "
+            "EMA and export read whole"
+        )
+    return stage
+
+
+class DeepSpeedEngineConfig(Section):
+    """Per-engine overrides of ``train.deepspeed`` (keyed by network name, e.g. ``net_d``); empty: inherited."""
+
+    zero_stage: int | None = Field(None, description="ZeRO stage 0, 1 or 2 of this engine")
+    reduce_bucket_size: int | None = Field(None, ge=1, description="Elements per gradient reduction bucket")
+
+    @field_validator("zero_stage")
+    @classmethod
+    def _stage(cls, stage: int | None) -> int | None:
+        return _check_zero_stage(stage)
+
+
+class DeepSpeedConfig(Section):
+    """``train.strategy: deepspeed``: one DeepSpeed engine per trained network (medsr_dist/train/deepspeed_strategy.py)."""
+
+    zero_stage: int = Field(2, description="ZeRO stage 0 (data parallel), 1 (optimiser states partitioned) or 2 "
+                            "(optimiser states + gradients partitioned)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Forward precision (torch autocast; weights, gradients, optimiser states stay fp32); "
+        "fp16 needs train.use_gpu=true")
+    reduce_bucket_size: int = Field(50_000_000, ge=1, description="Elements per gradient reduction / all-gather bucket")
+    engines: dict[str, DeepSpeedEngineConfig] = Field(
+        default_factory=dict, description="Per-network overrides, e.g. {net_d: {zero_stage: 0}}")
+
+    @field_validator("zero_stage")
+    @classmethod
+    def _stage(cls, stage: int) -> int:
+        return _check_zero_stage(stage)
 
 
 class TrainConfig(Section):
@@ -324,8 +497,21 @@ class TrainConfig(Section):
     num_checkpoints_kept: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0, description="Worker-group restarts (Ray Train FailureConfig)")
     mixed_precision: bool = Field(False, description="autocast fp16 on GPU (ignored on CPU)")
-    losses: LossConfig = Field(default_factory=LossConfig)
     vgg: VGGConfig = Field(default_factory=VGGConfig)
+    strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="Distributed strategy: PyTorch DDP or DeepSpeed ZeRO")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+
+    @model_validator(mode="after")
+    def _deepspeed_precision(self) -> "TrainConfig":
+        if self.strategy != "deepspeed":
+            return self
+        if self.mixed_precision:
+            raise ValueError("train.mixed_precision is the ddp strategy's switch; with train.strategy=deepspeed set "
+                             "train.deepspeed.precision (fp32, bf16, fp16)")
+        if self.deepspeed.precision == "fp16" and self.use_gpu is not True:
+            raise ValueError("train.deepspeed.precision: fp16 needs GPUs (DeepSpeed has no fp16 on CPU); set "
+                             "train.use_gpu=true on a GPU cluster, or use bf16 or fp32")
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,7 +668,7 @@ class MedsrConfig(Section):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     degradation: DegradationConfig = Field(default_factory=DegradationConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: ModelConfig = Field(default_factory=RealESRGANModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     enhance: EnhanceConfig = Field(default_factory=EnhanceConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -492,6 +678,23 @@ class MedsrConfig(Section):
     def source(self) -> str:
         """Where this config came from (file and overrides), for error messages."""
         return self._source
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _default_family(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "family" not in v:  # configs written before families had sections
+            return {"family": "realesrgan", **v}
+        return v
+
+    @model_validator(mode="after")
+    def _crop_fits_discriminator(self) -> "MedsrConfig":
+        d = getattr(self.model, "discriminator", None)
+        if isinstance(d, VGGDiscriminatorConfig) and self.degradation.gt_size != d.input_size:
+            raise ValueError(
+                f"degradation.gt_size: {self.degradation.gt_size} does not match model.discriminator.input_size "
+                f"{d.input_size} (basicsr's VGGStyleDiscriminator takes exactly 128 or 256 px ground-truth crops)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _derive_paths(self) -> "MedsrConfig":
@@ -554,13 +757,26 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+_UNION_TAGS = set(FAMILIES) | set(GENERATOR_SCALES) | {"UNetDiscriminatorSN", "VGGStyleDiscriminator"}
+
+
 def _format_error(exc: ValidationError, source: str, tree: dict) -> str:
     lines = [f"invalid config {source}:"]
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        # discriminated unions put the tag (family / generator type) into the location: drop it
+        loc = ".".join(str(p) for p in err["loc"] if p not in _UNION_TAGS) or "<root>"
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "union_tag_invalid" and err.get("ctx", {}).get("discriminator") == "'family'":
+            loc, msg = f"{loc}.family", f"unknown model family {err['ctx']['tag']!r} (known: {', '.join(sorted(FAMILIES))})"
+            lines.append(f"  {loc}: {msg}")
+            continue
+        if loc == "<root>" and msg.split(":", 1)[0].count(".") == 1:  # a cross-section rule that names its key
+            lines.append(f"  {msg}")
+            continue
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+            if loc == "train.losses":
+                msg = "unknown key (loss weights are per family now: model.losses)"
         elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
             msg = f"{msg} (got {err['input']!r})"
         lines.append(f"  {loc}: {msg}")

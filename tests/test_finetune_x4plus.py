@@ -53,7 +53,7 @@ def test_finetuning_imported_x4plus_lowers_validation_l1(tmp_path):
         "degradation.gt_size=32", "degradation.shuffle_buffer=0", "model.discriminator.num_feat=16",
         "train.num_workers=2", "train.batch_size=2", "train.iterations=4", "train.checkpoint_every=4",
         # no perceptual term: ImageNet VGG19 is not available here, and a random VGG would only add noise
-        "train.lr_g=1e-4", "train.losses.perceptual_weight=0", "train.losses.gan_weight=0.1",
+        "train.lr_g=1e-4", "model.losses.perceptual_weight=0", "model.losses.gan_weight=0.1",
     ])
     storage = Storage()
     pairs = validation_pairs(cfg, storage, limit=4)

@@ -2,8 +2,8 @@
 
 Three kinds of source are understood:
 
-* a model exported by training: ``model.pth`` (BasicSR layout) with ``meta.json`` beside it, which says the
-  family and architecture (written by :func:`medsr_dist.train.trainer.export_checkpoint`);
+* a model exported by training (any family): ``model.pth`` (BasicSR layout) with ``meta.json`` beside it, which
+  says the family and architecture (written by :func:`medsr_dist.train.trainer.export_checkpoint`);
 * a plain BasicSR RRDBNet checkpoint (e.g. a copy of ``RealESRGAN_x4plus.pth``) on any store: the architecture
   (scale, width, depth, growth) is read from the tensor shapes;
 * a model-zoo name (``RealESRGAN_x4plus``, see :mod:`medsr_dist.models.zoo`): fetched into the node's weights
@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from medsr_dist.config import MedsrConfig, StorageConfig
+from medsr_dist.config import StorageConfig
 from medsr_dist.storage import Storage
 
 if TYPE_CHECKING:
@@ -52,9 +52,9 @@ class ModelFile:
         uri: the weights (``model.pth`` or a BasicSR checkpoint): local path, ``file://``, ``s3://`` or a zoo name.
         name: human-readable name (``<run>@<iteration>`` for trained exports, the file stem otherwise).
         sha256: hex digest of the weights file's bytes: the model's identity in output keys and provenance.
-        family: model family (``realesrgan``).
+        family: model family (``realesrgan``, ``esrgan``, ``srgan``, ``psnr``): rebuilds the inference module.
         scale: native upscaling factor.
-        generator: generator architecture (``GeneratorConfig`` fields).
+        generator: generator architecture (``model.generator`` fields: ``type`` RRDBNet or MSRResNet, widths).
         onnx_uri: the ONNX export used by the onnxruntime backend (default ``model.onnx`` beside the weights).
     """
 
@@ -68,7 +68,9 @@ class ModelFile:
 
     @property
     def size_multiple(self) -> int:
-        """Input height and width must be multiples of this (RRDBNet x2: 2, x1: 4, x4: 1)."""
+        """Input height and width must be multiples of this (RRDBNet x2: 2, x1: 4, x4: 1; MSRResNet: 1)."""
+        if self.generator.get("type", "RRDBNet") != "RRDBNet":
+            return 1
         return _RRDBNET_SIZE_MULTIPLE.get(self.scale, 1)
 
     @property
@@ -83,23 +85,24 @@ class ModelFile:
         return storage.read_bytes(self.uri)
 
     def build(self, storage: Storage) -> nn.Module:
-        """The inference network (EMA weights when present), float32 on CPU, in eval mode.
+        """The family's inference module (EMA weights when present), float32 on CPU, in eval mode.
+
+        The family named in meta.json rebuilds its networks from ``scale`` + ``generator`` and loads the export
+        (:meth:`medsr_dist.models.base.ModelFamily.load_export`); no family-specific code lives here.
 
         Raises:
-            ValueError: the family has no inference network here.
-            RuntimeError: the weights do not fit the architecture (strict loading).
+            ValueError: the family is unknown here.
+            RuntimeError: the weights do not fit the architecture (strict loading; a ``WeightsError``).
         """
-        from medsr_dist.models.weights import load_state_dict_bytes
+        from medsr_dist.models.registry import load_family
 
-        if self.family != "realesrgan":  # pragma: no cover - one family so far
-            raise ValueError(f"{self.uri}: no inference network for family {self.family!r}")
-        from medsr_dist.models.realesrgan import build_generator
-
-        cfg = MedsrConfig.model_validate({"model": {"family": self.family, "scale": self.scale, "generator": self.generator}})
-        net = build_generator(cfg)
-        state = load_state_dict_bytes(self.read_weights(storage), self.uri)
-        net.load_state_dict(state, strict=True)
-        return net.eval()
+        try:
+            family = load_family(self.family)
+        except ValueError as exc:
+            raise ValueError(f"{self.uri}: {exc}") from None
+        nets = family.inference_networks(self.scale, dict(self.generator))
+        family.load_export(nets, self.read_weights(storage), self.uri)
+        return family.inference_module(nets).float().eval()
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary (for logs and the ONNX export's metadata)."""

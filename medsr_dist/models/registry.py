@@ -1,8 +1,9 @@
 """Model families known to medsr-dist, described without importing torch.
 
-A family is one module implementing :class:`medsr_dist.models.base.ModelFamily`. The config
-validates a run against the lightweight facts here (scales an architecture supports) before any
-Ray or torch work starts; the training loop and the inference engine import the module itself.
+A family is one module implementing :class:`medsr_dist.models.base.ModelFamily` plus one config section
+(``medsr_dist.config.FAMILY_SECTIONS``, the discriminated union keyed by ``model.family``, which also checks the
+scales each architecture can do before any Ray or torch work). The training loop and the inference side import
+the module itself through :func:`load_family`.
 """
 from __future__ import annotations
 
@@ -14,17 +15,25 @@ from dataclasses import dataclass
 class FamilyInfo:
     name: str
     module: str
-    scales: tuple[int, ...]
     description: str
 
 
 FAMILIES: dict[str, FamilyInfo] = {
     "realesrgan": FamilyInfo(
-        name="realesrgan",
-        module="medsr_dist.models.realesrgan",
-        # basicsr RRDBNet: x4 upsampling, with pixel-unshuffle by 2 (x2) or 4 (x1) in front.
-        scales=(1, 2, 4),
-        description="Real-ESRGAN: RRDBNet generator + U-Net discriminator with spectral norm",
+        "realesrgan", "medsr_dist.models.realesrgan",
+        "Real-ESRGAN: RRDBNet + UNetDiscriminatorSN, L1 + perceptual + GAN on second-order degraded pairs",
+    ),
+    "esrgan": FamilyInfo(
+        "esrgan", "medsr_dist.models.esrgan",
+        "ESRGAN: RRDBNet (MSRResNet for x3) + VGGStyleDiscriminator, relativistic average GAN, bicubic pairs",
+    ),
+    "srgan": FamilyInfo(
+        "srgan", "medsr_dist.models.srgan",
+        "SRGAN: MSRResNet + VGGStyleDiscriminator, standard GAN + VGG19 conv5_4 perceptual loss, bicubic pairs",
+    ),
+    "psnr": FamilyInfo(
+        "psnr", "medsr_dist.models.psnr",
+        "PSNR-oriented L1 training of an RRDBNet or MSRResNet (first stage of a GAN family via model.pretrained_g)",
     ),
 }
 

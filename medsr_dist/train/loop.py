@@ -1,8 +1,11 @@
-"""The one training loop (``train_loop_per_worker``) shared by every model family.
+"""The one training loop (``train_loop_per_worker``) shared by every model family and every strategy.
 
-Ray Train runs this function on every worker. It builds the family's networks, wraps them for DDP,
-restores the latest checkpoint if there is one, then iterates the worker's shard of the degraded
-training stream: family step -> schedulers -> EMA -> (validation) -> report (+ checkpoint on rank 0).
+Ray Train runs this function on every worker. The family builds its networks, optimisers and schedulers; the
+strategy (``train.strategy``: DDP or DeepSpeed) takes them over; the latest checkpoint is restored through the
+strategy if there is one; then the loop iterates the worker's shard of the training stream:
+family step (through the strategy) -> schedulers -> EMA of every EMA-tracked network -> (validation through
+the family's inference module) -> report (+ checkpoint: every rank saves through the strategy, rank 0 also
+writes the export ``model.pth`` + ``meta.json``).
 The data arriving here is already degraded by the Ray Data actors; this loop only optimises.
 """
 from __future__ import annotations
@@ -21,11 +24,10 @@ from torch import nn
 from medsr_dist.config import MedsrConfig
 from medsr_dist.models.base import StepContext
 from medsr_dist.models.registry import load_family
-from medsr_dist.models.weights import save_basicsr_checkpoint
+from medsr_dist.train.strategy import STATE_FILE, make_strategy  # noqa: F401  (STATE_FILE: DDP's checkpoint file)
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
 MODEL_FILE = "model.pth"
 META_FILE = "meta.json"
 
@@ -35,7 +37,7 @@ def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
     """BasicSR's model_ema: ema = decay * ema + (1 - decay) * net, over parameters; buffers are copied."""
     net_params = dict(net.named_parameters())
     for name, p in ema.named_parameters():
-        p.mul_(decay).add_(net_params[name].detach(), alpha=1 - decay)
+        p.mul_(decay).add_(net_params[name].detach().to(p.dtype), alpha=1 - decay)
     net_buffers = dict(net.named_buffers())
     for name, b in ema.named_buffers():
         b.copy_(net_buffers[name])
@@ -43,28 +45,14 @@ def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
 
 def model_meta(cfg: MedsrConfig, iteration: int) -> dict:
     """What an inference engine needs to rebuild the exported network (kept beside every model file)."""
-    return {
-        "family": cfg.model.family,
-        "scale": cfg.model.scale,
-        "generator": cfg.model.generator.model_dump(mode="json"),
-        "iteration": iteration,
-        "run": cfg.run.name,
-    }
-
-
-def save_checkpoint_dir(path: str, cfg: MedsrConfig, iteration: int, raw_nets, ema, optimizers, schedulers) -> None:
-    """Full training state (``state.pt``) + an inference export (``model.pth``: params + params_ema) + meta."""
     family = load_family(cfg.model.family)
-    state = {
-        "iteration": iteration,
-        "nets": {k: v.state_dict() for k, v in raw_nets.items()},
-        "ema": ema.state_dict(),
-        "optimizers": {k: v.state_dict() for k, v in optimizers.items()},
-        "schedulers": {k: v.state_dict() for k, v in schedulers.items()},
-        "torch_rng": torch.get_rng_state(),
-    }
-    torch.save(state, os.path.join(path, STATE_FILE))
-    save_basicsr_checkpoint(raw_nets[family.inference_net], os.path.join(path, MODEL_FILE), ema=ema)
+    return {**family.export_meta(cfg), "iteration": iteration, "run": cfg.run.name}
+
+
+def write_export(path: str, cfg: MedsrConfig, iteration: int, family, nets: dict[str, nn.Module],
+                 ema: dict[str, nn.Module]) -> None:
+    """``model.pth`` (the family's export payload: plain fp32, the same for every strategy) + ``meta.json`` in ``path``."""
+    torch.save(family.export_payload(nets, ema), os.path.join(path, MODEL_FILE))
     with open(os.path.join(path, META_FILE), "w") as f:
         json.dump(model_meta(cfg, iteration), f, indent=2)
 
@@ -76,21 +64,49 @@ def _to_device_batch(batch: dict, device: torch.device) -> dict[str, torch.Tenso
 
 @torch.no_grad()
 def validate(net: nn.Module, pairs: list[dict], device: torch.device, scale: int) -> dict[str, float]:
-    """Mean PSNR/SSIM (RGB, crop border = scale) of ``net`` on fixed degraded pairs; also of bicubic, for reference."""
+    """Mean PSNR/SSIM (RGB, crop border = scale) of ``net`` (a family's inference module) on fixed pairs; also of
+    bicubic, for reference."""
     from medsr_dist.eval.metrics import bicubic_upscale, psnr, ssim
 
+    was_training = net.training
     net.eval()
     psnrs, ssims, psnrs_bic = [], [], []
     for pair in pairs:
         lq = torch.from_numpy(pair["lq"]).unsqueeze(0).to(device)
-        out = net(lq).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()
+        out = net(lq).float().clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()
         gt = pair["gt"].transpose(1, 2, 0)
         bic = np.clip(bicubic_upscale(pair["lq"].transpose(1, 2, 0), scale), 0, 1)
         psnrs.append(psnr(out, gt, crop_border=scale))
         ssims.append(ssim(out, gt, crop_border=scale))
         psnrs_bic.append(psnr(bic, gt, crop_border=scale))
-    net.train()
+    net.train(was_training)
     return {"val_psnr": float(np.mean(psnrs)), "val_ssim": float(np.mean(ssims)), "val_psnr_bicubic": float(np.mean(psnrs_bic))}
+
+
+def build_training(cfg: MedsrConfig, device: torch.device, *, distributed: bool = True):
+    """Family + strategy set up for training, as every worker does it (also used by tests and benchmarks).
+
+    Returns ``(family, strategy, ema, schedulers, losses)``; ``ema`` maps each EMA-tracked network's name to its
+    fp32 copy on ``device`` (kept by the loop, outside any engine).
+    """
+    family = load_family(cfg.model.family)
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (DDP also broadcasts them)
+    nets = family.build_networks(cfg)
+    roles = family.network_roles(cfg)
+    ema = {k: copy.deepcopy(nets[k]).float().requires_grad_(False) for k, r in roles.items() if r.ema}
+    optimizers = family.build_optimizers(cfg, nets)
+    schedulers = family.build_schedulers(cfg, optimizers)
+    strategy = make_strategy(cfg, device, distributed=distributed)
+    strategy.setup(nets, [k for k, r in roles.items() if r.trained], optimizers, schedulers)
+    for e in ema.values():
+        e.to(device).eval()
+    return family, strategy, ema, schedulers, family.build_losses(cfg, device)
+
+
+def client_state(iteration: int, ema: dict[str, nn.Module], schedulers: dict) -> dict:
+    """What the loop adds to a strategy checkpoint: iteration, fp32 EMA weights, scheduler states, torch RNG."""
+    return {"iteration": iteration, "ema": {k: v.state_dict() for k, v in ema.items()},
+            "schedulers": {k: v.state_dict() for k, v in schedulers.items()}, "torch_rng": torch.get_rng_state()}
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -100,45 +116,25 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = MedsrConfig.model_validate(config["cfg"])
     t = cfg.train
-    family = load_family(cfg.model.family)
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
 
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (DDP also broadcasts them)
-    raw_nets = family.build_networks(cfg)
-    ema = copy.deepcopy(raw_nets[family.inference_net]).requires_grad_(False)
+    family, strategy, ema, schedulers, losses = build_training(cfg, device)
     start_iteration = 0
-    state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-        for k, net in raw_nets.items():
-            net.load_state_dict(state["nets"][k])
-        ema.load_state_dict(state["ema"])
+            state = strategy.load(d)
+        for k, e in ema.items():
+            e.load_state_dict(state["ema"][k])
+        for k, sch in schedulers.items():
+            sch.load_state_dict(state["schedulers"][k])
         start_iteration = int(state["iteration"])
         torch.set_rng_state(state["torch_rng"])
-        log.info("rank %d: resumed from iteration %d", rank, start_iteration)
-    for net in raw_nets.values():
-        net.to(device).train()
-    ema.to(device).eval()
-    optimizers = family.build_optimizers(cfg, raw_nets)
-    schedulers = {k: torch.optim.lr_scheduler.MultiStepLR(o, milestones=t.milestones, gamma=t.lr_gamma)
-                  for k, o in optimizers.items()}
-    if state is not None:
-        for k, o in optimizers.items():
-            o.load_state_dict(state["optimizers"][k])
-        for k, s in schedulers.items():
-            s.load_state_dict(state["schedulers"][k])
         del state
-    nets = {k: ray.train.torch.prepare_model(v, move_to_device=False) for k, v in raw_nets.items()}
-    use_amp = t.mixed_precision and device.type == "cuda"
-    step_ctx = StepContext(
-        nets=nets, raw_nets=raw_nets, optimizers=optimizers, losses=family.build_losses(cfg, device),
-        iteration=start_iteration, autocast=use_amp,
-        scalers={k: torch.amp.GradScaler("cuda") for k in optimizers} if use_amp else {},
-    )
+        log.info("rank %d: resumed from iteration %d", rank, start_iteration)
+    step_ctx = StepContext(strategy=strategy, losses=losses, iteration=start_iteration)
 
     val_pairs = config.get("val_pairs")
     if val_pairs is not None and not isinstance(val_pairs, list):  # an ObjectRef from the driver
@@ -164,25 +160,29 @@ def train_loop_per_worker(config: dict) -> None:
         iteration += 1
         step_ctx.iteration = iteration
         logs = family.train_step(step_ctx, _to_device_batch(batch, device))
-        for s in schedulers.values():
-            s.step()
-        ema_update(ema, raw_nets[family.inference_net], t.ema_decay)
+        for sch in schedulers.values():
+            sch.step()
+        for k, e in ema.items():
+            ema_update(e, strategy.raw(k), t.ema_decay)
         t_prev = time.perf_counter()
         step_s += t_prev - t_data
 
         steps = iteration - start_iteration
         metrics = {"iteration": iteration, "resumed_from": start_iteration, **logs,
                    "data_wait_fraction": wait_s / max(wait_s + step_s, 1e-9), "step_seconds": step_s / steps,
-                   "first_batch_seconds": first_batch_s, "lr_g": optimizers[family.inference_net].param_groups[0]["lr"]}
+                   "first_batch_seconds": first_batch_s, "lr_g": strategy.optimizer(family.inference_net).param_groups[0]["lr"]}
         last = iteration == t.iterations
         if rank == 0 and val_pairs and (iteration % t.val_every == 0 or last):
-            metrics.update(validate(ema, val_pairs, device, cfg.model.scale))
+            inference = family.inference_module({k: ema.get(k, strategy.raw(k)) for k in family.network_roles(cfg)})
+            metrics.update(validate(inference, val_pairs, device, cfg.model.scale))
         if iteration % t.checkpoint_every == 0 or last:
             with tempfile.TemporaryDirectory() as d:
-                ckpt = None
+                wrote = strategy.save(d, client_state(iteration, ema, schedulers))
                 if rank == 0:
-                    save_checkpoint_dir(d, cfg, iteration, raw_nets, ema, optimizers, schedulers)
-                    ckpt = ray.train.Checkpoint.from_directory(d)
+                    write_export(d, cfg, iteration, family, {k: strategy.raw(k) for k in family.network_roles(cfg)}, ema)
+                strategy.barrier()
+                # Ray Train merges the files of every rank's reported checkpoint into one checkpoint folder
+                ckpt = ray.train.Checkpoint.from_directory(d) if (wrote or rank == 0) else None
                 ray.train.report(metrics, checkpoint=ckpt)
         elif iteration % t.log_every == 0 or iteration % t.val_every == 0:  # the same iterations on every rank
             ray.train.report(metrics)
