@@ -59,8 +59,14 @@ def prepare(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] =
     """Archive on the store -> sharded Parquet dataset with a patient-level train/val/test split."""
     from medsr_dist.pipeline import run_prepare
 
+    from medsr_dist.data.prepare import GroupSecretError
+
     cfg = _load(config, overrides, "prepare")
-    result = run_prepare(cfg, console)
+    try:
+        result = run_prepare(cfg, console)
+    except GroupSecretError as exc:
+        console.print(f"[bold red]prepare error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
     if result.n_errors and (fail_on_error or cfg.prepare.fail_on_error):
         raise typer.Exit(1)
 

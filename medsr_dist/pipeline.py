@@ -161,6 +161,11 @@ def run_demo(cfg: MedsrConfig, console: Console) -> dict:
         write_demo_data(cfg, storage)
     init_ray(cfg)
     prep = run_prepare(cfg, console)
+    from medsr_dist.data.prepare import use_demo_group_secret
+
+    if use_demo_group_secret():  # the sample archive's patients are synthetic; a real archive needs a real secret
+        console.print("[dim]prepare: synthetic patients pseudonymised with the published demo secret "
+                      "(set MEDSR_GROUP_SECRET for real archives)[/]")
     trained = run_train(cfg, console)
     enhanced = run_enhance(cfg, console)
     with _stage(console, "report (PSNR/SSIM vs bicubic, side-by-side figures)"):

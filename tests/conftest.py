@@ -12,6 +12,11 @@ from medsr_dist.config import StorageConfig
 from medsr_dist.storage import Storage
 from ray_cluster import free_port  # tests/ is on sys.path (no __init__.py: pytest's rootdir-style import)
 
+# Prepared datasets group DICOM images by a pseudonym of their PatientID keyed with a site secret, and `prepare`
+# refuses an archive with PatientIDs when none is set. The tests' secret, set here for the whole session (and so
+# inherited by Ray heads, jobs and CLI subprocesses); tests of the no-secret case remove it themselves.
+os.environ.setdefault("MEDSR_GROUP_SECRET", "medsr-dist test suite secret (not a real one)")
+
 
 # ------------------------------------------------------------------------------------------------------
 # S3: a real S3-compatible server (moto in server mode) on 127.0.0.1, reached over HTTP like any other

@@ -5,16 +5,31 @@ become error rows, never exceptions) -> patient-level train/val/test assignment 
 the small index -> one Parquet folder per split under ``prepare.output``.
 
 Row schema of the dataset (``<output>/<split>/*.parquet``):
-``key`` (source URI), ``rel_key``, ``patient_id``, ``image`` (lossless PNG bytes, 8- or 16-bit,
-gray or RGB, display orientation), ``height``, ``width``, ``channels``, ``bits``, ``format``,
-``meta`` (ImageMeta JSON of the source).
+``key`` (source URI), ``rel_key``, ``group`` (the patient group: a pseudonym, see below), ``image``
+(lossless PNG bytes, 8- or 16-bit, gray or RGB, display orientation, with a PNG ``sBIT`` chunk giving the
+source's significant bits), ``height``, ``width``, ``channels``, ``bits``, ``format``, ``meta`` (ImageMeta
+JSON of the source without its patient ID and free text). Rows are written in a seeded global shuffle order
+(:func:`shuffle_rank`), so a shard holds rows of many images, not the sub-images of one.
+
+Patient identifiers never reach the dataset, its error file or the logs. Images are grouped by DICOM
+PatientID (``split.group_by: patient_id``) through a pseudonym, ``pid-`` + HMAC-SHA256(site secret,
+PatientID) (first 32 hex digits), computed in the decoding task so the PatientID never leaves it. The site
+secret comes from ``prepare.group_secret_file`` or the ``MEDSR_GROUP_SECRET`` environment variable; the
+same secret gives the same pseudonyms and hence the same split on every run. Preparing an archive whose DICOM
+files carry PatientIDs without a secret is refused (:class:`GroupSecretError`): a random secret would make
+the split irreproducible, and the raw ID must not be stored. Groups from the file-name pattern are kept as
+matched (they are part of the key, which the dataset keeps).
 """
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
+import os
 import re
+import struct
+import zlib
 from dataclasses import dataclass, field
 
 import cv2
@@ -22,61 +37,169 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from medsr_dist.config import MedsrConfig, MultiscaleConfig, SplitConfig, SubimageConfig
+from medsr_dist.config import MedsrConfig, MultiscaleConfig, PrepareConfig, SplitConfig, SubimageConfig
 from medsr_dist.storage import Storage
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+GROUP_SECRET_ENV = "MEDSR_GROUP_SECRET"
+#: The secret of synthetic sample archives (demo, benchmarks): published, so it protects nothing.
+DEMO_GROUP_SECRET = "medsr-dist demo secret: synthetic patients only, not for real archives"
+_MIN_SECRET_BYTES = 16
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class GroupSecretError(ValueError):
+    """No usable site secret for pseudonymising PatientIDs; the message says how to provide one."""
+
+
+def read_group_secret(p: PrepareConfig, storage: Storage | None = None) -> bytes | None:
+    """The site secret: the contents of ``prepare.group_secret_file`` (surrounding whitespace stripped), else
+    the ``MEDSR_GROUP_SECRET`` environment variable, else None.
+
+    Raises:
+        GroupSecretError: the file is missing or the secret is shorter than 16 bytes.
+    """
+    if p.group_secret_file:
+        storage = storage or Storage()
+        if not storage.exists(p.group_secret_file):
+            raise GroupSecretError(f"prepare.group_secret_file: {p.group_secret_file} does not exist")
+        secret, where = storage.read_bytes(p.group_secret_file).strip(), f"prepare.group_secret_file ({p.group_secret_file})"
+    elif os.environ.get(GROUP_SECRET_ENV):
+        secret, where = os.environ[GROUP_SECRET_ENV].strip().encode(), f"the {GROUP_SECRET_ENV} environment variable"
+    else:
+        return None
+    if len(secret) < _MIN_SECRET_BYTES:
+        raise GroupSecretError(f"{where}: the group secret must be at least {_MIN_SECRET_BYTES} bytes, got {len(secret)}")
+    return secret
+
+
+def use_demo_group_secret() -> bool:
+    """For synthetic sample archives only: set ``MEDSR_GROUP_SECRET`` to :data:`DEMO_GROUP_SECRET` unless a
+    secret is set already. Returns whether it did."""
+    if os.environ.get(GROUP_SECRET_ENV):
+        return False
+    os.environ[GROUP_SECRET_ENV] = DEMO_GROUP_SECRET
+    return True
+
+
+def patient_pseudonym(patient_id: str, secret: bytes) -> str:
+    """``pid-`` + the first 32 hex digits of HMAC-SHA256(secret, PatientID): stable per site, not reversible
+    without the secret."""
+    return "pid-" + hmac.new(secret, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def with_significant_bits(png: bytes, bits: int) -> bytes:
+    """``png`` with an ``sBIT`` chunk saying ``bits`` significant bits per channel (inserted after IHDR).
+
+    Raises:
+        ValueError: not a gray or RGB PNG from OpenCV (IHDR first), or ``bits`` beyond the PNG's bit depth.
+    """
+    if not png.startswith(_PNG_SIGNATURE) or png[12:16] != b"IHDR":
+        raise ValueError("not a PNG with IHDR first")
+    depth, colour = png[24], png[25]
+    channels = {0: 1, 2: 3}.get(colour)
+    if channels is None or not 1 <= bits <= depth:
+        raise ValueError(f"sBIT {bits} does not fit a PNG of colour type {colour} and depth {depth}")
+    end = 8 + 8 + 13 + 4  # signature, IHDR length + type, IHDR data, CRC
+    return png[:end] + _png_chunk(b"sBIT", bytes([bits] * channels)) + png[end:]
+
+
+def significant_bits(png: bytes) -> int:
+    """The significant bits of a prepared PNG: its ``sBIT`` chunk, else its bit depth (8 or 16).
+
+    Raises:
+        ValueError: not a PNG.
+    """
+    if not png.startswith(_PNG_SIGNATURE):
+        raise ValueError("not a PNG")
+    depth, pos = png[24], 8
+    while pos + 8 <= len(png):
+        length, kind = struct.unpack(">I4s", png[pos:pos + 8])
+        if kind == b"sBIT":
+            return min(depth, max(png[pos + 8:pos + 8 + length]))
+        if kind in (b"IDAT", b"IEND"):
+            break
+        pos += 12 + length
+    return depth
 
 
 def to_training_png(pixels: np.ndarray, bits: int) -> bytes:
-    """float32 (H, W, C) in [0, 1] RGB(A) -> lossless PNG (16-bit when the source has more than 8 bits)."""
+    """float32 (H, W, C) in [0, 1] RGB(A) -> lossless PNG (16-bit when the source has more than 8 bits) whose
+    ``sBIT`` chunk records ``bits``, the source's significant bits."""
     if pixels.shape[2] == 4:
         pixels = pixels[:, :, :3]
     dtype, peak = (np.uint16, 65535.0) if bits > 8 else (np.uint8, 255.0)
     arr = np.rint(np.clip(pixels, 0, 1) * peak).astype(dtype)
-    if arr.shape[2] == 3:
-        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
-    else:
+    return encode_training_png(arr, bits, rgb=arr.shape[2] == 3)
+
+
+def encode_training_png(arr: np.ndarray, bits: int, rgb: bool = False) -> bytes:
+    """uint8/uint16 (H, W) or (H, W, 3) (BGR, or RGB with ``rgb``) -> PNG bytes with ``sBIT`` = ``bits``."""
+    if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
+    if rgb and arr.ndim == 3:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
     ok, enc = cv2.imencode(".png", arr)
     if not ok:
         raise RuntimeError("PNG encoding failed")
-    return enc.tobytes()
+    return with_significant_bits(enc.tobytes(), min(bits, 8 * arr.dtype.itemsize))
 
 
 class DecodeArchiveFiles:
-    """Ray Data stage: ``{"key"}`` rows -> decoded rows (see module doc) with ``ok``/``error`` columns.
+    """Ray Data stage: ``{"key"}`` rows -> decoded rows (see module doc) with ``ok``/``error`` columns, plus
+    ``unkeyed_patient`` (the file has a PatientID that could not be pseudonymised: no secret was given).
+
+    ``group`` is the patient pseudonym when the file has a DICOM PatientID, ``group_by`` is ``patient_id`` and
+    a ``secret`` is given; otherwise empty (the driver groups by file name). The PatientID itself is dropped
+    here, as is the source's free text (PNG/TIFF text chunks may hold identifiers too).
 
     In paired mode (``partners``: ground-truth key -> low-resolution key) each row also gets ``lq_image``
     and ``pair_scale`` (GT size / LQ size, the same integer on both axes or the row is an error).
     """
 
-    def __init__(self, storage: Storage, input_prefix: str, partners: dict[str, str] | None = None):
+    def __init__(self, storage: Storage, input_prefix: str, partners: dict[str, str] | None = None,
+                 secret: bytes | None = None, group_by: str = "patient_id"):
         self.storage, self.prefix, self.partners = storage, input_prefix.rstrip("/"), partners
+        self.secret, self.group_by = secret, group_by
 
     def __call__(self, batch: dict) -> dict:
+        import dataclasses
+
         from medsr_dist.io.image import decode_image
 
         out: dict[str, list] = {k: [] for k in (
-            "key", "rel_key", "ok", "error", "patient_id", "image", "height", "width", "channels", "bits", "format", "meta")}
+            "key", "rel_key", "ok", "error", "group", "unkeyed_patient", "image", "height", "width", "channels",
+            "bits", "format", "meta")}
         for key in batch["key"]:
             key = str(key)
             rel = key[len(self.prefix):].lstrip("/")
-            row = dict(key=key, rel_key=rel, ok=False, error="", patient_id="", image=b"", height=0, width=0,
-                       channels=0, bits=0, format="", meta="")
+            row = dict(key=key, rel_key=rel, ok=False, error="", group="", unkeyed_patient=False, image=b"", height=0,
+                       width=0, channels=0, bits=0, format="", meta="")
             if self.partners is not None:
                 row.update(lq_image=b"", pair_scale=0)
             try:
                 img = decode_image(self.storage.read_bytes(key), key)
+                patient = img.meta.patient_id or ""
+                if patient and self.group_by == "patient_id":
+                    if self.secret is None:
+                        row["unkeyed_patient"] = True
+                    else:
+                        row["group"] = patient_pseudonym(patient, self.secret)
+                meta = dataclasses.replace(img.meta, patient_id=None, text={})
                 row.update(
-                    ok=True, patient_id=img.meta.patient_id or "", image=to_training_png(img.pixels, img.meta.bits_stored),
+                    ok=True, image=to_training_png(img.pixels, img.meta.bits_stored),
                     height=img.pixels.shape[0], width=img.pixels.shape[1], channels=img.meta.channels,
-                    bits=img.meta.bits_stored, format=img.meta.format, meta=img.meta.to_json(),
+                    bits=img.meta.bits_stored, format=img.meta.format, meta=meta.to_json(),
                 )
+                del img, patient
                 if self.partners is not None:
-                    row.update(self._partner(key, img.pixels.shape[:2]))
+                    row.update(self._partner(key, (row["height"], row["width"])))
             except Exception as exc:  # noqa: BLE001 - every failure becomes an error row naming the file
                 row.update(ok=False, error=f"{type(exc).__name__}: {exc}")
             for k, v in row.items():
@@ -157,6 +280,7 @@ class ExpandTrainImages:
         n = len(batch["key"])
         for i in range(n):
             raw = cv2.imdecode(np.frombuffer(batch["image"][i], np.uint8), cv2.IMREAD_UNCHANGED)
+            bits = int(batch["bits"][i]) if "bits" in batch else significant_bits(bytes(batch["image"][i]))
             variants = [("", raw)]
             if self.multiscale.enabled:
                 variants += multiscale_copies(raw, self.multiscale)
@@ -168,7 +292,7 @@ class ExpandTrainImages:
                     if col == "key":
                         value = f"{value}{suffix}"
                     elif col == "image" and suffix:
-                        value = cv2.imencode(".png", img)[1].tobytes()
+                        value = encode_training_png(img, bits)
                     elif col == "height":
                         value = img.shape[0]
                     elif col == "width":
@@ -177,10 +301,11 @@ class ExpandTrainImages:
         return out
 
 
-def patient_of(rel_key: str, dicom_patient: str, split: SplitConfig) -> str:
-    """The grouping key of an image: DICOM PatientID when present (group_by=patient_id), else the filename pattern."""
-    if split.group_by == "patient_id" and dicom_patient:
-        return dicom_patient
+def patient_of(rel_key: str, pseudonym: str, split: SplitConfig) -> str:
+    """The grouping key of an image: the pseudonym of its DICOM PatientID when there is one (group_by=patient_id;
+    see :class:`DecodeArchiveFiles`), else the filename pattern's ``patient`` group, else the file name."""
+    if split.group_by == "patient_id" and pseudonym:
+        return pseudonym
     name = rel_key.rsplit("/", 1)[-1]
     match = re.search(split.filename_pattern, name)
     if match and match.groupdict().get("patient"):
@@ -223,25 +348,46 @@ class PrepareResult:
         return len(self.errors)
 
 
+def shuffle_rank(seed: int, key: str) -> int:
+    """The position of a row in the written dataset: a seeded hash of its key (a global shuffle that does not
+    depend on the order in which Ray produced the rows, so the same archive and seed give the same shards)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}|{key}".encode(), digest_size=8).digest(), "little") >> 1
+
+
 def prepare_dataset(cfg: MedsrConfig, storage: Storage | None = None, overwrite: bool = True) -> PrepareResult:
-    """Run the prepare stage (Ray must be initialised). Returns the per-split counts and the error rows."""
+    """Run the prepare stage (Ray must be initialised). Returns the per-split counts and the error rows.
+
+    Raises:
+        FileNotFoundError: no input files.
+        GroupSecretError: DICOM files carry PatientIDs, ``split.group_by`` is ``patient_id`` and no site secret is
+            configured (nothing is written), or the configured secret is unusable (checked before any Ray work).
+    """
     import ray
 
     storage = storage or Storage(cfg.storage)
     p = cfg.prepare
+    secret = read_group_secret(p, storage) if p.split.group_by == "patient_id" else None
     keys = storage.list_files(p.input, include=p.include, exclude=p.exclude)
     if not keys:
         raise FileNotFoundError(f"prepare.input: no files under {p.input} match include={p.include} exclude={p.exclude}")
     log.info("prepare: %d files under %s", len(keys), p.input)
     partners = match_partners(storage, keys, p.input, p.paired_lq) if p.paired_lq else None
     ds = ray.data.from_items([{"key": k} for k in keys], override_num_blocks=min(len(keys), 64))
-    decoded = ds.map_batches(DecodeArchiveFiles, fn_constructor_args=(storage, p.input, partners), batch_size=4,
+    decoded = ds.map_batches(DecodeArchiveFiles, fn_constructor_args=(storage, p.input, partners, secret, p.split.group_by),
+                             batch_size=4,
                              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.available_resources().get("CPU", 1)))))
     decoded = decoded.materialize()
-    index = decoded.select_columns(["key", "rel_key", "ok", "error", "patient_id"]).take_all()
+    index = decoded.select_columns(["key", "rel_key", "ok", "error", "group", "unkeyed_patient"]).take_all()
+    unkeyed = [r["rel_key"] for r in index if r["ok"] and r["unkeyed_patient"]]
+    if unkeyed:
+        raise GroupSecretError(
+            f"prepare: {len(unkeyed)} DICOM file(s) carry a PatientID (e.g. {unkeyed[0]}) and prepare.split.group_by is "
+            f"patient_id, but no site secret is configured to pseudonymise it: set the {GROUP_SECRET_ENV} environment "
+            f"variable or prepare.group_secret_file (keep the same secret to keep the same split), or group by file name "
+            f"with prepare.split.group_by=filename. Nothing was written")
     errors = [{"key": r["key"], "error": r["error"]} for r in index if not r["ok"]]
     ok_rows = [r for r in index if r["ok"]]
-    groups = {r["key"]: patient_of(r["rel_key"], r["patient_id"], p.split) for r in ok_rows}
+    groups = {r["key"]: patient_of(r["rel_key"], r["group"], p.split) for r in ok_rows}
     mapping = assign_splits(list(groups.values()), p.split, cfg.run.seed)
     split_of_key = {k: mapping[g] for k, g in groups.items()}
 
@@ -254,16 +400,22 @@ def prepare_dataset(cfg: MedsrConfig, storage: Storage | None = None, overwrite:
         if not keys_in:
             continue
         part = decoded.filter(lambda row, _keys=frozenset(keys_in): row["ok"] and row["key"] in _keys)
-        part = part.map_batches(_with_group(groups), batch_format="pyarrow").drop_columns(["ok", "error"])
+        part = part.map_batches(_with_group(groups), batch_format="pyarrow").drop_columns(["ok", "error", "unkeyed_patient"])
         if split == "train" and not p.paired_lq and (p.multiscale.enabled or p.subimages.enabled):
             part = part.map_batches(ExpandTrainImages, fn_constructor_args=(p.multiscale, p.subimages), batch_size=1,
                                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2))
+        # Sub-images of one image come out side by side; a seeded global order spreads them over the shards, so a
+        # training batch (block order + a small local buffer) mixes many images and patients.
+        part = part.map_batches(_with_rank(cfg.run.seed), batch_format="pyarrow").sort("_rank").drop_columns(["_rank"])
         part.write_parquet(f"{out_path.rstrip('/')}/{split}", filesystem=pafs, min_rows_per_file=p.rows_per_shard,
                            mode="overwrite" if overwrite else "error")
     _write_table(storage, storage.join(p.output, "errors.parquet"), errors, {"key": pa.string(), "error": pa.string()})
     summary = {"input": p.input, "files": len(keys), "counts": counts, "patients": patients, "errors": len(errors),
                "split": p.split.model_dump(), "multiscale": p.multiscale.model_dump(), "subimages": p.subimages.model_dump(),
-               "paired_lq": p.paired_lq}
+               "paired_lq": p.paired_lq,
+               "images_grouped_by": {"patient_pseudonym": sum(1 for r in ok_rows if r["group"]),
+                                     "file_name": sum(1 for r in ok_rows if not r["group"])},
+               "row_order": f"seeded shuffle (run.seed {cfg.run.seed})"}
     storage.write_bytes(storage.join(p.output, "summary.json"), json.dumps(summary, indent=2).encode())
     return PrepareResult(output=p.output, counts=counts, patients=patients, errors=errors)
 
@@ -271,7 +423,14 @@ def prepare_dataset(cfg: MedsrConfig, storage: Storage | None = None, overwrite:
 def _with_group(groups: dict[str, str]):
     def add(table: pa.Table) -> pa.Table:
         keys = table.column("key").to_pylist()
-        return table.set_column(table.schema.get_field_index("patient_id"), "patient_id", pa.array([groups[k] for k in keys], pa.string()))
+        return table.set_column(table.schema.get_field_index("group"), "group", pa.array([groups[k] for k in keys], pa.string()))
+    return add
+
+
+def _with_rank(seed: int):
+    def add(table: pa.Table) -> pa.Table:
+        ranks = [shuffle_rank(seed, k) for k in table.column("key").to_pylist()]
+        return table.append_column("_rank", pa.array(ranks, pa.int64()))
     return add
 
 
