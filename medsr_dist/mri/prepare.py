@@ -1,0 +1,151 @@
+"""`medsr mri prepare`: NIfTI volumes on the store -> sharded Parquet of slice pairs, split by volume (patient).
+
+Flow (Ray Data, like :mod:`medsr_dist.data.prepare` for 2-D, whose split and encoding helpers it reuses): list
+the volumes -> group each by patient (file-name pattern of ``prepare.split``) and assign groups to train/val/test
+on the driver -> one task per volume reads it and makes its pairs (:mod:`medsr_dist.mri.simulate`: the six
+pairings of an isotropic volume, or SMORE pairs of an anisotropic one); an unreadable or unusable volume becomes
+one error row naming the file -> one Parquet folder per split under ``prepare.output``.
+
+In ``self`` mode there is one volume per patient and no hold-out volume: every ``val_every``-th pair goes to val
+(monitoring only), the rest to train.
+
+Row schema (``<output>/<split>/*.parquet``; the 2-D paired schema, so ``medsr train`` streams it with the paired
+crop and a scale-1 model): ``key`` (``<volume>#<slice axis>/<degraded axis>#<index>``), ``rel_key``,
+``patient_id`` (the group), ``volume``, ``orientation``, ``slice_index``, ``degraded_axis``, ``image`` (ground
+truth, 16-bit gray PNG), ``lq_image`` (interpolated degraded slice, same size), ``pair_scale`` (1), ``height``,
+``width``, ``channels`` (1), ``bits`` (16), ``format`` (``nifti``), ``meta`` (JSON: factor, profile, mode,
+intensity window, voxel sizes, low-resolution axis). Both images are in the volume's intensity window
+(:func:`medsr_dist.mri.simulate.intensity_window`) with the degraded axis as rows.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pyarrow as pa
+
+from medsr_dist.config import MedsrConfig
+from medsr_dist.data.prepare import SPLITS, PrepareResult, _write_table, assign_splits, patient_of, to_training_png
+from medsr_dist.mri.config import MriConfig
+from medsr_dist.storage import Storage
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("key", "rel_key", "patient_id", "volume", "orientation", "slice_index", "degraded_axis", "image",
+           "lq_image", "pair_scale", "height", "width", "channels", "bits", "format", "meta", "split", "ok", "error")
+
+
+def _png(unit: np.ndarray) -> bytes:
+    return to_training_png(unit[:, :, None], 16)
+
+
+def volume_pairs(data: bytes, rel_key: str, group: str, split: str, mri: MriConfig) -> list[dict]:
+    """All slice-pair rows of one volume (module doc), ``split`` on each; ``mri.mode`` picks the pairing.
+
+    Raises:
+        VolumeError / ValueError: unreadable volume, wrong dimensionality, not isotropic enough for supervised
+            mode (its voxel sizes must agree within 20 %) or not anisotropic for self mode.
+    """
+    from medsr_dist.mri.simulate import intensity_window, self_supervised_pairs, supervised_pairs
+    from medsr_dist.mri.volume import VolumeError, low_resolution_axis, read_volume
+
+    vol = read_volume(data, rel_key)
+    k = mri.factor
+    spacing = [round(float(s), 5) for s in vol.spacing]
+    if mri.mode == "supervised":
+        if max(spacing) > 1.2 * min(spacing):
+            raise VolumeError(f"{rel_key}: supervised pairs need an isotropic volume, voxel sizes are {spacing} mm")
+        lr_axis = None
+        window = intensity_window(vol.data, k, min(vol.shape) // k)
+        pairs = supervised_pairs(vol.data, k, mri.profile, skip_empty=mri.skip_empty, window=window)
+    else:
+        lr_axis = low_resolution_axis(vol.spacing, rel_key)
+        window = intensity_window(vol.data, k, vol.shape[lr_axis])
+        pairs = self_supervised_pairs(vol.data, lr_axis, k, mri.profile, skip_empty=mri.skip_empty, window=window)
+    meta = json.dumps({"factor": k, "profile": mri.profile, "mode": mri.mode, "window": [window.low, window.high],
+                       "spacing_mm": spacing, "lr_axis": lr_axis, "shape": list(vol.shape)})
+    rows = []
+    for n, pair in enumerate(pairs):
+        row_split = split
+        if mri.mode == "self":
+            row_split = "val" if n % mri.val_every == mri.val_every - 1 else "train"
+        rows.append(dict(
+            key=f"{rel_key}#{pair.orientation}#{pair.index}", rel_key=rel_key, patient_id=group, volume=rel_key,
+            orientation=pair.orientation, slice_index=pair.index, degraded_axis=pair.degraded_axis,
+            image=_png(pair.gt), lq_image=_png(pair.lq), pair_scale=1, height=pair.gt.shape[0],
+            width=pair.gt.shape[1], channels=1, bits=16, format="nifti", meta=meta, split=row_split, ok=True, error=""))
+    if not rows:
+        raise VolumeError(f"{rel_key}: no slice pair has foreground (prepare skip_empty={mri.skip_empty})")
+    return rows
+
+
+class MakeVolumePairs:
+    """Ray Data stage: ``{"key", "rel_key", "group", "split"}`` rows (one per volume) -> its slice-pair rows, or
+    one error row (``ok`` false, ``error`` naming the file and the problem)."""
+
+    def __init__(self, storage: Storage, mri: MriConfig):
+        self.storage, self.mri = storage, mri
+
+    def __call__(self, batch: dict) -> dict:
+        out: dict[str, list] = {c: [] for c in COLUMNS}
+        for key, rel, group, split in zip(batch["key"], batch["rel_key"], batch["group"], batch["split"]):
+            try:
+                rows = volume_pairs(self.storage.read_bytes(str(key)), str(rel), str(group), str(split), self.mri)
+            except Exception as exc:  # noqa: BLE001 - a bad volume is an error row, never a failed job
+                rows = [dict(key=str(key), rel_key=str(rel), patient_id=str(group), volume=str(rel), orientation="",
+                             slice_index=-1, degraded_axis=-1, image=b"", lq_image=b"", pair_scale=1, height=0,
+                             width=0, channels=0, bits=0, format="", meta="", split=str(split), ok=False,
+                             error=f"{type(exc).__name__}: {exc}")]
+            for row in rows:
+                for c in COLUMNS:
+                    out[c].append(row[c])
+        return out
+
+
+def prepare_slice_pairs(cfg: MedsrConfig, mri: MriConfig, storage: Storage | None = None,
+                        overwrite: bool = True) -> PrepareResult:
+    """Run the MRI prepare stage (Ray must be initialised): ``prepare.input`` volumes -> ``prepare.output``.
+
+    ``counts``/``patients`` of the result are pairs/volume groups per split; ``errors`` one row per volume that
+    could not be used.
+
+    Raises:
+        FileNotFoundError: no volume under ``prepare.input`` matches ``mri.include``.
+    """
+    import ray
+
+    storage = storage or Storage(cfg.storage)
+    p = cfg.prepare
+    keys = storage.list_files(p.input, include=mri.include, exclude=p.exclude)
+    if not keys:
+        raise FileNotFoundError(f"prepare.input: no volumes under {p.input} match {mri.include}")
+    prefix = p.input.rstrip("/")
+    rels = {k: k[len(prefix):].lstrip("/") if k.startswith(prefix) else k.rsplit("/", 1)[-1] for k in keys}
+    groups = {k: patient_of(rels[k], "", p.split) for k in keys}
+    mapping = assign_splits(list(groups.values()), p.split, cfg.run.seed) if mri.mode == "supervised" else {}
+    items = [{"key": k, "rel_key": rels[k], "group": groups[k], "split": mapping.get(groups[k], "train")} for k in keys]
+    log.info("mri prepare: %d volumes under %s (%s, x%d, %s profile)", len(keys), p.input, mri.mode, mri.factor,
+             mri.profile)
+    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+    pairs = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        MakeVolumePairs, fn_constructor_args=(storage, mri), batch_size=1,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(cpus, len(items))),
+    ).materialize()
+    index = pairs.select_columns(["key", "volume", "patient_id", "split", "ok", "error"]).take_all()
+    errors = [{"key": r["key"], "error": r["error"]} for r in index if not r["ok"]]
+    pafs, out_path = storage.pyarrow_fs(p.output)
+    counts, patients = {}, {}
+    for split in SPLITS:
+        rows = [r for r in index if r["ok"] and r["split"] == split]
+        counts[split], patients[split] = len(rows), len({r["patient_id"] for r in rows})
+        if not rows:
+            continue
+        part = pairs.filter(lambda row, _s=split: row["ok"] and row["split"] == _s).drop_columns(["ok", "error", "split"])
+        part.write_parquet(f"{out_path.rstrip('/')}/{split}", filesystem=pafs, min_rows_per_file=p.rows_per_shard,
+                           mode="overwrite" if overwrite else "error")
+    _write_table(storage, storage.join(p.output, "errors.parquet"), errors, {"key": pa.string(), "error": pa.string()})
+    summary = {"input": p.input, "volumes": len(keys), "pairs": counts, "groups": patients, "errors": len(errors),
+               "split": p.split.model_dump(), "mri": mri.model_dump()}
+    storage.write_bytes(storage.join(p.output, "summary.json"), json.dumps(summary, indent=2).encode())
+    return PrepareResult(output=p.output, counts=counts, patients=patients, errors=errors)
