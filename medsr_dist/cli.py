@@ -104,16 +104,16 @@ def degrade(
     import cv2
 
     from medsr_dist.data.degrade import preview_grid
-    from medsr_dist.io.image import ImageDecodeError, decode_image
+    from medsr_dist.io.image import ImageDecodeError, decode_image, single_frame_pixels
     from medsr_dist.storage import Storage, StorageError
 
     cfg = _load(config, overrides)
     try:
-        img = decode_image(Storage(cfg.storage).read_bytes(image), image)
+        pixels = single_frame_pixels(decode_image(Storage(cfg.storage).read_bytes(image), image), image, "previews")
     except (ImageDecodeError, StorageError) as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
-    grid = preview_grid(img.pixels[:, :, :3], cfg.degradation, cfg.model.scale, n=n, seed=seed)
+    grid = preview_grid(pixels[:, :, :3], cfg.degradation, cfg.model.scale, n=n, seed=seed)
     if not cv2.imwrite(str(output), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR)):
         console.print(f"[bold red]error:[/] could not write {output}")
         raise typer.Exit(1)

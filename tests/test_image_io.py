@@ -529,3 +529,51 @@ def test_derived_dicom_instance_uid_depends_on_every_parameter():
     ]
     assert uids[0].SOPInstanceUID != uids[1].SOPInstanceUID
     assert uids[0].SeriesInstanceUID == uids[1].SeriesInstanceUID  # one new series per source series and model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compressed TIFF, as scanners write it (codecs from imagecodecs)
+
+
+@pytest.mark.parametrize("compression, kwargs", [
+    ("lzw", {}), ("lzw", {"predictor": True}), ("zlib", {}), ("adobe_deflate", {}), ("packbits", {}), ("zstd", {}),
+])
+@pytest.mark.parametrize("layout", ["grey16", "rgb8"])
+def test_lossless_compressed_tiff_decodes_every_value(compression, kwargs, layout):
+    rng = np.random.default_rng(4)
+    truth = (rng.integers(0, 65536, (40, 56)).astype(np.uint16) if layout == "grey16"
+             else rng.integers(0, 256, (40, 56, 3)).astype(np.uint8))
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, truth, compression=compression, **kwargs)
+    with tifffile.TiffFile(io.BytesIO(buf.getvalue())) as tif:
+        assert tif.pages.first.compression != tifffile.COMPRESSION.NONE
+    image = decode_image(buf.getvalue(), f"scan-{compression}.tif")
+    maxval = np.iinfo(truth.dtype).max
+    np.testing.assert_array_equal(np.rint(image.pixels * maxval).astype(truth.dtype).reshape(truth.shape), truth)
+
+
+@pytest.mark.parametrize("layout", ["ycbcr", "rgb", "grey"])
+def test_jpeg_compressed_tiff_decodes_like_libtiff(layout):
+    """YCbCr 2x2-subsampled JPEG pages (tifffile's and most scanners' default for RGB), RGB JPEG pages, grey."""
+    grey = np.rint(make_radiograph(9, 64) * 255).astype(np.uint8)
+    truth = grey if layout == "grey" else np.stack([grey, 255 - grey, grey // 2 + 64], axis=-1)
+    args = {"level": 95} | ({"outcolorspace": "rgb"} if layout == "rgb" else {})
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, truth, compression="jpeg", compressionargs=args,
+                     photometric="minisblack" if layout == "grey" else "rgb")
+    with tifffile.TiffFile(io.BytesIO(buf.getvalue())) as tif:
+        page = tif.pages.first
+        assert page.compression == tifffile.COMPRESSION.JPEG
+        assert page.photometric == {"ycbcr": 6, "rgb": 2, "grey": 1}[layout]
+    image = decode_image(buf.getvalue(), "scan-jpeg.tif")
+    assert image.meta.photometric == ("MONOCHROME2" if layout == "grey" else "RGB")
+    stored = np.rint(image.pixels * 255).reshape(truth.shape)
+    libtiff = _from_cv2_tiff(buf.getvalue(), layout == "grey")  # OpenCV's libtiff, an independent decoder
+    assert np.abs(stored - libtiff).max() <= 2
+    # 2x2 chroma subsampling costs colour detail (~6 levels here); YCbCr left unconverted would be ~100 levels off
+    assert np.abs(stored - truth).mean() < 8.0
+
+
+def _from_cv2_tiff(data: bytes, grey: bool) -> np.ndarray:
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR)
+    return array.astype(np.float32) if grey else cv2.cvtColor(array, cv2.COLOR_BGR2RGB).astype(np.float32)

@@ -171,7 +171,7 @@ class DecodeArchiveFiles:
     def __call__(self, batch: dict) -> dict:
         import dataclasses
 
-        from medsr_dist.io.image import decode_image
+        from medsr_dist.io.image import decode_image, single_frame_pixels
 
         out: dict[str, list] = {k: [] for k in (
             "key", "rel_key", "ok", "error", "group", "unkeyed_patient", "image", "height", "width", "channels",
@@ -185,6 +185,7 @@ class DecodeArchiveFiles:
                 row.update(lq_image=b"", pair_scale=0)
             try:
                 img = decode_image(self.storage.read_bytes(key), key)
+                single_frame_pixels(img, key, "training")
                 patient = img.meta.patient_id or ""
                 if patient and self.group_by == "patient_id":
                     if self.secret is None:
@@ -207,13 +208,13 @@ class DecodeArchiveFiles:
         return out
 
     def _partner(self, key: str, gt_hw: tuple[int, int]) -> dict:
-        from medsr_dist.io.image import decode_image
+        from medsr_dist.io.image import decode_image, single_frame_pixels
 
         lq_key = self.partners.get(key)
         if lq_key is None:
             raise FileNotFoundError("paired mode: no low-resolution image with the same relative path and stem")
         lq = decode_image(self.storage.read_bytes(lq_key), lq_key)
-        h, w = lq.pixels.shape[:2]
+        h, w = single_frame_pixels(lq, lq_key, "training").shape[:2]
         if gt_hw[0] % h or gt_hw[1] % w or gt_hw[0] // h != gt_hw[1] // w:
             raise ValueError(f"paired mode: {lq_key} is {h}x{w}, not an integer fraction of the ground truth {gt_hw[0]}x{gt_hw[1]}")
         return {"lq_image": to_training_png(lq.pixels, lq.meta.bits_stored), "pair_scale": gt_hw[0] // h}

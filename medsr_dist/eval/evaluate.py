@@ -410,7 +410,7 @@ class ProtocolPairs:
         self.storage, self.protocol, self.names, self.figures = storage, protocol, names, set(figures)
 
     def __call__(self, batch: dict) -> dict:
-        from medsr_dist.io.image import decode_image
+        from medsr_dist.io.image import decode_image, single_frame_pixels
 
         out: dict[str, list] = {k: [] for k in ("image", "key", "status", "error", "hr", "lr", "figure")}
         images = batch.get("image")
@@ -421,7 +421,7 @@ class ProtocolPairs:
                    "figure": name in self.figures}
             try:
                 data = bytes(images[i]) if images is not None else self.storage.read_bytes(key)
-                pair = self.protocol.make_pair(decode_image(data, key).pixels)
+                pair = self.protocol.make_pair(single_frame_pixels(decode_image(data, key), key, "evaluation"))
                 row.update(hr=pair.hr, lr=pair.lr)
             except Exception as exc:  # noqa: BLE001 - an unreadable image is an error row for every model
                 row.update(status="error", error=f"input: {_error_text(exc)}")

@@ -372,6 +372,28 @@ def decode_dicom(data: bytes | bytearray | memoryview, name: str) -> MedicalImag
     return MedicalImage(pixels=pixels, meta=meta, header=_header_bytes(ds))
 
 
+def _compress(ds: Dataset, array: np.ndarray, compression: str) -> None:
+    """Encapsulate ``array`` (the uncompressed PixelData of ``ds``) losslessly, in place.
+
+    JPEG 2000 colour is coded with the reversible colour transform and labelled YBR_RCT, as Part 3 demands for
+    JPEG 2000 colour in IODs such as US (decoders return RGB again, bit for bit). Raises ValueError for a
+    JPEG 2000 frame under 32 pixels on a side (OpenJPEG's six resolution levels need 32)."""
+    syntax = _COMPRESSION_SYNTAX[compression]
+    options: dict[str, Any] = {}
+    if compression == "jpeg2000-lossless":
+        if min(int(ds.Rows), int(ds.Columns)) < 32:
+            raise ValueError(
+                f"JPEG 2000 lossless needs frames of at least 32 x 32 pixels, got {ds.Rows} x {ds.Columns}; "
+                "use dicom_compression none or rle for images this small"
+            )
+        if int(ds.SamplesPerPixel) == 3:
+            ds.PhotometricInterpretation = "YBR_RCT"
+            options["use_mct"] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.compress(syntax, array, generate_instance_uid=False, **options)
+
+
 def _update_functional_groups(ds: Dataset, scale: float) -> None:
     """Enhanced (multi-frame functional group) objects: PixelMeasuresSequence PixelSpacing divided by ``scale``
     and FrameType value 1 DERIVED, in the shared group and in every per-frame group."""
@@ -451,7 +473,10 @@ def encode_dicom(
     if "StudyInstanceUID" not in ds:  # a derived object must sit in a study; keep it stable per source
         ds.StudyInstanceUID = generate_uid(entropy_srcs=[str(source_series), "study"])
 
-    ds.ImageType = ["DERIVED", "SECONDARY"] + [str(v) for v in list(ds.get("ImageType", []))[2:]]
+    image_type = [str(v) for v in list(ds.get("ImageType", []))]
+    # Enhanced (functional group) IODs fix value 2 to PRIMARY; elsewhere a derived image is DERIVED\SECONDARY.
+    enhanced = "SharedFunctionalGroupsSequence" in ds and len(image_type) >= 2
+    ds.ImageType = ["DERIVED", image_type[1] if enhanced else "SECONDARY"] + image_type[2:]
     description = (
         f"Super-resolution x{scale_text} by model {model}"
         + (f" (sha256 {model_hash})" if model_hash else "")
@@ -524,12 +549,7 @@ def encode_dicom(
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.preamble = b"\x00" * 128
     if compression != "none":
-        # Lossless only: every stored value survives (checked by the round-trip tests). RGB is coded without the
-        # reversible colour transform so the object stays PhotometricInterpretation RGB.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds.compress(_COMPRESSION_SYNTAX[compression], array, generate_instance_uid=False,
-                        **({"use_mct": False} if compression == "jpeg2000-lossless" else {}))
+        _compress(ds, array, compression)
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)
     return buf.getvalue()

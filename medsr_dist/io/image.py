@@ -40,6 +40,7 @@ __all__ = [
     "detect_format",
     "decode_image",
     "probe_image",
+    "single_frame_pixels",
     "encode_image",
     "output_extension",
 ]
@@ -360,6 +361,18 @@ def _probe_tiff(raw: bytes, name: str) -> ImageProbe:
     elif photometric == tifffile.PHOTOMETRIC.PALETTE or (photometric == tifffile.PHOTOMETRIC.YCBCR and not extrasamples):
         channels = 3
     return ImageProbe("tiff", height, width, pages * depth, channels, bits)
+
+
+def single_frame_pixels(image: MedicalImage, name: str, purpose: str) -> np.ndarray:
+    """``image.pixels`` (H, W, C) of a single-frame image, for consumers that take one 2-D image (training
+    preparation, evaluation, previews). Raises ImageDecodeError naming ``name`` and ``purpose`` for a multi-frame
+    one rather than letting an (F, H, W, C) array be misread as (H, W, C)."""
+    if image.meta.frames > 1:
+        raise ImageDecodeError(
+            name, f"multi-frame image ({image.meta.frames} frames) is not supported for {purpose} yet; "
+            "the nightly enhance job takes it"
+        )
+    return image.pixels
 
 
 def output_extension(meta: ImageMeta | str) -> str:
@@ -697,6 +710,7 @@ def _decode_tiff(data, name: str) -> MedicalImage:
                 raise ImageDecodeError(name, f"multi-page TIFF ({pages} pages) is not supported yet")
             page = tif.pages.first
             photometric = int(page.photometric)
+            compression = int(page.compression)
             extrasamples = tuple(int(e) for e in page.extrasamples)
             axes = page.axes
             description = page.description
@@ -724,6 +738,8 @@ def _decode_tiff(data, name: str) -> MedicalImage:
         tone = "RGBA"
     elif photometric == tifffile.PHOTOMETRIC.MINISBLACK and channels == 1:
         tone = "MONOCHROME2"
+    elif photometric == tifffile.PHOTOMETRIC.YCBCR and compression == tifffile.COMPRESSION.JPEG and channels == 3:
+        tone = "RGB"  # scanners' YCbCr JPEG pages: libjpeg (via imagecodecs) already converted them to RGB
     elif photometric == tifffile.PHOTOMETRIC.RGB and channels in (3, 4):
         tone = "RGB" if channels == 3 else "RGBA"
         if channels == 4 and not extrasamples:
