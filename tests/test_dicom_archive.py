@@ -422,14 +422,16 @@ def _encapsulated(ds: Dataset, frames: list[bytes], syntax: str, lossy: bool) ->
     return part10(ds)
 
 
-def test_jpeg_lossless_sv1_signed_ct_the_usual_pacs_lossless_decodes_exactly(tmp_path):
+@pytest.mark.parametrize("syntax, predictor", [(pydicom.uid.JPEGLosslessSV1, 1), (pydicom.uid.JPEGLossless, 6)])
+def test_jpeg_lossless_signed_ct_the_usual_pacs_lossless_decodes_exactly(syntax, predictor, tmp_path):
+    """Process 14 with selection value 1 (1.2.840.10008.1.2.4.70) and with another predictor (…4.57)."""
     import imagecodecs
 
     source = read(pydicom_file("CT_small.dcm"))
     raw = source.pixel_array
-    jpeg = imagecodecs.jpeg8_encode(raw.view(np.uint16), lossless=True, predictor=1, bitspersample=16)
-    assert b"\xff\xc3" in jpeg  # SOF3: lossless, predictor (selection value) 1
-    data = _encapsulated(source, [jpeg], pydicom.uid.JPEGLosslessSV1, lossy=False)
+    jpeg = imagecodecs.jpeg8_encode(raw.view(np.uint16), lossless=True, predictor=predictor, bitspersample=16)
+    assert b"\xff\xc3" in jpeg  # SOF3: lossless
+    data = _encapsulated(source, [jpeg], syntax, lossy=False)
     image, out = derive(data, "ll.dcm")
     np.testing.assert_array_equal(read(out).pixel_array[::2, ::2], raw)
     if DCIODVFY:
@@ -500,6 +502,20 @@ def test_ybr_sources_are_converted_to_rgb_and_written_as_rgb():
         assert np.abs(image.pixels - truth).mean() < 4 / 255, name  # unconverted YBR would be ~100/255 off
         derived = read(out)
         assert (derived.PhotometricInterpretation, derived.PlanarConfiguration, derived.SamplesPerPixel) == ("RGB", 0, 3)
+
+
+def test_lossy_jpeg2000_ybr_ict_colour_decodes_to_rgb():
+    source = read(pydicom_file("SC_rgb_rle.dcm"))
+    truth = decode_image(pydicom_file("SC_rgb_rle.dcm"), "rgb.dcm").pixels
+    source.decompress(generate_instance_uid=False)
+    rgb = source.pixel_array
+    source.PhotometricInterpretation = "YBR_ICT"  # irreversible colour transform, as lossy J2K writers use it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        source.compress(pydicom.uid.JPEG2000, rgb, j2k_cr=[5], generate_instance_uid=False)
+    image, out = derive(part10(source), "ict.dcm")
+    assert image.meta.photometric == "RGB" and np.abs(image.pixels - truth).mean() < 2 / 255
+    assert read(out).PhotometricInterpretation == "RGB"
 
 
 def _palette_dataset() -> Dataset:
