@@ -349,9 +349,12 @@ def decode_dicom(data: bytes | bytearray | memoryview, name: str) -> MedicalImag
     # Bits above BitsStored carry no image information (historically overlays); the standard says ignore them.
     # Masking also turns sign-extended negatives into their BitsStored-bit two's complement, and flipping the
     # sign bit maps that to value + 2**(BitsStored-1): signed [-2**(b-1), 2**(b-1)) -> offset [0, 2**b).
-    stored = array.astype(np.int32, copy=False) & maxval if signed else array & array.dtype.type(maxval)
+    # Working on the unsigned view of the same bits keeps it at 1-2 bytes per sample (no int32 copy).
+    # (same byte order as pydicom returned: big-endian sources come back as '>i2')
+    unsigned = array.view(f"{array.dtype.byteorder}u{array.itemsize}") if array.dtype.kind == "i" else array
+    stored = unsigned & unsigned.dtype.type(maxval)
     if signed:
-        stored = (stored ^ (1 << (stored_bits - 1))).astype(np.uint16)
+        stored ^= stored.dtype.type(1 << (stored_bits - 1))
     if photometric == "MONOCHROME1":
         stored = stored.dtype.type(maxval) - stored  # integer inversion: a MONOCHROME2 twin decodes alike
     pixels = stored.astype(np.float32).reshape(((frames,) if frames > 1 else ()) + (rows, columns, channels))
