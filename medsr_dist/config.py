@@ -689,11 +689,16 @@ class MedsrConfig(Section):
     @model_validator(mode="after")
     def _crop_fits_discriminator(self) -> "MedsrConfig":
         d = getattr(self.model, "discriminator", None)
-        if isinstance(d, VGGDiscriminatorConfig) and self.degradation.gt_size != d.input_size:
-            raise ValueError(
-                f"degradation.gt_size: {self.degradation.gt_size} does not match model.discriminator.input_size "
-                f"{d.input_size} (basicsr's VGGStyleDiscriminator takes exactly 128 or 256 px ground-truth crops)"
-            )
+        if isinstance(d, VGGDiscriminatorConfig):
+            scale = self.model.scale
+            need = -(-d.input_size // scale) * scale  # x3: 129 / 258, the discriminator sees the first 128 / 256 px
+            if self.degradation.gt_size != need:
+                raise ValueError(
+                    f"degradation.gt_size: {self.degradation.gt_size} does not match model.discriminator.input_size "
+                    f"{d.input_size} at x{scale}: set degradation.gt_size={need} (basicsr's VGGStyleDiscriminator "
+                    f"takes exactly 128 or 256 px; at x3 the crop is the next multiple of 3 and D sees its first "
+                    f"{d.input_size} px)"
+                )
         return self
 
     @model_validator(mode="after")

@@ -51,6 +51,11 @@ def gan_train_step(ctx: StepContext, lq: torch.Tensor, gt: torch.Tensor, gt_pix:
     s, losses = ctx.strategy, ctx.losses
     use_gan = "gan" in losses
     logs: dict[str, float] = {}
+    # A fixed-input D (VGGStyleDiscriminator: 128/256 px) at x3 gets 129/258 px crops: it sees their first
+    # input_size pixels, real and fake alike.
+    d_size = getattr(s.raw(d), "input_size", None) if use_gan else None
+    for_d = (lambda x: x[..., :d_size, :d_size]) if d_size and gt.shape[-1] != d_size else (lambda x: x)
+    gt_d = for_d(gt)
 
     # ---- generator ----
     with s.frozen(d) if use_gan else _null():
@@ -69,11 +74,11 @@ def gan_train_step(ctx: StepContext, lq: torch.Tensor, gt: torch.Tensor, gt_pix:
             if use_gan:
                 net_d = s.raw(d)  # frozen here: no DDP/engine bookkeeping for it
                 if relativistic:
-                    real_pred = net_d(gt).detach()
-                    fake_pred = net_d(output)
+                    real_pred = net_d(gt_d).detach()
+                    fake_pred = net_d(for_d(output))
                     l_g_gan = relativistic_g_loss(losses["gan"], real_pred, fake_pred)
                 else:
-                    l_g_gan = losses["gan"](net_d(output), True, is_disc=False)
+                    l_g_gan = losses["gan"](net_d(for_d(output)), True, is_disc=False)
                 l_g_total = l_g_total + l_g_gan
                 logs["l_g_gan"] = l_g_gan.item()
         s.backward(g, l_g_total)
@@ -85,12 +90,12 @@ def gan_train_step(ctx: StepContext, lq: torch.Tensor, gt: torch.Tensor, gt_pix:
     # ---- discriminator ----
     net_d = s.module(d)
     s.zero_grad(d)
-    fake = output.detach()
+    fake = for_d(output.detach())
     if relativistic:
         with torch.no_grad(), s.autocast():  # ESRGANModel's detached D(output): values only, no backward
             fake_pred_ref = net_d(fake)
         with s.autocast():
-            real_pred = net_d(gt)
+            real_pred = net_d(gt_d)
             l_d_real = relativistic_d_real_loss(losses["gan"], real_pred, fake_pred_ref)
         s.backward(d, l_d_real)
         with s.autocast():
@@ -99,7 +104,7 @@ def gan_train_step(ctx: StepContext, lq: torch.Tensor, gt: torch.Tensor, gt_pix:
         s.backward(d, l_d_fake)
     else:
         with s.autocast():
-            real_pred = net_d(gt)
+            real_pred = net_d(gt_d)
             l_d_real = losses["gan"](real_pred, True, is_disc=True)
         s.backward(d, l_d_real)
         with s.autocast():

@@ -78,24 +78,38 @@ def build_train_stream(cfg: MedsrConfig, storage: Storage, start_iteration: int 
     epochs = [base.randomize_block_order(seed=cfg.run.seed + e).map_batches(_tag_epoch(e), batch_format="pyarrow")
               for e in range(first_epoch, first_epoch + n_epochs)]
     stream = epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]
-    from medsr_dist.data.degrade import PairedCrop, SecondOrderDegradation
-
     d = cfg.degradation
+    stage, columns = pair_stage(cfg, paired)
     return stream.map_batches(
-        PairedCrop if paired else SecondOrderDegradation,
+        stage,
         fn_constructor_args=(d, cfg.model.scale, cfg.run.seed),
         batch_size=16,  # rows per call: smaller batches cost 20-30 % of an actor's throughput in Ray Data overhead
         compute=ray.data.ActorPoolStrategy(size=d.num_actors),
         num_cpus=d.cpus_per_actor,
-    ).select_columns(["lq", "gt", "gt_usm"])
+    ).select_columns(columns)
+
+
+def pair_stage(cfg: MedsrConfig, paired: bool) -> tuple[type, list[str]]:
+    """The Ray Data stage making training pairs for this run, and the columns it yields.
+
+    Paired datasets are cropped; otherwise the family's ``model.degradation`` decides: Real-ESRGAN's second-order
+    pipeline (``lq``, ``gt``, ``gt_usm``) or classic bicubic BI pairs (``lq``, ``gt``).
+    """
+    from medsr_dist.data.degrade import PairedCrop, SecondOrderDegradation
+
+    if paired:
+        return PairedCrop, ["lq", "gt", "gt_usm"]
+    if cfg.model.degradation == "bicubic":
+        from medsr_dist.data.bicubic import BicubicDegradation
+
+        return BicubicDegradation, ["lq", "gt"]
+    return SecondOrderDegradation, ["lq", "gt", "gt_usm"]
 
 
 def validation_pairs(cfg: MedsrConfig, storage: Storage, limit: int = 8) -> list[dict]:
-    """Fixed validation pairs from the val split: the training degradation with epoch -1 seeds, so the
-    same pairs every time. Arrays (3, h, w) float32 in [0, 1]; empty when there is no val split."""
+    """Fixed validation pairs from the val split: the run's training pair stage (:func:`pair_stage`) with epoch -1
+    seeds, so the same pairs every time. Arrays (3, h, w) float32 in [0, 1]; empty when there is no val split."""
     import pyarrow.parquet as pq
-
-    from medsr_dist.data.degrade import PairedCrop, SecondOrderDegradation
 
     val_uri = storage.join(cfg.train.dataset, "val")
     if not storage.exists(val_uri):
@@ -104,12 +118,12 @@ def validation_pairs(cfg: MedsrConfig, storage: Storage, limit: int = 8) -> list
     for uri in storage.list_files(val_uri, include=["*.parquet"]):
         with storage.open(uri) as f:
             table = pq.read_table(f)
-        if "lq_image" in table.column_names:
-            crop = PairedCrop(cfg.degradation, cfg.model.scale, cfg.run.seed)
-            make = lambda row: crop.crop_one(row["image"], row["lq_image"], row["key"], -1)  # noqa: E731
+        paired = "lq_image" in table.column_names
+        stage = pair_stage(cfg, paired)[0](cfg.degradation, cfg.model.scale, cfg.run.seed)
+        if paired:
+            make = lambda row: stage.crop_one(row["image"], row["lq_image"], row["key"], -1)  # noqa: E731
         else:
-            degrade = SecondOrderDegradation(cfg.degradation, cfg.model.scale, cfg.run.seed)
-            make = lambda row: degrade.degrade_one(row["image"], row["key"], -1)  # noqa: E731
+            make = lambda row: stage.degrade_one(row["image"], row["key"], -1)  # noqa: E731
         for row in table.select([c for c in ("key", "image", "lq_image") if c in table.column_names]).to_pylist():
             out = make(row)
             pairs.append({"lq": out["lq"].transpose(2, 0, 1).copy(), "gt": out["gt"].transpose(2, 0, 1).copy()})
