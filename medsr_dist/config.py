@@ -523,7 +523,7 @@ class EnhanceConfig(Section):
     checkpoint: str | None = Field(None, description="Model file (default: <train.output>/export/model.pth)")
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
-    backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"
+    backend: Literal["torch", "onnxruntime"] = "torch"
     precision: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32", description="fp16: GPU only (CPU replicas run fp32); bf16: GPU or a CPU with bf16 hardware, ~2x "
         "there but several grey levels off fp32 (docs/PERFORMANCE.md). Outputs record the precision that ran")
@@ -638,7 +638,7 @@ class EvalConfig(Section):
     figure_panel: int = Field(512, ge=16, description="Largest side of a figure panel; larger images are drawn downscaled (the magnified row keeps full resolution)")
     lpips: Lpips = Field(default_factory=Lpips)
     bootstrap: Bootstrap = Field(default_factory=Bootstrap)
-    backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"
+    backend: Literal["torch", "onnxruntime"] = "torch"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     tile: int = Field(0, ge=0, description="Tile size in input pixels; 0: whole image")
     tile_overlap: int = Field(64, ge=0, description="Context pixels beyond each tile; 64 keeps RealESRGAN_x4plus "

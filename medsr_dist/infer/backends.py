@@ -3,7 +3,7 @@
 Everything else (tiling, batching, blending, channel handling, resizing) lives in
 :mod:`medsr_dist.infer.engine` and is shared by every backend. A backend only has to satisfy
 :class:`Backend`. Backends are registered by name in :data:`BACKENDS` so a config can say
-``backend: torch``; other runtimes (onnxruntime, tensorrt) register themselves with
+``backend: torch``; other runtimes (onnxruntime; TensorRT when the serving issue adds it) register themselves with
 :func:`register_backend` in their own module.
 """
 from __future__ import annotations
