@@ -85,6 +85,26 @@ def write_model(folder: Path, scale: int, *, meta: bool = True, seed: int = 0) -
     return path
 
 
+def test_a_safetensors_model_file_loads_and_runs_like_its_pth(tmp_path):
+    """A plain RRDBNet state dict saved as .safetensors (no pickle at all) is a model file like the .pth: the
+    architecture is read from its tensor shapes and the network gives the same output."""
+    from safetensors.torch import save_file
+
+    from medsr_dist.eval.evaluate import resolve_models
+    from medsr_dist.infer.model_file import read_model_file
+
+    pth = write_model(tmp_path / "pth", 2, meta=False, seed=3)
+    state = torch.load(pth, weights_only=True)["params_ema"]
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "x2.safetensors"))
+    model = read_model_file(str(tmp_path / "x2.safetensors"))
+    assert (model.scale, model.generator["num_feat"], model.generator["num_block"]) == (2, 8, 1)
+    lr = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        np.testing.assert_array_equal(model.build(Storage())(lr).numpy(), read_model_file(str(pth)).build(Storage())(lr).numpy())
+    cfg = load_config(None, [f"run.root={tmp_path}", f"eval.models=[{{name: st, source: {tmp_path / 'x2.safetensors'}}}]"])
+    assert resolve_models(cfg)[0].model_file.sha256 == model.sha256
+
+
 def random_alexnet_backbone(path: Path) -> Path:
     """TEST ONLY: a randomly initialised AlexNet trunk in torchvision's key layout (``features.*``).
 
