@@ -133,8 +133,9 @@ class ImageMeta:
         limit = 8 if self.dtype in ("uint8", "int8") else 16
         if not 1 <= self.bits_stored <= limit:
             raise ValueError(f"bits_stored {self.bits_stored} does not fit {self.dtype}")
-        if not isinstance(self.frames, int) or self.frames < 1:
+        if isinstance(self.frames, bool) or not isinstance(self.frames, (int, np.integer)) or self.frames < 1:
             raise ValueError(f"frames must be a positive integer, got {self.frames!r}")
+        self.frames = int(self.frames)  # a numpy count stays JSON-serialisable
         if self.frames > 1 and self.format != "dicom":
             raise ValueError(f"only DICOM images have several frames, not {self.format}")
 
