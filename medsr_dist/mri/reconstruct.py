@@ -22,11 +22,12 @@ weighting takes every frequency mostly from the stack that has the most energy t
 away) instead of averaging it down. Weights are computed in the log domain (``p`` = 11 overflows float32
 otherwise).
 
-**Memory** (``V`` = bytes of the float32 output, ``n_in`` of the float32 input): mean fusion accumulates
-straight into the output: peak about ``V + n_in`` plus the engine's in-flight slices (``batch_size`` slices and
-their tiles, engine docstring). Fourier fusion holds the two stacks, then their half spectra (complex64, one
-stack each) and the smoothed log magnitudes (float32, half each): peak about ``3 V + n_in``. For a
-512 x 512 x 300 output that is ~0.3 GB (mean) and ~1 GB (Fourier); jobs/bench_mri.py measures it.
+**Memory** (``V`` = bytes of the float32 output): mean fusion accumulates straight into the output and converts
+it to physical values in place: beyond the input, peak = V plus the engine's in-flight slices (``batch_size``
+slices and their tiles, engine docstring). Fourier fusion holds one stack and one half spectrum (complex64, ~V)
+at a time, then both spectra and the log-magnitude weights (float32, ~V/2 each), fused in place; scipy's rfftn
+needs a complex temporary of ~V: peak ~4 V. Measured by jobs/bench_mri.py (tracemalloc, numpy allocations) for a
+512 x 512 x 75 -> 512 x 512 x 300 volume (V = 300 MiB): mean 328 MiB (1.09 V), Fourier 1209 MiB (4.0 V).
 """
 from __future__ import annotations
 
@@ -159,8 +160,10 @@ def reconstruct(volume: Volume, backend, factor: int, *, tile: TileSpec = TileSp
             spectra.append(_spectrum(stack))
             del stack
         fused = fourier_burst_accumulation(spectra, plan.output_shape, power=fba_power, sigma=fba_sigma)
-    physical = plan.window.to_physical(fused)
-    out = volume.with_data(physical, resampled_affine(volume.affine, plan.lr_axis, 1.0 / plan.factor))
+        del spectra
+    fused *= np.float32(plan.window.high - plan.window.low)  # back to physical values, in place (no second V)
+    fused += np.float32(plan.window.low)
+    out = volume.with_data(fused, resampled_affine(volume.affine, plan.lr_axis, 1.0 / plan.factor))
     out.facts.update(lr_axis=plan.lr_axis, factor=plan.factor, fusion=fusion)
     return out
 
@@ -189,16 +192,31 @@ def fourier_burst_accumulation(spectra: list[np.ndarray], shape: tuple[int, ...]
         if sigma > 0:
             magnitude = ndimage.gaussian_filter(magnitude, sigma, mode="wrap")
         logs.append(np.log(np.maximum(magnitude, np.float32(1e-20)), out=magnitude) * np.float32(power))
-    top = np.maximum.reduce(logs)
-    total = np.zeros_like(top)
-    for lg in logs:
-        lg -= top
-        np.exp(lg, out=lg)  # now the unnormalised weight, in (0, 1]
-        total += lg
-    fused = None
-    for spectrum, weight in zip(spectra, logs):
-        weight /= total
-        spectrum *= weight
-        fused = spectrum if fused is None else fused.__iadd__(spectrum)
-    del logs, total, top
+    if len(spectra) == 2:  # in place: w_0 = 1 / (1 + exp(p log G_1 - p log G_0)); F = F_1 + w_0 (F_0 - F_1)
+        weight = np.subtract(logs[1], logs[0], out=logs[1])
+        del logs
+        np.clip(weight, -80.0, 80.0, out=weight)
+        np.exp(weight, out=weight)
+        weight += 1.0
+        np.reciprocal(weight, out=weight)
+        fused = spectra[0]
+        fused -= spectra[1]
+        fused *= weight
+        fused += spectra[1]
+        del weight
+        spectra[1] = None
+    else:  # softmax over the stacks in the log domain
+        top = np.maximum.reduce(logs)
+        total = np.zeros_like(top)
+        for lg in logs:
+            lg -= top
+            np.exp(lg, out=lg)  # now the unnormalised weight, in (0, 1]
+            total += lg
+        fused = None
+        for i, (spectrum, weight) in enumerate(zip(spectra, logs)):
+            weight /= total
+            spectrum *= weight
+            fused = spectrum if fused is None else fused.__iadd__(spectrum)
+            spectra[i] = None
+        del logs, total, top
     return fft.irfftn(fused, s=shape, workers=-1).astype(np.float32, copy=False)
