@@ -715,6 +715,11 @@ def test_error_texts_never_carry_patient_identifiers():
     ds.BitsAllocated = 16
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.22"  # Enhanced SR
     broken["sop"] = dataset_to_bytes(ds)
+    del ds.PixelData
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.SOPClassUID = "PLANTED-ID-0815"  # not a UID: never echoed
+    broken["not-a-uid"] = dataset_to_bytes(ds)
     for label, data in broken.items():
         for call in (decode_image, probe_image):
             try:
@@ -732,3 +737,27 @@ def test_single_image_consumers_refuse_multi_frame_objects_by_name():
         single_frame_pixels(cine, "cine.dcm", "training")
     ct = decode_image(pydicom_file("CT_small.dcm"), "ct.dcm")
     assert single_frame_pixels(ct, "ct.dcm", "training") is ct.pixels
+
+
+def test_pydicom_never_logs_or_warns_element_values(caplog, recwarn):
+    """pydicom quotes malformed values (here a PatientID pasted into a UI element) in its warnings and logs."""
+    import logging
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = build_radiograph_dataset(make_radiograph(2, 32), bits_stored=12, patient_id="PLANTED-ID-0815")
+        ds.PatientBirthDate = "PLANTED-1901"
+        ds.StudyInstanceUID = "PLANTED-ID-0815"
+        good = dataset_to_bytes(ds)
+        ds.SOPClassUID = "PLANTED-ID-0815"
+        del ds.PixelData
+        bad = dataset_to_bytes(ds)
+    recwarn.clear()
+    with caplog.at_level(logging.DEBUG):
+        image = decode_image(good, "a.dcm")
+        encode_image(image.pixels, image.meta, image.header, dicom_compression="rle")
+        probe_image(good, "a.dcm")
+        with pytest.raises(NotAnImageObject):
+            decode_image(bad, "b.dcm")
+    assert "PLANTED" not in caplog.text
+    assert not [w for w in recwarn if "PLANTED" in str(w.message)]

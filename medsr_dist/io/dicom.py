@@ -20,7 +20,9 @@ this module holds the DICOM specifics and the dataset builders used for sample d
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import struct
 import warnings
 from collections.abc import Mapping
@@ -83,6 +85,36 @@ _COMPRESSION_SYNTAX = {"rle": RLELossless, "jpeg2000-lossless": JPEG2000Lossless
 _VRS = frozenset(
     b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
 )
+
+
+class _NoPydicomWarningsFilter(logging.Filter):
+    """pydicom logs (as well as warns) malformed element values and quotes them — a PatientID in a UI element, a
+    name, a date: its records below ERROR never reach a log handler from a process that imported this module."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+logging.getLogger("pydicom").addFilter(_NoPydicomWarningsFilter())
+
+
+def _quiet(function):
+    """Run ``function`` with pydicom's value validation off (so no value-quoting warning is even made; the
+    pixels and the header are taken as they are) and its warnings silenced."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        settings = pydicom.config.settings
+        saved = settings.reading_validation_mode, settings.writing_validation_mode
+        settings.reading_validation_mode = settings.writing_validation_mode = pydicom.config.IGNORE
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return function(*args, **kwargs)
+        finally:
+            settings.reading_validation_mode, settings.writing_validation_mode = saved
+
+    return wrapper
 
 
 def looks_like_dicom(data: bytes | bytearray | memoryview) -> bool:
@@ -210,9 +242,12 @@ def _header_bytes(ds: Dataset) -> bytes:
 
 
 def _sop_class(ds: Dataset) -> tuple[str, str]:
-    """(SOPClassUID, pydicom's name for it); ("", "unknown") when absent."""
-    uid = str(ds.get("SOPClassUID", "") or "").strip()
-    return (uid, UID(uid).name) if uid else ("", "unknown")
+    """(SOPClassUID, pydicom's name for it); ("", "unknown") when absent. A value that is not a UID (digits and
+    dots) is never echoed — it could hold anything, identifiers included — and counts as absent."""
+    uid = str(ds.get("SOPClassUID", "") or "").strip().rstrip("\x00")
+    if not uid or len(uid) > 64 or not all(c.isdigit() or c == "." for c in uid):
+        return ("", "unknown")
+    return (uid, UID(uid).name)
 
 
 def _require_image(ds: Dataset, name: str) -> None:
@@ -244,6 +279,7 @@ def _positive(ds: Dataset, keyword: str, name: str, default: int | None = None) 
     return number
 
 
+@_quiet
 def probe_dicom(data: bytes | bytearray | memoryview, name: str) -> ImageProbe:
     """Header-only :class:`~medsr_dist.io.image.ImageProbe` of a DICOM object (values over 1 KiB, i.e. the
     pixel data, are not read). Raises NotAnImageObject / ImageDecodeError as :func:`decode_dicom` would for the
@@ -269,6 +305,7 @@ def _palette_bits(ds: Dataset, name: str) -> int:
     return bits.pop()
 
 
+@_quiet
 def decode_dicom(data: bytes | bytearray | memoryview, name: str) -> MedicalImage:
     """Decode a DICOM image object to display-oriented float pixels; see ``decode_image``.
 
@@ -425,6 +462,7 @@ def _format_scale(scale: float) -> str:
     return f"{scale:g}"
 
 
+@_quiet
 def encode_dicom(
     stored: np.ndarray,
     meta: ImageMeta,
