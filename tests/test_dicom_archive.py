@@ -719,7 +719,7 @@ def test_error_texts_never_carry_patient_identifiers():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds.SOPClassUID = "PLANTED-ID-0815"  # not a UID: never echoed
-    broken["not-a-uid"] = dataset_to_bytes(ds)
+        broken["not-a-uid"] = dataset_to_bytes(ds)
     for label, data in broken.items():
         for call in (decode_image, probe_image):
             try:
