@@ -685,6 +685,13 @@ def test_bare_datasets_without_preamble_or_meta_are_recognised(implicit_vr):
     assert probe_image(bare, "bare.dcm") == probe_image(pydicom_file("CT_small.dcm"), "ct.dcm")
 
 
+def test_file_meta_without_the_preamble_is_recognised():
+    whole = pydicom_file("CT_small.dcm")
+    headless = whole[132:]  # starts with (0002,0000) UL: no preamble, no DICM
+    assert headless[:6] == b"\x02\x00\x00\x00UL"
+    np.testing.assert_array_equal(decode_image(headless, "headless.dcm").pixels, decode_image(whole, "ct.dcm").pixels)
+
+
 def test_bytes_that_merely_start_like_a_dataset_are_not_taken_for_one():
     for junk in (b"\x08\x00\x05\x00" + b"\xff" * 60, b"\x08\x00\x16\x00UI\x04\x001.2\x00"):
         with pytest.raises(ImageDecodeError, match="not a DICOM dataset|not a recognised image format|corrupt DICOM"):
