@@ -295,6 +295,15 @@ def probe_dicom(data: bytes | bytearray | memoryview, name: str) -> ImageProbe:
     return ImageProbe("dicom", rows, columns, frames, channels, bits)
 
 
+def _decoder_available(syntax: UID) -> bool:
+    from pydicom.pixels import get_decoder
+
+    try:
+        return bool(get_decoder(syntax).is_available)
+    except Exception:  # pydicom has no decoder class at all for this syntax (MPEG, HEVC, ...)
+        return False
+
+
 def _palette_bits(ds: Dataset, name: str) -> int:
     descriptors = [ds.get(f"{c}PaletteColorLookupTableDescriptor") for c in ("Red", "Green", "Blue")]
     if any(d is None or len(d) != 3 for d in descriptors):
@@ -366,10 +375,14 @@ def decode_dicom(data: bytes | bytearray | memoryview, name: str) -> MedicalImag
         raise
     except Exception as exc:
         if syntax.is_compressed:
+            if _decoder_available(syntax):
+                cause = "corrupt or unsupported codestream"
+            else:
+                cause = "no pixel-data decoder for it is installed (pylibjpeg plugins, gdcm)"
             raise ImageDecodeError(
                 name,
-                f"compressed transfer syntax {syntax.name} ({syntax}) could not be decoded; a pixel-data "
-                f"handler such as pylibjpeg or gdcm may be missing ({type(exc).__name__}: {exc})",
+                f"compressed transfer syntax {syntax.name} ({syntax}) could not be decoded: {cause} "
+                f"({type(exc).__name__}: {exc})",
             ) from exc
         raise ImageDecodeError(name, f"corrupt DICOM pixel data ({type(exc).__name__}: {exc})") from exc
     if source_photometric == "PALETTE COLOR":
