@@ -79,16 +79,7 @@ def train(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = O
     run_train(_load(config, overrides, "train"), console)
 
 
-@app.command()
-def enhance(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
-            fail_on_error: bool = FailOnErrorOpt) -> None:
-    """Enhance every image under enhance.input with a trained model (Ray Data batch inference)."""
-    from medsr_dist.pipeline import run_enhance
-
-    cfg = _load(config, overrides, "enhance")
-    result = run_enhance(cfg, console)
-    if result.n_errors and (fail_on_error or cfg.enhance.fail_on_error):
-        raise typer.Exit(1)
+# enhance: medsr_dist/cli_infer.py
 
 
 @app.command()
@@ -124,11 +115,21 @@ def degrade(
 def demo(config: Optional[Path] = typer.Option(
             Path(__file__).resolve().parent.parent / "configs" / "demo.yaml" if (Path(__file__).resolve().parent.parent / "configs" / "demo.yaml").exists() else None,
             "--config", "-c", help="Demo config (default: configs/demo.yaml)"),
-         overrides: Optional[list[str]] = OverridesArg) -> None:
-    """Whole pipeline on a local Ray: sample archive -> prepare -> train -> enhance -> report."""
+         overrides: Optional[list[str]] = OverridesArg,
+         pretrain_config: Optional[Path] = typer.Option(
+            Path(__file__).resolve().parent.parent / "configs" / "demo_psnr.yaml" if (Path(__file__).resolve().parent.parent / "configs" / "demo_psnr.yaml").exists() else None,
+            "--pretrain-config", help="First training stage whose export starts the second (default: configs/demo_psnr.yaml)"),
+         no_pretrain: bool = typer.Option(False, "--no-pretrain", help="Train only the --config stage, from random weights"),
+         ray_log: bool = typer.Option(True, "--ray-log/--ray-output", help="Ray's own output to <run.root>/logs/ray.log "
+                                      "(default) or to the terminal")) -> None:
+    """Whole pipeline on a local Ray: sample archive -> prepare -> train (psnr stage, then GAN stage) -> enhance -> report.
+
+    The overrides apply to both training stages' configs."""
     from medsr_dist.pipeline import run_demo
 
-    run_demo(_load(config, overrides), console)
+    cfg = _load(config, overrides)
+    pretrain = None if no_pretrain or pretrain_config is None else _load(pretrain_config, overrides)
+    run_demo(cfg, console, pretrain=pretrain, quiet_ray=ray_log)
 
 
 # ---- command groups living in their own modules (each module defines a typer app or commands) ----
@@ -139,6 +140,7 @@ app.add_typer(weights_app, name="weights")
 import medsr_dist.cli_infer  # noqa: E402,F401
 # eval (evaluation protocols): medsr_dist/cli_eval.py
 import medsr_dist.cli_eval  # noqa: E402,F401
+import medsr_dist.cli_mri  # noqa: E402,F401  (mri: 3-D volumes, medsr_dist/cli_mri.py)
 
 
 def entrypoint() -> None:  # pragma: no cover - console script shim

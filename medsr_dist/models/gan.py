@@ -52,9 +52,13 @@ def gan_train_step(ctx: StepContext, lq: torch.Tensor, gt: torch.Tensor, gt_pix:
     use_gan = "gan" in losses
     logs: dict[str, float] = {}
     # A fixed-input D (VGGStyleDiscriminator: 128/256 px) at x3 gets 129/258 px crops: it sees their first
-    # input_size pixels, real and fake alike.
+    # input_size pixels, real and fake alike. Contiguous NCHW: VGGStyleDiscriminator flattens with .view(), which
+    # fails on the channels-last outputs oneDNN convolutions can return (a no-op for contiguous tensors).
     d_size = getattr(s.raw(d), "input_size", None) if use_gan else None
-    for_d = (lambda x: x[..., :d_size, :d_size]) if d_size and gt.shape[-1] != d_size else (lambda x: x)
+    if d_size and gt.shape[-1] != d_size:
+        for_d = lambda x: x[..., :d_size, :d_size].contiguous()  # noqa: E731
+    else:
+        for_d = lambda x: x.contiguous()  # noqa: E731
     gt_d = for_d(gt)
 
     # ---- generator ----
