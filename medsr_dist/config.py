@@ -202,6 +202,7 @@ class DegradationConfig(Section):
         "12-bit inputs, as inference feeds it; its JPEG steps add libjpeg's error without 8-bit rounding), '8bit' = "
         "Real-ESRGAN's round(x*255)/255 for every source. 8-bit sources degrade the same either way")
     bicubic: "BicubicConfig" = Field(default_factory=lambda: BicubicConfig(), description="Classic BI pairs (families with model.degradation: bicubic)")
+    augment: "AugmentConfig" = Field(default_factory=lambda: AugmentConfig(), description="Augmentation of the HR crops (families with model.degradation: bicubic_augmented)")
 
     _ranges = field_validator(
         "blur_sigma", "betag_range", "betap_range", "resize_range", "noise_range", "poisson_scale_range",
@@ -413,13 +414,167 @@ class PSNRModelConfig(_FamilySection):
     losses: PixelLossConfig = Field(default_factory=PixelLossConfig)
 
 
-FAMILY_SECTIONS: dict[str, type[_FamilySection]] = {
+# ---- latent diffusion (models/ldm.py): a `vae` stage, then the `ldm` stage with that VAE frozen ----
+class VAEArchConfig(Section):
+    """diffusers ``AutoencoderKL``: 3 x H x W in [-1, 1] -> latent_channels x H/f x W/f, f = 2**(levels - 1)."""
+
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64, 64], min_length=1,
+                                          description="Channels per level; 4 levels = downsampling by 8 (256 -> 32)")
+    layers_per_block: int = Field(1, ge=1)
+    latent_channels: int = Field(4, ge=1)
+    norm_num_groups: int = Field(16, ge=1)
+
+    @property
+    def downsampling(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @model_validator(mode="after")
+    def _groups(self) -> "VAEArchConfig":
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"block_out_channels {bad} are not divisible by norm_num_groups {self.norm_num_groups}")
+        return self
+
+
+class UNetArchConfig(Section):
+    """diffusers ``UNet2DModel(in_channels=2*latent, out_channels=latent)``; the defaults have 820,220 parameters
+    (the reference's ~813k), with self-attention at the lowest resolution only."""
+
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 48, 56], min_length=1)
+    layers_per_block: int = Field(1, ge=1)
+    down_block_types: list[Literal["DownBlock2D", "AttnDownBlock2D"]] = Field(
+        default_factory=lambda: ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"])
+    attention_head_dim: int = Field(8, ge=1)
+    norm_num_groups: int = Field(8, ge=1)
+
+    @property
+    def downsampling(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "UNetArchConfig":
+        if len(self.down_block_types) != len(self.block_out_channels):
+            raise ValueError(f"down_block_types has {len(self.down_block_types)} entries, block_out_channels "
+                             f"{len(self.block_out_channels)}: one block type per level")
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"block_out_channels {bad} are not divisible by norm_num_groups {self.norm_num_groups}")
+        return self
+
+
+class NoiseScheduleConfig(Section):
+    """The ONE ``DDPMScheduler`` config every sampler is built from (models/samplers.py). Defaults: the reference
+    (T = 300, linear betas 1e-4..0.02; alpha_bar_T = 0.048, so pure noise is not what the last training step saw)."""
+
+    num_train_timesteps: int = Field(300, ge=2)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    beta_start: float = Field(1e-4, gt=0, lt=1)
+    beta_end: float = Field(0.02, gt=0, lt=1)
+    prediction_type: Literal["epsilon", "v_prediction"] = Field(
+        "epsilon", description="What the U-Net predicts: the noise (the reference) or v (needed with zero_terminal_snr)")
+    zero_terminal_snr: bool = Field(
+        False, description="Rescale the betas so alpha_bar_T = 0 (Lin et al. 2024): training's last step is then "
+        "pure noise, as sampling starts. Needs prediction_type v_prediction (epsilon is undefined at SNR 0)")
+    timestep_spacing: Literal["leading", "trailing", "linspace"] = Field(
+        "trailing", description="Which training timesteps a shortened sampler visits; 'trailing' starts at T-1 "
+        "(diffusers' 'leading' default never visits it: DDIM-50 of T=300 would start at t=294)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "NoiseScheduleConfig":
+        if self.beta_start >= self.beta_end:
+            raise ValueError(f"beta_start {self.beta_start} must be below beta_end {self.beta_end}")
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise ValueError("zero_terminal_snr needs prediction_type v_prediction: at alpha_bar_T = 0 an epsilon "
+                             "prediction determines nothing about the latent")
+        return self
+
+
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
+
+
+class SamplingConfig(Section):
+    """How inference draws samples (recorded in the export; the samplers share :class:`NoiseScheduleConfig`)."""
+
+    sampler: Literal["ddpm", "ddim", "dpmsolver++"] = Field(
+        "ddim", description="ddpm (ancestral, every training step), ddim (eta 0) or dpmsolver++ (2nd-order multistep)")
+    steps: int = Field(50, ge=1, description="Denoising steps (ddpm: at most num_train_timesteps)")
+    samples: int = Field(1, ge=1, le=64, description="K samples per image; output = their mean (or the first), and a "
+                         "per-pixel std map (the uncertainty map) when K > 1")
+    output: Literal["mean", "first"] = Field("mean", description="What the output image is when samples > 1")
+    seed: int = Field(0, description="Run seed of the noise: each tile's noise is seeded from (its content hash, "
+                      "sample index, this seed), so outputs are bit-reproducible on the same backend")
+
+
+class VAELossConfig(Section):
+    """VAE stage losses (MONAI latent-diffusion tutorials): L1 + perceptual (VGG19 features) + KL."""
+
+    l1_weight: float = Field(1.0, ge=0)
+    perceptual_weight: float = Field(1e-3, ge=0)
+    perceptual_layers: dict[str, float] = Field(default_factory=lambda: {"conv2_2": 1.0, "conv3_4": 1.0, "conv4_4": 1.0})
+    kl_weight: float = Field(1e-6, ge=0)
+
+
+class AugmentConfig(Section):
+    """The LDM reference's augmentation of HR crops (the LR is made from the augmented HR, so both stay aligned)."""
+
+    prob: float = Field(0.7, ge=0, le=1, description="Share of samples augmented at all")
+    hflip: float = Field(0.5, ge=0, le=1)
+    rotate: float = Field(0.5, ge=0, le=1, description="Probability of a rotation by 90, 180 or 270 degrees")
+    resized_crop: float = Field(0.5, ge=0, le=1, description="Probability of a random resized crop")
+    resized_crop_scale: float = Field(0.8, gt=0, le=1, description="Side of that crop relative to the image (the reference's 80 %)")
+    cutout: float = Field(0.3, ge=0, le=1, description="Probability of a cutout (the reference's 30 %)")
+    cutout_size: float = Field(0.2, gt=0, lt=1, description="Side of the zeroed square relative to the image (20 %)")
+
+
+class _LatentFamilySection(Section):
+    family: str
+    scale: int = 4
+    vae_arch: VAEArchConfig = Field(default_factory=VAEArchConfig)
+    degradation: Literal["bicubic_augmented"] = Field(
+        "bicubic_augmented", description="Training pairs: bicubic BI pairs of augmented HR crops (data/ldm_pairs.py)")
+
+
+class VAEModelConfig(_LatentFamilySection):
+    """Stage 1 of the latent diffusion family: train the ``AutoencoderKL`` on HR crops (reconstruction: scale 1);
+    its export (with the latent scale factor 1/std) is ``model.vae`` of the ``ldm`` stage."""
+
+    family: Literal["vae"] = "vae"
+    scale: Literal[1] = Field(1, description="A VAE reconstructs: the training pairs are (crop, crop)")
+    losses: VAELossConfig = Field(default_factory=VAELossConfig)
+    scale_factor_iterations: int = Field(
+        20, ge=1, description="The latent scale factor is 1/std of the posterior samples of the last N iterations")
+
+
+class LDMModelConfig(_LatentFamilySection):
+    """Latent diffusion SR (x4 chest X-ray, 64 -> 256): frozen VAE, U-Net on [noisy HR latent, LR latent]."""
+
+    family: Literal["ldm"] = "ldm"
+    scale: Literal[4] = Field(4, description="x4 (64 -> 256): the LR is bicubic-upsampled to the HR grid, then encoded")
+    vae: str = Field(..., min_length=1, description="The frozen VAE: a `vae` stage's export (model.pth with meta.json) "
+                     "or a local diffusers AutoencoderKL folder (from_pretrained)")
+    vae_scale_factor: float | None = Field(
+        None, gt=0, description="Latent scale factor; empty: the VAE's own (a vae export's 1/std, a diffusers config's scaling_factor)")
+    unet: UNetArchConfig = Field(default_factory=UNetArchConfig)
+    schedule: NoiseScheduleConfig = Field(default_factory=NoiseScheduleConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    loss: Literal["mse"] = Field("mse", description="MSE on the U-Net's target (epsilon or v)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "LDMModelConfig":
+        s = self.sampling
+        if s.steps > self.schedule.num_train_timesteps:
+            raise ValueError(f"sampling.steps {s.steps} exceeds schedule.num_train_timesteps {self.schedule.num_train_timesteps}")
+        return self
+
+
+FAMILY_SECTIONS: dict[str, type[Section]] = {
     c.model_fields["family"].default: c
-    for c in (RealESRGANModelConfig, ESRGANModelConfig, SRGANModelConfig, PSNRModelConfig)
+    for c in (RealESRGANModelConfig, ESRGANModelConfig, SRGANModelConfig, PSNRModelConfig, VAEModelConfig, LDMModelConfig)
 }
 #: ``model``: the section of the family ``model.family`` names (default realesrgan)
 ModelConfig = Annotated[
-    Union[RealESRGANModelConfig, ESRGANModelConfig, SRGANModelConfig, PSNRModelConfig], Field(discriminator="family")
+    Union[RealESRGANModelConfig, ESRGANModelConfig, SRGANModelConfig, PSNRModelConfig, VAEModelConfig, LDMModelConfig],
+    Field(discriminator="family"),
 ]
 
 
@@ -572,6 +727,69 @@ class EnhanceConfig(Section):
         return self
 
 
+class PacsConfig(Section):
+    """DICOMweb endpoints: ``enhance.input`` / ``enhance.output`` spelled ``dicomweb+http(s)://host:port/<root>``
+    (``medsr_dist/pacs``). Credentials are never part of a config: HTTP basic (user and password) or a bearer token
+    are read from the environment variables named here, or from secret files (mode 0600 advised)."""
+
+    class Query(Section):
+        """QIDO-RS filters selecting the instances to enhance (all given filters must match)."""
+
+        modality: list[str] = Field(default_factory=list, description="Series Modality codes (CT, MR, CR, DX...); empty: any")
+        study_date_from: str | None = Field(None, description="First StudyDate, YYYYMMDD (inclusive)")
+        study_date_to: str | None = Field(None, description="Last StudyDate, YYYYMMDD (inclusive)")
+        since_watermark: bool = Field(False, description="Only studies whose StudyDate is on or after the latest "
+                                      "StudyDate the previous run saw (inclusive; late arrivals with older dates "
+                                      "need a run without it)")
+        study_uids: list[str] = Field(default_factory=list, description="Only these StudyInstanceUIDs")
+        series_uids: list[str] = Field(default_factory=list, description="Only these SeriesInstanceUIDs")
+        limit: int | None = Field(None, ge=1, description="At most this many instances per run (oldest StudyDate first)")
+
+        @field_validator("study_date_from", "study_date_to", mode="before")
+        @classmethod
+        def _date(cls, v: Any) -> str | None:
+            import datetime
+
+            if v is None:
+                return v
+            v = str(v)
+            try:
+                datetime.datetime.strptime(v, "%Y%m%d")
+            except ValueError:
+                raise ValueError(f"a DICOM date YYYYMMDD, got {v!r}") from None
+            return v
+
+        @field_validator("modality")
+        @classmethod
+        def _modality(cls, v: list[str]) -> list[str]:
+            bad = [m for m in v if not (1 <= len(m) <= 16 and m.replace("_", "").isalnum() and m.isupper())]
+            if bad:
+                raise ValueError(f"Modality codes are upper-case DICOM CS values (CT, MR, DX...), got {bad}")
+            return v
+
+        @field_validator("study_uids", "series_uids")
+        @classmethod
+        def _uids(cls, v: list[str]) -> list[str]:
+            bad = [u for u in v if not (0 < len(u) <= 64 and all(c.isdigit() or c == "." for c in u))]
+            if bad:
+                raise ValueError(f"UIDs are digits and dots, at most 64 characters; got {len(bad)} that are not")
+            return v
+
+    query: Query = Field(default_factory=Query)
+    username_env: str = Field("MEDSR_PACS_USERNAME", description="Environment variable holding the HTTP basic user")
+    password_env: str = Field("MEDSR_PACS_PASSWORD", description="Environment variable holding the HTTP basic password")
+    password_file: str | None = Field(None, description="File holding the password (instead of password_env)")
+    token_env: str = Field("MEDSR_PACS_TOKEN", description="Environment variable holding a bearer token")
+    token_file: str | None = Field(None, description="File holding a bearer token (instead of token_env)")
+    ca_bundle: str | None = Field(None, description="PEM CA bundle for https endpoints (default: the system's); "
+                                  "TLS certificates are always verified")
+    timeout_s: float = Field(60.0, gt=0, description="Read timeout of one request (connect: at most 10 s)")
+    retries: int = Field(4, ge=0, description="Retries of a request on connection errors, timeouts and HTTP 429/5xx")
+    backoff_s: float = Field(0.5, ge=0, description="Exponential backoff base between retries (0.5, 1, 2, ... s)")
+    concurrency: int = Field(2, ge=1, le=64, description="Concurrent WADO-RS / STOW-RS requests per process "
+                             "(a nightly run must never flood a clinical system)")
+
+
 class EvalConfig(Section):
     """`medsr eval`: score models under a paper's evaluation protocol (see ``medsr_dist.eval.protocols``).
 
@@ -600,6 +818,9 @@ class EvalConfig(Section):
         blur_sigma: float | None = Field(None, ge=0, description="Gaussian blur after downsampling (0: none)")
         test_y_channel: bool | None = Field(None, description="Metrics on the Y channel of RGB images")
         crop_border: int | None = Field(None, ge=0, description="Pixels ignored at each edge by the metrics")
+        lr_quantization: Literal["source", "8bit", "none"] | None = Field(
+            None, description="Round the model input like a real low-resolution file: 'source' (every preset) to the "
+            "source's levels (255 / 4095 for 12-bit DICOM / 65535), '8bit' to 255 levels, 'none' keeps float")
 
         @model_serializer(mode="wrap")
         def _only_set(self, handler):
@@ -661,6 +882,60 @@ class EvalConfig(Section):
         return self
 
 
+class ServeConfig(Section):
+    """`medsr serve`: the on-demand endpoint (medsr_dist/serve/). One Serve deployment per model (own replicas,
+    autoscaling and GPU each), behind one FastAPI ingress; tiles of concurrent requests share model calls."""
+
+    class Model(Section):
+        name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="Name in requests (?model=)")
+        checkpoint: str = Field(..., min_length=1, description="Model file (export, BasicSR checkpoint or zoo name)")
+        onnx_model: str | None = Field(None, description="ONNX export for backend onnxruntime (default: beside checkpoint)")
+
+    app_name: str = Field("medsr", min_length=1, description="Serve application name")
+    route_prefix: str = Field("/", description="HTTP route prefix of the application")
+    host: str = Field("127.0.0.1", description="HTTP proxy host (0.0.0.0 to listen on every interface)")
+    port: int = Field(8000, ge=1, le=65535)
+    models: list[Model] = Field(default_factory=list, description="Models served by name; empty: enhance.checkpoint as 'default'")
+    backend: Literal["torch", "onnxruntime"] = "torch"
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="As enhance.precision; responses record what ran")
+    tile: int = Field(128, ge=0, description="Tile size in input pixels (0: whole image); tiles are what requests share")
+    tile_overlap: int = Field(64, ge=0)
+    tile_blend: int = Field(4, ge=0)
+    max_batch_size: int = Field(4, ge=1, description="Most tiles per model call, gathered across concurrent requests")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a partial tile batch waits for more tiles")
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="Requests a model replica works on at once; empty: max_batch_size (never less: "
+        "batches would never fill)")
+    max_queued_requests: int = Field(16, ge=1, description="Requests waiting per caller beyond that; more get 503 + Retry-After")
+    retry_after_s: int = Field(2, ge=1, description="Retry-After of a 503 for a full queue")
+    request_timeout_s: float | None = Field(60.0, gt=0, description="End to end; a slower request gets 408")
+    min_replicas: int = Field(1, ge=0, description="Model replicas per model when idle")
+    max_replicas: int = Field(2, ge=1, description="Model replicas per model at most (one GPU each when GPUs exist)")
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(2.0, gt=0, description="Autoscaling target per replica")
+    upscale_delay_s: float = Field(3.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    ingress_replicas: int = Field(1, ge=1, description="FastAPI ingress replicas (parse, probe, route; no model)")
+    cpus_per_replica: float = Field(1.0, ge=0, description="CPUs of a model replica without a GPU")
+    gpus_per_replica: float | None = Field(None, ge=0, description="Empty: 1 when the cluster has GPUs, else 0")
+    max_body_bytes: int = Field(256 << 20, ge=1, description="Largest request body; larger ones get 413 unread")
+    max_input_pixels: int = Field(50_000_000, ge=1, description="Header limit (height x width x frames), else 413 undecoded")
+    max_output_pixels: int = Field(200_000_000, ge=1, description="Output limit at the request's outscale, else 413")
+    dicom_compression: Literal["none", "rle", "jpeg2000-lossless"] = "none"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) is below max_batch_size "
+                             f"({self.max_batch_size}): tile batches could never fill")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"models: names must be unique, got {names}")
+        return self
+
+
 class MedsrConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -672,6 +947,8 @@ class MedsrConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     enhance: EnhanceConfig = Field(default_factory=EnhanceConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    pacs: PacsConfig = Field(default_factory=PacsConfig)
     _source: str = PrivateAttr("<defaults>")
 
     @property
@@ -699,6 +976,20 @@ class MedsrConfig(Section):
                     f"takes exactly 128 or 256 px; at x3 the crop is the next multiple of 3 and D sees its first "
                     f"{d.input_size} px)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _crop_fits_latents(self) -> "MedsrConfig":
+        m = self.model
+        if m.family not in ("vae", "ldm"):
+            return self
+        need = m.vae_arch.downsampling * (m.unet.downsampling if m.family == "ldm" else 1)
+        gt = self.degradation.gt_size
+        if gt % need or (m.family == "ldm" and gt % 4):
+            what = f"the VAE's downsampling {m.vae_arch.downsampling}" + (
+                f" x the U-Net's {m.unet.downsampling}" if m.family == "ldm" else "")
+            raise ValueError(f"degradation.gt_size: {gt} px gives no whole latent grid: it must be a multiple of {need} "
+                             f"({what}) and of the x4 scale (the ldm stage's LR side is gt_size/4)")
         return self
 
     @model_validator(mode="after")
@@ -769,7 +1060,10 @@ def _format_error(exc: ValidationError, source: str, tree: dict) -> str:
     lines = [f"invalid config {source}:"]
     for err in exc.errors():
         # discriminated unions put the tag (family / generator type) into the location: drop it
-        loc = ".".join(str(p) for p in err["loc"] if p not in _UNION_TAGS) or "<root>"
+        # (only in a tag's position: `vae` is both a family and the ldm section's model.vae key)
+        loc = ".".join(str(p) for i, p in enumerate(err["loc"])
+                       if not (p in _UNION_TAGS and i and err["loc"][i - 1] in ("model", "generator", "discriminator"))
+                       ) or "<root>"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "union_tag_invalid" and err.get("ctx", {}).get("discriminator") == "'family'":
             loc, msg = f"{loc}.family", f"unknown model family {err['ctx']['tag']!r} (known: {', '.join(sorted(FAMILIES))})"
@@ -827,7 +1121,8 @@ def check_local_inputs(cfg: MedsrConfig, stage: str) -> None:
     inputs = {
         "prepare": [("prepare.input", cfg.prepare.input)],
         "train": [("train.dataset", cfg.train.dataset)]
-        + ([("model.pretrained_g", cfg.model.pretrained_g)] if cfg.model.pretrained_g else []),
+        + ([("model.pretrained_g", cfg.model.pretrained_g)] if getattr(cfg.model, "pretrained_g", None) else [])
+        + ([("model.vae", cfg.model.vae)] if getattr(cfg.model, "vae", None) else []),
         "enhance": [("enhance.input", cfg.enhance.input), ("enhance.checkpoint", cfg.enhance.checkpoint)],
     }[stage]
     for key, uri in inputs:
@@ -840,6 +1135,26 @@ def check_local_inputs(cfg: MedsrConfig, stage: str) -> None:
             continue  # a model-zoo name, resolved by the zoo
         if not os.path.exists(local):
             raise ConfigError(f"invalid config {cfg.source}:\n  {key}: path {uri} does not exist")
+        if key == "model.vae":
+            _check_vae_export(cfg, local)
+
+
+def _check_vae_export(cfg: MedsrConfig, local: str) -> None:
+    """A `vae` export named by ``model.vae`` must have the architecture of ``model.vae_arch`` (read from its meta.json)."""
+    import json
+
+    meta_path = os.path.join(os.path.dirname(local), "meta.json") if os.path.isfile(local) else None
+    if meta_path is None or not os.path.isfile(meta_path):
+        return  # a diffusers folder: its config.json is checked when it is loaded
+    meta = json.loads(Path(meta_path).read_text())
+    if meta.get("family") != "vae":
+        raise ConfigError(f"invalid config {cfg.source}:\n  model.vae: {local} is a {meta.get('family')!r} export, "
+                          "not a `vae` stage's")
+    arch = meta.get("generator", {}).get("vae_arch")
+    want = cfg.model.vae_arch.model_dump(mode="json")
+    if arch != want:
+        raise ConfigError(f"invalid config {cfg.source}:\n  model.vae_arch: {want} does not match the VAE export "
+                          f"{local} ({arch}); latents would not have the shape the U-Net expects")
 
 
 def dump_config(cfg: MedsrConfig) -> str:

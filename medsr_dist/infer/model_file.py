@@ -67,7 +67,10 @@ class ModelFile:
 
     @property
     def size_multiple(self) -> int:
-        """Input height and width must be multiples of this (RRDBNet x2: 2, x1: 4, x4: 1; MSRResNet: 1)."""
+        """Input height and width must be multiples of this (RRDBNet x2: 2, x1: 4, x4: 1; MSRResNet: 1; a family
+        whose meta records ``size_multiple`` in its architecture, e.g. ldm's VAE x U-Net downsampling / scale: that)."""
+        if "size_multiple" in self.generator:
+            return int(self.generator["size_multiple"])
         if self.generator.get("type", "RRDBNet") != "RRDBNet":
             return 1
         return _RRDBNET_SIZE_MULTIPLE.get(self.scale, 1)
@@ -124,7 +127,12 @@ def build_model_backend(
         ImportError: the backend's runtime package is not installed.
     """
     from medsr_dist.infer.backends import TorchBackend
+    from medsr_dist.models.registry import load_family
 
+    # a family whose inference is not one forward (diffusion: an iterative sampler) supplies its own Backend
+    make_backend = getattr(load_family(model.family), "make_backend", None) if model.family in _families() else None
+    if make_backend is not None:
+        return make_backend(model, backend, storage, device=device, precision=precision)
     if backend == "torch":
         return TorchBackend(model.build(storage), scale=model.scale, device=device, precision=precision,
                             size_multiple=model.size_multiple)
@@ -172,6 +180,12 @@ def runnable_precision(backend: str, requested: str, *, gpu: bool) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
+def _families() -> set[str]:
+    from medsr_dist.models.registry import FAMILIES
+
+    return set(FAMILIES)
+
+
 def _zoo_module():
     try:
         from medsr_dist.models import zoo

@@ -35,6 +35,14 @@ FAMILIES: dict[str, FamilyInfo] = {
         "psnr", "medsr_dist.models.psnr",
         "PSNR-oriented L1 training of an RRDBNet or MSRResNet (first stage of a GAN family via model.pretrained_g)",
     ),
+    "vae": FamilyInfo(
+        "vae", "medsr_dist.models.ldm",
+        "Latent diffusion stage 1: diffusers AutoencoderKL, L1 + perceptual + KL; exports the latent scale factor",
+    ),
+    "ldm": FamilyInfo(
+        "ldm", "medsr_dist.models.ldm",
+        "Latent diffusion SR: frozen VAE + diffusers UNet2DModel on [noisy HR latent, LR latent], DDPM/DDIM/DPM-Solver++",
+    ),
 }
 
 
@@ -48,4 +56,5 @@ def family_info(name: str) -> FamilyInfo:
 def load_family(name: str):
     """Import and return the family object (a :class:`ModelFamily`) registered under ``name``."""
     module = importlib.import_module(family_info(name).module)
-    return module.FAMILY
+    families = getattr(module, "FAMILIES", None)  # a module holding several families (ldm.py: vae + ldm)
+    return families[name] if families is not None else module.FAMILY

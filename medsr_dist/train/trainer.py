@@ -103,6 +103,10 @@ def pair_stage(cfg: MedsrConfig, paired: bool) -> tuple[type, list[str]]:
         from medsr_dist.data.bicubic import BicubicDegradation
 
         return BicubicDegradation, ["lq", "gt"]
+    if cfg.model.degradation == "bicubic_augmented":  # latent diffusion families (vae, ldm)
+        from medsr_dist.data.ldm_pairs import AugmentedBicubicPairs
+
+        return AugmentedBicubicPairs, ["lq", "gt"]
     return SecondOrderDegradation, ["lq", "gt", "gt_usm"]
 
 
