@@ -91,6 +91,29 @@ def storage_s3(s3_server: str) -> Storage:
 
 
 # ------------------------------------------------------------------------------------------------------
+# PACS: a real Orthanc with its DICOMweb plugin on 127.0.0.1 (tests/orthanc.py), credentials enabled.
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def orthanc_server():
+    """One Orthanc for the session (fails under CI when it is not installed, skips elsewhere)."""
+    from orthanc import local_orthanc, require_orthanc
+
+    require_orthanc()
+    with local_orthanc() as server:
+        yield server
+
+
+@pytest.fixture
+def orthanc(orthanc_server):
+    """The session's Orthanc, running (a test may have stopped it) and empty."""
+    orthanc_server.start()
+    orthanc_server.clear()
+    return orthanc_server
+
+
+# ------------------------------------------------------------------------------------------------------
 # Inference: a tiny trained-model export (model.pth + meta.json), as `medsr train` writes it.
 # ------------------------------------------------------------------------------------------------------
 
