@@ -165,6 +165,17 @@ class OrthancServer:
             self.session.delete(f"{self.url}/patients/{pid}", timeout=30).raise_for_status()
 
 
+def make_tls_certificate(root: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 made by ``openssl``: (certificate PEM — also the CA bundle a client
+    must be given —, private key PEM)."""
+    key, cert = root / "tls.key", root / "tls.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    key.chmod(0o600)
+    return cert, key
+
+
 def _config(root: Path, port: int, user: str, password: str, plugin: str, lua: list[str]) -> dict:
     db = root / "db"
     db.mkdir(parents=True, exist_ok=True)
@@ -187,7 +198,8 @@ def _config(root: Path, port: int, user: str, password: str, plugin: str, lua: l
 def local_orthanc(lua_scripts: dict[str, str] | None = None, startup_timeout_s: float = 30.0) -> Iterator[OrthancServer]:
     """A fresh Orthanc for the ``with`` block; stopped and its folder removed afterwards (kept on failure).
 
-    ``lua_scripts``: {file name: Lua source} loaded at start-up."""
+    ``lua_scripts``: {file name: Lua source} loaded at start-up. (HTTPS: Debian 12's Orthanc 1.10.1 crashes with
+    SIGSEGV on its first HTTPS request, so TLS is tested through :class:`PacsProxy` with ``tls_dir``.)"""
     binary, plugin, why = find_orthanc()
     if why:
         raise RuntimeError(why)
@@ -222,8 +234,10 @@ class PacsProxy:
     counting how many are in flight (``max_in_flight``), and accept a bearer ``token`` (Orthanc alone only knows
     HTTP basic), forwarding with the Orthanc's basic credentials. ``url``: ``http://127.0.0.1:<port>``."""
 
-    def __init__(self, server: OrthancServer, token: str | None = None):
+    def __init__(self, server: OrthancServer, token: str | None = None, tls_dir: Path | None = None):
+        """``tls_dir``: serve HTTPS with a fresh self-signed certificate made there (``self.ca_bundle``)."""
         import http.server
+        import ssl
         import threading
 
         self.server, self.token = server, token
@@ -277,7 +291,15 @@ class PacsProxy:
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
         self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.ca_bundle: str | None = None
+        if tls_dir is not None:
+            cert, key = make_tls_certificate(Path(tls_dir))
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(str(cert), str(key))
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+            self.ca_bundle = str(cert)
+        scheme = "https" if tls_dir is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="pacs-proxy", daemon=True)
         self._thread.start()
 

@@ -24,6 +24,7 @@ from medsr_dist.pacs.dicomweb import (
     Endpoint,
     InstanceRef,
     PacsAuthError,
+    PacsError,
     PacsRefused,
     PacsUnavailable,
     derived_uids,
@@ -336,3 +337,15 @@ def test_client_pickles_without_its_session_or_secrets(pacs_env):
     blob = pickle.dumps(pacs)
     assert pacs_env.password.encode() not in blob
     assert pickle.loads(blob).query() == []
+
+
+def test_https_pacs_is_verified_against_the_configured_ca_bundle(pacs_env, tmp_path):
+    server = pacs_env
+    server.upload(radiograph("tls"))
+    with PacsProxy(server, tls_dir=tmp_path) as proxy:  # TLS with a self-signed certificate in front of Orthanc
+        assert proxy.uri.startswith("dicomweb+https://127.0.0.1:")
+        assert len(DicomwebPacs(proxy.uri, PacsConfig(ca_bundle=proxy.ca_bundle)).query()) == 1
+        with pytest.raises(PacsError, match="TLS verification failed.*pacs.ca_bundle"):  # not trusted by default
+            DicomwebPacs(proxy.uri, PacsConfig(retries=0)).query()
+        with pytest.raises(PacsError, match="pacs.ca_bundle .*no such file"):
+            DicomwebPacs(proxy.uri, PacsConfig(ca_bundle=str(tmp_path / "missing.pem"))).query()

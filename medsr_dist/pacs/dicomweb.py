@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import requests
+
 from medsr_dist.config import PacsConfig
 
 if TYPE_CHECKING:
@@ -289,7 +291,6 @@ class DicomwebPacs:
         return self._built[1]  # type: ignore[index]
 
     def _build(self):
-        import requests
         from dicomweb_client import DICOMwebClient
         from requests.adapters import HTTPAdapter
         from urllib3.util.retry import Retry
@@ -298,7 +299,7 @@ class DicomwebPacs:
         creds = Credentials.resolve(cfg)
         if cfg.ca_bundle and not os.path.isfile(cfg.ca_bundle):
             raise PacsError(f"pacs.ca_bundle {cfg.ca_bundle}: no such file")
-        session = requests.Session()
+        session = PacsSession()
         retry = Retry(total=cfg.retries, connect=cfg.retries, read=cfg.retries, status=cfg.retries, other=0,
                       backoff_factor=cfg.backoff_s, status_forcelist=RETRY_STATUS, allowed_methods=None,
                       raise_on_status=False, respect_retry_after_header=True)
@@ -314,8 +315,6 @@ class DicomwebPacs:
 
     def _call(self, action: str, fn: Callable, *, sent: bytes | None = None):
         """``fn(client)`` under the concurrency bound, with its failures as :class:`PacsError`."""
-        import requests
-
         try:
             client = self._client()
         except PacsError as exc:
@@ -488,6 +487,17 @@ class DicomwebPacs:
 
         with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
             return list(pool.map(one, list(objects)))
+
+
+class PacsSession(requests.Session):
+    """A session whose ``verify`` (``pacs.ca_bundle``) wins over ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE``:
+    plain requests lets those variables replace a session's CA bundle (psf/requests#3829)."""
+
+    def merge_environment_settings(self, url, proxies, stream, verify, cert):
+        settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        if isinstance(self.verify, str) and verify is None:
+            settings["verify"] = self.verify
+        return settings
 
 
 def watermark(refs: Iterable[InstanceRef]) -> str | None:
