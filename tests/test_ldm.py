@@ -425,3 +425,15 @@ def test_augmented_pairs_stay_aligned_and_are_seeded():
     # the vae stage (scale 1): the pair is (crop, crop)
     v = AugmentedBicubicPairs(cfg, 1, 0).degrade_one(data, "k", 0)
     assert np.array_equal(v["gt"], v["lq"])
+
+
+def test_shipped_ldm_configs_load():
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    vae = load_config(repo / "configs/ldm_cxr_x4_vae.yaml")
+    ldm = load_config(repo / "configs/ldm_cxr_x4.yaml")
+    assert vae.model.family == "vae" and ldm.model.family == "ldm"
+    assert ldm.model.vae == f"{vae.train.output}/export/model.pth"  # stage 2 reads stage 1's export
+    assert ldm.model.vae_arch == vae.model.vae_arch and ldm.degradation.augment == vae.degradation.augment
+    assert ldm.model.schedule.num_train_timesteps == 300 and ldm.enhance.tile == 64
