@@ -1,5 +1,6 @@
-"""`medsr export` and `medsr status`: the inference side's commands besides `medsr enhance`.
+"""`medsr enhance`, `medsr export` and `medsr status`: the inference side's commands.
 
+    medsr enhance -c configs/enhance_nightly.yaml [--log-keys] [key=value ...]
     medsr export --format onnx -c configs/enhance_nightly.yaml          # model.onnx beside enhance.checkpoint
     medsr export --format onnx --checkpoint runs/x/train/export/model.pth --output /tmp/x4.onnx
     medsr status s3://archive/enhanced -c configs/enhance_nightly.yaml  # -c only for storage settings
@@ -11,7 +12,27 @@ from typing import Optional
 
 import typer
 
-from medsr_dist.cli import ConfigOpt, OverridesArg, _load, app, console
+from medsr_dist.cli import ConfigOpt, FailOnErrorOpt, OverridesArg, _load, app, console
+
+LogKeysOpt = typer.Option(False, "--log-keys", help="Name input keys in logs and progress (enhance.log_keys); "
+                          "default: items are named by item id, since keys often embed accession numbers or names")
+
+
+@app.command()
+def enhance(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
+            fail_on_error: bool = FailOnErrorOpt, log_keys: bool = LogKeysOpt) -> None:
+    """Enhance every image under enhance.input with a trained model (Ray Data batch inference)."""
+    from medsr_dist.pipeline import run_enhance
+    from medsr_dist.storage import LeaseHeldError
+
+    cfg = _load(config, [*(overrides or []), *(["enhance.log_keys=true"] if log_keys else [])], "enhance")
+    try:
+        result = run_enhance(cfg, console)
+    except LeaseHeldError as exc:  # another run is writing this output prefix: leave it alone
+        console.print(f"[bold red]enhance:[/] {exc}", highlight=False)
+        raise typer.Exit(3) from None
+    if result.n_errors and (fail_on_error or cfg.enhance.fail_on_error):
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -52,8 +73,10 @@ def status(
     output: str = typer.Argument(..., help="Output prefix of `medsr enhance` (enhance.output)"),
     overrides: Optional[list[str]] = OverridesArg,
     config: Optional[Path] = ConfigOpt,
+    log_keys: bool = typer.Option(False, "--log-keys", help="Name input/output keys (default: item ids)"),
 ) -> None:
-    """Summarise the manifests under an output prefix: outputs, flagged, the latest run's counts and errors."""
+    """Summarise the manifests under an output prefix: outputs, ignored, quarantined, flagged, the latest run's
+    counts and errors (items named by item id unless --log-keys)."""
     from medsr_dist.infer.enhance_job import format_summary, manifest_summary
     from medsr_dist.storage import Storage
 
@@ -63,4 +86,4 @@ def status(
     except FileNotFoundError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
-    typer.echo(format_summary(summary))
+    typer.echo(format_summary(summary, log_keys=log_keys or cfg.enhance.log_keys))

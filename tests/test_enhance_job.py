@@ -405,7 +405,6 @@ def test_dicom_outputs_are_derived_objects_of_the_same_study(nightly, tmp_path):
             assert dciodvfy_findings(tmp_path / "out.dcm") == [], row["output_key"]
 
 
-@pytest.mark.skipif(DCIODVFY is None, reason=NO_DCIODVFY)
 def test_dciodvfy_is_available_for_the_dicom_checks():
     """The derived-DICOM checks above use dciodvfy where it is installed. Locally a missing dicom3tools shows up
     among the skips (the checks then only use pydicom); on CI (``CI`` set, where .ci/run installs it) it fails."""
@@ -449,3 +448,394 @@ def test_status_summarises_the_manifests_of_an_output_prefix(nightly):
     assert f"skipped {len(nightly['valid'])}, error {len(nightly['corrupt'])}" in text  # the latest run
     assert all(Path(k).name in text for k in nightly["corrupt"])
     assert text.strip().splitlines()[-1] == f"manifest: {nightly['third'].manifest}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Hostile input (issue 12): limits from headers, NaN outputs, poison items, paths, one run per prefix, PHI
+# --------------------------------------------------------------------------------------------------------
+from medsr_dist.infer import enhance_job  # noqa: E402
+from medsr_dist.infer.backends import BACKENDS, register_backend  # noqa: E402
+from medsr_dist.infer.model_file import build_model_backend  # noqa: E402
+from medsr_dist.io.image import ImageMeta, encode_image  # noqa: E402
+
+POISON_SHAPE = (24, 40)  # the one input of this (height, width) kills its replica
+
+
+class _WrappedTorch:
+    """A real Backend: the tiny model's TorchBackend, with a twist subclasses add in ``__call__``."""
+
+    def __init__(self, inner):
+        self.inner, self.scale, self.size_multiple = inner, inner.scale, inner.size_multiple
+        self.precision = getattr(inner, "precision", "fp32")
+
+    @classmethod
+    def from_model_file(cls, model, storage, *, device=None, precision="fp32"):
+        return cls(build_model_backend(model, "torch", storage, device=device, precision=precision))
+
+
+class NaNBackend(_WrappedTorch):
+    """Returns NaN where the model would return its output, for images whose side is 40 pixels."""
+
+    def __call__(self, batch):
+        out = self.inner(batch)
+        if 40 in batch.shape[2:]:
+            out[:, :, :3, :3] = np.nan
+        return out
+
+
+class SegfaultBackend(_WrappedTorch):
+    """Segfaults its process (a real SIGSEGV, as a broken runtime would) on a POISON_SHAPE batch."""
+
+    def __call__(self, batch):
+        if tuple(batch.shape[2:]) == POISON_SHAPE:
+            import ctypes
+
+            ctypes.string_at(0)  # reads address 0: SIGSEGV
+        return self.inner(batch)
+
+
+class CudaFaultBackend(_WrappedTorch):
+    """Raises what torch raises after an illegal memory access on the GPU."""
+
+    def __call__(self, batch):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be "
+                           "asynchronously reported at some other API call")
+
+
+def register_test_backends() -> None:
+    """Register the test backends (also Ray's worker_process_setup_hook, so replicas in workers find them)."""
+    for name, factory in (("nan-test", NaNBackend), ("segfault-test", SegfaultBackend),
+                          ("cuda-fault-test", CudaFaultBackend)):
+        if name not in BACKENDS:
+            register_backend(name)(factory)
+
+
+def with_backend(cfg, name: str):
+    """The config with a registered test backend (enhance.backend's choices name only the shipped ones)."""
+    register_test_backends()
+    return cfg.model_copy(update={"enhance": cfg.enhance.model_copy(update={"backend": name})})
+
+
+def png8(image: np.ndarray) -> bytes:
+    return encode_image(image[:, :, None], ImageMeta(format="png", dtype="uint8", bits_stored=8, channels=1,
+                                                     photometric="MONOCHROME2"))
+
+
+def zero_png(height: int, width: int) -> bytes:
+    """A valid 8-bit grey PNG of zeros, written row by row: 20000 x 20000 is ~400 kB on disk, 400 MB decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    compressor, row, parts = zlib.compressobj(9), b"\x00" * (width + 1), []
+    for _ in range(height):
+        parts.append(compressor.compress(row))
+    parts.append(compressor.flush())
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
+
+
+def job_config(tmp_path, tiny_model_dir, archive, *extra: str):
+    return load_config(None, [f"run.root={tmp_path}", f"enhance.input={archive}", f"enhance.output={tmp_path / 'out'}",
+                              f"enhance.checkpoint={tiny_model_dir}/model.pth", "enhance.tile=0", *extra])
+
+
+def job_spec(cfg, run_id: str = "local") -> JobSpec:
+    e = cfg.enhance
+    model = read_model_file(e.checkpoint, cfg.storage)
+    return JobSpec(storage=Storage(cfg.storage), input=e.input, output=e.output, model=model,
+                   params=enhance_params(e, model), run_id=run_id, threshold_db=e.consistency_threshold_db,
+                   max_input_pixels=e.max_input_pixels, max_output_pixels=e.max_output_pixels)
+
+
+def test_a_pixel_bomb_is_refused_from_its_header_with_the_numbers_and_never_decoded(tmp_path, tiny_model_dir):
+    import resource
+    import tracemalloc
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "bomb.png").write_bytes(zero_png(20000, 20000))
+    (archive / "wide.png").write_bytes(png8(make_radiograph(3, 64)[:40]))  # 40 x 64: fine in, too large out
+    assert (archive / "bomb.png").stat().st_size < 1_000_000
+    cfg = job_config(tmp_path, tiny_model_dir, archive, "enhance.max_output_pixels=40000")
+    stage = ReadDecode(job_spec(cfg))
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    tracemalloc.start()
+    bomb = stage.one(str(archive / "bomb.png"))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    assert bomb["status"] == "error" and bomb["pixels"].size == 0
+    assert bomb["error"] == ("20000 x 20000 = 400,000,000 pixels exceeds enhance.max_input_pixels 100,000,000; "
+                             "not decoded")
+    assert peak < 16 << 20 and rss_growth < 128 << 20  # decoding would take 400 MB (uint8) + 1.6 GB (float32)
+    wide = stage.one(str(archive / "wide.png"))
+    assert wide["status"] == "error"
+    assert wide["error"] == ("output at x4 would be 160 x 256 = 40,960 pixels, over enhance.max_output_pixels "
+                             "40,000; not decoded")
+    # the defaults hold a 4k x 5k mammogram at x4
+    e = load_config(None, []).enhance
+    assert e.max_input_pixels >= 4096 * 5120 and e.max_output_pixels >= 4096 * 5120 * 16
+
+
+def test_a_model_output_with_nan_is_an_error_and_writes_nothing(tmp_path, tiny_model_dir):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "nan.png").write_bytes(png8(make_radiograph(1, 40)))  # 40 x 40: the NaN backend spoils it
+    (archive / "fine.png").write_bytes(png8(make_radiograph(2, 32)))
+    cfg = with_backend(job_config(tmp_path, tiny_model_dir, archive), "nan-test")
+    rows = {Path(r["input_key"]).name: r for r in run_stages_locally(cfg, sorted(str(p) for p in archive.iterdir()))}
+    assert rows["nan.png"]["status"] == "error" and rows["nan.png"]["output_key"] == ""
+    # 3 x 3 NaN pixels; grey images go through the model as RGB and are averaged back to one channel
+    assert rows["nan.png"]["error"] == "the model output 9 non-finite values (NaN/Inf); nothing written"
+    assert rows["fine.png"]["status"] == "done"
+    written = [p.name for p in (tmp_path / "out").iterdir() if p.is_file()]
+    assert written == [Path(rows["fine.png"]["output_key"]).name]  # no output, no record for the NaN image
+    assert enhance_job.non_finite(np.array([0.5, np.inf, -np.inf, np.nan], np.float32)) == 3
+
+
+@pytest.mark.parametrize(("exc", "fatal"), [
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), True),
+    (RuntimeError("CUDA error: device-side assert triggered"), True),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"), True),
+    (RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm( handle, opa, opb, m, n, k, ...)`"), True),
+    (RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1275, unhandled cuda error"), True),
+    (RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : CUDA failure 700: an illegal memory access"), True),
+    (type("AcceleratorError", (RuntimeError,), {})("unspecified"), True),
+    (type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory. Tried to allocate 2.00 GiB"), False),
+    (RuntimeError("CUDA error: out of memory"), False),
+    (ValueError("expected a (B, 3, h, w) batch, got shape (1, 4, 8, 8)"), False),
+    (MemoryError(), False),
+])
+def test_fatal_device_errors_are_told_apart_from_per_image_failures(exc, fatal):
+    assert enhance_job.is_fatal_device_error(exc) is fatal
+
+
+def test_a_fatal_device_error_restarts_the_replica_instead_of_failing_the_image(tmp_path, tiny_model_dir, monkeypatch):
+    class Restarted(Exception):
+        pass
+
+    def restart(self):
+        raise Restarted
+
+    monkeypatch.setattr(EnhanceReplica, "_restart", restart)  # in a Ray actor: os._exit, and Ray starts a new one
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "a.png").write_bytes(png8(make_radiograph(1, 32)))
+    cfg = with_backend(job_config(tmp_path, tiny_model_dir, archive), "cuda-fault-test")
+    with pytest.raises(Restarted):
+        run_stages_locally(cfg, [str(archive / "a.png")])
+
+
+def test_keys_that_climb_out_or_are_absolute_are_refused_and_outputs_stay_under_the_prefix(tmp_path, tiny_model_dir):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    spec = job_spec(job_config(tmp_path, tiny_model_dir, archive))
+    for key, reason in ((f"{archive}/a/../../x.png", "'..' segment"), (f"{archive}//abs/x.png", "absolute")):
+        row = ReadDecode(spec).one(key)
+        assert row["status"] == "error" and reason in row["error"] and row["input_bytes"] == 0  # nothing read
+    (archive / "a").mkdir()
+    (archive / "a" / "x.png").write_bytes(png8(make_radiograph(1, 32)[:16, :16]))
+    row = ReadDecode(spec).one(f"{archive}/./a//x.png")
+    assert row["status"] == "todo" and row["output_key"].startswith(f"{tmp_path / 'out'}/a/x.sr-")
+
+
+@pytest.mark.parametrize("spelling", ["{out}", "{out}/", "file://{out}", "file://{out}/", "{archive}/./enhanced",
+                                      "{archive}/sub/../enhanced/"])
+def test_the_output_prefix_is_never_listed_as_input_however_it_is_spelled(tmp_path, spelling):
+    from medsr_dist.infer.enhance_job import list_inputs
+
+    archive = tmp_path / "archive"
+    (archive / "enhanced" / "_manifest").mkdir(parents=True)
+    (archive / "in.png").write_bytes(b"x")
+    (archive / "enhanced" / "in.sr-0123456789.png").write_bytes(b"y")
+    (archive / "enhanced" / "_manifest" / "manifest.parquet").write_bytes(b"z")
+    out = spelling.format(out=archive / "enhanced", archive=archive)
+    e = load_config(None, [f"run.root={tmp_path}", f"enhance.input={archive}", f"enhance.output={out}"]).enhance
+    assert [f.uri for f in list_inputs(Storage(), e)] == [f"{archive}/in.png"]
+    inside = load_config(None, [f"run.root={tmp_path}", f"enhance.input={archive}/enhanced/",
+                                f"enhance.output=file://{archive}"]).enhance
+    with pytest.raises(ValueError, match="lies inside enhance.output"):
+        list_inputs(Storage(), inside)
+
+
+def non_image_dicom(patient_name: str = "", patient_id: str = "") -> bytes:
+    """A Basic Text SR object (no pixel data), as a PACS holds next to images."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Modality, ds.PatientName, ds.PatientID = "SR", patient_name, patient_id
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.ValueType, ds.ContentSequence = "CONTAINER", pydicom.Sequence()
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_a_non_image_object_is_ignored_with_its_sop_class_named(tmp_path, tiny_model_dir):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "report.dcm").write_bytes(non_image_dicom("DOE^JANE", "PID-4711"))
+    row = ReadDecode(job_spec(job_config(tmp_path, tiny_model_dir, archive))).one(str(archive / "report.dcm"))
+    assert row["status"] == "ignored" and "Basic Text SR" in row["error"] and "1.2.840.10008.5.1.4.1.1.88.11" in row["error"]
+    assert "DOE" not in row["error"] and "PID-4711" not in row["error"]
+
+
+def test_reasons_never_carry_identifiers_from_the_header_or_the_key(tmp_path, tiny_model_dir, monkeypatch):
+    from medsr_dist.io import image as image_io
+    from medsr_dist.io.dicom import build_radiograph_dataset, dataset_to_bytes
+
+    ds = build_radiograph_dataset(make_radiograph(1, 32)[:16, :16], bits_stored=12, patient_id="ACC-PID-31337")
+    ds.PatientName, ds.AccessionNumber, ds.PatientBirthDate = "SMITH^ALICE", "ACC998877", "19610203"
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    key = archive / "ACC998877_chest.dcm"
+    key.write_bytes(dataset_to_bytes(ds))
+
+    def leaky_decoder(data, name):  # what third-party decoders do now and then: quote a header value
+        raise ValueError(f"cannot decode {name}: bad value 'SMITH^ALICE' (PatientID ACC-PID-31337, born 19610203, "
+                         f"accession ACC998877) in {key}")
+
+    monkeypatch.setattr(image_io, "decode_image", leaky_decoder)
+    row = ReadDecode(job_spec(job_config(tmp_path, tiny_model_dir, archive))).one(str(key))
+    assert row["status"] == "error" and row["error"].startswith("ValueError: cannot decode input: bad value")
+    for secret in ("SMITH", "ALICE", "ACC-PID-31337", "19610203", "ACC998877"):
+        assert secret not in row["error"], row["error"]
+
+
+def test_logs_and_status_name_items_by_id_and_keys_only_when_asked():
+    from medsr_dist.infer.enhance_job import format_summary, item_label, key_ref
+
+    row = {"input_key": "s3://pacs/ACC123/img.dcm", "item_id": "0123456789abcdef0123"}
+    assert item_label(row) == "item 0123456789abcdef0123" and item_label(row, log_keys=True) == row["input_key"]
+    assert item_label({"input_key": row["input_key"], "item_id": ""}) == key_ref(row["input_key"])
+    assert "ACC123" not in key_ref(row["input_key"])
+    summary = {"output": "s3://o", "manifest": "s3://o/_manifest/manifest.parquet", "outputs": 1, "ignored": 2,
+               "quarantined": 1, "flagged": 1, "input_bytes": 0, "output_bytes": 0, "consistency_psnr_db": None,
+               "models": {}, "runs": 1, "latest_run": "r", "latest_run_manifest": "m", "latest_counts": {"error": 1},
+               "latest_errors": [(row["item_id"], row["input_key"], "truncated PNG")],
+               "quarantined_items": [("", "s3://pacs/ACC777/x.dcm", "quarantined: ...")],
+               "flagged_outputs": [(row["item_id"], row["input_key"], "s3://o/ACC123/img.sr-1.dcm", 20.0)]}
+    text = format_summary(summary)
+    assert "ACC" not in text and "inputs ignored (not images): 2, quarantined: 1" in text
+    assert "ignored 0" in text and "quarantined 0" in text  # the latest run's counts name every status
+    assert "ACC123/img.dcm" in format_summary(summary, log_keys=True)
+
+
+def test_a_second_run_on_a_leased_prefix_exits_clearly_and_touches_nothing(tmp_path, tiny_model_dir):
+    from medsr_dist.infer.enhance_job import LEASE_FILE, run_enhance_job
+    from medsr_dist.storage import Lease, LeaseHeldError
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "a.png").write_bytes(png8(make_radiograph(1, 32)[:16, :16]))
+    cfg = job_config(tmp_path, tiny_model_dir, archive)
+    out = tmp_path / "out"
+    first = Lease.acquire(Storage(), str(out / MANIFEST_DIR / LEASE_FILE), "first-run", ttl_s=600)
+    in_flight = out / f".a.sr-x.png.q1w2{PARTIAL_SUFFIX}"  # the first run's temp file, mid-write
+    in_flight.write_bytes(b"half")
+    with pytest.raises(LeaseHeldError, match=r"another run \(first-run on host"):
+        run_enhance_job(cfg)  # refused before Ray is needed, and before the stale-temp-file sweep
+    assert in_flight.read_bytes() == b"half"
+    assert sorted(p.name for p in out.rglob("*") if p.is_file() and not p.name.endswith(".lock")) == [
+        in_flight.name, LEASE_FILE]
+    first.release()
+
+
+@pytest.mark.slow
+def test_a_poison_input_fails_alone_and_is_quarantined_after_max_attempts(tmp_path, tiny_model_dir):
+    """A real Ray run, twice (then a third time without Ray work): an input that segfaults its replica."""
+    import ray
+
+    from medsr_dist.infer.enhance_job import manifest_summary, run_enhance_job
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for i in range(5):
+        (archive / f"ok{i}.png").write_bytes(png8(make_radiograph(i, 32)))
+    (archive / "ok2x.png").write_bytes(png8(make_radiograph(9, 32)[: POISON_SHAPE[0], :]))  # 24 x 32: not poison
+    (archive / "poison.png").write_bytes(png8(make_radiograph(7, 40)[: POISON_SHAPE[0], : POISON_SHAPE[1]]))
+    cfg = with_backend(job_config(tmp_path, tiny_model_dir, archive, "enhance.images_per_batch=7",
+                                  "enhance.max_attempts=2"), "segfault-test")
+    # the replicas run in Ray workers: they register the test backends on start (this module, found on PYTHONPATH)
+    tests_dir = str(Path(__file__).resolve().parent)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([tests_dir, str(REPO)])},
+                          "worker_process_setup_hook": "test_enhance_job.register_test_backends"})
+    try:
+        first = run_enhance_job(cfg)
+        second = run_enhance_job(cfg)
+        third = run_enhance_job(cfg)  # nothing to run: decided from the manifest, no input read
+    finally:
+        ray.shutdown()
+    innocent = sorted(str(p) for p in archive.iterdir() if p.name != "poison.png")
+    poison = str(archive / "poison.png")
+    rows = [{r["input_key"]: r for r in run.rows} for run in (first, second, third)]
+    assert all(rows[0][k]["status"] == "done" for k in innocent), [rows[0][k]["error"] for k in innocent]
+    assert rows[0][poison]["status"] == "error" and rows[0][poison]["attempts"] == 1
+    assert rows[0][poison]["error"].startswith("the model replica died with this item in its batch, and again")
+    assert all(rows[1][k]["status"] == "skipped" for k in innocent)
+    assert rows[1][poison]["status"] == "quarantined" and rows[1][poison]["attempts"] == 2
+    assert "killed its model replica in 2 runs" in rows[1][poison]["error"]
+    same = ("status", "error", "attempts", "input_bytes", "input_version")  # not tried again: the same count
+    assert {k: rows[2][poison][k] for k in same} == {k: rows[1][poison][k] for k in same}
+    assert third.counts == {"skipped": len(innocent), "quarantined": 1}
+    summary = manifest_summary(Storage(), cfg.enhance.output)
+    assert (summary["outputs"], summary["quarantined"], summary["ignored"]) == (len(innocent), 1, 0)
+    (archive / "poison.png").write_bytes(png8(make_radiograph(7, 32)))  # replaced by a readable image
+    plan = enhance_job.plan_run(Storage(), job_spec(cfg, "after"), enhance_job.list_inputs(Storage(), cfg.enhance))
+    assert [i["key"] for i in plan.todo] == [poison] and not plan.alone  # changed content: tried afresh
+
+
+def test_an_unchanged_input_is_skipped_from_the_manifest_without_being_read(tmp_path, tiny_model_dir):
+    from medsr_dist.infer.enhance_job import list_inputs, manifest_uri, merge_cumulative, plan_run, write_manifest
+
+    class CountingStorage(Storage):
+        """Counts bytes read from input keys (the manifest and listings are not input data)."""
+
+        def __init__(self, config=None):
+            super().__init__(config)
+            self.input_bytes_read = 0
+
+        def read_bytes(self, uri):
+            data = super().read_bytes(uri)
+            if str(uri).startswith(str(archive)):
+                self.input_bytes_read += len(data)
+            return data
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for i in range(3):
+        (archive / f"{i}.png").write_bytes(png8(make_radiograph(i, 32)))
+    (archive / "report.dcm").write_bytes(non_image_dicom())
+    cfg = job_config(tmp_path, tiny_model_dir, archive)
+    storage = CountingStorage()
+    spec = job_spec(cfg)
+    entries = list_inputs(storage, cfg.enhance)
+    batch = {"key": np.array([f.uri for f in entries]), "size": np.array([f.size for f in entries]),
+             "version": np.array([f.version for f in entries])}
+    commit = EncodeCommit(spec)
+    first = [commit.one(r) for b in EnhanceReplica(spec.model, cfg.storage, cfg.enhance)(ReadDecode(spec)(batch))
+             for r in _rows(b)]
+    assert sorted(r["status"] for r in first) == ["done", "done", "done", "ignored"]
+    write_manifest(storage, manifest_uri(spec.output), merge_cumulative(storage, spec.output, first))
+    storage.input_bytes_read = 0
+
+    plan = plan_run(storage, spec, list_inputs(storage, cfg.enhance))
+    assert storage.input_bytes_read == 0 and not plan.todo and not plan.alone
+    assert sorted(r["status"] for r in plan.rows) == ["ignored", "skipped", "skipped", "skipped"]
+    (archive / "1.png").write_bytes(png8(make_radiograph(11, 32)))  # changed: read and hashed again
+    Path(next(r["output_key"] for r in first if r["input_key"].endswith("/2.png"))).unlink()  # output gone: redone
+    plan = plan_run(storage, spec, list_inputs(storage, cfg.enhance))
+    assert sorted(Path(i["key"]).name for i in plan.todo) == ["1.png", "2.png"]
+    other = job_spec(load_config(None, [f"run.root={tmp_path}", f"enhance.input={archive}",
+                                        f"enhance.output={tmp_path / 'out'}", f"enhance.checkpoint={tiny_model_dir}/model.pth",
+                                        "enhance.tile=16"]))
+    assert len(plan_run(storage, other, list_inputs(storage, cfg.enhance)).todo) == 3  # other parameters: other outputs

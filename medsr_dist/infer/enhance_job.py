@@ -19,8 +19,22 @@ or none; started again it redoes only what has no record, writing the same bytes
 temp files of a killed run are removed when the next run starts (one run per output prefix at a time).
 
 Manifests (Parquet, :data:`MANIFEST_SCHEMA`): ``_manifest/runs/<run id>.parquet`` has one row per input of that
-run (done / skipped / error with its reason); ``_manifest/manifest.parquet`` has one row per output ever completed
-(the previous table + this run's outputs + records of a killed run that this run did not list again).
+run (a status of :data:`STATUSES`, with its reason); ``_manifest/manifest.parquet`` has one row per output ever
+completed (the previous table + this run's outputs + records of a killed run that this run did not list again), plus
+one row per input that needs no new attempt while unchanged (``ignored``; ``quarantined``; ``error`` rows of inputs
+that killed their replica, which carry the count of such runs in ``attempts``). Manifests hold input keys: they sit
+beside the archive, under its access control. Logs do not (unless ``enhance.log_keys``): they name items by item id.
+
+Hostile input. Before decoding, the header's dimensions (``probe_image``) are held against
+``enhance.max_input_pixels`` / ``max_output_pixels``. A non-finite model output is an error and writes nothing. An
+input whose batch killed its replica is retried alone in a second pass (its batch-mates with it, each alone); one
+that kills its replica alone is counted, across runs, and ``quarantined`` after ``enhance.max_attempts``. A fatal
+device (CUDA) error ends the replica's process so Ray starts a fresh one (with a fresh CUDA context). Keys are
+normalised; ``..`` and absolute segments are refused; outputs must lie under the output prefix, which is never
+listed as input. One run per output prefix: a :class:`~medsr_dist.storage.Lease` at ``_manifest/lease.json``.
+
+Incremental nights: the listing gives each input's size and version (S3 ETag, local mtime); an input whose (key,
+size, version) matches its cumulative-manifest row and whose output is still listed is skipped unread.
 """
 from __future__ import annotations
 
@@ -44,19 +58,28 @@ from medsr_dist import __version__
 from medsr_dist.config import EnhanceConfig, MedsrConfig, StorageConfig
 from medsr_dist.infer.engine import ENGINE_REVISION
 from medsr_dist.infer.model_file import ModelFile, build_model_backend, read_model_file, runnable_precision
-from medsr_dist.storage import PARTIAL_SUFFIX, Storage
+from medsr_dist.storage import PARTIAL_SUFFIX, FileEntry, Lease, LeaseLostError, Storage, is_under, relative_key
 
 log = logging.getLogger(__name__)
 
 MANIFEST_DIR = "_manifest"
 CUMULATIVE_FILE = "manifest.parquet"
+LEASE_FILE = "lease.json"
 NOTE = "Enhanced by a super-resolution model: an enhancement, not a new acquisition. Compare with the original."
-STATUSES = ("done", "skipped", "error")
+STATUSES = ("done", "skipped", "ignored", "error", "quarantined")
+"""done: enhanced in this run; skipped: enhanced before; ignored: a readable object without an image (DICOM SR,
+waveform, RT plan...: the SOP class is named in ``error``); error: could not be enhanced (reason in ``error``);
+quarantined: killed its model replica in ``enhance.max_attempts`` runs, no longer tried while unchanged."""
+CRASH_REASON = ("the model replica died with this item in its batch, and again with this item alone "
+                "(a crash or out of memory in the model or its runtime)")
+#: Exit status of a replica process ended on a fatal device error (Ray restarts the actor).
+FATAL_DEVICE_EXIT = 70
+MAX_REASON_CHARS = 600
 
 # Placeholders for rows without pixels (skipped, failed): every row of a column has the same dtype and rank,
-# so Ray Data can hold the column as one variable-shaped tensor array.
-NO_PIXELS = np.zeros((0, 0, 1), np.float32)
-NO_OUTPUT = np.zeros((0, 0, 1), np.uint16)
+# so Ray Data can hold the column as one variable-shaped tensor array. Pixels travel as (F, H, W, C) always.
+NO_PIXELS = np.zeros((0, 0, 0, 1), np.float32)
+NO_OUTPUT = np.zeros((0, 0, 0, 1), np.uint16)
 
 MANIFEST_SCHEMA = pa.schema([
     ("input_key", pa.string()), ("input_sha256", pa.string()), ("output_key", pa.string()), ("item_id", pa.string()),
@@ -67,11 +90,14 @@ MANIFEST_SCHEMA = pa.schema([
     ("input_height", pa.int64()), ("input_width", pa.int64()), ("output_height", pa.int64()), ("output_width", pa.int64()),
     ("seconds", pa.float64()), ("consistency_psnr_db", pa.float64()), ("flagged", pa.bool_()),
     ("run_id", pa.string()), ("finished_at", pa.string()),
+    ("input_version", pa.string()), ("frames", pa.int32()), ("attempts", pa.int32()),
 ])
 """One manifest row. ``params``/``provenance`` are JSON objects; ``provenance`` is exactly the text written into the
 output file (PNG/TIFF/JPEG text, DICOM derivation). ``run_id``/``finished_at``: the run that produced the output
 (for ``skipped`` rows an earlier one). ``seconds``: wall time spent on the item in the run that produced it.
-``consistency_psnr_db``: see :func:`consistency_psnr`; ``flagged``: below ``enhance.consistency_threshold_db``."""
+``consistency_psnr_db``: see :func:`consistency_psnr`; ``flagged``: below ``enhance.consistency_threshold_db``.
+``input_bytes``/``input_version``: the input's size and version (:class:`~medsr_dist.storage.FileEntry`) when it was
+listed; ``frames``: of the input (0: not read); ``attempts``: runs in which the input killed its model replica."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -116,14 +142,25 @@ def consistency_psnr(output: np.ndarray, source: np.ndarray) -> float:
     input grid and the input. High: the enhancement agrees with what was measured; low: it changed it.
 
     Args:
-        output: (H', W'[, C]) float in [0, 1].
-        source: (H, W[, C]) float in [0, 1], same channels.
+        output: (H', W'[, C]) float in [0, 1], or (F, H', W', C) for F frames (the mean squared error of all
+            frames together).
+        source: (H, W[, C]) float in [0, 1], same channels; (F, H, W, C) with ``output``'s F.
 
     Returns:
         PSNR in dB with peak 1.0 (the same number as basicsr's ``calculate_psnr``; ``inf`` for identical
         images). Computed here rather than through :mod:`medsr_dist.eval.metrics`, whose basicsr import would cost
         every encode worker seconds of start-up.
     """
+    if np.ndim(output) == 4:
+        if np.shape(source)[0] != np.shape(output)[0]:
+            raise ValueError(f"output has {np.shape(output)[0]} frames, source {np.shape(source)[0]}")
+        mse = float(np.mean([_frame_mse(o, s) for o, s in zip(output, source)]))
+    else:
+        mse = _frame_mse(output, source)
+    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def _frame_mse(output: np.ndarray, source: np.ndarray) -> float:
     import cv2
 
     h, w = source.shape[:2]
@@ -131,8 +168,7 @@ def consistency_psnr(output: np.ndarray, source: np.ndarray) -> float:
     if down.ndim == 2:
         down = down[:, :, None]
     diff = down.astype(np.float64) - np.asarray(source, np.float64).reshape(down.shape)
-    mse = float(np.mean(diff * diff))
-    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+    return float(np.mean(diff * diff))
 
 
 def _now() -> str:
@@ -169,7 +205,11 @@ def _rows(batch: dict) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class JobSpec:
-    """What the CPU stages need to know; pickled into every task (the Storage ships only its config)."""
+    """What the CPU stages need to know; pickled into every task (the Storage ships only its config).
+
+    ``max_input_pixels`` / ``max_output_pixels``: header limits (frames included; see :class:`ReadDecode`);
+    ``log_keys``: whether logs may name input keys (else item ids); ``dicom_compression``: of derived DICOM.
+    """
 
     storage: Storage
     input: str
@@ -178,6 +218,10 @@ class JobSpec:
     params: dict
     run_id: str
     threshold_db: float
+    max_input_pixels: int = 100_000_000
+    max_output_pixels: int = 400_000_000
+    log_keys: bool = False
+    dicom_compression: str = "none"
 
     @property
     def params_json(self) -> str:
@@ -185,53 +229,164 @@ class JobSpec:
 
 
 def _rel_key(spec: JobSpec, key: str) -> str:
-    rel = key[len(spec.input):].lstrip("/") if key.startswith(spec.input) else ""
-    return rel or posixpath.basename(key)
+    """The input's key below ``enhance.input``, normalised (the input's own name when the input is one file).
+
+    Raises ValueError for keys with ``..`` or absolute segments (see :func:`~medsr_dist.storage.relative_key`)."""
+    if key.rstrip("/") == spec.input.rstrip("/"):
+        return posixpath.basename(key.rstrip("/"))
+    return relative_key(key, spec.input)
+
+
+def key_ref(key: str) -> str:
+    """How logs name an input that has no item id yet: ``key-`` + 12 hex digits of its key's SHA-256."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def item_label(row: dict, log_keys: bool = False) -> str:
+    """How logs and progress name a row's item: its input key with ``log_keys``, else ``item <item id>`` (or the
+    :func:`key_ref` of its key before an item id exists). Keys often embed accession numbers or names."""
+    if log_keys:
+        return str(row.get("input_key") or row.get("key") or "")
+    iid = str(row.get("item_id") or "")
+    return f"item {iid}" if iid else key_ref(str(row.get("input_key") or row.get("key") or ""))
+
+
+#: DICOM attributes whose values must never reach a reason text or a log (also their PersonName components).
+PHI_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "OtherPatientIDs",
+                "OtherPatientNames", "OtherPatientIDsSequence", "PatientAddress", "PatientMotherBirthName",
+                "ReferringPhysicianName", "InstitutionName", "StudyID")
+
+
+def phi_values(data: bytes | None) -> set[str]:
+    """Identifier values held by a DICOM file's header (:data:`PHI_KEYWORDS`, person names also by component),
+    for :func:`sanitize_reason`; empty for anything pydicom cannot read. Reads the header only."""
+    if not data:
+        return set()
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(io.BytesIO(bytes(data)), stop_before_pixels=True, force=True)
+    except Exception:  # noqa: BLE001 - not DICOM, or unreadable: nothing of it can be named in a reason
+        return set()
+    found: set[str] = set()
+
+    def add(value) -> None:
+        if value is None:
+            return
+        if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+            for v in value:
+                add(v)
+            return
+        if isinstance(value, pydicom.Sequence):
+            for item in value:
+                for elem in item:
+                    add(elem.value)
+            return
+        text = str(value).strip()
+        if len(text) >= 2:
+            found.add(text)
+            found.update(p.strip() for p in text.replace("=", "^").split("^") if len(p.strip()) >= 2)
+
+    for keyword in PHI_KEYWORDS:
+        try:
+            add(ds.get(keyword))
+        except Exception:  # noqa: BLE001 - a damaged element: it is simply not named
+            continue
+    return found
+
+
+def sanitize_reason(text: str, *, key: str = "", secrets: set[str] | frozenset[str] = frozenset()) -> str:
+    """A reason fit for manifests' ``error`` column and for logs: the input's key (and its relative parts) and
+    every identifier value in ``secrets`` replaced (``<input>``, ``<redacted>``), at most
+    :data:`MAX_REASON_CHARS` characters. Decoders quote header values in their messages now and then."""
+    if key:
+        for spelling in sorted({key, key.rstrip("/"), posixpath.basename(key)} - {""}, key=len, reverse=True):
+            text = text.replace(spelling, "<input>")
+    for secret in sorted(secrets, key=len, reverse=True):
+        if secret:
+            text = text.replace(secret, "<redacted>")
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"
 
 
 class ReadDecode:
-    """Stage 1 (CPU tasks): ``{"key"}`` -> one row per key: pixels to enhance (``todo``), or ``skipped``/``error``.
+    """Stage 1 (CPU tasks): ``{"key"[, "size", "version"]}`` -> one row per key: pixels to enhance (``todo``),
+    or ``skipped``/``ignored``/``error``.
 
-    Output columns: key, item_id, input_sha256, input_bytes, input_format, output_key, status, error, record
-    (the existing item record, JSON, for ``skipped``), pixels ((H, W, C) float32 in [0, 1]), meta
-    (``ImageMeta`` JSON), header (DICOM header bytes or b""), seconds.
+    Order per key: normalise the key (``..``/absolute segments: error, nothing read), read, hash, probe the
+    header (``probe_image``: a DICOM without image is ``ignored``), refuse what exceeds ``max_input_pixels`` or,
+    at the job's outscale, ``max_output_pixels`` (frames counted; nothing decoded), skip what has a record and an
+    output, decode the rest.
+
+    Output columns: key, item_id, input_sha256, input_bytes, input_version, input_format, frames, output_key,
+    status, error, record (the existing item record, JSON, for ``skipped``), attempts, pixels ((F, H, W, C) float32
+    in [0, 1], F = frames, also 1), meta (``ImageMeta`` JSON), header (DICOM header bytes or b""), seconds.
+    ``attempts`` (optional input column): runs in which the item already killed its replica.
     """
 
     def __init__(self, spec: JobSpec):
         self.spec = spec
 
     def __call__(self, batch: dict) -> dict:
-        return _columns([self.one(str(key)) for key in batch["key"]])
+        keys = batch["key"]
+        sizes, versions, attempts = batch.get("size"), batch.get("version"), batch.get("attempts")
+        return _columns([self.one(str(key), -1 if sizes is None else int(sizes[i]),
+                                  "" if versions is None else str(versions[i]),
+                                  0 if attempts is None else int(attempts[i]))
+                         for i, key in enumerate(keys)])
 
-    def one(self, key: str) -> dict:
-        from medsr_dist.io.image import decode_image, detect_format, output_extension
+    def one(self, key: str, size: int = -1, version: str = "", attempts: int = 0) -> dict:
+        from medsr_dist.io.image import NotAnImageObject, decode_image, output_extension, probe_image
 
         spec = self.spec
-        row = {"key": key, "item_id": "", "input_sha256": "", "input_bytes": 0, "input_format": "", "output_key": "",
-               "status": "todo", "error": "", "record": "", "pixels": NO_PIXELS, "meta": "", "header": b"",
-               "seconds": 0.0}
+        row = {"key": key, "item_id": "", "input_sha256": "", "input_bytes": max(size, 0), "input_version": version,
+               "input_format": "", "frames": 0, "output_key": "", "status": "todo", "error": "", "record": "",
+               "attempts": attempts, "pixels": NO_PIXELS, "meta": "", "header": b"", "seconds": 0.0}
         t0 = time.perf_counter()
+        data = None
         try:
+            rel = _rel_key(spec, key)
             data = spec.storage.read_bytes(key)
             row["input_sha256"], row["input_bytes"] = hashlib.sha256(data).hexdigest(), len(data)
-            fmt = detect_format(data) if data else None
-            row["input_format"] = fmt or ""
-            if fmt is not None:
-                rel = _rel_key(spec, key)
-                oid = output_id(row["input_sha256"], spec.model.sha256, spec.params)
-                row["item_id"] = item_id(rel, oid)
-                row["output_key"] = output_key_for(spec.output, rel, oid, output_extension(fmt))
-                record_uri = item_record_uri(spec.output, row["item_id"])
-                # done = a record and its output (an output deleted since is made again)
-                if spec.storage.exists(record_uri) and spec.storage.exists(row["output_key"]):
-                    row.update(status="skipped", record=spec.storage.read_bytes(record_uri).decode())
-            if row["status"] == "todo":
-                img = decode_image(data, key)  # raises ImageDecodeError naming the reason (also for fmt None)
-                row.update(pixels=img.pixels, meta=img.meta.to_json(), header=img.header or b"")
-        except Exception as exc:  # noqa: BLE001 - becomes an error row naming the file
+            # header only: a 400 kB PNG can say 20000 x 20000, and a DICOM can be a structured report
+            probe = probe_image(data, "input")
+            row["input_format"], row["frames"] = probe.format, probe.frames
+            oid = output_id(row["input_sha256"], spec.model.sha256, spec.params)
+            row["item_id"] = item_id(rel, oid)
+            row["output_key"] = output_key_for(spec.output, rel, oid, output_extension(probe.format))
+            if not is_under(row["output_key"], spec.output):  # by construction; asserted because it must never fail
+                raise ValueError(f"output key {row['output_key']} is not under the output prefix {spec.output}")
+            record_uri = item_record_uri(spec.output, row["item_id"])
+            # done = a record and its output (an output deleted since is made again)
+            if spec.storage.exists(record_uri) and spec.storage.exists(row["output_key"]):
+                row.update(status="skipped", record=spec.storage.read_bytes(record_uri).decode())
+            else:
+                self._check_limits(probe)
+                img = decode_image(data, "input")
+                pixels = img.pixels if img.pixels.ndim == 4 else img.pixels[None]
+                row.update(pixels=pixels, meta=img.meta.to_json(), header=img.header or b"", frames=len(pixels))
+        except NotAnImageObject as exc:
+            row.update(status="ignored", error=exc.reason, pixels=NO_PIXELS, output_key="", item_id="")
+        except Exception as exc:  # noqa: BLE001 - becomes an error row naming the reason
             row.update(status="error", error=_reason(exc), pixels=NO_PIXELS)
+        if row["error"]:
+            row["error"] = sanitize_reason(row["error"], key=key, secrets=phi_values(data))
         row["seconds"] = time.perf_counter() - t0
         return row
+
+    def _check_limits(self, probe) -> None:
+        from medsr_dist.io.image import ImageDecodeError
+
+        spec, scale = self.spec, float(self.spec.params["outscale"])
+        frames = f" x {probe.frames} frames" if probe.frames > 1 else ""
+        if probe.pixels > spec.max_input_pixels:
+            raise ImageDecodeError("input", f"{probe.height} x {probe.width}{frames} = {probe.pixels:,} pixels exceeds "
+                                            f"enhance.max_input_pixels {spec.max_input_pixels:,}; not decoded")
+        out_h, out_w = max(1, round(probe.height * scale)), max(1, round(probe.width * scale))
+        out_pixels = probe.frames * out_h * out_w
+        if out_pixels > spec.max_output_pixels:
+            raise ImageDecodeError("input", f"output at x{scale:g} would be {out_h} x {out_w}{frames} = {out_pixels:,} "
+                                            f"pixels, over enhance.max_output_pixels {spec.max_output_pixels:,}; "
+                                            f"not decoded")
 
 
 def _reason(exc: BaseException) -> str:
@@ -254,7 +409,7 @@ def quantize(image: np.ndarray, maxval: int, *, in_place: bool = False) -> np.nd
     writes for ``p``, and ``q / maxval`` encodes to ``q`` again (float32 error << 0.5 for maxval <= 65535).
 
     ``in_place=True`` reuses a writable float32 ``image`` as scratch (it is overwritten), saving a full-size float
-    copy: 256 MB for a 2048 x 2048 input at x4."""
+    copy: 256 MB for a 2048 x 2048 input at x4. NaN would become 0 here: check :func:`non_finite` first."""
     if image.ndim == 2:
         image = image[:, :, None]
     if in_place and image.dtype == np.float32 and image.flags.writeable:
@@ -265,12 +420,49 @@ def quantize(image: np.ndarray, maxval: int, *, in_place: bool = False) -> np.nd
     return np.rint(q, out=q).astype(np.uint16)
 
 
+def non_finite(image: np.ndarray) -> int:
+    """How many values of a float image are NaN or +-Inf (0 for a usable model output). A float64 sum answers the
+    usual case without a full-size boolean temporary; only a failing image is counted element by element."""
+    if math.isfinite(float(np.sum(image, dtype=np.float64))):
+        return 0
+    flat = image.reshape(-1)
+    step = 1 << 22
+    return int(sum(np.count_nonzero(~np.isfinite(flat[i:i + step])) for i in range(0, flat.size, step)))
+
+
+#: Messages of errors after which a CUDA context (and so the process) is unusable: cudaErrorIllegalAddress,
+#: device-side asserts, launch failures, ECC errors, cuBLAS/cuDNN execution failures, NCCL, ONNX Runtime's CUDA EP.
+FATAL_DEVICE_MARKERS = (
+    "cuda error", "cudaerror", "cuda failure", "cudnn failure", "cublas_status_execution_failed",
+    "cublas_status_internal_error", "cudnn_status_execution_failed", "cudnn_status_internal_error",
+    "cudnn_status_mapping_error", "device-side assert", "illegal memory access", "unspecified launch failure",
+    "misaligned address", "illegal instruction", "uncorrectable ecc error", "nccl error", "cuda driver",
+)
+
+
+def is_fatal_device_error(exc: BaseException) -> bool:
+    """Whether ``exc`` leaves the GPU context unusable, so the replica must restart rather than go on with the
+    next image: torch's ``AcceleratorError`` and the CUDA/cuDNN/cuBLAS/NCCL failures of :data:`FATAL_DEVICE_MARKERS`
+    (by type name and message: works without a GPU and for any runtime). Out-of-memory is not fatal (the next,
+    smaller image may fit); nor is anything else (a bad image fails alone)."""
+    names = {t.__name__ for t in type(exc).__mro__}
+    text = str(exc).lower()
+    if "OutOfMemoryError" in names or "out of memory" in text:
+        return False
+    if "AcceleratorError" in names:
+        return True
+    return any(marker in text for marker in FATAL_DEVICE_MARKERS)
+
+
 class EnhanceReplica:
     """Stage 2 (actor pool): one model replica running the tiled engine on every ``todo`` row.
 
     Yields the batch's skipped/error rows at once, then each image as soon as it is done (so only the image being
-    blended and the current tile batch are held, not the whole batch's outputs). Adds the column ``output``:
-    (H*s, W*s, C) uint16 stored values (see :func:`quantize`), and turns rows whose inference failed into errors.
+    blended and the current tile batch are held, not the whole batch's outputs). Every frame of a multi-frame row
+    goes through the engine like an image of its own (tiles batched across frames and images) and is restacked.
+    Adds the column ``output``: (F, H*s, W*s, C) uint16 stored values (see :func:`quantize`), and turns rows whose
+    inference failed or gave NaN/Inf into errors. A fatal device error (:func:`is_fatal_device_error`) ends this
+    process (exit :data:`FATAL_DEVICE_EXIT`) so that Ray restarts the actor; the job retries its batch alone.
     """
 
     def __init__(self, model: ModelFile, storage_cfg: StorageConfig, e: EnhanceConfig, precision: str | None = None):
@@ -290,11 +482,10 @@ class EnhanceReplica:
         batch_size = e.batch_size or auto_batch_size(self.backend)
         self.spec = TileSpec(tile=e.tile, overlap=e.tile_overlap, blend=e.tile_blend, batch_size=batch_size)
         self.outscale = e.outscale
+        self.log_keys = bool(getattr(e, "log_keys", False))
         log.info("model replica ready: %r, %s", self.backend, self.spec)
 
     def __call__(self, batch: dict) -> Iterator[dict]:
-        from medsr_dist.infer.engine import enhance_many
-
         rows = _rows(batch)
         for row in rows:
             row["output"] = NO_OUTPUT
@@ -303,28 +494,61 @@ class EnhanceReplica:
         if passing:
             yield _columns([self._drop_pixels(r) for r in passing])
         done = 0
-        t0 = time.perf_counter()
         try:
-            for row, out in zip(todo, enhance_many(self.backend, (r["pixels"] for r in todo), self.spec,
-                                                   outscale=self.outscale)):
-                row["output"] = quantize(out, stored_maxval(str(row["meta"])), in_place=True)
-                del out
-                row["seconds"] = float(row["seconds"]) + time.perf_counter() - t0
+            for row in self._enhance(todo):
                 done += 1
                 yield _columns([row])
-                t0 = time.perf_counter()
         except Exception as exc:  # noqa: BLE001 - retry the rest one by one, so one bad image fails alone
-            log.warning("batch inference failed (%s: %s); retrying image by image", type(exc).__name__, exc)
+            self._restart_if_fatal(exc, todo[done] if done < len(todo) else {})
+            log.warning("batch inference failed (%s); retrying image by image", type(exc).__name__)
             for row in todo[done:]:
-                t0 = time.perf_counter()
                 try:
-                    out = next(enhance_many(self.backend, [row["pixels"]], self.spec, outscale=self.outscale))
-                    row["output"] = quantize(out, stored_maxval(str(row["meta"])))
+                    (row,) = list(self._enhance([row]))
                 except Exception as one_exc:  # noqa: BLE001
-                    row.update(status="error", error=f"inference failed: {type(one_exc).__name__}: {one_exc}")
+                    self._restart_if_fatal(one_exc, row)
+                    row.update(status="error", error=sanitize_reason(
+                        f"inference failed: {type(one_exc).__name__}: {one_exc}", key=str(row["key"])))
                     row = self._drop_pixels(row)
-                row["seconds"] = float(row["seconds"]) + time.perf_counter() - t0
                 yield _columns([row])
+
+    def _enhance(self, rows: list[dict]) -> Iterator[dict]:
+        """Each row enhanced (all its frames; tiles batched across frames and rows), in order, as it completes."""
+        from medsr_dist.infer.engine import enhance_many
+
+        order = [(i, f) for i, row in enumerate(rows) for f in range(len(row["pixels"]))]
+        frames = (rows[i]["pixels"][f] for i, f in order)
+        t0 = time.perf_counter()
+        bad = 0
+        for (i, f), out in zip(order, enhance_many(self.backend, frames, self.spec, outscale=self.outscale)):
+            row = rows[i]
+            n_frames = len(row["pixels"])
+            bad += non_finite(out)
+            if f == 0:
+                row["output"] = np.empty((n_frames, out.shape[0], out.shape[1], row["pixels"].shape[-1]), np.uint16)
+            if not bad:
+                row["output"][f] = quantize(out, stored_maxval(str(row["meta"])), in_place=True)
+            del out
+            if f == n_frames - 1:
+                if bad:  # NaN/Inf would be written as black: nothing is written
+                    log.warning("%s: the model output %d non-finite values", item_label(row, self.log_keys), bad)
+                    row.update(status="error", error=f"the model output {bad:,} non-finite values (NaN/Inf); "
+                                                     f"nothing written")
+                    row = self._drop_pixels(row)
+                    row["output"] = NO_OUTPUT
+                row["seconds"] = float(row["seconds"]) + time.perf_counter() - t0
+                bad = 0
+                yield row
+                t0 = time.perf_counter()
+
+    def _restart_if_fatal(self, exc: BaseException, row: dict) -> None:
+        if is_fatal_device_error(exc):
+            log.error("fatal device error on %s (%s); ending this replica so Ray starts a fresh one",
+                      item_label(row, self.log_keys) if row else "a batch", type(exc).__name__)
+            self._restart()
+
+    def _restart(self) -> None:  # pragma: no cover - ends the process; tests replace it
+        logging.shutdown()
+        os._exit(FATAL_DEVICE_EXIT)
 
     @staticmethod
     def _drop_pixels(row: dict) -> dict:
@@ -351,9 +575,12 @@ class EncodeCommit:
 
     def one(self, item: dict) -> dict:
         spec, status = self.spec, str(item["status"])
+        listed = {"input_version": str(item.get("input_version", "")), "attempts": int(item.get("attempts", 0))}
         if status == "skipped":
             try:
-                return {**_manifest_row(json.loads(str(item["record"]))), "status": "skipped"}
+                record = _manifest_row(json.loads(str(item["record"])))
+                return {**record, "status": "skipped", "input_version": listed["input_version"] or
+                        record["input_version"], "input_bytes": int(item["input_bytes"]) or record["input_bytes"]}
             except Exception as exc:  # noqa: BLE001 - an unreadable record: report, the next run redoes it
                 status, item = "error", {**item, "error": f"unreadable item record: {_reason(exc)}"}
         row = _manifest_row({
@@ -361,17 +588,22 @@ class EncodeCommit:
             "item_id": str(item["item_id"]), "status": status, "error": str(item["error"]),
             "model_name": spec.model.name, "model_sha256": spec.model.sha256, "params": spec.params_json,
             "input_format": str(item["input_format"]), "input_bytes": int(item["input_bytes"]),
-            "seconds": float(item["seconds"]), "run_id": spec.run_id,
+            "frames": int(item.get("frames", 0)), "seconds": float(item["seconds"]), "run_id": spec.run_id, **listed,
         })
         if status == "todo":
             t0 = time.perf_counter()
             try:
                 row.update(self._commit(item, row))
             except Exception as exc:  # noqa: BLE001 - the output may exist without a record: the next run redoes it
-                row.update(status="error", error=f"encode/write failed: {_reason(exc)}")
+                row.update(status="error", error=sanitize_reason(
+                    f"encode/write failed: {_reason(exc)}", key=row["input_key"],
+                    secrets=phi_values(bytes(item["header"]) or None)))
             row["seconds"] += time.perf_counter() - t0
         if row["status"] != "done":
             row["output_key"] = ""  # nothing was (completely) written for this row
+            row["attempts"] = listed["attempts"]
+        else:
+            row["attempts"] = 0
         row["finished_at"] = _now()
         return row
 
@@ -379,21 +611,28 @@ class EncodeCommit:
         from medsr_dist.io.image import ImageMeta, encode_image
 
         spec = self.spec
-        src = np.asarray(item["pixels"])
+        src = np.asarray(item["pixels"])  # (F, H, W, C)
         meta = ImageMeta.from_json(str(item["meta"]))
-        out = np.asarray(item["output"]).astype(np.float32) / np.float32(meta.maxval)
+        out = np.asarray(item["output"]).astype(np.float32) / np.float32(meta.maxval)  # (F, H', W', C)
+        if out.shape[0] != src.shape[0] or out.ndim != 4:
+            raise ValueError(f"the replica returned {out.shape[0]} frames for {src.shape[0]}")
+        if not is_under(row["output_key"], spec.output):
+            raise ValueError(f"output key {row['output_key']} is not under the output prefix {spec.output}")
         nominal = spec.params["outscale"]
         provenance = self.provenance(row["input_key"], row["input_sha256"], f"{nominal:g}")
         # the grid got finer by exactly this much (rounding of non-integer outscales included)
-        scale = out.shape[0] / src.shape[0]
-        data = encode_image(out, meta, bytes(item["header"]) or None, scale=scale, provenance=provenance)
+        scale = out.shape[1] / src.shape[1]
+        frames = out if getattr(meta, "frames", 1) > 1 else out[0]
+        kwargs = {"dicom_compression": spec.dicom_compression} if spec.dicom_compression != "none" else {}
+        data = encode_image(frames, meta, bytes(item["header"]) or None, scale=scale, provenance=provenance, **kwargs)
         spec.storage.write_bytes(row["output_key"], data)  # atomic
         score = consistency_psnr(out, src)
         done = {
             "status": "done", "provenance": json.dumps(provenance, sort_keys=True), "bits_stored": meta.bits_stored,
-            "channels": meta.channels, "output_bytes": len(data), "input_height": src.shape[0],
-            "input_width": src.shape[1], "output_height": out.shape[0], "output_width": out.shape[1],
+            "channels": meta.channels, "output_bytes": len(data), "input_height": src.shape[1],
+            "input_width": src.shape[2], "output_height": out.shape[1], "output_width": out.shape[2],
             "consistency_psnr_db": score, "flagged": bool(score < spec.threshold_db), "finished_at": _now(),
+            "frames": int(src.shape[0]),
         }
         record = {**row, **done, "seconds": row["seconds"]}
         # written only after the output is complete: its presence means "done"
@@ -439,22 +678,35 @@ def read_manifest(storage: Storage, uri: str) -> list[dict]:
 
 
 def merge_cumulative(storage: Storage, output_prefix: str, run_rows: list[dict]) -> list[dict]:
-    """The cumulative manifest after a run: one row per completed output (by item id), newest wins.
+    """The cumulative manifest after a run: one row per completed output (by item id), newest wins, plus the
+    ledger: one row per input key whose latest outcome was ``ignored``, ``quarantined`` or a replica-killing
+    ``error`` (``attempts`` > 0) — what the next run needs to leave an unchanged input alone.
 
     Starts from the previous ``manifest.parquet`` (rebuilt from the item records if it is missing or unreadable),
-    adds this run's ``done`` rows, and reads the records of any item the two do not know (outputs of a killed run
-    that this run did not list again) — so a listing of the records, not a read of each, is the usual cost.
+    adds this run's ``done`` rows (``skipped`` rows refresh their output's size/version), and reads the records of
+    any item the two do not know (outputs of a killed run that this run did not list again) — so a listing of the
+    records, not a read of each, is the usual cost.
     """
     uri = manifest_uri(output_prefix)
     known: dict[str, dict] = {}
+    ledger: dict[str, dict] = {}
     if storage.exists(uri):
         try:
-            known = {r["item_id"]: r for r in read_manifest(storage, uri) if r["item_id"]}
+            for r in read_manifest(storage, uri):
+                if r["status"] == "done" and r["item_id"]:
+                    known[r["item_id"]] = r
+                elif r["status"] in LEDGER_STATUSES or r["attempts"]:
+                    ledger[r["input_key"]] = r
         except Exception as exc:  # noqa: BLE001 - rebuilt below from the records
-            log.warning("cumulative manifest %s unreadable (%s); rebuilding it from the item records", uri, exc)
+            log.warning("cumulative manifest unreadable (%s); rebuilding it from the item records", type(exc).__name__)
     for row in run_rows:
-        if row["status"] == "done":
-            known[row["item_id"]] = row
+        if row["status"] in ("done", "skipped") and row["item_id"]:
+            known[row["item_id"]] = {**row, "status": "done"}
+            ledger.pop(row["input_key"], None)
+        elif row["status"] in LEDGER_STATUSES or (row["status"] == "error" and row["attempts"]):
+            ledger[row["input_key"]] = row
+        elif row["status"] == "error":
+            ledger.pop(row["input_key"], None)  # changed since, and now failing for another reason
     items_dir = Storage.join(output_prefix, MANIFEST_DIR, "items")
     if storage.exists(items_dir):
         for record_uri in storage.list_files(items_dir, include=["*.json"]):
@@ -463,14 +715,20 @@ def merge_cumulative(storage: Storage, output_prefix: str, run_rows: list[dict])
                 try:
                     known[iid] = _manifest_row(json.loads(storage.read_bytes(record_uri)))
                 except Exception as exc:  # noqa: BLE001
-                    log.warning("item record %s unreadable (%s); left out of the manifest", record_uri, exc)
-    return sorted(known.values(), key=lambda r: (r["input_key"], r["finished_at"]))
+                    log.warning("item record of item %s unreadable (%s); left out of the manifest", iid,
+                                type(exc).__name__)
+    return sorted([*known.values(), *ledger.values()], key=lambda r: (r["input_key"], r["finished_at"]))
+
+
+#: Statuses the cumulative manifest keeps per input key, so that an unchanged input is not read again.
+LEDGER_STATUSES = ("ignored", "quarantined")
 
 
 def remove_stale_partials(storage: Storage, output_prefix: str) -> list[str]:
     """Delete in-flight temp files that a killed run left under a local output prefix; returns their paths.
 
-    Object stores need nothing: an upload that never completed leaves no visible object.
+    Call only while holding the prefix's lease: a live run's temp files look the same. Object stores need
+    nothing: an upload that never completed leaves no visible object.
     """
     if "://" in output_prefix and not output_prefix.startswith("file://"):
         return []
@@ -524,94 +782,230 @@ class EnhanceResult:
     rows: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     input_pixels: int = 0  # of the items enhanced in this run
+    log_keys: bool = False
 
     @property
     def n_errors(self) -> int:
         return self.counts.get("error", 0)
 
+    def label(self, row: dict) -> str:
+        """How to name ``row``'s item in logs (see :func:`item_label`)."""
+        return item_label(row, self.log_keys)
 
-def list_inputs(storage: Storage, e: EnhanceConfig) -> list[str]:
-    """Input keys: files under ``enhance.input`` matching include/exclude, minus anything under the output prefix."""
-    out = e.output.rstrip("/") + "/"
-    keys = [k for k in storage.list_files(e.input, include=e.include, exclude=e.exclude) if not k.startswith(out)]
-    if not keys:
+
+def list_inputs(storage: Storage, e: EnhanceConfig) -> list[FileEntry]:
+    """Input files under ``enhance.input`` matching include/exclude, with size and version, minus anything under
+    the output prefix — however either prefix is spelled (``file://`` or a plain path, ``./``, trailing ``/``).
+
+    Raises:
+        ValueError: the input lies inside the output prefix.
+        FileNotFoundError: nothing to enhance.
+    """
+    if is_under(e.input, e.output):
+        raise ValueError(f"enhance.input {e.input} lies inside enhance.output {e.output}: outputs would be "
+                         f"enhanced again; choose an output prefix outside the archive's input")
+    entries = [f for f in storage.list_entries(e.input, include=e.include, exclude=e.exclude)
+               if not is_under(f.uri, e.output)]
+    if not entries:
         raise FileNotFoundError(f"enhance.input: no files under {e.input} match include={e.include} exclude={e.exclude}")
-    return keys
+    return entries
+
+
+@dataclass
+class _Plan:
+    """What the driver decided per listed input before any Ray work."""
+
+    rows: list[dict]  # finished without Ray: skipped from the index, quarantined, ignored, refused keys
+    todo: list[dict]  # {"key", "size", "version", "attempts"} for the pipeline, batch-mates allowed
+    alone: list[dict]  # the same, for inputs that killed a replica before: one per block from the start
+
+
+def plan_run(storage: Storage, spec: JobSpec, entries: list[FileEntry]) -> _Plan:
+    """Sort listed inputs by what the cumulative manifest knows of them, reading no input.
+
+    An input whose (key, size, version) matches a ``done`` row of this model and parameters whose output is
+    still listed is ``skipped``; one matching a ``quarantined`` or ``ignored`` row keeps that status; one
+    matching an ``error`` row with attempts goes to the pipeline alone with its count; every other input
+    (new, changed, or indexed by an older manifest without versions) goes to the pipeline, which hashes it.
+    """
+    done: dict[str, list[dict]] = {}
+    ledger: dict[str, dict] = {}
+    uri = manifest_uri(spec.output)
+    if storage.exists(uri):
+        try:
+            for r in read_manifest(storage, uri):
+                if r["status"] == "done":
+                    done.setdefault(r["input_key"], []).append(r)
+                elif r["status"] in LEDGER_STATUSES or r["attempts"]:
+                    ledger[r["input_key"]] = r
+        except Exception as exc:  # noqa: BLE001 - every input is then hashed, as on a first night
+            log.warning("cumulative manifest unreadable (%s); every input is read again", type(exc).__name__)
+    outputs = set(storage.list_files(spec.output)) if done else set()
+    plan = _Plan([], [], [])
+    for entry in entries:
+        key, base = entry.uri, {"key": entry.uri, "size": entry.size, "version": entry.version, "attempts": 0}
+        unchanged = lambda r: r["input_version"] == entry.version and r["input_bytes"] == entry.size  # noqa: E731
+        try:
+            rel = _rel_key(spec, key)
+        except ValueError as exc:
+            plan.rows.append(_manifest_row({
+                "input_key": key, "status": "error", "error": sanitize_reason(str(exc), key=key), "run_id": spec.run_id,
+                "model_name": spec.model.name, "model_sha256": spec.model.sha256, "params": spec.params_json,
+                "input_bytes": entry.size, "input_version": entry.version, "finished_at": _now()}))
+            continue
+        hit = next((r for r in done.get(key, []) if unchanged(r) and r["output_key"] in outputs
+                    and item_record_uri(spec.output, r["item_id"]) in outputs
+                    and r["item_id"] == item_id(rel, output_id(r["input_sha256"], spec.model.sha256, spec.params))),
+                   None)
+        known = ledger.get(key)
+        if hit is not None:
+            plan.rows.append({**hit, "status": "skipped"})
+        elif known is not None and unchanged(known) and known["status"] in LEDGER_STATUSES:
+            plan.rows.append({**known, "run_id": spec.run_id, "finished_at": _now()})
+        elif known is not None and unchanged(known) and known["attempts"]:
+            plan.alone.append({**base, "attempts": int(known["attempts"])})
+        else:
+            plan.todo.append(base)
+    return plan
 
 
 def run_enhance_job(
     cfg: MedsrConfig, storage: Storage | None = None, progress: Callable[[EnhanceProgress], None] | None = None
 ) -> EnhanceResult:
-    """Enhance ``enhance.input`` into ``enhance.output`` (Ray must be initialised).
+    """Enhance ``enhance.input`` into ``enhance.output`` (Ray must be initialised when there is work to do).
 
     ``progress`` is called after every finished item. Raises before any Ray work when the model, its backend or
-    the input listing is unusable (FileNotFoundError / ValueError naming the key).
+    the input listing is unusable (FileNotFoundError / ValueError naming the key), and
+    :class:`~medsr_dist.storage.LeaseHeldError` when another run holds the output prefix (nothing is touched).
     """
-    import ray
-
-    from medsr_dist.runtime import cluster_has_gpus
-
     t_start = time.perf_counter()
     storage = storage or Storage(cfg.storage)
     e = cfg.enhance
     model = read_model_file(e.checkpoint, cfg.storage, onnx_uri=e.onnx_model)
     build_model_backend(model, e.backend, storage, device="cpu")  # a bad model or export fails here, not in every replica
-    gpu = cluster_has_gpus()
-    precision = runnable_precision(e.backend, e.precision, gpu=gpu)
-    if precision != e.precision:
-        log.warning("enhance.precision %s: %s replicas run %s; outputs record %s", e.precision,
-                    "GPU" if gpu else "CPU", precision, precision)
-    params = enhance_params(e, model, precision=precision)
-    keys = list_inputs(storage, e)
+    entries = list_inputs(storage, e)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    for path in remove_stale_partials(storage, e.output):
-        log.warning("removed a temp file left by a killed run: %s", path)
+    output = e.output.rstrip("/")
+    lease = Lease.acquire(storage, Storage.join(output, MANIFEST_DIR, LEASE_FILE), run_id, e.lease_ttl_s)
+    lease.keep_alive()
+    try:
+        return _run_leased(cfg, storage, model, entries, run_id, lease, progress, t_start)
+    finally:
+        lease.release()
+
+
+def _run_leased(cfg, storage, model, entries, run_id, lease, progress, t_start) -> EnhanceResult:
+    e = cfg.enhance
+    removed = remove_stale_partials(storage, e.output)
+    if removed:
+        log.warning("removed %d temp file(s) left by a killed run%s", len(removed),
+                    (": " + ", ".join(removed)) if e.log_keys else "")
+    gpu, precision = _precision(e)
+    params = enhance_params(e, model, precision=precision)
     spec = JobSpec(storage=storage, input=e.input.rstrip("/"), output=e.output.rstrip("/"), model=model, params=params,
-                   run_id=run_id, threshold_db=e.consistency_threshold_db)
-
-    ds = ray.data.from_items([{"key": k} for k in keys],
-                             override_num_blocks=max(1, min(math.ceil(len(keys) / e.images_per_batch), 20_000)))
-    ds = ds.map_batches(ReadDecode(spec), batch_size=None, num_cpus=0.5)
-    ds = ds.map_batches(EnhanceReplica, fn_constructor_args=(model, cfg.storage, e, precision), batch_size=e.images_per_batch,
-                        compute=ray.data.ActorPoolStrategy(min_size=e.min_replicas, max_size=e.max_replicas),
-                        num_gpus=1 if gpu else 0, num_cpus=1 if gpu else e.cpus_per_replica)
-    ds = ds.map_batches(EncodeCommit(spec), batch_size=1, num_cpus=0.5)
-
-    ctx = ray.data.DataContext.get_current()
-    saved_errored = ctx.max_errored_blocks
-    ctx.max_errored_blocks = -1  # a crashed worker loses its block's rows, reported below, not the whole run
+                   run_id=run_id, threshold_db=e.consistency_threshold_db, max_input_pixels=e.max_input_pixels,
+                   max_output_pixels=e.max_output_pixels, log_keys=e.log_keys,
+                   dicom_compression=str(getattr(e, "dicom_compression", "none") or "none"))
+    plan = plan_run(storage, spec, entries)
     rows: list[dict] = []
     counts: dict[str, int] = {}
     pixels = 0
     t_run = time.perf_counter()
-    try:
-        for raw in ds.iter_rows():
-            row = _manifest_row({k: _plain(v) for k, v in raw.items()})
-            rows.append(row)
-            counts[row["status"]] = counts.get(row["status"], 0) + 1
-            if row["status"] == "done":
-                pixels += row["input_height"] * row["input_width"]
-            if progress is not None:
-                progress(EnhanceProgress(len(keys), dict(counts), pixels, time.perf_counter() - t_run))
-    finally:
-        ctx.max_errored_blocks = saved_errored
-    seen = {r["input_key"] for r in rows}
-    for key in keys:
-        if key not in seen:
-            rows.append(_manifest_row({
-                "input_key": key, "status": "error", "model_name": model.name, "model_sha256": model.sha256,
-                "params": spec.params_json, "run_id": run_id, "finished_at": _now(),
-                "error": "no result: the worker processing it failed (crash or out of memory); the next run retries it",
-            }))
-            counts["error"] = counts.get("error", 0) + 1
+
+    def finished(row: dict) -> None:
+        nonlocal pixels
+        rows.append(row)
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+        if row["status"] == "done":
+            pixels += row["input_height"] * row["input_width"] * max(row["frames"], 1)
+        if row["status"] in ("error", "quarantined"):
+            log.info("%s: %s: %s", item_label(row, e.log_keys), row["status"], row["error"])
+        if progress is not None:
+            progress(EnhanceProgress(len(entries), dict(counts), pixels, time.perf_counter() - t_run))
+
+    for row in plan.rows:
+        finished(row)
+    lost = _run_pipeline(cfg, spec, model, precision, gpu, plan.todo, finished, alone=False)
+    if lost:
+        log.warning("%d item(s) lost with a model replica that died; retrying each alone", len(lost))
+    lost = _run_pipeline(cfg, spec, model, precision, gpu, lost + plan.alone, finished, alone=True)
+    for item in lost:
+        attempts = int(item["attempts"]) + 1
+        quarantined = attempts >= e.max_attempts
+        reason = (f"quarantined: killed its model replica in {attempts} runs (enhance.max_attempts "
+                  f"{e.max_attempts}); last: {CRASH_REASON}; not tried again until it changes" if quarantined
+                  else f"{CRASH_REASON} (run {attempts} of enhance.max_attempts {e.max_attempts}; the next run "
+                       f"tries it alone again)")
+        finished(_manifest_row({
+            "input_key": item["key"], "status": "quarantined" if quarantined else "error", "error": reason,
+            "model_name": model.name, "model_sha256": model.sha256, "params": spec.params_json, "run_id": run_id,
+            "input_bytes": int(item["size"]), "input_version": str(item["version"]), "attempts": attempts,
+            "finished_at": _now()}))
     rows.sort(key=lambda r: r["input_key"])
 
     run_manifest = run_manifest_uri(spec.output, run_id)
     write_manifest(storage, run_manifest, rows)
     cumulative = manifest_uri(spec.output)
+    lease.refresh()  # still ours? (raises LeaseLostError: the cumulative manifest is the new holder's to write)
     write_manifest(storage, cumulative, merge_cumulative(storage, spec.output, rows))
     return EnhanceResult(output=e.output, manifest=cumulative, run_manifest=run_manifest, counts=counts, rows=rows,
-                         seconds=time.perf_counter() - t_start, input_pixels=pixels)
+                         seconds=time.perf_counter() - t_start, input_pixels=pixels, log_keys=e.log_keys)
+
+
+def _precision(e: EnhanceConfig) -> tuple[bool, str]:
+    """(cluster has GPUs, the precision its replicas run); Ray is started by then."""
+    from medsr_dist.runtime import cluster_has_gpus
+
+    gpu = cluster_has_gpus()
+    precision = runnable_precision(e.backend, e.precision, gpu=gpu)
+    if precision != e.precision:
+        log.warning("enhance.precision %s: %s replicas run %s; outputs record %s", e.precision,
+                    "GPU" if gpu else "CPU", precision, precision)
+    return gpu, precision
+
+
+def _run_pipeline(cfg, spec: JobSpec, model: ModelFile, precision: str, gpu: bool, items: list[dict],
+                  finished: Callable[[dict], None], *, alone: bool) -> list[dict]:
+    """ReadDecode -> EnhanceReplica -> EncodeCommit over ``items``; each finished row goes to ``finished``.
+    Returns the items whose rows never came back (their block's replica died). ``alone``: one item per block
+    and per replica batch, so that a replica that dies takes no batch-mate with it."""
+    import ray
+
+    if not items:
+        return []
+    e = cfg.enhance
+    per_batch = 1 if alone else e.images_per_batch
+    ctx = ray.data.DataContext.get_current()
+    saved_errored = ctx.max_errored_blocks
+    # A crashed replica loses its block's rows (retried alone, or counted, by the caller), not the whole run. Set
+    # before the dataset exists: a Dataset keeps a copy of the context it was created under.
+    ctx.max_errored_blocks = -1
+    try:
+        return _iterate(cfg, spec, model, precision, gpu, items, finished, per_batch)
+    finally:
+        ctx.max_errored_blocks = saved_errored
+
+
+def _iterate(cfg, spec, model, precision, gpu, items, finished, per_batch) -> list[dict]:
+    import ray
+
+    e = cfg.enhance
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(math.ceil(len(items) / per_batch), 20_000)))
+    ds = ds.map_batches(ReadDecode(spec), batch_size=None, num_cpus=0.5)
+    # A dead replica is restarted (max_restarts) but its task is not retried (max_task_retries=0): Ray Data's
+    # default (retry forever) would feed a poison image to fresh replicas without end. Its rows come back lost.
+    ds = ds.map_batches(EnhanceReplica, fn_constructor_args=(model, cfg.storage, e, precision), batch_size=per_batch,
+                        compute=ray.data.ActorPoolStrategy(min_size=e.min_replicas, max_size=e.max_replicas),
+                        num_gpus=1 if gpu else 0, num_cpus=1 if gpu else e.cpus_per_replica,
+                        max_restarts=-1, max_task_retries=0)
+    ds = ds.map_batches(EncodeCommit(spec), batch_size=1, num_cpus=0.5)
+
+    seen: set[str] = set()
+    for raw in ds.iter_rows():
+        row = _manifest_row({k: _plain(v) for k, v in raw.items()})
+        seen.add(row["input_key"])
+        finished(row)
+    return [item for item in items if item["key"] not in seen]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -620,6 +1014,9 @@ def run_enhance_job(
 def manifest_summary(storage: Storage, output_prefix: str) -> dict:
     """What ``medsr status`` prints: totals of the cumulative manifest and of the latest run.
 
+    ``outputs`` counts completed outputs; ``ignored``/``quarantined`` count the inputs the cumulative manifest
+    keeps in those states. Listed items carry ``item_id``, ``key`` and their text (error reason or output key).
+
     Raises:
         FileNotFoundError: no manifest under ``output_prefix``.
     """
@@ -627,7 +1024,8 @@ def manifest_summary(storage: Storage, output_prefix: str) -> dict:
     uri = manifest_uri(output_prefix)
     if not storage.exists(uri):
         raise FileNotFoundError(f"no manifest at {uri}: has `medsr enhance` written to {output_prefix}?")
-    rows = read_manifest(storage, uri)
+    every = read_manifest(storage, uri)
+    rows = [r for r in every if r["status"] == "done"]
     runs_dir = Storage.join(output_prefix, MANIFEST_DIR, "runs")
     runs = storage.list_files(runs_dir, include=["*.parquet"]) if storage.exists(runs_dir) else []
     latest = read_manifest(storage, runs[-1]) if runs else []
@@ -644,6 +1042,8 @@ def manifest_summary(storage: Storage, output_prefix: str) -> dict:
         "output": output_prefix,
         "manifest": uri,
         "outputs": len(rows),
+        "ignored": sum(r["status"] == "ignored" for r in every),
+        "quarantined": sum(r["status"] == "quarantined" for r in every),
         "flagged": sum(bool(r["flagged"]) for r in rows),
         "input_bytes": sum(r["input_bytes"] or 0 for r in rows),
         "output_bytes": sum(r["output_bytes"] or 0 for r in rows),
@@ -653,17 +1053,28 @@ def manifest_summary(storage: Storage, output_prefix: str) -> dict:
         "latest_run": posixpath.basename(runs[-1])[: -len(".parquet")] if runs else None,
         "latest_run_manifest": runs[-1] if runs else None,
         "latest_counts": latest_counts,
-        "latest_errors": [(r["input_key"], r["error"]) for r in latest if r["status"] == "error"],
-        "flagged_outputs": [(r["output_key"], r["consistency_psnr_db"]) for r in rows if r["flagged"]],
+        "latest_errors": [_listed(r, r["error"]) for r in latest if r["status"] == "error"],
+        "quarantined_items": [_listed(r, r["error"]) for r in every if r["status"] == "quarantined"],
+        "flagged_outputs": [(*_listed(r, r["output_key"]), r["consistency_psnr_db"]) for r in rows if r["flagged"]],
     }
 
 
-def format_summary(summary: dict, max_listed: int = 10) -> str:
-    """Human-readable text of :func:`manifest_summary`."""
+def _listed(row: dict, text: str) -> tuple[str, str, str]:
+    return row["item_id"], row["input_key"], text
+
+
+def format_summary(summary: dict, max_listed: int = 10, *, log_keys: bool = False) -> str:
+    """Human-readable text of :func:`manifest_summary`. Items are named by item id (input keys, output keys
+    and reasons that name them only with ``log_keys``: keys often embed accession numbers)."""
     gib = 1 << 30
+
+    def name(iid: str, key: str) -> str:
+        return key if log_keys else item_label({"item_id": iid, "input_key": key})
+
     lines = [f"output prefix: {summary['output']}",
              f"outputs: {summary['outputs']} ({summary['input_bytes'] / gib:.3f} GiB in -> "
-             f"{summary['output_bytes'] / gib:.3f} GiB out), flagged for review: {summary['flagged']}"]
+             f"{summary['output_bytes'] / gib:.3f} GiB out), flagged for review: {summary['flagged']}",
+             f"inputs ignored (not images): {summary['ignored']}, quarantined: {summary['quarantined']}"]
     if summary["consistency_psnr_db"]:
         c = summary["consistency_psnr_db"]
         lines.append(f"consistency PSNR (dB): min {c['min']:.1f} · median {c['median']:.1f} · max {c['max']:.1f}")
@@ -672,12 +1083,14 @@ def format_summary(summary: dict, max_listed: int = 10) -> str:
     if summary["latest_run"]:
         counts = ", ".join(f"{s} {summary['latest_counts'].get(s, 0)}" for s in STATUSES)
         lines.append(f"runs: {summary['runs']}; latest {summary['latest_run']}: {counts}")
-        for key, error in summary["latest_errors"][:max_listed]:
-            lines.append(f"  error {key}: {error}")
+        for iid, key, error in summary["latest_errors"][:max_listed]:
+            lines.append(f"  error {name(iid, key)}: {error}")
         if len(summary["latest_errors"]) > max_listed:
             lines.append(f"  ... {len(summary['latest_errors']) - max_listed} more errors in {summary['latest_run_manifest']}")
-    for key, score in summary["flagged_outputs"][:max_listed]:
-        lines.append(f"  flagged {key}: consistency {score:.1f} dB")
+    for iid, key, error in summary["quarantined_items"][:max_listed]:
+        lines.append(f"  quarantined {name(iid, key)}: {error}")
+    for iid, key, output_key, score in summary["flagged_outputs"][:max_listed]:
+        lines.append(f"  flagged {output_key if log_keys else name(iid, key)}: consistency {score:.1f} dB")
     if len(summary["flagged_outputs"]) > max_listed:
         lines.append(f"  ... {len(summary['flagged_outputs']) - max_listed} more flagged in the manifest")
     lines.append(f"manifest: {summary['manifest']}")
