@@ -223,7 +223,8 @@ def test_stow_stores_a_derived_object_once_in_the_source_study(pacs_env):
     assert pacs.store_many([derived, derived]) == ["present", "present"]
     assert server.instance_count() == 2
     assert pacs.instances_in_series(ds.StudyInstanceUID, ds.SeriesInstanceUID) == {ds.SOPInstanceUID}
-    stored = [r for r in pacs.query() if r.series == ds.SeriesInstanceUID]
+    assert [r.sop for r in pacs.query()] == [src.SOPInstanceUID]  # derived series are not inputs
+    stored = [r for r in pacs.query(include_derived=True) if r.series == ds.SeriesInstanceUID]
     assert len(stored) == 1 and stored[0].study == src.StudyInstanceUID
     back = pydicom.dcmread(io.BytesIO(pacs.retrieve(stored[0])))
     assert list(back.ImageType)[:2] == ["DERIVED", "SECONDARY"] and back.Rows == 2 * src.Rows

@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -358,10 +359,13 @@ class DicomwebPacs:
                 return list(seen.values())
             offset += len(page)
 
-    def query(self, q: PacsConfig.Query | None = None, *, watermark: str | None = None) -> list[InstanceRef]:
+    def query(self, q: PacsConfig.Query | None = None, *, watermark: str | None = None,
+              include_derived: bool = False) -> list[InstanceRef]:
         """Instances matching ``q`` (study level: StudyDate range, ModalitiesInStudy, StudyInstanceUID; series
         level: Modality, SeriesInstanceUID), oldest StudyDate first (then by UIDs and InstanceNumber), at most
-        ``q.limit``. ``watermark`` (YYYYMMDD) raises the first StudyDate when ``q.since_watermark``."""
+        ``q.limit``. ``watermark`` (YYYYMMDD) raises the first StudyDate when ``q.since_watermark``. Series that
+        medsr-dist derived (:func:`is_derived_series`) are left out unless ``include_derived``: with the same PACS
+        as input and output, last night's outputs are not tonight's inputs."""
         q = q if q is not None else PacsConfig.Query()
         first = q.study_date_from or ""
         if q.since_watermark and watermark:
@@ -394,8 +398,10 @@ class DicomwebPacs:
                     if modality:
                         filters["Modality"] = modality
                     for r in self._search("QIDO-RS series search", lambda c, lim, off, f=filters, s=study:
-                                          c.search_for_series(s, search_filters=f, limit=lim, offset=off), "0020000E"):
-                        series[_value(r, "0020000E")] = _value(r, "00080060")
+                                          c.search_for_series(s, search_filters=f, fields=["SeriesDescription"],
+                                                              limit=lim, offset=off), "0020000E"):
+                        if include_derived or not is_derived_series(_value(r, "0008103E")):
+                            series[_value(r, "0020000E")] = _value(r, "00080060")
             for sid, modality in sorted(series.items()):
                 found = self._search("QIDO-RS instance search", lambda c, lim, off, s=study, r=sid: c.search_for_instances(
                     s, r, fields=["InstanceNumber"], limit=lim, offset=off), "00080018")
@@ -500,6 +506,14 @@ class PacsSession(requests.Session):
         return settings
 
 
+_DERIVED_DESCRIPTION = re.compile(r"\[SR x[0-9.]+\]$")
+
+
+def is_derived_series(series_description: str) -> bool:
+    """Whether a SeriesDescription is one :func:`medsr_dist.io.dicom.encode_dicom` wrote (``... [SR x<scale>]``)."""
+    return bool(_DERIVED_DESCRIPTION.search(series_description.strip()))
+
+
 def watermark(refs: Iterable[InstanceRef]) -> str | None:
     """The latest StudyDate among ``refs`` (YYYYMMDD), the next run's ``since_watermark`` start; None if none."""
     dates = [r.study_date for r in refs if r.study_date]
@@ -577,8 +591,6 @@ def _pacs_reason(response, sent: bytes | None) -> str:
 
 
 def _clean(text: str, sent: bytes | None) -> str:
-    import re
-
     from medsr_dist.infer.enhance_job import phi_values, sanitize_reason
 
     text = re.sub(r"\b\d+(?:\.\d+){3,}\b", "<uid>", text)  # study/series/instance UIDs stay out of reasons
