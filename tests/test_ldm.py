@@ -437,3 +437,13 @@ def test_shipped_ldm_configs_load():
     assert ldm.model.vae == f"{vae.train.output}/export/model.pth"  # stage 2 reads stage 1's export
     assert ldm.model.vae_arch == vae.model.vae_arch and ldm.degradation.augment == vae.degradation.augment
     assert ldm.model.schedule.num_train_timesteps == 300 and ldm.enhance.tile == 64
+
+
+def test_final_vae_export_meta_records_the_scale_factor(vae_export):
+    from medsr_dist.models.registry import load_family
+
+    path, vae, _ = vae_export
+    meta = load_family("vae").meta_from_weights(path.read_bytes())
+    assert meta["latent_scale_factor"] == pytest.approx(float(vae.scale_factor))
+    assert meta["latent_stats"]["values"] == 2 * 2 * 4 * 8 * 8
+    assert meta["latent_stats"]["std"] == pytest.approx(1 / float(vae.scale_factor), rel=1e-5)

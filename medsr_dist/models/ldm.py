@@ -390,7 +390,15 @@ class VAEFamily:
         return {"family": self.name, "export_format": self.export_format, "scale": 1,
                 "generator": {"type": "AutoencoderKL", "vae_arch": a.model_dump(mode="json"), "size_multiple": a.downsampling},
                 "latent_scale_factor": "in the weights: buffer 'scale_factor' (1/std of the last "
-                                       f"{cfg.model.scale_factor_iterations} iterations' posterior samples)"}
+                                       f"{cfg.model.scale_factor_iterations} iterations' posterior samples); "
+                                       "the final export's meta.json records the value"}
+
+    def meta_from_weights(self, data: bytes) -> dict:
+        """The final export's meta.json entries read from its weights: the latent scale factor and its statistics."""
+        state = _load_torch(data, "vae export").get("params", {})
+        s, ss, n = state["latent_stats"].tolist()
+        return {"latent_scale_factor": float(state["scale_factor"]), "latent_stats": {
+            "values": int(n), "mean": s / n if n else None, "std": (max(ss / n - (s / n) ** 2, 0.0)) ** 0.5 if n else None}}
 
     def inference_networks(self, scale: int, architecture: dict) -> dict[str, nn.Module]:
         return {"vae": LatentVAE(vae_config(architecture["vae_arch"]))}
