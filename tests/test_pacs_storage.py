@@ -18,6 +18,7 @@ from medsr_dist.pacs.storage import (
     derived_instance_uri,
     next_watermark,
     read_watermark,
+    watermark_of_rows,
     write_watermark,
 )
 from medsr_dist.storage import StorageError
@@ -45,7 +46,7 @@ def test_pacs_in_pacs_out_commits_each_derived_object_once(pacs_env, tmp_path): 
     server.upload(radiograph("b0", study_key="B", series_key="r2", study_date="20240202"))
     storage = pickle.loads(pickle.dumps(PacsStorage(StorageConfig(), PacsConfig(backoff_s=0.01))))
     entries = storage.list_entries(server.uri)
-    assert len(entries) == 4 and all(e.version.startswith("dicomweb:") for e in entries)
+    assert len(entries) == 4 and all(e.version.startswith("dicomweb:2024") for e in entries)
     assert all(e.uri.startswith(server.uri + "/studies/") for e in entries)
     # a glob on studies/<S>/series/<R>/instances/<I> works as for files
     series_b = pydicom.dcmread(io.BytesIO(radiograph("b0", study_key="B", series_key="r2"))).SeriesInstanceUID
@@ -94,6 +95,11 @@ def test_watermark_waits_for_unfinished_items(tmp_path):
     assert next_watermark(refs) == "20240110"
     assert next_watermark(refs, unfinished=["b"]) == "20240105"
     assert next_watermark([InstanceRef("1", "2", "a")]) is None
+    rows = [{"input_version": "dicomweb:20240101:a", "status": "done"},
+            {"input_version": "dicomweb:20240105:b", "status": "error"},
+            {"input_version": "dicomweb:20240110:c", "status": "skipped"}, {"input_version": "mtime_ns:1:2"}]
+    assert watermark_of_rows(rows) == "20240105"
+    assert watermark_of_rows(rows[:1] + rows[2:]) == "20240110"
     storage = PacsStorage()
     uri = str(tmp_path / "_manifest" / "watermark.json")
     assert read_watermark(storage, uri) is None

@@ -5,8 +5,9 @@ whatever the archive is.
 * ``list_entries(<endpoint>)`` is a QIDO-RS query (``pacs.query``; :meth:`PacsStorage.query` with a watermark) and
   gives one :class:`~medsr_dist.storage.FileEntry` per instance: ``uri`` =
   ``<endpoint>/studies/<study>/series/<series>/instances/<sop>``, ``size`` 0 (QIDO-RS does not say), ``version``
-  ``dicomweb:<SOPInstanceUID>`` (DICOM gives changed content a new SOP Instance UID; the job's exactly-once identity
-  stays (SOPInstanceUID, content hash), since the content is hashed when it is read).
+  ``dicomweb:<StudyDate>:<SOPInstanceUID>`` (DICOM gives changed content a new SOP Instance UID; the job's
+  exactly-once identity stays (SOPInstanceUID, content hash), since the content is hashed when it is read; the
+  StudyDate rides along for :func:`watermark_of_rows`).
 * ``read_bytes(<instance URI>)`` is a WADO-RS retrieve of the object as stored.
 * ``write_bytes(<instance URI>, data)`` is a STOW-RS of a derived object whose UIDs must be the URI's (its study:
   the source's); it stores only what the PACS does not list already. :func:`derived_instance_uri` gives that URI
@@ -78,7 +79,7 @@ class PacsStorage(Storage):
                 continue
             if exclude and any(glob_match(ref.path, p) for p in exclude):
                 continue
-            out.append(FileEntry(ref.uri(endpoint), 0, VERSION_PREFIX + ref.sop))
+            out.append(FileEntry(ref.uri(endpoint), 0, f"{VERSION_PREFIX}{ref.study_date}:{ref.sop}"))
         return out
 
     def list_entries(self, prefix, include=None, exclude=None) -> list[FileEntry]:
@@ -163,6 +164,21 @@ def next_watermark(refs: Iterable[InstanceRef], unfinished: Iterable[str] = ()) 
     return min(waiting) if waiting else max(r.study_date for r in refs)
 
 
+def watermark_of_rows(rows: Iterable[dict]) -> str | None:
+    """:func:`next_watermark` of a run's manifest rows (``input_key``, ``input_version`` as :meth:`PacsStorage.entries`
+    made it, ``status``): rows with status ``error`` are unfinished."""
+    refs, unfinished = [], []
+    for row in rows:
+        version = str(row.get("input_version") or "")
+        if not version.startswith(VERSION_PREFIX):
+            continue
+        date, _, sop = version[len(VERSION_PREFIX):].partition(":")
+        refs.append(InstanceRef("", "", sop, date))
+        if row.get("status") == "error":
+            unfinished.append(sop)
+    return next_watermark(refs, unfinished)
+
+
 def read_watermark(storage: Storage, uri: str) -> str | None:
     """The watermark stored at ``uri`` (JSON ``{"study_date": "YYYYMMDD"}``), None if there is none."""
     if not storage.exists(uri):
@@ -180,4 +196,5 @@ def write_watermark(storage: Storage, uri: str, study_date: str | None, run_id: 
         storage.write_bytes(uri, json.dumps({"study_date": study_date, "run_id": run_id}).encode())
 
 
-__all__ = ["PacsStorage", "derived_instance_uri", "next_watermark", "read_watermark", "write_watermark"]
+__all__ = ["PacsStorage", "derived_instance_uri", "next_watermark", "read_watermark", "watermark_of_rows",
+           "write_watermark"]
