@@ -447,3 +447,26 @@ def test_final_vae_export_meta_records_the_scale_factor(vae_export):
     assert meta["latent_scale_factor"] == pytest.approx(float(vae.scale_factor))
     assert meta["latent_stats"]["values"] == 2 * 2 * 4 * 8 * 8
     assert meta["latent_stats"]["std"] == pytest.approx(1 / float(vae.scale_factor), rel=1e-5)
+
+
+def test_loop_validation_and_pair_stage_for_both_stages(vae_export, ldm_export):
+    """What the Ray Train loop does with these families besides train_step: the stream's pair stage, and validation
+    through the family's inference module (vae: reconstruction PSNR at scale 1; ldm: the SR PSNR at x4)."""
+    from medsr_dist.data.ldm_pairs import AugmentedBicubicPairs
+    from medsr_dist.infer.model_file import read_model_file
+    from medsr_dist.models.registry import load_family
+    from medsr_dist.storage import Storage
+    from medsr_dist.train.loop import validate
+    from medsr_dist.train.trainer import pair_stage
+
+    vae_cfg, ldm_cfg = _vae_cfg(), _ldm_cfg(vae_export[0])
+    for cfg in (vae_cfg, ldm_cfg):
+        assert pair_stage(cfg, paired=False) == (AugmentedBicubicPairs, ["lq", "gt"])
+    gt = _images(2, 64, 9).numpy()
+    vae_pairs = [{"lq": g, "gt": g} for g in gt]
+    rec = validate(load_family("vae").inference_module({"vae": vae_export[1]}), vae_pairs, torch.device("cpu"), 1)
+    assert np.isfinite(rec["val_psnr"]) and rec["val_psnr_bicubic"] == float("inf")
+    module = read_model_file(str(ldm_export)).build(Storage())
+    lq = torch.nn.functional.avg_pool2d(torch.from_numpy(gt), 4).numpy()
+    sr = validate(module, [{"lq": a, "gt": b} for a, b in zip(lq, gt)], torch.device("cpu"), 4)
+    assert np.isfinite(sr["val_psnr"]) and np.isfinite(sr["val_psnr_bicubic"])
