@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.utils import spectral_norm
 
 from medsr_dist.config import ConfigError, load_config
+from test_train_distributed import TINY, fixed_pairs  # tests/ is on sys.path (rootdir-style import)
 
 WORLD = 2
 STEPS = 4
@@ -261,8 +262,6 @@ def test_deepspeed_checkpoint_from_per_rank_directories_resumes_exactly(tmp_path
 # ------------------------------------------------------------------------------------------------------------
 # the real loop under Ray Train: 2 workers, ZeRO-2, tiny Real-ESRGAN generator and discriminator
 # ------------------------------------------------------------------------------------------------------------
-from test_train_distributed import TINY, fixed_pairs  # noqa: E402  (tests/ is on sys.path)
-
 GLOBAL_BATCH = 4  # 2 workers x batch 2
 DS = ["train.strategy=deepspeed", "train.deepspeed.zero_stage=2", "train.num_workers=2", "train.batch_size=2"]
 
