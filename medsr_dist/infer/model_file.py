@@ -40,6 +40,7 @@ _RRDBNET_SCALE_FOR_IN_CH = {3: 4, 12: 2, 48: 1}  # conv_first in-channels: 3 * (
 # Backends that live in their own module register themselves on import (medsr_dist.infer.backends.register_backend).
 BACKEND_MODULES = {
     "onnxruntime": "medsr_dist.infer.onnx_backend",
+    "tensorrt": "medsr_dist.infer.tensorrt_backend",  # needs the `tensorrt` package and a CUDA GPU to run
 }
 
 

@@ -108,8 +108,11 @@ class ModelReplica:
     def __init__(self, model: ModelFile | None, backend: Backend, settings: EngineSettings):
         """Wrap a built backend (use :meth:`load` to build one from a model file).
 
+        A backend with ``prepare(spec)`` (TensorRT: engine built or loaded for the tile shapes) is prepared here.
+
         Raises:
             PrecisionMismatch: the backend runs another precision than ``settings.precision``.
+            Whatever ``backend.prepare`` raises.
         """
         from medsr_dist.infer.backends import auto_batch_size
 
@@ -123,6 +126,9 @@ class ModelReplica:
         self.settings = settings
         self.spec = TileSpec(tile=settings.tile, overlap=settings.tile_overlap, blend=settings.tile_blend,
                              batch_size=settings.batch_size or auto_batch_size(backend))
+        prepare = getattr(backend, "prepare", None)
+        if prepare is not None:  # backends that compile for the tile shapes (TensorRT): now, at replica start
+            prepare(self.spec)
 
     @classmethod
     def load(cls, model: ModelFile, storage: Storage, settings: EngineSettings, *, device: str | None = None
