@@ -436,8 +436,11 @@ def test_what_a_replica_will_run_is_known_before_it_starts():
     assert runnable_precision("onnxruntime", "fp16", gpu=True) == "fp32"  # the export is an fp32 graph
     with pytest.raises(ValueError, match="precision"):
         runnable_precision("torch", "int8", gpu=False)
-    with pytest.raises(ValueError, match="unknown backend 'tensorrt'"):  # not offered until it is written
-        runnable_precision("tensorrt", "fp16", gpu=True)
+    assert runnable_precision("tensorrt", "fp16", gpu=True) == "fp16"  # an fp16-cast graph (tensorrt_backend.py)
+    with pytest.raises(ValueError, match="fp32 or fp16"):
+        runnable_precision("tensorrt", "bf16", gpu=True)
+    with pytest.raises(ValueError, match="unknown backend 'nosuch'"):
+        runnable_precision("nosuch", "fp16", gpu=True)
 
 
 @pytest.mark.skipif(not cpu_has_native_bf16(),

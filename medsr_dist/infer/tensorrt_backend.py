@@ -197,7 +197,13 @@ class TensorRTBackend:
 
     @staticmethod
     def runnable_precision(requested: str, *, gpu: bool) -> str:
-        """fp16 and fp32 run as asked on a GPU; bf16 is refused at construction (not silently changed)."""
+        """fp16 and fp32 run as asked (on a GPU: there is no CPU TensorRT); bf16 is refused, not silently changed.
+
+        Raises:
+            ValueError: ``requested`` is bf16.
+        """
+        if requested not in ("fp32", "fp16"):
+            raise ValueError(f"backend tensorrt runs fp32 or fp16, not {requested!r}")
         return requested
 
     @classmethod
