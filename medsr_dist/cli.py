@@ -141,6 +141,7 @@ import medsr_dist.cli_infer  # noqa: E402,F401
 # eval (evaluation protocols): medsr_dist/cli_eval.py
 import medsr_dist.cli_eval  # noqa: E402,F401
 import medsr_dist.cli_mri  # noqa: E402,F401  (mri: 3-D volumes, medsr_dist/cli_mri.py)
+import medsr_dist.cli_serve  # noqa: E402,F401  (serve: the on-demand endpoint, medsr_dist/cli_serve.py)
 
 
 def entrypoint() -> None:  # pragma: no cover - console script shim

@@ -680,8 +680,10 @@ class EnhanceConfig(Section):
     exclude: list[str] = Field(default_factory=list)
     backend: Literal["torch", "onnxruntime"] = "torch"
     precision: Literal["fp32", "fp16", "bf16"] = Field(
-        "fp32", description="fp16: GPU only (CPU replicas run fp32); bf16: GPU or a CPU with bf16 hardware, ~2x "
-        "there but several grey levels off fp32 (docs/PERFORMANCE.md). Outputs record the precision that ran")
+        "fp32", description="fp16: GPU only (CPU replicas run fp32), up to 1.24/255 of the range off fp32 (~20 stored "
+        "values at 12 bits, ~320 at 16); bf16: GPU or a CPU with bf16 hardware, ~2x there but 8-18/255 off fp32 "
+        "(130-290 at 12 bits; docs/PERFORMANCE.md). Applies to every input: keep fp32 for archives above 8 bits. "
+        "Outputs record the precision that ran")
     tile: int = Field(0, ge=0, description="Tile size in input pixels; 0: whole image")
     tile_overlap: int = Field(64, ge=0, description="Context pixels beyond each tile; 64 keeps RealESRGAN_x4plus "
                               "within 2/255 of its untiled output, 16 leaves seams of ~25/255 (docs/PERFORMANCE.md)")

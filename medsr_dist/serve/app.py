@@ -1,0 +1,164 @@
+"""The Serve application built from a medsr config: one :class:`~medsr_dist.serve.model.SRModel` deployment per
+model (``model-<name>``) behind one FastAPI :class:`~medsr_dist.serve.ingress.Ingress` (``ingress``).
+
+Entry points:
+
+* :func:`build_app` — the bound application (for ``serve.run`` or tests);
+* :func:`app_builder` — the ``import_path`` of ``configs/serve_app.yaml`` (``serve deploy``, KubeRay RayService):
+  ``args: {config: configs/serve.yaml, overrides: [...]}``;
+* :func:`run_local` — ``medsr serve``: Serve on this Ray (or ``ray.address``), prints the URL, waits for Ctrl-C.
+
+Sizing (all from the ``serve`` section): a model deployment autoscales between ``min_replicas`` and
+``max_replicas`` on ``target_ongoing_requests`` (Serve's own autoscaler; a hand-written Serve config that leaves
+``max_replicas`` out gets 1, so it is always written here), one GPU per replica when the cluster has GPUs (else
+``cpus_per_replica`` CPUs), ``max_ongoing_requests`` (default ``max_batch_size``, never less: otherwise a batch of
+single-tile requests never fills), ``max_queued_requests`` per caller beyond which callers get 503 + Retry-After.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from medsr_dist.config import MedsrConfig, ServeConfig, load_config
+
+log = logging.getLogger(__name__)
+
+INGRESS_NAME = "ingress"
+
+
+def model_deployment_name(name: str) -> str:
+    return f"model-{name}"
+
+
+def served_models(cfg: MedsrConfig) -> list[ServeConfig.Model]:
+    """``serve.models``, or ``enhance.checkpoint`` as ``default`` when the list is empty."""
+    if cfg.serve.models:
+        return list(cfg.serve.models)
+    return [ServeConfig.Model(name="default", checkpoint=cfg.enhance.checkpoint, onnx_model=cfg.enhance.onnx_model)]
+
+
+def _gpus(s: ServeConfig) -> float:
+    if s.gpus_per_replica is not None:
+        return float(s.gpus_per_replica)
+    import ray
+
+    return 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def autoscaling_config(s: ServeConfig) -> dict[str, Any]:
+    """Serve ``autoscaling_config`` of a model deployment (field names of Ray 2.60's ``AutoscalingConfig``)."""
+    config = {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+              "target_ongoing_requests": s.target_ongoing_requests, "upscale_delay_s": s.upscale_delay_s,
+              "downscale_delay_s": s.downscale_delay_s, "metrics_interval_s": 1.0, "look_back_period_s": 5.0}
+    if s.initial_replicas is not None:
+        config["initial_replicas"] = s.initial_replicas
+    return config
+
+
+def build_app(cfg: MedsrConfig):
+    """The bound Serve application for ``cfg`` (Ray must be initialised when ``serve.gpus_per_replica`` is empty:
+    the cluster's GPUs decide). Models are read (hash, architecture) and their precision resolved here, before
+    any replica starts: a missing model file fails now with its name.
+
+    Raises:
+        FileNotFoundError / ValueError: a model file or its export is missing or unusable.
+    """
+    from ray import serve
+    from ray.serve.config import BackpressureConfig
+
+    from medsr_dist.infer.model_file import backend_factory, read_model_file
+    from medsr_dist.infer.replica import EngineSettings, resolve_precision
+    from medsr_dist.serve.ingress import Ingress
+    from medsr_dist.serve.model import SRModel
+
+    s = cfg.serve
+    gpus = _gpus(s)
+    backend_factory(s.backend)  # an unusable backend (runtime not installed) fails here
+    precision = resolve_precision(s.backend, s.precision, gpu=gpus > 0)
+    if precision != s.precision:
+        log.warning("serve.precision %s: replicas run %s; responses record %s", s.precision, precision, precision)
+    settings = EngineSettings.of(s, precision=precision, outscale=None)
+    limits = {"max_input_pixels": s.max_input_pixels, "max_output_pixels": s.max_output_pixels,
+              "max_body_bytes": s.max_body_bytes}
+    ongoing = s.max_ongoing_requests or s.max_batch_size
+    backpressure = BackpressureConfig(status_code=503, retry_after_s=s.retry_after_s)
+    handles, catalogue = {}, {}
+    for entry in served_models(cfg):
+        model = read_model_file(entry.checkpoint, cfg.storage, onnx_uri=entry.onnx_model)
+        deployment = serve.deployment(SRModel).options(
+            name=model_deployment_name(entry.name),
+            max_ongoing_requests=ongoing,
+            max_queued_requests=s.max_queued_requests,
+            backpressure_config=backpressure,
+            autoscaling_config=autoscaling_config(s),
+            ray_actor_options={"num_cpus": 0 if gpus else s.cpus_per_replica, "num_gpus": gpus},
+            health_check_period_s=5.0,
+            health_check_timeout_s=30.0,
+        )
+        handles[entry.name] = deployment.bind(
+            model, cfg.storage.model_dump(), {k: getattr(settings, k) for k in settings.__dataclass_fields__},
+            limits, s.max_batch_size, s.batch_wait_timeout_s, s.dicom_compression, ongoing)
+        catalogue[entry.name] = {"model": model.name, "model_sha256": model.sha256, "scale": model.scale,
+                                 "family": model.family, "backend": s.backend, "precision": precision}
+    default = served_models(cfg)[0].name
+    # The ingress only parses and forwards (async): many requests at once are cheap there; the queue bound that
+    # matters is the model deployments'. Its own bound keeps a flood from piling up in the proxy.
+    per_model = s.max_replicas * (ongoing + s.max_queued_requests)
+    ingress = serve.deployment(Ingress).options(
+        name=INGRESS_NAME, num_replicas=s.ingress_replicas, max_ongoing_requests=max(64, 2 * per_model),
+        max_queued_requests=max(64, 2 * per_model), backpressure_config=backpressure,
+        ray_actor_options={"num_cpus": 0},
+    )
+    return ingress.bind(handles, catalogue, default, limits, s.retry_after_s)
+
+
+def http_options(s: ServeConfig) -> dict[str, Any]:
+    """``serve.start(http_options=...)``: host, port and the end-to-end ``request_timeout_s`` (408 past it)."""
+    options: dict[str, Any] = {"host": s.host, "port": s.port}
+    if s.request_timeout_s is not None:
+        options["request_timeout_s"] = s.request_timeout_s
+    return options
+
+
+def app_builder(args: dict[str, Any]):
+    """Application builder for ``import_path: medsr_dist.serve.app:app_builder`` (``configs/serve_app.yaml``).
+
+    ``args``: ``config`` (path of a medsr YAML config, relative to the working directory) and optional
+    ``overrides`` (list of ``key=value``). HTTP options (host, port, request_timeout_s) belong to the Serve config
+    file's ``http_options`` there, not to this builder.
+    """
+    import ray
+
+    cfg = load_config(args.get("config"), list(args.get("overrides") or []))
+    if not ray.is_initialized():  # the builder runs inside the cluster: join it
+        ray.init(address="auto", ignore_reinit_error=True)
+    return build_app(cfg)
+
+
+def start(cfg: MedsrConfig, *, blocking: bool = False) -> str:
+    """Start Serve (HTTP options from ``serve``) and the application on the current Ray; returns its URL."""
+    from ray import serve
+
+    s = cfg.serve
+    serve.start(http_options=http_options(s))
+    serve.run(build_app(cfg), name=s.app_name, route_prefix=s.route_prefix, blocking=blocking)
+    host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
+    return f"http://{host}:{s.port}{s.route_prefix.rstrip('/')}"
+
+
+def run_local(cfg: MedsrConfig, echo=print) -> None:  # pragma: no cover - waits for Ctrl-C
+    """``medsr serve``: start the app on ``ray.address`` (or a local Ray), print the URL, serve until Ctrl-C."""
+    from ray import serve
+
+    from medsr_dist.runtime import init_ray
+
+    init_ray(cfg)
+    url = start(cfg)
+    echo(f"serving {', '.join(m.name for m in served_models(cfg))} at {url}/v1/enhance (docs: {url}/docs); "
+         f"Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete(cfg.serve.app_name)

@@ -1,0 +1,257 @@
+"""One model's Serve deployment: decode -> the engine (tiles batched across requests) -> encode in the input's form.
+
+Why one deployment per model rather than ``@serve.multiplexed``: tile batches are per model (a model call runs one
+network), a GPU replica holds one model's weights and activations at a known size, and each model scales on its own
+traffic. Multiplexing several models into one replica would mix their requests in one ``@serve.batch`` queue and
+make a replica's memory depend on which models happen to be loaded.
+
+Cross-request batching. Each request's image runs through :class:`~medsr_dist.infer.engine.TileBatcher` in a worker
+thread (off the event loop) with :class:`SharedTileQueue` as its backend: every tile the engine wants run becomes
+one call of the replica's ``@serve.batch`` method :meth:`SRModel.run_tiles` on the replica's event loop, which
+gathers up to ``max_batch_size`` tiles from every request in flight (waiting at most ``batch_wait_timeout_s``),
+stacks those of one shape and runs the real backend once per shape in the replica's one model thread. The pixels are the
+engine's: tiling, blending and the network are the same as in :func:`~medsr_dist.infer.engine.enhance_array`;
+only which tiles share a model call differs.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from medsr_dist.config import StorageConfig
+from medsr_dist.infer.engine import ENGINE_REVISION
+from medsr_dist.infer.model_file import ModelFile
+from medsr_dist.infer.replica import EngineSettings, ModelReplica, NonFiniteOutput
+from medsr_dist.storage import Storage
+
+log = logging.getLogger(__name__)
+
+#: Media types of responses, by the input's format.
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "tiff": "image/tiff", "dicom": "application/dicom"}
+
+
+class SharedTileQueue:
+    """A :class:`~medsr_dist.infer.backends.Backend` for engine threads: each tile of a batch is submitted to the
+    replica's ``@serve.batch`` queue on ``loop`` and the results are stacked back.
+
+    Contract as :meth:`Backend.__call__`: (B, 3, h, w) float32 RGB in [0, 1] -> (B, 3, h*s, w*s) float32. Must be
+    called from a thread other than the loop's (the engine runs in ``asyncio.to_thread``).
+    """
+
+    def __init__(self, backend, submit, loop: asyncio.AbstractEventLoop):
+        self.scale = int(backend.scale)
+        self.size_multiple = int(getattr(backend, "size_multiple", 1))
+        self.precision = getattr(backend, "precision", "fp32")
+        self.device = getattr(backend, "device", None)
+        self.providers = getattr(backend, "providers", None)
+        self._submit, self._loop, self._backend = submit, loop, backend
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        futures = [asyncio.run_coroutine_threadsafe(self._submit(np.ascontiguousarray(tile)), self._loop)
+                   for tile in batch]
+        return np.stack([f.result() for f in futures])
+
+    def __repr__(self) -> str:
+        return f"SharedTileQueue({self._backend!r})"
+
+
+class RequestError(Exception):
+    """A request the model cannot serve, with the HTTP status it maps to (never raised across Serve)."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+class SRModel:
+    """Serve deployment class holding one model (bound with options by :func:`medsr_dist.serve.app.build_app`).
+
+    :meth:`enhance` answers a dict, never raises for a bad image: ``{"status": 200, "body": bytes, "media_type",
+    "headers"}`` or ``{"status": 4xx/5xx, "reason": str}`` (reasons never quote header values: see
+    :func:`~medsr_dist.infer.enhance_job.sanitize_reason`).
+    """
+
+    def __init__(self, model: ModelFile, storage_cfg: StorageConfig | dict, settings: dict, limits: dict,
+                 max_batch_size: int, batch_wait_timeout_s: float, dicom_compression: str = "none",
+                 max_ongoing_requests: int = 8):
+        """
+        Args:
+            model: the model file (pickled into the replica).
+            storage_cfg: how to reach the store (``StorageConfig`` or its dict).
+            settings: :class:`~medsr_dist.infer.replica.EngineSettings` fields (precision already resolved).
+            limits: ``max_input_pixels``, ``max_output_pixels`` (checked again here: a handle caller may skip the
+                ingress).
+            max_batch_size / batch_wait_timeout_s: of the shared tile queue.
+            max_ongoing_requests: the deployment's; sizes the pool of engine threads (one per request in work).
+        """
+        if isinstance(storage_cfg, dict):
+            storage_cfg = StorageConfig(**storage_cfg)
+        self.model, self.limits, self.dicom_compression = model, dict(limits), dicom_compression
+        self.settings = EngineSettings(**{**settings, "batch_size": max_batch_size})
+        self.unhealthy: str | None = None
+        self.replica = ModelReplica.load(model, Storage(storage_cfg), self.settings)
+        self.run_tiles.set_max_batch_size(int(max_batch_size))
+        self.run_tiles.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
+        self._shared: ModelReplica | None = None
+        self.stats = {"model_calls": 0, "tiles": 0, "max_tiles_per_call": 0, "requests": 0}
+        # Two pools, so that requests' engine threads (blocked on their tiles) can never starve the model call
+        # that serves those tiles; one model thread: a replica runs one model call at a time.
+        self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="medsr-model")
+        self._request_pool = ThreadPoolExecutor(max(1, int(max_ongoing_requests)), thread_name_prefix="medsr-request")
+        try:
+            self.replica.self_check()
+        except RuntimeError as exc:  # reported by check_health: Serve replaces this replica
+            self.unhealthy = str(exc)
+            log.error("model %s: %s", model.name, exc)
+        log.info("serving %s (sha256 %s) on %r", model.name, model.sha256[:12], self.replica.backend)
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: raises when the backend failed its self-check or a fatal device error."""
+        if self.unhealthy:
+            raise RuntimeError(f"model {self.model.name}: {self.unhealthy}")
+
+    def info(self) -> dict[str, Any]:
+        """What ``GET /v1/models`` lists for this model."""
+        return {**self.replica.describe(), "tile": self.settings.tile, "tile_overlap": self.settings.tile_overlap,
+                "tile_blend": self.settings.tile_blend, "max_batch_size": self.settings.batch_size,
+                "healthy": self.unhealthy is None, "replica_stats": dict(self.stats)}
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
+    async def run_tiles(self, tiles: list[np.ndarray]) -> list[np.ndarray]:
+        """Tiles of any requests, (3, h, w) float32 each -> (3, h*s, w*s): one backend call per tile shape,
+        in a worker thread."""
+        out: list[np.ndarray | None] = [None] * len(tiles)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, tile in enumerate(tiles):
+            by_shape.setdefault(tile.shape, []).append(i)
+        for indices in by_shape.values():
+            batch = np.stack([tiles[i] for i in indices])
+            try:
+                result = await asyncio.get_running_loop().run_in_executor(self._model_pool, self.replica.backend, batch)
+            except Exception as exc:
+                self._note_fatal(exc)
+                raise
+            for k, i in enumerate(indices):
+                out[i] = result[k]
+            self.stats["model_calls"] += 1
+            self.stats["tiles"] += len(indices)
+            self.stats["max_tiles_per_call"] = max(self.stats["max_tiles_per_call"], len(indices))
+        return out
+
+    def _note_fatal(self, exc: BaseException) -> None:
+        from medsr_dist.infer.enhance_job import is_fatal_device_error
+
+        if is_fatal_device_error(exc):  # the CUDA context is gone: let Serve replace the replica
+            self.unhealthy = f"fatal device error: {type(exc).__name__}"
+
+    def _shared_replica(self) -> ModelReplica:
+        if self._shared is None:
+            backend = SharedTileQueue(self.replica.backend, self.run_tiles, asyncio.get_running_loop())
+            self._shared = ModelReplica(self.model, backend, self.settings)
+        return self._shared
+
+    async def enhance(self, data: bytes, outscale: float | None = None) -> dict[str, Any]:
+        """Enhance one image file (PNG/JPEG/TIFF/DICOM bytes); ``outscale`` None: the model's scale."""
+        shared = self._shared_replica()
+        self.stats["requests"] += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._request_pool, self._enhance, shared, bytes(data), outscale)
+        except RequestError as exc:
+            return {"status": exc.status, "reason": exc.reason}
+
+    def _enhance(self, shared: ModelReplica, data: bytes, outscale: float | None) -> dict[str, Any]:
+        from medsr_dist.infer.enhance_job import consistency_psnr, phi_values, sanitize_reason
+        from medsr_dist.io.image import ImageDecodeError, NotAnImageObject, decode_image, encode_image
+
+        t0 = time.perf_counter()
+        scale = float(outscale) if outscale else float(self.model.scale)
+        try:
+            probe = check_limits(data, scale, self.limits)
+            image = decode_image(data, "request")
+        except RequestError:
+            raise
+        except NotAnImageObject as exc:
+            raise RequestError(415, exc.reason) from None
+        except ImageDecodeError as exc:
+            raise RequestError(400, sanitize_reason(exc.reason, secrets=phi_values(data))) from None
+        del probe
+        frames = image.pixels if image.pixels.ndim == 4 else image.pixels[None]
+        outputs = [None] * len(frames)
+        for index, result in shared.enhance_each(list(frames), outscale=None if scale == self.model.scale else scale):
+            if isinstance(result, BaseException):
+                self._note_fatal(result)
+                if isinstance(result, NonFiniteOutput):
+                    raise RequestError(500, str(result))
+                log.warning("inference failed: %r", result)
+                raise RequestError(500, f"inference failed: {type(result).__name__}")
+            outputs[index] = result if result.ndim == 3 else result[:, :, None]
+        out = np.stack(outputs)
+        grid = out.shape[1] / frames.shape[1]
+        provenance = self.provenance(hashlib.sha256(data).hexdigest(), scale)
+        pixels = out if image.meta.frames > 1 else out[0]
+        kwargs = {"dicom_compression": self.dicom_compression} if self.dicom_compression != "none" else {}
+        try:
+            body = encode_image(pixels, image.meta, image.header, scale=grid, provenance=provenance, **kwargs)
+        except ValueError as exc:
+            raise RequestError(500, sanitize_reason(f"encode failed: {exc}", secrets=phi_values(data))) from None
+        # the score of what the response holds: its stored values, back on [0, 1]
+        maxval = np.float32(image.meta.maxval)
+        score = consistency_psnr(np.rint(np.clip(out, 0, 1) * maxval) / maxval, frames)
+        headers = {"X-Medsr-Model": self.model.name, "X-Medsr-Model-Sha256": self.model.sha256,
+                   "X-Medsr-Scale": f"{scale:g}", "X-Medsr-Engine-Revision": str(ENGINE_REVISION),
+                   "X-Medsr-Precision": self.settings.precision, "X-Medsr-Backend": self.settings.backend,
+                   "X-Medsr-Consistency-Psnr-Db": f"{score:.3f}", "X-Medsr-Format": image.meta.format,
+                   "X-Medsr-Seconds": f"{time.perf_counter() - t0:.3f}"}
+        return {"status": 200, "body": body, "media_type": MEDIA_TYPES[image.meta.format], "headers": headers}
+
+    def provenance(self, source_sha256: str, scale: float) -> dict[str, str]:
+        """Provenance written into the response file: the nightly job's keys, with the request as the source."""
+        from medsr_dist import __version__
+        from medsr_dist.infer.enhance_job import NOTE
+
+        params = {"scale": self.model.scale, "outscale": scale, "tile": self.settings.tile,
+                  "tile_overlap": self.settings.tile_overlap, "tile_blend": self.settings.tile_blend,
+                  "backend": self.settings.backend, "precision": self.settings.precision, "engine": ENGINE_REVISION}
+        return {"medsr:note": NOTE, "medsr:model": self.model.name, "medsr:model_sha256": self.model.sha256,
+                "medsr:scale": f"{scale:g}", "medsr:params": json.dumps(params, sort_keys=True),
+                "medsr:source": "request", "medsr:source_sha256": source_sha256,
+                "medsr:software": f"medsr-dist {__version__} (serve)"}
+
+
+def check_limits(data: bytes, scale: float, limits: dict):
+    """Probe the header (nothing decoded) and hold its dimensions against the pixel limits.
+
+    Returns the :class:`~medsr_dist.io.image.ImageProbe`. Raises :class:`RequestError`: 415 for a format that is
+    not an image format read here or a DICOM object without an image, 400 for an unreadable header, 413 over a limit.
+    """
+    from medsr_dist.infer.enhance_job import phi_values, sanitize_reason
+    from medsr_dist.io.image import FORMATS, ImageDecodeError, NotAnImageObject, detect_format, probe_image
+
+    if detect_format(data) is None:
+        raise RequestError(415, f"not a supported image file (supported: {', '.join(FORMATS)}; the format is read "
+                                f"from the content)")
+    try:
+        probe = probe_image(data, "request")
+    except NotAnImageObject as exc:
+        raise RequestError(415, exc.reason) from None
+    except ImageDecodeError as exc:
+        raise RequestError(400, sanitize_reason(exc.reason, secrets=phi_values(data))) from None
+    frames = f" x {probe.frames} frames" if probe.frames > 1 else ""
+    if probe.pixels > limits["max_input_pixels"]:
+        raise RequestError(413, f"{probe.height} x {probe.width}{frames} = {probe.pixels:,} pixels exceeds "
+                                f"serve.max_input_pixels {limits['max_input_pixels']:,}; not decoded")
+    out_h, out_w = max(1, round(probe.height * scale)), max(1, round(probe.width * scale))
+    if probe.frames * out_h * out_w > limits["max_output_pixels"]:
+        raise RequestError(413, f"output at x{scale:g} would be {out_h} x {out_w}{frames} = "
+                                f"{probe.frames * out_h * out_w:,} pixels, over serve.max_output_pixels "
+                                f"{limits['max_output_pixels']:,}; not decoded")
+    return probe
