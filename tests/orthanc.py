@@ -231,7 +231,7 @@ def local_orthanc(lua_scripts: dict[str, str] | None = None, startup_timeout_s: 
 class PacsProxy:
     """A small HTTP proxy in front of an Orthanc, for what Orthanc itself cannot do on demand: answer the next
     ``fail_next`` requests with ``fail_status`` (a PACS under load), delay every request by ``delay_s`` while
-    counting how many are in flight (``max_in_flight``), and accept a bearer ``token`` (Orthanc alone only knows
+    counting requests (``requests``, ``posts``: STOW-RS) and how many are in flight (``max_in_flight``), and accept a bearer ``token`` (Orthanc alone only knows
     HTTP basic), forwarding with the Orthanc's basic credentials. ``url``: ``http://127.0.0.1:<port>``."""
 
     def __init__(self, server: OrthancServer, token: str | None = None, tls_dir: Path | None = None):
@@ -242,7 +242,7 @@ class PacsProxy:
 
         self.server, self.token = server, token
         self.fail_next, self.fail_status, self.delay_s = 0, 503, 0.0
-        self.requests = 0
+        self.requests = self.posts = 0
         self.in_flight = self.max_in_flight = 0
         self._lock = threading.Lock()
         proxy = self
@@ -258,6 +258,7 @@ class PacsProxy:
                 body = self.rfile.read(length) if length else None
                 with proxy._lock:
                     proxy.requests += 1
+                    proxy.posts += self.command == "POST"
                     proxy.in_flight += 1
                     proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
                     fail = proxy.fail_next > 0
@@ -272,9 +273,12 @@ class PacsProxy:
                         return self._answer(401, b"", "text/plain")
                     headers = {k: v for k, v in self.headers.items()
                                if k.lower() in ("accept", "content-type")}
-                    r = proxy.server.session.request(self.command, proxy.server.url + self.path, data=body,
-                                                     headers=headers, timeout=60,
-                                                     auth=(proxy.server.username, proxy.server.password))
+                    try:
+                        r = proxy.server.session.request(self.command, proxy.server.url + self.path, data=body,
+                                                         headers=headers, timeout=60,
+                                                         auth=(proxy.server.username, proxy.server.password))
+                    except requests.RequestException:  # the PACS behind is down: what a reverse proxy says
+                        return self._answer(502, b"bad gateway", "text/plain")
                     self._answer(r.status_code, r.content, r.headers.get("Content-Type", "application/octet-stream"))
                 finally:
                     with proxy._lock:
