@@ -59,7 +59,7 @@ class OnnxRuntimeBackend:
             model: serialised ONNX model, or a local path to one.
             scale: native upscaling factor; ``None`` reads the export's ``medsr:scale`` metadata.
             size_multiple: input sides must be multiples of this; ``None`` reads ``medsr:size_multiple`` (else 1).
-            device: ``"cuda"``, ``"cpu"`` or ``None`` (CUDA when available).
+            device: ``"cuda"``, ``"cuda:N"``, ``"cpu"`` or ``None`` (CUDA when available).
             precision: only ``"fp32"`` runs; others fall back to fp32 with a warning.
             threads: intra-op threads on CPU; ``None`` follows ``OMP_NUM_THREADS`` (which Ray sets to the actor's
                 CPUs), else ONNX Runtime's default (all cores).
@@ -74,7 +74,9 @@ class OnnxRuntimeBackend:
             if CUDA_PROVIDER not in available:
                 raise ValueError(f"device {device!r} requested but this onnxruntime has no CUDA provider "
                                  f"(install onnxruntime-gpu); available: {available}")
-            providers = [CUDA_PROVIDER, CPU_PROVIDER]
+            # "cuda:N" picks GPU N (a Ray GPU actor sees its own GPU as 0)
+            index = int(device.split(":", 1)[1]) if ":" in device else 0
+            providers = [(CUDA_PROVIDER, {"device_id": index}), CPU_PROVIDER]
         elif device is None and CUDA_PROVIDER in available and _cuda_visible():
             providers = [CUDA_PROVIDER, CPU_PROVIDER]
         else:

@@ -140,7 +140,7 @@ class Ingress:
             return _error(503, f"model {model}: the replica serving this request stopped ({type(exc).__name__}); "
                                f"retry", self.retry_after_s)
         if answer["status"] != 200:
-            return _error(answer["status"], answer["reason"])
+            return _error(answer["status"], answer["reason"], self.retry_after_s if answer["status"] == 503 else None)
         return Response(answer["body"], media_type=answer["media_type"], headers=answer["headers"])
 
     async def _read(self, request: Request) -> tuple[bytes, dict[str, str]]:

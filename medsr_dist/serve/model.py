@@ -97,7 +97,11 @@ class SRModel:
         self.model, self.limits, self.dicom_compression = model, dict(limits), dicom_compression
         self.settings = EngineSettings(**{**settings, "batch_size": max_batch_size})
         self.unhealthy: str | None = None
-        self.replica = ModelReplica.load(model, Storage(storage_cfg), self.settings)
+        try:
+            self.replica: ModelReplica | None = ModelReplica.load(model, Storage(storage_cfg), self.settings)
+        except Exception as exc:  # noqa: BLE001 - e.g. a TensorRT plan that does not load: unhealthy, with the reason
+            self.replica, self.unhealthy = None, f"backend did not start: {type(exc).__name__}: {exc}"
+            log.error("model %s: %s", model.name, self.unhealthy)
         self.run_tiles.set_max_batch_size(int(max_batch_size))
         self.run_tiles.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
         self._shared: ModelReplica | None = None
@@ -106,12 +110,13 @@ class SRModel:
         # that serves those tiles; one model thread: a replica runs one model call at a time.
         self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="medsr-model")
         self._request_pool = ThreadPoolExecutor(max(1, int(max_ongoing_requests)), thread_name_prefix="medsr-request")
-        try:
-            self.replica.self_check()
-        except RuntimeError as exc:  # reported by check_health: Serve replaces this replica
-            self.unhealthy = str(exc)
-            log.error("model %s: %s", model.name, exc)
-        log.info("serving %s (sha256 %s) on %r", model.name, model.sha256[:12], self.replica.backend)
+        if self.replica is not None:
+            try:
+                self.replica.self_check()
+            except RuntimeError as exc:  # reported by check_health: Serve replaces this replica
+                self.unhealthy = str(exc)
+                log.error("model %s: %s", model.name, exc)
+            log.info("serving %s (sha256 %s) on %r", model.name, model.sha256[:12], self.replica.backend)
 
     def check_health(self) -> None:
         """Serve's periodic health check: raises when the backend failed its self-check or a fatal device error."""
@@ -120,9 +125,10 @@ class SRModel:
 
     def info(self) -> dict[str, Any]:
         """What ``GET /v1/models`` lists for this model."""
-        return {**self.replica.describe(), "tile": self.settings.tile, "tile_overlap": self.settings.tile_overlap,
+        described = self.replica.describe() if self.replica is not None else {"model": self.model.name}
+        return {**described, "tile": self.settings.tile, "tile_overlap": self.settings.tile_overlap,
                 "tile_blend": self.settings.tile_blend, "max_batch_size": self.settings.batch_size,
-                "healthy": self.unhealthy is None, "replica_stats": dict(self.stats)}
+                "healthy": self.unhealthy is None, "unhealthy_reason": self.unhealthy, "replica_stats": dict(self.stats)}
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
     async def run_tiles(self, tiles: list[np.ndarray]) -> list[np.ndarray]:
@@ -160,6 +166,8 @@ class SRModel:
 
     async def enhance(self, data: bytes, outscale: float | None = None) -> dict[str, Any]:
         """Enhance one image file (PNG/JPEG/TIFF/DICOM bytes); ``outscale`` None: the model's scale."""
+        if self.unhealthy:
+            return {"status": 503, "reason": f"model {self.model.name} is unavailable on this replica: {self.unhealthy}"}
         shared = self._shared_replica()
         self.stats["requests"] += 1
         try:
