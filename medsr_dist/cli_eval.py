@@ -59,6 +59,8 @@ def evaluate(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] 
         psnr, ssim = s["psnr"], s["ssim"]
         console.print(f"  {name}: PSNR {psnr['mean']:.2f} dB, SSIM {ssim['mean']:.4f} over {psnr['n']} image(s)"
                       f"{', ' + str(s['errors']) + ' error(s)' if s['errors'] else ''}", highlight=False)
+    if result.report.get("note"):
+        console.print(f"  [yellow]note[/] {result.report['note']}", highlight=False)
     for err in result.report["errors"]:
         console.print(f"  [yellow]error[/] {err['image']} / {err['model']}: {err['error']}", highlight=False)
     console.print(f"  report: {result.files['report.html']}")

@@ -171,6 +171,41 @@ def test_classic_bicubic_protocols_modcrop_and_use_matlab_bicubic_with_y_channel
     assert (protocol.test_y_channel, protocol.crop_border, protocol.blur_sigma) == (True, scale, 0.0)
 
 
+def test_the_model_input_is_rounded_like_a_low_resolution_file_of_the_source():
+    """lr_quantization: source (every preset) rounds the input to the source's levels, 8bit to 255, none keeps it."""
+    source = gray(64, seed=4)
+    for levels in (255, 4095, 65535):
+        lr = resolve_protocol("bicubic-x4").make_pair(source, source_levels=levels).lr
+        np.testing.assert_allclose(lr * levels, np.round(lr * levels), atol=levels * 1e-7 + 1e-3)
+    float_lr = resolve_protocol("bicubic-x4", {"lr_quantization": "none"}).make_pair(source, source_levels=255).lr
+    assert np.abs(float_lr * 255 - np.round(float_lr * 255)).max() > 0.1  # really not rounded
+    eight = resolve_protocol("bicubic-x4", {"lr_quantization": "8bit"}).make_pair(source, source_levels=65535).lr
+    np.testing.assert_allclose(eight * 255, np.round(eight * 255), atol=1e-3)
+    assert np.abs(eight - float_lr).max() <= 0.5 / 255 + 1e-6  # rounding moves no value by more than half a level
+    assert "rounded to the source's bit depth" in resolve_protocol("nih-x4").degradation
+    with pytest.raises(ConfigError, match="lr_quantization"):
+        load_config(None, ["eval.params.lr_quantization=4bit"])
+
+
+def test_pairs_of_files_and_prepared_rows_are_rounded_to_their_own_bit_depth(tmp_path):
+    """ProtocolPairs knows each source's levels: a 12-bit DICOM (4095), its prepared 16-bit PNG (sBIT 12), an
+    8-bit PNG (255)."""
+    from medsr_dist.data.prepare import to_training_png
+    from medsr_dist.eval.evaluate import ProtocolPairs
+    from medsr_dist.io.dicom import build_radiograph_dataset, dataset_to_bytes
+
+    image = gray(64, seed=5)
+    (tmp_path / "ct12.dcm").write_bytes(dataset_to_bytes(build_radiograph_dataset(image[:, :, 0], bits_stored=12)))
+    (tmp_path / "eight.png").write_bytes(encode_image(image, ImageMeta(format="png", dtype="uint8", bits_stored=8,
+                                                                     channels=1, photometric="MONOCHROME2")))
+    stage = ProtocolPairs(Storage(), resolve_protocol("bicubic-x4"), {}, [])
+    files = stage({"key": np.array([str(tmp_path / "ct12.dcm"), str(tmp_path / "eight.png")])})
+    prepared = stage({"key": np.array(["row"]), "image": np.array([to_training_png(image, 12)], dtype=object)})
+    for lr, levels in ((files["lr"][0], 4095), (files["lr"][1], 255), (prepared["lr"][0], 4095)):
+        np.testing.assert_allclose(lr * levels, np.round(lr * levels), atol=2e-3)
+        assert np.abs(lr * 255 - np.round(lr * 255)).max() > 0.1 or levels == 255  # not 8-bit in disguise
+
+
 def test_protocol_parameters_are_validated_in_the_config(tmp_path):
     cfg = load_config(REPO / "configs" / "eval_nih-x4.yaml", ["eval.params.blur_sigma=0.5", "eval.params.source_size=null"])
     from medsr_dist.eval.evaluate import protocol_of
@@ -302,6 +337,9 @@ def test_report_without_lpips_says_unavailable_and_keeps_error_cells(tmp_path, m
     files: dict[str, bytes] = {}
     write_eval_report(report, {}, files.__setitem__)
     assert report["summary"]["net"]["errors"] == 1 and report["summary"]["net"]["psnr"]["n"] == 2
+    # bicubic is averaged over the same two images (intersection), not over its three
+    assert report["summary"]["bicubic"]["psnr"]["n"] == 2 and report["summary"]["bicubic"]["psnr"]["mean"] == 31.0
+    assert report["summary"]["bicubic"]["scored"] == 3 and report["common_images"] == 2
     assert report["comparisons"]["net"]["psnr"]["n"] == 2 and report["comparisons"]["net"]["psnr"]["mean_difference"] == 1.0
     table = list(csv.DictReader(io.StringIO(files["results.csv"].decode())))
     assert len(table) == 6 and {r["lpips"] for r in table if r["status"] == "ok"} == {"unavailable"}
@@ -311,6 +349,8 @@ def test_report_without_lpips_says_unavailable_and_keeps_error_cells(tmp_path, m
     assert "LPIPS: <b>unavailable</b>" in page and "alexnet-owt-7be5be79.pth" in page
     assert page.count('class="unavailable"') >= 2 and '<td class="error" title="inference: RuntimeError: boom">error</td>' in page
     assert "unavailable" in files["results.md"].decode() and json.loads(files["results.json"])["lpips"]["available"] is False
+    for text in (page, files["results.md"].decode()):
+        assert "over the 2 of 3 images every model scored (net scored 2)" in text
 
 
 def test_figure_region_is_where_the_compared_models_disagree_and_big_panels_are_capped():
@@ -408,7 +448,10 @@ def test_every_image_and_model_gets_a_row_and_failures_are_error_cells(evaluated
             assert all(np.isfinite(r[k]) for k in ("psnr", "ssim", "lpips", "consistency_psnr_db")), r
     summary = result.report["summary"]
     assert summary["fragile"]["psnr"]["n"] == 4 and summary["fragile"]["errors"] == 2
-    assert summary["bicubic"]["psnr"]["n"] == 5
+    # every model is averaged over the same 4 images (fragile failed on narrow.png), and the report says so
+    assert summary["bicubic"]["psnr"]["n"] == 4 and summary["bicubic"]["scored"] == 5 and summary["fragile"]["scored"] == 4
+    assert result.report["common_images"] == 4 and "4 of 6 images every model scored" in result.report["note"]
+    assert "fragile scored 4" in result.report["note"]
     # the x2 network is run at x2 and Lanczos-resized to the protocol's x4 (and the report says so)
     x2 = next(m for m in result.report["models"] if m["name"] == "plain-x2")
     assert x2["native_scale"] == 2 and "resized to x4" in x2["note"]
@@ -421,7 +464,7 @@ def test_metrics_are_the_protocol_metrics_of_the_model_outputs(evaluated):
     from medsr_dist.eval.metrics import bicubic_upscale, psnr, ssim
 
     protocol = resolve_protocol("nih-x4", {"source_size": None})
-    pair = protocol.make_pair(gray(48, seed=11))
+    pair = protocol.make_pair(gray(48, seed=11), source_levels=65535)  # a 16-bit PNG source
     up = bicubic_upscale(pair.lr, 4)
     row = next(r for r in evaluated["result"].rows if (r["image"], r["model"]) == ("cxr1.png", "bicubic"))
     assert row["psnr"] == pytest.approx(psnr(up, pair.hr, max_value=1.0), abs=1e-3)  # 16-bit PNG round trip
@@ -448,7 +491,7 @@ def test_report_files_contain_every_model_image_figure_and_comparison(evaluated)
     data = json.loads((out / "results.json").read_text())
     assert set(data["comparisons"]) == {"tiny-x4", "plain-x2", "fragile"}
     ci = data["comparisons"]["tiny-x4"]["psnr"]
-    assert ci["ci_low"] <= ci["mean_difference"] <= ci["ci_high"] and ci["n"] == 5
+    assert ci["ci_low"] <= ci["mean_difference"] <= ci["ci_high"] and ci["n"] == 4  # the images every model scored
     rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
     assert len(rows) == 24 and {r["model"] for r in rows} == {"bicubic", "tiny-x4", "plain-x2", "fragile"}
     md = (out / "results.md").read_text()

@@ -421,13 +421,26 @@ class ProtocolPairs:
                    "figure": name in self.figures}
             try:
                 data = bytes(images[i]) if images is not None else self.storage.read_bytes(key)
-                pair = self.protocol.make_pair(single_frame_pixels(decode_image(data, key), key, "evaluation"))
+                decoded = decode_image(data, key)
+                pair = self.protocol.make_pair(single_frame_pixels(decoded, key, "evaluation"),
+                                               source_levels(data, decoded.meta))
                 row.update(hr=pair.hr, lr=pair.lr)
             except Exception as exc:  # noqa: BLE001 - an unreadable image is an error row for every model
                 row.update(status="error", error=f"input: {_error_text(exc)}")
             for k, v in row.items():
                 out[k].append(v)
         return {k: _object_array(v) if k in ("hr", "lr") else np.asarray(v) for k, v in out.items()}
+
+
+def source_levels(data: bytes, meta) -> int:
+    """The largest stored value of a source image (what its LR is rounded to): ``2**bits - 1`` of a PNG's
+    ``sBIT`` chunk (a prepared dataset's 16-bit PNG of a 12-bit DICOM says 12), else the format's (``ImageMeta.maxval``:
+    BitsStored for DICOM, the sample type otherwise)."""
+    from medsr_dist.data.prepare import significant_bits
+
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return (1 << significant_bits(data)) - 1
+    return int(meta.maxval)
 
 
 def _column(i: int, what: str) -> str:
@@ -717,7 +730,11 @@ def _runs_precision(plan: EvalPlan, e: EvalConfig, gpu: int) -> str:
 def build_report(cfg: MedsrConfig, plan: EvalPlan, rows: list[dict], seconds: float = 0.0,
                  precision: str | None = None) -> dict[str, Any]:
     """The report as a JSON-ready dict (NaN/inf floats are kept; writers spell them): settings, per-image values,
-    per-model summaries and paired comparisons with the baseline."""
+    per-model summaries and paired comparisons with the baseline.
+
+    Every model is averaged over the same images: those every model scored (``common_images``); an image one
+    model failed on is left out of every model's mean (and counted in that model's ``errors``), so the means stay
+    comparable. ``note`` says so when that set is smaller than the dataset."""
     from medsr_dist.eval.stats import paired_bootstrap, summarize
 
     e = cfg.eval
@@ -726,17 +743,20 @@ def build_report(cfg: MedsrConfig, plan: EvalPlan, rows: list[dict], seconds: fl
     cell = {(r["image"], r["model"]): r for r in rows}
     metrics = [m for m in METRICS if m != "lpips" or plan.lpips.available]
 
+    def ok(image: str, model: str) -> bool:
+        r = cell.get((image, model))
+        return r is not None and r["status"] == "ok"
+
+    common = [image for image in images if all(ok(image, m) for m in models)]
+
     def values(model: str, metric: str) -> list[float | None]:
-        out = []
-        for image in images:
-            r = cell.get((image, model))
-            out.append(r[metric] if r is not None and r["status"] == "ok" else None)
-        return out
+        return [cell[(image, model)][metric] for image in common]
 
     summary = {m: {metric: summarize(values(m, metric)).to_dict() for metric in metrics} for m in models}
     for m in models:
         summary[m]["errors"] = sum(1 for image in images if cell.get((image, m), {"status": "missing"})["status"] != "ok")
         summary[m]["images"] = len(images)
+        summary[m]["scored"] = sum(1 for image in images if ok(image, m))
         if not plan.lpips.available:
             summary[m]["lpips"] = UNAVAILABLE
     b = e.bootstrap
@@ -774,6 +794,11 @@ def build_report(cfg: MedsrConfig, plan: EvalPlan, rows: list[dict], seconds: fl
         "summary": summary,
         "comparisons": comparisons,
         "images": per_image,
+        "common_images": len(common),
+        "note": "" if len(common) == len(images) else (
+            f"means and comparisons are over the {len(common)} of {len(images)} images every model scored ("
+            + ", ".join(f"{m} scored {summary[m]['scored']}" for m in models if summary[m]["scored"] < len(images))
+            + "); an image one model failed on is left out for all"),
         "figures": [image for image in plan.figures],
         "errors": [{"image": r["image"], "model": r["model"], "error": r["error"]} for r in rows if r["status"] != "ok"],
         "seconds": seconds,

@@ -158,6 +158,8 @@ def results_markdown(report: dict[str, Any]) -> str:
         s = report["summary"][model]
         lines.append(f"| {_md_escape(model)} | " + " | ".join(_mean_std(s.get(m), METRIC_LABELS[m][1]) for m in metrics)
                      + f" | {s['errors']}/{s['images']} |")
+    if report.get("note"):
+        lines += ["", f"**Note:** {_md_escape(report['note'])}."]
     if report["comparisons"]:
         b = report["bootstrap"]
         lines += ["", f"## Paired difference with the baseline `{report['baseline']}`", "",
@@ -340,6 +342,8 @@ def render_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
             cells.append(f'<td class="{cls}">{_e(text)}</td>')
         parts.append(f"<tr><th>{_e(model)}</th>{''.join(cells)}<td class=\"num\">{s['errors']}/{s['images']}</td></tr>")
     parts.append("</table>")
+    if report.get("note"):
+        parts.append(f'<p class="warn">Note: {_e(report["note"])}.</p>')
     arrows = " ".join(f"{METRIC_LABELS[m][0]} {'↑' if METRIC_LABELS[m][2] else '↓'}" for m in metrics)
     parts.append(f"<p style='font-size:12px'>Better: {_e(arrows)}. Consistency: the output area-downsampled back to the "
                  "input grid against the input (a safeguard against changed content, not a fidelity proof).</p>")

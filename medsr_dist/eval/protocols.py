@@ -16,7 +16,10 @@ returns them):
    ground truth / ``scale`` with ``downsample`` (``matlab``: basicsr's MATLAB-compatible antialiased bicubic,
    the classic-benchmark "BI" degradation; ``opencv``: ``cv2.resize`` ``INTER_CUBIC``, no antialiasing), then
    a Gaussian blur of ``blur_sigma`` (kernel ``2*ceil(3*sigma)+1``, reflect-101 borders) when > 0, clipped
-   to [0, 1]. The input is kept in float32 (not re-quantised to 8 bits).
+   to [0, 1], then quantized like a real low-resolution image file (``lr_quantization``): ``source`` (default)
+   rounds it to the source's own levels (255 for 8-bit, 4095 for a 12-bit DICOM, 65535 for 16-bit: the papers'
+   pairs are 8-bit PNG files of 8-bit sources), ``8bit`` to 255 levels whatever the source, ``none`` keeps float32.
+   The ground truth is not re-quantized.
 4. *metrics*: PSNR/SSIM (basicsr's) with ``crop_border`` and ``test_y_channel``.
 
 This module imports nothing heavy at import time: the config validates protocol names and parameters
@@ -37,6 +40,7 @@ __all__ = ["PRESETS", "Protocol", "ProtocolError", "ProtocolPair", "resolve_prot
 _HR_RESIZE = ("none", "lanczos", "cubic", "area")
 _LR_FROM = ("hr", "source")
 _DOWNSAMPLE = ("matlab", "opencv")
+_LR_QUANTIZATION = ("source", "8bit", "none")
 
 
 class ProtocolError(ValueError):
@@ -72,6 +76,7 @@ class Protocol:
     blur_sigma: float = 0.0
     test_y_channel: bool = False
     crop_border: int = 0
+    lr_quantization: str = "source"
 
     def __post_init__(self) -> None:
         if self.scale < 1:
@@ -82,6 +87,8 @@ class Protocol:
             raise ValueError(f"lr_from must be one of {_LR_FROM}, got {self.lr_from!r}")
         if self.downsample not in _DOWNSAMPLE:
             raise ValueError(f"downsample must be one of {_DOWNSAMPLE}, got {self.downsample!r}")
+        if self.lr_quantization not in _LR_QUANTIZATION:
+            raise ValueError(f"lr_quantization must be one of {_LR_QUANTIZATION}, got {self.lr_quantization!r}")
         if self.blur_sigma < 0:
             raise ValueError(f"blur_sigma must be >= 0, got {self.blur_sigma}")
         if self.crop_border < 0:
@@ -106,6 +113,8 @@ class Protocol:
             lr = f"{kernel} resize of the source to {self.hr_size // self.scale}x{self.hr_size // self.scale}"
         if self.blur_sigma > 0:
             lr += f", then Gaussian blur sigma {self.blur_sigma:g}"
+        lr += {"source": ", rounded to the source's bit depth", "8bit": ", rounded to 8 bits", "none": " (float, not rounded)"}[
+            self.lr_quantization]
         metric = ("Y channel" if self.test_y_channel else "all channels") + f", crop border {self.crop_border}"
         return f"ground truth: {gt}; input: {lr}; metrics: {metric}"
 
@@ -126,11 +135,14 @@ class Protocol:
         return dataclasses.replace(self, **dict(overrides))
 
     # -- the pair ---------------------------------------------------------------------------------------
-    def make_pair(self, source: np.ndarray) -> ProtocolPair:
+    def make_pair(self, source: np.ndarray, source_levels: int | None = None) -> ProtocolPair:
         """Ground truth and model input for one source image.
 
         Args:
             source: (H, W) or (H, W, C) float in [0, 1], C in {1, 3, 4} (alpha is dropped).
+            source_levels: the source's largest stored value (``2**bits - 1``: 255, 4095, 65535), which
+                ``lr_quantization: source`` rounds the input to; None: unknown, the input is then not rounded
+                under ``source`` (callers that decode a file always know it).
 
         Returns:
             The pair, both (h, w, C) float32 with C in {1, 3}.
@@ -160,7 +172,13 @@ class Protocol:
             lr = _resize_to(source, hr.shape[0] // self.scale, hr.shape[1] // self.scale, self.downsample)
         if self.blur_sigma > 0:
             lr = gaussian_blur(lr, self.blur_sigma)
-        return ProtocolPair(hr=hr, lr=np.clip(lr, 0.0, 1.0).astype(np.float32, copy=False))
+        lr = np.clip(lr, 0.0, 1.0).astype(np.float32, copy=False)
+        levels = {"source": source_levels, "8bit": 255, "none": None}[self.lr_quantization]
+        if levels is not None:
+            if levels < 1:
+                raise ValueError(f"source_levels must be >= 1, got {levels}")
+            lr = (np.rint(lr * np.float32(levels)) / np.float32(levels)).astype(np.float32)
+        return ProtocolPair(hr=hr, lr=lr)
 
     def _ground_truth(self, source: np.ndarray) -> np.ndarray:
         h, w = source.shape[:2]
