@@ -246,7 +246,7 @@ def test_stow_refused_by_the_pacs_names_status_and_reason_without_identifiers(pa
     assert server.instance_count() == 0
 
 
-def test_stow_dropped_by_a_pacs_filter_is_an_error_not_a_success():
+def test_stow_dropped_by_a_pacs_filter_is_an_error_not_a_success(monkeypatch):
     # a PACS routing rule that drops derived objects, yet STOW-RS answers success (Orthanc 1.10 + DICOMweb 1.7)
     require_orthanc()
     lua = ('function ReceivedInstanceFilter(dicom, origin, info)\n'
@@ -255,13 +255,10 @@ def test_stow_dropped_by_a_pacs_filter_is_an_error_not_a_success():
         source = radiograph("filtered", study_key="f")
         server.upload(source)
         derived, _ = derived_object(source)
-        os.environ.update(server.env)
-        try:
-            with pytest.raises(PacsRefused, match="does not list the object afterwards") as info:
-                pacs_for(server).store(derived)
-        finally:
-            for name in server.env:
-                os.environ.pop(name, None)
+        for name, value in server.env.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(PacsRefused, match="does not list the object afterwards") as info:
+            pacs_for(server).store(derived)
         assert_no_identifiers(str(info.value))
         assert server.instance_count() == 1
 
