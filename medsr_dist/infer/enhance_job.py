@@ -783,6 +783,7 @@ class EnhanceResult:
     seconds: float = 0.0
     input_pixels: int = 0  # of the items enhanced in this run
     log_keys: bool = False
+    read_items: int = 0  # input reads (items sent to the pipeline; one retried alone twice); the rest: from the manifest
 
     @property
     def n_errors(self) -> int:
@@ -926,6 +927,7 @@ def _run_leased(cfg, storage, model, entries, run_id, lease, progress, t_start) 
     for row in plan.rows:
         finished(row)
     lost = _run_pipeline(cfg, spec, model, precision, gpu, plan.todo, finished, alone=False)
+    retried = len(lost)
     if lost:
         log.warning("%d item(s) lost with a model replica that died; retrying each alone", len(lost))
     lost = _run_pipeline(cfg, spec, model, precision, gpu, lost + plan.alone, finished, alone=True)
@@ -949,7 +951,8 @@ def _run_leased(cfg, storage, model, entries, run_id, lease, progress, t_start) 
     lease.refresh()  # still ours? (raises LeaseLostError: the cumulative manifest is the new holder's to write)
     write_manifest(storage, cumulative, merge_cumulative(storage, spec.output, rows))
     return EnhanceResult(output=e.output, manifest=cumulative, run_manifest=run_manifest, counts=counts, rows=rows,
-                         seconds=time.perf_counter() - t_start, input_pixels=pixels, log_keys=e.log_keys)
+                         seconds=time.perf_counter() - t_start, input_pixels=pixels, log_keys=e.log_keys,
+                         read_items=len(plan.todo) + len(plan.alone) + retried)
 
 
 def _precision(e: EnhanceConfig) -> tuple[bool, str]:
