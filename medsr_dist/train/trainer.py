@@ -22,6 +22,11 @@ from medsr_dist.train.loop import META_FILE, MODEL_FILE, train_loop_per_worker
 log = logging.getLogger(__name__)
 
 
+#: epochs one training stream may union: Ray Data 2.60 overflows Python's recursion limit on its dataset stats
+#: after about 200 (seen at 401: "maximum recursion depth exceeded" in DatasetStats.to_summary)
+MAX_EPOCHS = 128
+
+
 @dataclass
 class TrainResult:
     iterations: int
@@ -75,6 +80,14 @@ def build_train_stream(cfg: MedsrConfig, storage: Storage, start_iteration: int 
     first_epoch = start_iteration * global_batch // n_images
     # one epoch of margin: drop_last and the equal split across workers can leave rows unused
     n_epochs = math.ceil(remaining / n_images) + 1
+    if n_epochs > MAX_EPOCHS:
+        raise ValueError(
+            f"train.iterations: {remaining} more samples ({cfg.train.iterations - start_iteration} iterations x "
+            f"train.batch_size {cfg.train.batch_size} x train.num_workers {cfg.train.num_workers}) are {n_epochs} epochs "
+            f"of the {n_images} prepared training images; the stream holds at most {MAX_EPOCHS} (Ray Data fails on a "
+            f"union of a few hundred epochs). Prepare more training rows (prepare.subimages, prepare.multiscale) or "
+            f"train fewer iterations"
+        )
     epochs = [base.randomize_block_order(seed=cfg.run.seed + e).map_batches(_tag_epoch(e), batch_format="pyarrow")
               for e in range(first_epoch, first_epoch + n_epochs)]
     stream = epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]
