@@ -86,7 +86,7 @@ def _train_models(args, out_dir):
                                  f"model.scale_factor_iterations={max(1, args.vae_iters // 5)}", "train.lr_g=5e-4"])
     fam, strat, ema = _train(vae_cfg, args.vae_iters, 4, 1)
     vae_dir = os.path.join(out_dir, "vae")
-    os.makedirs(vae_dir)
+    os.makedirs(vae_dir, exist_ok=True)
     write_export(vae_dir, vae_cfg, args.vae_iters, fam, {"vae": strat.raw("vae")}, ema)
     lq, gt = _pairs(range(args.images))
     with torch.no_grad():
@@ -101,7 +101,7 @@ def _train_models(args, out_dir):
                                  f"train.iterations={args.ldm_iters}", "train.lr_g=1e-3", "train.ema_decay=0.99", *extra])
         fam, strat, ema = _train(cfg, args.ldm_iters, args.train_batch, 2)
         d = os.path.join(out_dir, name)
-        os.makedirs(d)
+        os.makedirs(d, exist_ok=True)
         write_export(d, cfg, args.ldm_iters, fam, {k: strat.raw(k) for k in ("unet", "vae")}, ema)
         exports[name] = os.path.join(d, "model.pth")
     return exports
@@ -127,17 +127,25 @@ def main() -> None:
     p.add_argument("--ldm-iters", type=int, default=600)
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--zero-snr", action="store_true", help="(d): also train and measure a zero-terminal-SNR U-Net")
+    p.add_argument("--out", help="keep the trained exports here (vae/, eps/, zsnr/); default: a temporary folder")
+    p.add_argument("--zsnr", help="with --ldm: the zero-terminal-SNR export for (d)")
+    p.add_argument("--repeats", type=int, default=2, help="timings are the best of this many runs")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    from medsr_dist.infer.diffusion_backend import DiffusionBackend, _OrtParts, onnx_part_uri
+    from medsr_dist.infer.diffusion_backend import DiffusionBackend, _OrtParts
     from medsr_dist.infer.model_file import read_model_file
     from medsr_dist.models.ldm import export_ldm_onnx
     from medsr_dist.storage import Storage
 
     with tempfile.TemporaryDirectory(prefix="bench_ldm_") as tmp:
-        exports = {"eps": args.ldm} if args.ldm else _train_models(args, tmp)
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+        if args.ldm:
+            exports = {"eps": args.ldm, **({"zsnr": args.zsnr} if args.zsnr else {})}
+        else:
+            exports = _train_models(args, args.out or tmp)
         mf = read_model_file(exports["eps"])
         module = mf.build(Storage())
         lq, gt = _pairs(range(args.images))
@@ -155,8 +163,15 @@ def main() -> None:
         rows = {}
         for sampler, steps in (("ddpm", 300), ("ddim", 50), ("dpmsolver++", 20)):
             be = DiffusionBackend(module, samples=1, sampler=sampler, steps=steps)
-            sec, out = _time(lambda: run(be, lq_np))
+            sec, out = _time(lambda: run(be, lq_np), repeats=args.repeats)
             rows[sampler] = (steps, sec / args.images, _psnr(out, gt))
+        with torch.inference_mode():
+            sec_vae, _ = _time(lambda: module.vae.decode(module.condition(lq)), repeats=args.repeats)
+            z = module.condition(lq)
+            tt = torch.full((len(lq),), 150, dtype=torch.int64)
+            sec_call, _ = _time(lambda: module.unet(torch.cat([z, z], 1), tt), repeats=args.repeats)
+        print(f"fixed cost per image (VAE encode + decode, 256 px): {sec_vae / args.images:.3f} s; "
+              f"one U-Net call per image: {sec_call / args.images * 1e3:.1f} ms")
         ref = rows["ddpm"]
         print("\n(a) sampler        steps  s/image  speed-up vs DDPM-300  PSNR dB  |dPSNR| vs DDPM-300")
         for name, (steps, spi, ps) in rows.items():
@@ -166,8 +181,8 @@ def main() -> None:
         lq_b, _ = _pairs(range(100, 100 + args.batch))
         xb = lq_b.numpy()
         be = DiffusionBackend(module, samples=1, sampler="ddim", steps=50)
-        sec_batched, _ = _time(lambda: run(be, xb))
-        sec_single, _ = _time(lambda: [run(be, xb[i:i + 1]) for i in range(len(xb))])
+        sec_batched, _ = _time(lambda: run(be, xb), repeats=args.repeats)
+        sec_single, _ = _time(lambda: [run(be, xb[i:i + 1]) for i in range(len(xb))], repeats=args.repeats)
         print(f"\n(b) DDIM-50, {args.batch} images: one denoising step for all {args.batch / sec_batched:.2f} images/s, "
               f"one image at a time {args.batch / sec_single:.2f} images/s: {sec_single / sec_batched:.2f}x")
 
@@ -186,7 +201,7 @@ def main() -> None:
         print(f"    one U-Net call, batch {args.batch}: torch {sec_t * 1e3:.0f} ms, onnxruntime {sec_o * 1e3:.0f} ms "
               f"({sec_t / sec_o:.2f}x)")
         be_ort = DiffusionBackend(module, samples=1, sampler="ddim", steps=50, ort_parts=ort)
-        sec_ob, out_o = _time(lambda: run(be_ort, xb))
+        sec_ob, out_o = _time(lambda: run(be_ort, xb), repeats=args.repeats)
         out_t = run(be, xb)
         print(f"    DDIM-50 on {args.batch} images: torch {sec_batched:.1f} s, onnxruntime {sec_ob:.1f} s "
               f"({sec_batched / sec_ob:.2f}x); max |torch - ORT| output {float((out_t - out_o).abs().max()):.1e}")
@@ -199,7 +214,6 @@ def main() -> None:
                 res = [_psnr(run(DiffusionBackend(m, samples=1, sampler=s, steps=n), lq_np), gt)
                        for s, n in (("ddpm", 300), ("ddim", 50))]
                 print(f"    {name:34s} {res[0]:13.2f}  {res[1]:12.2f}")
-        del onnx_part_uri
 
 
 if __name__ == "__main__":
