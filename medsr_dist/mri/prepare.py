@@ -14,7 +14,8 @@ crop and a scale-1 model): ``key`` (``<volume>#<slice axis>/<degraded axis>#<ind
 ``patient_id`` (the group), ``volume``, ``orientation``, ``slice_index``, ``degraded_axis``, ``image`` (ground
 truth, 16-bit gray PNG), ``lq_image`` (interpolated degraded slice, same size), ``pair_scale`` (1), ``height``,
 ``width``, ``channels`` (1), ``bits`` (16), ``format`` (``nifti``), ``meta`` (JSON: factor, profile, mode,
-intensity window, voxel sizes, low-resolution axis). Both images are in the volume's intensity window
+intensity window, voxel sizes, low-resolution axis, which voxel axis is normal to the axial/coronal/sagittal
+planes, so an orientation ``b/a`` reads e.g. "coronal slice, degraded along the axial normal"). Both images are in the volume's intensity window
 (:func:`medsr_dist.mri.simulate.intensity_window`) with the degraded axis as rows.
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ def volume_pairs(data: bytes, rel_key: str, group: str, split: str, mri: MriConf
             mode (its voxel sizes must agree within 20 %) or not anisotropic for self mode.
     """
     from medsr_dist.mri.simulate import intensity_window, self_supervised_pairs, supervised_pairs
-    from medsr_dist.mri.volume import VolumeError, low_resolution_axis, read_volume
+    from medsr_dist.mri.volume import VolumeError, low_resolution_axis, plane_normal_axes, read_volume
 
     vol = read_volume(data, rel_key)
     k = mri.factor
@@ -64,7 +65,8 @@ def volume_pairs(data: bytes, rel_key: str, group: str, split: str, mri: MriConf
         window = intensity_window(vol.data, k, vol.shape[lr_axis])
         pairs = self_supervised_pairs(vol.data, lr_axis, k, mri.profile, skip_empty=mri.skip_empty, window=window)
     meta = json.dumps({"factor": k, "profile": mri.profile, "mode": mri.mode, "window": [window.low, window.high],
-                       "spacing_mm": spacing, "lr_axis": lr_axis, "shape": list(vol.shape)})
+                       "spacing_mm": spacing, "lr_axis": lr_axis, "shape": list(vol.shape),
+                       "plane_normal_axes": plane_normal_axes(vol.affine)})
     rows = []
     for n, pair in enumerate(pairs):
         row_split = split
