@@ -38,6 +38,7 @@ size, version) matches its cumulative-manifest row and whose output is still lis
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import json
@@ -1008,6 +1009,10 @@ def _iterate(cfg, spec, model, precision, gpu, items, finished, per_batch) -> li
         row = _manifest_row({k: _plain(v) for k, v in raw.items()})
         seen.add(row["input_key"])
         finished(row)
+    # Ray Data releases its replicas by reference counting; a replica Ray restarted after a crash outlives the
+    # dataset until the dataset's references are collected, and would hold its CPUs/GPU from the next pass.
+    del ds
+    gc.collect()
     return [item for item in items if item["key"] not in seen]
 
 
