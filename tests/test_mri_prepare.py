@@ -85,8 +85,9 @@ def test_supervised_pairs_are_split_by_volume_and_bad_volumes_become_error_rows(
     assert gt.dtype == np.uint16 and gt.shape == lq.shape == (12, 12)
     np.testing.assert_allclose(gt / 65535.0, pair.gt, atol=1 / 65535)
     np.testing.assert_allclose(lq / 65535.0, pair.lq, atol=1 / 65535)
-    assert row["pair_scale"] == 1 and row["patient_id"] == row["volume"].split("_")[0]
+    assert row["pair_scale"] == 1 and row["group"] == row["volume"].split("_")[0]
     assert json.loads(row["meta"])["window"] == pytest.approx([window.low, window.high])
+    assert json.loads(row["meta"])["plane_normal_axes"] == {"sagittal": 0, "coronal": 1, "axial": 2}
     summary = json.loads((ds / "summary.json").read_text())
     assert summary["errors"] == 2 and summary["mri"]["factor"] == 2
 

@@ -10,13 +10,14 @@ In ``self`` mode there is one volume per patient and no hold-out volume: every `
 (monitoring only), the rest to train.
 
 Row schema (``<output>/<split>/*.parquet``; the 2-D paired schema, so ``medsr train`` streams it with the paired
-crop and a scale-1 model): ``key`` (``<volume>#<slice axis>/<degraded axis>#<index>``), ``rel_key``,
-``patient_id`` (the group), ``volume``, ``orientation``, ``slice_index``, ``degraded_axis``, ``image`` (ground
+crop and a scale-1 model): ``key`` (``<volume>#<slice axis>/<degraded axis>#<index>``), ``rel_key``, ``group``
+(the split group: the file-name pattern's patient part, like the 2-D ``group``; no DICOM PatientID is read),
+``volume``, ``orientation``, ``slice_index``, ``degraded_axis``, ``image`` (ground
 truth, 16-bit gray PNG), ``lq_image`` (interpolated degraded slice, same size), ``pair_scale`` (1), ``height``,
 ``width``, ``channels`` (1), ``bits`` (16), ``format`` (``nifti``), ``meta`` (JSON: factor, profile, mode,
 intensity window, voxel sizes, low-resolution axis, which voxel axis is normal to the axial/coronal/sagittal
-planes, so an orientation ``b/a`` reads e.g. "coronal slice, degraded along the axial normal"). Both images are in the volume's intensity window
-(:func:`medsr_dist.mri.simulate.intensity_window`) with the degraded axis as rows.
+planes, so an orientation ``b/a`` reads e.g. "coronal slice, degraded along the axial normal"). Both images are
+in the volume's intensity window (:func:`medsr_dist.mri.simulate.intensity_window`) with the degraded axis as rows.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from medsr_dist.storage import Storage
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("key", "rel_key", "patient_id", "volume", "orientation", "slice_index", "degraded_axis", "image",
+COLUMNS = ("key", "rel_key", "group", "volume", "orientation", "slice_index", "degraded_axis", "image",
            "lq_image", "pair_scale", "height", "width", "channels", "bits", "format", "meta", "split", "ok", "error")
 
 
@@ -73,7 +74,7 @@ def volume_pairs(data: bytes, rel_key: str, group: str, split: str, mri: MriConf
         if mri.mode == "self":
             row_split = "val" if n % mri.val_every == mri.val_every - 1 else "train"
         rows.append(dict(
-            key=f"{rel_key}#{pair.orientation}#{pair.index}", rel_key=rel_key, patient_id=group, volume=rel_key,
+            key=f"{rel_key}#{pair.orientation}#{pair.index}", rel_key=rel_key, group=group, volume=rel_key,
             orientation=pair.orientation, slice_index=pair.index, degraded_axis=pair.degraded_axis,
             image=_png(pair.gt), lq_image=_png(pair.lq), pair_scale=1, height=pair.gt.shape[0],
             width=pair.gt.shape[1], channels=1, bits=16, format="nifti", meta=meta, split=row_split, ok=True, error=""))
@@ -95,7 +96,7 @@ class MakeVolumePairs:
             try:
                 rows = volume_pairs(self.storage.read_bytes(str(key)), str(rel), str(group), str(split), self.mri)
             except Exception as exc:  # noqa: BLE001 - a bad volume is an error row, never a failed job
-                rows = [dict(key=str(key), rel_key=str(rel), patient_id=str(group), volume=str(rel), orientation="",
+                rows = [dict(key=str(key), rel_key=str(rel), group=str(group), volume=str(rel), orientation="",
                              slice_index=-1, degraded_axis=-1, image=b"", lq_image=b"", pair_scale=1, height=0,
                              width=0, channels=0, bits=0, format="", meta="", split=str(split), ok=False,
                              error=f"{type(exc).__name__}: {exc}")]
@@ -134,13 +135,13 @@ def prepare_slice_pairs(cfg: MedsrConfig, mri: MriConfig, storage: Storage | Non
         MakeVolumePairs, fn_constructor_args=(storage, mri), batch_size=1,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(cpus, len(items))),
     ).materialize()
-    index = pairs.select_columns(["key", "volume", "patient_id", "split", "ok", "error"]).take_all()
+    index = pairs.select_columns(["key", "volume", "group", "split", "ok", "error"]).take_all()
     errors = [{"key": r["key"], "error": r["error"]} for r in index if not r["ok"]]
     pafs, out_path = storage.pyarrow_fs(p.output)
     counts, patients = {}, {}
     for split in SPLITS:
         rows = [r for r in index if r["ok"] and r["split"] == split]
-        counts[split], patients[split] = len(rows), len({r["patient_id"] for r in rows})
+        counts[split], patients[split] = len(rows), len({r["group"] for r in rows})
         if not rows:
             continue
         part = pairs.filter(lambda row, _s=split: row["ok"] and row["split"] == _s).drop_columns(["ok", "error", "split"])
