@@ -59,7 +59,7 @@ from medsr_dist import __version__
 from medsr_dist.config import EnhanceConfig, MedsrConfig, StorageConfig
 from medsr_dist.infer.engine import ENGINE_REVISION
 from medsr_dist.infer.model_file import ModelFile, build_model_backend, read_model_file, runnable_precision
-from medsr_dist.storage import PARTIAL_SUFFIX, FileEntry, Lease, LeaseLostError, Storage, is_under, relative_key
+from medsr_dist.storage import PARTIAL_SUFFIX, FileEntry, Lease, Storage, is_under, relative_key
 
 log = logging.getLogger(__name__)
 
