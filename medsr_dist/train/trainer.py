@@ -178,6 +178,7 @@ def make_trainer(cfg: MedsrConfig, storage: Storage, datasets: dict, val_pairs: 
 
     from medsr_dist.runtime import cluster_has_gpus
 
+    cfg = worker_config(cfg)
     t = cfg.train
     use_gpu = t.use_gpu if t.use_gpu is not None else cluster_has_gpus()
     pafs, out_path = storage.pyarrow_fs(t.output)
@@ -194,6 +195,17 @@ def make_trainer(cfg: MedsrConfig, storage: Storage, datasets: dict, val_pairs: 
         ),
         datasets=datasets,
     )
+
+
+def worker_config(cfg: MedsrConfig) -> MedsrConfig:
+    """``cfg`` as the workers must see it: relative local weight paths (``model.pretrained_g/_d``) made absolute,
+    since Ray workers do not run in the driver's working directory. Zoo names and store URIs are kept."""
+    cfg = cfg.model_copy(deep=True)
+    for key in ("pretrained_g", "pretrained_d"):
+        value = getattr(cfg.model, key, None)
+        if value and "://" not in value and os.path.exists(value):
+            setattr(cfg.model, key, os.path.abspath(value))
+    return cfg
 
 
 def export_checkpoint(checkpoint, cfg: MedsrConfig, storage: Storage) -> tuple[str, str]:
