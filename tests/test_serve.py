@@ -1,0 +1,304 @@
+"""The Serve endpoint (medsr_dist/serve/) on a local Ray, over real HTTP (httpx): one app shared by the module.
+
+What a client relies on: the answer is the engine's own output in the input's form, concurrent clients all get
+their own image back, overload is answered with 503 + Retry-After and passes, every kind of bad input gets its
+4xx with a reason (never a 500, never a patient identifier), and a killed replica does not take the app down.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import os
+import socket
+import struct
+import time
+import zlib
+
+import cv2
+import numpy as np
+import pydicom
+import pydicom.data
+import pytest
+
+httpx = pytest.importorskip("httpx")
+ray = pytest.importorskip("ray")
+
+from medsr_dist.config import load_config  # noqa: E402
+from medsr_dist.infer.model_file import read_model_file  # noqa: E402
+from medsr_dist.infer.replica import EngineSettings, ModelReplica  # noqa: E402
+from medsr_dist.io.image import decode_image, encode_image  # noqa: E402
+from medsr_dist.storage import Storage  # noqa: E402
+
+pytestmark = pytest.mark.timeout(600)
+
+TILE = {"tile": 16, "tile_overlap": 4, "tile_blend": 4}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tiny_model_dir):
+    """The app: model 'tiny' (x4, 2 replicas) behind the ingress; yields (url, cfg)."""
+    from ray import serve
+
+    from medsr_dist.serve.app import start
+
+    port = free_port()
+    cfg = load_config(None, [
+        f"serve.models=[{{name: tiny, checkpoint: {tiny_model_dir}/model.pth}}]", f"serve.port={port}",
+        *(f"serve.{k}={v}" for k, v in TILE.items()), "serve.max_batch_size=4", "serve.batch_wait_timeout_s=0.02",
+        "serve.max_ongoing_requests=4", "serve.max_queued_requests=2", "serve.min_replicas=2", "serve.max_replicas=2",
+        "serve.cpus_per_replica=0.5", "serve.max_body_bytes=3000000", "serve.max_input_pixels=1000000",
+        "serve.max_output_pixels=20000000", "serve.request_timeout_s=8", "serve.retry_after_s=1",
+    ])
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        url = start(cfg)
+        yield url, cfg
+    finally:
+        serve.shutdown()
+        if started:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def direct(tiny_model_dir):
+    """The engine called directly with the app's settings: what every answer must equal."""
+    replica = ModelReplica.load(read_model_file(f"{tiny_model_dir}/model.pth"), Storage(),
+                                EngineSettings(**TILE, batch_size=4))
+
+    def expected(data: bytes, outscale: float | None = None) -> np.ndarray:
+        image = decode_image(data, "x")
+        frames = image.pixels if image.pixels.ndim == 4 else image.pixels[None]
+        out = np.stack([o if o.ndim == 3 else o[:, :, None]
+                        for o in replica.enhance_many(list(frames), outscale=outscale)])
+        encoded = encode_image(out if image.meta.frames > 1 else out[0], image.meta, image.header,
+                               scale=out.shape[1] / frames.shape[1])
+        return decode_image(encoded, "x").pixels
+
+    return expected
+
+
+def post(url: str, data: bytes, timeout: float = 60, **params) -> httpx.Response:
+    return httpx.post(f"{url}/v1/enhance", content=data, params=params or None, timeout=timeout)
+
+
+def rgb_png(seed: int = 0, h: int = 30, w: int = 22) -> bytes:
+    img = (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
+    return cv2.imencode(".png", img)[1].tobytes()
+
+
+def gray16_png() -> bytes:
+    img = (np.random.default_rng(1).random((26, 20)) * 65535).astype(np.uint16)
+    return cv2.imencode(".png", img)[1].tobytes()
+
+
+def tiff16() -> bytes:
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, (np.random.default_rng(2).random((24, 18)) * 65535).astype(np.uint16))
+    return buf.getvalue()
+
+
+def jpeg() -> bytes:
+    img = (np.random.default_rng(3).random((20, 28, 3)) * 255).astype(np.uint8)
+    return cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+
+
+def ct_dicom() -> bytes:
+    """pydicom's CT_small.dcm (128 x 128 signed 16-bit), cropped to 40 x 36 to keep the test fast."""
+    path = os.path.join(os.path.dirname(pydicom.data.__file__), "test_files", "CT_small.dcm")
+    ds = pydicom.dcmread(path)
+    ds.PixelData = np.ascontiguousarray(ds.pixel_array[:40, :36]).tobytes()
+    ds.Rows, ds.Columns = 40, 36
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims ``width`` x ``height`` with almost no data (a pixel bomb)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def non_image_dicom(patient_name: str, patient_id: str) -> bytes:
+    """A Basic Text SR object (no pixel data) naming a patient."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Modality, ds.PatientName, ds.PatientID = "SR", patient_name, patient_id
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.ValueType, ds.ContentSequence = "CONTAINER", pydicom.Sequence()
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+FORMATS = {"png-rgb8": (rgb_png, "image/png"), "png-gray16": (gray16_png, "image/png"),
+           "tiff-gray16": (tiff16, "image/tiff"), "jpeg": (jpeg, "image/jpeg"), "dicom-ct": (ct_dicom, "application/dicom")}
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_the_answer_is_the_engines_output_in_the_inputs_form(app, direct, fmt):
+    url, _ = app
+    make, media = FORMATS[fmt]
+    data = make()
+    r = post(url, data)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == media
+    got, source = decode_image(r.content, "answer"), decode_image(data, "input")
+    assert got.meta.format == source.meta.format and got.meta.dtype == source.meta.dtype  # 16-bit stays 16-bit
+    assert got.meta.channels == source.meta.channels
+    np.testing.assert_array_equal(got.pixels, direct(data))
+    model = read_model_file(app[1].serve.models[0].checkpoint)
+    assert r.headers["x-medsr-model"] == model.name and r.headers["x-medsr-model-sha256"] == model.sha256
+    assert r.headers["x-medsr-scale"] == "4" and r.headers["x-medsr-engine-revision"].isdigit()
+    assert float(r.headers["x-medsr-consistency-psnr-db"]) > 0
+    if fmt == "dicom-ct":
+        ds = pydicom.dcmread(io.BytesIO(r.content))
+        assert "DERIVED" in ds.ImageType and ds.Rows == 160 and ds.PixelRepresentation == 1
+
+
+def test_multipart_upload_with_outscale(app, direct):
+    url, _ = app
+    data = rgb_png(5)
+    r = httpx.post(f"{url}/v1/enhance", files={"file": ("scan.png", data, "image/png")}, data={"outscale": "2"},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-medsr-scale"] == "2"
+    np.testing.assert_array_equal(decode_image(r.content, "a").pixels, direct(data, outscale=2.0))
+
+
+def test_sixteen_concurrent_clients_each_get_their_own_image(app, direct):
+    url, _ = app
+    inputs = [rgb_png(100 + i, h=20 + (i % 2), w=18) for i in range(16)]  # two shapes; one tile each (< 32 px)
+
+    def client(data: bytes) -> httpx.Response:
+        for _ in range(60):  # a client retries a 503 after its Retry-After
+            r = post(url, data)
+            if r.status_code != 503:
+                return r
+            time.sleep(float(r.headers.get("retry-after", 1)))
+        return r
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(client, inputs))
+    assert [r.status_code for r in answers] == [200] * 16, [r.text for r in answers if r.status_code != 200]
+    for data, r in zip(inputs, answers):
+        np.testing.assert_array_equal(decode_image(r.content, "a").pixels, direct(data))
+    # each of these images is one tile: a model call with several tiles carried several requests
+    seen = max(httpx.get(f"{url}/v1/models", timeout=30).json()["models"][0]["replica_stats"]["max_tiles_per_call"]
+               for _ in range(6))
+    assert seen > 1
+
+
+def test_models_health_and_docs(app):
+    url, _ = app
+    models = httpx.get(f"{url}/v1/models", timeout=30).json()["models"]
+    assert [m["name"] for m in models] == ["tiny"] and models[0]["scale"] == 4 and models[0]["healthy"]
+    assert models[0]["model_sha256"] and models[0]["max_batch_size"] == 4 and models[0]["precision"] == "fp32"
+    assert httpx.get(f"{url}/healthz", timeout=30).text == "ok"
+    assert "/v1/enhance" in httpx.get(f"{url}/openapi.json", timeout=30).json()["paths"]
+    assert httpx.get(f"{url}/docs", timeout=30).status_code == 200
+
+
+def test_every_kind_of_bad_input_gets_its_4xx_with_a_reason(app):
+    url, _ = app
+    cases = {
+        "empty": (b"", {}, 400, "empty body"),
+        "not an image": (b"%PDF-1.7 hello", {}, 415, "not a supported image file"),
+        "truncated png": (rgb_png()[:60], {}, 400, ""),
+        "pixel bomb": (png_header_only(20000, 20000), {}, 413, "exceeds serve.max_input_pixels"),
+        "output too large": (png_header_only(600, 600), {"outscale": 16}, 413, "serve.max_output_pixels"),
+        "body too large": (b"\x89PNG\r\n\x1a\n" + b"\0" * 3_100_000, {}, 413, "serve.max_body_bytes"),
+        "no image in the dicom": (non_image_dicom("DOE^JANE", "PID-4711"), {}, 415, "Basic Text SR"),
+        "unknown model": (rgb_png(), {"model": "nope"}, 404, "unknown model"),
+        "bad outscale": (rgb_png(), {"outscale": -2}, 400, "outscale"),
+        "outscale not a number": (rgb_png(), {"outscale": "big"}, 400, "outscale"),
+    }
+    for label, (data, params, status, reason) in cases.items():
+        r = post(url, data, **params)
+        assert r.status_code == status, (label, r.status_code, r.text)
+        detail = r.json()["detail"]
+        assert reason in str(detail), (label, detail)
+        assert "DOE" not in r.text and "PID-4711" not in r.text, label
+
+
+def test_a_corrupt_dicom_is_a_400_that_names_no_patient(app):
+    url, _ = app
+    data = bytearray(ct_dicom())
+    ds = pydicom.dcmread(io.BytesIO(bytes(data)))
+    ds.PatientName, ds.PatientID = "ROE^RICHARD", "MRN-99887"
+    ds.PixelData = ds.PixelData[:100]  # too short for 40 x 36 x 16 bit
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    r = post(url, buf.getvalue())
+    assert r.status_code == 400, r.text
+    assert "ROE" not in r.text and "MRN-99887" not in r.text
+
+
+def test_overload_is_answered_503_with_retry_after_then_recovers(app):
+    url, _ = app
+    data = rgb_png(7, h=64, w=56)  # 16 tiles each; capacity: 2 replicas x (4 ongoing + 2 queued) = 12 requests
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        answers = list(pool.map(lambda _: post(url, data, timeout=120), range(64)))
+    codes = [r.status_code for r in answers]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(503) >= 4 and codes.count(200) >= 4, codes
+    assert all(r.headers.get("retry-after") == "1" for r in answers if r.status_code == 503)
+    time.sleep(1)
+    assert post(url, data).status_code == 200  # the queue drained: served again
+
+
+def test_a_killed_replica_does_not_take_the_app_down(app):
+    from ray import serve
+
+    url, cfg = app
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if "model-tiny" in a["name"] and "REPLICA" in a["name"].upper()]
+    assert len(names) == 2, names
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    codes = []
+    deadline = time.time() + 60
+    ok = 0
+    while ok < 6 and time.time() < deadline:
+        r = post(url, rgb_png(len(codes)))
+        codes.append(r.status_code)
+        ok += r.status_code == 200
+        if r.status_code == 503:
+            time.sleep(0.5)
+    assert ok == 6 and set(codes) <= {200, 503}, codes
+    # and Serve replaces the replica
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        status = serve.status().applications[cfg.serve.app_name].deployments["model-tiny"]
+        if status.status == "HEALTHY" and status.replica_states.get("RUNNING", 0) == 2:
+            break
+        time.sleep(1)
+    assert status.replica_states.get("RUNNING", 0) == 2, status
+
+
+def test_past_request_timeout_the_answer_is_408(app):
+    url, cfg = app
+    # 1000 x 1000 at x4 through 16-pixel tiles (~4000 model tiles) takes longer than request_timeout_s (8 s) here
+    big = cv2.imencode(".png", (np.random.default_rng(9).random((1000, 1000)) * 255).astype(np.uint8))[1].tobytes()
+    t0 = time.perf_counter()
+    r = post(url, big, timeout=120)
+    assert r.status_code == 408, (r.status_code, r.text[:200])
+    assert time.perf_counter() - t0 < cfg.serve.request_timeout_s + 15
