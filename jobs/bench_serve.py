@@ -1,0 +1,269 @@
+"""Benchmark of the Serve endpoint on localhost (bounded: a few minutes on 2 cores).
+
+    python jobs/bench_serve.py [--replicas 2] [--images 48] [--seconds 20] [--json out.json]
+
+Prints, side by side:
+
+1. throughput at saturation: the app over HTTP (clients keep replicas x max_ongoing_requests requests in flight)
+   vs the engine called directly (``ModelReplica``: decode -> enhance -> encode, the same work) in the same number
+   of Ray actors on the same images — goal >= 0.9;
+2. p50/p99 latency at 50 % and 100 % of the saturation rate (open-loop arrivals, Poisson);
+3. the share of 503s at 2x overload, and that no other error occurred;
+4. replica count over time as load rises and falls (autoscaling between 1 and --replicas).
+
+The model is an RRDBNet x4 with random weights (num_feat 32, 2 blocks: a cost per tile like a small production
+model without needing its weights); images are 64 x 64 8-bit RGB PNGs cut into 32-px tiles (plus overlap).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def write_model(root: Path) -> str:
+    import hashlib
+
+    import torch
+
+    import medsr_dist.compat  # noqa: F401
+    from basicsr.archs.rrdbnet_arch import RRDBNet
+    from medsr_dist.models.weights import save_basicsr_checkpoint
+
+    torch.manual_seed(0)
+    arch = {"num_feat": 32, "num_block": 2, "num_grow_ch": 16}
+    net = RRDBNet(num_in_ch=3, num_out_ch=3, scale=4, **arch)
+    data = save_basicsr_checkpoint(net, "", ema=net)
+    (root / "model.pth").write_bytes(data)
+    meta = {"family": "realesrgan", "scale": 4, "generator": {"type": "RRDBNet", "num_in_ch": 3, "num_out_ch": 3,
+            **arch}, "name": "bench-rrdbnet", "sha256": hashlib.sha256(data).hexdigest()}
+    (root / "meta.json").write_text(json.dumps(meta))
+    return str(root / "model.pth")
+
+
+def images(n: int, side: int = 64) -> list[bytes]:
+    import cv2
+
+    rng = np.random.default_rng(0)
+    return [cv2.imencode(".png", (rng.random((side, side, 3)) * 255).astype(np.uint8))[1].tobytes() for _ in range(n)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+ENGINE = {"tile": 32, "tile_overlap": 8, "tile_blend": 4}
+
+
+def direct_throughput(checkpoint: str, data: list[bytes], replicas: int, batch: int) -> float:
+    """Images/s of ``replicas`` Ray actors each running decode -> ModelReplica -> encode on its share."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class Direct:
+        def __init__(self):
+            from medsr_dist.infer.model_file import read_model_file
+            from medsr_dist.infer.replica import EngineSettings, ModelReplica
+            from medsr_dist.storage import Storage
+
+            self.replica = ModelReplica.load(read_model_file(checkpoint), Storage(),
+                                             EngineSettings(**ENGINE, batch_size=batch))
+
+        def run(self, items: list[bytes]) -> int:
+            from medsr_dist.io.image import decode_image, encode_image
+
+            decoded = [decode_image(d, "x") for d in items]
+            for img, (_, out) in zip(decoded, self.replica.enhance_each([i.pixels for i in decoded])):
+                encode_image(out, img.meta, scale=4.0)
+            return len(items)
+
+        def ready(self):
+            return True
+
+    actors = [Direct.remote() for _ in range(replicas)]
+    ray.get([a.ready.remote() for a in actors])
+    ray.get([a.run.remote(data[:2]) for a in actors])  # warm-up
+    t0 = time.perf_counter()
+    done = sum(ray.get([a.run.remote(data[i::replicas]) for i, a in enumerate(actors)]))
+    rate = done / (time.perf_counter() - t0)
+    for a in actors:
+        ray.kill(a)
+    return rate
+
+
+def closed_loop(url: str, data: list[bytes], concurrency: int, total: int) -> tuple[float, list[int]]:
+    import httpx
+
+    codes: list[int] = []
+    lock = threading.Lock()
+    counter = iter(range(total))
+
+    def worker():
+        with httpx.Client(timeout=120) as client:
+            for i in counter:
+                r = client.post(f"{url}/v1/enhance", content=data[i % len(data)])
+                with lock:
+                    codes.append(r.status_code)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(c == 200 for c in codes) / (time.perf_counter() - t0), codes
+
+
+def open_loop(url: str, data: list[bytes], rate: float, seconds: float, seed: int = 0) -> tuple[list[float], list[int]]:
+    """Poisson arrivals at ``rate``/s for ``seconds``; returns latencies of 200s (s) and every status code."""
+    import httpx
+
+    rng = np.random.default_rng(seed)
+    latencies, codes = [], []
+    lock = threading.Lock()
+    client = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=512, max_keepalive_connections=512))
+
+    def one(i: int):
+        t0 = time.perf_counter()
+        try:
+            r = client.post(f"{url}/v1/enhance", content=data[i % len(data)])
+            code = r.status_code
+        except httpx.HTTPError:
+            code = -1
+        with lock:
+            codes.append(code)
+            if code == 200:
+                latencies.append(time.perf_counter() - t0)
+
+    with concurrent.futures.ThreadPoolExecutor(256) as pool:
+        t_end, i, next_at = time.perf_counter() + seconds, 0, time.perf_counter()
+        while next_at < t_end:
+            time.sleep(max(0.0, next_at - time.perf_counter()))
+            pool.submit(one, i)
+            i += 1
+            next_at += rng.exponential(1.0 / rate)
+    client.close()
+    return latencies, codes
+
+
+def replica_count(app: str) -> int:
+    from ray import serve
+
+    try:
+        d = serve.status().applications[app].deployments["model-default"]
+        return int(d.replica_states.get("RUNNING", 0))
+    except KeyError:
+        return 0
+
+
+def start_app(checkpoint: str, port: int, *, replicas: int, min_replicas: int, batch: int, ongoing: int):
+    from medsr_dist.config import load_config
+    from medsr_dist.serve.app import start
+
+    cfg = load_config(None, [
+        f"enhance.checkpoint={checkpoint}", f"serve.port={port}", *(f"serve.{k}={v}" for k, v in ENGINE.items()),
+        f"serve.max_batch_size={batch}", "serve.batch_wait_timeout_s=0.005", f"serve.max_ongoing_requests={ongoing}",
+        f"serve.max_queued_requests={ongoing}", f"serve.min_replicas={min_replicas}", f"serve.max_replicas={replicas}",
+        f"serve.target_ongoing_requests={max(1, ongoing // 2)}", "serve.upscale_delay_s=1", "serve.downscale_delay_s=4",
+        "serve.cpus_per_replica=1", "serve.retry_after_s=1", "serve.request_timeout_s=120",
+    ])
+    return start(cfg), cfg
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--images", type=int, default=48, help="requests per saturation measurement")
+    p.add_argument("--seconds", type=float, default=15, help="duration of each open-loop phase")
+    p.add_argument("--batch", type=int, default=4, help="serve.max_batch_size (tiles per model call)")
+    p.add_argument("--ongoing", type=int, default=4, help="serve.max_ongoing_requests per replica")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+
+    import ray
+    from ray import serve
+
+    ray.init(address="local", num_cpus=max(4, args.replicas + 2), include_dashboard=False, log_to_driver=False)
+    root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    checkpoint = write_model(root)
+    data = images(16)
+    results: dict = {"replicas": args.replicas, "batch": args.batch, "ongoing": args.ongoing, "image": "64x64 RGB PNG",
+                     "engine": ENGINE}
+
+    direct = direct_throughput(checkpoint, data * (args.images // len(data) + 1), args.replicas, args.batch)
+    results["direct_images_per_s"] = direct
+
+    port = free_port()
+    url, cfg = start_app(checkpoint, port, replicas=args.replicas, min_replicas=args.replicas, batch=args.batch,
+                         ongoing=args.ongoing)
+    closed_loop(url, data, args.replicas * args.ongoing, 2 * args.replicas * args.ongoing)  # warm-up
+    served, codes = closed_loop(url, data, args.replicas * args.ongoing, args.images)
+    results["serve_images_per_s"] = served
+    results["serve_vs_direct"] = served / direct
+    results["saturation_codes"] = {str(c): codes.count(c) for c in sorted(set(codes))}
+
+    for share in (0.5, 1.0):
+        lat, codes = open_loop(url, data, share * served, args.seconds)
+        results[f"latency_at_{int(share * 100)}pct"] = {
+            "p50_s": float(np.percentile(lat, 50)) if lat else None, "p99_s": float(np.percentile(lat, 99)) if lat else None,
+            "requests": len(codes), "codes": {str(c): codes.count(c) for c in sorted(set(codes))}}
+    lat, codes = open_loop(url, data, 2.0 * served, args.seconds)
+    results["overload_2x"] = {"requests": len(codes), "share_503": codes.count(503) / max(1, len(codes)),
+                              "codes": {str(c): codes.count(c) for c in sorted(set(codes))},
+                              "other_errors": sum(c not in (200, 503) for c in codes)}
+    serve.delete(cfg.serve.app_name)
+
+    # autoscaling: 1..replicas, load rising then falling
+    url, cfg = start_app(checkpoint, port, replicas=args.replicas, min_replicas=1, batch=args.batch, ongoing=args.ongoing)
+    timeline: list[tuple[float, int, str]] = []
+    stop = threading.Event()
+    t0 = time.perf_counter()
+    phase = ["idle"]
+
+    def sample():
+        while not stop.is_set():
+            timeline.append((round(time.perf_counter() - t0, 1), replica_count(cfg.serve.app_name), phase[0]))
+            time.sleep(1.0)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    time.sleep(3)
+    phase[0] = "high load"
+    open_loop(url, data, 1.2 * served, 2 * args.seconds, seed=1)
+    phase[0] = "idle"
+    time.sleep(15)
+    stop.set()
+    sampler.join()
+    results["autoscaling_timeline"] = timeline
+    serve.shutdown()
+    ray.shutdown()
+
+    print(f"\n== medsr serve benchmark ({args.replicas} replicas, 64x64 PNG, tiles 32+8, batch {args.batch}) ==")
+    print(f"throughput at saturation: serve {served:.2f} img/s vs engine direct {direct:.2f} img/s "
+          f"-> ratio {served / direct:.2f} (goal >= 0.9)")
+    for share in (50, 100):
+        r = results[f"latency_at_{share}pct"]
+        print(f"latency at {share}% of saturation: p50 {r['p50_s']:.3f} s, p99 {r['p99_s']:.3f} s ({r['codes']})")
+    o = results["overload_2x"]
+    print(f"2x overload: {o['share_503']:.0%} answered 503 of {o['requests']}, other errors {o['other_errors']} "
+          f"({o['codes']})")
+    counts = [c for _, c, _ in timeline]
+    print(f"replicas over time (1 s samples): {' '.join(map(str, counts))} (max {max(counts)}, last {counts[-1]})")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
