@@ -9,7 +9,8 @@ PatientID, AccessionNumber, PatientBirthDate) planted in several objects, plus a
 
 Then: one manifest row per file; every image object ``done`` with a derived object that dciodvfy finds no new
 error in (valid sources: no error at all; on CI a missing dciodvfy fails); every non-image ``ignored`` with its
-SOP class; every broken file ``error`` with its reason; the job's peak RSS <= 4 GB with the bomb present; the
+SOP class; every broken file ``error`` with its reason; the job's peak memory <= 4 GB with the bomb present (the
+driver and every Ray process together, summed PSS; and no single process's RSS above it); the
 planted identifiers in no log (driver, console, Ray worker logs), no manifest column and no output's provenance.
 """
 from __future__ import annotations
@@ -116,10 +117,11 @@ def build_archive(root: Path) -> dict[str, tuple[str, str]]:
 
 
 class PeakRss:
-    """Samples the RSS of this process and all its descendants (the local Ray: raylet, workers) every 0.1 s.
+    """Samples the memory of this process and all its descendants (the local Ray: raylet, workers) every 0.2 s.
 
-    ``total``: the peak of their sum (an upper bound: shared pages count once per process); ``largest``: the
-    peak of any one process."""
+    ``total``: the peak of their summed PSS (proportional set size: a page shared by n processes counts 1/n in
+    each, so the sum is the tree's real footprint; summed RSS would count the torch libraries every worker maps
+    once per worker); ``largest``: the peak RSS of any one process."""
 
     def __init__(self):
         import psutil
@@ -130,14 +132,16 @@ class PeakRss:
 
     def _run(self) -> None:
         me = self.psutil.Process()
-        while not self._stop.wait(0.1):
-            sizes = []
+        while not self._stop.wait(0.2):
+            pss, rss = [], []
             for p in [me, *me.children(recursive=True)]:
                 try:
-                    sizes.append(p.memory_info().rss)
+                    info = p.memory_full_info()
                 except self.psutil.Error:
                     continue
-            self.total, self.largest = max(self.total, sum(sizes)), max(self.largest, max(sizes, default=0))
+                pss.append(info.pss)
+                rss.append(info.rss)
+            self.total, self.largest = max(self.total, sum(pss)), max(self.largest, max(rss, default=0))
 
     def __enter__(self) -> PeakRss:
         self._thread.start()
@@ -262,7 +266,7 @@ def test_non_images_are_ignored_naming_their_sop_class_and_broken_files_are_erro
 @pytest.mark.slow
 def test_the_jobs_peak_rss_stays_under_4_gb_with_the_pixel_bomb_present(archive_run):
     rss = archive_run["rss"]
-    assert 0 < rss.largest <= rss.total <= RSS_LIMIT, (rss.largest / 2**30, rss.total / 2**30)
+    assert 0 < rss.largest <= RSS_LIMIT and 0 < rss.total <= RSS_LIMIT, (rss.largest / 2**30, rss.total / 2**30)
 
 
 @pytest.mark.slow
@@ -270,7 +274,7 @@ def test_planted_identifiers_appear_in_no_log_manifest_or_provenance(archive_run
     result = archive_run["result"]
     logs = {"console": archive_run["console"], "driver log": archive_run["driver_log"],
             "Ray worker logs": archive_run["ray_logs"]}
-    assert archive_run["ray_logs"] and "medsr_dist" in archive_run["ray_logs"] + archive_run["driver_log"]
+    assert archive_run["ray_logs"] and "truncated PNG" in archive_run["driver_log"]  # the job's own lines were caught
     for where, text in logs.items():
         for secret in (*SECRETS, KEY_ACCESSION):
             assert secret not in text, f"{secret} in the {where}"
