@@ -770,7 +770,10 @@ def test_a_poison_input_fails_alone_and_is_quarantined_after_max_attempts(tmp_pa
                                   "enhance.max_attempts=2"), "segfault-test")
     # the replicas run in Ray workers: they register the test backends on start (this module, found on PYTHONPATH)
     tests_dir = str(Path(__file__).resolve().parent)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+    # 4 logical CPUs, as the other job tests: after the segfault Ray restarts the dead replica while Ray Data may
+    # already start its replacement; on 2 logical CPUs the two replicas then hold every CPU and the decode/encode
+    # tasks never get scheduled (seen as a hang in a CI rehearsal)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([tests_dir, str(REPO)])},
                           "worker_process_setup_hook": "test_enhance_job.register_test_backends"})
     try:

@@ -33,9 +33,10 @@ def test_train_job_submitted_with_ray_job_cli(tmp_path):
     with local_ray_head(tmp_path / "head", num_cpus=4) as head:
         status, logs = submit_job(
             head,
-            ["python", "jobs/train.py", "--config", "configs/demo.yaml", f"run.root={run_root}", "run.name=job",
-             "ray.progress=false", "degradation.gt_size=32", "model.generator={num_feat: 8, num_block: 1, num_grow_ch: 4}",
-             "model.discriminator.num_feat=8", "train.batch_size=1", "train.iterations=2", "train.checkpoint_every=2"],
+            # the demo's first stage (psnr family, MSRResNet on bicubic pairs) at toy size
+            ["python", "jobs/train.py", "--config", "configs/demo_psnr.yaml", f"run.root={run_root}", "run.name=job",
+             "ray.progress=false", "degradation.gt_size=32", "model.generator={type: MSRResNet, num_feat: 8, num_block: 1}",
+             "train.batch_size=1", "train.iterations=2", "train.checkpoint_every=2"],
             working_dir,
             timeout_s=600,
         )

@@ -296,9 +296,20 @@ def test_a_killed_replica_does_not_take_the_app_down(app):
 
 def test_past_request_timeout_the_answer_is_408(app):
     url, cfg = app
-    # 1000 x 1000 at x4 through 16-pixel tiles (~4000 model tiles) takes longer than request_timeout_s (8 s) here
-    big = cv2.imencode(".png", (np.random.default_rng(9).random((1000, 1000)) * 255).astype(np.uint8))[1].tobytes()
-    t0 = time.perf_counter()
-    r = post(url, big, timeout=120)
-    assert r.status_code == 408, (r.status_code, r.text[:200])
-    assert time.perf_counter() - t0 < cfg.serve.request_timeout_s + 15
+    # One 1000 x 1000 image at x4 through 16-pixel tiles (~4000 model tiles) takes about request_timeout_s (8 s)
+    # on an idle 2-core machine: alone it may just make it. Three at once share the replicas' model calls, so the
+    # work behind each answer triples and at least one runs past the timeout however fast the machine is.
+    big = [cv2.imencode(".png", (np.random.default_rng(9 + i).random((1000, 1000)) * 255).astype(np.uint8))[1].tobytes()
+           for i in range(3)]
+
+    def timed(data: bytes) -> tuple[int, float]:
+        t0 = time.perf_counter()
+        r = post(url, data, timeout=120)
+        return r.status_code, time.perf_counter() - t0
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(timed, big))
+    assert {code for code, _ in answers} <= {200, 408}, answers  # nothing else: no 500, no dropped connection
+    timed_out = [seconds for code, seconds in answers if code == 408]
+    assert timed_out, answers
+    assert max(timed_out) < cfg.serve.request_timeout_s + 15, answers  # answered at the timeout, not at the end

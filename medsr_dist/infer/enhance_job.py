@@ -985,12 +985,12 @@ def _run_pipeline(cfg, spec: JobSpec, model: ModelFile, precision: str, gpu: boo
     # before the dataset exists: a Dataset keeps a copy of the context it was created under.
     ctx.max_errored_blocks = -1
     try:
-        return _iterate(cfg, spec, model, precision, gpu, items, finished, per_batch)
+        return _iterate(cfg, spec, model, precision, gpu, items, finished, per_batch, alone=alone)
     finally:
         ctx.max_errored_blocks = saved_errored
 
 
-def _iterate(cfg, spec, model, precision, gpu, items, finished, per_batch) -> list[dict]:
+def _iterate(cfg, spec, model, precision, gpu, items, finished, per_batch, *, alone: bool) -> list[dict]:
     import ray
 
     e = cfg.enhance
@@ -999,7 +999,10 @@ def _iterate(cfg, spec, model, precision, gpu, items, finished, per_batch) -> li
     # A dead replica is restarted (max_restarts) but its task is not retried (max_task_retries=0): Ray Data's
     # default (retry forever) would feed a poison image to fresh replicas without end. Its rows come back lost.
     ds = ds.map_batches(EnhanceReplica, fn_constructor_args=(model, cfg.storage, e, precision), batch_size=per_batch,
-                        compute=ray.data.ActorPoolStrategy(min_size=e.min_replicas, max_size=e.max_replicas),
+                        # alone: one task in flight per replica too, or an innocent item queued behind a poison one
+                        # on the same replica dies with it (Ray Data queues several tasks per actor by default)
+                        compute=ray.data.ActorPoolStrategy(min_size=e.min_replicas, max_size=e.max_replicas,
+                                                           max_tasks_in_flight_per_actor=1 if alone else None),
                         num_gpus=1 if gpu else 0, num_cpus=1 if gpu else e.cpus_per_replica,
                         max_restarts=-1, max_task_retries=0)
     ds = ds.map_batches(EncodeCommit(spec), batch_size=1, num_cpus=0.5)
