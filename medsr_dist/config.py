@@ -938,6 +938,24 @@ class ServeConfig(Section):
         return self
 
 
+class MriConfig(Section):
+    """3-D MRI (``medsr mri``, medsr_dist/mri): slice-pair simulation (``prepare``) and volume reconstruction."""
+
+    mode: Literal["supervised", "self"] = Field(
+        "supervised", description="supervised: isotropic volumes -> the six pairings; self: each anisotropic "
+        "volume's own in-plane slices degraded to its through-plane resolution (SMORE)")
+    factor: int = Field(4, ge=2, le=8, description="Slice-thickness factor k (output spacing = input spacing / k)")
+    profile: Literal["box", "gaussian"] = Field(
+        "gaussian", description="Slice profile of the simulated thick slices: box (mean of k) or Gaussian (FWHM k)")
+    skip_empty: float = Field(0.02, ge=0, lt=1, description="Drop pairs whose ground truth has at most this "
+                              "fraction of foreground voxels (5 % of the volume's range above its minimum)")
+    include: list[str] = Field(default_factory=lambda: ["**/*.nii", "**/*.nii.gz", "*.nii", "*.nii.gz"],
+                               description="Volume files under prepare.input")
+    val_every: int = Field(10, ge=2, description="self mode: every n-th slice pair goes to val (one volume has "
+                           "no patient split; val only monitors training)")
+    fusion: Literal["mean", "fourier"] = Field("mean", description="How the two refined orientations are fused")
+
+
 class MedsrConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -951,6 +969,7 @@ class MedsrConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     pacs: PacsConfig = Field(default_factory=PacsConfig)
+    mri: MriConfig = Field(default_factory=MriConfig)
     _source: str = PrivateAttr("<defaults>")
 
     @property
