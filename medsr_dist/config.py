@@ -823,6 +823,12 @@ class EvalConfig(Section):
         lr_quantization: Literal["source", "8bit", "none"] | None = Field(
             None, description="Round the model input like a real low-resolution file: 'source' (every preset) to the "
             "source's levels (255 / 4095 for 12-bit DICOM / 65535), '8bit' to 255 levels, 'none' keeps float")
+        axis: Literal["axial", "coronal", "sagittal"] | None = Field(
+            None, description="Volume protocols (mri-aniso-x*): the plane whose normal gets the thick slices")
+        profile: Literal["gaussian", "box"] | None = Field(
+            None, description="Volume protocols: slice profile of the simulated thick slices")
+        fusion: Literal["mean", "fourier"] | None = Field(
+            None, description="Volume protocols: fusion of the two refined orientations of the models")
 
         @model_serializer(mode="wrap")
         def _only_set(self, handler):
@@ -844,7 +850,8 @@ class EvalConfig(Section):
         confidence: float = Field(0.95, gt=0, lt=1)
         seed: int = 0
 
-    protocol: str = Field("nih-x4", description="Preset: drive-x2, nih-x4, cxr14-ldm, bicubic-x2, bicubic-x3, bicubic-x4")
+    protocol: str = Field("nih-x4", description="Preset: drive-x2, nih-x4, cxr14-ldm, bicubic-x2, bicubic-x3, bicubic-x4; "
+                          "volumes (NIfTI): mri-aniso-x2, mri-aniso-x3, mri-aniso-x4")
     params: Params = Field(default_factory=Params)
     dataset: str | None = Field(None, description="Images prefix, or a prepared dataset when split is set (default: prepare.output)")
     split: str | None = Field("test", description="Split of a prepared dataset; null: dataset is a prefix of image files")
@@ -875,9 +882,9 @@ class EvalConfig(Section):
     def _check(self) -> "EvalConfig":
         from medsr_dist.eval.protocols import resolve_protocol  # raises ValueError naming the bad parameter
 
-        resolve_protocol(self.protocol, {k: getattr(self.params, k) for k in self.params.model_fields_set})
+        protocol = resolve_protocol(self.protocol, {k: getattr(self.params, k) for k in self.params.model_fields_set})
         names = [m.name for m in self.models]
-        if not names:
+        if not names and not hasattr(protocol, "fusion"):  # volume protocols always score their interpolations
             raise ValueError("eval.models is empty: list at least one model (e.g. {name: bicubic, source: bicubic})")
         if len(set(names)) != len(names):
             raise ValueError(f"eval.models: model names must be unique, got {names}")

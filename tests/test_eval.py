@@ -35,7 +35,7 @@ from medsr_dist.eval.evaluate import (
     LpipsScorer,
 )
 from medsr_dist.eval.html_report import svg_metric_plot, write_eval_report
-from medsr_dist.eval.protocols import PRESETS, ProtocolError, resolve_protocol
+from medsr_dist.eval.protocols import PRESETS, VOLUME_PRESETS, ProtocolError, resolve_protocol
 from medsr_dist.eval.stats import paired_bootstrap, summarize
 from medsr_dist.infer.engine import ENGINE_REVISION
 from medsr_dist.io.image import ImageMeta, encode_image
@@ -557,5 +557,5 @@ def test_shipped_eval_configs_select_their_presets():
         name = path.stem.removeprefix("eval_")
         assert cfg.eval.protocol == name
         declared = yaml.safe_load(path.read_text())["eval"]["params"]
-        preset = PRESETS[name].parameters()
+        preset = (PRESETS.get(name) or VOLUME_PRESETS[name]).parameters()
         assert {k: preset[k] for k in declared} == declared, path.name  # the file spells out the preset

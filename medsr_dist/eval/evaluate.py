@@ -39,7 +39,7 @@ import numpy as np
 
 from medsr_dist import __version__
 from medsr_dist.config import EvalConfig, MedsrConfig, StorageConfig
-from medsr_dist.eval.protocols import Protocol, resolve_protocol
+from medsr_dist.eval.protocols import Protocol, VolumeProtocol, resolve_protocol
 from medsr_dist.infer.engine import ENGINE_REVISION
 from medsr_dist.storage import Storage
 
@@ -367,7 +367,7 @@ def plan_evaluation(cfg: MedsrConfig, storage: Storage | None = None,
     e = cfg.eval
     protocol = protocol_of(e)
     models = list(models) if models is not None else resolve_models(cfg, storage)
-    if not models:
+    if not models and not isinstance(protocol, VolumeProtocol):  # volumes always score their interpolations
         raise EvalInputError("no models to evaluate")
     if len({m.name for m in models}) != len(models):
         raise EvalInputError(f"model names must be unique, got {[m.name for m in models]}")
@@ -381,6 +381,12 @@ def plan_evaluation(cfg: MedsrConfig, storage: Storage | None = None,
         figures = list(e.figure_images)
     else:
         figures = names[: e.figures]
+    if isinstance(protocol, VolumeProtocol):  # volumes (mri-aniso-x*): medsr_dist/eval/volume_eval.py
+        from medsr_dist.eval.volume_eval import check_volume_plan, volume_lpips_status
+
+        plan = EvalPlan(protocol, models, dataset, e.split, items, figures, volume_lpips_status(), eval_output(cfg))
+        check_volume_plan(plan)
+        return plan
     return EvalPlan(protocol, models, dataset, e.split, items, figures, check_lpips(e.lpips, storage),
                     eval_output(cfg))
 
@@ -683,6 +689,10 @@ def run_evaluation(cfg: MedsrConfig, storage: Storage | None = None, *, plan: Ev
 
     storage = storage or Storage(cfg.storage)
     plan = plan or plan_evaluation(cfg, storage)
+    if isinstance(plan.protocol, VolumeProtocol):
+        from medsr_dist.eval.volume_eval import run_volume_evaluation
+
+        return run_volume_evaluation(cfg, storage, plan)
     e = cfg.eval
     t0 = time.perf_counter()
     gpu = 1 if cluster_has_gpus() else 0

@@ -345,12 +345,15 @@ def render_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
     if report.get("note"):
         parts.append(f'<p class="warn">Note: {_e(report["note"])}.</p>')
     arrows = " ".join(f"{METRIC_LABELS[m][0]} {'↑' if METRIC_LABELS[m][2] else '↓'}" for m in metrics)
-    parts.append(f"<p style='font-size:12px'>Better: {_e(arrows)}. Consistency: the output area-downsampled back to the "
-                 "input grid against the input (a safeguard against changed content, not a fidelity proof).</p>")
+    consistency = report.get("consistency_note") or ("Consistency: the output area-downsampled back to the input grid "
+                                                     "against the input (a safeguard against changed content, not a "
+                                                     "fidelity proof).")
+    parts.append(f"<p style='font-size:12px'>Better: {_e(arrows)}. {_e(consistency)}</p>")
     if report["comparisons"]:
         b = report["bootstrap"]
         parts.append(f"<h2>Paired difference with the baseline <code>{_e(report['baseline'])}</code></h2>"
-                     f"<p style='font-size:12px'>Mean of per-image differences (model − baseline) and its "
+                     f"<p style='font-size:12px'>Mean of per-{_e(report.get('bootstrap_unit', 'image'))} differences "
+                     f"(model − baseline) and its "
                      f"{round(b['confidence'] * 100)}% percentile bootstrap interval ({b['samples']} resamples, seed "
                      f"{b['seed']}).</p><table><tr><th>model</th>"
                      + "".join(f"<th>Δ {_e(METRIC_LABELS[m][0])}</th>" for m in report["metrics"]) + "<th>pairs</th></tr>")
@@ -372,8 +375,10 @@ def render_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
     names = [image["name"] for image in report["images"]]
     by_name = {image["name"]: image for image in report["images"]}
     if report["figures"]:
-        parts.append("<h2>Figures</h2><p style='font-size:12px'>Top: LR input (nearest) | bicubic | models | ground "
-                     "truth. Bottom: the outlined region magnified (where the models disagree most, unless configured).</p>")
+        caption = report.get("figure_caption") or ("Top: LR input (nearest) | bicubic | models | ground truth. Bottom: "
+                                                   "the outlined region magnified (where the models disagree most, "
+                                                   "unless configured).")
+        parts.append(f"<h2>Figures</h2><p style='font-size:12px'>{_e(caption)}</p>")
     for name in report["figures"]:
         image = by_name.get(name)
         if image is None:
