@@ -41,6 +41,7 @@ from medsr_dist.infer.enhance_job import (
     remove_stale_partials,
 )
 from medsr_dist.infer.model_file import read_model_file
+from medsr_dist.infer.replica import PrecisionMismatch
 from medsr_dist.io.image import decode_image
 from medsr_dist.storage import PARTIAL_SUFFIX, Storage
 
@@ -187,8 +188,8 @@ def test_a_replica_that_would_run_another_precision_than_the_keys_record_refuses
     cfg = load_config(None, [f"run.root={tmp_path}", f"enhance.checkpoint={tiny_model_dir}/model.pth",
                              "enhance.precision=bf16"])
     model = read_model_file(cfg.enhance.checkpoint, cfg.storage)
-    with pytest.raises(RuntimeError, match=r"enhance.precision: .* runs fp32, but the job's outputs are keyed and "
-                                           r"labelled bf16"):
+    with pytest.raises(PrecisionMismatch, match=r"enhance.precision: .* runs fp32, but its outputs are keyed and "
+                                                r"labelled bf16"):
         EnhanceReplica(model, cfg.storage, cfg.enhance, "bf16")
     assert EnhanceReplica(model, cfg.storage, cfg.enhance, "fp32").backend.precision == "fp32"
     assert enhance_params(cfg.enhance, model, precision="fp32")["precision"] == "fp32"
@@ -498,6 +499,15 @@ class SegfaultBackend(_WrappedTorch):
         return self.inner(batch)
 
 
+class RaisingBackend(_WrappedTorch):
+    """Raises for tiles of images whose side is 48 pixels (a runtime that cannot run one input)."""
+
+    def __call__(self, batch):
+        if 48 in batch.shape[2:]:
+            raise RuntimeError("cannot run this tile")
+        return self.inner(batch)
+
+
 class CudaFaultBackend(_WrappedTorch):
     """Raises what torch raises after an illegal memory access on the GPU."""
 
@@ -508,7 +518,7 @@ class CudaFaultBackend(_WrappedTorch):
 
 def register_test_backends() -> None:
     """Register the test backends (also Ray's worker_process_setup_hook, so replicas in workers find them)."""
-    for name, factory in (("nan-test", NaNBackend), ("segfault-test", SegfaultBackend),
+    for name, factory in (("nan-test", NaNBackend), ("raise-test", RaisingBackend), ("segfault-test", SegfaultBackend),
                           ("cuda-fault-test", CudaFaultBackend)):
         if name not in BACKENDS:
             register_backend(name)(factory)
@@ -598,6 +608,28 @@ def test_a_model_output_with_nan_is_an_error_and_writes_nothing(tmp_path, tiny_m
     written = [p.name for p in (tmp_path / "out").iterdir() if p.is_file()]
     assert written == [Path(rows["fine.png"]["output_key"]).name]  # no output, no record for the NaN image
     assert enhance_job.non_finite(np.array([0.5, np.inf, -np.inf, np.nan], np.float32)) == 3
+
+
+def test_a_failing_batch_is_retried_so_one_bad_image_fails_alone_and_the_rest_are_unchanged(tmp_path, tiny_model_dir):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for name, seed, side in (("a.png", 1, 48), ("b.png", 2, 32), ("c.png", 3, 40)):  # a: the backend refuses it
+        (archive / name).write_bytes(png8(make_radiograph(seed, side)))
+    cfg = job_config(tmp_path, tiny_model_dir, archive, "enhance.batch_size=4")
+    decoded = ReadDecode(job_spec(cfg))({"key": np.array(sorted(str(p) for p in archive.iterdir()))})
+
+    def replica_rows(cfg) -> dict:
+        model = read_model_file(cfg.enhance.checkpoint, cfg.storage)
+        return {Path(r["key"]).name: r for b in EnhanceReplica(model, cfg.storage, cfg.enhance)(decoded)
+                for r in _rows(b)}
+
+    clean, failing = replica_rows(cfg), replica_rows(with_backend(cfg, "raise-test"))
+    assert failing["a.png"]["status"] == "error" and failing["a.png"]["output"].size == 0
+    assert failing["a.png"]["error"] == "inference failed: RuntimeError: cannot run this tile"
+    for name in ("b.png", "c.png"):
+        assert failing[name]["status"] == "todo" and failing[name]["output"].dtype == np.uint16
+        np.testing.assert_array_equal(failing[name]["output"], clean[name]["output"])
+    assert clean["a.png"]["output"].shape == (1, 192, 192, 1)
 
 
 @pytest.mark.parametrize(("exc", "fatal"), [

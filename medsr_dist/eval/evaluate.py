@@ -5,7 +5,7 @@ One pass over the dataset, three Ray Data stages (plain callables, runnable with
 1. :class:`ProtocolPairs` (CPU tasks): read and decode each image (a file under a prefix, or a prepared
    dataset's row), make its (ground truth, input) pair with the :class:`~medsr_dist.eval.protocols.Protocol`,
    and the bicubic baseline.
-2. :class:`ModelReplica` (actor pool, one GPU each when the cluster has GPUs): every model, through the one
+2. :class:`EvalReplica` (actor pool, one GPU each when the cluster has GPUs): every model, through the one
    inference engine (:mod:`medsr_dist.infer.engine`), on every input. A model that fails on an image leaves
    an error for that (image, model) cell and goes on.
 3. :class:`ScoreImages` (CPU actors): PSNR/SSIM (basicsr's), LPIPS when its weights are available, the
@@ -106,6 +106,8 @@ class EvalModel:
             mf = self.model_file
             info.update(kind="network", uri=mf.uri, sha256=mf.sha256, family=mf.family, native_scale=mf.scale,
                         generator=mf.generator)
+            if mf.sampling is not None:
+                info["sampling"] = mf.sampling
             if mf.scale != protocol.scale:
                 info["note"] = f"native x{mf.scale}; output Lanczos-resized to x{protocol.scale}"
         else:
@@ -144,6 +146,8 @@ def resolve_models(cfg: MedsrConfig, storage: Storage | None = None) -> list[Eva
     models = []
     for m in cfg.eval.models:
         if m.source == BICUBIC:
+            if m.sampling is not None:
+                raise EvalInputError(f"eval.models[{m.name}].sampling: bicubic does not sample")
             models.append(EvalModel(m.name, m.source, m.baseline))
             continue
         if _looks_like_path(m.source):
@@ -166,6 +170,9 @@ def resolve_models(cfg: MedsrConfig, storage: Storage | None = None) -> list[Eva
                 )
         try:
             model_file = read_model_file(uri, storage.config)
+            # ldm: one entry per sampler compares them on the same weights (the report records each one's settings)
+            model_file = model_file.with_sampling(m.sampling.overrides() if m.sampling else None,
+                                                  f"eval.models[{m.name}].sampling")
         except (ValueError, FileNotFoundError) as exc:
             raise EvalInputError(f"eval.models[{m.name}]: {exc}") from None
         models.append(EvalModel(m.name, m.source, m.baseline, model_file=model_file))
@@ -453,40 +460,44 @@ def _column(i: int, what: str) -> str:
     return f"m{i}_{what}"
 
 
-class ModelReplica:
-    """Stage 2 (actor pool): every network model on every input, through the tiled inference engine.
+class EvalReplica:
+    """Stage 2 (actor pool): every network model on every input, each model through one
+    :class:`~medsr_dist.infer.replica.ModelReplica` (the tiled engine, per-image retry, finiteness check).
 
     Adds ``bicubic`` (the OpenCV bicubic upscaling of the input, the figures' bicubic panel) and, per model
     ``i``, columns ``m{i}_sr`` (the output, (H, W, C) float32 in [0, 1], the ground truth's shape; empty for
-    failures and bicubic models), ``m{i}_error`` and ``m{i}_seconds``. A failing batch is retried image by image, so one bad
-    image fails alone.
+    failures and bicubic models), ``m{i}_error`` and ``m{i}_seconds``. A failing batch is retried image by image, so
+    one bad image fails alone.
     """
 
-    def __init__(self, models: list[EvalModel], protocol: Protocol, e: EvalConfig, storage_cfg: StorageConfig):
-        from medsr_dist.infer.engine import TileSpec
-        from medsr_dist.infer.model_file import build_model_backend
+    def __init__(self, models: list[EvalModel], protocol: Protocol, e: EvalConfig, storage_cfg: StorageConfig,
+                 precision: str | None = None):
+        """``precision``: the one the report records (:func:`_runs_precision`; default ``eval.precision``); a
+        replica whose backend would run another refuses to start
+        (:class:`~medsr_dist.infer.replica.PrecisionMismatch`). Models built in Python (``factory``) run and are
+        labelled with their own backend's precision."""
+        from dataclasses import replace
+
+        from medsr_dist.infer.replica import EngineSettings, ModelReplica
 
         self.models, self.protocol = models, protocol
-        self.spec = TileSpec(tile=e.tile, overlap=e.tile_overlap, batch_size=e.batch_size)
+        settings = EngineSettings.of(e, precision=precision or e.precision)
         storage = Storage(storage_cfg)
-        self.backends: dict[int, Any] = {}
+        self.replicas: dict[int, ModelReplica] = {}
         for i, m in enumerate(models):
             if m.factory is not None:
-                self.backends[i] = m.factory()
+                backend = m.factory()
+                own = replace(settings, precision=getattr(backend, "precision", settings.precision))
+                self.replicas[i] = ModelReplica(None, backend, own)
             elif m.model_file is not None:
-                self.backends[i] = build_model_backend(m.model_file, e.backend, storage, precision=e.precision)
+                self.replicas[i] = ModelReplica.load(m.model_file, storage, settings)
 
     def _outscale(self, i: int) -> float | None:
-        native = int(self.backends[i].scale)
-        return None if native == self.protocol.scale else float(self.protocol.scale)
-
-    def _run(self, i: int, lrs: list[np.ndarray]) -> list[np.ndarray]:
-        from medsr_dist.infer.engine import enhance_many
-
-        return list(enhance_many(self.backends[i], lrs, self.spec, outscale=self._outscale(i)))
+        return None if self.replicas[i].scale == self.protocol.scale else float(self.protocol.scale)
 
     def __call__(self, batch: dict) -> dict:
         from medsr_dist.eval.metrics import bicubic_upscale
+        from medsr_dist.infer.replica import NonFiniteOutput
 
         n = len(batch["key"])
         ok = [j for j in range(n) if batch["status"][j] == "ok"]
@@ -503,26 +514,25 @@ class ModelReplica:
                 seconds = bicubic_seconds  # its output is the bicubic column
             elif ok:
                 t0 = time.perf_counter()
-                try:
-                    results = dict(zip(ok, self._run(i, [batch["lr"][j] for j in ok])))
-                except Exception as exc:  # noqa: BLE001 - retry one by one so one bad image fails alone
-                    log.warning("model %s failed on a batch (%s); retrying image by image", self.models[i].name, exc)
-                    results = {}
-                    for j in ok:
-                        try:
-                            results[j] = self._run(i, [batch["lr"][j]])[0]
-                        except Exception as one:  # noqa: BLE001
-                            errors[j] = f"inference: {_error_text(one)}"
-                per_image = (time.perf_counter() - t0) / len(ok)
-                for j, out in results.items():
-                    out = out if out.ndim == 3 else out[:, :, None]
-                    hr = batch["hr"][j]
-                    if out.shape != hr.shape:
-                        errors[j] = f"output shape {out.shape} differs from the ground truth's {hr.shape}"
-                    elif not np.isfinite(out).all():
-                        errors[j] = "output contains NaN or infinity"
+                ran = []
+                for k, out in self.replicas[i].enhance_each([batch["lr"][j] for j in ok], outscale=self._outscale(i)):
+                    j = ok[k]
+                    if isinstance(out, NonFiniteOutput):
+                        errors[j] = f"output contains {out.count:,} NaN or infinite values"
+                        ran.append(j)
+                    elif isinstance(out, BaseException):
+                        log.warning("model %s failed on an image: %s", m.name, type(out).__name__)
+                        errors[j] = f"inference: {_error_text(out)}"
                     else:
-                        outputs[j] = out
+                        out = out if out.ndim == 3 else out[:, :, None]
+                        hr = batch["hr"][j]
+                        if out.shape != hr.shape:
+                            errors[j] = f"output shape {out.shape} differs from the ground truth's {hr.shape}"
+                        else:
+                            outputs[j] = out
+                        ran.append(j)
+                per_image = (time.perf_counter() - t0) / len(ok)
+                for j in ran:
                     seconds[j] = per_image
             result[_column(i, "sr")] = _object_array(outputs)
             result[_column(i, "error")] = np.asarray(errors)
@@ -701,7 +711,8 @@ def run_evaluation(cfg: MedsrConfig, storage: Storage | None = None, *, plan: Ev
     # an instance (not the class) runs as tasks: no idle actor holds a CPU the other stages need
     ds = ds.map_batches(ProtocolPairs(storage, plan.protocol, names, plan.figures), batch_size=e.batch_size,
                         num_cpus=0.5)
-    ds = ds.map_batches(ModelReplica, fn_constructor_args=(plan.models, plan.protocol, e, cfg.storage),
+    precision = _runs_precision(plan, e, gpu)
+    ds = ds.map_batches(EvalReplica, fn_constructor_args=(plan.models, plan.protocol, e, cfg.storage, precision),
                         batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=e.replicas),
                         num_gpus=gpu, num_cpus=0 if gpu else e.cpus_per_replica)
     ds = ds.map_batches(ScoreImages, fn_constructor_args=(plan.models, plan.protocol, plan.lpips, storage, plan.output,
@@ -710,7 +721,7 @@ def run_evaluation(cfg: MedsrConfig, storage: Storage | None = None, *, plan: Ev
                         num_cpus=0.5)
     order = {item["name"]: k for k, item in enumerate(plan.items)}
     rows = sorted((_plain(r) for r in ds.take_all()), key=lambda r: (order.get(r["image"], len(order)), r["model_index"]))
-    report = build_report(cfg, plan, rows, seconds=time.perf_counter() - t0, precision=_runs_precision(plan, e, gpu))
+    report = build_report(cfg, plan, rows, seconds=time.perf_counter() - t0, precision=precision)
     figures = {}
     for key in sorted({r["figure"] for r in rows if r["figure"]}):
         figures[key] = storage.read_bytes(storage.join(plan.output, key))

@@ -59,6 +59,9 @@ from medsr_dist import __version__
 from medsr_dist.config import EnhanceConfig, MedsrConfig, StorageConfig
 from medsr_dist.infer.engine import ENGINE_REVISION
 from medsr_dist.infer.model_file import ModelFile, build_model_backend, read_model_file, runnable_precision
+from medsr_dist.infer.replica import NonFiniteOutput
+from medsr_dist.pacs.dicomweb import is_dicomweb
+from medsr_dist.pacs.storage import VERSION_PREFIX as PACS_VERSION
 from medsr_dist.storage import PARTIAL_SUFFIX, FileEntry, Lease, Storage, is_under, relative_key
 
 log = logging.getLogger(__name__)
@@ -112,9 +115,13 @@ def enhance_params(e: EnhanceConfig, model: ModelFile, *, precision: str | None 
     ``precision`` is the one the replicas will run (:func:`~medsr_dist.infer.model_file.runnable_precision`: a
     CPU asked for fp16 runs fp32, and says so); ``None`` takes ``enhance.precision`` as written.
     """
-    return {"scale": model.scale, "outscale": e.outscale or model.scale, "tile": e.tile, "tile_overlap": e.tile_overlap,
-            "tile_blend": e.tile_blend, "backend": e.backend, "precision": precision or e.precision,
-            "engine": ENGINE_REVISION}
+    params = {"scale": model.scale, "outscale": e.outscale or model.scale, "tile": e.tile,
+              "tile_overlap": e.tile_overlap, "tile_blend": e.tile_blend, "backend": e.backend,
+              "precision": precision or e.precision, "engine": ENGINE_REVISION}
+    if model.sampling is not None:  # an iterative sampler: DDIM-50's output is not DDPM-300's (model.with_sampling)
+        params["sampling"] = model.sampling  # sampler, steps, samples K, output, seed
+        params["schedule"] = dict(model.generator.get("schedule") or {})  # zero_terminal_snr, prediction type, T
+    return params
 
 
 def output_id(input_sha256: str, model_sha256: str, params: dict) -> str:
@@ -223,10 +230,29 @@ class JobSpec:
     max_output_pixels: int = 400_000_000
     log_keys: bool = False
     dicom_compression: str = "none"
+    manifest: str = ""
 
     @property
     def params_json(self) -> str:
         return json.dumps(self.params, sort_keys=True)
+
+    @property
+    def records(self) -> str:
+        """Where ``_manifest/`` (manifests, item records, lease, watermark) lives: ``enhance.manifest``, else the
+        output prefix."""
+        return (self.manifest or self.output).rstrip("/")
+
+    @property
+    def output_is_pacs(self) -> bool:
+        return is_dicomweb(self.output)
+
+
+def _under(uri: str, prefix: str) -> bool:
+    """:func:`~medsr_dist.storage.is_under`, also for DICOMweb URIs (an instance below its endpoint)."""
+    if is_dicomweb(uri) or is_dicomweb(prefix):
+        return is_dicomweb(uri) and is_dicomweb(prefix) and (
+            uri.rstrip("/") == prefix.rstrip("/") or uri.startswith(prefix.rstrip("/") + "/"))
+    return is_under(uri, prefix)
 
 
 def _rel_key(spec: JobSpec, key: str) -> str:
@@ -330,48 +356,102 @@ class ReadDecode:
     def __call__(self, batch: dict) -> dict:
         keys = batch["key"]
         sizes, versions, attempts = batch.get("size"), batch.get("version"), batch.get("attempts")
-        return _columns([self.one(str(key), -1 if sizes is None else int(sizes[i]),
-                                  "" if versions is None else str(versions[i]),
-                                  0 if attempts is None else int(attempts[i]))
-                         for i, key in enumerate(keys)])
+        found = [self._identify(str(key), -1 if sizes is None else int(sizes[i]),
+                                "" if versions is None else str(versions[i]), 0 if attempts is None else int(attempts[i]))
+                 for i, key in enumerate(keys)]
+        present = self._present([row for row, _, _ in found])
+        return _columns([self._decide(row, data, probe, present) for row, data, probe in found])
 
     def one(self, key: str, size: int = -1, version: str = "", attempts: int = 0) -> dict:
-        from medsr_dist.io.image import NotAnImageObject, decode_image, output_extension, probe_image
+        """The row of one key (what ``__call__`` does for a batch of one)."""
+        row, data, probe = self._identify(key, size, version, attempts)
+        return self._decide(row, data, probe, self._present([row]))
+
+    def _identify(self, key: str, size: int, version: str, attempts: int):
+        """Read, hash, probe the header, name the output: (row, bytes or None, probe or None)."""
+        from medsr_dist.io.image import NotAnImageObject, output_extension, probe_image
 
         spec = self.spec
         row = {"key": key, "item_id": "", "input_sha256": "", "input_bytes": max(size, 0), "input_version": version,
                "input_format": "", "frames": 0, "output_key": "", "status": "todo", "error": "", "record": "",
                "attempts": attempts, "pixels": NO_PIXELS, "meta": "", "header": b"", "seconds": 0.0}
         t0 = time.perf_counter()
-        data = None
+        data = probe = None
         try:
             rel = _rel_key(spec, key)
-            data = spec.storage.read_bytes(key)
+            data = spec.storage.read_bytes(key)  # a DICOMweb instance: WADO-RS, as stored
             row["input_sha256"], row["input_bytes"] = hashlib.sha256(data).hexdigest(), len(data)
             # header only: a 400 kB PNG can say 20000 x 20000, and a DICOM can be a structured report
             probe = probe_image(data, "input")
             row["input_format"], row["frames"] = probe.format, probe.frames
             oid = output_id(row["input_sha256"], spec.model.sha256, spec.params)
             row["item_id"] = item_id(rel, oid)
-            row["output_key"] = output_key_for(spec.output, rel, oid, output_extension(probe.format))
-            if not is_under(row["output_key"], spec.output):  # by construction; asserted because it must never fail
-                raise ValueError(f"output key {row['output_key']} is not under the output prefix {spec.output}")
-            record_uri = item_record_uri(spec.output, row["item_id"])
-            # done = a record and its output (an output deleted since is made again)
-            if spec.storage.exists(record_uri) and spec.storage.exists(row["output_key"]):
-                row.update(status="skipped", record=spec.storage.read_bytes(record_uri).decode())
+            if spec.output_is_pacs:
+                row["output_key"] = self._pacs_output_key(key, row["input_sha256"], data, probe.format)
             else:
-                self._check_limits(probe)
-                img = decode_image(data, "input")
-                pixels = img.pixels if img.pixels.ndim == 4 else img.pixels[None]
-                row.update(pixels=pixels, meta=img.meta.to_json(), header=img.header or b"", frames=len(pixels))
+                row["output_key"] = output_key_for(spec.output, rel, oid, output_extension(probe.format))
+            if not _under(row["output_key"], spec.output):  # by construction; asserted because it must never fail
+                raise ValueError(f"output key {row['output_key']} is not under the output prefix {spec.output}")
+        except NotAnImageObject as exc:
+            row.update(status="ignored", error=exc.reason, output_key="", item_id="")
+        except Exception as exc:  # noqa: BLE001 - becomes an error row naming the reason
+            row.update(status="error", error=_reason(exc))
+        row["seconds"] = time.perf_counter() - t0
+        return row, data, probe
+
+    def _pacs_output_key(self, key: str, sha256: str, data: bytes, fmt: str) -> str:
+        """The derived instance's URI at the DICOMweb output, from the source header (deterministic UIDs)."""
+        from medsr_dist.pacs.storage import derived_instance_uri
+
+        if fmt != "dicom":
+            raise ValueError(f"enhance.output is a DICOMweb endpoint, which stores DICOM objects only; this input is "
+                             f"{fmt}")
+        provenance = EncodeCommit(self.spec).provenance(key, sha256, f"{self.spec.params['outscale']:g}")
+        return derived_instance_uri(self.spec.output, data, provenance)
+
+    def _present(self, rows: list[dict]) -> set[str] | str:
+        """Which item records and outputs of ``rows`` exist: a set of URIs, or the reason the check failed. A PACS
+        output is asked once per derived series (QIDO-RS), not once per instance."""
+        storage = self.spec.storage
+        try:
+            recorded = {r["output_key"]: uri for r in rows if r["status"] == "todo"
+                        for uri in [item_record_uri(self.spec.records, r["item_id"])] if storage.exists(uri)}
+            if not recorded:
+                return set()
+            if self.spec.output_is_pacs:
+                outputs = storage.existing(list(recorded))
+            else:
+                outputs = {k for k in recorded if storage.exists(k)}
+            return outputs | {recorded[k] for k in outputs}
+        except Exception as exc:  # noqa: BLE001 - every row of the batch that needed the answer says why
+            return f"checking for existing outputs failed: {_reason(exc)}"
+
+    def _decide(self, row: dict, data: bytes | None, probe, present: set[str] | str) -> dict:
+        """Skip (a record and its output exist), refuse (limits), or decode."""
+        from medsr_dist.io.image import NotAnImageObject, decode_image
+
+        spec = self.spec
+        t0 = time.perf_counter()
+        try:
+            if row["status"] == "todo":
+                record_uri = item_record_uri(spec.records, row["item_id"])
+                if isinstance(present, str):
+                    raise RuntimeError(present)
+                # done = a record and its output (an output deleted since is made again)
+                if record_uri in present and row["output_key"] in present:
+                    row.update(status="skipped", record=spec.storage.read_bytes(record_uri).decode())
+                else:
+                    self._check_limits(probe)
+                    img = decode_image(data, "input")
+                    pixels = img.pixels if img.pixels.ndim == 4 else img.pixels[None]
+                    row.update(pixels=pixels, meta=img.meta.to_json(), header=img.header or b"", frames=len(pixels))
         except NotAnImageObject as exc:
             row.update(status="ignored", error=exc.reason, pixels=NO_PIXELS, output_key="", item_id="")
         except Exception as exc:  # noqa: BLE001 - becomes an error row naming the reason
             row.update(status="error", error=_reason(exc), pixels=NO_PIXELS)
         if row["error"]:
-            row["error"] = sanitize_reason(row["error"], key=key, secrets=phi_values(data))
-        row["seconds"] = time.perf_counter() - t0
+            row["error"] = sanitize_reason(row["error"], key=row["key"], secrets=phi_values(data))
+        row["seconds"] += time.perf_counter() - t0
         return row
 
     def _check_limits(self, probe) -> None:
@@ -392,9 +472,12 @@ class ReadDecode:
 
 def _reason(exc: BaseException) -> str:
     from medsr_dist.io.image import ImageDecodeError
+    from medsr_dist.pacs.dicomweb import PacsError
 
     if isinstance(exc, ImageDecodeError):
         return exc.reason
+    if isinstance(exc, PacsError):  # names the endpoint, the request, the HTTP status and the PACS's reason
+        return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -456,35 +539,37 @@ def is_fatal_device_error(exc: BaseException) -> bool:
 
 
 class EnhanceReplica:
-    """Stage 2 (actor pool): one model replica running the tiled engine on every ``todo`` row.
+    """Stage 2 (actor pool): one model replica (:class:`~medsr_dist.infer.replica.ModelReplica`: the model file's
+    backend running the tiled engine, with per-image retry and the finiteness check) on every ``todo`` row.
 
     Yields the batch's skipped/error rows at once, then each image as soon as it is done (so only the image being
     blended and the current tile batch are held, not the whole batch's outputs). Every frame of a multi-frame row
     goes through the engine like an image of its own (tiles batched across frames and images) and is restacked.
     Adds the column ``output``: (F, H*s, W*s, C) uint16 stored values (see :func:`quantize`), and turns rows whose
-    inference failed or gave NaN/Inf into errors. A fatal device error (:func:`is_fatal_device_error`) ends this
-    process (exit :data:`FATAL_DEVICE_EXIT`) so that Ray restarts the actor; the job retries its batch alone.
+    inference failed or gave NaN/Inf into errors (a failing batch is retried frame by frame, so one bad image fails
+    alone). Other columns pass through. A fatal device error (:func:`is_fatal_device_error`) ends this process
+    (exit :data:`FATAL_DEVICE_EXIT`) so that Ray restarts the actor; the job retries its batch alone.
     """
 
     def __init__(self, model: ModelFile, storage_cfg: StorageConfig, e: EnhanceConfig, precision: str | None = None):
         """``precision``: the one the job's output keys record (default ``enhance.precision``). A replica that
         would run another (e.g. a CPU node without bf16 hardware in a cluster whose driver has it) refuses to
-        start rather than write outputs whose provenance is wrong."""
-        from medsr_dist.infer.backends import auto_batch_size
-        from medsr_dist.infer.engine import TileSpec
+        start (:class:`~medsr_dist.infer.replica.PrecisionMismatch`) rather than write outputs whose provenance
+        is wrong."""
+        from medsr_dist.infer.replica import EngineSettings, ModelReplica, PrecisionMismatch
 
-        precision = precision or e.precision
-        self.backend = build_model_backend(model, e.backend, Storage(storage_cfg), precision=precision)
-        runs = getattr(self.backend, "precision", precision)
-        if runs != precision:
-            raise RuntimeError(f"enhance.precision: this replica ({self.backend!r}) runs {runs}, but the job's outputs "
-                               f"are keyed and labelled {precision}; run replicas on like nodes or set "
-                               f"enhance.precision: {runs}")
-        batch_size = e.batch_size or auto_batch_size(self.backend)
-        self.spec = TileSpec(tile=e.tile, overlap=e.tile_overlap, blend=e.tile_blend, batch_size=batch_size)
-        self.outscale = e.outscale
+        settings = EngineSettings.of(e, precision=precision or e.precision)
+        try:
+            self.replica = ModelReplica.load(model, Storage(storage_cfg), settings)
+        except PrecisionMismatch as exc:
+            raise PrecisionMismatch(f"enhance.{exc}") from None  # names the config key
         self.log_keys = bool(getattr(e, "log_keys", False))
-        log.info("model replica ready: %r, %s", self.backend, self.spec)
+        log.info("model replica ready: %r, %s", self.replica.backend, self.replica.spec)
+
+    @property
+    def backend(self):
+        """The replica's :class:`~medsr_dist.infer.backends.Backend`."""
+        return self.replica.backend
 
     def __call__(self, batch: dict) -> Iterator[dict]:
         rows = _rows(batch)
@@ -499,45 +584,44 @@ class EnhanceReplica:
             for row in self._enhance(todo):
                 done += 1
                 yield _columns([row])
-        except Exception as exc:  # noqa: BLE001 - retry the rest one by one, so one bad image fails alone
+        except Exception as exc:  # only fatal device errors get here: ModelReplica retries the rest
             self._restart_if_fatal(exc, todo[done] if done < len(todo) else {})
-            log.warning("batch inference failed (%s); retrying image by image", type(exc).__name__)
-            for row in todo[done:]:
-                try:
-                    (row,) = list(self._enhance([row]))
-                except Exception as one_exc:  # noqa: BLE001
-                    self._restart_if_fatal(one_exc, row)
-                    row.update(status="error", error=sanitize_reason(
-                        f"inference failed: {type(one_exc).__name__}: {one_exc}", key=str(row["key"])))
-                    row = self._drop_pixels(row)
-                yield _columns([row])
+            raise
 
     def _enhance(self, rows: list[dict]) -> Iterator[dict]:
-        """Each row enhanced (all its frames; tiles batched across frames and rows), in order, as it completes."""
-        from medsr_dist.infer.engine import enhance_many
+        """Each row enhanced (all its frames; tiles batched across frames and rows), in order, as it completes.
 
+        A row with a failed or non-finite frame becomes an error row (no output, pixels dropped)."""
         order = [(i, f) for i, row in enumerate(rows) for f in range(len(row["pixels"]))]
-        frames = (rows[i]["pixels"][f] for i, f in order)
+        frames = [rows[i]["pixels"][f] for i, f in order]  # views, no copies
         t0 = time.perf_counter()
-        bad = 0
-        for (i, f), out in zip(order, enhance_many(self.backend, frames, self.spec, outscale=self.outscale)):
+        bad, failure = 0, None
+        for index, out in self.replica.enhance_each(frames, reraise=is_fatal_device_error):
+            i, f = order[index]
             row = rows[i]
             n_frames = len(row["pixels"])
-            bad += non_finite(out)
-            if f == 0:
-                row["output"] = np.empty((n_frames, out.shape[0], out.shape[1], row["pixels"].shape[-1]), np.uint16)
-            if not bad:
+            if isinstance(out, NonFiniteOutput):
+                bad += out.count
+            elif isinstance(out, BaseException):
+                failure = failure or out
+            elif not bad and failure is None:
+                if f == 0:
+                    row["output"] = np.empty((n_frames, out.shape[0], out.shape[1], row["pixels"].shape[-1]),
+                                             np.uint16)
                 row["output"][f] = quantize(out, stored_maxval(str(row["meta"])), in_place=True)
             del out
             if f == n_frames - 1:
-                if bad:  # NaN/Inf would be written as black: nothing is written
+                if failure is not None:
+                    row.update(status="error", error=sanitize_reason(
+                        f"inference failed: {type(failure).__name__}: {failure}", key=str(row["key"])))
+                elif bad:  # NaN/Inf would be written as black: nothing is written
                     log.warning("%s: the model output %d non-finite values", item_label(row, self.log_keys), bad)
-                    row.update(status="error", error=f"the model output {bad:,} non-finite values (NaN/Inf); "
-                                                     f"nothing written")
+                    row.update(status="error", error=str(NonFiniteOutput(bad)))
+                if failure is not None or bad:
                     row = self._drop_pixels(row)
                     row["output"] = NO_OUTPUT
                 row["seconds"] = float(row["seconds"]) + time.perf_counter() - t0
-                bad = 0
+                bad, failure = 0, None
                 yield row
                 t0 = time.perf_counter()
 
@@ -617,7 +701,7 @@ class EncodeCommit:
         out = np.asarray(item["output"]).astype(np.float32) / np.float32(meta.maxval)  # (F, H', W', C)
         if out.shape[0] != src.shape[0] or out.ndim != 4:
             raise ValueError(f"the replica returned {out.shape[0]} frames for {src.shape[0]}")
-        if not is_under(row["output_key"], spec.output):
+        if not _under(row["output_key"], spec.output):
             raise ValueError(f"output key {row['output_key']} is not under the output prefix {spec.output}")
         nominal = spec.params["outscale"]
         provenance = self.provenance(row["input_key"], row["input_sha256"], f"{nominal:g}")
@@ -626,7 +710,7 @@ class EncodeCommit:
         frames = out if getattr(meta, "frames", 1) > 1 else out[0]
         kwargs = {"dicom_compression": spec.dicom_compression} if spec.dicom_compression != "none" else {}
         data = encode_image(frames, meta, bytes(item["header"]) or None, scale=scale, provenance=provenance, **kwargs)
-        spec.storage.write_bytes(row["output_key"], data)  # atomic
+        spec.storage.write_bytes(row["output_key"], data)  # atomic; a DICOMweb output: STOW-RS unless it is there
         score = consistency_psnr(out, src)
         done = {
             "status": "done", "provenance": json.dumps(provenance, sort_keys=True), "bits_stored": meta.bits_stored,
@@ -637,7 +721,7 @@ class EncodeCommit:
         }
         record = {**row, **done, "seconds": row["seconds"]}
         # written only after the output is complete: its presence means "done"
-        spec.storage.write_bytes(item_record_uri(spec.output, row["item_id"]), json.dumps(record).encode())
+        spec.storage.write_bytes(item_record_uri(spec.records, row["item_id"]), json.dumps(record).encode())
         return done
 
 
@@ -795,19 +879,27 @@ class EnhanceResult:
         return item_label(row, self.log_keys)
 
 
-def list_inputs(storage: Storage, e: EnhanceConfig) -> list[FileEntry]:
+def list_inputs(storage: Storage, e: EnhanceConfig, *, watermark: str | None = None) -> list[FileEntry]:
     """Input files under ``enhance.input`` matching include/exclude, with size and version, minus anything under
     the output prefix — however either prefix is spelled (``file://`` or a plain path, ``./``, trailing ``/``).
 
+    A DICOMweb input (``storage`` a :class:`~medsr_dist.pacs.storage.PacsStorage`) is the QIDO-RS query
+    ``pacs.query`` (``watermark``: the first StudyDate with ``since_watermark``), which leaves out the series
+    medsr-dist derived, so input and output may be the same PACS; include/exclude match
+    ``studies/<S>/series/<R>/instances/<I>``. An empty answer is a night with nothing new (no error).
+
     Raises:
         ValueError: the input lies inside the output prefix.
-        FileNotFoundError: nothing to enhance.
+        FileNotFoundError: nothing to enhance (files).
+        PacsError: the PACS cannot be queried.
     """
-    if is_under(e.input, e.output):
+    if is_dicomweb(e.input):
+        return storage.entries(e.input, storage.query(e.input, watermark=watermark), e.include, e.exclude)
+    if _under(e.input, e.output):
         raise ValueError(f"enhance.input {e.input} lies inside enhance.output {e.output}: outputs would be "
                          f"enhanced again; choose an output prefix outside the archive's input")
     entries = [f for f in storage.list_entries(e.input, include=e.include, exclude=e.exclude)
-               if not is_under(f.uri, e.output)]
+               if not _under(f.uri, e.output)]
     if not entries:
         raise FileNotFoundError(f"enhance.input: no files under {e.input} match include={e.include} exclude={e.exclude}")
     return entries
@@ -832,7 +924,7 @@ def plan_run(storage: Storage, spec: JobSpec, entries: list[FileEntry]) -> _Plan
     """
     done: dict[str, list[dict]] = {}
     ledger: dict[str, dict] = {}
-    uri = manifest_uri(spec.output)
+    uri = manifest_uri(spec.records)
     if storage.exists(uri):
         try:
             for r in read_manifest(storage, uri):
@@ -842,11 +934,12 @@ def plan_run(storage: Storage, spec: JobSpec, entries: list[FileEntry]) -> _Plan
                     ledger[r["input_key"]] = r
         except Exception as exc:  # noqa: BLE001 - every input is then hashed, as on a first night
             log.warning("cumulative manifest unreadable (%s); every input is read again", type(exc).__name__)
-    outputs = set(storage.list_files(spec.output)) if done else set()
+    outputs = _listed_outputs(storage, spec, done, entries) if done else set()
     plan = _Plan([], [], [])
     for entry in entries:
         key, base = entry.uri, {"key": entry.uri, "size": entry.size, "version": entry.version, "attempts": 0}
-        unchanged = lambda r: r["input_version"] == entry.version and r["input_bytes"] == entry.size  # noqa: E731
+        unchanged = lambda r: r["input_version"] == entry.version and (  # noqa: E731
+            r["input_bytes"] == entry.size or entry.version.startswith(PACS_VERSION))  # QIDO-RS gives no size
         try:
             rel = _rel_key(spec, key)
         except ValueError as exc:
@@ -856,7 +949,7 @@ def plan_run(storage: Storage, spec: JobSpec, entries: list[FileEntry]) -> _Plan
                 "input_bytes": entry.size, "input_version": entry.version, "finished_at": _now()}))
             continue
         hit = next((r for r in done.get(key, []) if unchanged(r) and r["output_key"] in outputs
-                    and item_record_uri(spec.output, r["item_id"]) in outputs
+                    and item_record_uri(spec.records, r["item_id"]) in outputs
                     and r["item_id"] == item_id(rel, output_id(r["input_sha256"], spec.model.sha256, spec.params))),
                    None)
         known = ledger.get(key)
@@ -871,6 +964,37 @@ def plan_run(storage: Storage, spec: JobSpec, entries: list[FileEntry]) -> _Plan
     return plan
 
 
+def _listed_outputs(storage: Storage, spec: JobSpec, done: dict[str, list[dict]], entries: list[FileEntry]) -> set[str]:
+    """The outputs and item records that exist, of the ``done`` rows of the listed inputs: a listing of the output
+    prefix (and of the records' folder when the manifest lives elsewhere); a DICOMweb output is asked with one
+    QIDO-RS per derived series."""
+    if spec.output_is_pacs:
+        listed = {e.uri for e in entries}
+        found = storage.existing([r["output_key"] for key, rows in done.items() if key in listed for r in rows])
+    else:
+        found = set(storage.list_files(spec.output))
+    items_dir = Storage.join(spec.records, MANIFEST_DIR, "items")
+    if spec.records != spec.output and storage.exists(items_dir):
+        found |= set(storage.list_files(items_dir))
+    return found
+
+
+def job_storage(cfg: MedsrConfig, storage: Storage | None = None) -> Storage:
+    """The job's storage: ``storage`` (default: ``Storage(cfg.storage)``), as a
+    :class:`~medsr_dist.pacs.storage.PacsStorage` with ``cfg.pacs`` when the input or output is a DICOMweb endpoint."""
+    from medsr_dist.pacs.storage import PacsStorage
+
+    storage = storage or Storage(cfg.storage)
+    if (is_dicomweb(cfg.enhance.input) or is_dicomweb(cfg.enhance.output)) and not isinstance(storage, PacsStorage):
+        storage = PacsStorage(storage.config, cfg.pacs)
+    return storage
+
+
+def watermark_uri(records: str) -> str:
+    """Where a DICOMweb-input run stores the StudyDate the next ``pacs.query.since_watermark`` run starts from."""
+    return Storage.join(records, MANIFEST_DIR, "watermark.json")
+
+
 def run_enhance_job(
     cfg: MedsrConfig, storage: Storage | None = None, progress: Callable[[EnhanceProgress], None] | None = None
 ) -> EnhanceResult:
@@ -879,16 +1003,28 @@ def run_enhance_job(
     ``progress`` is called after every finished item. Raises before any Ray work when the model, its backend or
     the input listing is unusable (FileNotFoundError / ValueError naming the key), and
     :class:`~medsr_dist.storage.LeaseHeldError` when another run holds the output prefix (nothing is touched).
+
+    DICOMweb (``enhance.input`` / ``enhance.output`` ``dicomweb+http(s)://``): the input is a QIDO-RS query
+    (``pacs.query``, from the stored watermark with ``since_watermark``), instances are read with WADO-RS and
+    derived objects stored with STOW-RS, at most ``pacs.concurrency`` read and write tasks at a time; manifests,
+    records, lease and watermark live under ``enhance.manifest``. Raises
+    :class:`~medsr_dist.pacs.dicomweb.PacsError` when the PACS cannot be queried (before any Ray work); requests
+    that fail later become error rows.
     """
+    from medsr_dist.pacs.storage import read_watermark
+
     t_start = time.perf_counter()
-    storage = storage or Storage(cfg.storage)
+    storage = job_storage(cfg, storage)
     e = cfg.enhance
     model = read_model_file(e.checkpoint, cfg.storage, onnx_uri=e.onnx_model)
+    model = model.with_sampling(e.sampling.overrides(), "enhance.sampling")  # ldm: the sampler settings that run
     build_model_backend(model, e.backend, storage, device="cpu")  # a bad model or export fails here, not in every replica
-    entries = list_inputs(storage, e)
+    records = (e.manifest or e.output).rstrip("/")
+    mark = (read_watermark(storage, watermark_uri(records))
+            if is_dicomweb(e.input) and cfg.pacs.query.since_watermark else None)
+    entries = list_inputs(storage, e, watermark=mark)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    output = e.output.rstrip("/")
-    lease = Lease.acquire(storage, Storage.join(output, MANIFEST_DIR, LEASE_FILE), run_id, e.lease_ttl_s)
+    lease = Lease.acquire(storage, Storage.join(records, MANIFEST_DIR, LEASE_FILE), run_id, e.lease_ttl_s)
     lease.keep_alive()
     try:
         return _run_leased(cfg, storage, model, entries, run_id, lease, progress, t_start)
@@ -898,7 +1034,8 @@ def run_enhance_job(
 
 def _run_leased(cfg, storage, model, entries, run_id, lease, progress, t_start) -> EnhanceResult:
     e = cfg.enhance
-    removed = remove_stale_partials(storage, e.output)
+    removed = [p for prefix in dict.fromkeys([e.output.rstrip("/"), (e.manifest or e.output).rstrip("/")])
+               for p in remove_stale_partials(storage, prefix)]
     if removed:
         log.warning("removed %d temp file(s) left by a killed run%s", len(removed),
                     (": " + ", ".join(removed)) if e.log_keys else "")
@@ -907,7 +1044,8 @@ def _run_leased(cfg, storage, model, entries, run_id, lease, progress, t_start) 
     spec = JobSpec(storage=storage, input=e.input.rstrip("/"), output=e.output.rstrip("/"), model=model, params=params,
                    run_id=run_id, threshold_db=e.consistency_threshold_db, max_input_pixels=e.max_input_pixels,
                    max_output_pixels=e.max_output_pixels, log_keys=e.log_keys,
-                   dicom_compression=str(getattr(e, "dicom_compression", "none") or "none"))
+                   dicom_compression=str(getattr(e, "dicom_compression", "none") or "none"),
+                   manifest=(e.manifest or "").rstrip("/"))
     plan = plan_run(storage, spec, entries)
     rows: list[dict] = []
     counts: dict[str, int] = {}
@@ -946,11 +1084,15 @@ def _run_leased(cfg, storage, model, entries, run_id, lease, progress, t_start) 
             "finished_at": _now()}))
     rows.sort(key=lambda r: r["input_key"])
 
-    run_manifest = run_manifest_uri(spec.output, run_id)
+    run_manifest = run_manifest_uri(spec.records, run_id)
     write_manifest(storage, run_manifest, rows)
-    cumulative = manifest_uri(spec.output)
+    cumulative = manifest_uri(spec.records)
     lease.refresh()  # still ours? (raises LeaseLostError: the cumulative manifest is the new holder's to write)
-    write_manifest(storage, cumulative, merge_cumulative(storage, spec.output, rows))
+    write_manifest(storage, cumulative, merge_cumulative(storage, spec.records, rows))
+    if is_dicomweb(spec.input):  # the next since_watermark run starts here (held back by this run's errors)
+        from medsr_dist.pacs.storage import watermark_of_rows, write_watermark
+
+        write_watermark(storage, watermark_uri(spec.records), watermark_of_rows(rows), run_id)
     return EnhanceResult(output=e.output, manifest=cumulative, run_manifest=run_manifest, counts=counts, rows=rows,
                          seconds=time.perf_counter() - t_start, input_pixels=pixels, log_keys=e.log_keys,
                          read_items=len(plan.todo) + len(plan.alone) + retried)
@@ -990,12 +1132,21 @@ def _run_pipeline(cfg, spec: JobSpec, model: ModelFile, precision: str, gpu: boo
         ctx.max_errored_blocks = saved_errored
 
 
+def _pacs_bound(cfg, uri: str) -> dict:
+    """map_batches arguments bounding a stage that talks to the DICOMweb endpoint ``uri``: at most
+    ``pacs.concurrency`` of its tasks at once (each sends one request at a time), so the PACS sees at most that many
+    WADO-RS (read stage) or STOW-RS (write stage) requests from this job, however large the cluster."""
+    import ray
+
+    return {"compute": ray.data.TaskPoolStrategy(size=cfg.pacs.concurrency)} if is_dicomweb(uri) else {}
+
+
 def _iterate(cfg, spec, model, precision, gpu, items, finished, per_batch, *, alone: bool) -> list[dict]:
     import ray
 
     e = cfg.enhance
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(math.ceil(len(items) / per_batch), 20_000)))
-    ds = ds.map_batches(ReadDecode(spec), batch_size=None, num_cpus=0.5)
+    ds = ds.map_batches(ReadDecode(spec), batch_size=None, num_cpus=0.5, **_pacs_bound(cfg, spec.input))
     # A dead replica is restarted (max_restarts) but its task is not retried (max_task_retries=0): Ray Data's
     # default (retry forever) would feed a poison image to fresh replicas without end. Its rows come back lost.
     ds = ds.map_batches(EnhanceReplica, fn_constructor_args=(model, cfg.storage, e, precision), batch_size=per_batch,
@@ -1005,7 +1156,7 @@ def _iterate(cfg, spec, model, precision, gpu, items, finished, per_batch, *, al
                                                            max_tasks_in_flight_per_actor=1 if alone else None),
                         num_gpus=1 if gpu else 0, num_cpus=1 if gpu else e.cpus_per_replica,
                         max_restarts=-1, max_task_retries=0)
-    ds = ds.map_batches(EncodeCommit(spec), batch_size=1, num_cpus=0.5)
+    ds = ds.map_batches(EncodeCommit(spec), batch_size=1, num_cpus=0.5, **_pacs_bound(cfg, spec.output))
 
     seen: set[str] = set()
     for raw in ds.iter_rows():
@@ -1022,22 +1173,31 @@ def _iterate(cfg, spec, model, precision, gpu, items, finished, per_batch, *, al
 # ----------------------------------------------------------------------------------------------------------
 # Status
 # ----------------------------------------------------------------------------------------------------------
-def manifest_summary(storage: Storage, output_prefix: str) -> dict:
+def manifest_summary(storage: Storage, output_prefix: str, manifest: str | None = None) -> dict:
     """What ``medsr status`` prints: totals of the cumulative manifest and of the latest run.
 
     ``outputs`` counts completed outputs; ``ignored``/``quarantined`` count the inputs the cumulative manifest
     keeps in those states. Listed items carry ``item_id``, ``key`` and their text (error reason or output key).
+    ``manifest``: where ``_manifest/`` lives when not under ``output_prefix`` (``enhance.manifest``; required for a
+    DICOMweb output); ``watermark``: the StudyDate a DICOMweb-input run's ``since_watermark`` starts from, or None.
 
     Raises:
-        FileNotFoundError: no manifest under ``output_prefix``.
+        FileNotFoundError: no manifest under ``manifest`` (or ``output_prefix``).
+        ValueError: ``output_prefix`` is a DICOMweb endpoint and no ``manifest`` is given.
     """
+    from medsr_dist.pacs.storage import read_watermark
+
     output_prefix = output_prefix.rstrip("/")
-    uri = manifest_uri(output_prefix)
+    if is_dicomweb(output_prefix) and not manifest:
+        raise ValueError(f"{output_prefix} is a DICOMweb endpoint: its run's manifest lives at enhance.manifest; pass "
+                         f"the run's config (-c) or enhance.manifest=<prefix>")
+    records = (manifest or output_prefix).rstrip("/")
+    uri = manifest_uri(records)
     if not storage.exists(uri):
         raise FileNotFoundError(f"no manifest at {uri}: has `medsr enhance` written to {output_prefix}?")
     every = read_manifest(storage, uri)
     rows = [r for r in every if r["status"] == "done"]
-    runs_dir = Storage.join(output_prefix, MANIFEST_DIR, "runs")
+    runs_dir = Storage.join(records, MANIFEST_DIR, "runs")
     runs = storage.list_files(runs_dir, include=["*.parquet"]) if storage.exists(runs_dir) else []
     latest = read_manifest(storage, runs[-1]) if runs else []
     scores = [r["consistency_psnr_db"] for r in rows if r["consistency_psnr_db"] is not None
@@ -1067,6 +1227,7 @@ def manifest_summary(storage: Storage, output_prefix: str) -> dict:
         "latest_errors": [_listed(r, r["error"]) for r in latest if r["status"] == "error"],
         "quarantined_items": [_listed(r, r["error"]) for r in every if r["status"] == "quarantined"],
         "flagged_outputs": [(*_listed(r, r["output_key"]), r["consistency_psnr_db"]) for r in rows if r["flagged"]],
+        "watermark": read_watermark(storage, watermark_uri(records)),
     }
 
 
@@ -1082,7 +1243,7 @@ def format_summary(summary: dict, max_listed: int = 10, *, log_keys: bool = Fals
     def name(iid: str, key: str) -> str:
         return key if log_keys else item_label({"item_id": iid, "input_key": key})
 
-    lines = [f"output prefix: {summary['output']}",
+    lines = [f"output {'endpoint' if is_dicomweb(summary['output']) else 'prefix'}: {summary['output']}",
              f"outputs: {summary['outputs']} ({summary['input_bytes'] / gib:.3f} GiB in -> "
              f"{summary['output_bytes'] / gib:.3f} GiB out), flagged for review: {summary['flagged']}",
              f"inputs ignored (not images): {summary['ignored']}, quarantined: {summary['quarantined']}"]
@@ -1104,5 +1265,7 @@ def format_summary(summary: dict, max_listed: int = 10, *, log_keys: bool = Fals
         lines.append(f"  flagged {output_key if log_keys else name(iid, key)}: consistency {score:.1f} dB")
     if len(summary["flagged_outputs"]) > max_listed:
         lines.append(f"  ... {len(summary['flagged_outputs']) - max_listed} more flagged in the manifest")
+    if summary.get("watermark"):
+        lines.append(f"PACS watermark (next since_watermark run starts at StudyDate): {summary['watermark']}")
     lines.append(f"manifest: {summary['manifest']}")
     return "\n".join(lines)
