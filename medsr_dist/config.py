@@ -238,8 +238,10 @@ class DegradationConfig(Section):
 # Models: one section per family (a discriminated union keyed by model.family)
 # --------------------------------------------------------------------------------------------
 #: scales each generator architecture really produces. basicsr's RRDBNet has x4 upsampling (pixel-unshuffle by
-#: 2 or 4 in front for x2/x1): with scale=3 it silently outputs x4, so x3 is refused. MSRResNet does x2, x3, x4.
-GENERATOR_SCALES: dict[str, tuple[int, ...]] = {"RRDBNet": (1, 2, 4), "MSRResNet": (2, 3, 4)}
+#: 2 or 4 in front for x2/x1): with scale=3 it silently outputs x4, so x3 is refused. MSRResNet does x2, x3, x4,
+#: and x1 (models/archs.py: a full-resolution residual refiner, out = x + f(x), starting at the identity; the
+#: MRI through-plane refinement). RRDBNet x1 has no full-resolution path (it works at 1/4 resolution).
+GENERATOR_SCALES: dict[str, tuple[int, ...]] = {"RRDBNet": (1, 2, 4), "MSRResNet": (1, 2, 3, 4)}
 
 
 class RRDBNetConfig(Section):
@@ -254,7 +256,7 @@ class RRDBNetConfig(Section):
 
 
 class MSRResNetConfig(Section):
-    """basicsr ``MSRResNet`` (SRResNet without BatchNorm; the SRGAN generator): x2, x3, x4."""
+    """basicsr ``MSRResNet`` (SRResNet without BatchNorm; the SRGAN generator): x2, x3, x4; x1 = residual refiner."""
 
     type: Literal["MSRResNet"] = "MSRResNet"
     num_in_ch: int = 3
@@ -505,6 +507,21 @@ class SamplingConfig(Section):
                       "sample index, this seed), so outputs are bit-reproducible on the same backend")
 
 
+class SamplingOverride(Section):
+    """Sampling settings replacing an ``ldm`` export's own (its ``model.sampling``, recorded in meta.json) for one
+    run; a key left empty keeps the export's. Outputs are keyed by the settings that ran."""
+
+    sampler: Literal["ddpm", "ddim", "dpmsolver++"] | None = None
+    steps: int | None = Field(None, ge=1, description="Denoising steps (at most the export's num_train_timesteps)")
+    samples: int | None = Field(None, ge=1, le=64, description="K samples per image (K > 1: mean + uncertainty map)")
+    output: Literal["mean", "first"] | None = None
+    seed: int | None = None
+
+    def overrides(self) -> dict:
+        """The keys given (not None)."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class VAELossConfig(Section):
     """VAE stage losses (MONAI latent-diffusion tutorials): L1 + perceptual (VGG19 features) + KL."""
 
@@ -642,6 +659,10 @@ class TrainConfig(Section):
     betas: tuple[float, float] = (0.9, 0.99)
     milestones: list[int] = Field(default_factory=lambda: [400000], description="MultiStepLR milestones (iterations)")
     lr_gamma: float = Field(0.5, gt=0)
+    lr_schedule: Literal["multistep", "cosine"] = Field(
+        "multistep", description="multistep: x lr_gamma at each of milestones; cosine: from the base LR down to "
+        "lr_min_ratio x it over train.iterations (cosine annealing, no restarts; milestones ignored)")
+    lr_min_ratio: float = Field(0.01, ge=0, le=1, description="cosine schedule: final LR / base LR")
     ema_decay: float = Field(0.999, ge=0, lt=1)
     checkpoint_every: int = Field(50, ge=1)
     val_every: int = Field(50, ge=1)
@@ -672,6 +693,26 @@ class TrainConfig(Section):
 # --------------------------------------------------------------------------------------------
 # Inference
 # --------------------------------------------------------------------------------------------
+def _is_dicomweb(uri: Any) -> bool:
+    """Whether ``uri`` is spelled ``dicomweb+http(s)://`` (medsr_dist.pacs.dicomweb.is_dicomweb without its import)."""
+    return isinstance(uri, str) and uri.lower().startswith(("dicomweb+http://", "dicomweb+https://"))
+
+
+class EnhanceVolumesConfig(Section):
+    """Volume items of the nightly job (medsr_dist/mri/nightly.py): NIfTI files and DICOM series folders are
+    reconstructed to isotropic by the cross-plane method (``mri.factor``, ``mri.fusion``, ``mri.profile``)."""
+
+    enabled: bool = Field(True, description="Treat .nii/.nii.gz inputs and series folders as volumes (off: they go "
+                          "the 2-D way, where NIfTI files are error rows)")
+    checkpoint: str | None = Field(None, description="Scale-1 through-plane model (medsr mri prepare + train, or "
+                                   "self-sr's export); empty: enhance.checkpoint when that is scale 1, else volume "
+                                   "items are error rows saying so")
+    series_folders: list[str] = Field(
+        default_factory=list, description="Glob patterns (relative to enhance.input, e.g. 'mri/*/*') of folders that "
+        "each hold the single-frame slices of ONE DICOM series: every file directly in such a folder is part of that "
+        "folder's volume item (decided at listing time, no file read); other DICOM files stay 2-D items")
+
+
 class EnhanceConfig(Section):
     input: str | None = Field(None, description="Archive prefix to enhance (default: sample.holdout)")
     output: str | None = Field(None, description="Output prefix (default: <run.root>/enhanced)")
@@ -699,6 +740,12 @@ class EnhanceConfig(Section):
     min_replicas: int = Field(1, ge=1)
     max_replicas: int = Field(1, ge=1)
     cpus_per_replica: float = Field(1.0, gt=0, description="CPUs of a model replica (its torch/ORT threads) when it has no GPU")
+    replicas: str = Field(
+        "local", pattern=r"^(local|serve:.+)$", description="Where the model runs: 'local' (the job's own actor pool "
+        "of min_replicas..max_replicas) or 'serve:<app>' (the model deployment of a running Serve application "
+        "serving the same model file, by sha256, through a DeploymentHandle: one GPU pool for on-demand and batch "
+        "work; tile, backend and precision must equal the app's; min/max_replicas then count the job's client "
+        "actors, each keeping images_per_batch images in flight)")
     fail_on_error: bool = False
     consistency_threshold_db: float = Field(
         30.0, description="Rows whose consistency PSNR (output degraded back vs input) is below this are flagged for review"
@@ -716,17 +763,52 @@ class EnhanceConfig(Section):
     lease_ttl_s: float = Field(
         600.0, gt=0, description="One run per output prefix: a run's lease (_manifest/lease.json), refreshed every "
         "third of this, may be taken over by another run once it is this old")
+    sampling: SamplingOverride = Field(
+        default_factory=SamplingOverride, description="ldm models: sampler, steps, samples K, output (mean | first), "
+        "seed instead of the export's model.sampling; part of every output's key and provenance")
+    uncertainty_threshold: float | None = Field(
+        0.05, ge=0, description="ldm with K > 1 samples: rows whose uncertainty_p99 (99th percentile of the per-pixel "
+        "std map, in units of the intensity range) exceeds this are flagged for review; empty: never flagged for it")
     log_keys: bool = Field(False, description="Name input keys in job logs (keys often embed accession numbers); "
                            "off: logs name items by item id. Manifests always keep keys")
     dicom_compression: Literal["none", "rle", "jpeg2000-lossless"] = Field(
         "none", description="Transfer syntax of derived DICOM objects: none (Explicit VR Little Endian), rle (RLE "
         "Lossless) or jpeg2000-lossless (JPEG 2000 Lossless Only); every stored value is kept, never lossy")
+    volumes: EnhanceVolumesConfig = Field(default_factory=EnhanceVolumesConfig,
+                                          description="NIfTI volumes and DICOM series as items (3-D MRI)")
+    manifest: str | None = Field(
+        None, description="Where manifests, item records, the run lease and the PACS watermark live (a local path or "
+        "object-store prefix; default: enhance.output). Required when enhance.output is a DICOMweb endpoint "
+        "(dicomweb+http(s)://host:port/<root>; pacs section), since a PACS holds DICOM objects only",
+        validate_default=True)
 
     @model_validator(mode="after")
     def _replicas(self) -> "EnhanceConfig":
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
         return self
+
+    @field_validator("input", "output")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        """A DICOMweb endpoint is well formed: no credentials or query in it, its root rather than one instance."""
+        if _is_dicomweb(v):
+            from medsr_dist.pacs.dicomweb import Endpoint
+
+            _, ref = Endpoint.parse(v)
+            if ref is not None:
+                raise ValueError("name the DICOMweb endpoint (its root), not one instance")
+        return v
+
+    @field_validator("manifest")
+    @classmethod
+    def _manifest(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if _is_dicomweb(v):
+            raise ValueError("must be a local path or an object-store prefix, not a DICOMweb endpoint")
+        if _is_dicomweb(info.data.get("output")) and not v:
+            raise ValueError("required when enhance.output is a DICOMweb endpoint (the manifest, item records and the "
+                             "run's lease cannot live in a PACS): give a local path or s3:// prefix")
+        return v
 
 
 class PacsConfig(Section):
@@ -788,8 +870,10 @@ class PacsConfig(Section):
     timeout_s: float = Field(60.0, gt=0, description="Read timeout of one request (connect: at most 10 s)")
     retries: int = Field(4, ge=0, description="Retries of a request on connection errors, timeouts and HTTP 429/5xx")
     backoff_s: float = Field(0.5, ge=0, description="Exponential backoff base between retries (0.5, 1, 2, ... s)")
-    concurrency: int = Field(2, ge=1, le=64, description="Concurrent WADO-RS / STOW-RS requests per process "
-                             "(a nightly run must never flood a clinical system)")
+    concurrency: int = Field(2, ge=1, le=64, description="Concurrent WADO-RS / STOW-RS requests per process; "
+                             "the nightly job runs at most this many read tasks and this many write tasks, so the "
+                             "PACS sees at most this many retrieves and this many stores at once, however large "
+                             "the cluster (a nightly run must never flood a clinical system)")
 
 
 class EvalConfig(Section):
@@ -807,6 +891,9 @@ class EvalConfig(Section):
             "or in the model zoo's cache (nothing is downloaded)",
         )
         baseline: bool = Field(False, description="Compare every model with the first baseline (default: the first model)")
+        sampling: SamplingOverride | None = Field(
+            None, description="ldm models: sampler/steps/samples/seed instead of the export's (list one model per "
+            "sampler to compare them)")
 
     class Params(Section):
         """Overrides of the preset's parameters; a key left out keeps the preset's value (null is a value)."""
@@ -961,6 +1048,10 @@ class MriConfig(Section):
     val_every: int = Field(10, ge=2, description="self mode: every n-th slice pair goes to val (one volume has "
                            "no patient split; val only monitors training)")
     fusion: Literal["mean", "fourier"] = Field("mean", description="How the two refined orientations are fused")
+    subimage: int = Field(0, ge=0, description="prepare: cut each slice pair into overlapping sub-images of this "
+                          "size (step half of it, the last one flush with the border; 0: whole slices). A single "
+                          "volume has few slices: sub-images give the training stream enough rows for long runs, "
+                          "and decoding one costs a fraction of a whole slice")
 
 
 class MedsrConfig(Section):
@@ -1004,6 +1095,13 @@ class MedsrConfig(Section):
                     f"takes exactly 128 or 256 px; at x3 the crop is the next multiple of 3 and D sees its first "
                     f"{d.input_size} px)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _schedule_supported(self) -> "MedsrConfig":
+        if self.train.lr_schedule != "multistep" and self.model.family in ("vae", "ldm"):
+            raise ValueError(f"train.lr_schedule: {self.train.lr_schedule!r} is implemented for the generator "
+                             f"families; the {self.model.family} family steps its LR by train.milestones (multistep)")
         return self
 
     @model_validator(mode="after")
@@ -1104,7 +1202,9 @@ def _format_error(exc: ValidationError, source: str, tree: dict) -> str:
             msg = "unknown key"
             if loc == "train.losses":
                 msg = "unknown key (loss weights are per family now: model.losses)"
-        elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
+        # (a URI with user:password@ is not echoed: credentials stay off the console and out of logs)
+        elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict) and not (
+                isinstance(err["input"], str) and "@" in err["input"].partition("://")[2].partition("/")[0]):
             msg = f"{msg} (got {err['input']!r})"
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)

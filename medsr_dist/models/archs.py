@@ -38,8 +38,30 @@ def generator_from(architecture: Any, scale: int) -> nn.Module:
     if kind == "RRDBNet":
         return RRDBNet(num_in_ch=g["num_in_ch"], num_out_ch=g["num_out_ch"], scale=scale, num_feat=g["num_feat"],
                        num_block=g["num_block"], num_grow_ch=g["num_grow_ch"])
+    if scale == 1:
+        return msrresnet_x1(num_in_ch=g["num_in_ch"], num_out_ch=g["num_out_ch"], num_feat=g["num_feat"],
+                            num_block=g["num_block"])
     return MSRResNet(num_in_ch=g["num_in_ch"], num_out_ch=g["num_out_ch"], num_feat=g["num_feat"],
                      num_block=g["num_block"], upscale=scale)
+
+
+class _MSRResNetX1(MSRResNet):
+    """basicsr's MSRResNet at ``upscale=1`` (its forward already handles it: no upsampling layers, and
+    ``out += interpolate(x, scale_factor=1)`` is ``x`` exactly). Compat: basicsr 1.4.2's ``__init__`` initialises
+    ``self.upconv1``, which only x2-x4 create; this class attribute (an empty, unregistered module: no weights, no
+    state-dict key) lets it. State dict = basicsr's layers: conv_first, body.*, conv_hr, conv_last."""
+
+    upconv1 = nn.Identity()
+
+
+def msrresnet_x1(num_in_ch: int = 3, num_out_ch: int = 3, num_feat: int = 64, num_block: int = 16) -> nn.Module:
+    """A scale-1 residual refiner: (B, C, h, w) -> (B, C, h, w), ``out = x + f(x)`` with ``f`` basicsr's
+    EDSR-like body at full resolution (any h, w). ``conv_last`` starts at zero, so the untrained network is the
+    identity exactly: refinement starts from its input (for MRI, the B-spline-interpolated slice)."""
+    net = _MSRResNetX1(num_in_ch=num_in_ch, num_out_ch=num_out_ch, num_feat=num_feat, num_block=num_block, upscale=1)
+    nn.init.zeros_(net.conv_last.weight)
+    nn.init.zeros_(net.conv_last.bias)
+    return net
 
 
 def generator_size_multiple(architecture: Any, scale: int) -> int:

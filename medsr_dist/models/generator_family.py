@@ -1,4 +1,5 @@
-"""What every single-generator family shares: networks with roles, Adam + MultiStepLR, the BasicSR export.
+"""What every single-generator family shares: networks with roles, Adam + MultiStepLR (or cosine annealing:
+``train.lr_schedule``), the BasicSR export.
 
 Export format ``basicsr``: a torch file ``{"params": G, "params_ema": EMA of G}`` (plain fp32 CPU tensors, what
 Real-ESRGAN's and BasicSR's own inference scripts load) with ``meta.json`` beside it naming the family, the scale
@@ -54,6 +55,9 @@ class GeneratorFamily:
 
     def build_schedulers(self, cfg: MedsrConfig, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
         t = cfg.train
+        if t.lr_schedule == "cosine":
+            return {k: torch.optim.lr_scheduler.CosineAnnealingLR(
+                o, T_max=t.iterations, eta_min=o.param_groups[0]["lr"] * t.lr_min_ratio) for k, o in optimizers.items()}
         return {k: torch.optim.lr_scheduler.MultiStepLR(o, milestones=t.milestones, gamma=t.lr_gamma)
                 for k, o in optimizers.items()}
 

@@ -145,6 +145,7 @@ def train_loop_per_worker(config: dict) -> None:
     iteration = start_iteration
     wait_s = step_s = first_batch_s = 0.0
     t_prev = time.perf_counter()
+    cpu0 = time.process_time()  # this worker's CPU seconds (all its threads): the budget on a shared machine
     batches = shard.iter_torch_batches(
         batch_size=t.batch_size, drop_last=True, local_shuffle_buffer_size=cfg.degradation.shuffle_buffer or None,
         local_shuffle_seed=cfg.run.seed + rank if cfg.degradation.shuffle_buffer else None,
@@ -170,7 +171,7 @@ def train_loop_per_worker(config: dict) -> None:
         steps = iteration - start_iteration
         metrics = {"iteration": iteration, "resumed_from": start_iteration, **logs,
                    "data_wait_fraction": wait_s / max(wait_s + step_s, 1e-9), "step_seconds": step_s / steps,
-                   "first_batch_seconds": first_batch_s, "lr_g": strategy.optimizer(family.inference_net).param_groups[0]["lr"]}
+                   "first_batch_seconds": first_batch_s, "worker_cpu_seconds": time.process_time() - cpu0, "lr_g": strategy.optimizer(family.inference_net).param_groups[0]["lr"]}
         last = iteration == t.iterations
         if rank == 0 and val_pairs and (iteration % t.val_every == 0 or last):
             inference = family.inference_module({k: ema.get(k, strategy.raw(k)) for k in family.network_roles(cfg)})
