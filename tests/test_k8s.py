@@ -157,6 +157,7 @@ def test_raycluster_shape(built, overlay):
     assert rc["enableInTreeAutoscaling"] is True and rc["autoscalerOptions"]["version"] == "v2"
     assert rc["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     assert rc["authOptions"] == {"mode": "token", "secretName": "medsr-ray-token"}
+    assert rc["upgradeStrategy"] == {"type": "Recreate"}
     groups = {g["groupName"]: g for g in rc["workerGroupSpecs"]}
     gpu, cpu = groups["gpu"], groups["cpu"]
     assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= 1
@@ -184,6 +185,7 @@ def test_training_rayjob(built, overlay):
     docs = built[overlay]
     job = _one(docs, "RayJob")["spec"]
     assert job["submissionMode"] == "K8sJobMode"
+    assert job["suspend"] is True, "applying the overlay starts no training"
     assert job["shutdownAfterJobFinishes"] is True and job["ttlSecondsAfterFinished"] > 0
     assert job["activeDeadlineSeconds"] > 0 and job["backoffLimit"] >= 1
     assert "runtimeEnvYAML" not in job
