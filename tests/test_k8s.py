@@ -512,7 +512,10 @@ def _pins(calls: list[list[str]]) -> list[str]:
 
 
 def _makefile_install_args() -> list[str]:
-    out = subprocess.run(["make", "-n", "-B", "install"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    # run under `make test` in CI: the parent make's flags and level stay out of this dry run
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+    out = subprocess.run(["make", "--no-print-directory", "-n", "-B", "install"], cwd=REPO, env=env,
+                         capture_output=True, text=True, check=True).stdout
     lines = [shlex.split(line) for line in out.splitlines() if "install.sh" in line and not line.startswith("#")]
     assert len(lines) == 1, out
     assert "pip" not in out.replace("install.sh", ""), "the Makefile installs nothing itself"
