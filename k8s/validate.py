@@ -539,11 +539,39 @@ def policy_errors(doc: dict) -> list[str]:
     return [f"{ident(doc)}: {e}" for e in errors]
 
 
+def reference_errors(doc: dict, config_maps: dict[str, set[str]]) -> list[str]:
+    """ConfigMaps a pod reads (env configMapKeyRef, envFrom, volumes) that the build does not hold, or keys they
+    lack; ``optional`` references are allowed to be missing. ``config_maps``: name -> data keys of the build."""
+    errors = []
+    for where, pod in pod_specs(doc):
+        for c in (pod.get("initContainers") or []) + (pod.get("containers") or []):
+            for env in c.get("env") or []:
+                ref = (env.get("valueFrom") or {}).get("configMapKeyRef")
+                if ref and not ref.get("optional") and ref.get("key") not in config_maps.get(ref.get("name"), set()):
+                    errors.append(f"{where}.containers[{c.get('name')}].env[{env.get('name')}]: ConfigMap "
+                                  f"{ref.get('name')} with key {ref.get('key')} is not in the build")
+            for src in c.get("envFrom") or []:
+                ref = src.get("configMapRef")
+                if ref and not ref.get("optional") and ref.get("name") not in config_maps:
+                    errors.append(f"{where}.containers[{c.get('name')}].envFrom: ConfigMap {ref.get('name')} is not in the build")
+        for vol in pod.get("volumes") or []:
+            ref = vol.get("configMap")
+            if ref and not ref.get("optional") and ref.get("name") not in config_maps:
+                errors.append(f"{where}.volumes[{vol.get('name')}]: ConfigMap {ref.get('name')} is not in the build")
+    return [f"{ident(doc)}: {e}" for e in errors]
+
+
 # --------------------------------------------------------------------------------------------------------------
-def all_errors(docs: list[dict], crd_dir: Path, k8s_version: str = "1.37.0") -> list[str]:
-    """Every layer's errors for a built manifest stream, including manifests embedded in ConfigMaps."""
+def all_errors(docs: list[dict], crd_dir: Path, k8s_version: str = "1.37.0",
+               check_references: bool = True) -> list[str]:
+    """Every layer's errors for a built manifest stream, including manifests embedded in ConfigMaps.
+
+    ``check_references``: also require every ConfigMap a pod reads to be in ``docs`` (off for a lone object).
+    """
     errors = []
     items = [("", d) for d in docs] + list(embedded_manifests(docs))
+    config_maps = {d["metadata"]["name"]: set(d.get("data") or {}) for d in docs
+                   if d.get("kind") == "ConfigMap" and (d.get("metadata") or {}).get("name")}
     for where, doc in items:
         prefix = f"{where}: " if where else ""
         # The API server refuses an object that fails its schema before any controller sees it: the later layers
@@ -558,6 +586,8 @@ def all_errors(docs: list[dict], crd_dir: Path, k8s_version: str = "1.37.0") -> 
             layer = builtin_errors(doc, k8s_version)
             if not layer:
                 layer = policy_errors(doc)
+        if check_references and not layer:
+            layer = reference_errors(doc, config_maps)
         errors += [prefix + e for e in layer]
     return errors
 

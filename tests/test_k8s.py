@@ -363,6 +363,10 @@ BROKEN = [
      "stored in plain text"),
     ("auth-off", "RayJob", _set("spec.rayClusterSpec.authOptions", {"mode": "disabled"}), "Ray token auth on every cluster"),
     ("head-cpus", "RayCluster", _set("spec.headGroupSpec.rayStartParams.num-cpus", "4"), "no work on the head"),
+    ("configmap-key-missing", "RayJob", _set("spec.submitterPodTemplate.spec.containers.0.env.0.valueFrom.configMapKeyRef.key", "run-rot"),
+     "ConfigMap medsr-storage with key run-rot is not in the build"),
+    ("configmap-volume-missing", "CronJob", _set("spec.jobTemplate.spec.template.spec.volumes.0.configMap.name", "medsr-nightly"),
+     "ConfigMap medsr-nightly is not in the build"),
     ("placeholder-image", "RayService", lambda d: _head(d["spec"]["rayClusterConfig"]).update(image="medsr-dist:0.1.0"),
      "still the base's placeholder"),
 ]
@@ -371,11 +375,12 @@ BROKEN = [
 @pytest.mark.parametrize("case", BROKEN, ids=[c[0] for c in BROKEN])
 def test_broken_manifest_fails(built, crds, case):
     name, kind, mutate, expected = case
-    docs = built["dev+raycronjob"] if kind == "RayCronJob" else built["dev"]
-    doc = copy.deepcopy(_one(docs, kind))
-    assert validate.all_errors([doc], crds) == [], "the fixture starts valid"
+    built_docs = built["dev+raycronjob"] if kind == "RayCronJob" else built["dev"]
+    doc = copy.deepcopy(_one(built_docs, kind))
+    docs = [doc] + [d for d in built_docs if d["kind"] == "ConfigMap"]  # what the references may name
+    assert validate.all_errors(docs, crds) == [], "the fixture starts valid"
     mutate(doc)
-    errors = validate.all_errors([doc], crds)
+    errors = validate.all_errors(docs, crds)
     expected = expected or "at most 36 characters"
     assert any(expected in e for e in errors), f"{name}: no error containing {expected!r} in {errors}"
 
