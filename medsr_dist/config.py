@@ -1265,6 +1265,18 @@ def check_local_inputs(cfg: MedsrConfig, stage: str) -> None:
             raise ConfigError(f"invalid config {cfg.source}:\n  {key}: path {uri} does not exist")
         if key == "model.vae":
             _check_vae_export(cfg, local)
+        if key == "enhance.checkpoint" and cfg.enhance.sampling.overrides():
+            _check_sampling(cfg, uri)
+
+
+def _check_sampling(cfg: MedsrConfig, checkpoint: str) -> None:
+    """``enhance.sampling`` must fit the model it overrides (an ldm export; steps within its schedule)."""
+    from medsr_dist.infer.model_file import read_model_file
+
+    try:
+        read_model_file(checkpoint, cfg.storage).with_sampling(cfg.enhance.sampling.overrides(), "enhance.sampling")
+    except ValueError as exc:
+        raise ConfigError(f"invalid config {cfg.source}:\n  {exc}") from None
 
 
 def _check_vae_export(cfg: MedsrConfig, local: str) -> None:

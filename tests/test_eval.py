@@ -536,6 +536,7 @@ def test_cli_eval_runs_a_preset_on_a_prepared_split_with_models_from_the_command
     model = write_model(tmp_path / "models" / "tiny", 4)
     result = CliRunner().invoke(app, [
         "eval", "-c", str(REPO / "configs" / "eval_cxr14-ldm.yaml"), "-m", f"tiny={model}",
+        "eval.models=[{name: bicubic, source: bicubic, baseline: true}]",  # the file's ldm/GAN exports are not here
         f"run.root={tmp_path}", f"eval.dataset={tmp_path / 'dataset'}", "eval.params.source_size=128",
         "eval.params.hr_size=64", "ray.progress=false", "eval.figures=1", "eval.cpus_per_replica=0.5",
         f"eval.lpips.backbone={tmp_path}/absent.pth", "eval.bootstrap.samples=200",

@@ -4,8 +4,10 @@ Fast: tiny VAE (8/16 channels) and U-Net (16 channels), 16-64 px images, few ste
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -284,9 +286,23 @@ def test_sampling_is_bit_reproducible_and_batch_independent(ldm_export):
     out1, std1 = be.sample(tiles)
     out2, std2 = be.sample(tiles.copy())
     assert np.array_equal(out1, out2) and np.array_equal(std1, std2)
-    # a tile's samples do not depend on which tiles share its batch
+    # a tile's noise does not depend on which tiles share its batch; the arithmetic depends on the batch *size*
+    # (CPU kernels are chosen by it) by ~1e-6, so a prepared backend (as every ModelReplica prepares it) pads
     alone, _ = be.sample(tiles[1:2])
     np.testing.assert_allclose(alone[0], out1[1], atol=2e-6)
+    from medsr_dist.infer.engine import TileSpec
+
+    fresh = _backend(ldm_export)  # another instance (a rerun): the same bits
+    fresh.prepare(TileSpec(batch_size=4))
+    padded, padded_std = fresh.sample(tiles)
+    assert padded.shape == out1.shape and padded_std.shape == std1.shape
+    others = np.random.default_rng(9).random((3, 3, 8, 8), dtype=np.float32)
+    for i in range(3):
+        assert np.array_equal(fresh.sample(tiles[i:i + 1])[0][0], padded[i])  # alone, padded to 4
+        mixed = np.concatenate([others[:i], tiles[i:i + 1], others[i:]])[:4]  # among other tiles, elsewhere
+        assert np.array_equal(fresh.sample(mixed)[0][i], padded[i])
+    with pytest.raises(ValueError, match="exceeds the fixed batch 4"):
+        fresh.sample(np.concatenate([tiles, tiles]))
     other = _backend(ldm_export, seed=1).sample(tiles)[0]
     assert np.abs(other - out1).max() > 1e-3  # the run seed changes the noise
     assert std1.shape == out1.shape and (std1 > 0).all()
@@ -470,3 +486,106 @@ def test_loop_validation_and_pair_stage_for_both_stages(vae_export, ldm_export):
     lq = torch.nn.functional.avg_pool2d(torch.from_numpy(gt), 4).numpy()
     sr = validate(module, [{"lq": a, "gt": b} for a, b in zip(lq, gt)], torch.device("cpu"), 4)
     assert np.isfinite(sr["val_psnr"]) and np.isfinite(sr["val_psnr_bicubic"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sampling settings of a run (enhance.sampling, eval.models[].sampling): part of the output's identity
+# ---------------------------------------------------------------------------------------------------------
+def test_sampling_overrides_run_and_key_the_outputs(ldm_export, tiny_model_dir):
+    from medsr_dist.config import EnhanceConfig
+    from medsr_dist.infer.enhance_job import enhance_params, output_id
+    from medsr_dist.infer.model_file import read_model_file
+    from medsr_dist.storage import Storage
+
+    mf = read_model_file(str(ldm_export))
+    assert mf.sampling == {"sampler": "ddim", "steps": 4, "samples": 3, "output": "mean", "seed": 0}
+    ddpm = mf.with_sampling({"sampler": "ddpm", "steps": 300}, "enhance.sampling")
+    assert ddpm.sha256 == mf.sha256 and ddpm.sampling == {**mf.sampling, "sampler": "ddpm", "steps": 300}
+    assert mf.with_sampling({}, "x") is mf and mf.with_sampling(None, "x") is mf
+    s = ddpm.build(Storage()).unet.sampling  # what every replica the ModelFile is pickled to samples with
+    assert (s.sampler, s.steps, s.samples) == ("ddpm", 300, 3)
+    e = EnhanceConfig()
+    base = enhance_params(e, mf)
+    assert base["sampling"] == mf.sampling and base["schedule"]["zero_terminal_snr"] is False
+    ids = {output_id("0" * 64, mf.sha256, base)}
+    for change in ({"sampler": "ddpm", "steps": 300}, {"steps": 5}, {"samples": 2}, {"seed": 1}, {"output": "first"}):
+        ids.add(output_id("0" * 64, mf.sha256, enhance_params(e, mf.with_sampling(change))))
+    assert len(ids) == 6  # every sampling setting makes another output: a DDIM-4 output is never taken for DDPM-300
+    zsnr = dataclasses.replace(mf, generator={**mf.generator, "schedule": {**mf.generator["schedule"],
+                                                                           "zero_terminal_snr": True}})
+    assert output_id("0" * 64, mf.sha256, enhance_params(e, zsnr)) not in ids
+    with pytest.raises(ValueError, match=r"enhance\.sampling\.steps: 301 exceeds the model's num_train_timesteps 300"):
+        mf.with_sampling({"steps": 301}, "enhance.sampling")
+    with pytest.raises(ValueError, match=r"enhance\.sampling: sampler: Input should be 'ddpm', 'ddim' or"):
+        mf.with_sampling({"sampler": "euler"}, "enhance.sampling")
+    gan = read_model_file(os.path.join(tiny_model_dir, "model.pth"))
+    assert gan.sampling is None and "sampling" not in enhance_params(e, gan)  # other families' keys unchanged
+    with pytest.raises(ValueError, match=r"enhance\.sampling: \['samples'\] apply to iterative-sampler models"):
+        gan.with_sampling({"samples": 2}, "enhance.sampling")
+    with pytest.raises(ConfigError, match=r"enhance\.sampling\.samples: Input should be less than or equal to 64"):
+        load_config(None, ["enhance.sampling.samples=65"])
+    # `medsr enhance` checks them against the model before Ray starts
+    for ckpt, extra, match in ((ldm_export, "enhance.sampling.steps=301", "exceeds the model's num_train_timesteps"),
+                               (gan.uri, "enhance.sampling.samples=2", "apply to iterative-sampler models")):
+        with pytest.raises(ConfigError, match=match):
+            check_local_inputs(load_config(None, [f"enhance.checkpoint={ckpt}", f"enhance.input={tiny_model_dir}",
+                                                  extra]), "enhance")
+
+
+def test_nightly_stages_write_the_uncertainty_map_beside_the_output(ldm_export, tmp_path):
+    """ReadDecode -> EnhanceReplica -> EncodeCommit in this process (as Ray Data chains them) with K = 3 samples:
+    each output gets its std map (16-bit PNG beside a PNG; a DICOM derived object of its own series beside a DICOM),
+    the manifest row its uncertainty_p99 and key, and rows above enhance.uncertainty_threshold are flagged."""
+    import cv2
+    import pydicom
+
+    from medsr_dist.infer.diffusion_backend import STD_FULL_SCALE
+    from medsr_dist.infer.enhance_job import EncodeCommit, EnhanceReplica, JobSpec, ReadDecode, _rows, enhance_params
+    from medsr_dist.infer.model_file import read_model_file
+    from medsr_dist.io.dicom import build_radiograph_dataset, dataset_to_bytes
+    from medsr_dist.io.image import decode_image
+    from medsr_dist.storage import Storage
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    image = _images(1, 16, 4)[0, 0].numpy()
+    assert cv2.imwrite(str(archive / "a.png"), np.round(image * 65535).astype(np.uint16))
+    ds = build_radiograph_dataset(image, bits_stored=12, patient_id="PID-TEST-1", series_description="CHEST PA")
+    (archive / "b.dcm").write_bytes(dataset_to_bytes(ds))
+    cfg = load_config(None, [f"enhance.input={archive}", f"enhance.output={tmp_path / 'out'}",
+                             f"enhance.checkpoint={ldm_export}", "enhance.tile=8", "enhance.tile_overlap=2",
+                             "enhance.tile_blend=1", "enhance.batch_size=4", "enhance.uncertainty_threshold=0.0"])
+    e = cfg.enhance
+    model = read_model_file(str(ldm_export))
+    spec = JobSpec(storage=Storage(), input=str(archive), output=e.output, model=model, params=enhance_params(e, model),
+                   run_id="local", threshold_db=-1e9, uncertainty_threshold=e.uncertainty_threshold)
+    decoded = ReadDecode(spec)({"key": np.array([str(archive / "a.png"), str(archive / "b.dcm")])})
+    replica = EnhanceReplica(model, cfg.storage, e)
+    assert replica.uncertainty and replica.backend.fixed_batch == 4
+    enhanced = [r for b in replica(decoded) for r in _rows(b)]
+    assert replica.backend._std == {}  # every kept std tile was consumed by its image's map
+    rows = {Path(r["input_key"]).name: r for r in (EncodeCommit(spec).one(r) for r in enhanced)}
+    for name, r in rows.items():
+        assert r["status"] == "done", r["error"]
+        assert 0 < r["uncertainty_p99"] <= STD_FULL_SCALE and r["flagged"]  # threshold 0: every map flags
+        assert r["uncertainty_key"] == r["output_key"].rsplit(".", 1)[0] + (".std.dcm" if name == "b.dcm" else ".std.png")
+    std = decode_image(Path(rows["a.png"]["uncertainty_key"]).read_bytes(), "std")
+    assert std.pixels.shape[:2] == (64, 64) and std.meta.dtype == "uint16"
+    assert "3 diffusion samples" in std.meta.text["medsr:uncertainty"]
+    values = std.pixels[..., 0] * STD_FULL_SCALE
+    assert np.percentile(values, 99) == pytest.approx(rows["a.png"]["uncertainty_p99"], abs=1e-4)
+    out_ds = pydicom.dcmread(rows["b.dcm"]["output_key"])
+    std_ds = pydicom.dcmread(rows["b.dcm"]["uncertainty_key"])
+    assert std_ds.SeriesInstanceUID not in (out_ds.SeriesInstanceUID, ds.SeriesInstanceUID)
+    assert std_ds.SOPInstanceUID != out_ds.SOPInstanceUID and std_ds.StudyInstanceUID == ds.StudyInstanceUID
+    assert list(std_ds.ImageType) == ["DERIVED", "SECONDARY", "UNCERTAINTY"] and std_ds.BitsStored == 16
+    assert std_ds.SeriesDescription.endswith("[SR std]") and "standard deviation of 3" in std_ds.DerivationDescription
+    assert (std_ds.Rows, std_ds.Columns) == (64, 64) and "RescaleSlope" in std_ds
+    # the same night again: nothing redone, and a K = 1 run writes no map and flags nothing for it
+    spec1 = JobSpec(storage=Storage(), input=str(archive), output=str(tmp_path / "k1"),
+                    model=model.with_sampling({"samples": 1}), params=enhance_params(e, model.with_sampling({"samples": 1})),
+                    run_id="k1", threshold_db=-1e9, uncertainty_threshold=0.0)
+    one = [EncodeCommit(spec1).one(r) for b in EnhanceReplica(spec1.model, cfg.storage, e)(
+        ReadDecode(spec1)({"key": np.array([str(archive / "a.png")])})) for r in _rows(b)]
+    assert one[0]["status"] == "done" and one[0]["uncertainty_key"] == "" and not one[0]["flagged"]
+    assert np.isnan(one[0]["uncertainty_p99"])

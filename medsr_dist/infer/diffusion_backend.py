@@ -7,8 +7,10 @@ VAE encoding of every tile, then ``steps`` denoising steps in which **all B x K 
 engine (``configs/ldm_cxr_x4.yaml`` sets the 64-px window the model was trained on) and cross-faded.
 
 Determinism: sample k of a tile is seeded from (sha256 of that tile's float32 pixels, k, ``sampling.seed``)
-(:mod:`medsr_dist.models.samplers`), so a nightly re-run gives the same bits on the same backend whatever the
-batch the tile landed in (tests/test_ldm.py checks a tile alone against the same tile in a batch of others).
+(:mod:`medsr_dist.models.samplers`), so its noise does not depend on the batch it landed in. The arithmetic does
+depend on the batch *size* by ~1e-6 (CPU kernels are chosen by batch size); a replica therefore pads every batch to
+its fixed tile batch (:meth:`DiffusionBackend.prepare`), and a nightly re-run gives the same bits on the same
+backend whatever shares the tile's batch (tests/test_ldm.py: a tile alone and among others, padded, bit for bit).
 
 Uncertainty: with ``sampling.samples`` K > 1 the backend returns the mean of the K samples (or the first) and keeps
 each tile's per-pixel standard deviation (over the K samples, per channel). :func:`enhance_with_uncertainty` runs
@@ -25,6 +27,7 @@ beside the export's ``model.onnx`` path; the sampler loop itself stays in Python
 """
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
@@ -117,6 +120,17 @@ class DiffusionBackend:
         #: std tiles of the last batches, keyed by tile content hash (filled when keep_std and samples > 1)
         self.keep_std = keep_std
         self._std: dict[bytes, np.ndarray] = {}
+        #: every sampler call runs exactly this many tiles (padded), or as many as given when None (see prepare)
+        self.fixed_batch: int | None = None
+
+    def prepare(self, spec: "TileSpec") -> None:
+        """Called by :class:`~medsr_dist.infer.replica.ModelReplica` with its tiling: from now on every batch is
+        padded to ``spec.batch_size`` tiles. CPU convolution kernels (oneDNN) are chosen by batch size, so a tile's
+        float bits differ by ~1e-6 between batch sizes (measured: ~0.6 % of 16-bit output values move by one
+        level); they do not depend on the other tiles of a batch of the same size. With a fixed batch the same
+        tile gives the same bits in any run, whatever shares its batch. Cost: the last, partial batch of each
+        call is computed in full."""
+        self.fixed_batch = int(spec.batch_size)
 
     # ---- construction from an export ----
     @classmethod
@@ -148,6 +162,11 @@ class DiffusionBackend:
         """(B, 3, h, w) float32 in [0, 1] -> (output (B, 3, 4h, 4w) in [0, 1], std (B, 3, 4h, 4w) or None for K=1)."""
         if batch.ndim != 4 or batch.shape[1] != 3:
             raise ValueError(f"expected a (B, 3, h, w) batch, got shape {batch.shape}")
+        n = len(batch)
+        if self.fixed_batch and n > self.fixed_batch:
+            raise ValueError(f"batch of {n} tiles exceeds the fixed batch {self.fixed_batch} this backend was prepared for")
+        if self.fixed_batch and n < self.fixed_batch:  # padding rows: copies of the last tile, discarded below
+            batch = np.concatenate([batch, np.repeat(batch[-1:], self.fixed_batch - n, axis=0)])
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
         contents = [samplers.content_hash(t) for t in x]
         with torch.inference_mode():
@@ -162,11 +181,13 @@ class DiffusionBackend:
             imgs = imgs.float().clamp_(0, 1)
             out = imgs.mean(dim=1) if self.output == "mean" else imgs[:, 0]
             std = imgs.std(dim=1, unbiased=True) if self.samples > 1 else None
-        out_np = np.ascontiguousarray(out.cpu().numpy())
-        std_np = None if std is None else np.ascontiguousarray(std.cpu().numpy())
+        out_np = np.ascontiguousarray(out[:n].cpu().numpy())
+        std_np = None if std is None else np.ascontiguousarray(std[:n].cpu().numpy())
+        contents = contents[:n]
         if self.keep_std and std_np is not None:
-            for c, s in zip(contents, std_np):
-                self._std[c] = s
+            for c, s in zip(contents, std_np):  # counted: identical tiles (black corners) are kept once per use
+                entry = self._std.get(c)
+                self._std[c] = [s, entry[1] + 1 if entry else 1]
         return out_np, std_np
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -192,11 +213,19 @@ class _StdView:
         self.scale, self.size_multiple = parent.scale, parent.size_multiple
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """Each tile's kept std, consumed (an entry is dropped after as many look-ups as the sampler kept it)."""
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-        try:
-            return np.stack([self.parent._std[samplers.content_hash(t)] for t in x])
-        except KeyError:
-            raise RuntimeError("std view asked for a tile the sampler has not run (tiling differs?)") from None
+        kept, out = self.parent._std, []
+        for t in x:
+            c = samplers.content_hash(t)
+            entry = kept.get(c)
+            if entry is None:
+                raise RuntimeError("std view asked for a tile the sampler has not run (tiling differs?)")
+            out.append(entry[0])
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del kept[c]
+        return np.stack(out)
 
 
 def enhance_with_uncertainty(backend: DiffusionBackend, images: Iterable[np.ndarray], tile: "TileSpec",
@@ -218,11 +247,82 @@ def enhance_with_uncertainty(backend: DiffusionBackend, images: Iterable[np.ndar
         yield out, std
 
 
+def samples_uncertainty(backend) -> bool:
+    """Whether ``backend`` draws K > 1 samples per image, so that :func:`std_map` can follow each image."""
+    return isinstance(backend, DiffusionBackend) and backend.samples > 1
+
+
+def std_map(backend: DiffusionBackend, image: np.ndarray, tile: "TileSpec", *,
+            outscale: float | None = None) -> np.ndarray:
+    """The per-pixel std map of an image ``backend`` has just enhanced with ``keep_std`` on (same ``tile`` and
+    ``outscale``): its kept std tiles tiled and blended by the engine like the image, no sampling. Returns
+    (H', W') float32, the image's output grid, in [0, 1] intensity units (the mean over channels for RGB).
+    Consumes those tiles. Raises RuntimeError when a tile was not kept (another tiling)."""
+    from medsr_dist.infer.engine import enhance_array
+
+    std = enhance_array(backend.std_view(), image, tile, outscale=outscale)
+    return np.ascontiguousarray(std.mean(axis=2) if std.ndim == 3 else std, dtype=np.float32)
+
+
+#: std maps are written as 16-bit images: 65535 = this std (a quarter of the intensity range; clipped above)
+STD_FULL_SCALE = 0.25
+
+
+def uncertainty_dicom(std16: np.ndarray, header: bytes, provenance: dict[str, str], *, scale: float,
+                      samples: int, compression: str = "none") -> bytes:
+    """The std map of a DICOM input as a derived object of **its own series** (not the enhanced image's).
+
+    ``std16``: (F, H', W') uint16 of :func:`std_to_png16` (65535 = :data:`STD_FULL_SCALE`); ``header``: the source's
+    ``MedicalImage.header``; ``provenance``: the enhanced image's. MONOCHROME2, BitsStored 16, no modality or VOI
+    LUT of the source (RescaleSlope = full scale / 65535 in units of the intensity range, a window over the whole
+    range); its own SeriesInstanceUID and SOPInstanceUID (deterministic from the source, model hash and parameters),
+    SeriesDescription suffix ``[SR std]``, DerivationDescription saying what the values are. Study, patient and
+    frame-of-reference modules are the source's, so a viewer shows it beside the enhanced series.
+    """
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from medsr_dist.io.dicom import encode_dicom
+    from medsr_dist.io.image import ImageMeta
+
+    frames = std16.shape[0]
+    meta = ImageMeta(format="dicom", dtype="uint16", bits_stored=16, channels=1, photometric="MONOCHROME2",
+                     frames=frames)
+    data = encode_dicom(std16[..., None], meta, header, scale=scale, provenance=provenance, compression=compression)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    seed = [str(ds.SeriesInstanceUID), provenance.get("medsr:params", ""), "uncertainty"]
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=seed)
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=[*seed, str(ds.SOPInstanceUID)])
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if "PlanarConfiguration" in ds:  # an RGB source's; the map has one sample per pixel
+        del ds.PlanarConfiguration
+    if "SeriesNumber" in ds:
+        del ds.SeriesNumber  # the enhanced series' number is not this series'
+    for keyword in ("RescaleIntercept", "RescaleSlope", "RescaleType", "WindowCenter", "WindowWidth",
+                    "WindowCenterWidthExplanation", "VOILUTFunction", "ModalityLUTSequence", "VOILUTSequence",
+                    "PresentationLUTShape"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", f"{STD_FULL_SCALE / 65535:.6e}"[:16], "STD"
+    ds.WindowCenter, ds.WindowWidth = "32768", "65536"
+    ds.ImageType = ["DERIVED", "SECONDARY", "UNCERTAINTY"]
+    base = str(ds.get("SeriesDescription", "") or "").strip()
+    ds.SeriesDescription = (base[:52] + " [SR std]").strip()
+    ds.DerivationDescription = (
+        f"Per-pixel standard deviation of {samples} diffusion samples of the super-resolved image (a "
+        f"hallucination-risk indicator: high where the input does not determine the output; not an error bar). "
+        f"Stored value 65535 = a standard deviation of {STD_FULL_SCALE:g} of the intensity range. "
+        f"{ds.get('DerivationDescription', '')}")[:1024]
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
 def uncertainty_p99(std: np.ndarray) -> float:
     """The 99th percentile of a std map (the manifest's ``uncertainty_p99``), in [0, 1] intensity units."""
     return float(np.percentile(std, 99))
 
 
-def std_to_png16(std: np.ndarray, full_scale: float = 0.25) -> np.ndarray:
+def std_to_png16(std: np.ndarray, full_scale: float = STD_FULL_SCALE) -> np.ndarray:
     """A std map as a 16-bit image: 0 -> 0, ``full_scale`` (a quarter of the intensity range) and above -> 65535."""
     return np.round(np.clip(std / full_scale, 0, 1) * 65535).astype(np.uint16)

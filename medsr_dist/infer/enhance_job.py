@@ -59,7 +59,7 @@ from medsr_dist import __version__
 from medsr_dist.config import EnhanceConfig, MedsrConfig, StorageConfig
 from medsr_dist.infer.engine import ENGINE_REVISION
 from medsr_dist.infer.model_file import ModelFile, build_model_backend, read_model_file, runnable_precision
-from medsr_dist.infer.replica import NonFiniteOutput
+from medsr_dist.infer.replica import SETTINGS, ModelReplica, NonFiniteOutput
 from medsr_dist.pacs.dicomweb import is_dicomweb
 from medsr_dist.pacs.storage import VERSION_PREFIX as PACS_VERSION
 from medsr_dist.storage import PARTIAL_SUFFIX, FileEntry, Lease, Storage, is_under, relative_key
@@ -84,6 +84,7 @@ MAX_REASON_CHARS = 600
 # so Ray Data can hold the column as one variable-shaped tensor array. Pixels travel as (F, H, W, C) always.
 NO_PIXELS = np.zeros((0, 0, 0, 1), np.float32)
 NO_OUTPUT = np.zeros((0, 0, 0, 1), np.uint16)
+NO_STD = np.zeros((0, 0, 0), np.uint16)  # rows without an uncertainty map (one sample, or not enhanced)
 
 MANIFEST_SCHEMA = pa.schema([
     ("input_key", pa.string()), ("input_sha256", pa.string()), ("output_key", pa.string()), ("item_id", pa.string()),
@@ -95,13 +96,17 @@ MANIFEST_SCHEMA = pa.schema([
     ("seconds", pa.float64()), ("consistency_psnr_db", pa.float64()), ("flagged", pa.bool_()),
     ("run_id", pa.string()), ("finished_at", pa.string()),
     ("input_version", pa.string()), ("frames", pa.int32()), ("attempts", pa.int32()),
+    ("uncertainty_p99", pa.float64()), ("uncertainty_key", pa.string()),
 ])
 """One manifest row. ``params``/``provenance`` are JSON objects; ``provenance`` is exactly the text written into the
 output file (PNG/TIFF/JPEG text, DICOM derivation). ``run_id``/``finished_at``: the run that produced the output
 (for ``skipped`` rows an earlier one). ``seconds``: wall time spent on the item in the run that produced it.
 ``consistency_psnr_db``: see :func:`consistency_psnr`; ``flagged``: below ``enhance.consistency_threshold_db``.
 ``input_bytes``/``input_version``: the input's size and version (:class:`~medsr_dist.storage.FileEntry`) when it was
-listed; ``frames``: of the input (0: not read); ``attempts``: runs in which the input killed its model replica."""
+listed; ``frames``: of the input (0: not read); ``attempts``: runs in which the input killed its model replica.
+``uncertainty_p99`` / ``uncertainty_key``: an ldm output drawn from K > 1 samples: the 99th percentile of its
+per-pixel std map (fraction of the intensity range; NaN without a map) and where the map was written (beside the
+output, see :meth:`EncodeCommit._write_uncertainty`); ``flagged`` also when p99 > ``enhance.uncertainty_threshold``."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -196,7 +201,7 @@ def _columns(rows: list[dict]) -> dict:
     out = {}
     for k in rows[0]:
         values = [r[k] for r in rows]
-        if k in ("pixels", "output", "header"):
+        if k in ("pixels", "output", "header", "std"):
             out[k] = _object_array(values)
         else:
             out[k] = np.asarray(values)
@@ -230,7 +235,9 @@ class JobSpec:
     max_output_pixels: int = 400_000_000
     log_keys: bool = False
     dicom_compression: str = "none"
+    uncertainty_threshold: float | None = None  # flag rows whose uncertainty_p99 exceeds it (K > 1 samples)
     manifest: str = ""
+    volumes: dict | None = None  # volume items' model and parameters (medsr_dist/mri/nightly.py plan_volume_job)
 
     @property
     def params_json(self) -> str:
@@ -374,11 +381,13 @@ class ReadDecode:
         spec = self.spec
         row = {"key": key, "item_id": "", "input_sha256": "", "input_bytes": max(size, 0), "input_version": version,
                "input_format": "", "frames": 0, "output_key": "", "status": "todo", "error": "", "record": "",
-               "attempts": attempts, "pixels": NO_PIXELS, "meta": "", "header": b"", "seconds": 0.0}
+               "attempts": attempts, "pixels": NO_PIXELS, "meta": "", "header": b"", "seconds": 0.0, "kind": "image"}
         t0 = time.perf_counter()
         data = probe = None
         try:
             rel = _rel_key(spec, key)
+            if spec.volumes is not None and _is_volume_key(key):  # NIfTI / DICOM series: medsr_dist/mri/nightly.py
+                return self._volume(row, rel, t0), None, None
             data = spec.storage.read_bytes(key)  # a DICOMweb instance: WADO-RS, as stored
             row["input_sha256"], row["input_bytes"] = hashlib.sha256(data).hexdigest(), len(data)
             # header only: a 400 kB PNG can say 20000 x 20000, and a DICOM can be a structured report
@@ -388,8 +397,9 @@ class ReadDecode:
             row["item_id"] = item_id(rel, oid)
             if spec.output_is_pacs:
                 row["output_key"] = self._pacs_output_key(key, row["input_sha256"], data, probe.format)
-            else:
-                row["output_key"] = output_key_for(spec.output, rel, oid, output_extension(probe.format))
+            else:  # an instance's key ends in its SOP Instance UID: keep all of it in the file name
+                named = rel + ".dcm" if is_dicomweb(spec.input) else rel
+                row["output_key"] = output_key_for(spec.output, named, oid, output_extension(probe.format))
             if not _under(row["output_key"], spec.output):  # by construction; asserted because it must never fail
                 raise ValueError(f"output key {row['output_key']} is not under the output prefix {spec.output}")
         except NotAnImageObject as exc:
@@ -426,10 +436,25 @@ class ReadDecode:
         except Exception as exc:  # noqa: BLE001 - every row of the batch that needed the answer says why
             return f"checking for existing outputs failed: {_reason(exc)}"
 
+    def _volume(self, row: dict, rel: str, t0: float) -> dict:
+        """A volume item's row, decided (skipped, error or decoded) by :func:`~medsr_dist.mri.nightly.read_volume_item`."""
+        from medsr_dist.mri.nightly import read_volume_item
+
+        secrets: set[str] = set()
+        try:
+            row = read_volume_item(self.spec, row, rel, secrets)
+        except Exception as exc:  # noqa: BLE001 - becomes an error row naming the item and the reason
+            row.update(status="error", error=sanitize_reason(_reason(exc), key=row["key"], secrets=secrets),
+                       pixels=NO_PIXELS, header=b"")
+        row["seconds"] = time.perf_counter() - t0
+        return row
+
     def _decide(self, row: dict, data: bytes | None, probe, present: set[str] | str) -> dict:
         """Skip (a record and its output exist), refuse (limits), or decode."""
         from medsr_dist.io.image import NotAnImageObject, decode_image
 
+        if row["kind"] == "volume":  # decided by _volume
+            return row
         spec = self.spec
         t0 = time.perf_counter()
         try:
@@ -468,6 +493,31 @@ class ReadDecode:
             raise ImageDecodeError("input", f"output at x{scale:g} would be {out_h} x {out_w}{frames} = {out_pixels:,} "
                                             f"pixels, over enhance.max_output_pixels {spec.max_output_pixels:,}; "
                                             f"not decoded")
+
+
+def _identity(spec: JobSpec, key: str) -> tuple[str, dict]:
+    """(model sha256, parameters) an input's output is keyed by: the volume model's for volume items."""
+    if spec.volumes is not None and spec.volumes["model"] is not None and _is_volume_key(key):
+        return spec.volumes["model"].sha256, spec.volumes["params"]
+    return spec.model.sha256, spec.params
+
+
+def _volume_job(cfg, storage, model, entries, precision) -> dict | None:
+    from medsr_dist.mri.nightly import plan_volume_job
+
+    return plan_volume_job(cfg, storage, model, entries, precision)
+
+
+def _commit_volume(spec, item: dict, row: dict) -> dict:
+    from medsr_dist.mri.nightly import commit_volume
+
+    return commit_volume(spec, item, row)
+
+
+def _is_volume_key(key: str) -> bool:
+    from medsr_dist.mri.nightly import is_volume_key
+
+    return is_volume_key(key)
 
 
 def _reason(exc: BaseException) -> str:
@@ -538,6 +588,51 @@ def is_fatal_device_error(exc: BaseException) -> bool:
     return any(marker in text for marker in FATAL_DEVICE_MARKERS)
 
 
+def enhance_rows(replica: ModelReplica, rows: list[dict], *, log_keys: bool = False,
+                 outscale: float | None | object = SETTINGS) -> Iterator[dict]:
+    """Each todo row (ReadDecode's: ``pixels`` (F, H, W, C) float32 in [0, 1], ``meta``, ``key``, ``seconds``)
+    through ``replica`` (every frame; tiles batched across frames and rows), in order, as it completes, with
+    ``output`` (F, H*s, W*s, C) uint16 stored values (:func:`quantize`). A row with a failed or non-finite frame
+    becomes an error row (no output, pixels dropped). ``outscale``: left out, the replica's. What the job's own
+    replicas and a Serve deployment (``enhance.replicas: serve:<app>``) both run.
+
+    Raises:
+        What :func:`is_fatal_device_error` calls fatal (the process must restart); every other failure is a row's.
+    """
+    order = [(i, f) for i, row in enumerate(rows) for f in range(len(row["pixels"]))]
+    frames = [rows[i]["pixels"][f] for i, f in order]  # views, no copies
+    t0 = time.perf_counter()
+    bad, failure = 0, None
+    for index, out in replica.enhance_each(frames, outscale=outscale, reraise=is_fatal_device_error):
+        i, f = order[index]
+        row = rows[i]
+        n_frames = len(row["pixels"])
+        if isinstance(out, NonFiniteOutput):
+            bad += out.count
+        elif isinstance(out, BaseException):
+            failure = failure or out
+        elif not bad and failure is None:
+            if f == 0:
+                row["output"] = np.empty((n_frames, out.shape[0], out.shape[1], row["pixels"].shape[-1]),
+                                         np.uint16)
+            row["output"][f] = quantize(out, stored_maxval(str(row["meta"])), in_place=True)
+        del out
+        if f == n_frames - 1:
+            if failure is not None:
+                row.update(status="error", error=sanitize_reason(
+                    f"inference failed: {type(failure).__name__}: {failure}", key=str(row["key"])))
+            elif bad:  # NaN/Inf would be written as black: nothing is written
+                log.warning("%s: the model output %d non-finite values", item_label(row, log_keys), bad)
+                row.update(status="error", error=str(NonFiniteOutput(bad)))
+            if failure is not None or bad:
+                row = {**row, "pixels": NO_PIXELS, "header": b""}
+                row["output"] = NO_OUTPUT
+            row["seconds"] = float(row["seconds"]) + time.perf_counter() - t0
+            bad, failure = 0, None
+            yield row
+            t0 = time.perf_counter()
+
+
 class EnhanceReplica:
     """Stage 2 (actor pool): one model replica (:class:`~medsr_dist.infer.replica.ModelReplica`: the model file's
     backend running the tiled engine, with per-image retry and the finiteness check) on every ``todo`` row.
@@ -564,6 +659,15 @@ class EnhanceReplica:
         except PrecisionMismatch as exc:
             raise PrecisionMismatch(f"enhance.{exc}") from None  # names the config key
         self.log_keys = bool(getattr(e, "log_keys", False))
+        from medsr_dist.infer.diffusion_backend import samples_uncertainty
+
+        # K > 1 diffusion samples: each image's std tiles are kept until its std map is blended (see _uncertainty)
+        self.uncertainty = samples_uncertainty(self.replica.backend)
+        if self.uncertainty:
+            self.replica.backend.keep_std = True
+        from medsr_dist.mri.nightly import VolumeReplicas  # volume items' model, loaded on the first volume
+
+        self.volumes = VolumeReplicas(self.replica, storage_cfg, e, settings.precision)
         log.info("model replica ready: %r, %s", self.replica.backend, self.replica.spec)
 
     @property
@@ -575,10 +679,14 @@ class EnhanceReplica:
         rows = _rows(batch)
         for row in rows:
             row["output"] = NO_OUTPUT
+            row["std"], row["uncertainty_p99"] = NO_STD, math.nan  # filled by _uncertainty (K > 1 samples)
         todo = [row for row in rows if row["status"] == "todo"]
         passing = [row for row in rows if row["status"] != "todo"]
         if passing:
             yield _columns([self._drop_pixels(r) for r in passing])
+        for row in [r for r in todo if r.get("kind") == "volume"]:  # reconstructed one by one (mri/nightly.py)
+            yield _columns([self._volume(row)])
+        todo = [row for row in todo if row.get("kind") != "volume"]
         done = 0
         try:
             for row in self._enhance(todo):
@@ -589,41 +697,41 @@ class EnhanceReplica:
             raise
 
     def _enhance(self, rows: list[dict]) -> Iterator[dict]:
-        """Each row enhanced (all its frames; tiles batched across frames and rows), in order, as it completes.
+        enhanced = enhance_rows(self.replica, rows, log_keys=self.log_keys)
+        return self._uncertainty(enhanced) if self.uncertainty else enhanced
 
-        A row with a failed or non-finite frame becomes an error row (no output, pixels dropped)."""
-        order = [(i, f) for i, row in enumerate(rows) for f in range(len(row["pixels"]))]
-        frames = [rows[i]["pixels"][f] for i, f in order]  # views, no copies
-        t0 = time.perf_counter()
-        bad, failure = 0, None
-        for index, out in self.replica.enhance_each(frames, reraise=is_fatal_device_error):
-            i, f = order[index]
-            row = rows[i]
-            n_frames = len(row["pixels"])
-            if isinstance(out, NonFiniteOutput):
-                bad += out.count
-            elif isinstance(out, BaseException):
-                failure = failure or out
-            elif not bad and failure is None:
-                if f == 0:
-                    row["output"] = np.empty((n_frames, out.shape[0], out.shape[1], row["pixels"].shape[-1]),
-                                             np.uint16)
-                row["output"][f] = quantize(out, stored_maxval(str(row["meta"])), in_place=True)
-            del out
-            if f == n_frames - 1:
-                if failure is not None:
-                    row.update(status="error", error=sanitize_reason(
-                        f"inference failed: {type(failure).__name__}: {failure}", key=str(row["key"])))
-                elif bad:  # NaN/Inf would be written as black: nothing is written
-                    log.warning("%s: the model output %d non-finite values", item_label(row, self.log_keys), bad)
-                    row.update(status="error", error=str(NonFiniteOutput(bad)))
-                if failure is not None or bad:
-                    row = self._drop_pixels(row)
-                    row["output"] = NO_OUTPUT
-                row["seconds"] = float(row["seconds"]) + time.perf_counter() - t0
-                bad, failure = 0, None
+    def _uncertainty(self, rows: Iterator[dict]) -> Iterator[dict]:
+        """Each enhanced row with its std map: ``std`` (F, H', W') uint16 (:func:`~medsr_dist.infer.diffusion_backend.std_to_png16`,
+        65535 = a std of 0.25 of the range) and ``uncertainty_p99`` (of the float map), computed from the std
+        tiles the sampler kept for it, blended by the engine like the image (no second sampling). A row whose map
+        cannot be made becomes an error row: an output asked with K samples is not written without its map."""
+        from medsr_dist.infer.diffusion_backend import std_map, std_to_png16, uncertainty_p99
+
+        backend, spec, outscale = self.replica.backend, self.replica.spec, self.replica.settings.outscale
+        try:
+            for row in rows:
+                if row["status"] == "todo" and len(row["output"]):
+                    try:
+                        maps = np.stack([std_map(backend, frame, spec, outscale=outscale) for frame in row["pixels"]])
+                        row.update(std=std_to_png16(maps), uncertainty_p99=uncertainty_p99(maps))
+                    except Exception as exc:  # noqa: BLE001 - this row fails alone
+                        row.update(status="error", error=f"uncertainty map failed: {type(exc).__name__}: {exc}",
+                                   output=NO_OUTPUT, std=NO_STD)
+                        row = self._drop_pixels(row)
                 yield row
-                t0 = time.perf_counter()
+        finally:
+            backend.clear_std()  # tiles of failed rows; every image's own were consumed by its map
+
+    def _volume(self, row: dict) -> dict:
+        """One volume row reconstructed, or an error row (a fatal device error ends the process)."""
+        try:
+            return self.volumes.enhance(row)
+        except Exception as exc:  # noqa: BLE001 - this volume fails alone
+            self._restart_if_fatal(exc, row)
+            log.warning("%s: volume reconstruction failed (%s)", item_label(row, self.log_keys), type(exc).__name__)
+            row.update(status="error", error=sanitize_reason(f"inference failed: {type(exc).__name__}: {exc}",
+                                                             key=str(row["key"])))
+            return {**self._drop_pixels(row), "output": NO_OUTPUT}
 
     def _restart_if_fatal(self, exc: BaseException, row: dict) -> None:
         if is_fatal_device_error(exc):
@@ -638,6 +746,140 @@ class EnhanceReplica:
     @staticmethod
     def _drop_pixels(row: dict) -> dict:
         return {**row, "pixels": NO_PIXELS, "header": b""}
+
+
+#: How long a job item waits, all retries together, on a Serve application at capacity or without a healthy
+#: replica before it becomes an error row (the next run tries it again).
+SERVE_WAIT_S = 600.0
+#: The app's deployment-info keys held against the job's parameters (label, param key).
+_SERVE_PARAMS = (("enhance.tile", "tile"), ("enhance.tile_overlap", "tile_overlap"),
+                 ("enhance.tile_blend", "tile_blend"), ("enhance.backend", "backend"),
+                 ("enhance.precision (as run)", "precision"), ("engine revision (medsr-dist version)", "engine"))
+
+
+def serve_deployment(e: EnhanceConfig, model: ModelFile, params: dict) -> tuple[str, str]:
+    """``enhance.replicas: serve:<app>``: ``(app, deployment)`` of the running Serve application's model deployment
+    that serves ``model`` (same sha256) with the job's ``params`` (:func:`enhance_params`).
+
+    Outputs are keyed and labelled by the model's hash and these parameters, so they must be what computes them.
+
+    Raises:
+        ValueError: Ray is not initialised; no application of that name is running; it serves no model with this
+            sha256 (the message lists what it serves); its deployment runs other parameters (each key with both
+            values) or is unhealthy.
+    """
+    import ray
+    from ray import serve
+
+    app = e.replicas.split(":", 1)[1]
+    where = f"enhance.replicas serve:{app}"
+    if not ray.is_initialized():
+        raise ValueError(f"{where}: needs the Ray cluster the application runs on (ray.address)")
+    apps = serve.status().applications
+    if app not in apps:
+        raise ValueError(f"{where}: no Serve application {app!r} is running on this Ray cluster (running: "
+                         f"{sorted(apps) or 'none'}); start it with `medsr serve` or `serve deploy`")
+    state = apps[app]
+    if state.status != "RUNNING":
+        raise ValueError(f"{where}: the application is {state.status}, not RUNNING ({state.message[:200]})")
+    served = []
+    for name in sorted(state.deployments):
+        if not name.startswith("model-"):  # medsr_dist.serve.app.model_deployment_name
+            continue
+        try:
+            served.append((name, serve.get_deployment_handle(name, app_name=app).info.remote().result(timeout_s=60)))
+        except Exception as exc:  # noqa: BLE001 - the reason is the error
+            raise ValueError(f"{where}: deployment {name} does not answer ({type(exc).__name__})") from None
+    match = [(name, info) for name, info in served if info.get("model_sha256") == model.sha256]
+    if not match:
+        listed = ", ".join(f"{info.get('model')} (sha256 {str(info.get('model_sha256'))[:12]})" for _, info in served)
+        raise ValueError(f"{where}: the application serves {listed or 'no model'}, not enhance.checkpoint "
+                         f"{model.name} (sha256 {model.sha256[:12]}); outputs are keyed by the model's sha256")
+    name, info = match[0]
+    checks = list(_SERVE_PARAMS)
+    if params.get("sampling") is not None or info.get("sampling") is not None:
+        checks.append(("enhance.sampling", "sampling"))
+    diff = [f"{label}: the job {params.get(key)!r}, the app {info.get(key)!r}" for label, key in checks
+            if params.get(key) != info.get(key)]
+    if diff:
+        raise ValueError(f"{where}: deployment {name} runs other parameters than the job's outputs would be keyed "
+                         f"by ({'; '.join(diff)}); set them equal")
+    if not info.get("healthy", True):
+        raise ValueError(f"{where}: deployment {name} is unhealthy: {info.get('unhealthy_reason')}")
+    return app, name
+
+
+class ServeReplica:
+    """Stage 2 with ``enhance.replicas: serve:<app>``: :class:`EnhanceReplica`'s row contract, computed by a running
+    Serve application's model deployment (:meth:`medsr_dist.serve.model.SRModel.enhance_item`, the same
+    :func:`enhance_rows`) through a DeploymentHandle; tiles of the job's images and of on-demand requests share the
+    app's model calls. This actor holds no model: it sends and waits.
+
+    Every todo row of a batch is sent at once; rows come back in order. A row whose call died with its Serve
+    replica (or met a fatal device error there) is not yielded: the job retries it alone and counts it, exactly as
+    when one of its own replicas dies. A full queue or an unhealthy replica is waited out (at most
+    :data:`SERVE_WAIT_S`, then an error row).
+    """
+
+    def __init__(self, app: str, deployment: str, outscale: float | None, log_keys: bool = False):
+        from ray import serve
+
+        self.app, self.deployment, self.outscale, self.log_keys = app, deployment, outscale, log_keys
+        self.handle = serve.get_deployment_handle(deployment, app_name=app)
+
+    def _send(self, row: dict):
+        return self.handle.enhance_item.remote(row["pixels"], str(row["meta"]), str(row.get("item_id", "")),
+                                               self.outscale)
+
+    def __call__(self, batch: dict) -> Iterator[dict]:
+        rows = _rows(batch)
+        for row in rows:
+            row["output"] = NO_OUTPUT
+        todo = [row for row in rows if row["status"] == "todo"]
+        passing = [row for row in rows if row["status"] != "todo"]
+        if passing:
+            yield _columns([{**r, "pixels": NO_PIXELS, "header": b""} for r in passing])
+        for row, response in [(row, self._send(row)) for row in todo]:
+            answer = self._answer(row, response)
+            if answer is None:
+                continue  # lost with its replica
+            row["seconds"] = float(row["seconds"]) + float(answer.get("seconds", 0.0))
+            if answer["status"] == "todo":
+                row["output"] = answer["output"]
+            else:
+                row = {**row, "status": "error", "error": sanitize_reason(str(answer["error"]), key=str(row["key"])),
+                       "pixels": NO_PIXELS, "header": b"", "output": NO_OUTPUT}
+            yield _columns([row])
+
+    def _answer(self, row: dict, response) -> dict | None:
+        """The deployment's answer for ``row`` (resent while the app is at capacity); None: lost with a replica."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
+
+        label = item_label(row, self.log_keys)
+        deadline = time.monotonic() + SERVE_WAIT_S
+        while True:
+            try:
+                answer = response.result()
+            except BackPressureError as exc:
+                wait = float(exc.retry_after_s or 1.0)
+            except (RayActorError, ActorUnavailableError, ReplicaUnavailableError) as exc:
+                log.warning("%s: lost with its Serve replica (%s); retried alone", label, type(exc).__name__)
+                return None
+            except Exception as exc:  # noqa: BLE001 - the app failed this item: its error row
+                return {"status": "error", "error": f"Serve application {self.app}: {type(exc).__name__}: {exc}"}
+            else:
+                if answer["status"] == "lost":
+                    log.warning("%s: %s on its Serve replica; retried alone", label, answer["error"])
+                    return None
+                if answer["status"] != "unavailable":
+                    return answer
+                wait = 1.0
+            if time.monotonic() + wait > deadline:
+                return {"status": "error", "error": f"Serve application {self.app} ({self.deployment}) was at "
+                                                    f"capacity or unavailable for {SERVE_WAIT_S:.0f} s; not enhanced"}
+            time.sleep(wait)
+            response = self._send(row)
 
 
 class EncodeCommit:
@@ -678,14 +920,14 @@ class EncodeCommit:
         if status == "todo":
             t0 = time.perf_counter()
             try:
-                row.update(self._commit(item, row))
+                row.update(self._commit(item, row) if item.get("kind") != "volume" else _commit_volume(spec, item, row))
             except Exception as exc:  # noqa: BLE001 - the output may exist without a record: the next run redoes it
                 row.update(status="error", error=sanitize_reason(
                     f"encode/write failed: {_reason(exc)}", key=row["input_key"],
                     secrets=phi_values(bytes(item["header"]) or None)))
             row["seconds"] += time.perf_counter() - t0
         if row["status"] != "done":
-            row["output_key"] = ""  # nothing was (completely) written for this row
+            row["output_key"] = row["uncertainty_key"] = ""  # nothing was (completely) written for this row
             row["attempts"] = listed["attempts"]
         else:
             row["attempts"] = 0
@@ -710,19 +952,52 @@ class EncodeCommit:
         frames = out if getattr(meta, "frames", 1) > 1 else out[0]
         kwargs = {"dicom_compression": spec.dicom_compression} if spec.dicom_compression != "none" else {}
         data = encode_image(frames, meta, bytes(item["header"]) or None, scale=scale, provenance=provenance, **kwargs)
+        uncertainty = self._write_uncertainty(item, row, meta, scale, provenance)  # before the output: see the record
         spec.storage.write_bytes(row["output_key"], data)  # atomic; a DICOMweb output: STOW-RS unless it is there
         score = consistency_psnr(out, src)
-        done = {
+        flag_std = spec.uncertainty_threshold is not None and uncertainty.get("uncertainty_p99", 0.0) > spec.uncertainty_threshold
+        done = {**uncertainty,
             "status": "done", "provenance": json.dumps(provenance, sort_keys=True), "bits_stored": meta.bits_stored,
             "channels": meta.channels, "output_bytes": len(data), "input_height": src.shape[1],
             "input_width": src.shape[2], "output_height": out.shape[1], "output_width": out.shape[2],
-            "consistency_psnr_db": score, "flagged": bool(score < spec.threshold_db), "finished_at": _now(),
+            "consistency_psnr_db": score, "flagged": bool(score < spec.threshold_db or flag_std), "finished_at": _now(),
             "frames": int(src.shape[0]),
         }
         record = {**row, **done, "seconds": row["seconds"]}
         # written only after the output is complete: its presence means "done"
         spec.storage.write_bytes(item_record_uri(spec.records, row["item_id"]), json.dumps(record).encode())
         return done
+
+    def _write_uncertainty(self, item: dict, row: dict, meta, scale: float, provenance: dict) -> dict:
+        """Write the row's std map (K > 1 diffusion samples) beside its output: ``<output stem>.std.png`` (16-bit
+        gray, 65535 = a std of 0.25 of the intensity range, the output's provenance + what the values mean) or,
+        for DICOM input, ``<output stem>.std.dcm``: a derived object of its own series
+        (:func:`~medsr_dist.infer.diffusion_backend.uncertainty_dicom`). Returns the manifest fields
+        (``uncertainty_p99``, ``uncertainty_key``), or {} for rows without a map."""
+        std = np.asarray(item.get("std", NO_STD))
+        if not std.size:
+            return {}
+        from medsr_dist.infer.diffusion_backend import STD_FULL_SCALE, uncertainty_dicom
+        from medsr_dist.io.image import ImageMeta, encode_image
+
+        samples = int((self.spec.params.get("sampling") or {}).get("samples", 0))
+        stem, _ = posixpath.splitext(row["output_key"])
+        text = {**provenance, "medsr:uncertainty": (
+            f"per-pixel standard deviation of {samples} diffusion samples of {posixpath.basename(row['output_key'])}; "
+            f"stored 65535 = a std of {STD_FULL_SCALE:g} of the intensity range; a hallucination-risk indicator, "
+            f"not an error bar")}
+        if meta.format == "dicom":
+            key = stem + ".std.dcm"
+            data = uncertainty_dicom(std, bytes(item["header"]), text, scale=scale, samples=samples,
+                                     compression=self.spec.dicom_compression)
+        else:
+            key = stem + ".std.png"
+            png = ImageMeta(format="png", dtype="uint16", bits_stored=16, channels=1, photometric="MONOCHROME2")
+            data = encode_image(std[0].astype(np.float32) / np.float32(65535), png, provenance=text)
+        if not _under(key, self.spec.output):
+            raise ValueError(f"uncertainty key {key} is not under the output prefix {self.spec.output}")
+        self.spec.storage.write_bytes(key, data)
+        return {"uncertainty_p99": float(item["uncertainty_p99"]), "uncertainty_key": key}
 
 
 _DEFAULTS = {"string": "", "int32": 0, "int64": 0, "double": math.nan, "bool": False}
@@ -950,7 +1225,7 @@ def plan_run(storage: Storage, spec: JobSpec, entries: list[FileEntry]) -> _Plan
             continue
         hit = next((r for r in done.get(key, []) if unchanged(r) and r["output_key"] in outputs
                     and item_record_uri(spec.records, r["item_id"]) in outputs
-                    and r["item_id"] == item_id(rel, output_id(r["input_sha256"], spec.model.sha256, spec.params))),
+                    and r["item_id"] == item_id(rel, output_id(r["input_sha256"], *_identity(spec, key)))),
                    None)
         known = ledger.get(key)
         if hit is not None:
@@ -1018,11 +1293,16 @@ def run_enhance_job(
     e = cfg.enhance
     model = read_model_file(e.checkpoint, cfg.storage, onnx_uri=e.onnx_model)
     model = model.with_sampling(e.sampling.overrides(), "enhance.sampling")  # ldm: the sampler settings that run
-    build_model_backend(model, e.backend, storage, device="cpu")  # a bad model or export fails here, not in every replica
+    if e.replicas == "local":  # a bad model or export fails here, not in every replica (serve:<app>: the app holds it)
+        build_model_backend(model, e.backend, storage, device="cpu")
     records = (e.manifest or e.output).rstrip("/")
     mark = (read_watermark(storage, watermark_uri(records))
             if is_dicomweb(e.input) and cfg.pacs.query.since_watermark else None)
     entries = list_inputs(storage, e, watermark=mark)
+    if e.volumes.enabled and e.volumes.series_folders and not is_dicomweb(e.input):
+        from medsr_dist.mri.nightly import group_series  # a DICOM series folder is one volume item
+
+        entries = group_series(entries, e.input.rstrip("/"), e.volumes.series_folders)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     lease = Lease.acquire(storage, Storage.join(records, MANIFEST_DIR, LEASE_FILE), run_id, e.lease_ttl_s)
     lease.keep_alive()
@@ -1044,8 +1324,10 @@ def _run_leased(cfg, storage, model, entries, run_id, lease, progress, t_start) 
     spec = JobSpec(storage=storage, input=e.input.rstrip("/"), output=e.output.rstrip("/"), model=model, params=params,
                    run_id=run_id, threshold_db=e.consistency_threshold_db, max_input_pixels=e.max_input_pixels,
                    max_output_pixels=e.max_output_pixels, log_keys=e.log_keys,
+                   uncertainty_threshold=e.uncertainty_threshold,
                    dicom_compression=str(getattr(e, "dicom_compression", "none") or "none"),
-                   manifest=(e.manifest or "").rstrip("/"))
+                   manifest=(e.manifest or "").rstrip("/"), volumes=_volume_job(cfg, storage, model, entries, precision))
+    target = serve_deployment(e, model, params) if e.replicas != "local" else None  # raises before any item
     plan = plan_run(storage, spec, entries)
     rows: list[dict] = []
     counts: dict[str, int] = {}
@@ -1065,11 +1347,11 @@ def _run_leased(cfg, storage, model, entries, run_id, lease, progress, t_start) 
 
     for row in plan.rows:
         finished(row)
-    lost = _run_pipeline(cfg, spec, model, precision, gpu, plan.todo, finished, alone=False)
+    lost = _run_pipeline(cfg, spec, model, precision, gpu, plan.todo, finished, alone=False, serve=target)
     retried = len(lost)
     if lost:
         log.warning("%d item(s) lost with a model replica that died; retrying each alone", len(lost))
-    lost = _run_pipeline(cfg, spec, model, precision, gpu, lost + plan.alone, finished, alone=True)
+    lost = _run_pipeline(cfg, spec, model, precision, gpu, lost + plan.alone, finished, alone=True, serve=target)
     for item in lost:
         attempts = int(item["attempts"]) + 1
         quarantined = attempts >= e.max_attempts
@@ -1111,10 +1393,11 @@ def _precision(e: EnhanceConfig) -> tuple[bool, str]:
 
 
 def _run_pipeline(cfg, spec: JobSpec, model: ModelFile, precision: str, gpu: bool, items: list[dict],
-                  finished: Callable[[dict], None], *, alone: bool) -> list[dict]:
+                  finished: Callable[[dict], None], *, alone: bool, serve: tuple[str, str] | None = None) -> list[dict]:
     """ReadDecode -> EnhanceReplica -> EncodeCommit over ``items``; each finished row goes to ``finished``.
     Returns the items whose rows never came back (their block's replica died). ``alone``: one item per block
-    and per replica batch, so that a replica that dies takes no batch-mate with it."""
+    and per replica batch, so that a replica that dies takes no batch-mate with it. ``serve``: (app, deployment)
+    of :func:`serve_deployment`: :class:`ServeReplica` instead of the job's own replicas."""
     import ray
 
     if not items:
@@ -1127,7 +1410,7 @@ def _run_pipeline(cfg, spec: JobSpec, model: ModelFile, precision: str, gpu: boo
     # before the dataset exists: a Dataset keeps a copy of the context it was created under.
     ctx.max_errored_blocks = -1
     try:
-        return _iterate(cfg, spec, model, precision, gpu, items, finished, per_batch, alone=alone)
+        return _iterate(cfg, spec, model, precision, gpu, items, finished, per_batch, alone=alone, serve=serve)
     finally:
         ctx.max_errored_blocks = saved_errored
 
@@ -1141,7 +1424,7 @@ def _pacs_bound(cfg, uri: str) -> dict:
     return {"compute": ray.data.TaskPoolStrategy(size=cfg.pacs.concurrency)} if is_dicomweb(uri) else {}
 
 
-def _iterate(cfg, spec, model, precision, gpu, items, finished, per_batch, *, alone: bool) -> list[dict]:
+def _iterate(cfg, spec, model, precision, gpu, items, finished, per_batch, *, alone: bool, serve=None) -> list[dict]:
     import ray
 
     e = cfg.enhance
@@ -1149,13 +1432,20 @@ def _iterate(cfg, spec, model, precision, gpu, items, finished, per_batch, *, al
     ds = ds.map_batches(ReadDecode(spec), batch_size=None, num_cpus=0.5, **_pacs_bound(cfg, spec.input))
     # A dead replica is restarted (max_restarts) but its task is not retried (max_task_retries=0): Ray Data's
     # default (retry forever) would feed a poison image to fresh replicas without end. Its rows come back lost.
-    ds = ds.map_batches(EnhanceReplica, fn_constructor_args=(model, cfg.storage, e, precision), batch_size=per_batch,
-                        # alone: one task in flight per replica too, or an innocent item queued behind a poison one
-                        # on the same replica dies with it (Ray Data queues several tasks per actor by default)
-                        compute=ray.data.ActorPoolStrategy(min_size=e.min_replicas, max_size=e.max_replicas,
-                                                           max_tasks_in_flight_per_actor=1 if alone else None),
-                        num_gpus=1 if gpu else 0, num_cpus=1 if gpu else e.cpus_per_replica,
-                        max_restarts=-1, max_task_retries=0)
+    if serve is not None:  # the app's replicas compute; alone: one item in flight, so none shares a death
+        ds = ds.map_batches(ServeReplica, fn_constructor_args=(*serve, e.outscale, e.log_keys), batch_size=per_batch,
+                            compute=ray.data.ActorPoolStrategy(min_size=1 if alone else e.min_replicas,
+                                                               max_size=1 if alone else e.max_replicas,
+                                                               max_tasks_in_flight_per_actor=1 if alone else None),
+                            num_cpus=0.25, max_restarts=-1, max_task_retries=0)
+    else:
+        ds = ds.map_batches(EnhanceReplica, fn_constructor_args=(model, cfg.storage, e, precision), batch_size=per_batch,
+                            # alone: one task in flight per replica too, or an innocent item queued behind a poison one
+                            # on the same replica dies with it (Ray Data queues several tasks per actor by default)
+                            compute=ray.data.ActorPoolStrategy(min_size=e.min_replicas, max_size=e.max_replicas,
+                                                               max_tasks_in_flight_per_actor=1 if alone else None),
+                            num_gpus=1 if gpu else 0, num_cpus=1 if gpu else e.cpus_per_replica,
+                            max_restarts=-1, max_task_retries=0)
     ds = ds.map_batches(EncodeCommit(spec), batch_size=1, num_cpus=0.5, **_pacs_bound(cfg, spec.output))
 
     seen: set[str] = set()
@@ -1219,6 +1509,7 @@ def manifest_summary(storage: Storage, output_prefix: str, manifest: str | None 
         "input_bytes": sum(r["input_bytes"] or 0 for r in rows),
         "output_bytes": sum(r["output_bytes"] or 0 for r in rows),
         "consistency_psnr_db": {"min": min(scores), "median": float(np.median(scores)), "max": max(scores)} if scores else None,
+        "uncertainty_p99": _uncertainty_summary(rows),
         "models": by_model,
         "runs": len(runs),
         "latest_run": posixpath.basename(runs[-1])[: -len(".parquet")] if runs else None,
@@ -1229,6 +1520,12 @@ def manifest_summary(storage: Storage, output_prefix: str, manifest: str | None 
         "flagged_outputs": [(*_listed(r, r["output_key"]), r["consistency_psnr_db"]) for r in rows if r["flagged"]],
         "watermark": read_watermark(storage, watermark_uri(records)),
     }
+
+
+def _uncertainty_summary(rows: list[dict]) -> dict | None:
+    """Median/max ``uncertainty_p99`` of the outputs that have a std map (ldm, K > 1 samples), or None."""
+    values = [r["uncertainty_p99"] for r in rows if r.get("uncertainty_key") and math.isfinite(r["uncertainty_p99"])]
+    return {"outputs": len(values), "median": float(np.median(values)), "max": max(values)} if values else None
 
 
 def _listed(row: dict, text: str) -> tuple[str, str, str]:
@@ -1250,6 +1547,10 @@ def format_summary(summary: dict, max_listed: int = 10, *, log_keys: bool = Fals
     if summary["consistency_psnr_db"]:
         c = summary["consistency_psnr_db"]
         lines.append(f"consistency PSNR (dB): min {c['min']:.1f} · median {c['median']:.1f} · max {c['max']:.1f}")
+    if summary.get("uncertainty_p99"):
+        u = summary["uncertainty_p99"]
+        lines.append(f"uncertainty p99 (std, fraction of the range) of {u['outputs']} outputs with a std map: "
+                     f"median {u['median']:.4f} · max {u['max']:.4f}")
     for label, n in summary["models"].items():
         lines.append(f"model {label}: {n} outputs")
     if summary["latest_run"]:

@@ -14,6 +14,7 @@ An inference replica rebuilds the network from a :class:`ModelFile` alone (it pi
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -106,6 +107,39 @@ class ModelFile:
         nets = family.inference_networks(self.scale, dict(self.generator))
         family.load_export(nets, self.read_weights(storage), self.uri)
         return family.inference_module(nets).float().eval()
+
+    @property
+    def sampling(self) -> dict | None:
+        """The sampling settings an iterative-sampler family (``ldm``) runs with; None for one-forward families."""
+        s = self.generator.get("sampling")
+        return dict(s) if isinstance(s, dict) else None
+
+    def with_sampling(self, overrides: dict | None, where: str = "sampling") -> ModelFile:
+        """This model with some sampling settings replaced (``sampler``, ``steps``, ``samples``, ``output``,
+        ``seed``; see :class:`~medsr_dist.config.SamplingConfig`); the same weights and sha256. The networks built
+        from the result (:meth:`build`, in any replica it is pickled to) sample with the new settings.
+
+        Raises:
+            ValueError: (message starts with ``where``) the model does not sample, or the merged settings are
+                invalid (e.g. more steps than the schedule's training timesteps).
+        """
+        if not overrides:
+            return self
+        if self.sampling is None:
+            raise ValueError(f"{where}: {sorted(overrides)} apply to iterative-sampler models (family ldm); "
+                             f"{self.uri} is a {self.family} model")
+        from pydantic import ValidationError
+
+        from medsr_dist.config import SamplingConfig
+
+        try:
+            merged = SamplingConfig.model_validate({**self.sampling, **overrides}).model_dump(mode="json")
+        except ValidationError as exc:
+            raise ValueError(f"{where}: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+        steps_max = int(self.generator.get("schedule", {}).get("num_train_timesteps", merged["steps"]))
+        if merged["steps"] > steps_max:
+            raise ValueError(f"{where}.steps: {merged['steps']} exceeds the model's num_train_timesteps {steps_max}")
+        return dataclasses.replace(self, generator={**self.generator, "sampling": merged})
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary (for logs and the ONNX export's metadata)."""
