@@ -12,7 +12,8 @@ OUT="${1:-/tmp/medsr-gpu-check}"
 mkdir -p "$OUT"
 PY=.venv/bin/python
 [ -x "$PY" ] || PY=python
-"$PY" - <<'PY' | tee "$OUT/gpu.txt"
+# Bounded by construction: 20 s (versions) + 300 s (tests) + 150 s (benchmark) = 470 s < 8 min.
+timeout 20 "$PY" - <<'PY' | tee "$OUT/gpu.txt"
 import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
 if torch.cuda.is_available():

@@ -13,6 +13,7 @@ import socket
 import struct
 import time
 import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -251,6 +252,76 @@ def test_a_corrupt_dicom_is_a_400_that_names_no_patient(app):
     r = post(url, buf.getvalue())
     assert r.status_code == 400, r.text
     assert "ROE" not in r.text and "MRN-99887" not in r.text
+
+
+def job_items_served(app_name: str) -> int:
+    """Job items the app's model replicas have enhanced (``enhance_item`` calls), summed over every replica seen."""
+    from ray import serve
+
+    handle, seen = serve.get_deployment_handle("model-tiny", app_name=app_name), {}
+    for _ in range(40):  # each call reaches one replica; gather both
+        info = handle.info.remote().result(timeout_s=30)
+        seen[info["replica"]] = info["replica_stats"].get("job_items", 0)
+        if len(seen) == 2:
+            break
+    return sum(seen.values())
+
+
+def test_the_nightly_job_on_the_apps_replicas_writes_what_its_own_write_exactly_once(app, tiny_model_dir, tmp_path):
+    """enhance.replicas: serve:<app> — the job's Ray Data stage calls the running app's deployment: same outputs,
+    same records; a rerun redoes nothing; a missing app, another model or other tiling are refused up front."""
+    from conftest import write_tiny_model
+
+    from medsr_dist.infer.enhance_job import run_enhance_job
+
+    _, cfg = app
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for name, (make, _) in FORMATS.items():
+        ext = {"png": ".png", "tiff": ".tif", "jpeg": ".jpg", "dicom": ".dcm"}[name.split("-")[0]]
+        (archive / f"{name}{ext}").write_bytes(make())
+    (archive / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+
+    def job(out: str, *extra: str, checkpoint: str = f"{tiny_model_dir}/model.pth"):
+        return run_enhance_job(load_config(None, [
+            f"run.root={tmp_path}", f"enhance.input={archive}", f"enhance.output={tmp_path / out}",
+            f"enhance.checkpoint={checkpoint}", *(f"enhance.{k}={v}" for k, v in TILE.items()),
+            "enhance.batch_size=4", "enhance.cpus_per_replica=0.5", "ray.progress=false", *extra]))
+
+    via_serve = f"enhance.replicas=serve:{cfg.serve.app_name}"
+    before = job_items_served(cfg.serve.app_name)
+    own = job("own")
+    assert job_items_served(cfg.serve.app_name) == before  # the job's own replicas: the app saw nothing
+    served = job("served", via_serve)
+    assert job_items_served(cfg.serve.app_name) >= before + 5  # the app's replicas computed every image
+    assert own.counts == served.counts == {"done": 5, "error": 1}
+    for a, b in zip(sorted(own.rows, key=lambda r: r["input_key"]), sorted(served.rows, key=lambda r: r["input_key"])):
+        assert (a["status"], a["item_id"], a["params"], a["model_sha256"]) == (
+            b["status"], b["item_id"], b["params"], b["model_sha256"])
+        if a["status"] == "done":
+            mine, theirs = Path(a["output_key"]), Path(b["output_key"])
+            assert mine.name == theirs.name and b["consistency_psnr_db"] == a["consistency_psnr_db"]
+            np.testing.assert_array_equal(decode_image(mine.read_bytes(), "own").pixels,
+                                          decode_image(theirs.read_bytes(), "served").pixels)
+            if not mine.name.endswith(".dcm"):  # derived DICOM objects get fresh UIDs; the rest is byte-identical
+                assert mine.read_bytes() == theirs.read_bytes()
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "served").rglob("*") if p.is_file()}
+    again = job("served", via_serve)  # nothing redone, nothing rewritten but the manifests
+    assert again.counts == {"skipped": 5, "error": 1} and again.read_items == 1  # the broken file is read again
+    assert all(p.stat().st_mtime_ns == t for p, t in written.items() if "_manifest" not in p.parts)
+
+    with pytest.raises(ValueError, match=r"enhance.replicas serve:nope: no Serve application 'nope' is running "
+                                         r"on this Ray cluster \(running: \['medsr'\]\)"):
+        job("x", "enhance.replicas=serve:nope")
+    other = tmp_path / "other-model"
+    other.mkdir()
+    write_tiny_model(lambda name, data: (other / name).write_bytes(data), seed=1)
+    with pytest.raises(ValueError, match=r"serves tiny-test@1 \(sha256 \w{12}\), not enhance.checkpoint tiny-test@1 "
+                                         r"\(sha256 \w{12}\); outputs are keyed by the model's sha256"):
+        job("x", via_serve, checkpoint=f"{other}/model.pth")
+    with pytest.raises(ValueError, match=r"enhance.tile: the job 32, the app 16"):
+        job("x", via_serve, "enhance.tile=32")
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").rglob("*.png"))
 
 
 def test_overload_is_answered_503_with_retry_after_then_recovers(app):

@@ -79,3 +79,83 @@ def test_a_replica_whose_backend_does_not_start_is_unhealthy_with_the_reason(tin
     answer = asyncio.run(replica.enhance(png(8, 8)))
     assert answer["status"] == 503 and "unavailable" in answer["reason"]
     assert replica.info()["healthy"] is False
+
+
+class FakeHandle:
+    """Stands for a DeploymentHandle to SRModel: ``enhance_item.remote`` answers from a script of results."""
+
+    def __init__(self, script):
+        self.script, self.calls = list(script), 0
+        self.enhance_item = self
+
+    def remote(self, pixels, meta_json, item_id, outscale):
+        self.calls += 1
+        outcome = self.script.pop(0)
+        return type("Response", (), {"result": lambda _self: _raise_or_return(outcome, pixels)})()
+
+
+def _raise_or_return(outcome, pixels):
+    if isinstance(outcome, BaseException):
+        raise outcome
+    if outcome == "ok":
+        return {"status": "todo", "output": np.full((1, 8, 8, 1), 7, np.uint16), "error": "", "seconds": 0.5}
+    return outcome
+
+
+@pytest.mark.parametrize("script,expect,calls", [
+    (["ok"], "done", 1),
+    ([("backpressure",), "ok"], "done", 2),  # a full queue is waited out, then the item is sent again
+    ([{"status": "unavailable", "error": "replica unhealthy: x"}, "ok"], "done", 2),
+    ([("died",)], "lost", 1),  # lost with its replica: not yielded, the job retries it alone
+    ([{"status": "lost", "error": "fatal device error: AcceleratorError"}], "lost", 1),
+    ([{"status": "error", "error": "inference failed on /a/secret-key.png", "seconds": 0.1}], "error", 1),
+    ([ValueError("bug in /a/secret-key.png")], "error", 1),
+])
+def test_the_jobs_serve_stage_waits_out_capacity_and_leaves_lost_items_to_the_retry_pass(script, expect, calls,
+                                                                                         monkeypatch):
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+
+    from medsr_dist.infer import enhance_job
+    from medsr_dist.infer.enhance_job import ServeReplica, _columns, _rows
+
+    monkeypatch.setattr(enhance_job.time, "sleep", lambda s: None)
+    script = [BackPressureError(3, 2, retry_after_s=1) if s == ("backpressure",) else
+              ActorDiedError() if s == ("died",) else s for s in script]
+    stage = ServeReplica.__new__(ServeReplica)
+    stage.app, stage.deployment, stage.outscale, stage.log_keys = "medsr", "model-tiny", None, False
+    stage.handle = FakeHandle(script)
+    todo = {"key": "/a/secret-key.png", "item_id": "i1", "status": "todo", "error": "", "seconds": 0.0,
+            "meta": "{}", "pixels": np.zeros((1, 2, 2, 1), np.float32), "header": b"h"}
+    skipped = {**todo, "key": "/a/other.png", "item_id": "i2", "status": "skipped"}
+    rows = [r for b in stage(_columns([todo, skipped])) for r in _rows(b)]
+    assert stage.handle.calls == calls
+    assert [r["status"] for r in rows if r["item_id"] == "i2"] == ["skipped"]  # passes through, not sent
+    mine = [r for r in rows if r["item_id"] == "i1"]
+    if expect == "lost":
+        assert mine == []
+    elif expect == "done":
+        assert mine[0]["status"] == "todo" and mine[0]["output"].shape == (1, 8, 8, 1) and mine[0]["seconds"] == 0.5
+        assert mine[0]["pixels"].shape == (1, 2, 2, 1)  # EncodeCommit scores the output against them
+    else:
+        assert mine[0]["status"] == "error" and mine[0]["output"].size == 0 and mine[0]["pixels"].size == 0
+        assert "secret-key" not in mine[0]["error"] and "<input>" in mine[0]["error"]
+
+
+def test_the_jobs_serve_stage_gives_up_on_an_app_that_stays_at_capacity(monkeypatch):
+    from ray.serve.exceptions import BackPressureError
+
+    from medsr_dist.infer import enhance_job
+    from medsr_dist.infer.enhance_job import ServeReplica, _columns, _rows
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(enhance_job.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(enhance_job.time, "sleep", lambda s: clock.__setitem__("t", clock["t"] + s))
+    stage = ServeReplica.__new__(ServeReplica)
+    stage.app, stage.deployment, stage.outscale, stage.log_keys = "medsr", "model-tiny", None, False
+    stage.handle = FakeHandle([BackPressureError(3, 2, retry_after_s=60)] * 20)
+    todo = {"key": "k", "item_id": "i1", "status": "todo", "error": "", "seconds": 0.0, "meta": "{}",
+            "pixels": np.zeros((1, 2, 2, 1), np.float32), "header": b""}
+    (row,) = [r for b in stage(_columns([todo])) for r in _rows(b)]
+    assert row["status"] == "error" and "at capacity or unavailable for 600 s" in row["error"]
+    assert stage.handle.calls == 11  # the first send and one after each 60 s wait within 600 s

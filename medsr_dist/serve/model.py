@@ -128,6 +128,8 @@ class SRModel:
         described = self.replica.describe() if self.replica is not None else {"model": self.model.name}
         return {**described, "tile": self.settings.tile, "tile_overlap": self.settings.tile_overlap,
                 "tile_blend": self.settings.tile_blend, "max_batch_size": self.settings.batch_size,
+                "sampling": getattr(self.model, "sampling", None),
+                "replica": _replica_tag(),
                 "healthy": self.unhealthy is None, "unhealthy_reason": self.unhealthy, "replica_stats": dict(self.stats)}
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
@@ -175,6 +177,47 @@ class SRModel:
                 self._request_pool, self._enhance, shared, bytes(data), outscale)
         except RequestError as exc:
             return {"status": exc.status, "reason": exc.reason}
+
+    async def enhance_item(self, pixels: np.ndarray, meta_json: str, item_id: str = "",
+                           outscale: float | None = None) -> dict[str, Any]:
+        """The nightly job's call (``enhance.replicas: serve:<app>``; see
+        :class:`~medsr_dist.infer.enhance_job.ServeReplica`): one decoded item through this replica's engine, its
+        tiles batched with those of every other request in flight (HTTP or job).
+
+        Args:
+            pixels: (F, H, W, C) float32 in [0, 1] (ReadDecode's ``pixels``).
+            meta_json: the item's :class:`~medsr_dist.io.image.ImageMeta` JSON (its stored maxval).
+            item_id: names the item in this replica's logs (never its key).
+            outscale: final scale; ``None``: the model's.
+
+        Returns:
+            ``{"status": "todo", "output": (F, H*s, W*s, C) uint16}`` (todo: ready to be committed, as
+            :func:`~medsr_dist.infer.enhance_job.enhance_rows` leaves it), ``{"status": "error", "error": reason}``
+            for a failure of this item, ``{"status": "unavailable", "error": reason}`` when this replica is
+            unhealthy (call again: Serve replaces it), ``{"status": "lost", ...}`` after a fatal device error with
+            this item (the job retries it alone, as when a replica dies); with ``seconds`` spent here.
+        """
+        if self.unhealthy:
+            return {"status": "unavailable", "error": f"replica unhealthy: {self.unhealthy}", "seconds": 0.0}
+        shared = self._shared_replica()
+        self.stats["job_items"] = self.stats.get("job_items", 0) + 1
+        return await asyncio.get_running_loop().run_in_executor(
+            self._request_pool, self._enhance_item, shared, pixels, str(meta_json), str(item_id), outscale)
+
+    def _enhance_item(self, shared: ModelReplica, pixels: np.ndarray, meta_json: str, item_id: str,
+                      outscale: float | None) -> dict[str, Any]:
+        from medsr_dist.infer.enhance_job import enhance_rows, is_fatal_device_error
+
+        row = {"pixels": np.asarray(pixels), "meta": meta_json, "item_id": item_id, "key": "", "seconds": 0.0,
+               "status": "todo", "error": ""}
+        try:
+            (row,) = list(enhance_rows(shared, [row], outscale=outscale))
+        except Exception as exc:  # noqa: BLE001 - enhance_rows raises only fatal device errors
+            self._note_fatal(exc)
+            if not is_fatal_device_error(exc):
+                raise
+            return {"status": "lost", "error": f"fatal device error: {type(exc).__name__}", "seconds": 0.0}
+        return {"status": row["status"], "error": row["error"], "output": row["output"], "seconds": row["seconds"]}
 
     def _enhance(self, shared: ModelReplica, data: bytes, outscale: float | None) -> dict[str, Any]:
         from medsr_dist.infer.enhance_job import consistency_psnr, phi_values, sanitize_reason
@@ -233,6 +276,14 @@ class SRModel:
                 "medsr:scale": f"{scale:g}", "medsr:params": json.dumps(params, sort_keys=True),
                 "medsr:source": "request", "medsr:source_sha256": source_sha256,
                 "medsr:software": f"medsr-dist {__version__} (serve)"}
+
+
+def _replica_tag() -> str:
+    """This Serve replica's id ("" outside Serve)."""
+    try:
+        return serve.get_replica_context().replica_tag
+    except Exception:  # noqa: BLE001 - not in a replica (unit tests)
+        return ""
 
 
 def check_limits(data: bytes, scale: float, limits: dict):
