@@ -273,6 +273,57 @@ def job_logs(head: RayHead, submission_id: str) -> str:
     return _ray_cli(head, "job", "logs", submission_id, "--address", head.dashboard_url).stdout
 
 
+def start_job(
+    head: RayHead,
+    entrypoint: list[str],
+    working_dir: str | os.PathLike,
+    env_vars: dict[str, str] | None = None,
+) -> str:
+    """Submit ``entrypoint`` with the real ``ray job submit --no-wait`` CLI; return its submission id.
+
+    ``working_dir`` is uploaded and becomes the job's current directory; ``env_vars`` go into the job's
+    runtime_env."""
+    submission_id = f"medsr-test-{uuid.uuid4().hex[:10]}"
+    submit = [
+        "job", "submit",
+        "--address", head.dashboard_url,
+        "--submission-id", submission_id,
+        "--working-dir", str(working_dir),
+        "--no-wait",
+    ]  # fmt: skip
+    if env_vars:
+        submit += ["--runtime-env-json", json.dumps({"env_vars": env_vars})]
+    _ray_cli(head, *submit, "--", *entrypoint)
+    return submission_id
+
+
+def job_info(head: RayHead, submission_id: str) -> dict:
+    """The Jobs API's record of a job (``status``, ``message``, ``driver_exit_code``, ...), over HTTP with the
+    head's token: cheaper to poll than the ``ray job status`` CLI (a Python start-up per call)."""
+    token = Path(head.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    request = urllib.request.Request(f"{head.dashboard_url}/api/jobs/{submission_id}",
+                                     headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+def wait_for_job(
+    head: RayHead, submission_id: str, timeout_s: float = 300.0, poll_interval_s: float = 1.0
+) -> tuple[str, str]:
+    """Wait for a job started with :func:`start_job` to end; return (SUCCEEDED | FAILED | STOPPED, its logs from
+    ``ray job logs``). If it has not ended after ``timeout_s`` it is stopped and TimeoutError (with its logs so
+    far) is raised."""
+    deadline = time.monotonic() + timeout_s
+    while (status := job_info(head, submission_id)["status"]) not in TERMINAL_JOB_STATES:
+        if time.monotonic() > deadline:
+            with contextlib.suppress(RuntimeError):
+                _ray_cli(head, "job", "stop", submission_id, "--address", head.dashboard_url)
+            logs = job_logs(head, submission_id)
+            raise TimeoutError(f"job {submission_id} still {status} after {timeout_s:.0f}s; logs:\n{logs}")
+        time.sleep(poll_interval_s)
+    return status, job_logs(head, submission_id)
+
+
 def submit_job(
     head: RayHead,
     entrypoint: list[str],
@@ -287,17 +338,7 @@ def submit_job(
     runtime_env. Returns (final status: SUCCEEDED | FAILED | STOPPED, the job's logs). If the job has
     not ended after ``timeout_s`` it is stopped and TimeoutError (with its logs so far) is raised.
     """
-    submission_id = f"medsr-test-{uuid.uuid4().hex[:10]}"
-    submit = [
-        "job", "submit",
-        "--address", head.dashboard_url,
-        "--submission-id", submission_id,
-        "--working-dir", str(working_dir),
-        "--no-wait",
-    ]  # fmt: skip
-    if env_vars:
-        submit += ["--runtime-env-json", json.dumps({"env_vars": env_vars})]
-    _ray_cli(head, *submit, "--", *entrypoint)
+    submission_id = start_job(head, entrypoint, working_dir, env_vars)
 
     deadline = time.monotonic() + timeout_s
     status = job_status(head, submission_id)
@@ -310,3 +351,109 @@ def submit_job(
         time.sleep(poll_interval_s)
         status = job_status(head, submission_id)
     return status, job_logs(head, submission_id)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Worker nodes: more `ray start` processes on 127.0.0.1 joining a head, as KubeRay's worker pods do.
+# ------------------------------------------------------------------------------------------------------
+NODE_LABEL = "medsr-node"  # every worker node started here carries its name in this Ray node label
+
+
+@dataclass
+class RayWorkerNode:
+    """A worker node started by :func:`start_worker_node`: ``ray start --address <head> --block`` in its own
+    process group (stopped alone, like a head). ``name`` is its ``medsr-node`` label; ``node_id`` Ray's id."""
+
+    name: str
+    node_id: str
+    process: subprocess.Popen
+    temp_dir: str
+    log_path: str
+
+    def raylet_pid(self) -> int:
+        """Process id of this node's raylet (a child of its ``ray start``); LookupError when it has none."""
+        import psutil
+
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if child.name() == "raylet":
+                    return child.pid
+        raise LookupError(f"worker node {self.name} has no raylet process")
+
+    def kill_raylet(self) -> None:
+        """SIGKILL the raylet, as a lost machine or a deleted pod takes it; its workers then exit too."""
+        os.kill(self.raylet_pid(), signal.SIGKILL)
+
+    def stop(self) -> None:
+        """Stop this node (SIGTERM, then SIGKILL of its whole process group); its temp dir is removed."""
+        _stop(self.process)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def state_api(head: RayHead, resource: str, timeout_s: float = 30.0, **filters: str) -> list[dict]:
+    """Rows of Ray's state API (``/api/v0/<resource>``: nodes, actors, ...) with ``detail``; ``filters`` are
+    equality filters (``class_name="RayTrainWorker"``). Authenticated with the head's token."""
+    import urllib.parse
+
+    params = [("detail", "true"), ("limit", "10000"), ("timeout", str(int(timeout_s)))]
+    for key, value in filters.items():
+        params += [("filter_keys", key), ("filter_predicates", "="), ("filter_values", value)]
+    token = Path(head.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    request = urllib.request.Request(f"{head.dashboard_url}/api/v0/{resource}?{urllib.parse.urlencode(params)}",
+                                     headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=timeout_s + 5) as response:
+        body = json.load(response)
+    if not body.get("result"):
+        raise RuntimeError(f"state API /api/v0/{resource} failed: {body.get('msg')}")
+    return body["data"]["result"]["result"]
+
+
+def start_worker_node(
+    head: RayHead, tmp_path: Path, name: str, num_cpus: int, resources: dict[str, float] | None = None,
+    object_store_mib: int = 256, startup_timeout_s: float = 120.0,
+) -> RayWorkerNode:
+    """Start a worker node joining ``head`` with ``num_cpus`` logical CPUs, no GPU, custom ``resources``, an object
+    store of ``object_store_mib`` and the label ``medsr-node=<name>``; return once the head lists it ALIVE. The
+    caller must ``stop()`` it.
+
+    It authenticates with the head's token (``head.env``) and gets its own temp dir and dashboard agent port (the
+    fixed default would collide with the head's). Raises RuntimeError/TimeoutError with its log's tail (after
+    stopping it) if it does not come up."""
+    tmp_path = Path(tmp_path)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    temp_dir = tempfile.mkdtemp(prefix=f"medsr-ray-{name}-", dir="/tmp")  # short: unix socket paths (see above)
+    log_path = str(tmp_path / f"ray_worker_{name}.log")
+    agent_port, metrics_port = free_ports(2)
+    env = {k: v for k, v in head.env.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    command = [
+        RAY_BIN, "start", "--block",
+        "--address", head.address,
+        "--node-ip-address", "127.0.0.1",
+        "--num-cpus", str(num_cpus),
+        "--num-gpus", "0",
+        "--resources", json.dumps(resources or {}),
+        "--labels", f"{NODE_LABEL}={name}",
+        "--object-store-memory", str(object_store_mib * 1024 * 1024),
+        "--dashboard-agent-listen-port", str(agent_port),
+        "--metrics-export-port", str(metrics_port),
+        "--temp-dir", temp_dir,
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"ray start (worker {name}) exited with {process.returncode}:\n{_tail(log_path)}")
+            with contextlib.suppress(OSError, RuntimeError):
+                alive = [n for n in state_api(head, "nodes", state="ALIVE")
+                         if (n.get("labels") or {}).get(NODE_LABEL) == name]
+                if alive:
+                    return RayWorkerNode(name, alive[0]["node_id"], process, temp_dir, log_path)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker node {name} not ALIVE after {startup_timeout_s:.0f}s:\n{_tail(log_path)}")
+            time.sleep(0.5)
+    except BaseException:
+        _stop(process)
+        raise

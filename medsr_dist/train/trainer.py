@@ -42,12 +42,29 @@ def _tag_epoch(epoch: int):
     return tag
 
 
+#: Ray Train's record of the checkpoints it registered, in the run folder (ray.train.v2's
+#: CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
+CHECKPOINT_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+
+
 def latest_iteration(storage: Storage, cfg: MedsrConfig) -> int:
-    """Iteration of the newest checkpoint of this run on the store (0 when there is none)."""
+    """Iteration of the checkpoint a new ``fit()`` of this run restores (0 when there is none).
+
+    That is the latest checkpoint Ray Train *registered* (its snapshot file), not the newest folder on the store: a
+    run killed after a checkpoint's upload but before every rank's report of it leaves a folder that Ray Train never
+    restores, and a training stream sized from that folder's iteration ends short of ``train.iterations``. Without a
+    snapshot (older runs), the newest folder's ``meta.json``."""
     run_dir = storage.join(cfg.train.output, cfg.run.name)
     best = 0
     if not storage.exists(run_dir):
         return 0
+    snapshot_uri = storage.join(run_dir, CHECKPOINT_SNAPSHOT_FILE)
+    if storage.exists(snapshot_uri):
+        try:
+            latest = json.loads(storage.read_bytes(snapshot_uri)).get("latest_checkpoint_result")
+            return int(latest["metrics"]["iteration"]) if latest else 0
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{snapshot_uri}: not a Ray Train checkpoint snapshot with an iteration ({exc})") from None
     for uri in storage.list_files(run_dir, include=[f"*/{META_FILE}"]):
         try:
             best = max(best, int(json.loads(storage.read_bytes(uri))["iteration"]))
@@ -100,6 +117,29 @@ def build_train_stream(cfg: MedsrConfig, storage: Storage, start_iteration: int 
         compute=ray.data.ActorPoolStrategy(size=d.num_actors),
         num_cpus=d.cpus_per_actor,
     ).select_columns(columns)
+
+
+class TrainStream:
+    """``datasets["train"]`` of a run: the stream for its first worker group, then a fresh one at each restart.
+
+    Ray Train calls it at every worker-group start in its controller, including when FailureConfig restarts the
+    group after a lost worker or node: the new stream starts at the epoch of the checkpoint the group restores
+    (:func:`latest_iteration`), as a restarted job's does, instead of replaying the first epochs; blocks lost with a
+    node are read again from the store."""
+
+    def __init__(self, cfg: MedsrConfig, storage: Storage, first):
+        self.cfg, self.storage, self.first = cfg, storage, first
+
+    def __call__(self):
+        first, self.first = self.first, None
+        if first is not None:
+            return first
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = self.cfg.ray.progress  # the controller's own context
+        start = latest_iteration(self.storage, self.cfg)
+        log.info("train: worker group restarted; stream from iteration %d", start)
+        return build_train_stream(self.cfg, self.storage, start)
 
 
 def pair_stage(cfg: MedsrConfig, paired: bool) -> tuple[type, list[str]]:
@@ -158,7 +198,8 @@ def run_training(cfg: MedsrConfig, storage: Storage | None = None) -> TrainResul
         log.info("train: run %s already reached iteration %d", cfg.run.name, start)
     else:
         log.info("train: %s from iteration %d to %d", cfg.run.name, start, t.iterations)
-    datasets = {"train": build_train_stream(cfg, storage, start)}
+    # built here first, so a bad dataset fails before any worker starts; rebuilt at each worker-group restart
+    datasets = {"train": TrainStream(cfg, storage, build_train_stream(cfg, storage, start))}
 
     trainer = make_trainer(cfg, storage, datasets, validation_pairs(cfg, storage))
     result = trainer.fit()
@@ -171,7 +212,8 @@ def run_training(cfg: MedsrConfig, storage: Storage | None = None) -> TrainResul
 
 
 def make_trainer(cfg: MedsrConfig, storage: Storage, datasets: dict, val_pairs: list[dict] | None = None):
-    """The TorchTrainer for ``cfg``: ``datasets["train"]`` yields ``lq``/``gt``/``gt_usm`` rows (any Ray Dataset)."""
+    """The TorchTrainer for ``cfg``: ``datasets["train"]`` yields ``lq``/``gt``/``gt_usm`` rows (any Ray Dataset, or a
+    function returning one, called at every worker-group start: :class:`TrainStream`)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
