@@ -4,6 +4,7 @@
     medsr export --format onnx -c configs/enhance_nightly.yaml          # model.onnx beside enhance.checkpoint
     medsr export --format onnx --checkpoint runs/x/train/export/model.pth --output /tmp/x4.onnx
     medsr status s3://archive/enhanced -c configs/enhance_nightly.yaml  # -c only for storage settings
+    medsr status dicomweb+http://pacs:8042/dicom-web -c configs/enhance_pacs.yaml   # manifest at enhance.manifest
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ LogKeysOpt = typer.Option(False, "--log-keys", help="Name input keys in logs and
 def enhance(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
             fail_on_error: bool = FailOnErrorOpt, log_keys: bool = LogKeysOpt) -> None:
     """Enhance every image under enhance.input with a trained model (Ray Data batch inference)."""
+    from medsr_dist.pacs.dicomweb import PacsError
     from medsr_dist.pipeline import run_enhance
     from medsr_dist.storage import LeaseHeldError
 
@@ -31,6 +33,9 @@ def enhance(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] =
     except LeaseHeldError as exc:  # another run is writing this output prefix: leave it alone
         console.print(f"[bold red]enhance:[/] {exc}", highlight=False)
         raise typer.Exit(3) from None
+    except PacsError as exc:  # the PACS cannot be queried (down, credentials refused...): the run cannot start
+        console.print(f"[bold red]enhance:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
     if result.n_errors and (fail_on_error or cfg.enhance.fail_on_error):
         raise typer.Exit(1)
 
@@ -70,7 +75,8 @@ def export(
 
 @app.command()
 def status(
-    output: str = typer.Argument(..., help="Output prefix of `medsr enhance` (enhance.output)"),
+    output: str = typer.Argument(..., help="Output prefix or DICOMweb endpoint of `medsr enhance` (enhance.output; "
+                                 "a DICOMweb output's manifest is found at enhance.manifest of -c/overrides)"),
     overrides: Optional[list[str]] = OverridesArg,
     config: Optional[Path] = ConfigOpt,
     log_keys: bool = typer.Option(False, "--log-keys", help="Name input/output keys (default: item ids)"),
@@ -82,7 +88,13 @@ def status(
 
     cfg = _load(config, overrides)
     try:
-        summary = manifest_summary(Storage(cfg.storage), output)
+        from medsr_dist.pacs.dicomweb import is_dicomweb
+
+        same_run = is_dicomweb(output) or output.rstrip("/") == str(cfg.enhance.output).rstrip("/")
+        summary = manifest_summary(Storage(cfg.storage), output, cfg.enhance.manifest if same_run else None)
+    except ValueError as exc:  # a DICOMweb endpoint without enhance.manifest
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
     except FileNotFoundError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
