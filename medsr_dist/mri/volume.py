@@ -211,12 +211,13 @@ def _quantise(values: np.ndarray, dtype: np.dtype, slope: float, inter: float) -
     return np.clip(stored, info.min, info.max).astype(dtype)
 
 
-def write_nifti(volume: Volume, *, gz: bool = True, description: str = "") -> bytes:
+def write_nifti(volume: Volume, *, gz: bool = True, description: str = "", provenance: dict | None = None) -> bytes:
     """Encode ``volume`` as a NIfTI file (gzip-compressed when ``gz``) in its source's stored dtype and scaling.
 
     The header is the source's (when there is one) with the new shape, the new affine as both sform and qform
     (their codes kept; 1 = scanner when the source had none), pixdim = the new voxel sizes, and the source's
     scl_slope/scl_inter: integer dtypes store ``rint((value - inter) / slope)`` clipped to the dtype's range.
+    ``provenance`` (JSON-able) is added as a NIfTI ``comment`` header extension (code 6), beside the source's own.
     """
     import nibabel as nib
     from nibabel.volumeutils import array_to_file
@@ -239,6 +240,10 @@ def write_nifti(volume: Volume, *, gz: bool = True, description: str = "") -> by
     hdr.set_xyzt_units("mm", "sec")
     if description:
         hdr["descrip"] = description.encode("ascii", "replace")[:79]
+    if provenance is not None:
+        import json
+
+        hdr.extensions.append(nib.nifti1.Nifti1Extension("comment", json.dumps(provenance, sort_keys=True).encode()))
     stored = _quantise(volume.data, dtype, slope, inter)
     # single-file layout: data right after the header and its extensions (16-byte aligned as nibabel writes it)
     hdr.set_data_offset(int(-(-(hdr.single_vox_offset + sum(e.get_sizeondisk() for e in hdr.extensions)) // 16) * 16))
