@@ -1,6 +1,6 @@
 """Volume reconstruction throughput and memory against the engine's 2-D throughput on the same slices.
 
-    python jobs/bench_mri.py                        # MNI152 T1 (nilearn wheel) made x4 thick, random-weight net
+    python jobs/bench_mri.py                        # MNI152 T1 (nilearn wheel) made x4 thick, random MSRResNet x1
     python jobs/bench_mri.py --crop 64x64 --repeat 3       # a central crop: quicker on a busy machine
     python jobs/bench_mri.py --model runs/.../export/model.pth --repeat 2
     python jobs/bench_mri.py --memory 512x512x75    # identity backend: peak numpy memory of both fusions
@@ -36,14 +36,17 @@ def thick_mni(factor: int):
 def random_backend(threads: int):
     import torch
 
-    import medsr_dist.compat  # noqa: F401  (before basicsr: makes it importable with this torchvision)
-    from basicsr.archs.rrdbnet_arch import RRDBNet
+    from medsr_dist.config import load_config
     from medsr_dist.infer.backends import TorchBackend
+    from medsr_dist.models.archs import generator_from
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
-    net = RRDBNet(3, 3, scale=1, num_feat=32, num_block=4, num_grow_ch=16)  # configs/mri_psnr_x4.yaml's generator
-    return TorchBackend(net, scale=1, device="cpu", size_multiple=4)
+    gen = load_config("configs/mri_psnr_x4.yaml").model.generator  # MSRResNet x1, the refiner the config trains
+    net = generator_from(gen, 1)
+    with torch.no_grad():  # random weights in the tail too: the identity at init would be a cheap special case
+        net.conv_last.weight.normal_(0, 1e-3)
+    return TorchBackend(net.eval(), scale=1, device="cpu")
 
 
 class Identity:
@@ -128,7 +131,8 @@ def memory(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--factor", type=int, default=4)
-    ap.add_argument("--model", help="exported scale-1 model.pth (default: random-weight RRDBNet x1 32/4/16)")
+    ap.add_argument("--model", help="exported scale-1 model.pth "
+                    "(default: random-weight MSRResNet x1 of configs/mri_psnr_x4.yaml)")
     ap.add_argument("--tile", type=int, default=0)
     ap.add_argument("--overlap", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=4)

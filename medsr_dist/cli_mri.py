@@ -1,7 +1,8 @@
 """`medsr mri ...`: 3-D MRI volumes (medsr_dist/mri): prepare slice pairs, reconstruct a volume, self-supervised SR.
 
-Registered on the main app by ``medsr_dist/cli.py``. The MRI knobs (:class:`~medsr_dist.mri.config.MriConfig`)
-are options here and are validated, with the config, before Ray starts.
+Registered on the main app by ``medsr_dist/cli.py``. The MRI knobs are the config tree's ``mri:`` section
+(:class:`~medsr_dist.config.MriConfig`); an option given here overrides its key, and the result is validated with
+the config before Ray starts.
 """
 from __future__ import annotations
 
@@ -19,16 +20,21 @@ mri_app = typer.Typer(help="3-D MRI: isotropic reconstruction of thick-slice vol
                            "reconstruction)", no_args_is_help=True)
 app.add_typer(mri_app, name="mri")
 
-ModeOpt = typer.Option("supervised", "--mode", help="supervised (isotropic volumes, six pairings) or self (SMORE)")
-FactorOpt = typer.Option(4, "--factor", "-k", help="Slice-thickness factor k: output spacing = input spacing / k")
-ProfileOpt = typer.Option("gaussian", "--profile", help="Slice profile of simulated thick slices: box or gaussian")
-FusionOpt = typer.Option("mean", "--fusion", help="Fusion of the two refined orientations: mean or fourier")
+ModeOpt = typer.Option(None, "--mode", help="supervised (isotropic volumes, six pairings) or self (SMORE) "
+                       "[default: mri.mode]")
+FactorOpt = typer.Option(None, "--factor", "-k", help="Slice-thickness factor k: output spacing = input spacing / k "
+                         "[default: mri.factor]")
+ProfileOpt = typer.Option(None, "--profile", help="Slice profile of simulated thick slices: box or gaussian "
+                          "[default: mri.profile]")
+FusionOpt = typer.Option(None, "--fusion", help="Fusion of the two refined orientations: mean or fourier "
+                         "[default: mri.fusion]")
 OutputOpt = typer.Option(..., "--output", "-o", help="Output .nii/.nii.gz, or a folder for a derived DICOM series")
 
 
-def _mri(**values) -> MriConfig:
+def _mri(cfg, **values) -> MriConfig:
+    """``cfg.mri`` with the options given on the command line (None = not given) applied and validated."""
     try:
-        return MriConfig(**{k: v for k, v in values.items() if v is not None})
+        return MriConfig(**{**cfg.mri.model_dump(), **{k: v for k, v in values.items() if v is not None}})
     except ValidationError as exc:
         problems = "; ".join(f"--{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         console.print(f"[bold red]option error:[/] {problems}", highlight=False)
@@ -43,14 +49,15 @@ def _fail(exc: Exception) -> None:
 @mri_app.command("prepare")
 def prepare(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
             mode: str = ModeOpt, factor: int = FactorOpt, profile: str = ProfileOpt,
-            skip_empty: float = typer.Option(0.02, "--skip-empty", help="Drop pairs with at most this foreground fraction"),
+            skip_empty: Optional[float] = typer.Option(None, "--skip-empty", help="Drop pairs with at most this "
+                                                       "foreground fraction [default: mri.skip_empty]"),
             fail_on_error: bool = FailOnErrorOpt) -> None:
     """prepare.input volumes -> slice-pair Parquet (prepare.output) for `medsr train` with a scale-1 model."""
     from medsr_dist.mri.prepare import prepare_slice_pairs
     from medsr_dist.runtime import init_ray
 
     cfg = _load(config, overrides, "prepare")
-    mri = _mri(mode=mode, factor=factor, profile=profile, skip_empty=skip_empty)
+    mri = _mri(cfg, mode=mode, factor=factor, profile=profile, skip_empty=skip_empty)
     init_ray(cfg)
     try:
         result = prepare_slice_pairs(cfg, mri)
@@ -74,7 +81,7 @@ def reconstruct(volume: str = typer.Argument(..., help="Thick-slice .nii/.nii.gz
     from medsr_dist.mri.volume import VolumeError
 
     cfg = _load(config, overrides)
-    mri = _mri(factor=factor, fusion=fusion, profile=profile)
+    mri = _mri(cfg, factor=factor, fusion=fusion, profile=profile)
     try:
         result = reconstruct_volume(cfg, mri, volume, output, model)
     except (VolumeError, FileNotFoundError, ValueError) as exc:
@@ -93,7 +100,7 @@ def self_sr(volume: str = typer.Argument(..., help="Thick-slice .nii/.nii.gz, or
     from medsr_dist.mri.volume import VolumeError
 
     cfg = _load(config, overrides)
-    mri = _mri(mode="self", factor=factor, fusion=fusion, profile=profile)
+    mri = _mri(cfg, mode="self", factor=factor, fusion=fusion, profile=profile)
     if cfg.model.scale != 1:
         console.print(f"[bold red]config error:[/] model.scale: self-sr trains a scale-1 refinement network "
                       f"(got {cfg.model.scale}); see configs/mri_psnr_x4.yaml", highlight=False)
@@ -102,6 +109,8 @@ def self_sr(volume: str = typer.Argument(..., help="Thick-slice .nii/.nii.gz, or
         result, summary = run_self_sr(cfg, mri, volume, output)
     except (VolumeError, FileNotFoundError, ValueError) as exc:
         _fail(exc)
-    console.print(f"  pairs {summary['pairs']}, {summary['iterations']} iterations, export {summary['export']}",
+    console.print(f"  pairs {summary['pairs']}, {summary['iterations']} iterations (training CPU s "
+                  f"{summary['train_cpu_seconds']}, wall s {summary['train_wall_seconds']}), "
+                  f"export {summary['export']}",
                   highlight=False)
     console.print(json.dumps(result.provenance, indent=2), highlight=False)

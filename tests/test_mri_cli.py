@@ -23,8 +23,7 @@ TINY = ["ray.num_cpus=4",  # logical: trainer + pair-crop actor + Ray Data tasks
          "ray.progress=false", "train.iterations=4", "train.batch_size=2", "train.num_workers=1",
         "train.cpus_per_worker=1", "train.checkpoint_every=4", "train.val_every=4", "train.log_every=2",
         "degradation.gt_size=16", "degradation.shuffle_buffer=4", "prepare.rows_per_shard=8",
-        "model.generator.num_feat=8", "model.generator.num_block=1", "model.generator.num_grow_ch=4",
-        "enhance.batch_size=2"]
+        "model.generator.num_feat=8", "model.generator.num_block=1", "enhance.batch_size=2"]
 
 
 def thick_head(shape=(24, 20, 6)) -> np.ndarray:
@@ -56,9 +55,12 @@ def test_self_sr_then_reconstruct_a_dicom_series_with_its_model(tmp_path, ray_sh
     np.testing.assert_allclose(iso.spacing, [1.0, 1.1, 1.0], rtol=1e-6)
     prov = json.loads((tmp_path / "iso.nii.gz.provenance.json").read_text())
     assert prov["factor"] == 4 and prov["lr_axis"] == 2 and prov["model"].endswith("@4")
-    assert np.isfinite(prov["consistency_psnr_db"])
+    assert np.isfinite(prov["consistency_psnr_db"]) and prov["fusion"] == "fourier"  # the config's mri.fusion
     export = tmp_path / "run" / "self-sr" / "thick" / "train" / "export" / "model.pth"
     assert export.is_file()
+    meta = json.loads((export.parent / "meta.json").read_text())
+    assert meta["scale"] == 1 and meta["generator"]["type"] == "MSRResNet"
+    assert "training CPU s" in said(res)  # the budget that was spent is reported
 
     # the same model on a DICOM series: a derived series comes out
     series = tmp_path / "series"
@@ -75,6 +77,42 @@ def test_self_sr_then_reconstruct_a_dicom_series_with_its_model(tmp_path, ray_sh
     np.testing.assert_allclose(vol.spacing, [0.9, 0.9, 0.9], rtol=1e-6)
     first = pydicom.dcmread(files[0])
     assert "DERIVED" in first.ImageType and "not a new acquisition" in first.DerivationDescription
+
+
+def test_supervised_esrgan_x2_prepare_train_reconstruct(tmp_path, ray_shutdown):
+    """configs/mri_esrgan_x2.yaml end to end at tiny size: two isotropic volumes -> the six pairings (planes smaller
+    than the 128-px crop the VGG discriminator takes are left out) -> the esrgan family at scale 1 -> a thick x2
+    volume reconstructed with the export (the config's mri.factor and fusion)."""
+    archive = tmp_path / "iso"
+    archive.mkdir()
+    for i in range(2):
+        nib.save(nib.Nifti1Image(thick_head((128, 128, 8)) + i, np.eye(4)), str(archive / f"sub-{i:02d}_T1w.nii.gz"))
+    runner = CliRunner()
+    common = ["-c", "configs/mri_esrgan_x2.yaml", f"run.root={tmp_path / 'run'}", "ray.num_cpus=4",
+              "ray.progress=false", "prepare.split.train=0.5", "prepare.split.val=0.5", "prepare.split.test=0",
+              "mri.skip_empty=0"]
+    res = runner.invoke(app, ["mri", "prepare", *common, f"prepare.input={archive}"])
+    assert res.exit_code == 0, res.output
+    assert "{'train': 16, 'val': 16, 'test': 0}" in said(res)  # 8 slices along k x 2 degraded axes per volume
+    res = runner.invoke(app, ["train", *common, "train.iterations=2", "train.batch_size=2", "train.checkpoint_every=2",
+                              "train.val_every=2", "train.log_every=1", "train.cpus_per_worker=1",
+                              "model.generator.num_feat=8", "model.generator.num_block=1",
+                              "model.discriminator.num_feat=8", "train.vgg.weights=random-init-for-testing",
+                              "degradation.shuffle_buffer=4"])
+    assert res.exit_code == 0, res.output
+    export = tmp_path / "run" / "train" / "export" / "model.pth"
+    meta = json.loads((export.parent / "meta.json").read_text())
+    assert meta["family"] == "esrgan" and meta["scale"] == 1 and meta["generator"]["type"] == "MSRResNet"
+    thick = tmp_path / "thick.nii.gz"
+    nib.save(nib.Nifti1Image(thick_head((20, 16, 6)), np.diag([1.0, 1.0, 2.0, 1.0])), str(thick))
+    out = tmp_path / "iso.nii.gz"
+    res = runner.invoke(app, ["mri", "reconstruct", str(thick), "-o", str(out), "-m", str(export), *common[:2]])
+    assert res.exit_code == 0, res.output
+    iso = read_nifti(out.read_bytes(), "iso")
+    assert iso.shape == (20, 16, 12)
+    np.testing.assert_allclose(iso.spacing, [1.0, 1.0, 1.0], rtol=1e-6)
+    prov = json.loads((tmp_path / "iso.nii.gz.provenance.json").read_text())
+    assert prov["factor"] == 2 and prov["fusion"] == "fourier" and prov["profile"] == "gaussian"
 
 
 def said(res) -> str:

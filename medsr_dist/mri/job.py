@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import posixpath
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,7 +141,9 @@ def self_sr(cfg: MedsrConfig, mri: MriConfig, volume_uri: str, output_uri: str,
     ``<run.root>/self-sr/<volume stem>/`` (input copy as NIfTI, dataset, train). Ray is started (or joined).
 
     Returns:
-        (the reconstruction result, a summary: pairs per split, training iterations and final losses, export).
+        (the reconstruction result, a summary: pairs per split, training iterations and final losses, export,
+        ``train_wall_seconds`` (the training stage, Ray start-up of the stream included) and ``train_cpu_seconds``
+        (CPU seconds of the training worker process, all threads: the budget on a shared machine)).
     """
     from medsr_dist.mri.prepare import prepare_slice_pairs
     from medsr_dist.mri.reconstruct import plan_reconstruction
@@ -157,13 +160,20 @@ def self_sr(cfg: MedsrConfig, mri: MriConfig, volume_uri: str, output_uri: str,
     data["prepare"].update(input=inp, output=dataset)
     data["train"].update(dataset=dataset, output=train)
     data["run"]["name"] = f"{cfg.run.name}-self-{_stem(volume_uri)}"
+    mri = mri.model_copy(update={"mode": "self"})
+    data["mri"] = mri.model_dump(mode="json")  # the run's recorded config says what was done
     cfg = type(cfg).model_validate(data)
     init_ray(cfg)
-    prepared = prepare_slice_pairs(cfg, mri.model_copy(update={"mode": "self"}), storage)
+    prepared = prepare_slice_pairs(cfg, mri, storage)
     if prepared.errors:
         raise VolumeError(f"{volume_uri}: {prepared.errors[0]['error']}")
+    t0 = time.perf_counter()
     trained = run_training(cfg, storage)
+    train_wall = time.perf_counter() - t0
     result = reconstruct_volume(cfg, mri, volume_uri, output_uri, trained.export, storage)
+    metrics = {k: v for k, v in trained.metrics.items() if isinstance(v, (int, float))}
     summary = {"pairs": prepared.counts, "iterations": trained.iterations, "export": trained.export,
-               "metrics": {k: v for k, v in trained.metrics.items() if isinstance(v, (int, float))}}
+               "train_wall_seconds": round(train_wall, 1),
+               "train_cpu_seconds": round(float(metrics.get("worker_cpu_seconds", float("nan"))), 1),
+               "metrics": metrics}
     return result, summary

@@ -10,7 +10,8 @@ In ``self`` mode there is one volume per patient and no hold-out volume: every `
 (monitoring only), the rest to train.
 
 Row schema (``<output>/<split>/*.parquet``; the 2-D paired schema, so ``medsr train`` streams it with the paired
-crop and a scale-1 model): ``key`` (``<volume>#<slice axis>/<degraded axis>#<index>``), ``rel_key``, ``group``
+crop and a scale-1 model): ``key`` (``<volume>#<slice axis>/<degraded axis>#<index>``, plus ``#<top>,<left>``
+for a sub-image when ``mri.subimage`` > 0), ``rel_key``, ``group``
 (the split group: the file-name pattern's patient part, like the 2-D ``group``; no DICOM PatientID is read),
 ``volume``, ``orientation``, ``slice_index``, ``degraded_axis``, ``image`` (ground
 truth, 16-bit gray PNG), ``lq_image`` (interpolated degraded slice, same size), ``pair_scale`` (1), ``height``,
@@ -42,14 +43,16 @@ def _png(unit: np.ndarray) -> bytes:
     return to_training_png(unit[:, :, None], 16)
 
 
-def volume_pairs(data: bytes, rel_key: str, group: str, split: str, mri: MriConfig) -> list[dict]:
+def volume_pairs(data: bytes, rel_key: str, group: str, split: str, mri: MriConfig, min_side: int = 1) -> list[dict]:
     """All slice-pair rows of one volume (module doc), ``split`` on each; ``mri.mode`` picks the pairing.
+    Pairs with a side shorter than ``min_side`` (the training crop, ``degradation.gt_size``) are left out: the
+    paired crop could not take them (e.g. the planes across a 12-slice volume).
 
     Raises:
         VolumeError / ValueError: unreadable volume, wrong dimensionality, not isotropic enough for supervised
             mode (its voxel sizes must agree within 20 %) or not anisotropic for self mode.
     """
-    from medsr_dist.mri.simulate import intensity_window, self_supervised_pairs, supervised_pairs
+    from medsr_dist.mri.simulate import _foreground_level, intensity_window, self_supervised_pairs, supervised_pairs
     from medsr_dist.mri.volume import VolumeError, low_resolution_axis, plane_normal_axes, read_volume
 
     vol = read_volume(data, rel_key)
@@ -69,32 +72,63 @@ def volume_pairs(data: bytes, rel_key: str, group: str, split: str, mri: MriConf
                        "spacing_mm": spacing, "lr_axis": lr_axis, "shape": list(vol.shape),
                        "plane_normal_axes": plane_normal_axes(vol.affine)})
     rows = []
+    pairs = (p for p in pairs if min(p.gt.shape) >= min_side)
+    level = _foreground_level(vol.data, window)
     for n, pair in enumerate(pairs):
         row_split = split
-        if mri.mode == "self":
+        if mri.mode == "self":  # whole slices go to val, so no val crop overlaps a train crop
             row_split = "val" if n % mri.val_every == mri.val_every - 1 else "train"
-        rows.append(dict(
-            key=f"{rel_key}#{pair.orientation}#{pair.index}", rel_key=rel_key, group=group, volume=rel_key,
-            orientation=pair.orientation, slice_index=pair.index, degraded_axis=pair.degraded_axis,
-            image=_png(pair.gt), lq_image=_png(pair.lq), pair_scale=1, height=pair.gt.shape[0],
-            width=pair.gt.shape[1], channels=1, bits=16, format="nifti", meta=meta, split=row_split, ok=True, error=""))
+        for (top, left), gt, lq in subimages(pair.gt, pair.lq, mri.subimage, max(min_side, 1)):
+            if mri.subimage and mri.skip_empty and (gt > level).mean() <= mri.skip_empty:
+                continue
+            where = f"#{top},{left}" if mri.subimage else ""
+            rows.append(dict(
+                key=f"{rel_key}#{pair.orientation}#{pair.index}{where}", rel_key=rel_key, group=group,
+                volume=rel_key, orientation=pair.orientation, slice_index=pair.index,
+                degraded_axis=pair.degraded_axis, image=_png(gt), lq_image=_png(lq), pair_scale=1,
+                height=gt.shape[0], width=gt.shape[1], channels=1, bits=16, format="nifti", meta=meta,
+                split=row_split, ok=True, error=""))
     if not rows:
-        raise VolumeError(f"{rel_key}: no slice pair has foreground (prepare skip_empty={mri.skip_empty})")
+        raise VolumeError(f"{rel_key}: no slice pair has foreground (mri.skip_empty={mri.skip_empty}) and both "
+                          f"sides >= {min_side} px (degradation.gt_size)")
     return rows
+
+
+def _starts(length: int, size: int) -> list[int]:
+    step = max(size // 2, 1)
+    starts = list(range(0, length - size + 1, step))
+    if starts[-1] != length - size:
+        starts.append(length - size)  # the last one flush with the border: every pixel is in some sub-image
+    return starts
+
+
+def subimages(gt: np.ndarray, lq: np.ndarray, size: int, min_side: int = 1):
+    """``((top, left), gt, lq)`` sub-images of an aligned pair: ``size`` x ``size`` at half-size steps, the last
+    row/column of them flush with the border (``size`` 0, or a slice no larger than it: the whole pair once). A
+    side shorter than ``size`` keeps its full length; ``size`` below ``min_side`` is raised to it."""
+    if not size or (gt.shape[0] <= size and gt.shape[1] <= size):
+        yield (0, 0), gt, lq
+        return
+    size = max(size, min_side)
+    hs, ws = min(size, gt.shape[0]), min(size, gt.shape[1])
+    for top in _starts(gt.shape[0], hs):
+        for left in _starts(gt.shape[1], ws):
+            yield (top, left), gt[top:top + hs, left:left + ws], lq[top:top + hs, left:left + ws]
 
 
 class MakeVolumePairs:
     """Ray Data stage: ``{"key", "rel_key", "group", "split"}`` rows (one per volume) -> its slice-pair rows, or
     one error row (``ok`` false, ``error`` naming the file and the problem)."""
 
-    def __init__(self, storage: Storage, mri: MriConfig):
-        self.storage, self.mri = storage, mri
+    def __init__(self, storage: Storage, mri: MriConfig, min_side: int = 1):
+        self.storage, self.mri, self.min_side = storage, mri, min_side
 
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {c: [] for c in COLUMNS}
         for key, rel, group, split in zip(batch["key"], batch["rel_key"], batch["group"], batch["split"]):
             try:
-                rows = volume_pairs(self.storage.read_bytes(str(key)), str(rel), str(group), str(split), self.mri)
+                rows = volume_pairs(self.storage.read_bytes(str(key)), str(rel), str(group), str(split), self.mri,
+                                    self.min_side)
             except Exception as exc:  # noqa: BLE001 - a bad volume is an error row, never a failed job
                 rows = [dict(key=str(key), rel_key=str(rel), group=str(group), volume=str(rel), orientation="",
                              slice_index=-1, degraded_axis=-1, image=b"", lq_image=b"", pair_scale=1, height=0,
@@ -132,7 +166,7 @@ def prepare_slice_pairs(cfg: MedsrConfig, mri: MriConfig, storage: Storage | Non
              mri.profile)
     cpus = max(1, int(ray.available_resources().get("CPU", 1)))
     pairs = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        MakeVolumePairs, fn_constructor_args=(storage, mri), batch_size=1,
+        MakeVolumePairs, fn_constructor_args=(storage, mri, cfg.degradation.gt_size), batch_size=1,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(cpus, len(items))),
     ).materialize()
     index = pairs.select_columns(["key", "volume", "group", "split", "ok", "error"]).take_all()
