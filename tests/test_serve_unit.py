@@ -159,3 +159,63 @@ def test_the_jobs_serve_stage_gives_up_on_an_app_that_stays_at_capacity(monkeypa
     (row,) = [r for b in stage(_columns([todo])) for r in _rows(b)]
     assert row["status"] == "error" and "at capacity or unavailable for 600 s" in row["error"]
     assert stage.handle.calls == 11  # the first send and one after each 60 s wait within 600 s
+
+
+def test_the_jobs_serve_stage_sends_no_volume_and_says_where_volumes_run():
+    from medsr_dist.infer.enhance_job import ServeReplica, _columns, _rows
+
+    stage = ServeReplica.__new__(ServeReplica)
+    stage.app, stage.deployment, stage.outscale, stage.log_keys = "medsr", "model-tiny", None, False
+    stage.handle = FakeHandle([])
+    volume = {"key": "k.nii.gz", "item_id": "v1", "status": "todo", "error": "", "seconds": 0.0, "meta": "{}",
+              "pixels": np.zeros((2, 2, 2, 1), np.float32), "header": b"", "kind": "volume"}
+    (row,) = [r for b in stage(_columns([volume])) for r in _rows(b)]
+    assert stage.handle.calls == 0 and row["status"] == "error" and row["pixels"].size == 0
+    assert "only by the job's own replicas (enhance.replicas: local)" in row["error"]
+
+
+def test_the_job_refuses_an_app_that_would_compute_other_outputs_than_its_keys_say(monkeypatch):
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import ray
+    from ray import serve
+
+    from medsr_dist.config import load_config
+    from medsr_dist.infer.enhance_job import enhance_params, serve_deployment
+    from medsr_dist.infer.engine import ENGINE_REVISION
+    from medsr_dist.infer.model_file import ModelFile
+
+    model = ModelFile(uri="m.pth", name="chest@9", sha256="a" * 64, family="realesrgan", scale=4,
+                      generator={"type": "RRDBNet"})
+    e = load_config(None, ["enhance.replicas=serve:medsr", "enhance.tile=16"]).enhance
+    params = enhance_params(e, model)
+    info = {"model": "chest@9", "model_sha256": "a" * 64, "tile": 16, "tile_overlap": 64, "tile_blend": 4,
+            "backend": "torch", "precision": "fp32", "engine": ENGINE_REVISION, "sampling": None, "healthy": True}
+    state = SimpleNamespace(status="RUNNING", message="", deployments={"ingress": None, "model-chest": None})
+    apps = {"medsr": state}
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications=apps))
+    answer = SimpleNamespace(result=lambda timeout_s=None: info)
+    monkeypatch.setattr(serve, "get_deployment_handle", lambda name, app_name: SimpleNamespace(
+        info=SimpleNamespace(remote=lambda: answer)))
+    assert serve_deployment(e, model, params) == ("medsr", "model-chest")
+    with pytest.raises(ValueError, match=r"engine revision \(medsr-dist version\): the job \d+, the app 0"):
+        info["engine"] = 0
+        serve_deployment(e, model, params)
+    info["engine"] = ENGINE_REVISION
+    with pytest.raises(ValueError, match=r"the application serves chest@9 \(sha256 aaaaaaaaaaaa\), not "
+                                         r"enhance.checkpoint chest@9 \(sha256 bbbbbbbbbbbb\)"):
+        serve_deployment(e, replace(model, sha256="b" * 64), params)
+    sampled = replace(model, generator={"type": "RRDBNet", "sampling": {"samples": 4}})
+    with pytest.raises(ValueError, match=r"samples > 1 asks for an uncertainty map .*\(enhance.replicas: local\)"):
+        serve_deployment(e, sampled, params)
+    info["healthy"], info["unhealthy_reason"] = False, "backend self-check failed: MemoryError"
+    with pytest.raises(ValueError, match="model-chest is unhealthy: backend self-check failed"):
+        serve_deployment(e, model, params)
+    state.status, state.message = "DEPLOYING", "2 replicas starting"
+    with pytest.raises(ValueError, match=r"serve:medsr: the application is DEPLOYING, not RUNNING"):
+        serve_deployment(e, model, params)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    with pytest.raises(ValueError, match=r"needs the Ray cluster the application runs on \(ray.address\)"):
+        serve_deployment(e, model, params)

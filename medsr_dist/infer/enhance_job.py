@@ -796,6 +796,9 @@ def serve_deployment(e: EnhanceConfig, model: ModelFile, params: dict) -> tuple[
         raise ValueError(f"{where}: the application serves {listed or 'no model'}, not enhance.checkpoint "
                          f"{model.name} (sha256 {model.sha256[:12]}); outputs are keyed by the model's sha256")
     name, info = match[0]
+    if int((model.sampling or {}).get("samples", 1)) > 1:
+        raise ValueError(f"{where}: enhance.sampling.samples > 1 asks for an uncertainty map beside each output, "
+                         f"which only the job's own replicas compute (enhance.replicas: local)")
     checks = list(_SERVE_PARAMS)
     if params.get("sampling") is not None or info.get("sampling") is not None:
         checks.append(("enhance.sampling", "sampling"))
@@ -839,6 +842,11 @@ class ServeReplica:
         passing = [row for row in rows if row["status"] != "todo"]
         if passing:
             yield _columns([{**r, "pixels": NO_PIXELS, "header": b""} for r in passing])
+        for row in [r for r in todo if r.get("kind") == "volume"]:  # the app's replicas run 2-D images only
+            yield _columns([{**row, "status": "error", "pixels": NO_PIXELS, "header": b"", "error": (
+                "volumes are reconstructed only by the job's own replicas (enhance.replicas: local), not through "
+                f"serve:{self.app}")}])
+        todo = [row for row in todo if row.get("kind") != "volume"]
         for row, response in [(row, self._send(row)) for row in todo]:
             answer = self._answer(row, response)
             if answer is None:
