@@ -39,7 +39,10 @@ before the record, whose presence means done). The id covers the input content, 
 
 **Memory.** The engine streams the slices of one orientation (``batch_size`` slices' tiles in flight), the mean
 fusion accumulates in place: a replica holds the input (float32), the output (float32, V) and its stored copy
-(V/2 for int16) besides the model; ``jobs/bench_mri.py --job-rss`` measures it on a 512 x 512 x 75 -> 300 volume.
+(V/2 for int16) besides the model; ``jobs/bench_mri_replica.py`` measures it on a 512 x 512 x 75 -> 300 volume
+(docs/PERFORMANCE.md). Manifest rows: ``input_format`` ``nifti`` / ``dicom-series``; ``input_width``,
+``input_height``, ``frames`` = the input's i, j, k sizes, ``output_width``/``output_height`` the output's i, j (its
+shape is in the provenance); ``model_*`` and ``params`` name the volume model and :func:`volume_params`.
 """
 from __future__ import annotations
 
@@ -351,7 +354,7 @@ class VolumeReplicas:
         if bad:
             raise ValueError(f"the model output {bad:,} non-finite values (NaN/Inf); nothing written")
         slope, inter = _scaling(template)
-        row["output"] = pack_stored(_quantise(out.data, template.stored_dtype, slope, inter))
+        row["output"] = pack_stored(_quantise(out.data, template.stored_dtype, slope, inter))  # slab by slab
         del out
         row["seconds"] = float(row["seconds"]) + time.perf_counter() - t0
         return row

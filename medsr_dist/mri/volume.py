@@ -200,15 +200,22 @@ def read_nifti(data: bytes, source: str) -> Volume:
                   scl_slope=float(slope), scl_inter=float(inter), format="nifti", nifti_header=header, facts=facts)
 
 
-def _quantise(values: np.ndarray, dtype: np.dtype, slope: float, inter: float) -> np.ndarray:
-    """Physical float values -> stored values of ``dtype``: ``rint((v - inter) / slope)`` clipped to the dtype's
-    range for integers (NaN -> 0), a plain cast for floats."""
+def _quantise(values: np.ndarray, dtype: np.dtype, slope: float, inter: float,
+              limits: tuple[float, float] | None = None) -> np.ndarray:
+    """Physical float values -> stored values of ``dtype``: ``rint((v - inter) / slope)`` clipped to ``limits``
+    (default: the dtype's range) for integers (NaN -> 0), a plain cast for floats. Integer conversion runs slab by
+    slab along the first axis, so its float64 temporaries stay a few MB whatever the volume's size."""
+    dtype = np.dtype(dtype)
     if np.issubdtype(dtype, np.floating):
         return values.astype(dtype)
     info = np.iinfo(dtype)
-    stored = np.rint((values.astype(np.float64) - inter) / slope)
-    stored = np.nan_to_num(stored, nan=0.0)
-    return np.clip(stored, info.min, info.max).astype(dtype)
+    lo, hi = limits if limits is not None else (info.min, info.max)
+    out = np.empty(values.shape, dtype)
+    step = max(1, (1 << 20) // max(1, int(np.prod(values.shape[1:]))))
+    for a in range(0, values.shape[0], step):
+        stored = np.rint((values[a:a + step].astype(np.float64) - inter) / slope)
+        out[a:a + step] = np.clip(np.nan_to_num(stored, nan=0.0), lo, hi)
+    return out
 
 
 def write_nifti(volume: Volume, *, gz: bool = True, description: str = "", provenance: dict | None = None) -> bytes:
@@ -442,9 +449,8 @@ def write_dicom_series(volume: Volume, *, derivation: str, series_description_su
     allocated = int(first.get("BitsAllocated", 16))
     dtype = np.dtype(("<i" if signed else "<u") + str(allocated // 8))
     slope, inter = volume.scl_slope or 1.0, volume.scl_inter
-    stored_all = np.rint((volume.data.astype(np.float64) - inter) / slope)
     lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
-    stored_all = np.clip(np.nan_to_num(stored_all), lo, hi).astype(dtype)
+    stored_all = _quantise(volume.data, dtype, slope, inter, (lo, hi))
     thickness = format_number_as_ds(float(sizes[2]))
     out = []
     for k in range(volume.shape[2]):
