@@ -20,10 +20,15 @@ def init_ray(cfg: MedsrConfig):
         if not address:  # a private local instance, never some other cluster that happens to run here
             kwargs.update(num_cpus=cfg.ray.num_cpus, include_dashboard=False)
         ray.init(**kwargs)
-    ctx = DataContext.get_current()
+    configure_data_context(cfg, DataContext.get_current())
+    return ray
+
+
+def configure_data_context(cfg: MedsrConfig, ctx) -> None:
+    """Ray Data settings of a run on ``ctx`` (a ``DataContext``): the driver's, or that of a process building
+    datasets for it (the Ray Train controller rebuilding the training stream)."""
     ctx.enable_progress_bars = cfg.ray.progress
     ctx.print_on_execution_start = False
-    return ray
 
 
 def cluster_has_gpus() -> bool:

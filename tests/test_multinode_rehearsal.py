@@ -42,6 +42,8 @@ from medsr_dist.storage import Storage
 from ray_cluster import (
     RayHead,
     RayWorkerNode,
+    TERMINAL_JOB_STATES,
+    job_info,
     local_ray_head,
     start_job,
     start_worker_node,
@@ -58,7 +60,8 @@ GPU_STANDIN = {"medsr_gpu": 1}
 HEALTH_CHECK_ENV = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "2000",
                     "RAY_health_check_failure_threshold": "4"}
 
-ITERATIONS = 40
+# 50 iterations after the first checkpoint: time enough (seconds) for the kill to land before the run ends
+ITERATIONS = 60
 CHECKPOINT_EVERY = 10
 # Ray Data starts an actor pool's replicas without waiting for them, and on CPU-only nodes its decode/encode tasks
 # can take the CPUs a pending 3-CPU replica needs (one run ran on a single replica); a GPU replica (KubeRay's GPU
@@ -171,8 +174,9 @@ def write_training_dataset(storage: Storage, root: str) -> None:
         storage.write_bytes(f"{root}/{split}/part-0.parquet", buffer.getvalue())
 
 
-def wait_for_registered_checkpoint(client, snapshot_uri: str, job, timeout_s: float = 240.0) -> dict:
+def wait_for_registered_checkpoint(client, snapshot_uri: str, while_waiting, timeout_s: float = 240.0) -> dict:
     """Poll until Ray Train's checkpoint manager snapshot on S3 names a checkpoint; return that checkpoint's metrics.
+    ``while_waiting()`` is called between polls (it raises to give up).
 
     The snapshot is written by the Train controller once every rank's report of a checkpoint is in: from then on a
     restarted worker group gets that checkpoint (a folder merely uploaded may not be registered yet)."""
@@ -182,10 +186,8 @@ def wait_for_registered_checkpoint(client, snapshot_uri: str, job, timeout_s: fl
         latest = json.loads(data).get("latest_checkpoint_result") if data else None
         if latest:
             return latest["metrics"]
-        status = job()
-        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-            raise AssertionError(f"the training job ended ({status}) before any checkpoint was registered")
-        time.sleep(0.25)
+        while_waiting()
+        time.sleep(0.2)
     raise AssertionError(f"no checkpoint registered in {snapshot_uri} after {timeout_s:.0f}s")
 
 
@@ -216,8 +218,6 @@ def test_resume_starts_from_the_checkpoint_ray_train_registered_not_the_newest_f
 @pytest.mark.slow
 def test_training_survives_a_lost_worker_node_and_resumes_from_its_last_checkpoint(
         cluster, bucket, storage, working_dir, _s3_admin, s3_server):
-    from ray_cluster import job_info
-
     head = cluster.head
     root = f"{bucket}/run"
     write_training_dataset(storage, f"{root}/dataset")
@@ -234,15 +234,26 @@ def test_training_survives_a_lost_worker_node_and_resumes_from_its_last_checkpoi
         f"train.log_every={CHECKPOINT_EVERY}", f"train.val_every={2 * CHECKPOINT_EVERY}", "train.max_failures=2",
     ], working_dir)
 
+    placement: dict[str, list[dict]] = {}  # the ranks' nodes, looked up while waiting so the kill follows at once
+
+    def while_waiting():
+        status = job_info(head, submission)["status"]
+        if status in TERMINAL_JOB_STATES:
+            raise AssertionError(f"the training job ended ({status}) before a checkpoint was registered")
+        if not placement:
+            alive = actors_by_node(head, lambda a: is_train_worker(a) and a["state"] == "ALIVE")
+            if sum(map(len, alive.values())) == 2:
+                placement.update(alive)
+
     registered = wait_for_registered_checkpoint(_s3_admin, f"{run_dir}/checkpoint_manager_snapshot.json",
-                                                lambda: job_info(head, submission)["status"])
-    before = actors_by_node(head, lambda a: is_train_worker(a) and a["state"] == "ALIVE")
+                                                while_waiting)
+    before = placement or actors_by_node(head, lambda a: is_train_worker(a) and a["state"] == "ALIVE")
     victim = cluster.nodes["gpu-0"]
     victim.kill_raylet()  # the lost node: its raylet, and with it the rank on it, go without warning
+    killed_s = time.monotonic() - started
     victim.stop()  # whatever of that node outlived its raylet (its `ray start` exits once the raylet is gone)
     replacement = cluster.add_node("gpu-1", GPU_STANDIN)  # what KubeRay's operator does for the deleted pod
 
-    killed_s = time.monotonic() - started
     status, logs = wait_for_job(head, submission, timeout_s=300)
     (cluster.tmp / "train-job.log").write_text(logs)
     print(f"train job: checkpoint {registered['iteration']} registered and node killed after {killed_s:.0f} s, "
@@ -267,7 +278,7 @@ def test_training_survives_a_lost_worker_node_and_resumes_from_its_last_checkpoi
     assert all(m["resumed_from"] == resumed for m in kept if m["iteration"] > resumed), kept
     meta = json.loads(s3_get(_s3_admin, f"{root}/train/export/meta.json"))
     assert meta["iteration"] == ITERATIONS and meta["name"] == f"rehearsal@{ITERATIONS}"
-    assert "exported model" in logs
+    assert f"resumed from iteration {resumed}" in logs and "exported model" in logs
 
 
 @pytest.mark.slow

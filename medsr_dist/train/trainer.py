@@ -136,7 +136,9 @@ class TrainStream:
             return first
         from ray.data import DataContext
 
-        DataContext.get_current().enable_progress_bars = self.cfg.ray.progress  # the controller's own context
+        from medsr_dist.runtime import configure_data_context
+
+        configure_data_context(self.cfg, DataContext.get_current())  # the controller's own context
         start = latest_iteration(self.storage, self.cfg)
         log.info("train: worker group restarted; stream from iteration %d", start)
         return build_train_stream(self.cfg, self.storage, start)
