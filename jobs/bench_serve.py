@@ -9,7 +9,9 @@ Prints, side by side:
    of Ray actors on the same images — goal >= 0.9;
 2. p50/p99 latency at 50 % and 100 % of the saturation rate (open-loop arrivals, Poisson);
 3. the share of 503s at 2x overload, and that no other error occurred;
-4. replica count over time as load rises and falls (autoscaling between 1 and --replicas).
+4. replica count over time as load rises and falls (autoscaling between 1 and --replicas);
+5. with ``--nightly N``: the nightly job on N images with its own --replicas replicas vs ``enhance.replicas:
+   serve:<app>`` on the app's --replicas replicas (wall time of the whole job, outputs compared).
 
 The model is an RRDBNet x4 with random weights (num_feat 32, 2 blocks: a cost per tile like a small production
 model without needing its weights); images are 64 x 64 8-bit RGB PNGs cut into 32-px tiles (plus overlap).
@@ -158,6 +160,20 @@ def open_loop(url: str, data: list[bytes], rate: float, seconds: float, seed: in
     return latencies, codes
 
 
+def nightly_job(checkpoint: str, archive: Path, output: Path, replicas: int, *extra: str):
+    """The nightly job over ``archive`` (wall seconds, result) with the bench's engine settings."""
+    from medsr_dist.config import load_config
+    from medsr_dist.infer.enhance_job import run_enhance_job
+
+    cfg = load_config(None, [f"run.root={output.parent}", f"enhance.input={archive}", f"enhance.output={output}",
+                             f"enhance.checkpoint={checkpoint}", *(f"enhance.{k}={v}" for k, v in ENGINE.items()),
+                             f"enhance.min_replicas={replicas}", f"enhance.max_replicas={replicas}",
+                             "enhance.cpus_per_replica=1", "ray.progress=false", *extra])
+    t0 = time.perf_counter()
+    result = run_enhance_job(cfg)
+    return time.perf_counter() - t0, result
+
+
 def replica_count(app: str) -> int:
     from ray import serve
 
@@ -189,6 +205,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=15, help="duration of each open-loop phase")
     p.add_argument("--batch", type=int, default=4, help="serve.max_batch_size (tiles per model call)")
     p.add_argument("--ongoing", type=int, default=4, help="serve.max_ongoing_requests per replica")
+    p.add_argument("--nightly", type=int, default=0, help="images of the nightly-job comparison (0: skip it)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
 
@@ -204,6 +221,12 @@ def main() -> None:
 
     direct = direct_throughput(checkpoint, data * (args.images // len(data) + 1), args.replicas, args.batch)
     results["direct_images_per_s"] = direct
+    if args.nightly:  # the job's own replicas first: the app's would hold the same CPUs
+        archive = root / "archive"
+        archive.mkdir()
+        for i, png in enumerate((data * (args.nightly // len(data) + 1))[: args.nightly]):
+            (archive / f"{i:04d}.png").write_bytes(png)  # 16 distinct images, repeated under other names
+        own_s, own = nightly_job(checkpoint, archive, root / "own", args.replicas)
 
     port = free_port()
     url, cfg = start_app(checkpoint, port, replicas=args.replicas, min_replicas=args.replicas, batch=args.batch,
@@ -223,6 +246,16 @@ def main() -> None:
     results["overload_2x"] = {"requests": len(codes), "share_503": codes.count(503) / max(1, len(codes)),
                               "codes": {str(c): codes.count(c) for c in sorted(set(codes))},
                               "other_errors": sum(c not in (200, 503) for c in codes)}
+    if args.nightly:
+        via_s, via = nightly_job(checkpoint, archive, root / "via", args.replicas,
+                                 f"enhance.replicas=serve:{cfg.serve.app_name}")
+        same = own.counts == via.counts and all(
+            Path(a["output_key"]).read_bytes() == Path(b["output_key"]).read_bytes()
+            for a, b in zip(sorted(own.rows, key=lambda r: r["input_key"]),
+                            sorted(via.rows, key=lambda r: r["input_key"])) if a["status"] == "done")
+        results["nightly"] = {"images": args.nightly, "own_replicas_s": own_s, "serve_app_s": via_s,
+                              "serve_vs_own": own_s / via_s, "own_counts": own.counts, "serve_counts": via.counts,
+                              "identical_outputs": same}
     serve.delete(cfg.serve.app_name)
 
     # autoscaling: 1..replicas, load rising then falling
@@ -259,6 +292,11 @@ def main() -> None:
     o = results["overload_2x"]
     print(f"2x overload: {o['share_503']:.0%} answered 503 of {o['requests']}, other errors {o['other_errors']} "
           f"({o['codes']})")
+    if args.nightly:
+        n = results["nightly"]
+        print(f"nightly job, {n['images']} images: own {args.replicas} replicas {n['own_replicas_s']:.1f} s vs "
+              f"serve:<app> {n['serve_app_s']:.1f} s -> speed ratio {n['serve_vs_own']:.2f}; identical outputs: "
+              f"{n['identical_outputs']} ({n['serve_counts']})")
     counts = [c for _, c, _ in timeline]
     print(f"replicas over time (1 s samples): {' '.join(map(str, counts))} (max {max(counts)}, last {counts[-1]})")
     if args.json:
