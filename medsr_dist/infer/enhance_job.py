@@ -1440,6 +1440,8 @@ def _iterate(cfg, spec, model, precision, gpu, items, finished, per_batch, *, al
     ds = ds.map_batches(ReadDecode(spec), batch_size=None, num_cpus=0.5, **_pacs_bound(cfg, spec.input))
     # A dead replica is restarted (max_restarts) but its task is not retried (max_task_retries=0): Ray Data's
     # default (retry forever) would feed a poison image to fresh replicas without end. Its rows come back lost.
+    # Ray 2.60 warns that **ray_remote_args goes in 2.64 ("use the named remote parameters"), but names neither
+    # option (map_batches, ActorPoolStrategy, DataContext); ray is pinned, and the poison test fails on an upgrade.
     if serve is not None:  # the app's replicas compute; alone: one item in flight, so none shares a death
         ds = ds.map_batches(ServeReplica, fn_constructor_args=(*serve, e.outscale, e.log_keys), batch_size=per_batch,
                             compute=ray.data.ActorPoolStrategy(min_size=1 if alone else e.min_replicas,
