@@ -740,6 +740,11 @@ class EnhanceConfig(Section):
     min_replicas: int = Field(1, ge=1)
     max_replicas: int = Field(1, ge=1)
     cpus_per_replica: float = Field(1.0, gt=0, description="CPUs of a model replica (its torch/ORT threads) when it has no GPU")
+    replica_start_timeout_s: int = Field(
+        600, ge=0, description="Seconds a pass waits for its min_replicas model replicas to start before it reads any "
+        "item (Ray Data's wait_for_min_actors_s; on CPU-only nodes the decode/encode tasks would otherwise take the "
+        "CPUs a pending replica needs and the pass would run on fewer); the run fails naming enhance.min_replicas "
+        "if they do not start in time; 0: do not wait")
     replicas: str = Field(
         "local", pattern=r"^(local|serve:.+)$", description="Where the model runs: 'local' (the job's own actor pool "
         "of min_replicas..max_replicas) or 'serve:<app>' (the model deployment of a running Serve application "

@@ -296,15 +296,44 @@ def nightly(s3_server, tmp_path_factory, _s3_admin):
         before_third = s3_objects(_s3_admin, output)
         third = run_enhance(cfg, Console(file=io.StringIO(), width=250))
         after_third = s3_objects(_s3_admin, output)
+        # min_replicas this 4-CPU cluster cannot hold (2 replicas of 3 CPUs), to another prefix; last: its replica
+        # may hold its CPUs until the session ends
+        from medsr_dist.infer.enhance_job import run_enhance_job
+
+        starved = load_config(config_path, [f"enhance.output={output}-starved", "enhance.min_replicas=2",
+                                            "enhance.max_replicas=2", "enhance.cpus_per_replica=3",
+                                            "enhance.replica_start_timeout_s=3"])
+        started = time.monotonic()
+        try:
+            run_enhance_job(starved)
+            starved_error = None
+        except Exception as err:  # noqa: BLE001 - the test names what it must be
+            starved_error = err
+        starved_s = time.monotonic() - started
+        starved_objects = s3_objects(_s3_admin, f"{output}-starved")
     finally:
         ray.shutdown()
     yield {"storage": storage, "config_path": config_path, "archive": archive, "output": output, "valid": valid,
            "corrupt": corrupt, "at_kill": at_kill, "after_kill": after_kill, "resumed": resumed,
-           "resumed_console": text.getvalue(), "third": third, "before_third": before_third, "after_third": after_third}
+           "resumed_console": text.getvalue(), "third": third, "before_third": before_third, "after_third": after_third,
+           "starved_error": starved_error, "starved_s": starved_s, "starved_objects": starved_objects}
     for page in _s3_admin.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         for item in page.get("Contents", []):
             _s3_admin.delete_object(Bucket=bucket, Key=item["Key"])
     _s3_admin.delete_bucket(Bucket=bucket)
+
+
+@pytest.mark.slow
+def test_a_cluster_that_cannot_start_min_replicas_fails_the_run_naming_the_key_before_reading_any_item(nightly):
+    from medsr_dist.infer.enhance_job import ReplicasNotStartedError
+
+    err = nightly["starved_error"]
+    assert isinstance(err, ReplicasNotStartedError), repr(err)
+    assert "enhance.min_replicas 2 model replica(s) (3 CPU each)" in str(err), str(err)
+    assert "enhance.replica_start_timeout_s 3 s" in str(err)
+    assert nightly["starved_s"] < 60  # bounded by the timeout, not by Ray Data running on one replica
+    assert not [k for k in nightly["starved_objects"] if f"/{MANIFEST_DIR}/" not in k or "/items/" in k], \
+        nightly["starved_objects"]  # no output, no item record
 
 
 @pytest.mark.slow

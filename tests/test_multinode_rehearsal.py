@@ -63,10 +63,6 @@ HEALTH_CHECK_ENV = {"RAY_health_check_period_ms": "1000", "RAY_health_check_time
 # 50 iterations after the first checkpoint: time enough (seconds) for the kill to land before the run ends
 ITERATIONS = 60
 CHECKPOINT_EVERY = 10
-# Ray Data starts an actor pool's replicas without waiting for them, and on CPU-only nodes its decode/encode tasks
-# can take the CPUs a pending 3-CPU replica needs (one run ran on a single replica); a GPU replica (KubeRay's GPU
-# group) does not compete with them. The job waits for its minimum replicas first, as a RayJob's runtimeEnv may say.
-WAIT_FOR_REPLICAS = {"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "120"}
 
 
 @dataclass
@@ -304,7 +300,7 @@ def test_the_nightly_job_runs_across_nodes_and_enhances_each_input_exactly_once(
     runs_dir = f"{output}/{MANIFEST_DIR}/runs"
 
     started = time.monotonic()
-    status, logs = wait_for_job(head, start_job(head, entrypoint, working_dir, WAIT_FOR_REPLICAS), timeout_s=240)
+    status, logs = wait_for_job(head, start_job(head, entrypoint, working_dir), timeout_s=240)
     (cluster.tmp / "enhance-job-1.log").write_text(logs)
     print(f"nightly job: first run {time.monotonic() - started:.0f} s")
     assert status == "SUCCEEDED", logs
@@ -317,10 +313,12 @@ def test_the_nightly_job_runs_across_nodes_and_enhances_each_input_exactly_once(
     assert {k for k in first_objects if f"/{MANIFEST_DIR}/" not in k} == outputs  # one output each, nothing else
     worker_nodes = {node.node_id for node in cluster.nodes.values() if node.process.poll() is None}
     replicas = actors_by_node(head, is_enhance_replica)
-    assert set(replicas) == worker_nodes, replicas  # one replica on each live worker node
+    # one replica on each live worker node: the job waits for enhance.min_replicas (enhance.replica_start_timeout_s)
+    # before its decode tasks can take the CPUs a pending 3-CPU replica needs
+    assert set(replicas) == worker_nodes, replicas
 
     started = time.monotonic()
-    status, logs = wait_for_job(head, start_job(head, entrypoint, working_dir, WAIT_FOR_REPLICAS), timeout_s=240)
+    status, logs = wait_for_job(head, start_job(head, entrypoint, working_dir), timeout_s=240)
     (cluster.tmp / "enhance-job-2.log").write_text(logs)
     print(f"nightly job: rerun {time.monotonic() - started:.0f} s")
     assert status == "SUCCEEDED", logs

@@ -1400,6 +1400,11 @@ def _precision(e: EnhanceConfig) -> tuple[bool, str]:
     return gpu, precision
 
 
+class ReplicasNotStartedError(RuntimeError):
+    """``enhance.min_replicas`` replicas did not start within ``enhance.replica_start_timeout_s``; no item was
+    read by that pass."""
+
+
 def _run_pipeline(cfg, spec: JobSpec, model: ModelFile, precision: str, gpu: bool, items: list[dict],
                   finished: Callable[[dict], None], *, alone: bool, serve: tuple[str, str] | None = None) -> list[dict]:
     """ReadDecode -> EnhanceReplica -> EncodeCommit over ``items``; each finished row goes to ``finished``.
@@ -1413,14 +1418,26 @@ def _run_pipeline(cfg, spec: JobSpec, model: ModelFile, precision: str, gpu: boo
     e = cfg.enhance
     per_batch = 1 if alone else e.images_per_batch
     ctx = ray.data.DataContext.get_current()
-    saved_errored = ctx.max_errored_blocks
+    saved_errored, saved_wait = ctx.max_errored_blocks, ctx.wait_for_min_actors_s
     # A crashed replica loses its block's rows (retried alone, or counted, by the caller), not the whole run. Set
     # before the dataset exists: a Dataset keeps a copy of the context it was created under.
     ctx.max_errored_blocks = -1
+    # Ray Data starts actor pools without waiting (its default -1): on CPU-only nodes the decode tasks then take
+    # the CPUs a pending replica needs and the pass runs on fewer than min_replicas. Wait before any task runs.
+    ctx.wait_for_min_actors_s = e.replica_start_timeout_s or -1
     try:
         return _iterate(cfg, spec, model, precision, gpu, items, finished, per_batch, alone=alone, serve=serve)
+    except ray.exceptions.GetTimeoutError as err:
+        if "starting actors" not in str(err):  # Ray Data's text for a pool below min_size at its deadline
+            raise
+        each = ("Serve client actors, 0.25 CPU each" if serve is not None else "1 GPU each" if gpu
+                else f"{e.cpus_per_replica:g} CPU each")
+        raise ReplicasNotStartedError(
+            f"enhance.min_replicas {e.min_replicas} model replica(s) ({each}) did not all start within "
+            f"enhance.replica_start_timeout_s {e.replica_start_timeout_s} s: the cluster lacks the resources for "
+            "them; lower enhance.min_replicas (or enhance.cpus_per_replica), add nodes, or wait longer") from err
     finally:
-        ctx.max_errored_blocks = saved_errored
+        ctx.max_errored_blocks, ctx.wait_for_min_actors_s = saved_errored, saved_wait
 
 
 def _pacs_bound(cfg, uri: str) -> dict:
