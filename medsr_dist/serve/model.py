@@ -220,62 +220,89 @@ class SRModel:
         return {"status": row["status"], "error": row["error"], "output": row["output"], "seconds": row["seconds"]}
 
     def _enhance(self, shared: ModelReplica, data: bytes, outscale: float | None) -> dict[str, Any]:
-        from medsr_dist.infer.enhance_job import consistency_psnr, phi_values, sanitize_reason
-        from medsr_dist.io.image import ImageDecodeError, NotAnImageObject, decode_image, encode_image
+        return enhance_file(shared, data, outscale, limits=self.limits, dicom_compression=self.dicom_compression,
+                            on_fatal=self._note_fatal)
 
-        t0 = time.perf_counter()
-        scale = float(outscale) if outscale else float(self.model.scale)
-        try:
-            probe = check_limits(data, scale, self.limits)
-            image = decode_image(data, "request")
-        except RequestError:
-            raise
-        except NotAnImageObject as exc:
-            raise RequestError(415, exc.reason) from None
-        except ImageDecodeError as exc:
-            raise RequestError(400, sanitize_reason(exc.reason, secrets=phi_values(data))) from None
-        del probe
-        frames = image.pixels if image.pixels.ndim == 4 else image.pixels[None]
-        outputs = [None] * len(frames)
-        for index, result in shared.enhance_each(list(frames), outscale=None if scale == self.model.scale else scale):
-            if isinstance(result, BaseException):
-                self._note_fatal(result)
-                if isinstance(result, NonFiniteOutput):
-                    raise RequestError(500, str(result))
-                log.warning("inference failed: %r", result)
-                raise RequestError(500, f"inference failed: {type(result).__name__}")
-            outputs[index] = result if result.ndim == 3 else result[:, :, None]
-        out = np.stack(outputs)
-        grid = out.shape[1] / frames.shape[1]
-        provenance = self.provenance(hashlib.sha256(data).hexdigest(), scale)
-        pixels = out if image.meta.frames > 1 else out[0]
-        kwargs = {"dicom_compression": self.dicom_compression} if self.dicom_compression != "none" else {}
-        try:
-            body = encode_image(pixels, image.meta, image.header, scale=grid, provenance=provenance, **kwargs)
-        except ValueError as exc:
-            raise RequestError(500, sanitize_reason(f"encode failed: {exc}", secrets=phi_values(data))) from None
-        # the score of what the response holds: its stored values, back on [0, 1]
-        maxval = np.float32(image.meta.maxval)
-        score = consistency_psnr(np.rint(np.clip(out, 0, 1) * maxval) / maxval, frames)
-        headers = {"X-Medsr-Model": self.model.name, "X-Medsr-Model-Sha256": self.model.sha256,
-                   "X-Medsr-Scale": f"{scale:g}", "X-Medsr-Engine-Revision": str(ENGINE_REVISION),
-                   "X-Medsr-Precision": self.settings.precision, "X-Medsr-Backend": self.settings.backend,
-                   "X-Medsr-Consistency-Psnr-Db": f"{score:.3f}", "X-Medsr-Format": image.meta.format,
-                   "X-Medsr-Seconds": f"{time.perf_counter() - t0:.3f}"}
-        return {"status": 200, "body": body, "media_type": MEDIA_TYPES[image.meta.format], "headers": headers}
+def enhance_file(replica: ModelReplica, data: bytes, outscale: float | None = None, *, limits: dict,
+                 dicom_compression: str = "none", on_fatal=None) -> dict[str, Any]:
+    """One request's whole work, Serve or not: probe and limits -> decode -> ``replica``'s engine -> encode in the
+    input's form with provenance -> consistency score. :class:`SRModel` runs it for every ``POST /v1/enhance`` (with a
+    replica whose backend is the shared tile queue); ``jobs/bench_serve.py`` runs it without Serve, as "the engine
+    called directly".
 
-    def provenance(self, source_sha256: str, scale: float) -> dict[str, str]:
-        """Provenance written into the response file: the nightly job's keys, with the request as the source."""
-        from medsr_dist import __version__
-        from medsr_dist.infer.enhance_job import NOTE
+    Args:
+        replica: the model replica (its ``model`` and ``settings`` give scale, tiles, precision, backend).
+        data: the image file's bytes (PNG/JPEG/TIFF/DICOM).
+        outscale: final scale; ``None``: the model's.
+        limits: ``max_input_pixels``, ``max_output_pixels``.
+        dicom_compression: transfer syntax of a DICOM answer (``none``: as :func:`encode_image` defaults).
+        on_fatal: called with a failure of the backend (e.g. to mark a Serve replica unhealthy).
 
-        params = {"scale": self.model.scale, "outscale": scale, "tile": self.settings.tile,
-                  "tile_overlap": self.settings.tile_overlap, "tile_blend": self.settings.tile_blend,
-                  "backend": self.settings.backend, "precision": self.settings.precision, "engine": ENGINE_REVISION}
-        return {"medsr:note": NOTE, "medsr:model": self.model.name, "medsr:model_sha256": self.model.sha256,
-                "medsr:scale": f"{scale:g}", "medsr:params": json.dumps(params, sort_keys=True),
-                "medsr:source": "request", "medsr:source_sha256": source_sha256,
-                "medsr:software": f"medsr-dist {__version__} (serve)"}
+    Returns:
+        ``{"status": 200, "body": bytes, "media_type": str, "headers": {X-Medsr-*}}``.
+
+    Raises:
+        RequestError: 415 not an image read here, 400 undecodable, 413 over a limit, 500 a failed or non-finite
+            inference or encode (reasons never quote header values).
+    """
+    from medsr_dist.infer.enhance_job import consistency_psnr, phi_values, sanitize_reason
+    from medsr_dist.io.image import ImageDecodeError, NotAnImageObject, decode_image, encode_image
+
+    t0 = time.perf_counter()
+    model, settings = replica.model, replica.settings
+    scale = float(outscale) if outscale else float(model.scale)
+    try:
+        check_limits(data, scale, limits)
+        image = decode_image(data, "request")
+    except RequestError:
+        raise
+    except NotAnImageObject as exc:
+        raise RequestError(415, exc.reason) from None
+    except ImageDecodeError as exc:
+        raise RequestError(400, sanitize_reason(exc.reason, secrets=phi_values(data))) from None
+    frames = image.pixels if image.pixels.ndim == 4 else image.pixels[None]
+    outputs = [None] * len(frames)
+    for index, result in replica.enhance_each(list(frames), outscale=None if scale == model.scale else scale):
+        if isinstance(result, BaseException):
+            if on_fatal is not None:
+                on_fatal(result)
+            if isinstance(result, NonFiniteOutput):
+                raise RequestError(500, str(result))
+            log.warning("inference failed: %r", result)
+            raise RequestError(500, f"inference failed: {type(result).__name__}")
+        outputs[index] = result if result.ndim == 3 else result[:, :, None]
+    out = np.stack(outputs)
+    grid = out.shape[1] / frames.shape[1]
+    provenance = response_provenance(model, settings, hashlib.sha256(data).hexdigest(), scale)
+    pixels = out if image.meta.frames > 1 else out[0]
+    kwargs = {"dicom_compression": dicom_compression} if dicom_compression != "none" else {}
+    try:
+        body = encode_image(pixels, image.meta, image.header, scale=grid, provenance=provenance, **kwargs)
+    except ValueError as exc:
+        raise RequestError(500, sanitize_reason(f"encode failed: {exc}", secrets=phi_values(data))) from None
+    # the score of what the response holds: its stored values, back on [0, 1]
+    maxval = np.float32(image.meta.maxval)
+    score = consistency_psnr(np.rint(np.clip(out, 0, 1) * maxval) / maxval, frames)
+    headers = {"X-Medsr-Model": model.name, "X-Medsr-Model-Sha256": model.sha256,
+               "X-Medsr-Scale": f"{scale:g}", "X-Medsr-Engine-Revision": str(ENGINE_REVISION),
+               "X-Medsr-Precision": settings.precision, "X-Medsr-Backend": settings.backend,
+               "X-Medsr-Consistency-Psnr-Db": f"{score:.3f}", "X-Medsr-Format": image.meta.format,
+               "X-Medsr-Seconds": f"{time.perf_counter() - t0:.3f}"}
+    return {"status": 200, "body": body, "media_type": MEDIA_TYPES[image.meta.format], "headers": headers}
+
+
+def response_provenance(model: ModelFile, settings: EngineSettings, source_sha256: str, scale: float) -> dict[str, str]:
+    """Provenance written into a response file: the nightly job's keys, with the request as the source."""
+    from medsr_dist import __version__
+    from medsr_dist.infer.enhance_job import NOTE
+
+    params = {"scale": model.scale, "outscale": scale, "tile": settings.tile,
+              "tile_overlap": settings.tile_overlap, "tile_blend": settings.tile_blend,
+              "backend": settings.backend, "precision": settings.precision, "engine": ENGINE_REVISION}
+    return {"medsr:note": NOTE, "medsr:model": model.name, "medsr:model_sha256": model.sha256,
+            "medsr:scale": f"{scale:g}", "medsr:params": json.dumps(params, sort_keys=True),
+            "medsr:source": "request", "medsr:source_sha256": source_sha256,
+            "medsr:software": f"medsr-dist {__version__} (serve)"}
 
 
 def _replica_tag() -> str:
