@@ -14,6 +14,7 @@ import typer
 from pydantic import ValidationError
 
 from medsr_dist.cli import ConfigOpt, FailOnErrorOpt, OverridesArg, _load, app, console
+from medsr_dist.config import ConfigError, check_through_plane_model
 from medsr_dist.mri.config import MriConfig
 
 mri_app = typer.Typer(help="3-D MRI: isotropic reconstruction of thick-slice volumes (slice pairs, training, "
@@ -58,6 +59,11 @@ def prepare(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] =
 
     cfg = _load(config, overrides, "prepare")
     mri = _mri(cfg, mode=mode, factor=factor, profile=profile, skip_empty=skip_empty)
+    try:
+        check_through_plane_model(cfg)  # the model these pairs train, refused before Ray starts
+    except ConfigError as exc:
+        console.print(f"[bold red]config error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
     init_ray(cfg)
     try:
         result = prepare_slice_pairs(cfg, mri)

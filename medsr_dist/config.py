@@ -244,6 +244,28 @@ class DegradationConfig(Section):
 GENERATOR_SCALES: dict[str, tuple[int, ...]] = {"RRDBNet": (1, 2, 4), "MSRResNet": (1, 2, 3, 4)}
 
 
+def through_plane_refiner_problem(generator_type: str, scale: int) -> str | None:
+    """Why a generator (``type``, as in ``model.generator`` or a meta.json) at ``scale`` cannot be MRI's
+    through-plane refiner, or None. The refiner maps an interpolated slice to a same-size one and must be able to
+    keep every voxel; RRDBNet x1 cannot even represent the identity (basicsr pixel-unshuffles by 4, works at a
+    quarter resolution and upsamples by nearest). 2-D uses of RRDBNet x1, x2, x4 are not affected."""
+    if generator_type == "RRDBNet" and scale == 1:
+        return ("RRDBNet x1 cannot be the scale-1 through-plane refiner: it works at a quarter resolution (pixel-"
+                "unshuffle by 4, nearest upsampling) and cannot represent the identity; use model.generator.type="
+                "MSRResNet at model.scale=1 (a full-resolution residual refiner, configs/mri_psnr_x4.yaml)")
+    return None
+
+
+def check_through_plane_model(cfg: Any) -> None:
+    """Raise :class:`ConfigError` naming ``model.generator.type`` when ``cfg.model`` is to be trained as MRI's
+    through-plane refiner (``medsr mri prepare`` pairs, ``medsr mri self-sr``) but cannot be one
+    (:func:`through_plane_refiner_problem`). Families without a generator section pass."""
+    gen = getattr(cfg.model, "generator", None)
+    problem = through_plane_refiner_problem(getattr(gen, "type", ""), int(getattr(cfg.model, "scale", 0) or 0))
+    if problem:
+        raise ConfigError(f"model.generator.type {gen.type} (model.scale {cfg.model.scale}): {problem}")
+
+
 class RRDBNetConfig(Section):
     """basicsr ``RRDBNet`` (ESRGAN / Real-ESRGAN generator)."""
 

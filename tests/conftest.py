@@ -120,11 +120,17 @@ def orthanc(orthanc_server):
 TINY_RRDBNET = {"num_feat": 8, "num_block": 1, "num_grow_ch": 4}
 
 
-def write_tiny_model(write, scale: int = 4, seed: int = 0, name: str = "tiny-test@1") -> bytes:
+TINY_MSRRESNET = {"num_feat": 8, "num_block": 1}
+
+
+def write_tiny_model(write, scale: int = 4, seed: int = 0, name: str = "tiny-test@1",
+                     generator: str = "RRDBNet") -> bytes:
     """Write a seeded tiny RRDBNet (num_feat 8, num_block 1, num_grow_ch 4) export through ``write(name, data)``:
     ``model.pth`` (BasicSR layout: params + params_ema) and ``meta.json`` (family, scale, generator, sha256, name),
     exactly the files of ``<train.output>/export/``. The last layer is biased towards mid-grey so outputs are not
-    clamped to black. Returns the model.pth bytes."""
+    clamped to black. ``generator="MSRResNet"``: a tiny MSRResNet (num_feat 8, num_block 1; psnr family) instead,
+    its last layer seeded small, so that at scale 1 (MRI's through-plane refiner) it is near the identity.
+    Returns the model.pth bytes."""
     import hashlib
     import json
 
@@ -132,15 +138,25 @@ def write_tiny_model(write, scale: int = 4, seed: int = 0, name: str = "tiny-tes
 
     import medsr_dist.compat  # noqa: F401  (must precede basicsr)
     from basicsr.archs.rrdbnet_arch import RRDBNet
+    from medsr_dist.models.archs import generator_from
     from medsr_dist.models.weights import save_basicsr_checkpoint
 
     torch.manual_seed(seed)
-    net = RRDBNet(num_in_ch=3, num_out_ch=3, scale=scale, **TINY_RRDBNET)
-    with torch.no_grad():
-        net.conv_last.bias.fill_(0.5)
+    if generator == "MSRResNet":
+        fields = {"type": "MSRResNet", "num_in_ch": 3, "num_out_ch": 3, **TINY_MSRRESNET}
+        net = generator_from(fields, scale)
+        with torch.no_grad():
+            net.conv_last.weight.normal_(0, 0.01)
+        family = "psnr"
+    else:
+        fields = {"type": "RRDBNet", "num_in_ch": 3, "num_out_ch": 3, **TINY_RRDBNET}
+        net = RRDBNet(num_in_ch=3, num_out_ch=3, scale=scale, **TINY_RRDBNET)
+        with torch.no_grad():
+            net.conv_last.bias.fill_(0.5)
+        family = "realesrgan"
     data = save_basicsr_checkpoint(net, "", ema=net)
-    meta = {"family": "realesrgan", "scale": scale, "generator": {"type": "RRDBNet", "num_in_ch": 3, "num_out_ch": 3,
-            **TINY_RRDBNET}, "iteration": 1, "run": "tiny-test", "name": name, "sha256": hashlib.sha256(data).hexdigest()}
+    meta = {"family": family, "scale": scale, "generator": fields, "iteration": 1, "run": "tiny-test", "name": name,
+            "sha256": hashlib.sha256(data).hexdigest()}
     write("model.pth", data)
     write("meta.json", json.dumps(meta, indent=2).encode())
     return data

@@ -93,7 +93,8 @@ def archive(tmp_path_factory):
     (models / "x4").mkdir(parents=True)
     (models / "x1").mkdir()
     write_tiny_model(lambda n, d: (models / "x4" / n).write_bytes(d), scale=4)
-    write_tiny_model(lambda n, d: (models / "x1" / n).write_bytes(d), scale=1, seed=1, name="tiny-mri@1")
+    write_tiny_model(lambda n, d: (models / "x1" / n).write_bytes(d), scale=1, seed=1, name="tiny-mri@1",
+                     generator="MSRResNet")  # the through-plane refiner (RRDBNet x1 is refused)
     return root
 
 

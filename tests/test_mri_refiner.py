@@ -110,3 +110,59 @@ def test_a_short_self_supervised_training_beats_the_bspline_on_the_through_plane
     bspline = psnr_3d(interpolation_baseline(thick, 2, 4, "bspline"), ref, mask)
     refined = psnr_3d(out.data, ref, mask)
     assert refined > bspline + 0.3, (refined, bspline)
+
+
+def test_rrdbnet_x1_is_refused_as_the_through_plane_refiner_wherever_one_is_chosen(tmp_path):
+    """RRDBNet x1 works at a quarter resolution and cannot represent the identity: training one on MRI slice pairs,
+    self-sr with one, reconstructing or running nightly volumes with one fail first, naming the key and MSRResNet;
+    RRDBNet x1 for 2-D images and MSRResNet x1 for volumes stay accepted."""
+    from types import SimpleNamespace
+
+    from conftest import write_tiny_model
+    from medsr_dist.mri.job import reconstruct_volume, self_sr
+    from medsr_dist.mri.nightly import plan_volume_job
+    from medsr_dist.mri.prepare import prepare_slice_pairs
+    from medsr_dist.infer.model_file import read_model_file
+    from medsr_dist.mri.volume import write_nifti
+    from medsr_dist.storage import Storage
+    from medsr_dist.train.trainer import run_training
+
+    rrdb = ['model.generator={"type": "RRDBNet", "num_feat": 8, "num_block": 1, "num_grow_ch": 4}']
+    cfg = load_config("configs/mri_psnr_x4.yaml", [*rrdb, f"run.root={tmp_path / 'run'}",
+                                                   f"prepare.output={tmp_path / 'pairs'}",
+                                                   f"train.dataset={tmp_path / 'pairs'}"])
+    refused = r"model.generator.type RRDBNet \(model.scale 1\): RRDBNet x1 cannot .* use model.generator.type=MSRResNet"
+    with pytest.raises(ConfigError, match=refused):
+        prepare_slice_pairs(cfg, cfg.mri)  # before Ray and before listing prepare.input
+    with pytest.raises(ConfigError, match=refused):
+        self_sr(cfg, cfg.mri, str(tmp_path / "missing.nii.gz"), str(tmp_path / "out.nii.gz"))  # before reading it
+    (tmp_path / "pairs").mkdir()
+    (tmp_path / "pairs" / "summary.json").write_text('{"pairs": {"train": 3}, "mri": {"factor": 4}}')
+    with pytest.raises(ConfigError, match=refused):
+        run_training(cfg)  # MRI pairs (their summary's mri section): before Ray
+    assert load_config(None, ["model.scale=1"]).model.generator.type == "RRDBNet"  # 2-D x1 restoration untouched
+
+    for kind in ("RRDBNet", "MSRResNet"):
+        (tmp_path / kind).mkdir()
+        write_tiny_model(lambda n, d, k=kind: (tmp_path / k / n).write_bytes(d), scale=1, generator=kind)
+    thick = Volume((np.random.default_rng(0).random((12, 10, 5)) * 800).astype(np.float32),
+                   np.diag([1.0, 1.0, 4.0, 1.0]), source="thick.nii.gz")
+    (tmp_path / "thick.nii.gz").write_bytes(write_nifti(thick))
+    with pytest.raises(ValueError, match=r"RRDBNet/model.pth: RRDBNet x1 cannot .*MSRResNet"):
+        reconstruct_volume(cfg, cfg.mri, str(tmp_path / "thick.nii.gz"), str(tmp_path / "iso.nii.gz"),
+                           str(tmp_path / "RRDBNet" / "model.pth"))
+    assert not (tmp_path / "iso.nii.gz").exists()
+
+    entries = [SimpleNamespace(uri=str(tmp_path / "thick.nii.gz"))]
+    job_x1 = read_model_file(str(tmp_path / "RRDBNet" / "model.pth"), None)
+
+    def nightly(volume_model: str):
+        return load_config(None, [f"enhance.volumes.checkpoint={volume_model}"] if volume_model else [])
+
+    with pytest.raises(ValueError, match=r"enhance.volumes.checkpoint .*RRDBNet/model.pth: RRDBNet x1 cannot .*MSRResNet"):
+        plan_volume_job(nightly(str(tmp_path / "RRDBNet" / "model.pth")), Storage(), job_x1, entries, "fp32")
+    fallback = plan_volume_job(nightly(""), Storage(), job_x1, entries, "fp32")  # enhance.checkpoint RRDBNet x1
+    assert fallback["model"] is None and "enhance.checkpoint (used when enhance.volumes.checkpoint is empty): " \
+        "RRDBNet x1 cannot" in fallback["problem"] and "set enhance.volumes.checkpoint" in fallback["problem"]
+    ok = plan_volume_job(nightly(str(tmp_path / "MSRResNet" / "model.pth")), Storage(), job_x1, entries, "fp32")
+    assert ok["problem"] == "" and ok["model"].generator["type"] == "MSRResNet"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medsr_dist.config import MedsrConfig
+from medsr_dist.config import MedsrConfig, check_through_plane_model, through_plane_refiner_problem
 from medsr_dist.mri.config import MriConfig
 from medsr_dist.mri.volume import Volume, VolumeError, read_dicom_series, read_volume, write_dicom_series, write_nifti
 from medsr_dist.storage import Storage
@@ -93,7 +93,8 @@ def reconstruct_volume(cfg: MedsrConfig, mri: MriConfig, volume_uri: str, output
     Tiling and batching come from ``cfg.enhance`` (``tile``, ``tile_overlap``, ``tile_blend``, ``batch_size``).
 
     Raises:
-        ValueError: the model is not scale 1; VolumeError / FileNotFoundError for the input.
+        ValueError: the model is not scale 1, or is RRDBNet x1 (no identity: MSRResNet x1 is the refiner);
+            VolumeError / FileNotFoundError for the input.
     """
     from medsr_dist.infer.backends import auto_batch_size
     from medsr_dist.infer.engine import ENGINE_REVISION, TileSpec
@@ -107,6 +108,9 @@ def reconstruct_volume(cfg: MedsrConfig, mri: MriConfig, volume_uri: str, output
     if model.scale != 1:
         raise ValueError(f"{model_uri}: a x{model.scale} model; through-plane refinement needs a scale-1 model "
                          "(train one with model.scale=1 on `medsr mri prepare` pairs)")
+    problem = through_plane_refiner_problem(model.generator.get("type", "RRDBNet"), model.scale)
+    if problem:
+        raise ValueError(f"{model_uri}: {problem}")
     backend = build_model_backend(model, "torch", storage)
     e = cfg.enhance
     batch = e.batch_size or auto_batch_size(backend)
@@ -144,12 +148,16 @@ def self_sr(cfg: MedsrConfig, mri: MriConfig, volume_uri: str, output_uri: str,
         (the reconstruction result, a summary: pairs per split, training iterations and final losses, export,
         ``train_wall_seconds`` (the training stage, Ray start-up of the stream included) and ``train_cpu_seconds``
         (CPU seconds of the training worker process, all threads: the budget on a shared machine)).
+
+    Raises:
+        ValueError: ``model`` is RRDBNet x1 (before any work; MSRResNet x1 is the refiner), or not scale 1 later.
     """
     from medsr_dist.mri.prepare import prepare_slice_pairs
     from medsr_dist.mri.reconstruct import plan_reconstruction
     from medsr_dist.runtime import init_ray
     from medsr_dist.train.trainer import run_training
 
+    check_through_plane_model(cfg)  # refused before any work, not after a training run
     storage = storage or Storage(cfg.storage)
     volume, _ = load_volume(storage, volume_uri)
     plan_reconstruction(volume, mri.factor)  # refuse a bad volume before any Ray work

@@ -127,6 +127,7 @@ def plan_volume_job(cfg, storage, job_model, entries: list, precision: str) -> d
     Raises:
         FileNotFoundError / ValueError: ``enhance.volumes.checkpoint`` is set but unusable (before any Ray work).
     """
+    from medsr_dist.config import through_plane_refiner_problem
     from medsr_dist.infer.model_file import read_model_file
 
     e = cfg.enhance
@@ -141,7 +142,15 @@ def plan_volume_job(cfg, storage, job_model, entries: list, precision: str) -> d
         if model.scale != 1:
             raise ValueError(f"enhance.volumes.checkpoint {e.volumes.checkpoint}: a x{model.scale} model; volumes are "
                              "reconstructed by a scale-1 through-plane model (medsr mri prepare + medsr train)")
+        problem = through_plane_refiner_problem(model.generator.get("type", "RRDBNet"), model.scale)
+        if problem:
+            raise ValueError(f"enhance.volumes.checkpoint {e.volumes.checkpoint}: {problem}")
     elif job_model.scale == 1:
+        problem = through_plane_refiner_problem(job_model.generator.get("type", "RRDBNet"), job_model.scale)
+        if problem:  # the 2-D images still run with it; the volumes need their own model
+            return {"model": None, "params": {}, "uri": "", "problem": (
+                f"a volume needs a through-plane model; enhance.checkpoint (used when enhance.volumes.checkpoint is "
+                f"empty): {problem}; set enhance.volumes.checkpoint (or enhance.volumes.enabled=false)")}
         model = job_model
     else:
         return {"model": None, "params": {}, "uri": "", "problem": (

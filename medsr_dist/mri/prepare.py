@@ -28,7 +28,7 @@ import logging
 import numpy as np
 import pyarrow as pa
 
-from medsr_dist.config import MedsrConfig
+from medsr_dist.config import MedsrConfig, check_through_plane_model
 from medsr_dist.data.prepare import SPLITS, PrepareResult, _write_table, assign_splits, patient_of, to_training_png
 from medsr_dist.mri.config import MriConfig
 from medsr_dist.storage import Storage
@@ -149,9 +149,11 @@ def prepare_slice_pairs(cfg: MedsrConfig, mri: MriConfig, storage: Storage | Non
 
     Raises:
         FileNotFoundError: no volume under ``prepare.input`` matches ``mri.include``.
+        ConfigError: ``model`` (what trains on these pairs) cannot be a through-plane refiner (RRDBNet x1).
     """
     import ray
 
+    check_through_plane_model(cfg)
     storage = storage or Storage(cfg.storage)
     p = cfg.prepare
     keys = storage.list_files(p.input, include=mri.include, exclude=p.exclude)

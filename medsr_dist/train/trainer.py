@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from medsr_dist.config import MedsrConfig
+from medsr_dist.config import MedsrConfig, check_through_plane_model
 from medsr_dist.storage import Storage
 from medsr_dist.train.loop import META_FILE, MODEL_FILE, train_loop_per_worker
 
@@ -192,9 +192,15 @@ def validation_pairs(cfg: MedsrConfig, storage: Storage, limit: int = 8) -> list
 
 
 def run_training(cfg: MedsrConfig, storage: Storage | None = None) -> TrainResult:
-    """Train (or resume) ``cfg.run.name`` and export the EMA generator. Ray must be initialised."""
+    """Train (or resume) ``cfg.run.name`` and export the EMA generator. Ray must be initialised.
+
+    Raises ConfigError (before any Ray work) when ``train.dataset`` holds MRI slice pairs (its summary.json has
+    an ``mri`` section) and ``model`` cannot be a through-plane refiner (RRDBNet x1)."""
     storage = storage or Storage(cfg.storage)
     t = cfg.train
+    summary = storage.join(t.dataset, "summary.json") if t.dataset else None  # mri prepare records mri: there
+    if summary and storage.exists(summary) and "mri" in json.loads(storage.read_bytes(summary)):
+        check_through_plane_model(cfg)
     start = latest_iteration(storage, cfg)
     if start >= t.iterations:
         log.info("train: run %s already reached iteration %d", cfg.run.name, start)
