@@ -91,7 +91,9 @@ def status(
         from medsr_dist.pacs.dicomweb import is_dicomweb
 
         same_run = is_dicomweb(output) or output.rstrip("/") == str(cfg.enhance.output).rstrip("/")
-        summary = manifest_summary(Storage(cfg.storage), output, cfg.enhance.manifest if same_run else None)
+        summary = manifest_summary(Storage(cfg.storage), output, cfg.enhance.manifest if same_run else None,
+                                   threshold_db=cfg.enhance.consistency_threshold_db,
+                                   uncertainty_threshold=cfg.enhance.uncertainty_threshold)
     except ValueError as exc:  # a DICOMweb endpoint without enhance.manifest
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None

@@ -787,11 +787,37 @@ def test_logs_and_status_name_items_by_id_and_keys_only_when_asked():
                "models": {}, "runs": 1, "latest_run": "r", "latest_run_manifest": "m", "latest_counts": {"error": 1},
                "latest_errors": [(row["item_id"], row["input_key"], "truncated PNG")],
                "quarantined_items": [("", "s3://pacs/ACC777/x.dcm", "quarantined: ...")],
-               "flagged_outputs": [(row["item_id"], row["input_key"], "s3://o/ACC123/img.sr-1.dcm", 20.0)]}
+               "flagged_outputs": [(row["item_id"], row["input_key"], "s3://o/ACC123/img.sr-1.dcm",
+                                    "consistency 20.0 dB < enhance.consistency_threshold_db 30")]}
     text = format_summary(summary)
     assert "ACC" not in text and "inputs ignored (not images): 2, quarantined: 1" in text
     assert "ignored 0" in text and "quarantined 0" in text  # the latest run's counts name every status
     assert "ACC123/img.dcm" in format_summary(summary, log_keys=True)
+
+
+def test_status_says_why_each_output_was_flagged_consistency_or_uncertainty(tmp_path):
+    from medsr_dist.infer.enhance_job import _manifest_row, format_summary, manifest_summary, manifest_uri, write_manifest
+
+    def done(name: str, score: float, p99: float | None = None) -> dict:
+        std = {"uncertainty_p99": p99, "uncertainty_key": f"{tmp_path}/o/{name}.std.png"} if p99 is not None else {}
+        return _manifest_row({"input_key": f"{tmp_path}/in/{name}.png", "item_id": f"id-{name}", "status": "done",
+                              "output_key": f"{tmp_path}/o/{name}.sr.png", "model_name": "m@1", "model_sha256": "ab" * 32,
+                              "consistency_psnr_db": score, "flagged": True, **std})
+
+    rows = [done("sharp", 41.0, p99=0.08), done("blurry", 21.5), done("both", 22.0, p99=0.2)]
+    write_manifest(Storage(), manifest_uri(f"{tmp_path}/o"), rows)
+    summary = manifest_summary(Storage(), f"{tmp_path}/o", threshold_db=30.0, uncertainty_threshold=0.05)
+    lines = {ln.split(":", 1)[0].strip(): ln.split(":", 1)[1].strip()
+             for ln in format_summary(summary, log_keys=True).splitlines() if ln.strip().startswith("flagged ")}
+    out = f"{tmp_path}/o"
+    assert lines[f"flagged {out}/sharp.sr.png"] == "uncertainty p99 0.0800 > enhance.uncertainty_threshold 0.05"
+    assert lines[f"flagged {out}/blurry.sr.png"] == "consistency 21.5 dB < enhance.consistency_threshold_db 30"
+    assert lines[f"flagged {out}/both.sr.png"] == ("uncertainty p99 0.2000 > enhance.uncertainty_threshold 0.05; "
+                                                  "consistency 22.0 dB < enhance.consistency_threshold_db 30")
+    # thresholds raised since the run: the row's values, not a reason that no longer holds
+    later = manifest_summary(Storage(), out, threshold_db=10.0, uncertainty_threshold=0.5)
+    assert dict((o, why) for _, _, o, why in later["flagged_outputs"])[f"{out}/sharp.sr.png"] == \
+        "consistency 41.0 dB, uncertainty p99 0.0800 (flagged under the thresholds of its run)"
 
 
 def test_a_second_run_on_a_leased_prefix_exits_clearly_and_touches_nothing(tmp_path, tiny_model_dir):

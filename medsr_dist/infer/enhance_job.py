@@ -1490,11 +1490,15 @@ def _iterate(cfg, spec, model, precision, gpu, items, finished, per_batch, *, al
 # ----------------------------------------------------------------------------------------------------------
 # Status
 # ----------------------------------------------------------------------------------------------------------
-def manifest_summary(storage: Storage, output_prefix: str, manifest: str | None = None) -> dict:
+def manifest_summary(storage: Storage, output_prefix: str, manifest: str | None = None, *,
+                     threshold_db: float | None = None, uncertainty_threshold: float | None = None) -> dict:
     """What ``medsr status`` prints: totals of the cumulative manifest and of the latest run.
 
     ``outputs`` counts completed outputs; ``ignored``/``quarantined`` count the inputs the cumulative manifest
-    keeps in those states. Listed items carry ``item_id``, ``key`` and their text (error reason or output key).
+    keeps in those states. Listed items carry ``item_id``, ``key`` and their text (error reason or output key);
+    a flagged output's text says why it was flagged, against ``threshold_db`` (enhance.consistency_threshold_db)
+    and ``uncertainty_threshold`` (enhance.uncertainty_threshold) when given (the config's values: the run's own
+    are not recorded), else by the values the row holds.
     ``manifest``: where ``_manifest/`` lives when not under ``output_prefix`` (``enhance.manifest``; required for a
     DICOMweb output); ``watermark``: the StudyDate a DICOMweb-input run's ``since_watermark`` starts from, or None.
 
@@ -1544,9 +1548,29 @@ def manifest_summary(storage: Storage, output_prefix: str, manifest: str | None 
         "latest_counts": latest_counts,
         "latest_errors": [_listed(r, r["error"]) for r in latest if r["status"] == "error"],
         "quarantined_items": [_listed(r, r["error"]) for r in every if r["status"] == "quarantined"],
-        "flagged_outputs": [(*_listed(r, r["output_key"]), r["consistency_psnr_db"]) for r in rows if r["flagged"]],
+        "flagged_outputs": [(*_listed(r, r["output_key"]), _flag_reason(r, threshold_db, uncertainty_threshold))
+                            for r in rows if r["flagged"]],
         "watermark": read_watermark(storage, watermark_uri(records)),
     }
+
+
+def _flag_reason(row: dict, threshold_db: float | None, uncertainty_threshold: float | None) -> str:
+    """Why a done row is flagged for review: its consistency PSNR below ``threshold_db``, its uncertainty_p99
+    (ldm, K > 1 samples: the row has a std map) above ``uncertainty_threshold``, or both. A threshold not given
+    (or one that no longer explains the flag: the config changed since the run) leaves the row's values named."""
+    score = row["consistency_psnr_db"]
+    p99 = row.get("uncertainty_p99") if row.get("uncertainty_key") else None
+    has_score = score is not None and math.isfinite(score)
+    has_p99 = p99 is not None and math.isfinite(p99)
+    reasons = []
+    if has_p99 and uncertainty_threshold is not None and p99 > uncertainty_threshold:
+        reasons.append(f"uncertainty p99 {p99:.4f} > enhance.uncertainty_threshold {uncertainty_threshold:g}")
+    if has_score and threshold_db is not None and score < threshold_db:
+        reasons.append(f"consistency {score:.1f} dB < enhance.consistency_threshold_db {threshold_db:g}")
+    if reasons:
+        return "; ".join(reasons)
+    values = ([f"consistency {score:.1f} dB"] if has_score else []) + ([f"uncertainty p99 {p99:.4f}"] if has_p99 else [])
+    return ", ".join(values) + " (flagged under the thresholds of its run)"
 
 
 def _uncertainty_summary(rows: list[dict]) -> dict | None:
@@ -1589,8 +1613,8 @@ def format_summary(summary: dict, max_listed: int = 10, *, log_keys: bool = Fals
             lines.append(f"  ... {len(summary['latest_errors']) - max_listed} more errors in {summary['latest_run_manifest']}")
     for iid, key, error in summary["quarantined_items"][:max_listed]:
         lines.append(f"  quarantined {name(iid, key)}: {error}")
-    for iid, key, output_key, score in summary["flagged_outputs"][:max_listed]:
-        lines.append(f"  flagged {output_key if log_keys else name(iid, key)}: consistency {score:.1f} dB")
+    for iid, key, output_key, why in summary["flagged_outputs"][:max_listed]:
+        lines.append(f"  flagged {output_key if log_keys else name(iid, key)}: {why}")
     if len(summary["flagged_outputs"]) > max_listed:
         lines.append(f"  ... {len(summary['flagged_outputs']) - max_listed} more flagged in the manifest")
     if summary.get("watermark"):
