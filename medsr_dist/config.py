@@ -1013,6 +1013,9 @@ class ServeConfig(Section):
         name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="Name in requests (?model=)")
         checkpoint: str = Field(..., min_length=1, description="Model file (export, BasicSR checkpoint or zoo name)")
         onnx_model: str | None = Field(None, description="ONNX export for backend onnxruntime (default: beside checkpoint)")
+        sampling: SamplingOverride | None = Field(
+            None, description="ldm models: sampler/steps/seed instead of the export's (e.g. dpmsolver++ with 20 steps "
+            "on demand); samples must be 1 (an answer is one file: no uncertainty map); recorded in every answer")
 
     app_name: str = Field("medsr", min_length=1, description="Serve application name")
     route_prefix: str = Field("/", description="HTTP route prefix of the application")

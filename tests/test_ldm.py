@@ -589,3 +589,40 @@ def test_nightly_stages_write_the_uncertainty_map_beside_the_output(ldm_export, 
         ReadDecode(spec1)({"key": np.array([str(archive / "a.png")])})) for r in _rows(b)]
     assert one[0]["status"] == "done" and one[0]["uncertainty_key"] == "" and not one[0]["flagged"]
     assert np.isnan(one[0]["uncertainty_p99"])
+
+
+def test_served_ldm_answers_record_their_sampling_and_k_above_1_is_refused(ldm_export, tmp_path):
+    """An LDM over Serve: the request function answers the engine's pixels with the sampler settings that drew them
+    in the file's provenance and a header; a model that would sample K > 1 times is refused when the app is built
+    (its uncertainty map has no place in a one-file answer)."""
+    import cv2
+
+    from medsr_dist.infer.replica import EngineSettings, ModelReplica
+    from medsr_dist.io.image import decode_image
+    from medsr_dist.serve.app import build_app, served_model_file
+    from medsr_dist.serve.model import enhance_file
+    from medsr_dist.storage import Storage
+
+    def cfg(sampling: str):
+        path = tmp_path / "serve.yaml"
+        path.write_text(f"serve:\n  gpus_per_replica: 0\n  models:\n    - name: ldm-x4\n      checkpoint: {ldm_export}\n"
+                        f"      sampling: {sampling}\n")
+        return load_config(str(path))
+
+    with pytest.raises(ValueError, match=r"serve\.models\[0\]\.sampling \(ldm-x4\): model .* samples K = 3 times per "
+                                         r"image .* set samples: 1"):
+        build_app(cfg("{steps: 2}"))  # the export's K = 3
+    c = cfg("{samples: 1, steps: 2, sampler: dpmsolver++}")
+    model = served_model_file(c, 0, c.serve.models[0])
+    assert model.sampling == {"sampler": "dpmsolver++", "steps": 2, "samples": 1, "output": "mean", "seed": 0}
+    replica = ModelReplica.load(model, Storage(), EngineSettings.of(c.serve, precision="fp32", outscale=None))
+    lr = (np.random.default_rng(3).random((16, 16, 3)) * 255).astype(np.uint8)
+    answer = enhance_file(replica, cv2.imencode(".png", lr)[1].tobytes(), None,
+                          limits={"max_input_pixels": 1 << 20, "max_output_pixels": 1 << 22})
+    assert answer["status"] == 200 and answer["media_type"] == "image/png"
+    assert json.loads(answer["headers"]["X-Medsr-Sampling"]) == model.sampling
+    out = decode_image(answer["body"], "answer")
+    assert json.loads(out.meta.text["medsr:params"])["sampling"] == model.sampling
+    assert out.pixels.shape == (64, 64, 3)
+    (_, direct), = replica.enhance_each([lr[:, :, ::-1].astype(np.float32) / 255])  # the engine alone, RGB
+    assert np.array_equal(out.pixels, np.rint(np.clip(direct, 0, 1) * 255) / 255)

@@ -35,7 +35,31 @@ def served_models(cfg: MedsrConfig) -> list[ServeConfig.Model]:
     """``serve.models``, or ``enhance.checkpoint`` as ``default`` when the list is empty."""
     if cfg.serve.models:
         return list(cfg.serve.models)
-    return [ServeConfig.Model(name="default", checkpoint=cfg.enhance.checkpoint, onnx_model=cfg.enhance.onnx_model)]
+    sampling = cfg.enhance.sampling if cfg.enhance.sampling.overrides() else None  # as the nightly job samples
+    return [ServeConfig.Model(name="default", checkpoint=cfg.enhance.checkpoint, onnx_model=cfg.enhance.onnx_model,
+                              sampling=sampling)]
+
+
+def served_model_file(cfg: MedsrConfig, index: int, entry: ServeConfig.Model):
+    """The :class:`~medsr_dist.infer.model_file.ModelFile` a model deployment serves: read (hash, architecture) and,
+    for an iterative-sampler family, with the entry's sampling settings.
+
+    Raises:
+        FileNotFoundError / ValueError: the file is missing or unusable, a sampling setting does not apply, or the
+            model would sample K > 1 times (an answer is one file: its uncertainty map would be dropped).
+    """
+    from medsr_dist.infer.model_file import read_model_file
+
+    where = f"serve.models[{index}].sampling ({entry.name})" if cfg.serve.models else "enhance.sampling"
+    model = read_model_file(entry.checkpoint, cfg.storage, onnx_uri=entry.onnx_model)
+    model = model.with_sampling(entry.sampling.overrides() if entry.sampling else None, where)
+    samples = int((model.sampling or {}).get("samples", 1))
+    if samples > 1:
+        raise ValueError(f"{where}: model {model.name} samples K = {samples} times per image (its export's or this "
+                         f"setting), which asks for an uncertainty map beside each output; an HTTP answer is one "
+                         f"file, so set samples: 1 to serve it, and get uncertainty maps from the nightly job "
+                         f"(enhance.replicas: local)")
+    return model
 
 
 def _gpus(s: ServeConfig) -> float:
@@ -67,7 +91,7 @@ def build_app(cfg: MedsrConfig):
     from ray import serve
     from ray.serve.config import BackpressureConfig
 
-    from medsr_dist.infer.model_file import backend_factory, read_model_file
+    from medsr_dist.infer.model_file import backend_factory
     from medsr_dist.infer.replica import EngineSettings, resolve_precision
     from medsr_dist.serve.ingress import Ingress
     from medsr_dist.serve.model import SRModel
@@ -84,8 +108,8 @@ def build_app(cfg: MedsrConfig):
     ongoing = s.max_ongoing_requests or s.max_batch_size
     backpressure = BackpressureConfig(status_code=503, retry_after_s=s.retry_after_s)
     handles, catalogue = {}, {}
-    for entry in served_models(cfg):
-        model = read_model_file(entry.checkpoint, cfg.storage, onnx_uri=entry.onnx_model)
+    for index, entry in enumerate(served_models(cfg)):
+        model = served_model_file(cfg, index, entry)
         deployment = serve.deployment(SRModel).options(
             name=model_deployment_name(entry.name),
             max_ongoing_requests=ongoing,
@@ -100,7 +124,8 @@ def build_app(cfg: MedsrConfig):
             model, cfg.storage.model_dump(), {k: getattr(settings, k) for k in settings.__dataclass_fields__},
             limits, s.max_batch_size, s.batch_wait_timeout_s, s.dicom_compression, ongoing)
         catalogue[entry.name] = {"model": model.name, "model_sha256": model.sha256, "scale": model.scale,
-                                 "family": model.family, "backend": s.backend, "precision": precision}
+                                 "family": model.family, "backend": s.backend, "precision": precision,
+                                 "sampling": model.sampling}
     default = served_models(cfg)[0].name
     # The ingress only parses and forwards (async): many requests at once are cheap there; the queue bound that
     # matters is the model deployments'. Its own bound keeps a flood from piling up in the proxy.

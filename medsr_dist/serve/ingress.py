@@ -6,7 +6,8 @@ Routes (version 1):
   multipart form (whose ``model``/``outscale`` fields, if any, win over the query). Answers the enhanced file in the
   input's form (PNG/JPEG/TIFF keep bit depth and channels, DICOM in gives a derived DICOM object) with headers
   ``X-Medsr-Model``, ``X-Medsr-Model-Sha256``, ``X-Medsr-Scale``, ``X-Medsr-Engine-Revision``,
-  ``X-Medsr-Precision``, ``X-Medsr-Consistency-Psnr-Db``.
+  ``X-Medsr-Precision``, ``X-Medsr-Consistency-Psnr-Db`` (and ``X-Medsr-Sampling`` for an ``ldm`` model: the
+  sampler, steps and seed that drew the answer, compact JSON).
 * ``GET /v1/models`` — the models, their hashes, scales and engine settings; ``GET /healthz`` — ``ok`` when every
   model deployment answers.
 

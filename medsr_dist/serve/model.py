@@ -288,6 +288,8 @@ def enhance_file(replica: ModelReplica, data: bytes, outscale: float | None = No
                "X-Medsr-Precision": settings.precision, "X-Medsr-Backend": settings.backend,
                "X-Medsr-Consistency-Psnr-Db": f"{score:.3f}", "X-Medsr-Format": image.meta.format,
                "X-Medsr-Seconds": f"{time.perf_counter() - t0:.3f}"}
+    if model.sampling is not None:
+        headers["X-Medsr-Sampling"] = json.dumps(model.sampling, sort_keys=True, separators=(",", ":"))
     return {"status": 200, "body": body, "media_type": MEDIA_TYPES[image.meta.format], "headers": headers}
 
 
@@ -299,6 +301,8 @@ def response_provenance(model: ModelFile, settings: EngineSettings, source_sha25
     params = {"scale": model.scale, "outscale": scale, "tile": settings.tile,
               "tile_overlap": settings.tile_overlap, "tile_blend": settings.tile_blend,
               "backend": settings.backend, "precision": settings.precision, "engine": ENGINE_REVISION}
+    if model.sampling is not None:  # ldm: the sampler, steps and seed that drew this answer (as the nightly job's)
+        params["sampling"] = model.sampling
     return {"medsr:note": NOTE, "medsr:model": model.name, "medsr:model_sha256": model.sha256,
             "medsr:scale": f"{scale:g}", "medsr:params": json.dumps(params, sort_keys=True),
             "medsr:source": "request", "medsr:source_sha256": source_sha256,
