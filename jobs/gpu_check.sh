@@ -5,7 +5,9 @@
 #
 # Needs the CUDA build of torch (installed) and, for the TensorRT tests, `pip install tensorrt` (several GB; not a
 # dependency) plus `onnxruntime-gpu` for the CUDA execution provider test. Tests that lack one of them skip with the
-# reason, so the summary says what was not run.
+# reason, so the summary says what was not run. PyPI's `tensorrt` is a stub that fetches the real wheels from
+# pypi.nvidia.com at install time (checked 2026-12-01: `pip install tensorrt==11.4.0.106` fails with URLError where
+# only PyPI is reachable): install from NVIDIA's index or run on an image that ships TensorRT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-/tmp/medsr-gpu-check}"
