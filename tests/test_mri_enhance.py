@@ -200,3 +200,39 @@ def test_eval_preset_mri_aniso_x4_on_ray(archive, ray_local, tmp_path):
     assert comp["n"] >= 5 and comp["ci_low"] <= comp["mean_difference"] <= comp["ci_high"]
     assert (tmp_path / "report" / "report.html").stat().st_size > 10_000
     assert len(list((tmp_path / "report" / "figures").glob("*.png"))) == 1
+
+
+def test_a_volume_items_error_rows_name_the_volume_model_and_an_images_rows_the_job_model(archive):
+    """No Ray: the read and commit stages driven directly, as the job's actor pool drives them."""
+    from medsr_dist.infer.enhance_job import EncodeCommit, JobSpec, ReadDecode, enhance_params, list_inputs
+    from medsr_dist.infer.model_file import read_model_file
+    from medsr_dist.mri.nightly import plan_volume_job
+    from medsr_dist.storage import Storage
+
+    def stages(cfg):
+        e, storage = cfg.enhance, Storage(cfg.storage)
+        model = read_model_file(e.checkpoint, cfg.storage)
+        volumes = plan_volume_job(cfg, storage, model, list_inputs(storage, e), "fp32")
+        spec = JobSpec(storage=storage, input=e.input, output=e.output, model=model, params=enhance_params(e, model),
+                       run_id="t", threshold_db=e.consistency_threshold_db, max_input_pixels=e.max_input_pixels,
+                       max_output_pixels=e.max_output_pixels, volumes=volumes)
+        return model, volumes, lambda key: EncodeCommit(spec).one(ReadDecode(spec).one(str(key)))
+
+    job, volumes, row_of = stages(job_config(archive))
+    vol = volumes["model"]
+    assert vol.sha256 != job.sha256
+    row = row_of(archive / "in" / "mri" / "dwi_4d.nii.gz")  # a 4-D series: refused from its header
+    assert row["status"] == "error" and "expected a 3-D volume" in row["error"], row["error"]
+    assert (row["model_name"], row["model_sha256"]) == ("tiny-mri@1", vol.sha256)
+    assert json.loads(row["params"]) == volumes["params"] and json.loads(row["params"])["factor"] == 4
+    (archive / "in" / "xr" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    try:
+        image = row_of(archive / "in" / "xr" / "broken.png")
+    finally:
+        (archive / "in" / "xr" / "broken.png").unlink()
+    assert image["status"] == "error" and (image["model_name"], image["model_sha256"]) == (job.name, job.sha256)
+    # no volume model (enhance.checkpoint x4, no enhance.volumes.checkpoint): no model named for the volume
+    _, none, row_of = stages(job_config(archive, "enhance.volumes.checkpoint=null"))
+    row = row_of(archive / "in" / "mri" / "t1_thick.nii.gz")
+    assert none["model"] is None and row["status"] == "error" and "scale-1 through-plane model" in row["error"]
+    assert (row["model_name"], row["model_sha256"]) == ("", "")

@@ -502,6 +502,17 @@ def _identity(spec: JobSpec, key: str) -> tuple[str, dict]:
     return spec.model.sha256, spec.params
 
 
+def _row_model(spec: JobSpec, key: str) -> dict:
+    """``model_name``, ``model_sha256`` and ``params`` of an input's manifest row: the volume model's
+    (``enhance.volumes.checkpoint``, or enhance.checkpoint when it is the scale-1 one) and the volume parameters
+    for volume items, empty when no volume model is available (the row's error says why); the job model's else."""
+    if spec.volumes is not None and _is_volume_key(key):
+        vm = spec.volumes["model"]
+        return {"model_name": vm.name if vm is not None else "", "model_sha256": vm.sha256 if vm is not None else "",
+                "params": json.dumps(spec.volumes["params"], sort_keys=True)}
+    return {"model_name": spec.model.name, "model_sha256": spec.model.sha256, "params": spec.params_json}
+
+
 def _volume_job(cfg, storage, model, entries, precision) -> dict | None:
     from medsr_dist.mri.nightly import plan_volume_job
 
@@ -921,7 +932,7 @@ class EncodeCommit:
         row = _manifest_row({
             "input_key": str(item["key"]), "input_sha256": str(item["input_sha256"]), "output_key": str(item["output_key"]),
             "item_id": str(item["item_id"]), "status": status, "error": str(item["error"]),
-            "model_name": spec.model.name, "model_sha256": spec.model.sha256, "params": spec.params_json,
+            **_row_model(spec, str(item["key"])),
             "input_format": str(item["input_format"]), "input_bytes": int(item["input_bytes"]),
             "frames": int(item.get("frames", 0)), "seconds": float(item["seconds"]), "run_id": spec.run_id, **listed,
         })
@@ -1228,7 +1239,7 @@ def plan_run(storage: Storage, spec: JobSpec, entries: list[FileEntry]) -> _Plan
         except ValueError as exc:
             plan.rows.append(_manifest_row({
                 "input_key": key, "status": "error", "error": sanitize_reason(str(exc), key=key), "run_id": spec.run_id,
-                "model_name": spec.model.name, "model_sha256": spec.model.sha256, "params": spec.params_json,
+                **_row_model(spec, key),
                 "input_bytes": entry.size, "input_version": entry.version, "finished_at": _now()}))
             continue
         hit = next((r for r in done.get(key, []) if unchanged(r) and r["output_key"] in outputs
@@ -1369,9 +1380,8 @@ def _run_leased(cfg, storage, model, entries, run_id, lease, progress, t_start) 
                        f"tries it alone again)")
         finished(_manifest_row({
             "input_key": item["key"], "status": "quarantined" if quarantined else "error", "error": reason,
-            "model_name": model.name, "model_sha256": model.sha256, "params": spec.params_json, "run_id": run_id,
-            "input_bytes": int(item["size"]), "input_version": str(item["version"]), "attempts": attempts,
-            "finished_at": _now()}))
+            **_row_model(spec, item["key"]), "run_id": run_id, "input_bytes": int(item["size"]),
+            "input_version": str(item["version"]), "attempts": attempts, "finished_at": _now()}))
     rows.sort(key=lambda r: r["input_key"])
 
     run_manifest = run_manifest_uri(spec.records, run_id)
