@@ -23,6 +23,7 @@ LogKeysOpt = typer.Option(False, "--log-keys", help="Name input keys in logs and
 def enhance(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
             fail_on_error: bool = FailOnErrorOpt, log_keys: bool = LogKeysOpt) -> None:
     """Enhance every image under enhance.input with a trained model (Ray Data batch inference)."""
+    from medsr_dist.infer.enhance_job import ReplicasNotStartedError
     from medsr_dist.pacs.dicomweb import PacsError
     from medsr_dist.pipeline import run_enhance
     from medsr_dist.storage import LeaseHeldError
@@ -34,6 +35,9 @@ def enhance(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] =
         console.print(f"[bold red]enhance:[/] {exc}", highlight=False)
         raise typer.Exit(3) from None
     except PacsError as exc:  # the PACS cannot be queried (down, credentials refused...): the run cannot start
+        console.print(f"[bold red]enhance:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    except ReplicasNotStartedError as exc:  # the cluster cannot hold enhance.min_replicas: nothing was read
         console.print(f"[bold red]enhance:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
     if result.n_errors and (fail_on_error or cfg.enhance.fail_on_error):

@@ -139,3 +139,18 @@ def test_config_survives_the_trip_to_ray_workers(name):
 
     cfg = load_config(REPO / "configs" / name)
     assert MedsrConfig.model_validate(cfg.model_dump(mode="json")).model_dump() == cfg.model_dump()
+
+
+def test_medsr_enhance_exits_2_with_the_reason_when_min_replicas_never_start(monkeypatch, tmp_path, tiny_model_dir):
+    import medsr_dist.pipeline
+    from medsr_dist.infer.enhance_job import ReplicasNotStartedError
+
+    def starved(cfg, console):
+        raise ReplicasNotStartedError("enhance.min_replicas 2 model replica(s) (1 CPU each) did not all start")
+
+    monkeypatch.setattr(medsr_dist.pipeline, "run_enhance", starved)
+    (tmp_path / "in").mkdir()
+    result = CliRunner().invoke(app, ["enhance", f"enhance.input={tmp_path / 'in'}",
+                                      f"enhance.checkpoint={tiny_model_dir}/model.pth"])
+    assert result.exit_code == 2, result.output
+    assert "enhance.min_replicas 2 model replica(s)" in result.output and "Traceback" not in result.output
