@@ -626,3 +626,58 @@ def test_served_ldm_answers_record_their_sampling_and_k_above_1_is_refused(ldm_e
     assert out.pixels.shape == (64, 64, 3)
     (_, direct), = replica.enhance_each([lr[:, :, ::-1].astype(np.float32) / 255])  # the engine alone, RGB
     assert np.array_equal(out.pixels, np.rint(np.clip(direct, 0, 1) * 255) / 255)
+
+
+def test_a_pacs_output_gets_each_uncertainty_map_as_its_own_series_and_never_lists_it_as_input(
+        ldm_export, orthanc, tmp_path, monkeypatch):
+    """K = 3 samples into a real PACS (Orthanc over DICOMweb), the stages in this process: the enhanced object and
+    its std map land as two derived series of the source's study at their own UIDs (a PACS stores by UID, not beside
+    a file name), read back over WADO-RS; the PACS as the next night's input lists neither; again: nothing sent."""
+    import io
+
+    import pydicom
+
+    from medsr_dist.infer.enhance_job import EncodeCommit, EnhanceReplica, JobSpec, ReadDecode, _rows, enhance_params
+    from medsr_dist.infer.enhance_job import list_inputs
+    from medsr_dist.infer.model_file import read_model_file
+    from medsr_dist.io.dicom import build_radiograph_dataset, dataset_to_bytes
+    from medsr_dist.pacs.storage import PacsStorage
+
+    for name, value in orthanc.env.items():  # credentials as medsr-dist reads them
+        monkeypatch.setenv(name, value)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    ds = build_radiograph_dataset(_images(1, 16, 5)[0, 0].numpy(), bits_stored=12, patient_id="PID-TEST-2",
+                                  series_description="CHEST PA")
+    (archive / "b.dcm").write_bytes(dataset_to_bytes(ds))
+    cfg = load_config(None, [f"enhance.input={archive}", f"enhance.output={orthanc.uri}",
+                             f"enhance.manifest={tmp_path / 'manifest'}", f"enhance.checkpoint={ldm_export}",
+                             "enhance.tile=8", "enhance.tile_overlap=2", "enhance.tile_blend=1", "enhance.batch_size=4"])
+    e = cfg.enhance
+    model = read_model_file(str(ldm_export))
+    storage = PacsStorage(cfg.storage, cfg.pacs)  # what run_enhance_job uses for a DICOMweb input or output
+    spec = JobSpec(storage=storage, input=str(archive), output=e.output, model=model, params=enhance_params(e, model),
+                   run_id="pacs", threshold_db=-1e9, uncertainty_threshold=e.uncertainty_threshold, manifest=e.manifest)
+
+    def night():
+        decoded = ReadDecode(spec)({"key": np.array([str(archive / "b.dcm")])})
+        return [EncodeCommit(spec).one(r) for b in EnhanceReplica(model, cfg.storage, e)(decoded) for r in _rows(b)]
+
+    (row,) = night()
+    assert row["status"] == "done", row["error"]
+    assert row["uncertainty_key"].startswith(orthanc.uri) and "/instances/" in row["uncertainty_key"]
+    stored = orthanc.series_instances()
+    assert len(stored) == 2 and all(len(sops) == 1 for sops in stored.values())  # enhanced + std, nothing else
+    out = pydicom.dcmread(io.BytesIO(storage.read_bytes(row["output_key"])))
+    std = pydicom.dcmread(io.BytesIO(storage.read_bytes(row["uncertainty_key"])))
+    assert {out.SeriesInstanceUID, std.SeriesInstanceUID} == set(stored)
+    assert out.StudyInstanceUID == std.StudyInstanceUID == ds.StudyInstanceUID
+    assert list(std.ImageType) == ["DERIVED", "SECONDARY", "UNCERTAINTY"] and std.SeriesDescription.endswith("[SR std]")
+    assert (std.Rows, std.Columns) == (out.Rows, out.Columns) == (64, 64)
+    # the PACS as input: medsr-dist's own series (enhanced and std) are not inputs of the next night
+    pacs_in = load_config(None, [f"enhance.input={orthanc.uri}", f"enhance.output={tmp_path / 'elsewhere'}"]).enhance
+    assert list_inputs(storage, pacs_in) == []
+    # the same night again: the output is recorded and listed, so nothing is computed or sent
+    (again,) = night()
+    assert again["status"] == "skipped", again
+    assert orthanc.series_instances() == stored

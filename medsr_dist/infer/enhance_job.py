@@ -1006,9 +1006,9 @@ class EncodeCommit:
             f"stored 65535 = a std of {STD_FULL_SCALE:g} of the intensity range; a hallucination-risk indicator, "
             f"not an error bar")}
         if meta.format == "dicom":
-            key = stem + ".std.dcm"
             data = uncertainty_dicom(std, bytes(item["header"]), text, scale=scale, samples=samples,
                                      compression=self.spec.dicom_compression)
+            key = _std_instance_uri(self.spec.output, data) if is_dicomweb(self.spec.output) else stem + ".std.dcm"
         else:
             key = stem + ".std.png"
             png = ImageMeta(format="png", dtype="uint16", bits_stored=16, channels=1, photometric="MONOCHROME2")
@@ -1017,6 +1017,18 @@ class EncodeCommit:
             raise ValueError(f"uncertainty key {key} is not under the output prefix {self.spec.output}")
         self.spec.storage.write_bytes(key, data)
         return {"uncertainty_p99": float(item["uncertainty_p99"]), "uncertainty_key": key}
+
+
+def _std_instance_uri(output: str, data: bytes) -> str:
+    """Where an uncertainty map (a derived object of its own series, deterministic UIDs) lands at the DICOMweb
+    ``output``: its own study/series/instance URI — a PACS stores objects by UID, not beside a file name."""
+    import pydicom
+
+    from medsr_dist.pacs.dicomweb import Endpoint, InstanceRef
+
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    endpoint, _ = Endpoint.parse(output)
+    return InstanceRef(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)).uri(endpoint)
 
 
 _DEFAULTS = {"string": "", "int32": 0, "int64": 0, "double": math.nan, "bool": False}

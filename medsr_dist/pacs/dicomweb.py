@@ -506,11 +506,13 @@ class PacsSession(requests.Session):
         return settings
 
 
-_DERIVED_DESCRIPTION = re.compile(r"\[SR x[0-9.]+\]$")
+_DERIVED_DESCRIPTION = re.compile(r"\[SR (x[0-9.]+|std)\]$")
 
 
 def is_derived_series(series_description: str) -> bool:
-    """Whether a SeriesDescription is one :func:`medsr_dist.io.dicom.encode_dicom` wrote (``... [SR x<scale>]``)."""
+    """Whether a SeriesDescription is one medsr-dist wrote: an enhanced series (:func:`medsr_dist.io.dicom.encode_dicom`,
+    ``... [SR x<scale>]``) or an uncertainty map's (:func:`medsr_dist.infer.diffusion_backend.uncertainty_dicom`,
+    ``... [SR std]``): a PACS that is both input and output must not feed them back in."""
     return bool(_DERIVED_DESCRIPTION.search(series_description.strip()))
 
 
