@@ -1,4 +1,5 @@
-"""The Serve endpoint (medsr_dist/serve/) on a local Ray, over real HTTP (httpx): one app shared by the module.
+"""The Serve endpoint (medsr_dist/serve/) on a local Ray, over real HTTP (httpx): one app shared by the module,
+serving two models by name (a tiny RRDBNet x4, the default, and a trained tiny latent-diffusion x4).
 
 What a client relies on: the answer is the engine's own output in the input's form, concurrent clients all get
 their own image back, overload is answered with 503 + Retry-After and passes, every kind of bad input gets its
@@ -29,6 +30,7 @@ from medsr_dist.infer.model_file import read_model_file  # noqa: E402
 from medsr_dist.infer.replica import EngineSettings, ModelReplica  # noqa: E402
 from medsr_dist.io.image import decode_image, encode_image  # noqa: E402
 from medsr_dist.storage import Storage  # noqa: E402
+from test_ldm import ldm_export, vae_export  # noqa: E402,F401  (module fixtures: a trained tiny LDM x4)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -42,15 +44,17 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app(tiny_model_dir):
-    """The app: model 'tiny' (x4, 2 replicas) behind the ingress; yields (url, cfg)."""
+def app(tiny_model_dir, ldm_export):
+    """The app: models 'tiny' (RRDBNet x4, 2 replicas, the default) and 'ldm' (latent diffusion x4, DDIM 2 steps,
+    1 sample) behind the ingress; yields (url, cfg)."""
     from ray import serve
 
     from medsr_dist.serve.app import start
 
     port = free_port()
     cfg = load_config(None, [
-        f"serve.models=[{{name: tiny, checkpoint: {tiny_model_dir}/model.pth}}]", f"serve.port={port}",
+        f"serve.models=[{{name: tiny, checkpoint: {tiny_model_dir}/model.pth}}, {{name: ldm, checkpoint: {ldm_export}, "
+        f"sampling: {{samples: 1, steps: 2}}}}]", f"serve.port={port}",
         *(f"serve.{k}={v}" for k, v in TILE.items()), "serve.max_batch_size=4", "serve.batch_wait_timeout_s=0.02",
         "serve.max_ongoing_requests=4", "serve.max_queued_requests=2", "serve.min_replicas=2", "serve.max_replicas=2",
         "serve.cpus_per_replica=0.5", "serve.max_body_bytes=3000000", "serve.max_input_pixels=1000000",
@@ -212,7 +216,8 @@ def test_sixteen_concurrent_clients_each_get_their_own_image(app, direct):
 def test_models_health_and_docs(app):
     url, _ = app
     models = httpx.get(f"{url}/v1/models", timeout=30).json()["models"]
-    assert [m["name"] for m in models] == ["tiny"] and models[0]["scale"] == 4 and models[0]["healthy"]
+    assert [m["name"] for m in models] == ["tiny", "ldm"] and models[0]["scale"] == 4 and models[0]["healthy"]
+    assert models[0]["default"] and models[1]["family"] == "ldm" and models[1]["sampling"]["steps"] == 2
     assert models[0]["model_sha256"] and models[0]["max_batch_size"] == 4 and models[0]["precision"] == "fp32"
     assert httpx.get(f"{url}/healthz", timeout=30).text == "ok"
     assert "/v1/enhance" in httpx.get(f"{url}/openapi.json", timeout=30).json()["paths"]
@@ -316,7 +321,8 @@ def test_the_nightly_job_on_the_apps_replicas_writes_what_its_own_write_exactly_
     other = tmp_path / "other-model"
     other.mkdir()
     write_tiny_model(lambda name, data: (other / name).write_bytes(data), seed=1)
-    with pytest.raises(ValueError, match=r"serves tiny-test@1 \(sha256 \w{12}\), not enhance.checkpoint tiny-test@1 "
+    with pytest.raises(ValueError, match=r"serves medsr \(sha256 \w{12}\), tiny-test@1 \(sha256 \w{12}\), "
+                                         r"not enhance.checkpoint tiny-test@1 "
                                          r"\(sha256 \w{12}\); outputs are keyed by the model's sha256"):
         job("x", via_serve, checkpoint=f"{other}/model.pth")
     with pytest.raises(ValueError, match=r"enhance.tile: the job 32, the app 16"):
@@ -384,3 +390,28 @@ def test_past_request_timeout_the_answer_is_408(app):
     timed_out = [seconds for code, seconds in answers if code == 408]
     assert timed_out, answers
     assert max(timed_out) < cfg.serve.request_timeout_s + 15, answers  # answered at the timeout, not at the end
+
+
+def test_an_ldm_is_served_by_name_beside_the_gan_with_its_sampling_in_every_answer(app, ldm_export):
+    """Several models in one app: ?model=ldm reaches the diffusion model's own deployment (its tiles batched across
+    requests like any model's), the answer is what the request function gives on a plain replica, and it carries
+    the sampler settings that drew it; the default model is still the GAN."""
+    import json
+
+    from medsr_dist.serve.app import served_model_file
+    from medsr_dist.serve.model import enhance_file
+
+    url, cfg = app
+    model = served_model_file(cfg, 1, cfg.serve.models[1])
+    replica = ModelReplica.load(model, Storage(), EngineSettings(**TILE, batch_size=4))
+    images = [rgb_png(20 + i, 20, 16) for i in range(3)]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda d: post(url, d, model="ldm"), images))
+    for data, r in zip(images, answers):
+        assert r.status_code == 200, r.text
+        assert r.headers["x-medsr-model-sha256"] == model.sha256
+        assert json.loads(r.headers["x-medsr-sampling"]) == model.sampling == {**model.sampling, "samples": 1,
+                                                                                "steps": 2}
+        want = enhance_file(replica, data, None, limits={"max_input_pixels": 1 << 20, "max_output_pixels": 1 << 24})
+        assert np.array_equal(decode_image(r.content, "answer").pixels, decode_image(want["body"], "want").pixels)
+    assert post(url, images[0]).headers["x-medsr-model"] != model.name  # no ?model=: the default (tiny)
