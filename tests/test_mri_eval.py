@@ -114,3 +114,14 @@ def test_a_two_d_model_or_a_prepared_split_is_refused_before_ray(tmp_path, tiny_
                                            f'eval.models=[{{"name": "x4", "source": "{tiny_model_dir}/model.pth"}}]']))
     with pytest.raises(EvalInputError, match="no prepared split 'test'"):
         plan_evaluation(load_config(None, base))
+    from conftest import write_tiny_model
+
+    for kind in ("RRDBNet", "MSRResNet"):  # scale 1 both; only one of them can refine through-plane slices
+        (tmp_path / kind).mkdir()
+        write_tiny_model(lambda n, d, k=kind: (tmp_path / k / n).write_bytes(d), scale=1, generator=kind)
+    x1 = [*base, "eval.split=null", "eval.models=[{{\"name\": \"x1\", \"source\": \"{}/model.pth\"}}]"]
+    with pytest.raises(EvalInputError, match=r"eval.models\[x1\]: RRDBNet x1 cannot be the scale-1 through-plane "
+                                             r"refiner.*use model.generator.type=MSRResNet"):
+        plan_evaluation(load_config(None, [*x1[:-1], x1[-1].format(tmp_path / "RRDBNet")]))
+    plan = plan_evaluation(load_config(None, [*x1[:-1], x1[-1].format(tmp_path / "MSRResNet")]))
+    assert [m.name for m in plan.models][-1] == "x1"

@@ -292,8 +292,10 @@ def check_volume_plan(plan) -> None:
 
     Raises:
         EvalInputError: a prepared split (volumes are files), a file that is not NIfTI, a model name that clashes
-            with an interpolation, or a network model that is not scale 1 (through-plane refinement).
+            with an interpolation, or a network model that is not scale 1 (through-plane refinement) or cannot be a
+            through-plane refiner (RRDBNet x1: :func:`~medsr_dist.config.through_plane_refiner_problem`).
     """
+    from medsr_dist.config import through_plane_refiner_problem
     from medsr_dist.eval.evaluate import EvalInputError
 
     if plan.split:
@@ -309,6 +311,9 @@ def check_volume_plan(plan) -> None:
             raise EvalInputError(f"eval.models[{m.name}]: a x{m.model_file.scale} model; {plan.protocol.name} "
                                  "reconstructs through-plane slices with a scale-1 refinement model "
                                  "(`medsr mri prepare` pairs, model.scale=1)")
+        problem = m.model_file and through_plane_refiner_problem(m.model_file.generator.get("type", "RRDBNet"), 1)
+        if problem:
+            raise EvalInputError(f"eval.models[{m.name}]: {problem}")
 
 
 def run_volume_evaluation(cfg: MedsrConfig, storage: Storage, plan):
