@@ -694,6 +694,10 @@ class TrainConfig(Section):
     )
     num_checkpoints_kept: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0, description="Worker-group restarts (Ray Train FailureConfig)")
+    reproducible_order: bool = Field(
+        True, description="Every worker gets the same samples in the same order on every run with the same run.seed "
+        "and data (Ray Data preserve_order: the same weights bit for bit on CPU); false lets a slow degradation block "
+        "be overtaken (throughput first, runs differ)")
     mixed_precision: bool = Field(False, description="autocast fp16 on GPU (ignored on CPU)")
     vgg: VGGConfig = Field(default_factory=VGGConfig)
     strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="Distributed strategy: PyTorch DDP or DeepSpeed ZeRO")

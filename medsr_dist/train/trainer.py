@@ -88,7 +88,10 @@ def build_train_stream(cfg: MedsrConfig, storage: Storage, start_iteration: int 
     paired = "lq_image" in pq.ParquetDataset(path, filesystem=pafs).schema.names
     columns = ["key", "image", "lq_image"] if paired else ["key", "image"]
     # materialised once (the encoded images sit in the object store); every epoch re-reads it from there
-    base = ray.data.read_parquet(path, filesystem=pafs, columns=columns).materialize()
+    base = ray.data.read_parquet(path, filesystem=pafs, columns=columns)
+    # in file order (not the order the read tasks finish in): the epochs' seeded block shuffles start from it
+    base.context.execution_options.preserve_order = cfg.train.reproducible_order
+    base = base.materialize()
     n_images = base.count()
     if n_images == 0:
         raise ValueError(f"train.dataset: {cfg.train.dataset}/train holds no images")
@@ -244,7 +247,20 @@ def make_trainer(cfg: MedsrConfig, storage: Storage, datasets: dict, val_pairs: 
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.num_checkpoints_kept),
         ),
         datasets=datasets,
+        dataset_config=ingest_config(cfg),
     )
+
+
+def ingest_config(cfg: MedsrConfig):
+    """How Ray Train splits the stream across workers: its default ingest options, with Ray Data's
+    ``preserve_order`` from ``train.reproducible_order``. Samples and their degradations are already seeded per
+    (run seed, key, epoch); what else varies between runs is which worker gets which block, in which order (the
+    split hands blocks out as they finish). In order, the split is a function of the data alone."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = cfg.train.reproducible_order
+    return ray.train.DataConfig(execution_options=options)
 
 
 def worker_config(cfg: MedsrConfig) -> MedsrConfig:
