@@ -3,6 +3,7 @@
     python jobs/bench_train.py                                 # demo model, gt 64, batch 2 (a few minutes)
     python jobs/bench_train.py --model x4plus --gt-size 256 --batch-size 4 --steps 5 --parts a --workers 1
     python jobs/bench_train.py --strategy deepspeed                 # (c) DeepSpeed ZeRO-2 vs DDP, 2 workers
+    python jobs/bench_train.py --parts b --orders reproducible,free --b-workers 2   # (b) cost of train.reproducible_order
 
 (a) Framework overhead. ``medsr_dist.train.trainer.make_trainer`` runs the one training loop
     (``train_loop_per_worker``) on a Ray Data dataset of fixed, already degraded ``lq``/``gt``/``gt_usm`` pairs
@@ -14,7 +15,9 @@
       2 workers x 1 CPU each (DDP/gloo),   batch B each vs  bare loop, torch.set_num_threads(2), batch 2B
 (b) Data supply. The same loop fed live by ``build_train_stream`` (prepared toy dataset -> epochs ->
     SecondOrderDegradation actor pool) with 1 and 2 degradation actors per trainer, and the sizing rule
-    ``degradation CPUs per trainer = trainer samples/s / actor patches/s``.
+    ``degradation CPUs per trainer = trainer samples/s / actor patches/s``. ``--orders reproducible,free`` runs each
+    case with ``train.reproducible_order`` true and false, alternating (what in-order delivery costs the trainers;
+    ``--b-workers 2``: two DDP trainers sharing one stream, where the split across workers is ordered too).
 
 (c) ``--strategy deepspeed``: the same loop, dataset and workers (the largest of ``--workers``) under
     ``train.strategy=ddp`` and ``train.strategy=deepspeed`` (ZeRO ``--zero-stage``), alternating, starting and
@@ -326,6 +329,9 @@ def main(argv=None) -> None:
     p.add_argument("--workers", default="1,2", help="(a) Ray Train worker counts")
     p.add_argument("--actors", default="1,2", help="(b) degradation actors per trainer")
     p.add_argument("--parts", default="a,b")
+    p.add_argument("--orders", default="reproducible", help="(b) train.reproducible_order: reproducible (true), "
+                   "free (false), or both comma-separated (alternating, same data)")
+    p.add_argument("--b-workers", type=int, default=1, help="(b) Ray Train workers sharing the live stream")
     p.add_argument("--shuffle-buffer", type=int, default=16, help="degradation.shuffle_buffer (demo 16)")
     p.add_argument("--image-size", type=int, default=256, help="side of the synthetic radiographs")
     p.add_argument("--images", type=int, default=16, help="(b) training images in the toy dataset")
@@ -355,6 +361,9 @@ def main(argv=None) -> None:
     workers = [int(w) for w in args.workers.split(",") if w] if "a" in parts else []
     strategy_workers = max(int(w) for w in args.workers.split(",") if w) if "c" in parts else 0
     actor_counts = [int(a) for a in args.actors.split(",") if a] if "b" in parts else []
+    orders = [o for o in args.orders.split(",") if o]
+    if not orders or set(orders) - {"reproducible", "free"}:
+        p.error(f"--orders: reproducible and/or free, got {args.orders!r}")
     if args.health_check_interval is not None:
         os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(args.health_check_interval)  # propagated by Ray Train
     hc = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0 (Ray default)")
@@ -369,7 +378,7 @@ def main(argv=None) -> None:
     print(f"# host: {os.cpu_count()} logical CPUs, load average at start {os.getloadavg()[0]:.1f}; torch "
           f"{torch.__version__}, ray {ray.__version__}; RAY_TRAIN_HEALTH_CHECK_INTERVAL_S={hc}")
     # trainers and actors take 1 logical CPU each; one more for Ray Data's light tasks (epoch tagging)
-    num_cpus = max(max(workers, default=1), strategy_workers, 1 + max(actor_counts, default=0)) + 1
+    num_cpus = max(max(workers, default=1), strategy_workers, args.b_workers + max(actor_counts, default=0)) + 1
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              object_store_memory=1 << 30)
     ctx = DataContext.get_current()
@@ -442,20 +451,25 @@ def main(argv=None) -> None:
             from medsr_dist.storage import Storage
             from medsr_dist.train.trainer import build_train_stream
 
+            bw = args.b_workers
             for a in actor_counts:
-                cfg = make_cfg(str(data_root), args, 1, iterations, actors=a)
-                r = run_ray_training(cfg, {"train": build_train_stream(cfg, Storage(cfg.storage))}, k, n)
-                out["b"][a] = r
-                print(f"\n(b) 1 trainer x {unit} + {a} degradation actor(s) x 1 CPU, live build_train_stream "
-                      f"({args.images} images {args.image_size}px; {1 + a} busy processes on {os.cpu_count()} cores)")
-                print(f"    per step {r['iter_s'] * 1e3:8.1f} ms = compute {r['compute_s'] * 1e3:.1f} ms + "
-                      f"ray.train.report {r['report_s'] * 1e3:.1f} ms + data wait {r['data_wait_s'] * 1e3:.1f} ms")
-                print(f"    data wait / step time, steady state, ray.train.report excluded: "
-                      f"{r['data_wait_s'] / r['iter_s']:6.1%}")
-                print(f"    data_wait_fraction metric as the loop reports it at step {n}:      "
-                      f"{r['reported_data_wait_fraction']:6.1%}")
-                first = f", first batch {r['first_batch_s']:.1f} s" if r["first_batch_s"] is not None else ""
-                print(f"    start-up: fit() -> loop running {r['startup_to_loop_s']:.1f} s{first}")
+                for order in orders:
+                    flag = f"train.reproducible_order={str(order == 'reproducible').lower()}"
+                    cfg = make_cfg(str(data_root), args, bw, iterations, actors=a, extra=(flag,))
+                    cfg.run.name = f"bench-b{bw}-a{a}-{order}"  # its own run folder: no resume from the other order
+                    r = run_ray_training(cfg, {"train": build_train_stream(cfg, Storage(cfg.storage))}, k, n)
+                    out["b"][(a, order)] = r
+                    print(f"\n(b) {bw} trainer(s) x {unit} + {a} degradation actor(s) x 1 CPU, live build_train_stream "
+                          f"({args.images} images {args.image_size}px; {bw + a} busy processes on {os.cpu_count()} "
+                          f"cores), {flag}")
+                    print(f"    per step {r['iter_s'] * 1e3:8.1f} ms = compute {r['compute_s'] * 1e3:.1f} ms + "
+                          f"ray.train.report {r['report_s'] * 1e3:.1f} ms + data wait {r['data_wait_s'] * 1e3:.1f} ms")
+                    print(f"    data wait / step time, steady state, ray.train.report excluded: "
+                          f"{r['data_wait_s'] / r['iter_s']:6.1%}")
+                    print(f"    data_wait_fraction metric as the loop reports it at step {n}:      "
+                          f"{r['reported_data_wait_fraction']:6.1%}")
+                    first = f", first batch {r['first_batch_s']:.1f} s" if r["first_batch_s"] is not None else ""
+                    print(f"    start-up: fit() -> loop running {r['startup_to_loop_s']:.1f} s{first}")
             # one actor's steady-state patches/s through Ray Data, measured as jobs/bench_degradation.py does
             import bench_degradation  # jobs/ is on sys.path when this script runs
             from bench_degradation import make_rows, time_ours_ray
@@ -509,7 +523,8 @@ def main(argv=None) -> None:
                   f"partition {m['zero_master_bytes']} B")
     if "actor_rate" in out["b"]:
         rate = out["b"]["actor_rate"]
-        ref, src = (out["a"][1]["ray"], "(a), 1 worker") if 1 in out["a"] else (out["b"][actor_counts[-1]], "(b)")
+        ref, src = ((out["a"][1]["ray"], "(a), 1 worker") if 1 in out["a"]
+                    else (out["b"][(actor_counts[-1], orders[0])], "(b)"))
         busy = ref["iter_s"] - ref["data_wait_s"]
         demand = args.batch_size / busy
         need = demand / rate
@@ -521,10 +536,16 @@ def main(argv=None) -> None:
         print(f"    sizing rule: degradation CPUs per trainer = {demand:.1f} / {rate:.1f} = {need:.2f} -> "
               f"{max(1, math.ceil(need * 1.1))} (rounded up with 10% headroom)")
         for a in actor_counts:
-            r = out["b"][a]
-            frac = r["data_wait_s"] / r["iter_s"]
-            print(f"    measured: {a} actor(s) per trainer -> data wait {frac:.1%} of step time "
-                  f"({'under' if frac < 0.05 else 'OVER'} 5%)")
+            for order in orders:
+                r = out["b"][(a, order)]
+                frac = r["data_wait_s"] / r["iter_s"]
+                print(f"    measured: {a} actor(s) for {args.b_workers} trainer(s), {order} order -> data wait {frac:.1%} "
+                      f"of step time ({'under' if frac < 0.05 else 'OVER'} 5%)")
+            if len(orders) == 2:
+                rep, free = out["b"][(a, "reproducible")], out["b"][(a, "free")]
+                print(f"(b) train.reproducible_order cost, {a} actor(s): step time reproducible / free = "
+                      f"{rep['iter_s'] * 1e3:.1f} / {free['iter_s'] * 1e3:.1f} ms = x{rep['iter_s'] / free['iter_s']:.3f}; "
+                      f"data wait {rep['data_wait_s'] * 1e3:.1f} vs {free['data_wait_s'] * 1e3:.1f} ms per step")
 
 if __name__ == "__main__":
     main()
