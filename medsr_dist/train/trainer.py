@@ -255,10 +255,16 @@ def ingest_config(cfg: MedsrConfig):
     """How Ray Train splits the stream across workers: its default ingest options, with Ray Data's
     ``preserve_order`` from ``train.reproducible_order``. Samples and their degradations are already seeded per
     (run seed, key, epoch); what else varies between runs is which worker gets which block, in which order (the
-    split hands blocks out as they finish). In order, the split is a function of the data alone."""
-    import ray.train
+    split hands blocks out as they finish). In order, the split is a function of the data alone.
 
-    options = ray.train.DataConfig.default_ingest_options()
+    The options are the driver's ``DataContext`` execution options, as Ray Train's default takes them (a copy:
+    ``DataConfig.default_ingest_options()`` itself passes the deprecated ``exclude_resources`` and warns)."""
+    import copy
+
+    import ray.train
+    from ray.data import DataContext
+
+    options = copy.deepcopy(DataContext.get_current().execution_options)
     options.preserve_order = cfg.train.reproducible_order
     return ray.train.DataConfig(execution_options=options)
 
