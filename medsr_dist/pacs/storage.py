@@ -25,8 +25,9 @@ import threading
 from collections.abc import Iterable
 
 from medsr_dist.config import PacsConfig, StorageConfig
-from medsr_dist.pacs.dicomweb import DicomwebPacs, Endpoint, InstanceRef, derived_uids, is_dicomweb
+from medsr_dist.pacs.dicomweb import DicomwebPacs, derived_uids
 from medsr_dist.storage import FileEntry, Storage, StorageError, glob_match
+from medsr_dist.uris import Endpoint, InstanceRef, is_dicomweb
 
 VERSION_PREFIX = "dicomweb:"
 
