@@ -15,9 +15,11 @@ filesystem clients lazily in each process.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import fnmatch
 import functools
 import json
+import logging
 import os
 import posixpath
 import socket
@@ -26,14 +28,15 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
+
+import fsspec
+import pyarrow.fs
+from fsspec.implementations.local import LocalFileSystem
 
 from medsr_dist.config import StorageConfig
 from medsr_dist.uris import LOCAL, S3, PathLike, StorageError, is_remote, join, split_uri
 
-if TYPE_CHECKING:
-    import fsspec
-    import pyarrow.fs
 
 # Local atomic writes go to ``.<name>.<random><suffix>`` beside the target and are renamed into place;
 # list_files recognises and skips these in-flight files by this suffix.
@@ -181,8 +184,6 @@ class Storage:
 
     def _build(self, backend: str) -> fsspec.AbstractFileSystem:
         if backend == LOCAL:
-            from fsspec.implementations.local import LocalFileSystem
-
             return LocalFileSystem(auto_mkdir=True)
         import s3fs
 
@@ -213,8 +214,6 @@ class Storage:
         Local: ``pyarrow.fs.LocalFileSystem``; s3: this Storage's s3fs client wrapped in
         ``PyFileSystem(FSSpecHandler(...))`` so endpoint/profile settings apply. Both pickle.
         """
-        import pyarrow.fs
-
         backend, path = split_uri(uri)
         if backend == LOCAL:
             return pyarrow.fs.LocalFileSystem(), path
@@ -467,8 +466,6 @@ def _scan_local(root: str) -> dict[str, tuple[int, str]]:
 @contextlib.contextmanager
 def _local_lock(path: str) -> Iterator[None]:
     """An exclusive ``flock`` on ``<path>.lock`` (created beside ``path``) for a check-then-write."""
-    import fcntl
-
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd = os.open(path + ".lock", os.O_CREAT | os.O_RDWR, 0o666 & ~_UMASK)
     try:
@@ -581,8 +578,6 @@ class Lease:
                 except LeaseLostError:
                     return
                 except StorageError as exc:  # transient: the next tick tries again, well within the TTL
-                    import logging
-
                     logging.getLogger(__name__).warning("lease refresh failed (%s); retrying", exc)
 
         self._thread = threading.Thread(target=loop, name="medsr-lease", daemon=True)

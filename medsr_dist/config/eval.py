@@ -89,7 +89,8 @@ class EvalConfig(Section):
     figure_panel: int = Field(512, ge=16, description="Largest side of a figure panel; larger images are drawn downscaled (the magnified row keeps full resolution)")
     lpips: Lpips = Field(default_factory=Lpips)
     bootstrap: Bootstrap = Field(default_factory=Bootstrap)
-    backend: Literal["torch", "onnxruntime"] = "torch"
+    backend: str = Field("torch", description="Inference backend: a name registered with medsr_dist.infer.backends "
+                         "(torch, onnxruntime, ...), checked by medsr_dist.preflight before Ray starts")
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     tile: int = Field(0, ge=0, description="Tile size in input pixels; 0: whole image")
     tile_overlap: int = Field(64, ge=0, description="Context pixels beyond each tile; 64 keeps RealESRGAN_x4plus "

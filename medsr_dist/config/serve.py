@@ -26,7 +26,8 @@ class ServeConfig(Section):
     host: str = Field("127.0.0.1", description="HTTP proxy host (0.0.0.0 to listen on every interface)")
     port: int = Field(8000, ge=1, le=65535)
     models: list[Model] = Field(default_factory=list, description="Models served by name; empty: enhance.checkpoint as 'default'")
-    backend: Literal["torch", "onnxruntime"] = "torch"
+    backend: str = Field("torch", description="Inference backend: a name registered with medsr_dist.infer.backends "
+                         "(torch, onnxruntime, ...), checked by medsr_dist.preflight before Ray starts")
     precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="As enhance.precision; responses record what ran")
     tile: int = Field(128, ge=0, description="Tile size in input pixels (0: whole image); tiles are what requests share")
     tile_overlap: int = Field(64, ge=0)

@@ -32,15 +32,17 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import pydicom
 import requests
+from pydicom.uid import generate_uid
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from medsr_dist.config import PacsConfig
+from medsr_dist.io.dicom import PROVENANCE_MODEL, PROVENANCE_MODEL_SHA256, PROVENANCE_SCALE
 from medsr_dist.uris import Endpoint, InstanceRef, is_dicomweb  # Endpoint, is_dicomweb: re-exported for now
-
-if TYPE_CHECKING:
-    import pydicom
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +199,6 @@ class DicomwebPacs:
 
     def _build(self):
         from dicomweb_client import DICOMwebClient
-        from requests.adapters import HTTPAdapter
-        from urllib3.util.retry import Retry
 
         cfg = self.cfg
         creds = Credentials.resolve(cfg)
@@ -330,8 +330,6 @@ class DicomwebPacs:
     # -- WADO-RS ----------------------------------------------------------------------------------------
     def retrieve(self, ref: InstanceRef) -> bytes:
         """The instance as the PACS stores it (its transfer syntax, compressed or not), as Part 10 bytes."""
-        import pydicom
-
         ds = self._call("WADO-RS retrieve", lambda c: c.retrieve_instance(
             ref.study, ref.series, ref.sop, media_types=AS_STORED))
         if str(ds.get("SOPInstanceUID", "")) != ref.sop:
@@ -366,8 +364,6 @@ class DicomwebPacs:
             PacsUnavailable / PacsAuthError: see :class:`DicomwebPacs`.
             ValueError: ``data`` is not a DICOM object with Study/Series/SOP Instance UIDs.
         """
-        import pydicom
-
         try:
             ds = pydicom.dcmread(io.BytesIO(bytes(data)))
             uids = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
@@ -431,10 +427,6 @@ def derived_uids(source: pydicom.Dataset, provenance: dict[str, str]) -> tuple[s
     derived object of ``source`` (a header is enough) with ``provenance`` (``medsr:model_sha256``, ``medsr:scale``,
     ``medsr:params``): known before any pixel is enhanced, so a rerun can ask the PACS whether it has it.
     (The tests hold this against ``encode_dicom`` itself.)"""
-    from pydicom.uid import generate_uid
-
-    from medsr_dist.io.dicom import PROVENANCE_MODEL, PROVENANCE_MODEL_SHA256, PROVENANCE_SCALE
-
     if PROVENANCE_SCALE not in provenance:
         raise ValueError(f"provenance without {PROVENANCE_SCALE}: the derived SOP Instance UID depends on it")
     model = provenance.get(PROVENANCE_MODEL, "unknown model")
