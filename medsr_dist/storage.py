@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import fnmatch
 import functools
 import json
 import logging
@@ -35,7 +34,7 @@ import pyarrow.fs
 from fsspec.implementations.local import LocalFileSystem
 
 from medsr_dist.config import StorageConfig
-from medsr_dist.uris import LOCAL, S3, PathLike, StorageError, is_remote, join, split_uri
+from medsr_dist.uris import LOCAL, S3, PathLike, StorageError, glob_match, is_remote, join, split_uri
 
 
 # Local atomic writes go to ``.<name>.<random><suffix>`` beside the target and are renamed into place;
@@ -94,35 +93,6 @@ def _errors(uri: PathLike, action: str) -> Iterator[None]:
     except _backend_errors() as exc:
         uri = os.fspath(uri)
         raise StorageError(f"cannot {action} {uri}: {_describe(exc, uri)}") from exc
-
-
-def _expand_globstar(pattern: str) -> list[str]:
-    """Each ``**/`` may also match nothing: ``a/**/b`` -> [``a/**/b``, ``a/b``]."""
-    head, star, tail = pattern.partition("**/")
-    if not star:
-        return [pattern]
-    rests = _expand_globstar(tail)
-    return [head + "**/" + rest for rest in rests] + [head + rest for rest in rests]
-
-
-def glob_match(relative_path: str, pattern: str) -> bool:
-    """Whether a ``/``-separated path relative to a listing root matches a glob pattern.
-
-    fnmatch semantics, case-sensitive, where ``*`` also crosses ``/``, plus what users expect from
-    shell/gitignore globs: a pattern without ``/`` also matches the file's basename at any depth
-    (``*.dcm``, ``IM_????``), a ``**/`` may match no folder (``**/*.png`` matches ``a.png``), and a
-    pattern ending in ``/`` names everything under that folder (``sub/`` == ``sub/*``).
-    """
-    pattern = pattern.lstrip("/")
-    if pattern.endswith("/"):
-        pattern += "*"
-    basename = posixpath.basename(relative_path)
-    for candidate in _expand_globstar(pattern):
-        if fnmatch.fnmatchcase(relative_path, candidate):
-            return True
-        if "/" not in candidate and fnmatch.fnmatchcase(basename, candidate):
-            return True
-    return False
 
 
 def _is_partial(path: str) -> bool:

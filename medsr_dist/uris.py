@@ -7,6 +7,7 @@ URI (:mod:`medsr_dist.storage` reads and writes those) or a DICOMweb endpoint ``
 """
 from __future__ import annotations
 
+import fnmatch
 import os
 import posixpath
 from dataclasses import dataclass
@@ -80,6 +81,34 @@ def relative_key(uri: PathLike, prefix: PathLike) -> str:
     return "/".join(clean)
 
 
+def _expand_globstar(pattern: str) -> list[str]:
+    """Each ``**/`` may also match nothing: ``a/**/b`` -> [``a/**/b``, ``a/b``]."""
+    head, star, tail = pattern.partition("**/")
+    if not star:
+        return [pattern]
+    rests = _expand_globstar(tail)
+    return [head + "**/" + rest for rest in rests] + [head + rest for rest in rests]
+
+
+def glob_match(relative_path: str, pattern: str) -> bool:
+    """Whether a ``/``-separated path relative to a listing root matches a glob pattern.
+
+    fnmatch semantics, case-sensitive, where ``*`` also crosses ``/``, plus what users expect from
+    shell/gitignore globs: a pattern without ``/`` also matches the file's basename at any depth
+    (``*.dcm``, ``IM_????``), a ``**/`` may match no folder (``**/*.png`` matches ``a.png``), and a
+    pattern ending in ``/`` names everything under that folder (``sub/`` == ``sub/*``).
+    """
+    pattern = pattern.lstrip("/")
+    if pattern.endswith("/"):
+        pattern += "*"
+    basename = posixpath.basename(relative_path)
+    for candidate in _expand_globstar(pattern):
+        if fnmatch.fnmatchcase(relative_path, candidate):
+            return True
+        if "/" not in candidate and fnmatch.fnmatchcase(basename, candidate):
+            return True
+    return False
+
 
 def split_uri(uri: PathLike) -> tuple[str, str]:
     """(backend, path without scheme); local paths are made absolute, s3 paths are ``bucket/key``."""
@@ -114,7 +143,6 @@ def is_dicomweb(uri: Any) -> bool:
     """Whether ``uri`` names a DICOMweb endpoint (``dicomweb+http://`` / ``dicomweb+https://``)."""
     scheme, sep, _ = os.fspath(uri).partition("://") if isinstance(uri, (str, os.PathLike)) else ("", "", "")
     return bool(sep) and scheme.lower() in SCHEMES
-
 
 
 def is_below(uri: str, prefix: str) -> bool:

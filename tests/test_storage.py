@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from medsr_dist.config import StorageConfig
-from medsr_dist.storage import PARTIAL_SUFFIX, Storage, StorageError, glob_match
-from medsr_dist.uris import is_remote, local_path
+from medsr_dist.storage import PARTIAL_SUFFIX, Storage, StorageError
+from medsr_dist.uris import glob_match, is_remote, local_path
 
 
 @pytest.fixture(params=["local", "file", "s3"])

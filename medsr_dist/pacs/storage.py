@@ -28,8 +28,8 @@ import pydicom
 
 from medsr_dist.config import PacsConfig, StorageConfig
 from medsr_dist.pacs.dicomweb import DicomwebPacs, derived_uids
-from medsr_dist.storage import FileEntry, Storage, StorageError, glob_match
-from medsr_dist.uris import Endpoint, InstanceRef, is_dicomweb
+from medsr_dist.storage import FileEntry, Storage, StorageError
+from medsr_dist.uris import Endpoint, InstanceRef, glob_match, is_dicomweb
 
 VERSION_PREFIX = "dicomweb:"
 
