@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from medsr_dist.config import ConfigError, MedsrConfig, check_local_inputs, dump_config, load_config
+from medsr_dist.config import ConfigError, MedsrConfig, dump_config, load_config
 
 app = typer.Typer(
     help="medsr-dist: distributed training and batch inference of medical image super-resolution on Ray.",
@@ -27,11 +27,11 @@ FailOnErrorOpt = typer.Option(False, "--fail-on-error", help="Exit with status 1
 
 
 def _load(config: Optional[Path], overrides: Optional[list[str]], stage: str | None = None) -> MedsrConfig:
+    # lazy: preflight reads the backend registry and model files (torch); `medsr --help` stays free of them
+    from medsr_dist.preflight import preflight
+
     try:
-        cfg = load_config(config, overrides or [])
-        if stage:
-            check_local_inputs(cfg, stage)
-        return cfg
+        return preflight(load_config(config, overrides or []), stage)
     except ConfigError as exc:
         console.print(f"[bold red]config error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None

@@ -14,8 +14,7 @@ import typer
 from pydantic import ValidationError
 
 from medsr_dist.cli import ConfigOpt, FailOnErrorOpt, OverridesArg, _load, app, console
-from medsr_dist.config import ConfigError, check_through_plane_model
-from medsr_dist.mri.config import MriConfig
+from medsr_dist.config import ConfigError, MriConfig, check_through_plane_model
 
 mri_app = typer.Typer(help="3-D MRI: isotropic reconstruction of thick-slice volumes (slice pairs, training, "
                            "reconstruction)", no_args_is_help=True)

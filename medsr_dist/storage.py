@@ -1,8 +1,9 @@
 """One way to read and write files whether they live on local disk or in S3-compatible object storage.
 
 Every path in medsr-dist may be a local path (``data/scans``, ``/mnt/x``), a ``file://`` URI or an
-``s3://bucket/prefix`` URI. :class:`Storage` hides the difference behind a handful of whole-file operations
-(read, atomic write, list, delete) built on fsspec/s3fs, and hands out pyarrow filesystems for Ray Data.
+``s3://bucket/prefix`` URI (how they are spelled and compared: :mod:`medsr_dist.uris`). :class:`Storage` hides
+the difference behind a handful of whole-file operations (read, atomic write, list, delete) built on fsspec/s3fs,
+and hands out pyarrow filesystems for Ray Data.
 
 S3 credentials are never passed in code: s3fs/botocore find them in the standard places (``AWS_ACCESS_KEY_ID``
 and friends, ``~/.aws/credentials``, ``~/.aws/config``, instance roles). :class:`~medsr_dist.config.StorageConfig`
@@ -14,9 +15,10 @@ filesystem clients lazily in each process.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
+import fcntl
 import functools
 import json
+import logging
 import os
 import posixpath
 import socket
@@ -25,18 +27,15 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
+
+import fsspec
+import pyarrow.fs
+from fsspec.implementations.local import LocalFileSystem
 
 from medsr_dist.config import StorageConfig
+from medsr_dist.uris import LOCAL, S3, PathLike, StorageError, glob_match, is_remote, join, split_uri
 
-if TYPE_CHECKING:
-    import fsspec
-    import pyarrow.fs
-
-PathLike = str | os.PathLike
-
-_LOCAL = "local"
-_S3 = "s3"
 
 # Local atomic writes go to ``.<name>.<random><suffix>`` beside the target and are renamed into place;
 # list_files recognises and skips these in-flight files by this suffix.
@@ -48,65 +47,6 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-class StorageError(RuntimeError):
-    """A storage operation failed; the message names the URI and what went wrong."""
-
-
-def is_remote(uri: PathLike) -> bool:
-    """True when ``uri`` names object storage (it has a scheme other than ``file://``)."""
-    scheme, sep, _ = os.fspath(uri).partition("://")
-    return bool(sep) and scheme.lower() != "file"
-
-
-def local_path(uri: PathLike) -> str | None:
-    """The local filesystem path of a local path or ``file://`` URI (as given, not made absolute);
-    None for remote URIs."""
-    uri = os.fspath(uri)
-    if is_remote(uri):
-        return None
-    scheme, sep, rest = uri.partition("://")
-    return rest if sep else uri
-
-
-def normalize_uri(uri: PathLike) -> str:
-    """One spelling per location, for comparing prefixes: local paths and ``file://`` URIs become absolute,
-    normalised paths (``./``, ``//``, ``..``, a trailing ``/`` resolved lexically, symlinks not followed);
-    ``s3://bucket/key`` URIs lose empty and ``.`` segments and trailing slashes (``..`` is kept: on S3 it is part
-    of a key's name, see :func:`relative_key`)."""
-    backend, path = _split(uri)
-    if backend == _LOCAL:
-        return os.path.normpath(path)
-    return "s3://" + "/".join(p for p in path.split("/") if p not in ("", "."))
-
-
-def is_under(uri: PathLike, prefix: PathLike) -> bool:
-    """Whether ``uri`` is ``prefix`` or lies below it, however either is spelled (see :func:`normalize_uri`)."""
-    u, p = normalize_uri(uri), normalize_uri(prefix)
-    return u == p or u.startswith(p.rstrip("/") + "/")
-
-
-def relative_key(uri: PathLike, prefix: PathLike) -> str:
-    """The ``/``-separated path of ``uri`` below ``prefix``, normalised (empty and ``.`` segments dropped).
-
-    Raises:
-        ValueError: ``uri`` is not below ``prefix``, or its relative part is absolute (``prefix//x``) or has a
-            ``..`` segment (legal in an S3 key; written under an output prefix it would climb out of it).
-    """
-    text, base = os.fspath(uri), os.fspath(prefix).rstrip("/")
-    if not text.startswith(base + "/"):
-        raise ValueError(f"{text} is not below {base}")
-    rest = text[len(base) + 1:]
-    if rest.startswith("/"):
-        raise ValueError(f"{text}: its key below {base} is absolute ({rest!r})")
-    parts = rest.split("/")
-    if ".." in parts:
-        raise ValueError(f"{text}: its key below {base} has a '..' segment")
-    clean = [p for p in parts if p not in ("", ".")]
-    if not clean:
-        raise ValueError(f"{text}: no file name below {base}")
-    return "/".join(clean)
-
-
 @dataclass(frozen=True)
 class FileEntry:
     """One listed file: ``uri`` spelled like the listing prefix, ``size`` in bytes, and ``version``: what changes
@@ -116,23 +56,6 @@ class FileEntry:
     uri: str
     size: int
     version: str
-
-
-def _split(uri: PathLike) -> tuple[str, str]:
-    """(backend, path without scheme); local paths are made absolute, s3 paths are ``bucket/key``."""
-    text = os.fspath(uri)
-    scheme, sep, rest = text.partition("://")
-    if not sep:
-        return _LOCAL, os.path.abspath(text)
-    scheme = scheme.lower()
-    if scheme == "file":
-        return _LOCAL, os.path.abspath(rest)
-    if scheme == _S3:
-        path = rest.strip("/")
-        if not path:
-            raise StorageError(f"{text}: an s3 URI needs a bucket name (s3://bucket/key)")
-        return _S3, path
-    raise StorageError(f"{text}: unsupported scheme {scheme!r}; use a local path, file:// or s3://")
 
 
 @functools.cache
@@ -150,7 +73,7 @@ def _describe(exc: BaseException, uri: str) -> str:
     text = str(exc)
     if isinstance(exc, FileNotFoundError):
         if "bucket" in text.lower():
-            bucket = _split(uri)[1].split("/", 1)[0] if is_remote(uri) else "?"
+            bucket = split_uri(uri)[1].split("/", 1)[0] if is_remote(uri) else "?"
             return f"no such bucket {bucket!r}"
         return "no such file or object"
     if isinstance(exc, PermissionError):
@@ -170,35 +93,6 @@ def _errors(uri: PathLike, action: str) -> Iterator[None]:
     except _backend_errors() as exc:
         uri = os.fspath(uri)
         raise StorageError(f"cannot {action} {uri}: {_describe(exc, uri)}") from exc
-
-
-def _expand_globstar(pattern: str) -> list[str]:
-    """Each ``**/`` may also match nothing: ``a/**/b`` -> [``a/**/b``, ``a/b``]."""
-    head, star, tail = pattern.partition("**/")
-    if not star:
-        return [pattern]
-    rests = _expand_globstar(tail)
-    return [head + "**/" + rest for rest in rests] + [head + rest for rest in rests]
-
-
-def glob_match(relative_path: str, pattern: str) -> bool:
-    """Whether a ``/``-separated path relative to a listing root matches a glob pattern.
-
-    fnmatch semantics, case-sensitive, where ``*`` also crosses ``/``, plus what users expect from
-    shell/gitignore globs: a pattern without ``/`` also matches the file's basename at any depth
-    (``*.dcm``, ``IM_????``), a ``**/`` may match no folder (``**/*.png`` matches ``a.png``), and a
-    pattern ending in ``/`` names everything under that folder (``sub/`` == ``sub/*``).
-    """
-    pattern = pattern.lstrip("/")
-    if pattern.endswith("/"):
-        pattern += "*"
-    basename = posixpath.basename(relative_path)
-    for candidate in _expand_globstar(pattern):
-        if fnmatch.fnmatchcase(relative_path, candidate):
-            return True
-        if "/" not in candidate and fnmatch.fnmatchcase(basename, candidate):
-            return True
-    return False
 
 
 def _is_partial(path: str) -> bool:
@@ -259,9 +153,7 @@ class Storage:
             return self._filesystems[backend]
 
     def _build(self, backend: str) -> fsspec.AbstractFileSystem:
-        if backend == _LOCAL:
-            from fsspec.implementations.local import LocalFileSystem
-
+        if backend == LOCAL:
             return LocalFileSystem(auto_mkdir=True)
         import s3fs
 
@@ -283,7 +175,7 @@ class Storage:
 
     def fs(self, uri: PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
         """The fsspec filesystem for ``uri`` and the path to give it (absolute local path, or ``bucket/key``)."""
-        backend, path = _split(uri)
+        backend, path = split_uri(uri)
         return self._filesystem(backend), path
 
     def pyarrow_fs(self, uri: PathLike) -> tuple[pyarrow.fs.FileSystem, str]:
@@ -292,25 +184,13 @@ class Storage:
         Local: ``pyarrow.fs.LocalFileSystem``; s3: this Storage's s3fs client wrapped in
         ``PyFileSystem(FSSpecHandler(...))`` so endpoint/profile settings apply. Both pickle.
         """
-        import pyarrow.fs
-
-        backend, path = _split(uri)
-        if backend == _LOCAL:
+        backend, path = split_uri(uri)
+        if backend == LOCAL:
             return pyarrow.fs.LocalFileSystem(), path
         return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(self._filesystem(backend))), path
 
     # -- paths ------------------------------------------------------------------------------------------
-    @staticmethod
-    def join(base: PathLike, *parts: PathLike) -> str:
-        """``base`` extended by ``parts``, keeping its scheme: ``join("s3://b/x", "y/z.png")`` ->
-        ``"s3://b/x/y/z.png"``. Parts are always relative (leading/trailing ``/`` are dropped, empty
-        parts skipped), so a part can never replace the base the way ``os.path.join`` lets ``"/abs"`` do."""
-        base = os.fspath(base)
-        clean = [p for p in (os.fspath(part).strip("/") for part in parts) if p]
-        scheme, sep, rest = base.partition("://")
-        if sep:
-            return f"{scheme}://{posixpath.join(rest, *clean)}" if clean else base
-        return os.path.join(base, *clean)
+    join = staticmethod(join)
 
     # -- whole-file operations --------------------------------------------------------------------------
     def read_bytes(self, uri: PathLike) -> bytes:
@@ -323,9 +203,9 @@ class Storage:
         """Create or replace a file/object atomically: concurrent readers see the old content or the new,
         never a partial object; if the write fails, the old content is still there. Local parent folders
         are created."""
-        backend, path = _split(uri)
+        backend, path = split_uri(uri)
         with _errors(uri, "write"):
-            if backend == _LOCAL:
+            if backend == LOCAL:
                 _write_local_atomic(path, data)
             else:
                 # S3 makes an object visible only once its upload completes: a single PUT (or, for
@@ -355,8 +235,8 @@ class Storage:
 
     def makedirs(self, uri: PathLike) -> None:
         """Create a local folder and its parents (fine if it exists). A no-op on s3, which has no folders."""
-        backend, path = _split(uri)
-        if backend == _LOCAL:
+        backend, path = split_uri(uri)
+        if backend == LOCAL:
             with _errors(uri, "create folder"):
                 os.makedirs(path, exist_ok=True)
 
@@ -400,10 +280,10 @@ class Storage:
     ) -> list[FileEntry]:
         """:meth:`list_files` with each file's size and version (:class:`FileEntry`), from the listing itself:
         S3's ListObjectsV2 carries size and ETag, a local directory scan size and mtime — no per-file request."""
-        backend, root = _split(prefix)
+        backend, root = split_uri(prefix)
         root = root.rstrip("/") or "/"
         with _errors(prefix, "list"):
-            found = _scan_local(root) if backend == _LOCAL else {
+            found = _scan_local(root) if backend == LOCAL else {
                 path: (int(info.get("size") or 0), "etag:" + str(info.get("ETag", "")).strip('"'))
                 for path, info in self._filesystem(backend).find(root, withdirs=False, detail=True).items()
                 if info.get("type") == "file" and not path.endswith("/")}
@@ -430,9 +310,9 @@ class Storage:
         callers exactly one succeeds. Returns the new object's version (see :meth:`version`), None if something
         was already there. S3: ``PutObject`` with ``If-None-Match: *``; local: a complete temp file hard-linked
         into place (``link`` fails when the name exists, like ``O_EXCL``, and readers never see a partial file)."""
-        backend, path = _split(uri)
+        backend, path = split_uri(uri)
         with _errors(uri, "create"):
-            if backend == _LOCAL:
+            if backend == LOCAL:
                 directory, name = os.path.split(path)
                 os.makedirs(directory, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=PARTIAL_SUFFIX, dir=directory)
@@ -456,9 +336,9 @@ class Storage:
         """Replace the file/object at ``uri`` only if its version is still ``version``; returns the new version,
         or None when it changed (or vanished) meanwhile. S3: ``PutObject`` with ``If-Match: <ETag>``; local: the
         check and the atomic replace run under an exclusive ``flock`` of ``<uri>.lock`` (local disks only)."""
-        backend, path = _split(uri)
+        backend, path = split_uri(uri)
         with _errors(uri, "replace"):
-            if backend == _LOCAL:
+            if backend == LOCAL:
                 with _local_lock(path):
                     if self._local_version(path) != version:
                         return None
@@ -469,9 +349,9 @@ class Storage:
     def delete_if(self, uri: PathLike, version: str) -> bool:
         """Delete ``uri`` only if its version is still ``version``; False when it changed or is gone. (S3: a
         HEAD then a DELETE, so a replace in the milliseconds between the two is not seen.)"""
-        backend, path = _split(uri)
+        backend, path = split_uri(uri)
         with _errors(uri, "delete"):
-            if backend == _LOCAL:
+            if backend == LOCAL:
                 with _local_lock(path):
                     if self._local_version(path) != version:
                         return False
@@ -484,9 +364,9 @@ class Storage:
 
     def version(self, uri: PathLike) -> str | None:
         """The version of one file/object (as :class:`FileEntry` has it), None if it does not exist."""
-        backend, path = _split(uri)
+        backend, path = split_uri(uri)
         with _errors(uri, "stat"):
-            if backend == _LOCAL:
+            if backend == LOCAL:
                 return self._local_version(path)
             fs = self._filesystem(backend)
             try:
@@ -504,7 +384,7 @@ class Storage:
         return f"mtime_ns:{st.st_mtime_ns}:{st.st_ino}"
 
     def _put_conditional(self, path: str, data: bytes, **condition: str) -> str | None:
-        fs = self._filesystem(_S3)
+        fs = self._filesystem(S3)
         bucket, _, key = path.partition("/")
         try:
             response = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=bytes(data), **condition)
@@ -556,8 +436,6 @@ def _scan_local(root: str) -> dict[str, tuple[int, str]]:
 @contextlib.contextmanager
 def _local_lock(path: str) -> Iterator[None]:
     """An exclusive ``flock`` on ``<path>.lock`` (created beside ``path``) for a check-then-write."""
-    import fcntl
-
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd = os.open(path + ".lock", os.O_CREAT | os.O_RDWR, 0o666 & ~_UMASK)
     try:
@@ -670,8 +548,6 @@ class Lease:
                 except LeaseLostError:
                     return
                 except StorageError as exc:  # transient: the next tick tries again, well within the TTL
-                    import logging
-
                     logging.getLogger(__name__).warning("lease refresh failed (%s); retrying", exc)
 
         self._thread = threading.Thread(target=loop, name="medsr-lease", daemon=True)

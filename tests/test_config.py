@@ -8,7 +8,8 @@ import yaml
 from typer.testing import CliRunner
 
 from medsr_dist.cli import app
-from medsr_dist.config import ConfigError, check_local_inputs, load_config
+from medsr_dist.config import ConfigError, load_config
+from medsr_dist.preflight import check_local_inputs
 
 REPO = Path(__file__).resolve().parent.parent
 

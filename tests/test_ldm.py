@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from medsr_dist.config import ConfigError, NoiseScheduleConfig, check_local_inputs, load_config
+from medsr_dist.config import ConfigError, NoiseScheduleConfig, load_config
+from medsr_dist.preflight import check_local_inputs
 from medsr_dist.models import samplers
 from medsr_dist.models.base import StepContext
 from medsr_dist.train.loop import build_training, write_export

@@ -13,8 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from scipy import ndimage
 
-from medsr_dist.config import load_config
-from medsr_dist.mri.config import MriConfig
+from medsr_dist.config import MriConfig, load_config
 from medsr_dist.mri.simulate import intensity_window, supervised_pairs
 
 pytestmark = pytest.mark.slow

@@ -21,17 +21,14 @@ from medsr_dist.io.image import decode_image, encode_image
 from medsr_dist.pacs.dicomweb import (
     Credentials,
     DicomwebPacs,
-    Endpoint,
-    InstanceRef,
     PacsAuthError,
     PacsError,
     PacsRefused,
     PacsUnavailable,
     derived_uids,
-    is_dicomweb,
-    parse_instance_uri,
     watermark,
 )
+from medsr_dist.uris import Endpoint, InstanceRef, is_dicomweb, parse_instance_uri
 from orthanc import PacsProxy, local_orthanc, require_orthanc
 
 TEST_FILES = Path(os.path.dirname(pydicom.data.__file__)) / "test_files"

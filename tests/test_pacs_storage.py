@@ -12,7 +12,7 @@ import pytest
 
 from medsr_dist.config import PacsConfig, StorageConfig
 from medsr_dist.io.image import decode_image, encode_image
-from medsr_dist.pacs.dicomweb import InstanceRef
+from medsr_dist.uris import InstanceRef
 from medsr_dist.pacs.storage import (
     PacsStorage,
     derived_instance_uri,

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from medsr_dist.config import StorageConfig
-from medsr_dist.storage import PARTIAL_SUFFIX, Storage, StorageError, glob_match, is_remote, local_path
+from medsr_dist.storage import PARTIAL_SUFFIX, Storage, StorageError
+from medsr_dist.uris import glob_match, is_remote, local_path
 
 
 @pytest.fixture(params=["local", "file", "s3"])
@@ -351,7 +352,7 @@ def test_list_entries_carries_size_and_a_version_that_changes_with_the_content(p
     ("/data/x/../out", "file:///data/out/"), ("s3://b/out", "s3://b/out/"), ("s3://b//out/./", "s3://b/out"),
 ])
 def test_one_location_normalises_to_one_spelling(a, b):
-    from medsr_dist.storage import is_under, normalize_uri
+    from medsr_dist.uris import is_under, normalize_uri
 
     assert normalize_uri(a) == normalize_uri(b)
     assert is_under(a + "/x.png", b) and is_under(b, a)
@@ -359,7 +360,7 @@ def test_one_location_normalises_to_one_spelling(a, b):
 
 
 def test_relative_keys_are_normalised_and_climbing_or_absolute_ones_refused():
-    from medsr_dist.storage import relative_key
+    from medsr_dist.uris import relative_key
 
     assert relative_key("s3://b/in/a/./b//c.dcm", "s3://b/in/") == "a/b/c.dcm"
     with pytest.raises(ValueError, match=r"'\.\.' segment"):

@@ -62,7 +62,8 @@ from medsr_dist.infer.model_file import ModelFile, build_model_backend, read_mod
 from medsr_dist.infer.replica import SETTINGS, ModelReplica, NonFiniteOutput
 from medsr_dist.pacs.dicomweb import is_dicomweb
 from medsr_dist.pacs.storage import VERSION_PREFIX as PACS_VERSION
-from medsr_dist.storage import PARTIAL_SUFFIX, FileEntry, Lease, Storage, is_under, relative_key
+from medsr_dist.storage import PARTIAL_SUFFIX, FileEntry, Lease, Storage
+from medsr_dist.uris import is_below as _under, relative_key
 
 log = logging.getLogger(__name__)
 
@@ -252,14 +253,6 @@ class JobSpec:
     @property
     def output_is_pacs(self) -> bool:
         return is_dicomweb(self.output)
-
-
-def _under(uri: str, prefix: str) -> bool:
-    """:func:`~medsr_dist.storage.is_under`, also for DICOMweb URIs (an instance below its endpoint)."""
-    if is_dicomweb(uri) or is_dicomweb(prefix):
-        return is_dicomweb(uri) and is_dicomweb(prefix) and (
-            uri.rstrip("/") == prefix.rstrip("/") or uri.startswith(prefix.rstrip("/") + "/"))
-    return is_under(uri, prefix)
 
 
 def _rel_key(spec: JobSpec, key: str) -> str:

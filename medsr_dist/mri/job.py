@@ -20,8 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medsr_dist.config import MedsrConfig, check_through_plane_model, through_plane_refiner_problem
-from medsr_dist.mri.config import MriConfig
+from medsr_dist.config import MedsrConfig, MriConfig, check_through_plane_model, through_plane_refiner_problem
 from medsr_dist.mri.volume import Volume, VolumeError, read_dicom_series, read_volume, write_dicom_series, write_nifti
 from medsr_dist.storage import Storage
 

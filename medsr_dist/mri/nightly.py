@@ -82,7 +82,8 @@ def group_series(entries: list, input_prefix: str, patterns: list[str]) -> list:
     ``entries``: :class:`~medsr_dist.storage.FileEntry` of the listing; ``patterns``: ``enhance.volumes.series_folders``.
     Returns entries sorted by key; a folder item's key is ``<input>/<folder>/``.
     """
-    from medsr_dist.storage import FileEntry, Storage, relative_key
+    from medsr_dist.storage import FileEntry, Storage
+    from medsr_dist.uris import relative_key
 
     if not patterns:
         return entries

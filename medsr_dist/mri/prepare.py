@@ -28,9 +28,8 @@ import logging
 import numpy as np
 import pyarrow as pa
 
-from medsr_dist.config import MedsrConfig, check_through_plane_model
+from medsr_dist.config import MedsrConfig, MriConfig, check_through_plane_model
 from medsr_dist.data.prepare import SPLITS, PrepareResult, _write_table, assign_splits, patient_of, to_training_png
-from medsr_dist.mri.config import MriConfig
 from medsr_dist.storage import Storage
 
 log = logging.getLogger(__name__)

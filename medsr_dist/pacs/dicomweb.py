@@ -32,19 +32,20 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from typing import Any
 
+import pydicom
 import requests
+from pydicom.uid import generate_uid
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from medsr_dist.config import PacsConfig
-
-if TYPE_CHECKING:
-    import pydicom
+from medsr_dist.io.dicom import PROVENANCE_MODEL, PROVENANCE_MODEL_SHA256, PROVENANCE_SCALE
+from medsr_dist.uris import Endpoint, InstanceRef, is_dicomweb  # Endpoint, is_dicomweb: re-exported for now
 
 log = logging.getLogger(__name__)
 
-SCHEMES = {"dicomweb+http": "http", "dicomweb+https": "https"}
 #: HTTP statuses retried with backoff (then reported as :class:`PacsUnavailable`).
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 #: WADO-RS Accept: any transfer syntax, i.e. the object as stored (no transcoding by the PACS).
@@ -61,101 +62,6 @@ FAILURE_REASONS = {
     0xB000: "coercion of data elements", 0xB007: "data set does not match SOP class (warning)",
     0xB006: "elements discarded",
 }
-
-
-def is_dicomweb(uri: Any) -> bool:
-    """Whether ``uri`` names a DICOMweb endpoint (``dicomweb+http://`` / ``dicomweb+https://``)."""
-    scheme, sep, _ = os.fspath(uri).partition("://") if isinstance(uri, (str, os.PathLike)) else ("", "", "")
-    return bool(sep) and scheme.lower() in SCHEMES
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Addresses
-# ----------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Endpoint:
-    """A DICOMweb service: ``scheme`` (http/https), ``netloc`` (host[:port]) and ``root`` (base path, no
-    trailing ``/``)."""
-
-    scheme: str
-    netloc: str
-    root: str
-
-    @property
-    def url(self) -> str:
-        """The HTTP(S) URL of the service root, as dicomweb-client takes it."""
-        return f"{self.scheme}://{self.netloc}{self.root}"
-
-    @property
-    def uri(self) -> str:
-        return f"dicomweb+{self.url}"
-
-    def __str__(self) -> str:
-        return self.uri
-
-    @classmethod
-    def parse(cls, uri: str) -> tuple[Endpoint, InstanceRef | None]:
-        """(endpoint, the instance the URI names or None).
-
-        Raises:
-            ValueError: not a ``dicomweb+http(s)://`` URI; credentials, a query or a fragment in it; a path below
-                ``studies/`` that is not a whole instance address.
-        """
-        text = os.fspath(uri)
-        scheme, sep, _ = text.partition("://")
-        if not sep or scheme.lower() not in SCHEMES:
-            raise ValueError(f"{text}: a DICOMweb endpoint is spelled dicomweb+http://host:port/<root> or "
-                             f"dicomweb+https://...")
-        parts = urlsplit(text)
-        if parts.username is not None or parts.password is not None or "@" in parts.netloc:
-            raise ValueError(f"{parts.scheme}://{parts.hostname}...: credentials do not belong in an endpoint URI (it "
-                             f"ends up in configs, manifests and logs); put them in the environment or a secret "
-                             f"file (pacs.username_env / pacs.password_env / pacs.token_env)")
-        if parts.query or parts.fragment:
-            raise ValueError(f"{text}: a DICOMweb endpoint has no query or fragment (QIDO-RS filters go into pacs.query)")
-        if not parts.hostname:
-            raise ValueError(f"{text}: no host")
-        path = parts.path.rstrip("/")
-        root, found, rest = path.partition("/studies/")
-        if not found and path.endswith("/studies"):
-            root, rest = path[: -len("/studies")], ""
-        ref = None
-        if rest:
-            segs = rest.split("/")
-            if len(segs) != 5 or segs[1] != "series" or segs[3] != "instances" or not all(segs[::2]):
-                raise ValueError(f"{cls(SCHEMES[scheme.lower()], parts.netloc, root)}: a path below studies/ must be "
-                                 f"studies/<study>/series/<series>/instances/<instance>")
-            ref = InstanceRef(study=segs[0], series=segs[2], sop=segs[4])
-        return cls(SCHEMES[scheme.lower()], parts.netloc, root), ref
-
-
-@dataclass(frozen=True)
-class InstanceRef:
-    """One instance in a PACS, by its UIDs; ``study_date`` (YYYYMMDD or ""), ``modality`` and ``number``
-    (InstanceNumber, 0 when absent) as QIDO-RS reported them."""
-
-    study: str
-    series: str
-    sop: str
-    study_date: str = ""
-    modality: str = ""
-    number: int = 0
-
-    @property
-    def path(self) -> str:
-        """``studies/<study>/series/<series>/instances/<sop>`` (relative to the endpoint root)."""
-        return f"studies/{self.study}/series/{self.series}/instances/{self.sop}"
-
-    def uri(self, endpoint: Endpoint) -> str:
-        return f"{endpoint.uri}/{self.path}"
-
-
-def parse_instance_uri(uri: str) -> tuple[Endpoint, InstanceRef]:
-    """The endpoint and instance of ``<endpoint>/studies/S/series/R/instances/I``; ValueError otherwise."""
-    endpoint, ref = Endpoint.parse(uri)
-    if ref is None:
-        raise ValueError(f"{endpoint}: the URI names the endpoint, not an instance")
-    return endpoint, ref
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -293,8 +199,6 @@ class DicomwebPacs:
 
     def _build(self):
         from dicomweb_client import DICOMwebClient
-        from requests.adapters import HTTPAdapter
-        from urllib3.util.retry import Retry
 
         cfg = self.cfg
         creds = Credentials.resolve(cfg)
@@ -426,8 +330,6 @@ class DicomwebPacs:
     # -- WADO-RS ----------------------------------------------------------------------------------------
     def retrieve(self, ref: InstanceRef) -> bytes:
         """The instance as the PACS stores it (its transfer syntax, compressed or not), as Part 10 bytes."""
-        import pydicom
-
         ds = self._call("WADO-RS retrieve", lambda c: c.retrieve_instance(
             ref.study, ref.series, ref.sop, media_types=AS_STORED))
         if str(ds.get("SOPInstanceUID", "")) != ref.sop:
@@ -462,8 +364,6 @@ class DicomwebPacs:
             PacsUnavailable / PacsAuthError: see :class:`DicomwebPacs`.
             ValueError: ``data`` is not a DICOM object with Study/Series/SOP Instance UIDs.
         """
-        import pydicom
-
         try:
             ds = pydicom.dcmread(io.BytesIO(bytes(data)))
             uids = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
@@ -527,10 +427,6 @@ def derived_uids(source: pydicom.Dataset, provenance: dict[str, str]) -> tuple[s
     derived object of ``source`` (a header is enough) with ``provenance`` (``medsr:model_sha256``, ``medsr:scale``,
     ``medsr:params``): known before any pixel is enhanced, so a rerun can ask the PACS whether it has it.
     (The tests hold this against ``encode_dicom`` itself.)"""
-    from pydicom.uid import generate_uid
-
-    from medsr_dist.io.dicom import PROVENANCE_MODEL, PROVENANCE_MODEL_SHA256, PROVENANCE_SCALE
-
     if PROVENANCE_SCALE not in provenance:
         raise ValueError(f"provenance without {PROVENANCE_SCALE}: the derived SOP Instance UID depends on it")
     model = provenance.get(PROVENANCE_MODEL, "unknown model")
@@ -615,5 +511,5 @@ def describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-__all__ = ["AS_STORED", "Credentials", "DicomwebPacs", "Endpoint", "InstanceRef", "PacsAuthError", "PacsError",
-           "PacsRefused", "PacsUnavailable", "derived_uids", "is_dicomweb", "parse_instance_uri", "watermark"]
+__all__ = ["AS_STORED", "Credentials", "DicomwebPacs", "Endpoint", "PacsAuthError", "PacsError", "PacsRefused",
+           "PacsUnavailable", "derived_uids", "is_dicomweb", "watermark"]

@@ -24,9 +24,12 @@ import json
 import threading
 from collections.abc import Iterable
 
+import pydicom
+
 from medsr_dist.config import PacsConfig, StorageConfig
-from medsr_dist.pacs.dicomweb import DicomwebPacs, Endpoint, InstanceRef, derived_uids, is_dicomweb
-from medsr_dist.storage import FileEntry, Storage, StorageError, glob_match
+from medsr_dist.pacs.dicomweb import DicomwebPacs, derived_uids
+from medsr_dist.storage import FileEntry, Storage, StorageError
+from medsr_dist.uris import Endpoint, InstanceRef, glob_match, is_dicomweb
 
 VERSION_PREFIX = "dicomweb:"
 
@@ -98,8 +101,6 @@ class PacsStorage(Storage):
         StorageError otherwise: an output must land exactly where the job looks for it on the next run)."""
         if not is_dicomweb(uri):
             return super().write_bytes(uri, data)
-        import pydicom
-
         ref = self._ref(uri)
         try:
             ds = pydicom.dcmread(io.BytesIO(bytes(data)), stop_before_pixels=True)
@@ -141,8 +142,6 @@ def derived_instance_uri(output: str, source_header: bytes, provenance: dict[str
     ``<output>/studies/<source study>/series/<derived series>/instances/<derived SOP>`` (see
     :func:`~medsr_dist.pacs.dicomweb.derived_uids`). ``source_header``: the source object's bytes (its header is
     enough)."""
-    import pydicom
-
     endpoint, _ = Endpoint.parse(output)
     ds = pydicom.dcmread(io.BytesIO(bytes(source_header)), stop_before_pixels=True, force=True)
     study, series, sop = derived_uids(ds, provenance)

@@ -1,0 +1,30 @@
+"""``mri``: 3-D MRI slice-pair simulation and volume reconstruction."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from medsr_dist.config.base import Section
+
+
+class MriConfig(Section):
+    """3-D MRI (``medsr mri``, medsr_dist/mri): slice-pair simulation (``prepare``) and volume reconstruction."""
+
+    mode: Literal["supervised", "self"] = Field(
+        "supervised", description="supervised: isotropic volumes -> the six pairings; self: each anisotropic "
+        "volume's own in-plane slices degraded to its through-plane resolution (SMORE)")
+    factor: int = Field(4, ge=2, le=8, description="Slice-thickness factor k (output spacing = input spacing / k)")
+    profile: Literal["box", "gaussian"] = Field(
+        "gaussian", description="Slice profile of the simulated thick slices: box (mean of k) or Gaussian (FWHM k)")
+    skip_empty: float = Field(0.02, ge=0, lt=1, description="Drop pairs whose ground truth has at most this "
+                              "fraction of foreground voxels (5 % of the volume's range above its minimum)")
+    include: list[str] = Field(default_factory=lambda: ["**/*.nii", "**/*.nii.gz", "*.nii", "*.nii.gz"],
+                               description="Volume files under prepare.input")
+    val_every: int = Field(10, ge=2, description="self mode: every n-th slice pair goes to val (one volume has "
+                           "no patient split; val only monitors training)")
+    fusion: Literal["mean", "fourier"] = Field("mean", description="How the two refined orientations are fused")
+    subimage: int = Field(0, ge=0, description="prepare: cut each slice pair into overlapping sub-images of this "
+                          "size (step half of it, the last one flush with the border; 0: whole slices). A single "
+                          "volume has few slices: sub-images give the training stream enough rows for long runs, "
+                          "and decoding one costs a fraction of a whole slice")
