@@ -235,7 +235,7 @@ class EvalReplica:
 class ScoreImages:
     """Stage 3 (CPU actors): per (image, model) scores, and the figures of the chosen images.
 
-    Returns one row per (image, model) with :data:`ROW_FIELDS`; ``lpips`` is NaN where LPIPS is unavailable
+    Returns one row per (image, model) with :data:`~medsr_dist.eval.plan.ROW_FIELDS`; ``lpips`` is NaN where LPIPS is unavailable
     (the report writes "unavailable" there), metric cells are NaN for errors. LPIPS failing on one image
     (e.g. too small for AlexNet) leaves that cell NaN with the reason in ``error`` and the row ``ok``.
     """

@@ -139,7 +139,7 @@ def resolve_models(cfg: MedsrConfig, storage: Storage | None = None) -> list[Eva
 
 @dataclass
 class EvalPlan:
-    """What an evaluation will do; made by :func:`plan_evaluation` without Ray."""
+    """What an evaluation will do; made by :func:`~medsr_dist.eval.evaluate.plan_evaluation` without Ray."""
 
     protocol: Protocol
     models: list[EvalModel]

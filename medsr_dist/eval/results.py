@@ -24,7 +24,7 @@ from medsr_dist.infer.model_file import runnable_precision
 
 @dataclass
 class EvalResult:
-    """What :func:`run_evaluation` wrote and found."""
+    """What :func:`~medsr_dist.eval.evaluate.run_evaluation` wrote and found."""
 
     output: str
     report: dict[str, Any]

@@ -14,16 +14,6 @@ from typing import Any
 
 import numpy as np
 
-__all__ = [
-    "ImageDecodeError",
-    "NotAnImageObject",
-    "ImageMeta",
-    "ImageProbe",
-    "MedicalImage",
-    "FORMATS",
-    "MAXVAL",
-]
-
 FORMATS = ("png", "jpeg", "tiff", "dicom")
 _PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2", "RGB", "RGBA")
 _CHANNELS_FOR = {"MONOCHROME1": 1, "MONOCHROME2": 1, "RGB": 3, "RGBA": 4}
