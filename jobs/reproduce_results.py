@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from medsr_dist.config import load_config
-    from medsr_dist.eval.evaluate import describe_plan, plan_evaluation, run_evaluation
+    from medsr_dist.eval.evaluate import plan_evaluation, run_evaluation
+    from medsr_dist.eval.plan import describe_plan
     from medsr_dist.runtime import init_ray
     from medsr_dist.storage import Storage
 

@@ -40,7 +40,8 @@ def _with_models(config: Optional[Path], overrides: list[str], models: list[str]
 def evaluate(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
              model: Optional[list[str]] = ModelOpt, fail_on_error: bool = FailOnErrorOpt) -> None:
     """Score models under an evaluation protocol (configs/eval_<protocol>.yaml) and write report.html + results.*"""
-    from medsr_dist.eval.evaluate import EvalInputError, describe_plan, plan_evaluation, run_evaluation
+    from medsr_dist.eval.evaluate import plan_evaluation, run_evaluation
+    from medsr_dist.eval.plan import EvalInputError, describe_plan
     from medsr_dist.runtime import init_ray
     from medsr_dist.storage import Storage, StorageError
 

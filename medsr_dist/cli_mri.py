@@ -101,7 +101,7 @@ def self_sr(volume: str = typer.Argument(..., help="Thick-slice .nii/.nii.gz, or
             output: str = OutputOpt, config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
             factor: int = FactorOpt, fusion: str = FusionOpt, profile: str = ProfileOpt) -> None:
     """Self-supervised SR of VOLUME alone: its in-plane slices -> pairs -> training (train.iterations) -> reconstruction."""
-    from medsr_dist.mri.job import self_sr as run_self_sr
+    from medsr_dist.pipeline.mri_self_sr import self_sr as run_self_sr
     from medsr_dist.mri.volume import VolumeError
 
     cfg = _load(config, overrides)

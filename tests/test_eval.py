@@ -25,15 +25,10 @@ from basicsr.archs.rrdbnet_arch import RRDBNet
 from basicsr.utils.matlab_functions import imresize as matlab_imresize
 from medsr_dist.config import ConfigError, load_config
 from medsr_dist.data.synthetic import make_fundus, make_radiograph
-from medsr_dist.eval.evaluate import (
-    EvalModel,
-    build_report,
-    check_lpips,
-    figure_key,
-    plan_evaluation,
-    run_evaluation,
-    LpipsScorer,
-)
+from medsr_dist.eval.evaluate import plan_evaluation, run_evaluation
+from medsr_dist.eval.perceptual import LpipsScorer, check_lpips
+from medsr_dist.eval.plan import EvalModel
+from medsr_dist.eval.results import build_report, figure_key
 from medsr_dist.eval.html_report import svg_metric_plot, write_eval_report
 from medsr_dist.eval.protocols import PRESETS, VOLUME_PRESETS, ProtocolError, resolve_protocol
 from medsr_dist.eval.stats import paired_bootstrap, summarize
@@ -90,7 +85,7 @@ def test_a_safetensors_model_file_loads_and_runs_like_its_pth(tmp_path):
     architecture is read from its tensor shapes and the network gives the same output."""
     from safetensors.torch import save_file
 
-    from medsr_dist.eval.evaluate import resolve_models
+    from medsr_dist.eval.plan import resolve_models
     from medsr_dist.infer.model_file import read_model_file
 
     pth = write_model(tmp_path / "pth", 2, meta=False, seed=3)
@@ -208,7 +203,7 @@ def test_pairs_of_files_and_prepared_rows_are_rounded_to_their_own_bit_depth(tmp
 
 def test_protocol_parameters_are_validated_in_the_config(tmp_path):
     cfg = load_config(REPO / "configs" / "eval_nih-x4.yaml", ["eval.params.blur_sigma=0.5", "eval.params.source_size=null"])
-    from medsr_dist.eval.evaluate import protocol_of
+    from medsr_dist.eval.plan import protocol_of
 
     protocol = protocol_of(cfg.eval)
     assert protocol.blur_sigma == 0.5 and protocol.source_size is None and protocol.scale == 4

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from medsr_dist.config import ConfigError, load_config
-from medsr_dist.eval.evaluate import EvalInputError, EvalModel, plan_evaluation
+from medsr_dist.eval.evaluate import plan_evaluation
+from medsr_dist.eval.plan import EvalInputError, EvalModel
 from medsr_dist.eval.html_report import write_eval_report
 from medsr_dist.eval.protocols import VOLUME_PRESETS, resolve_protocol
 from medsr_dist.eval.volume_eval import VolumeScorer, build_volume_report, make_volume_pair

@@ -44,6 +44,7 @@ from basicsr.data.degradations import (
 from basicsr.utils.img_process_util import usm_sharp
 
 from medsr_dist.config import DegradationConfig, Range
+from medsr_dist.data.prepare import significant_bits
 
 _RESIZE_MODES = {"area": cv2.INTER_AREA, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
 
@@ -57,8 +58,6 @@ def sample_seed(run_seed: int, key: str, epoch: int) -> int:
 def training_image_info(data: bytes) -> tuple[int, bool]:
     """(significant bits, gray) of a prepared PNG: its ``sBIT`` chunk (else its bit depth) and whether it is
     stored as one gray channel."""
-    from medsr_dist.data.prepare import significant_bits
-
     data = bytes(data)
     return significant_bits(data), data[25] in (0, 4)
 

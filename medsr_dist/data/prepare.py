@@ -22,6 +22,7 @@ matched (they are part of the key, which the dataset keeps).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -38,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from medsr_dist.config import MedsrConfig, MultiscaleConfig, PrepareConfig, SplitConfig, SubimageConfig
+from medsr_dist.io.image import decode_image, single_frame_pixels
 from medsr_dist.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -169,10 +171,6 @@ class DecodeArchiveFiles:
         self.secret, self.group_by = secret, group_by
 
     def __call__(self, batch: dict) -> dict:
-        import dataclasses
-
-        from medsr_dist.io.image import decode_image, single_frame_pixels
-
         out: dict[str, list] = {k: [] for k in (
             "key", "rel_key", "ok", "error", "group", "unkeyed_patient", "image", "height", "width", "channels",
             "bits", "format", "meta")}
@@ -208,8 +206,6 @@ class DecodeArchiveFiles:
         return out
 
     def _partner(self, key: str, gt_hw: tuple[int, int]) -> dict:
-        from medsr_dist.io.image import decode_image, single_frame_pixels
-
         lq_key = self.partners.get(key)
         if lq_key is None:
             raise FileNotFoundError("paired mode: no low-resolution image with the same relative path and stem")

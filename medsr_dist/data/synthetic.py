@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import cv2
 import numpy as np
 
+from medsr_dist.io.dicom import build_radiograph_dataset, dataset_to_bytes
 from medsr_dist.io.image import ImageMeta, encode_image, output_extension
 
 __all__ = [
@@ -260,8 +261,6 @@ def write_sample_archive(
     Returns one dict per file, in writing order:
     ``{"key": str, "format": str, "bits": int, "patient_id": str, "photometric": str}``.
     """
-    from medsr_dist.io.dicom import build_radiograph_dataset, dataset_to_bytes
-
     if n_images < 1:
         raise ValueError(f"n_images must be positive, got {n_images}")
     n_patients = n_patients or max(1, math.ceil(n_images / 3))
@@ -308,8 +307,6 @@ def make_corrupt_files(size: int = 64) -> dict[str, bytes]:
     image name), ``truncated.jpg`` (a JPEG cut in half), ``corrupt.dcm`` (a DICOM file whose pixel data is cut
     short) and ``garbage.dcm`` (a DICOM preamble and magic followed by random bytes).
     """
-    from medsr_dist.io.dicom import build_radiograph_dataset, dataset_to_bytes
-
     image = make_radiograph(7, size)
     png = encode_image(image[:, :, None], ImageMeta("png", "uint16", 16, 1, "MONOCHROME2"))
     jpeg = encode_image(image[:, :, None], ImageMeta("jpeg", "uint8", 8, 1, "MONOCHROME2"))

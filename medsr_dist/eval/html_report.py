@@ -1,6 +1,6 @@
 """The evaluation report files: ``report.html`` (self-contained), ``results.csv``, ``results.json``, ``results.md``.
 
-Input is the report dict of :func:`medsr_dist.eval.evaluate.build_report` and the figure PNGs; nothing here
+Input is the report dict of :func:`medsr_dist.eval.results.build_report` and the figure PNGs; nothing here
 touches storage or Ray: every file goes through a ``write(relative_key, data)`` callback, like
 :func:`medsr_dist.eval.report.write_report`.
 
@@ -38,7 +38,7 @@ def write_eval_report(report: dict[str, Any], figures: dict[str, bytes], write: 
     """Write ``results.csv``, ``results.json``, ``results.md`` and ``report.html``; returns their keys.
 
     Args:
-        report: from :func:`~medsr_dist.eval.evaluate.build_report`.
+        report: from :func:`~medsr_dist.eval.results.build_report`.
         figures: figure key (``figures/<name>.png``, as in ``report["images"][i]["figure"]``) -> PNG bytes.
         write: callback storing ``data`` under a key relative to the report folder.
     """

@@ -18,7 +18,7 @@ Per volume (a ``.nii``/``.nii.gz`` under ``eval.dataset``; ``eval.split: null``)
 Paired comparisons with the baseline (``bspline``) resample *slabs* (all volumes pooled) with the suite's paired
 bootstrap (:func:`medsr_dist.eval.stats.paired_bootstrap`): with one or a few volumes the slabs are the units that
 exist. Neighbouring slabs are correlated, so these intervals are narrower than intervals over subjects would be;
-the report says so. The report is :func:`~medsr_dist.eval.evaluate.build_report`'s, written by
+the report says so. The report is :func:`~medsr_dist.eval.results.build_report`'s, written by
 :mod:`medsr_dist.eval.html_report` (LPIPS, a 2-D perceptual metric, is not computed).
 """
 from __future__ import annotations
@@ -27,13 +27,28 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+import cv2
 import numpy as np
+import ray
+from skimage.metrics import structural_similarity
 
-from medsr_dist.config import EvalConfig, MedsrConfig, StorageConfig
+from medsr_dist.config import EvalConfig, MedsrConfig, StorageConfig, through_plane_refiner_problem
+from medsr_dist.eval.html_report import write_eval_report
+from medsr_dist.eval.perceptual import LpipsStatus
+from medsr_dist.eval.plan import ROW_FIELDS, EvalInputError, EvalModel
 from medsr_dist.eval.protocols import VolumeProtocol
+from medsr_dist.eval.report import CropBox, side_by_side
+from medsr_dist.eval.results import EvalResult, build_report, figure_key, plain_row, runs_precision
+from medsr_dist.eval.stats import paired_bootstrap
+from medsr_dist.infer.replica import EngineSettings, ModelReplica
+from medsr_dist.mri.metrics import foreground_mask, interpolation_baseline, psnr_3d
+from medsr_dist.mri.reconstruct import reconstruct
+from medsr_dist.mri.simulate import crop_to_multiple, degrade_axis, simulate_anisotropic
+from medsr_dist.mri.volume import VolumeError, check_orthonormal, plane_normal_axes, read_volume
+from medsr_dist.runtime import cluster_has_gpus
 from medsr_dist.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -67,9 +82,6 @@ def make_volume_pair(volume, protocol: VolumeProtocol):
         VolumeError: the volume is not isotropic (its voxel sizes differ by more than 10 %), or too short along the
             thick axis (fewer than ``2 * scale`` voxels).
     """
-    from medsr_dist.mri.simulate import crop_to_multiple, simulate_anisotropic
-    from medsr_dist.mri.volume import VolumeError, check_orthonormal, plane_normal_axes
-
     check_orthonormal(volume.affine, volume.source)
     spacing = volume.spacing
     if spacing.max() > 1.1 * spacing.min():
@@ -113,11 +125,6 @@ def slab_scores(pred: np.ndarray, reference: np.ndarray, mask: np.ndarray, ssim_
 def score_volume(pred: np.ndarray, pair: VolumePair, protocol: VolumeProtocol, mask: np.ndarray,
                  thick_mask: np.ndarray) -> dict[str, Any]:
     """Volume PSNR/SSIM inside ``mask``, per-slab scores and the consistency score of one method's output."""
-    from skimage.metrics import structural_similarity
-
-    from medsr_dist.mri.metrics import psnr_3d
-    from medsr_dist.mri.simulate import degrade_axis
-
     reference = pair.hr.data
     r = float(reference.max() - reference.min())
     _, smap = structural_similarity(reference.astype(np.float64), pred.astype(np.float64), data_range=r, full=True)
@@ -144,11 +151,6 @@ def orthogonal_views_figure(panels: list[tuple[str, np.ndarray]], affine: np.nda
 
     ``window``: physical (low, high) mapped to black and white.
     """
-    import cv2
-
-    from medsr_dist.eval.report import side_by_side
-    from medsr_dist.mri.volume import plane_normal_axes
-
     lo, hi = window
     scale = 1.0 / max(hi - lo, 1e-12)
     where = np.argwhere(mask)
@@ -185,16 +187,12 @@ def method_names(models) -> list[str]:
 
 class VolumeScorer:
     """Stage (actor pool): ``{"key", "name", "figure"}`` rows (one volume each) -> one row per (volume, method) with
-    the fields of :data:`~medsr_dist.eval.evaluate.ROW_FIELDS` plus :data:`SLAB_FIELD` (JSON). A volume that cannot
+    the fields of :data:`~medsr_dist.eval.plan.ROW_FIELDS` plus :data:`SLAB_FIELD` (JSON). A volume that cannot
     be read or simulated is an error row for every method; a model that fails on a volume is an error for that cell.
     """
 
     def __init__(self, models, protocol: VolumeProtocol, e: EvalConfig, storage_cfg: StorageConfig, output: str,
                  precision: str | None = None):
-        from dataclasses import replace
-
-        from medsr_dist.infer.replica import EngineSettings, ModelReplica
-
         self.protocol, self.e, self.output = protocol, e, output
         self.storage = Storage(storage_cfg)
         settings = EngineSettings.of(e, precision=precision or e.precision)
@@ -208,19 +206,12 @@ class VolumeScorer:
                 self.networks.append((m.name, ModelReplica.load(m.model_file, self.storage, settings)))
 
     def __call__(self, batch: dict) -> dict:
-        from medsr_dist.eval.evaluate import ROW_FIELDS
-
         rows: list[dict] = []
         for j in range(len(batch["key"])):
             rows += self.one(str(batch["key"][j]), str(batch["name"][j]), bool(batch["figure"][j]))
         return {k: np.asarray([r[k] for r in rows]) for k in (*ROW_FIELDS, SLAB_FIELD)}
 
     def one(self, key: str, name: str, figure: bool) -> list[dict]:
-        from medsr_dist.eval.evaluate import figure_key
-        from medsr_dist.mri.metrics import foreground_mask, interpolation_baseline
-        from medsr_dist.mri.reconstruct import reconstruct
-        from medsr_dist.mri.volume import read_volume
-
         methods = [*INTERPOLATIONS, *(n for n, _ in self.networks)]
         rows = [{"image": name, "key": key, "model": m, "model_index": i, "status": "ok", "error": "",
                  "psnr": math.nan, "ssim": math.nan, "lpips": math.nan, "consistency_psnr_db": math.nan,
@@ -267,8 +258,6 @@ class VolumeScorer:
         return rows
 
     def _figure(self, pair: VolumePair, methods: list[str], outputs: dict[int, np.ndarray], mask: np.ndarray) -> bytes:
-        from medsr_dist.eval.report import CropBox
-
         k = self.protocol.scale
         nearest = np.repeat(pair.thick.data, k, axis=pair.axis)
         panels = [(f"input x1/{k} (nearest)", nearest)]
@@ -288,16 +277,13 @@ class VolumeScorer:
 # Plan, run, report
 # ------------------------------------------------------------------------------------------------------------
 def check_volume_plan(plan) -> None:
-    """Volume-protocol checks of an :class:`~medsr_dist.eval.evaluate.EvalPlan` (before Ray).
+    """Volume-protocol checks of an :class:`~medsr_dist.eval.plan.EvalPlan` (before Ray).
 
     Raises:
         EvalInputError: a prepared split (volumes are files), a file that is not NIfTI, a model name that clashes
             with an interpolation, or a network model that is not scale 1 (through-plane refinement) or cannot be a
             through-plane refiner (RRDBNet x1: :func:`~medsr_dist.config.through_plane_refiner_problem`).
     """
-    from medsr_dist.config import through_plane_refiner_problem
-    from medsr_dist.eval.evaluate import EvalInputError
-
     if plan.split:
         raise EvalInputError(f"{plan.protocol.name} evaluates NIfTI volumes under eval.dataset: set eval.split=null")
     bad = [item["name"] for item in plan.items if not item["key"].endswith((".nii", ".nii.gz"))]
@@ -318,18 +304,12 @@ def check_volume_plan(plan) -> None:
 
 def run_volume_evaluation(cfg: MedsrConfig, storage: Storage, plan):
     """Evaluate a volume protocol ``plan`` on Ray Data (Ray running) and write the report; an
-    :class:`~medsr_dist.eval.evaluate.EvalResult` like the 2-D evaluation's."""
-    import ray
-
-    from medsr_dist.eval.evaluate import EvalResult, _plain, _runs_precision, build_report
-    from medsr_dist.eval.html_report import write_eval_report
-    from medsr_dist.runtime import cluster_has_gpus
-
+    :class:`~medsr_dist.eval.results.EvalResult` like the 2-D evaluation's."""
     check_volume_plan(plan)
     e = cfg.eval
     t0 = time.perf_counter()
     gpu = 1 if cluster_has_gpus() else 0
-    precision = _runs_precision(plan, e, gpu)
+    precision = runs_precision(plan, e, gpu)
     figures = set(plan.figures)
     ds = ray.data.from_items([{"key": it["key"], "name": it["name"], "figure": it["name"] in figures} for it in plan.items],
                              override_num_blocks=max(1, len(plan.items)))
@@ -340,7 +320,7 @@ def run_volume_evaluation(cfg: MedsrConfig, storage: Storage, plan):
     raw = ds.take_all()
     slabs = {(str(r["image"]), str(r["model"])): json.loads(str(r[SLAB_FIELD])) for r in raw}
     order = {item["name"]: n for n, item in enumerate(plan.items)}
-    rows = sorted((_plain(r) for r in raw), key=lambda r: (order.get(r["image"], len(order)), r["model_index"]))
+    rows = sorted((plain_row(r) for r in raw), key=lambda r: (order.get(r["image"], len(order)), r["model_index"]))
     report = build_volume_report(cfg, plan, rows, slabs, seconds=time.perf_counter() - t0, precision=precision)
     blobs = {key: storage.read_bytes(storage.join(plan.output, key)) for key in sorted({r["figure"] for r in rows if r["figure"]})}
     files = write_eval_report(report, blobs, lambda key, data: storage.write_bytes(storage.join(plan.output, key), data))
@@ -349,13 +329,8 @@ def run_volume_evaluation(cfg: MedsrConfig, storage: Storage, plan):
 
 def build_volume_report(cfg: MedsrConfig, plan, rows: list[dict], slabs: dict[tuple[str, str], dict],
                         seconds: float = 0.0, precision: str | None = None) -> dict[str, Any]:
-    """:func:`~medsr_dist.eval.evaluate.build_report` over the methods, with comparisons against ``bspline``
+    """:func:`~medsr_dist.eval.results.build_report` over the methods, with comparisons against ``bspline``
     resampling slabs (module doc) and the volume protocol's captions."""
-    from dataclasses import replace
-
-    from medsr_dist.eval.evaluate import EvalModel, build_report
-    from medsr_dist.eval.stats import paired_bootstrap
-
     networks = [m for m in plan.models if m.model_file is not None or m.factory is not None]
     methods = [EvalModel(name, name, baseline=name == BASELINE) for name in INTERPOLATIONS] + networks
     report = build_report(cfg, replace(plan, models=methods), rows, seconds=seconds, precision=precision)
@@ -401,8 +376,6 @@ def build_volume_report(cfg: MedsrConfig, plan, rows: list[dict], slabs: dict[tu
 
 
 def volume_lpips_status():
-    from medsr_dist.eval.evaluate import LpipsStatus
-
     return LpipsStatus(False, LPIPS_REASON)
 
 

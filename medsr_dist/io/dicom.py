@@ -1,3 +1,5 @@
+# Over 600 lines on purpose: the whole DICOM codec (read, derive, sample builders) shares one set of tag rules,
+# the pydicom quieting wrapper and the code items; split, those rules would be imported back and forth.
 """DICOM side of medsr-dist image I/O: read an image object, write a derived SR object, build samples.
 
 Read: any transfer syntax pydicom's pixel handlers and the pylibjpeg plugins decode (Implicit/Explicit VR Little
@@ -5,7 +7,7 @@ Endian, Explicit VR Big Endian, Deflate, RLE Lossless, JPEG Baseline/Extended/Lo
 single- and multi-frame, unsigned and signed (PixelRepresentation=1), MONOCHROME1/2, RGB, YBR_* and PALETTE
 COLOR (the last two converted to RGB); Part 10 files, also with a non-zero preamble (dual-personality
 DICOM/TIFF), and bare datasets without preamble or file meta. Objects without an image (SR, waveforms, RT
-plans, presentation states, ...) raise :class:`~medsr_dist.io.image.NotAnImageObject`.
+plans, presentation states, ...) raise :class:`~medsr_dist.io.medical_image.NotAnImageObject`.
 
 The model sees *stored* values normalised by ``2**BitsStored - 1`` (display-oriented, MONOCHROME1 inverted,
 signed values offset by ``2**(BitsStored-1)``); the modality LUT (Rescale Slope/Intercept) and the VOI window
@@ -31,6 +33,7 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import apply_color_lut, get_decoder
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     UID,
@@ -46,7 +49,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import format_number_as_ds
 
-from medsr_dist.io.image import ImageDecodeError, ImageMeta, ImageProbe, MedicalImage, NotAnImageObject
+from medsr_dist.io.medical_image import ImageDecodeError, ImageMeta, ImageProbe, MedicalImage, NotAnImageObject
 
 __all__ = [
     "PROVENANCE_MODEL",
@@ -281,7 +284,7 @@ def _positive(ds: Dataset, keyword: str, name: str, default: int | None = None) 
 
 @_quiet
 def probe_dicom(data: bytes | bytearray | memoryview, name: str) -> ImageProbe:
-    """Header-only :class:`~medsr_dist.io.image.ImageProbe` of a DICOM object (values over 1 KiB, i.e. the
+    """Header-only :class:`~medsr_dist.io.medical_image.ImageProbe` of a DICOM object (values over 1 KiB, i.e. the
     pixel data, are not read). Raises NotAnImageObject / ImageDecodeError as :func:`decode_dicom` would for the
     object class and the image matrix; sample layout and transfer syntax are only checked by decoding."""
     ds = _read_dataset(data, name, header_only=True)
@@ -296,8 +299,6 @@ def probe_dicom(data: bytes | bytearray | memoryview, name: str) -> ImageProbe:
 
 
 def _decoder_available(syntax: UID) -> bool:
-    from pydicom.pixels import get_decoder
-
     try:
         return bool(get_decoder(syntax).is_available)
     except Exception:  # pydicom has no decoder class at all for this syntax (MPEG, HEVC, ...)
@@ -363,8 +364,6 @@ def decode_dicom(data: bytes | bytearray | memoryview, name: str) -> MedicalImag
             warnings.simplefilter("ignore")
             array = ds.pixel_array  # YBR_* come back as RGB (pydicom's as_rgb default)
             if source_photometric == "PALETTE COLOR":
-                from pydicom.pixels import apply_color_lut
-
                 stored_bits = _palette_bits(ds, name)
                 array = apply_color_lut(array, ds)
                 if stored_bits == 16 and not (array & 0xFF).any():

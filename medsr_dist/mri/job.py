@@ -1,5 +1,5 @@
-"""Volume jobs behind ``medsr mri``: reconstruct one volume with a trained model, and self-supervised SR
-(prepare -> bounded training -> reconstruction) of one volume alone.
+"""Volume jobs behind ``medsr mri``: reconstruct one volume with a trained model (self-supervised SR of one volume
+alone, which also trains, is :mod:`medsr_dist.pipeline.mri_self_sr`).
 
 Volumes are read from and written to the store (:class:`~medsr_dist.storage.Storage`): a ``.nii``/``.nii.gz`` file,
 or a folder of single-frame DICOM slices of one series. The output is NIfTI when its name ends in ``.nii`` or
@@ -15,13 +15,16 @@ import hashlib
 import json
 import logging
 import posixpath
-import time
 from dataclasses import dataclass
 
-import numpy as np
-
-from medsr_dist.config import MedsrConfig, MriConfig, check_through_plane_model, through_plane_refiner_problem
-from medsr_dist.mri.volume import Volume, VolumeError, read_dicom_series, read_volume, write_dicom_series, write_nifti
+from medsr_dist.config import MedsrConfig, MriConfig, through_plane_refiner_problem
+from medsr_dist.infer.backends import auto_batch_size
+from medsr_dist.infer.engine import ENGINE_REVISION, TileSpec
+from medsr_dist.infer.model_file import build_model_backend, read_model_file
+from medsr_dist.mri.metrics import foreground_mask, psnr_3d
+from medsr_dist.mri.reconstruct import plan_reconstruction, reconstruct
+from medsr_dist.mri.simulate import degrade_axis
+from medsr_dist.mri.volume import Volume, read_dicom_series, read_volume, write_dicom_series, write_nifti
 from medsr_dist.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -71,9 +74,6 @@ def save_volume(storage: Storage, volume: Volume, uri: str, derivation: str) -> 
 def consistency_psnr(output: Volume, source: Volume, lr_axis: int, factor: int, profile: str) -> float:
     """PSNR (dB) of the output re-degraded along ``lr_axis`` (``profile``) against the source, in the source's
     foreground mask, data range = the source's range."""
-    from medsr_dist.mri.metrics import foreground_mask, psnr_3d
-    from medsr_dist.mri.simulate import degrade_axis
-
     again = degrade_axis(output.data, lr_axis, factor, profile)
     return psnr_3d(again, source.data, foreground_mask(source.data))
 
@@ -95,11 +95,6 @@ def reconstruct_volume(cfg: MedsrConfig, mri: MriConfig, volume_uri: str, output
         ValueError: the model is not scale 1, or is RRDBNet x1 (no identity: MSRResNet x1 is the refiner);
             VolumeError / FileNotFoundError for the input.
     """
-    from medsr_dist.infer.backends import auto_batch_size
-    from medsr_dist.infer.engine import ENGINE_REVISION, TileSpec
-    from medsr_dist.infer.model_file import build_model_backend, read_model_file
-    from medsr_dist.mri.reconstruct import plan_reconstruction, reconstruct
-
     storage = storage or Storage(cfg.storage)
     volume, source_sha = load_volume(storage, volume_uri)
     plan = plan_reconstruction(volume, mri.factor)  # geometry checked before the model is loaded
@@ -127,60 +122,3 @@ def reconstruct_volume(cfg: MedsrConfig, mri: MriConfig, volume_uri: str, output
                   "consistency_psnr_db": round(score, 3), "note": "enhanced volume, not a new acquisition"}
     storage.write_bytes(output_uri.rstrip("/") + ".provenance.json", json.dumps(provenance, indent=2).encode())
     return ReconstructionResult(output_uri, written, provenance)
-
-
-def _stem(uri: str) -> str:
-    name = posixpath.basename(uri.rstrip("/"))
-    for suffix in NIFTI_SUFFIXES[::-1]:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name or "volume"
-
-
-def self_sr(cfg: MedsrConfig, mri: MriConfig, volume_uri: str, output_uri: str,
-            storage: Storage | None = None) -> tuple[ReconstructionResult, dict]:
-    """SMORE-style self-supervised SR of one volume: its own in-plane slices -> pairs -> a bounded training
-    (``train.iterations``) -> reconstruction of its through-plane slices. Work folders live under
-    ``<run.root>/self-sr/<volume stem>/`` (input copy as NIfTI, dataset, train). Ray is started (or joined).
-
-    Returns:
-        (the reconstruction result, a summary: pairs per split, training iterations and final losses, export,
-        ``train_wall_seconds`` (the training stage, Ray start-up of the stream included) and ``train_cpu_seconds``
-        (CPU seconds of the training worker process, all threads: the budget on a shared machine)).
-
-    Raises:
-        ValueError: ``model`` is RRDBNet x1 (before any work; MSRResNet x1 is the refiner), or not scale 1 later.
-    """
-    from medsr_dist.mri.prepare import prepare_slice_pairs
-    from medsr_dist.mri.reconstruct import plan_reconstruction
-    from medsr_dist.runtime import init_ray
-    from medsr_dist.train.trainer import run_training
-
-    check_through_plane_model(cfg)  # refused before any work, not after a training run
-    storage = storage or Storage(cfg.storage)
-    volume, _ = load_volume(storage, volume_uri)
-    plan_reconstruction(volume, mri.factor)  # refuse a bad volume before any Ray work
-    work = storage.join(cfg.run.root, "self-sr", _stem(volume_uri))
-    inp, dataset, train = (storage.join(work, p) for p in ("input", "dataset", "train"))
-    storage.write_bytes(storage.join(inp, _stem(volume_uri) + ".nii.gz"), write_nifti(volume))
-    data = cfg.model_dump(mode="json")
-    data["prepare"].update(input=inp, output=dataset)
-    data["train"].update(dataset=dataset, output=train)
-    data["run"]["name"] = f"{cfg.run.name}-self-{_stem(volume_uri)}"
-    mri = mri.model_copy(update={"mode": "self"})
-    data["mri"] = mri.model_dump(mode="json")  # the run's recorded config says what was done
-    cfg = type(cfg).model_validate(data)
-    init_ray(cfg)
-    prepared = prepare_slice_pairs(cfg, mri, storage)
-    if prepared.errors:
-        raise VolumeError(f"{volume_uri}: {prepared.errors[0]['error']}")
-    t0 = time.perf_counter()
-    trained = run_training(cfg, storage)
-    train_wall = time.perf_counter() - t0
-    result = reconstruct_volume(cfg, mri, volume_uri, output_uri, trained.export, storage)
-    metrics = {k: v for k, v in trained.metrics.items() if isinstance(v, (int, float))}
-    summary = {"pairs": prepared.counts, "iterations": trained.iterations, "export": trained.export,
-               "train_wall_seconds": round(train_wall, 1),
-               "train_cpu_seconds": round(float(metrics.get("worker_cpu_seconds", float("nan"))), 1),
-               "metrics": metrics}
-    return result, summary

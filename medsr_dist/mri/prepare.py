@@ -30,6 +30,8 @@ import pyarrow as pa
 
 from medsr_dist.config import MedsrConfig, MriConfig, check_through_plane_model
 from medsr_dist.data.prepare import SPLITS, PrepareResult, _write_table, assign_splits, patient_of, to_training_png
+from medsr_dist.mri.simulate import _foreground_level, intensity_window, self_supervised_pairs, supervised_pairs
+from medsr_dist.mri.volume import VolumeError, low_resolution_axis, plane_normal_axes, read_volume
 from medsr_dist.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -51,9 +53,6 @@ def volume_pairs(data: bytes, rel_key: str, group: str, split: str, mri: MriConf
         VolumeError / ValueError: unreadable volume, wrong dimensionality, not isotropic enough for supervised
             mode (its voxel sizes must agree within 20 %) or not anisotropic for self mode.
     """
-    from medsr_dist.mri.simulate import _foreground_level, intensity_window, self_supervised_pairs, supervised_pairs
-    from medsr_dist.mri.volume import VolumeError, low_resolution_axis, plane_normal_axes, read_volume
-
     vol = read_volume(data, rel_key)
     k = mri.factor
     spacing = [round(float(s), 5) for s in vol.spacing]

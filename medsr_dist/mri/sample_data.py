@@ -17,12 +17,19 @@ into the cache. Nothing large is committed to the repository.
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.valuerep import format_number_as_ds
 
 SAMPLES = {
     "mni152_t1": ("nilearn", "0.14.1", "nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"),
@@ -83,11 +90,6 @@ def build_mr_series(data, spacing=(1.0, 1.0, 3.0), *, patient_id: str = "MRI0000
     Returns:
         list of pydicom Datasets, one per slice, in slice order.
     """
-    import numpy as np
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, PYDICOM_IMPLEMENTATION_UID, generate_uid
-    from pydicom.valuerep import format_number_as_ds
-
     data = np.asarray(data, dtype=np.float64)
     stored = np.clip(np.rint((data - intercept) / slope), -32768, 32767).astype("<i2")
     row_cos, col_cos = np.array(orientation[:3], float), np.array(orientation[3:], float)
@@ -161,10 +163,6 @@ def build_mr_series(data, spacing=(1.0, 1.0, 3.0), *, patient_id: str = "MRI0000
 
 def dataset_bytes(ds) -> bytes:
     """Part-10 bytes of a dataset built by :func:`build_mr_series`."""
-    import io
-
-    import pydicom
-
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)
     return buf.getvalue()

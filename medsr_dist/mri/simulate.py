@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medsr_dist.mri.volume import VolumeError
+from medsr_dist.mri.volume import VolumeError, resampled_affine
 
 PROFILES = ("box", "gaussian")
 FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
@@ -246,7 +246,5 @@ def self_supervised_pairs(volume: np.ndarray, lr_axis: int, k: int, profile: str
 def simulate_anisotropic(volume, axis: int, k: int, profile: str = "box"):
     """An isotropic :class:`~medsr_dist.mri.volume.Volume` -> the thick-slice volume along ``axis`` (new affine
     from :func:`~medsr_dist.mri.volume.resampled_affine`, same field of view, source dtype/scaling kept)."""
-    from medsr_dist.mri.volume import resampled_affine
-
     data = degrade_axis(crop_to_multiple(volume.data, axis, k), axis, k, profile)
     return volume.with_data(data, resampled_affine(volume.affine, axis, k))

@@ -16,12 +16,19 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import warnings
 from collections.abc import Iterable, Sequence as SequenceABC
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.sequence import Sequence
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import format_number_as_ds
 
 #: Largest |R^T R - I| entry accepted for the direction cosines of an affine or a DICOM orientation.
 ORTHONORMAL_TOLERANCE = 1e-3
@@ -248,8 +255,6 @@ def write_nifti(volume: Volume, *, gz: bool = True, description: str = "", prove
     if description:
         hdr["descrip"] = description.encode("ascii", "replace")[:79]
     if provenance is not None:
-        import json
-
         hdr.extensions.append(nib.nifti1.Nifti1Extension("comment", json.dumps(provenance, sort_keys=True).encode()))
     stored = _quantise(volume.data, dtype, slope, inter)
     # single-file layout: data right after the header and its extensions (16-byte aligned as nibabel writes it)
@@ -270,9 +275,6 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def _read_dataset(data: bytes, name: str):
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -425,12 +427,6 @@ def write_dicom_series(volume: Volume, *, derivation: str, series_description_su
     Raises:
         VolumeError: the volume did not come from a DICOM series (no slice headers to derive from).
     """
-    import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.sequence import Sequence
-    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
-    from pydicom.valuerep import format_number_as_ds
-
     if not volume.dicom_slices:
         raise VolumeError(f"{volume.source}: a derived DICOM series needs a DICOM source series (this volume is {volume.format})")
     check_orthonormal(volume.affine, volume.source)

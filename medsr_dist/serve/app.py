@@ -21,6 +21,11 @@ import time
 from typing import Any
 
 from medsr_dist.config import MedsrConfig, ServeConfig, load_config
+from medsr_dist.infer.model_file import backend_factory, read_model_file
+from medsr_dist.infer.replica import EngineSettings, resolve_precision
+from medsr_dist.runtime import init_ray
+from medsr_dist.serve.ingress import Ingress
+from medsr_dist.serve.model import SRModel
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +53,6 @@ def served_model_file(cfg: MedsrConfig, index: int, entry: ServeConfig.Model):
         FileNotFoundError / ValueError: the file is missing or unusable, a sampling setting does not apply, or the
             model would sample K > 1 times (an answer is one file: its uncertainty map would be dropped).
     """
-    from medsr_dist.infer.model_file import read_model_file
-
     where = f"serve.models[{index}].sampling ({entry.name})" if cfg.serve.models else "enhance.sampling"
     model = read_model_file(entry.checkpoint, cfg.storage, onnx_uri=entry.onnx_model)
     model = model.with_sampling(entry.sampling.overrides() if entry.sampling else None, where)
@@ -90,11 +93,6 @@ def build_app(cfg: MedsrConfig):
     """
     from ray import serve
     from ray.serve.config import BackpressureConfig
-
-    from medsr_dist.infer.model_file import backend_factory
-    from medsr_dist.infer.replica import EngineSettings, resolve_precision
-    from medsr_dist.serve.ingress import Ingress
-    from medsr_dist.serve.model import SRModel
 
     s = cfg.serve
     gpus = _gpus(s)
@@ -175,8 +173,6 @@ def start(cfg: MedsrConfig, *, blocking: bool = False) -> str:
 def run_local(cfg: MedsrConfig, echo=print) -> None:  # pragma: no cover - waits for Ctrl-C
     """``medsr serve``: start the app on ``ray.address`` (or a local Ray), print the URL, serve until Ctrl-C."""
     from ray import serve
-
-    from medsr_dist.runtime import init_ray
 
     init_ray(cfg)
     url = start(cfg)

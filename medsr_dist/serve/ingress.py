@@ -27,6 +27,9 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+from medsr_dist.serve.model import RequestError, check_limits
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +109,6 @@ class Ingress:
         model: str | None = Query(None, description="Model name (GET /v1/models); empty: the default model"),
         outscale: float | None = Query(None, description="Final scale (Lanczos after the model); empty: the model's"),
     ) -> Response:
-        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
-        from medsr_dist.serve.model import RequestError, check_limits
-
         try:
             data, fields = await self._read(request)
         except RequestError as exc:
@@ -146,8 +145,6 @@ class Ingress:
 
     async def _read(self, request: Request) -> tuple[bytes, dict[str, str]]:
         """The image bytes (at most ``max_body_bytes``, else 413 before reading further) and form fields."""
-        from medsr_dist.serve.model import RequestError
-
         limit = self.limits["max_body_bytes"]
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > limit:

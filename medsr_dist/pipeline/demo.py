@@ -1,156 +1,34 @@
-"""Stage runners shared by the CLI and ``jobs/*.py``: start Ray, run a stage, print what was written.
-
-``run_demo`` strings the stages together on an embedded default (local Ray, local folder store,
-sample data it makes itself) and ends with a summary of where everything was written.
+"""``medsr demo``: the whole pipeline on an embedded default (local Ray, local folder store, sample data it makes
+itself) — sample archive -> prepare -> train -> enhance -> report — ending with a summary of where everything was
+written.
 """
 from __future__ import annotations
 
 import json
-import threading
+import os
+import tempfile
 import time
-from contextlib import contextmanager
-from typing import Callable
 
 import cv2
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from medsr_dist.config import MedsrConfig
+from medsr_dist.data.prepare import use_demo_group_secret
+from medsr_dist.data.synthetic import make_radiograph, write_sample_archive
+from medsr_dist.eval.report import ReportEntry, write_report
+from medsr_dist.io.dicom import build_radiograph_dataset, dataset_to_bytes
+from medsr_dist.io.image import ImageMeta, decode_image, encode_image
+from medsr_dist.pipeline.stages import ray_output_to_file, run_enhance, run_prepare, run_train, stage_status
+from medsr_dist.runtime import init_ray
 from medsr_dist.storage import Storage
 
 HOLDOUT_GT = "holdout-gt"
 
 
-@contextmanager
-def _stage(console: Console, title: str, progress: Callable[[], str] | None = None, every_s: float = 2.0):
-    """One status line for a stage (spinner + elapsed time + ``progress()`` polled every ``every_s``), then ✓."""
-    t0 = time.perf_counter()
-    console.rule(f"[bold]{title}")
-    with console.status(f"{title} …", spinner="dots") as status:
-        stop = threading.Event()
-
-        def poll() -> None:
-            while not stop.wait(every_s):
-                try:
-                    extra = progress() if progress is not None else ""
-                except Exception:  # noqa: BLE001 - a progress probe must never break the stage
-                    extra = ""
-                status.update(f"{title} … {time.perf_counter() - t0:.0f} s" + (f"  {extra}" if extra else ""))
-
-        poller = threading.Thread(target=poll, daemon=True)
-        poller.start()
-        try:
-            yield status
-        finally:
-            stop.set()
-            poller.join(timeout=every_s + 1)
-    console.print(f"[green]✓[/] {title} ({time.perf_counter() - t0:.0f} s)")
-
-
-@contextmanager
-def ray_output_to_file(path: str):
-    """Send everything written to this process's stdout/stderr (Ray's driver loggers, Ray Data / Ray Train
-    progress lines, and the output of Ray processes started inside, which inherit the descriptors) to the local
-    file ``path``; yields a Console on the original terminal for the stage lines."""
-    import os
-    import sys
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    log = open(path, "a", buffering=1)
-    terminal = os.fdopen(os.dup(saved[1]), "w", buffering=1)
-    try:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-        yield Console(file=terminal)
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in saved:
-            os.close(fd)
-        terminal.close()
-        log.close()
-
-
-def run_prepare(cfg: MedsrConfig, console: Console):
-    from medsr_dist.data.prepare import prepare_dataset
-    from medsr_dist.runtime import init_ray
-
-    init_ray(cfg)
-    with _stage(console, f"prepare {cfg.prepare.input} → {cfg.prepare.output}"):
-        result = prepare_dataset(cfg, Storage(cfg.storage))
-    console.print(f"  images per split: {result.counts}  patients per split: {result.patients}")
-    for err in result.errors:
-        console.print(f"  [yellow]skipped[/] {err['key']}: {err['error']}", highlight=False)
-    return result
-
-
-def run_train(cfg: MedsrConfig, console: Console):
-    from medsr_dist.runtime import init_ray
-    from medsr_dist.train.trainer import latest_iteration, run_training
-
-    init_ray(cfg)
-    storage = Storage(cfg.storage)
-    start = latest_iteration(storage, cfg)
-
-    def checkpointed() -> str:  # progress as the checkpoints land (every train.checkpoint_every iterations)
-        return f"checkpoint at iteration {latest_iteration(storage, cfg)}/{cfg.train.iterations}"
-
-    with _stage(console, f"train {cfg.model.family} x{cfg.model.scale} ({cfg.train.num_workers} Ray Train workers, "
-                         f"iterations {start}→{cfg.train.iterations})", progress=checkpointed, every_s=5.0):
-        result = run_training(cfg, storage)
-    shown = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float) and not k.startswith("out_d")}
-    console.print(f"  iteration {result.iterations}: {shown}", highlight=False)
-    console.print(f"  checkpoint: {result.checkpoint}\n  exported model: {result.export} (sha256 {result.export_sha256[:12]}…)")
-    return result
-
-
-def run_enhance(cfg: MedsrConfig, console: Console, progress_every_s: float = 10.0):
-    """Enhance an archive; prints progress (items done/total, throughput) while it runs, then errors, flagged
-    outputs and, on the last line, where the manifest is."""
-    from medsr_dist.infer.enhance_job import run_enhance_job
-    from medsr_dist.runtime import init_ray
-
-    init_ray(cfg)
-    last = {"t": 0.0, "pct": -1}
-
-    def progress(p) -> None:
-        pct = 100 * p.finished // max(p.total, 1)
-        if p.finished == p.total or p.elapsed_s - last["t"] >= progress_every_s or pct // 10 > last["pct"] // 10:
-            last.update(t=p.elapsed_s, pct=pct)
-            console.print(f"  enhance: {p.line()}", highlight=False)
-
-    with _stage(console, f"enhance {cfg.enhance.input} → {cfg.enhance.output}"):
-        result = run_enhance_job(cfg, Storage(cfg.storage), progress=progress)
-    console.print(f"  items: {result.counts} in {result.seconds:.0f} s "
-                  f"({result.input_pixels / 1e6 / max(result.seconds, 1e-9):.2f} input Mpx/s enhanced)", highlight=False)
-    for row in result.rows:  # named by item id; by key only with enhance.log_keys (keys may embed identifiers)
-        if row["status"] in ("error", "quarantined"):
-            console.print(f"  [yellow]{row['status']}[/] {result.label(row)}: {row['error']}", highlight=False)
-        elif row["flagged"] and row["status"] == "done":
-            where = row["output_key"] if cfg.enhance.log_keys else result.label(row)
-            console.print(f"  [yellow]flagged[/] {where}: consistency {row['consistency_psnr_db']:.1f} dB "
-                          f"< {cfg.enhance.consistency_threshold_db} dB", highlight=False)
-    console.print(f"  run manifest: {result.run_manifest}", highlight=False)
-    console.print(f"  manifest: {result.manifest}", highlight=False)
-    return result
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Demo
-# ----------------------------------------------------------------------------------------------------------
 def write_demo_data(cfg: MedsrConfig, storage: Storage) -> list[dict]:
     """Sample archive (training) + hold-out set: low-resolution inputs in several file forms, with their
     high-resolution ground truth (16-bit PNG) under ``<run.root>/holdout-gt`` for the report."""
-    from medsr_dist.data.synthetic import make_radiograph, write_sample_archive
-    from medsr_dist.io.dicom import build_radiograph_dataset, dataset_to_bytes
-    from medsr_dist.io.image import ImageMeta, encode_image
-
     s, scale = cfg.sample, cfg.model.scale
     write_sample_archive(lambda key, data: storage.write_bytes(storage.join(s.archive, key), data),
                          n_images=s.n_images, size=s.size, seed=cfg.run.seed)
@@ -178,9 +56,6 @@ def write_demo_data(cfg: MedsrConfig, storage: Storage) -> list[dict]:
 
 def write_demo_report(cfg: MedsrConfig, storage: Storage, enhanced_rows: list[dict]) -> dict:
     """PSNR/SSIM of bicubic and the model against the hold-out ground truth + side-by-side PNGs."""
-    from medsr_dist.eval.report import ReportEntry, write_report
-    from medsr_dist.io.image import decode_image
-
     report_dir = storage.join(cfg.run.root, "report")
 
     def entries():
@@ -212,9 +87,6 @@ def run_demo(cfg: MedsrConfig, console: Console, pretrain: MedsrConfig | None = 
     status line per stage.
     """
     if quiet_ray:
-        import os
-        import tempfile
-
         root = cfg.run.root.removeprefix("file://")
         log_dir = os.path.join(root if "://" not in root else tempfile.mkdtemp(prefix="medsr-demo-"), "logs")
         log_path = os.path.join(log_dir, "ray.log")
@@ -225,18 +97,14 @@ def run_demo(cfg: MedsrConfig, console: Console, pretrain: MedsrConfig | None = 
 
 
 def _run_demo(cfg: MedsrConfig, console: Console, pretrain: MedsrConfig | None, log_path: str | None) -> dict:
-    from medsr_dist.runtime import init_ray
-
     storage = Storage(cfg.storage)
     t0 = time.perf_counter()
-    with _stage(console, f"sample archive → {cfg.sample.archive} (+ hold-out {cfg.sample.holdout})"):
+    with stage_status(console, f"sample archive → {cfg.sample.archive} (+ hold-out {cfg.sample.holdout})"):
         for prefix in (cfg.sample.archive, cfg.sample.holdout):
             for uri in storage.list_files(prefix) if storage.exists(prefix) else []:
                 storage.delete(uri)  # the demo owns these folders: regenerate them from scratch
         write_demo_data(cfg, storage)
     init_ray(cfg)
-    from medsr_dist.data.prepare import use_demo_group_secret
-
     if use_demo_group_secret():  # the sample archive's patients are synthetic; a real archive needs a real secret
         console.print("[dim]prepare: synthetic patients pseudonymised with the published demo secret "
                       "(set MEDSR_GROUP_SECRET for real archives)[/]")
@@ -250,7 +118,7 @@ def _run_demo(cfg: MedsrConfig, console: Console, pretrain: MedsrConfig | None, 
         cfg.model.pretrained_g = first.export  # stage 2 starts from stage 1's EMA generator
     trained = run_train(cfg, console)
     enhanced = run_enhance(cfg, console)
-    with _stage(console, "report (PSNR/SSIM vs bicubic, side-by-side figures)"):
+    with stage_status(console, "report (PSNR/SSIM vs bicubic, side-by-side figures)"):
         report = write_demo_report(cfg, storage, enhanced.rows)
     summary = {
         "sample archive": cfg.sample.archive, "dataset": f"{cfg.prepare.output} ({prep.counts})",
