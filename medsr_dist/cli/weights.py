@@ -15,16 +15,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from medsr_dist.cli.common import _fail, console
+
 weights_app = typer.Typer(
     help="Pretrained weights: the Real-ESRGAN model zoo (list, fetch) and offline import of ncnn models.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
-
-
-def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}", highlight=False)
-    raise typer.Exit(1) from None
 
 
 @weights_app.command("list")

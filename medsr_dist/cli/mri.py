@@ -1,8 +1,7 @@
 """`medsr mri ...`: 3-D MRI volumes (medsr_dist/mri): prepare slice pairs, reconstruct a volume, self-supervised SR.
 
-Registered on the main app by ``medsr_dist/cli.py``. The MRI knobs are the config tree's ``mri:`` section
-(:class:`~medsr_dist.config.MriConfig`); an option given here overrides its key, and the result is validated with
-the config before Ray starts.
+The MRI knobs are the config tree's ``mri:`` section (:class:`~medsr_dist.config.MriConfig`); an option given here
+overrides its key, and the result is validated with the config before Ray starts.
 """
 from __future__ import annotations
 
@@ -13,13 +12,12 @@ from typing import Optional
 import typer
 from pydantic import ValidationError
 
-from medsr_dist.cli import ConfigOpt, FailOnErrorOpt, OverridesArg, _load, app, console
+from medsr_dist.cli.common import ConfigOpt, FailOnErrorOpt, OverridesArg, _fail, _load, console
 from medsr_dist.config import ConfigError, check_through_plane_model
 from medsr_dist.mri.config import MriConfig
 
 mri_app = typer.Typer(help="3-D MRI: isotropic reconstruction of thick-slice volumes (slice pairs, training, "
                            "reconstruction)", no_args_is_help=True)
-app.add_typer(mri_app, name="mri")
 
 ModeOpt = typer.Option(None, "--mode", help="supervised (isotropic volumes, six pairings) or self (SMORE) "
                        "[default: mri.mode]")
@@ -40,11 +38,6 @@ def _mri(cfg, **values) -> MriConfig:
         problems = "; ".join(f"--{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         console.print(f"[bold red]option error:[/] {problems}", highlight=False)
         raise typer.Exit(2) from None
-
-
-def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}", highlight=False)
-    raise typer.Exit(1) from None
 
 
 @mri_app.command("prepare")

@@ -13,13 +13,15 @@ from typing import Optional
 
 import typer
 
-from medsr_dist.cli import ConfigOpt, FailOnErrorOpt, OverridesArg, _load, app, console
+from medsr_dist.cli.common import ConfigOpt, FailOnErrorOpt, OverridesArg, _load, console
+
+infer_app = typer.Typer()
 
 LogKeysOpt = typer.Option(False, "--log-keys", help="Name input keys in logs and progress (enhance.log_keys); "
                           "default: items are named by item id, since keys often embed accession numbers or names")
 
 
-@app.command()
+@infer_app.command()
 def enhance(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
             fail_on_error: bool = FailOnErrorOpt, log_keys: bool = LogKeysOpt) -> None:
     """Enhance every image under enhance.input with a trained model (Ray Data batch inference)."""
@@ -44,7 +46,7 @@ def enhance(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] =
         raise typer.Exit(1)
 
 
-@app.command()
+@infer_app.command()
 def export(
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = OverridesArg,
@@ -77,7 +79,7 @@ def export(
     typer.echo(result.uri)
 
 
-@app.command()
+@infer_app.command()
 def status(
     output: str = typer.Argument(..., help="Output prefix or DICOMweb endpoint of `medsr enhance` (enhance.output; "
                                  "a DICOMweb output's manifest is found at enhance.manifest of -c/overrides)"),

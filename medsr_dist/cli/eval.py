@@ -1,7 +1,4 @@
-"""`medsr eval`: evaluate models under a paper's protocol (Ray Data) and write the report.
-
-Registered on the main app by ``medsr_dist/cli.py`` importing this module.
-"""
+"""`medsr eval`: evaluate models under a paper's protocol (Ray Data) and write the report."""
 from __future__ import annotations
 
 import json
@@ -10,8 +7,10 @@ from typing import Optional
 
 import typer
 
-from medsr_dist.cli import ConfigOpt, OverridesArg, _load, app, console
+from medsr_dist.cli.common import ConfigOpt, OverridesArg, _load, console
 from medsr_dist.config import MedsrConfig
+
+eval_app = typer.Typer()
 
 FailOnErrorOpt = typer.Option(False, "--fail-on-error", help="Exit with status 1 when any (image, model) cell is an error")
 ModelOpt = typer.Option(
@@ -36,7 +35,7 @@ def _with_models(config: Optional[Path], overrides: list[str], models: list[str]
     return _load(config, [*overrides, f"eval.models={json.dumps(listed)}"])
 
 
-@app.command("eval")
+@eval_app.command("eval")
 def evaluate(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
              model: Optional[list[str]] = ModelOpt, fail_on_error: bool = FailOnErrorOpt) -> None:
     """Score models under an evaluation protocol (configs/eval_<protocol>.yaml) and write report.html + results.*"""

@@ -1,0 +1,4 @@
+"""``python -m medsr_dist.cli``: the same as the ``medsr`` command."""
+from medsr_dist.cli import app
+
+app()
