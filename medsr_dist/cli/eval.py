@@ -9,6 +9,8 @@ import typer
 
 from medsr_dist.cli.common import ConfigOpt, OverridesArg, _load, console
 from medsr_dist.config import MedsrConfig
+from medsr_dist.runtime import init_ray
+from medsr_dist.storage import Storage, StorageError
 
 eval_app = typer.Typer()
 
@@ -39,9 +41,8 @@ def _with_models(config: Optional[Path], overrides: list[str], models: list[str]
 def evaluate(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
              model: Optional[list[str]] = ModelOpt, fail_on_error: bool = FailOnErrorOpt) -> None:
     """Score models under an evaluation protocol (configs/eval_<protocol>.yaml) and write report.html + results.*"""
-    from medsr_dist.eval.evaluate import EvalInputError, describe_plan, plan_evaluation, run_evaluation
-    from medsr_dist.runtime import init_ray
-    from medsr_dist.storage import Storage, StorageError
+    from medsr_dist.eval.evaluate import (  # lazy: stage code, not loaded by --help
+        EvalInputError, describe_plan, plan_evaluation, run_evaluation)
 
     cfg = _with_models(config, list(overrides or []), list(model or []))
     storage = Storage(cfg.storage)

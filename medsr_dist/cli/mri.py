@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from medsr_dist.cli.common import ConfigOpt, FailOnErrorOpt, OverridesArg, _fail, _load, console
 from medsr_dist.config import ConfigError, check_through_plane_model
 from medsr_dist.mri.config import MriConfig
+from medsr_dist.runtime import init_ray
 
 mri_app = typer.Typer(help="3-D MRI: isotropic reconstruction of thick-slice volumes (slice pairs, training, "
                            "reconstruction)", no_args_is_help=True)
@@ -47,8 +48,7 @@ def prepare(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] =
                                                        "foreground fraction [default: mri.skip_empty]"),
             fail_on_error: bool = FailOnErrorOpt) -> None:
     """prepare.input volumes -> slice-pair Parquet (prepare.output) for `medsr train` with a scale-1 model."""
-    from medsr_dist.mri.prepare import prepare_slice_pairs
-    from medsr_dist.runtime import init_ray
+    from medsr_dist.mri.prepare import prepare_slice_pairs  # lazy: stage code, not loaded by --help
 
     cfg = _load(config, overrides, "prepare")
     mri = _mri(cfg, mode=mode, factor=factor, profile=profile, skip_empty=skip_empty)
@@ -76,8 +76,8 @@ def reconstruct(volume: str = typer.Argument(..., help="Thick-slice .nii/.nii.gz
                 config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
                 factor: int = FactorOpt, fusion: str = FusionOpt, profile: str = ProfileOpt) -> None:
     """Refine every through-plane slice of VOLUME with MODEL and write the isotropic volume (+ provenance JSON)."""
-    from medsr_dist.mri.job import reconstruct_volume
-    from medsr_dist.mri.volume import VolumeError
+    from medsr_dist.mri.job import reconstruct_volume  # lazy: stage code, not loaded by --help
+    from medsr_dist.mri.volume import VolumeError  # lazy: stage code, not loaded by --help
 
     cfg = _load(config, overrides)
     mri = _mri(cfg, factor=factor, fusion=fusion, profile=profile)
@@ -95,8 +95,8 @@ def self_sr(volume: str = typer.Argument(..., help="Thick-slice .nii/.nii.gz, or
             output: str = OutputOpt, config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
             factor: int = FactorOpt, fusion: str = FusionOpt, profile: str = ProfileOpt) -> None:
     """Self-supervised SR of VOLUME alone: its in-plane slices -> pairs -> training (train.iterations) -> reconstruction."""
-    from medsr_dist.mri.job import self_sr as run_self_sr
-    from medsr_dist.mri.volume import VolumeError
+    from medsr_dist.mri.job import self_sr as run_self_sr  # lazy: stage code, not loaded by --help
+    from medsr_dist.mri.volume import VolumeError  # lazy: stage code, not loaded by --help
 
     cfg = _load(config, overrides)
     mri = _mri(cfg, mode="self", factor=factor, fusion=fusion, profile=profile)

@@ -10,6 +10,7 @@ import typer
 
 from medsr_dist.cli.common import ConfigOpt, FailOnErrorOpt, OverridesArg, _load, console
 from medsr_dist.config import dump_config
+from medsr_dist.storage import Storage, StorageError
 
 stages_app = typer.Typer()
 
@@ -27,9 +28,8 @@ def show_config(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str
 def prepare(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
             fail_on_error: bool = FailOnErrorOpt) -> None:
     """Archive on the store -> sharded Parquet dataset with a patient-level train/val/test split."""
-    from medsr_dist.pipeline import run_prepare  # lazy: the stage runners, kept out of `medsr --help`
-
-    from medsr_dist.data.prepare import GroupSecretError  # lazy: the data pipeline, kept out of `medsr --help`
+    from medsr_dist.pipeline import run_prepare  # lazy: stage code, not loaded by --help
+    from medsr_dist.data.prepare import GroupSecretError  # lazy: stage code, not loaded by --help
 
     cfg = _load(config, overrides, "prepare")
     try:
@@ -44,7 +44,7 @@ def prepare(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] =
 @stages_app.command()
 def train(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Train (or resume) a model with Ray Train on the degraded stream of a prepared dataset."""
-    from medsr_dist.pipeline import run_train  # lazy: the stage runners, kept out of `medsr --help`
+    from medsr_dist.pipeline import run_train  # lazy: stage code, not loaded by --help
 
     run_train(_load(config, overrides, "train"), console)
 
@@ -63,7 +63,6 @@ def degrade(
 
     from medsr_dist.data.degrade import preview_grid  # lazy: imports torch
     from medsr_dist.io.image import ImageDecodeError, decode_image, single_frame_pixels  # lazy: image codecs
-    from medsr_dist.storage import Storage, StorageError  # lazy: fsspec, kept out of `medsr --help`
 
     cfg = _load(config, overrides)
     try:
@@ -92,7 +91,7 @@ def demo(config: Optional[Path] = typer.Option(
     """Whole pipeline on a local Ray: sample archive -> prepare -> train (psnr stage, then GAN stage) -> enhance -> report.
 
     The overrides apply to both training stages' configs."""
-    from medsr_dist.pipeline import run_demo  # lazy: the stage runners, kept out of `medsr --help`
+    from medsr_dist.pipeline import run_demo  # lazy: stage code, not loaded by --help
 
     cfg = _load(config, overrides)
     pretrain = None if no_pretrain or pretrain_config is None else _load(pretrain_config, overrides)
