@@ -1,7 +1,4 @@
-"""`medsr eval`: evaluate models under a paper's protocol (Ray Data) and write the report.
-
-Registered on the main app by ``medsr_dist/cli.py`` importing this module.
-"""
+"""`medsr eval`: evaluate models under a paper's protocol (Ray Data) and write the report."""
 from __future__ import annotations
 
 import json
@@ -10,8 +7,12 @@ from typing import Optional
 
 import typer
 
-from medsr_dist.cli import ConfigOpt, OverridesArg, _load, app, console
+from medsr_dist.cli.common import ConfigOpt, OverridesArg, _load, console
 from medsr_dist.config import MedsrConfig
+from medsr_dist.runtime import init_ray
+from medsr_dist.storage import Storage, StorageError
+
+eval_app = typer.Typer()
 
 FailOnErrorOpt = typer.Option(False, "--fail-on-error", help="Exit with status 1 when any (image, model) cell is an error")
 ModelOpt = typer.Option(
@@ -36,14 +37,12 @@ def _with_models(config: Optional[Path], overrides: list[str], models: list[str]
     return _load(config, [*overrides, f"eval.models={json.dumps(listed)}"])
 
 
-@app.command("eval")
+@eval_app.command("eval")
 def evaluate(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
              model: Optional[list[str]] = ModelOpt, fail_on_error: bool = FailOnErrorOpt) -> None:
     """Score models under an evaluation protocol (configs/eval_<protocol>.yaml) and write report.html + results.*"""
-    from medsr_dist.eval.evaluate import plan_evaluation, run_evaluation
-    from medsr_dist.eval.plan import EvalInputError, describe_plan
-    from medsr_dist.runtime import init_ray
-    from medsr_dist.storage import Storage, StorageError
+    from medsr_dist.eval.evaluate import plan_evaluation, run_evaluation  # lazy: stage code, not loaded by --help
+    from medsr_dist.eval.plan import EvalInputError, describe_plan  # lazy: stage code, not loaded by --help
 
     cfg = _with_models(config, list(overrides or []), list(model or []))
     storage = Storage(cfg.storage)

@@ -1,8 +1,7 @@
 """`medsr mri ...`: 3-D MRI volumes (medsr_dist/mri): prepare slice pairs, reconstruct a volume, self-supervised SR.
 
-Registered on the main app by ``medsr_dist/cli.py``. The MRI knobs are the config tree's ``mri:`` section
-(:class:`~medsr_dist.config.MriConfig`); an option given here overrides its key, and the result is validated with
-the config before Ray starts.
+The MRI knobs are the config tree's ``mri:`` section (:class:`~medsr_dist.config.MriConfig`); an option given here
+overrides its key, and the result is validated with the config before Ray starts.
 """
 from __future__ import annotations
 
@@ -13,12 +12,12 @@ from typing import Optional
 import typer
 from pydantic import ValidationError
 
-from medsr_dist.cli import ConfigOpt, FailOnErrorOpt, OverridesArg, _load, app, console
+from medsr_dist.cli.common import ConfigOpt, FailOnErrorOpt, OverridesArg, _fail, _load, console
 from medsr_dist.config import ConfigError, MriConfig, check_through_plane_model
+from medsr_dist.runtime import init_ray
 
 mri_app = typer.Typer(help="3-D MRI: isotropic reconstruction of thick-slice volumes (slice pairs, training, "
                            "reconstruction)", no_args_is_help=True)
-app.add_typer(mri_app, name="mri")
 
 ModeOpt = typer.Option(None, "--mode", help="supervised (isotropic volumes, six pairings) or self (SMORE) "
                        "[default: mri.mode]")
@@ -41,11 +40,6 @@ def _mri(cfg, **values) -> MriConfig:
         raise typer.Exit(2) from None
 
 
-def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}", highlight=False)
-    raise typer.Exit(1) from None
-
-
 @mri_app.command("prepare")
 def prepare(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
             mode: str = ModeOpt, factor: int = FactorOpt, profile: str = ProfileOpt,
@@ -53,8 +47,7 @@ def prepare(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] =
                                                        "foreground fraction [default: mri.skip_empty]"),
             fail_on_error: bool = FailOnErrorOpt) -> None:
     """prepare.input volumes -> slice-pair Parquet (prepare.output) for `medsr train` with a scale-1 model."""
-    from medsr_dist.mri.prepare import prepare_slice_pairs
-    from medsr_dist.runtime import init_ray
+    from medsr_dist.mri.prepare import prepare_slice_pairs  # lazy: stage code, not loaded by --help
 
     cfg = _load(config, overrides, "prepare")
     mri = _mri(cfg, mode=mode, factor=factor, profile=profile, skip_empty=skip_empty)
@@ -82,8 +75,8 @@ def reconstruct(volume: str = typer.Argument(..., help="Thick-slice .nii/.nii.gz
                 config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
                 factor: int = FactorOpt, fusion: str = FusionOpt, profile: str = ProfileOpt) -> None:
     """Refine every through-plane slice of VOLUME with MODEL and write the isotropic volume (+ provenance JSON)."""
-    from medsr_dist.mri.job import reconstruct_volume
-    from medsr_dist.mri.volume import VolumeError
+    from medsr_dist.mri.job import reconstruct_volume  # lazy: stage code, not loaded by --help
+    from medsr_dist.mri.volume import VolumeError  # lazy: stage code, not loaded by --help
 
     cfg = _load(config, overrides)
     mri = _mri(cfg, factor=factor, fusion=fusion, profile=profile)
@@ -101,8 +94,8 @@ def self_sr(volume: str = typer.Argument(..., help="Thick-slice .nii/.nii.gz, or
             output: str = OutputOpt, config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
             factor: int = FactorOpt, fusion: str = FusionOpt, profile: str = ProfileOpt) -> None:
     """Self-supervised SR of VOLUME alone: its in-plane slices -> pairs -> training (train.iterations) -> reconstruction."""
-    from medsr_dist.pipeline.mri_self_sr import self_sr as run_self_sr
-    from medsr_dist.mri.volume import VolumeError
+    from medsr_dist.pipeline.mri_self_sr import self_sr as run_self_sr  # lazy: stage code, not loaded by --help
+    from medsr_dist.mri.volume import VolumeError  # lazy: stage code, not loaded by --help
 
     cfg = _load(config, overrides)
     mri = _mri(cfg, mode="self", factor=factor, fusion=fusion, profile=profile)

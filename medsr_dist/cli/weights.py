@@ -15,16 +15,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from medsr_dist.cli.common import _fail, console
+from medsr_dist.config import ConfigError, load_config
+from medsr_dist.storage import StorageError
+
 weights_app = typer.Typer(
     help="Pretrained weights: the Real-ESRGAN model zoo (list, fetch) and offline import of ncnn models.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
-
-
-def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}", highlight=False)
-    raise typer.Exit(1) from None
 
 
 @weights_app.command("list")
@@ -32,7 +30,7 @@ def list_weights(
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache directory (default: $MEDSR_CACHE or ~/.cache/medsr-dist/weights)"),
 ) -> None:
     """Show the model zoo: names, networks, release URLs, sha256 and whether each file is in the cache."""
-    from medsr_dist.models import zoo
+    from medsr_dist.models import zoo  # lazy: imports torch
 
     table = Table(title=f"model zoo (cache: {cache or zoo.cache_dir()})")
     for column in ("name", "net", "scale", "url", "sha256", "cache"):
@@ -53,8 +51,8 @@ def fetch(
     timeout: float = typer.Option(60.0, "--timeout", help="Network timeout in seconds"),
 ) -> None:
     """Download zoo weights into the cache (verified by sha256) and print the cached path."""
-    from medsr_dist.models import zoo
-    from medsr_dist.models.weights import WeightsError
+    from medsr_dist.models import zoo  # lazy: imports torch
+    from medsr_dist.models.weights import WeightsError  # lazy: imports torch
 
     last = [-1]
 
@@ -86,10 +84,8 @@ def import_ncnn(
     overrides: Optional[list[str]] = typer.Argument(None, help="Config overrides, e.g. storage.endpoint_url=http://minio:9000"),
 ) -> None:
     """Convert an ncnn Real-ESRGAN (RRDBNet) model into a PyTorch checkpoint usable as enhance.checkpoint."""
-    from medsr_dist.config import ConfigError, load_config
-    from medsr_dist.models import ncnn_import
-    from medsr_dist.models.weights import WeightsError
-    from medsr_dist.storage import StorageError
+    from medsr_dist.models import ncnn_import  # lazy: imports torch
+    from medsr_dist.models.weights import WeightsError  # lazy: imports torch
 
     explicit = param is not None or bin_path is not None
     if from_package == explicit or (explicit and (param is None or bin_path is None)):

@@ -13,20 +13,22 @@ from typing import Optional
 
 import typer
 
-from medsr_dist.cli import ConfigOpt, FailOnErrorOpt, OverridesArg, _load, app, console
+from medsr_dist.cli.common import ConfigOpt, FailOnErrorOpt, OverridesArg, _load, console
+from medsr_dist.storage import LeaseHeldError, Storage
+
+infer_app = typer.Typer()
 
 LogKeysOpt = typer.Option(False, "--log-keys", help="Name input keys in logs and progress (enhance.log_keys); "
                           "default: items are named by item id, since keys often embed accession numbers or names")
 
 
-@app.command()
+@infer_app.command()
 def enhance(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
             fail_on_error: bool = FailOnErrorOpt, log_keys: bool = LogKeysOpt) -> None:
     """Enhance every image under enhance.input with a trained model (Ray Data batch inference)."""
-    from medsr_dist.infer.enhance_job import ReplicasNotStartedError
-    from medsr_dist.pacs.dicomweb import PacsError
-    from medsr_dist.pipeline import run_enhance
-    from medsr_dist.storage import LeaseHeldError
+    from medsr_dist.infer.enhance_job import ReplicasNotStartedError  # lazy: stage code, not loaded by --help
+    from medsr_dist.pacs.dicomweb import PacsError  # lazy: stage code, not loaded by --help
+    from medsr_dist.pipeline import run_enhance  # lazy: stage code, not loaded by --help
 
     cfg = _load(config, [*(overrides or []), *(["enhance.log_keys=true"] if log_keys else [])], "enhance")
     try:
@@ -44,7 +46,7 @@ def enhance(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] =
         raise typer.Exit(1)
 
 
-@app.command()
+@infer_app.command()
 def export(
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = OverridesArg,
@@ -56,9 +58,8 @@ def export(
     exporter: str = typer.Option("auto", "--exporter", help="torch exporter: auto, torchscript or dynamo"),
 ) -> None:
     """Export a model for the onnxruntime backend (dynamic batch/height/width), checked against torch (<= 1e-4)."""
-    from medsr_dist.infer.export import export_model_file
-    from medsr_dist.infer.model_file import read_model_file
-    from medsr_dist.storage import Storage
+    from medsr_dist.infer.export import export_model_file  # lazy: stage code, not loaded by --help
+    from medsr_dist.infer.model_file import read_model_file  # lazy: stage code, not loaded by --help
 
     if fmt != "onnx":
         console.print(f"[bold red]error:[/] unknown format {fmt!r} (supported: onnx)", highlight=False)
@@ -77,7 +78,7 @@ def export(
     typer.echo(result.uri)
 
 
-@app.command()
+@infer_app.command()
 def status(
     output: str = typer.Argument(..., help="Output prefix or DICOMweb endpoint of `medsr enhance` (enhance.output; "
                                  "a DICOMweb output's manifest is found at enhance.manifest of -c/overrides)"),
@@ -87,13 +88,11 @@ def status(
 ) -> None:
     """Summarise the manifests under an output prefix: outputs, ignored, quarantined, flagged, the latest run's
     counts and errors (items named by item id unless --log-keys)."""
-    from medsr_dist.infer.enhance_job import format_summary, manifest_summary
-    from medsr_dist.storage import Storage
+    from medsr_dist.infer.enhance_job import format_summary, manifest_summary  # lazy: stage code, not loaded by --help
+    from medsr_dist.pacs.dicomweb import is_dicomweb  # lazy: stage code, not loaded by --help
 
     cfg = _load(config, overrides)
     try:
-        from medsr_dist.pacs.dicomweb import is_dicomweb
-
         same_run = is_dicomweb(output) or output.rstrip("/") == str(cfg.enhance.output).rstrip("/")
         summary = manifest_summary(Storage(cfg.storage), output, cfg.enhance.manifest if same_run else None,
                                    threshold_db=cfg.enhance.consistency_threshold_db,

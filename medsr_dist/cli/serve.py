@@ -10,13 +10,15 @@ from typing import Optional
 
 import typer
 
-from medsr_dist.cli import ConfigOpt, OverridesArg, _load, app, console
+from medsr_dist.cli.common import ConfigOpt, OverridesArg, _load, console
+
+serve_app = typer.Typer()
 
 
-@app.command()
+@serve_app.command()
 def serve(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Serve the configured models over HTTP (POST /v1/enhance, GET /v1/models, /healthz, /docs) until Ctrl-C."""
-    from medsr_dist.serve.app import run_local
+    from medsr_dist.serve.app import run_local  # lazy: stage code, not loaded by --help
 
     cfg = _load(config, overrides)
     try:
