@@ -41,7 +41,7 @@ def main() -> None:
 
     from medsr_dist.config import load_config
     from medsr_dist.infer.model_file import read_model_file
-    from medsr_dist.mri.nightly import VolumeReplicas, unpack_stored
+    from medsr_dist.enhance.volumes import VolumeReplicas, unpack_stored
     from medsr_dist.mri.reconstruct import plan_reconstruction
     from medsr_dist.mri.volume import Volume
 

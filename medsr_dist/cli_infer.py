@@ -23,7 +23,7 @@ LogKeysOpt = typer.Option(False, "--log-keys", help="Name input keys in logs and
 def enhance(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
             fail_on_error: bool = FailOnErrorOpt, log_keys: bool = LogKeysOpt) -> None:
     """Enhance every image under enhance.input with a trained model (Ray Data batch inference)."""
-    from medsr_dist.infer.enhance_job import ReplicasNotStartedError
+    from medsr_dist.enhance.job import ReplicasNotStartedError
     from medsr_dist.pacs.dicomweb import PacsError
     from medsr_dist.pipeline import run_enhance
     from medsr_dist.storage import LeaseHeldError
@@ -87,7 +87,7 @@ def status(
 ) -> None:
     """Summarise the manifests under an output prefix: outputs, ignored, quarantined, flagged, the latest run's
     counts and errors (items named by item id unless --log-keys)."""
-    from medsr_dist.infer.enhance_job import format_summary, manifest_summary
+    from medsr_dist.enhance.status import format_summary, manifest_summary
     from medsr_dist.storage import Storage
 
     cfg = _load(config, overrides)

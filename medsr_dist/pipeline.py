@@ -113,7 +113,7 @@ def run_train(cfg: MedsrConfig, console: Console):
 def run_enhance(cfg: MedsrConfig, console: Console, progress_every_s: float = 10.0):
     """Enhance an archive; prints progress (items done/total, throughput) while it runs, then errors, flagged
     outputs and, on the last line, where the manifest is."""
-    from medsr_dist.infer.enhance_job import run_enhance_job
+    from medsr_dist.enhance.job import run_enhance_job
     from medsr_dist.runtime import init_ray
 
     init_ray(cfg)

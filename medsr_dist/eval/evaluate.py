@@ -563,7 +563,7 @@ class ScoreImages:
 
     def _scores(self, sr: np.ndarray, hr: np.ndarray, lr: np.ndarray) -> dict[str, float | str]:
         from medsr_dist.eval.metrics import psnr, ssim
-        from medsr_dist.infer.enhance_job import consistency_psnr
+        from medsr_dist.infer.consistency import consistency_psnr
 
         p = self.protocol
         args = {"crop_border": p.crop_border, "test_y_channel": p.test_y_channel, "max_value": 1.0}

@@ -593,7 +593,7 @@ def _pacs_reason(response, sent: bytes | None) -> str:
 
 
 def _clean(text: str, sent: bytes | None) -> str:
-    from medsr_dist.infer.enhance_job import phi_values, sanitize_reason
+    from medsr_dist.io.phi import phi_values, sanitize_reason
 
     text = re.sub(r"\b\d+(?:\.\d+){3,}\b", "<uid>", text)  # study/series/instance UIDs stay out of reasons
     text = sanitize_reason(text, secrets=phi_values(sent))

@@ -21,14 +21,11 @@ import time
 from typing import Any
 
 from medsr_dist.config import MedsrConfig, ServeConfig, load_config
+from medsr_dist.infer.serve_names import model_deployment_name
 
 log = logging.getLogger(__name__)
 
 INGRESS_NAME = "ingress"
-
-
-def model_deployment_name(name: str) -> str:
-    return f"model-{name}"
 
 
 def served_models(cfg: MedsrConfig) -> list[ServeConfig.Model]:
