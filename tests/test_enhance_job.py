@@ -749,7 +749,7 @@ def test_a_non_image_object_is_ignored_with_its_sop_class_named(tmp_path, tiny_m
 
 
 def test_reasons_never_carry_identifiers_from_the_header_or_the_key(tmp_path, tiny_model_dir, monkeypatch):
-    from medsr_dist.io import image as image_io
+    from medsr_dist.enhance import read as image_io
     from medsr_dist.io.dicom import build_radiograph_dataset, dataset_to_bytes
 
     ds = build_radiograph_dataset(make_radiograph(1, 32)[:16, :16], bits_stored=12, patient_id="ACC-PID-31337")

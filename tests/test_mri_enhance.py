@@ -1,4 +1,4 @@
-"""The nightly job on volumes (`medsr enhance`, medsr_dist/mri/nightly.py) and `medsr eval` mri-aniso-x4, on one
+"""The nightly job on volumes (`medsr enhance`, medsr_dist/enhance/volumes.py) and `medsr eval` mri-aniso-x4, on one
 local Ray: a folder of NIfTI volumes, a DICOM series folder and a 2-D image enhanced together; a rerun skips them
 unread; bad volumes (4-D, sheared orientation matrix, missing slices, over the voxel limit) are error rows naming
 the item and the problem, with nothing written.

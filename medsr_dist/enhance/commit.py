@@ -3,7 +3,7 @@
 Contract: :class:`EncodeCommit` turns each row into one manifest row (:data:`~medsr_dist.enhance.manifest.MANIFEST_SCHEMA`).
 A ``todo`` row is committed by its kind's committer (:data:`EncodeCommit.committers`: 2-D images here, volumes by
 :func:`~medsr_dist.enhance.volumes.commit_volume`); the item record is written only after the output is complete, so
-its presence means "done". :func:`image_provenance` is the text written into a 2-D output.
+its presence means "done".
 """
 from __future__ import annotations
 
@@ -15,19 +15,13 @@ import numpy as np
 from medsr_dist.enhance import uncertainty
 from medsr_dist.enhance.identity import item_record_uri
 from medsr_dist.enhance.manifest import manifest_row, now_iso
-from medsr_dist.enhance.spec import IMAGE_KIND, JobSpec, error_reason, row_model, under
+from medsr_dist.enhance.spec import IMAGE_KIND, JobSpec, error_reason, image_provenance, row_model, under
 from medsr_dist.enhance.volumes import commit_volume
 from medsr_dist.infer.consistency import consistency_psnr
-from medsr_dist.infer.provenance import VOLUME_KIND, output_provenance
+from medsr_dist.infer.provenance import VOLUME_KIND
 from medsr_dist.infer.rows import batch_rows, columns
 from medsr_dist.io.image import ImageMeta, encode_image
 from medsr_dist.io.phi import phi_values, sanitize_reason
-
-
-def image_provenance(spec: JobSpec, input_key: str, input_sha256: str, scale_text: str) -> dict[str, str]:
-    """The provenance written into a 2-D output file (and repeated in its manifest row)."""
-    return output_provenance(model_name=spec.model.name, model_sha256=spec.model.sha256, scale=scale_text,
-                             params_json=spec.params_json, source=input_key, source_sha256=input_sha256)
 
 
 class EncodeCommit:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from medsr_dist.config import EnhanceConfig
 from medsr_dist.enhance.identity import MANIFEST_DIR, item_id, item_record_uri, output_id
 from medsr_dist.enhance.manifest import LEDGER_STATUSES, manifest_row, manifest_uri, now_iso, read_manifest
+from medsr_dist.enhance.sides import output_side
 from medsr_dist.enhance.spec import JobSpec, keyed_by, rel_key, row_model, under
 from medsr_dist.io.phi import sanitize_reason
 from medsr_dist.pacs.dicomweb import is_dicomweb
@@ -110,11 +111,7 @@ def _listed_outputs(storage: Storage, spec: JobSpec, done: dict[str, list[dict]]
     """The outputs and item records that exist, of the ``done`` rows of the listed inputs: a listing of the output
     prefix (and of the records' folder when the manifest lives elsewhere); a DICOMweb output is asked with one
     QIDO-RS per derived series."""
-    if spec.output_is_pacs:
-        listed = {e.uri for e in entries}
-        found = storage.existing([r["output_key"] for key, rows in done.items() if key in listed for r in rows])
-    else:
-        found = set(storage.list_files(spec.output))
+    found = output_side(spec.output).listed(storage, spec, done, entries)
     items_dir = Storage.join(spec.records, MANIFEST_DIR, "items")
     if spec.records != spec.output and storage.exists(items_dir):
         found |= set(storage.list_files(items_dir))

@@ -10,16 +10,14 @@ from __future__ import annotations
 import hashlib
 import time
 
-from medsr_dist.enhance.commit import image_provenance
-from medsr_dist.enhance.identity import item_id, item_record_uri, output_id, output_key_for
+from medsr_dist.enhance.identity import item_id, item_record_uri, output_id
+from medsr_dist.enhance.sides import output_side
 from medsr_dist.enhance.spec import IMAGE_KIND, JobSpec, error_reason, item_kind, rel_key, under
 from medsr_dist.enhance.volumes import read_volume_item
 from medsr_dist.infer.provenance import VOLUME_KIND
 from medsr_dist.infer.rows import NO_PIXELS, columns
-from medsr_dist.io.image import ImageDecodeError, NotAnImageObject, decode_image, output_extension, probe_image
+from medsr_dist.io.image import ImageDecodeError, NotAnImageObject, decode_image, probe_image
 from medsr_dist.io.phi import phi_values, sanitize_reason
-from medsr_dist.pacs.dicomweb import is_dicomweb
-from medsr_dist.pacs.storage import derived_instance_uri
 
 
 class ReadDecode:
@@ -74,11 +72,8 @@ class ReadDecode:
             row["input_format"], row["frames"] = probe.format, probe.frames
             oid = output_id(row["input_sha256"], spec.model.sha256, spec.params)
             row["item_id"] = item_id(rel, oid)
-            if spec.output_is_pacs:
-                row["output_key"] = self._pacs_output_key(key, row["input_sha256"], data, probe.format)
-            else:  # an instance's key ends in its SOP Instance UID: keep all of it in the file name
-                named = rel + ".dcm" if is_dicomweb(spec.input) else rel
-                row["output_key"] = output_key_for(spec.output, named, oid, output_extension(probe.format))
+            row["output_key"] = output_side(spec.output).output_key(spec, key, rel, oid, row["input_sha256"], data,
+                                                                    probe.format)
             if not under(row["output_key"], spec.output):  # by construction; asserted because it must never fail
                 raise ValueError(f"output key {row['output_key']} is not under the output prefix {spec.output}")
         except NotAnImageObject as exc:
@@ -87,14 +82,6 @@ class ReadDecode:
             row.update(status="error", error=error_reason(exc))
         row["seconds"] = time.perf_counter() - t0
         return row, data, probe
-
-    def _pacs_output_key(self, key: str, sha256: str, data: bytes, fmt: str) -> str:
-        """The derived instance's URI at the DICOMweb output, from the source header (deterministic UIDs)."""
-        if fmt != "dicom":
-            raise ValueError(f"enhance.output is a DICOMweb endpoint, which stores DICOM objects only; this input is "
-                             f"{fmt}")
-        provenance = image_provenance(self.spec, key, sha256, f"{self.spec.params['outscale']:g}")
-        return derived_instance_uri(self.spec.output, data, provenance)
 
     def _present(self, rows: list[dict]) -> set[str] | str:
         """Which item records and outputs of ``rows`` exist: a set of URIs, or the reason the check failed. A PACS
@@ -105,10 +92,7 @@ class ReadDecode:
                         for uri in [item_record_uri(self.spec.records, r["item_id"])] if storage.exists(uri)}
             if not recorded:
                 return set()
-            if self.spec.output_is_pacs:
-                outputs = storage.existing(list(recorded))
-            else:
-                outputs = {k for k in recorded if storage.exists(k)}
+            outputs = output_side(self.spec.output).existing(storage, list(recorded))
             return outputs | {recorded[k] for k in outputs}
         except Exception as exc:  # noqa: BLE001 - every row of the batch that needed the answer says why
             return f"checking for existing outputs failed: {error_reason(exc)}"

@@ -8,12 +8,11 @@ by; :func:`error_reason` turns an exception into a row's reason.
 """
 from __future__ import annotations
 
-import json
 import posixpath
 from dataclasses import dataclass
 
 from medsr_dist.infer.model_file import ModelFile
-from medsr_dist.infer.provenance import VOLUME_KIND
+from medsr_dist.infer.provenance import VOLUME_KIND, output_provenance, params_json
 from medsr_dist.io.image import ImageDecodeError
 from medsr_dist.pacs.dicomweb import PacsError, is_dicomweb
 from medsr_dist.enhance.volumes import is_volume_key
@@ -47,7 +46,7 @@ class JobSpec:
 
     @property
     def params_json(self) -> str:
-        return json.dumps(self.params, sort_keys=True)
+        return params_json(self.params)
 
     @property
     def records(self) -> str:
@@ -91,7 +90,7 @@ def _image_model(spec: JobSpec) -> dict:
 def _volume_model(spec: JobSpec) -> dict:
     vm = spec.volumes["model"]
     return {"model_name": vm.name if vm is not None else "", "model_sha256": vm.sha256 if vm is not None else "",
-            "params": json.dumps(spec.volumes["params"], sort_keys=True)}
+            "params": params_json(spec.volumes["params"])}
 
 
 def _image_keyed_by(spec: JobSpec) -> tuple[str, dict]:
@@ -128,3 +127,9 @@ def error_reason(exc: BaseException) -> str:
     if isinstance(exc, PacsError):  # names the endpoint, the request, the HTTP status and the PACS's reason
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
+
+
+def image_provenance(spec: JobSpec, input_key: str, input_sha256: str, scale_text: str) -> dict[str, str]:
+    """The provenance written into a 2-D output file (and repeated in its manifest row)."""
+    return output_provenance(model_name=spec.model.name, model_sha256=spec.model.sha256, scale=scale_text,
+                             params_json=spec.params_json, source=input_key, source_sha256=input_sha256)

@@ -13,6 +13,7 @@ import numpy as np
 from medsr_dist.enhance import uncertainty
 from medsr_dist.enhance.identity import MANIFEST_DIR
 from medsr_dist.enhance.manifest import STATUSES, manifest_uri, read_manifest, watermark_uri
+from medsr_dist.enhance.sides import output_side
 from medsr_dist.io.phi import item_label
 from medsr_dist.pacs.dicomweb import is_dicomweb
 from medsr_dist.pacs.storage import read_watermark
@@ -112,7 +113,7 @@ def format_summary(summary: dict, max_listed: int = 10, *, log_keys: bool = Fals
     def name(iid: str, key: str) -> str:
         return key if log_keys else item_label({"item_id": iid, "input_key": key})
 
-    lines = [f"output {'endpoint' if is_dicomweb(summary['output']) else 'prefix'}: {summary['output']}",
+    lines = [f"output {output_side(summary['output']).label}: {summary['output']}",
              f"outputs: {summary['outputs']} ({summary['input_bytes'] / gib:.3f} GiB in -> "
              f"{summary['output_bytes'] / gib:.3f} GiB out), flagged for review: {summary['flagged']}",
              f"inputs ignored (not images): {summary['ignored']}, quarantined: {summary['quarantined']}"]

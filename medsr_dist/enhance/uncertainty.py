@@ -12,18 +12,16 @@ Rows of other families carry :data:`EMPTY` (``std`` :data:`NO_STD`, ``uncertaint
 """
 from __future__ import annotations
 
-import io
 import math
 import posixpath
 from collections.abc import Iterator
 
 import numpy as np
-import pydicom
 
+from medsr_dist.enhance.sides import output_side
 from medsr_dist.enhance.spec import under
 from medsr_dist.infer.rows import NO_OUTPUT, NO_PIXELS
 from medsr_dist.io.image import ImageMeta, encode_image
-from medsr_dist.pacs.dicomweb import Endpoint, InstanceRef, is_dicomweb
 
 NO_STD = np.zeros((0, 0, 0), np.uint16)  # rows without an uncertainty map (one sample, or not enhanced)
 
@@ -103,7 +101,7 @@ def write_uncertainty(spec, item: dict, row: dict, meta, scale: float, provenanc
     if meta.format == "dicom":
         data = uncertainty_dicom(std, bytes(item["header"]), text, scale=scale, samples=samples,
                                  compression=spec.dicom_compression)
-        key = std_instance_uri(spec.output, data) if is_dicomweb(spec.output) else stem + ".std.dcm"
+        key = output_side(spec.output).std_key(spec.output, stem, data)
     else:
         key = stem + ".std.png"
         png = ImageMeta(format="png", dtype="uint16", bits_stored=16, channels=1, photometric="MONOCHROME2")
@@ -112,14 +110,6 @@ def write_uncertainty(spec, item: dict, row: dict, meta, scale: float, provenanc
         raise ValueError(f"uncertainty key {key} is not under the output prefix {spec.output}")
     spec.storage.write_bytes(key, data)
     return {"uncertainty_p99": float(item["uncertainty_p99"]), "uncertainty_key": key}
-
-
-def std_instance_uri(output: str, data: bytes) -> str:
-    """Where an uncertainty map (a derived object of its own series, deterministic UIDs) lands at the DICOMweb
-    ``output``: its own study/series/instance URI — a PACS stores objects by UID, not beside a file name."""
-    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-    endpoint, _ = Endpoint.parse(output)
-    return InstanceRef(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)).uri(endpoint)
 
 
 def uncertainty_p99_of(row: dict) -> float | None:
