@@ -43,6 +43,7 @@ CRASH_REASON = ("the model replica died with this item in its batch, and again w
                 "(a crash or out of memory in the model or its runtime)")
 
 
+@dataclass
 class EnhanceProgress:
     """Where a run stands; handed to the progress callback after every item."""
 
