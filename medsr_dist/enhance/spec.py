@@ -54,10 +54,6 @@ class JobSpec:
         output prefix."""
         return (self.manifest or self.output).rstrip("/")
 
-    @property
-    def output_is_pacs(self) -> bool:
-        return is_dicomweb(self.output)
-
 
 def under(uri: str, prefix: str) -> bool:
     """:func:`~medsr_dist.storage.is_under`, also for DICOMweb URIs (an instance below its endpoint)."""
