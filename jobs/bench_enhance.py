@@ -268,7 +268,7 @@ def end_to_end(args, net) -> dict:
     from medsr_dist.config import load_config
     from medsr_dist.infer.backends import TorchBackend, auto_batch_size
     from medsr_dist.infer.engine import TileSpec, enhance_many
-    from medsr_dist.infer.enhance_job import run_enhance_job
+    from medsr_dist.enhance.job import run_enhance_job
     from medsr_dist.io.image import ImageMeta, encode_image
 
     torch.set_num_threads(args.threads)
@@ -340,7 +340,10 @@ def actor_peak_rss(args) -> dict:
     import ray
 
     from medsr_dist.config import load_config
-    from medsr_dist.infer.enhance_job import EnhanceReplica, JobSpec, ReadDecode, enhance_params
+    from medsr_dist.enhance.read import ReadDecode
+    from medsr_dist.enhance.replicas import EnhanceReplica
+    from medsr_dist.enhance.spec import JobSpec
+    from medsr_dist.infer.provenance import enhance_params
     from medsr_dist.infer.model_file import read_model_file
     from medsr_dist.io.image import ImageMeta, encode_image
     from medsr_dist.storage import Storage
@@ -389,7 +392,7 @@ def incremental_nights(args) -> dict:
     import ray
 
     from medsr_dist.config import load_config
-    from medsr_dist.infer.enhance_job import run_enhance_job
+    from medsr_dist.enhance.job import run_enhance_job
     from medsr_dist.io.image import ImageMeta, encode_image
     from medsr_dist.storage import Storage
 

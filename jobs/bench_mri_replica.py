@@ -2,7 +2,7 @@
 output volume with peak RSS <= 3 GB).
 
 Runs, in this process, exactly what an EnhanceReplica actor runs for a volume row
-(:class:`medsr_dist.mri.nightly.VolumeReplicas`: ModelReplica + cross-plane reconstruction through the one engine,
+(:class:`medsr_dist.enhance.volumes.VolumeReplicas`: ModelReplica + cross-plane reconstruction through the one engine,
 output quantised to the source's int16) on a synthetic 512 x 512 x 75 int16 volume (1 x 1 x 4 mm) at x4, and
 prints the process's peak RSS (``ru_maxrss``), wall time and output voxels per second. The model is a seeded tiny
 RRDBNet x1 (the test suite's) unless ``--model`` names an exported scale-1 model (``--identity``: no network, the
@@ -41,7 +41,7 @@ def main() -> None:
 
     from medsr_dist.config import load_config
     from medsr_dist.infer.model_file import read_model_file
-    from medsr_dist.mri.nightly import VolumeReplicas, unpack_stored
+    from medsr_dist.enhance.volumes import VolumeReplicas, unpack_stored
     from medsr_dist.mri.reconstruct import plan_reconstruction
     from medsr_dist.mri.volume import Volume
 

@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
     import ray
 
     from medsr_dist.config import load_config
-    from medsr_dist.infer.enhance_job import run_enhance_job
+    from medsr_dist.enhance.job import run_enhance_job
     from orthanc import local_orthanc
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-pacs-"))

@@ -235,7 +235,7 @@ def open_loop(url: str, data: list[bytes], rate: float, seconds: float, seed: in
 def nightly_job(checkpoint: str, archive: Path, output: Path, replicas: int, *extra: str):
     """The nightly job over ``archive`` (wall seconds, result) with the bench's engine settings."""
     from medsr_dist.config import load_config
-    from medsr_dist.infer.enhance_job import run_enhance_job
+    from medsr_dist.enhance.job import run_enhance_job
 
     cfg = load_config(None, [f"run.root={output.parent}", f"enhance.input={archive}", f"enhance.output={output}",
                              f"enhance.checkpoint={checkpoint}", *(f"enhance.{k}={v}" for k, v in ENGINE.items()),

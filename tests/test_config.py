@@ -144,7 +144,7 @@ def test_config_survives_the_trip_to_ray_workers(name):
 
 def test_medsr_enhance_exits_2_with_the_reason_when_min_replicas_never_start(monkeypatch, tmp_path, tiny_model_dir):
     import medsr_dist.pipeline
-    from medsr_dist.infer.enhance_job import ReplicasNotStartedError
+    from medsr_dist.enhance.job import ReplicasNotStartedError
 
     def starved(cfg, console):
         raise ReplicasNotStartedError("enhance.min_replicas 2 model replica(s) (1 CPU each) did not all start")

@@ -26,20 +26,14 @@ from typer.testing import CliRunner
 from conftest import write_tiny_model
 from medsr_dist.config import load_config
 from medsr_dist.data.synthetic import make_corrupt_files, make_radiograph, write_sample_archive
-from medsr_dist.infer.enhance_job import (
-    MANIFEST_DIR,
-    EncodeCommit,
-    EnhanceReplica,
-    JobSpec,
-    ReadDecode,
-    _rows,
-    enhance_params,
-    item_id,
-    output_id,
-    output_key_for,
-    read_manifest,
-    remove_stale_partials,
-)
+from medsr_dist.enhance.commit import EncodeCommit
+from medsr_dist.enhance.identity import MANIFEST_DIR, item_id, output_id, output_key_for
+from medsr_dist.enhance.manifest import read_manifest, remove_stale_partials
+from medsr_dist.enhance.read import ReadDecode
+from medsr_dist.enhance.replicas import EnhanceReplica
+from medsr_dist.enhance.spec import JobSpec
+from medsr_dist.infer.provenance import enhance_params
+from medsr_dist.infer.rows import batch_rows as _rows
 from medsr_dist.infer.model_file import read_model_file
 from medsr_dist.infer.replica import PrecisionMismatch
 from medsr_dist.io.image import decode_image
@@ -145,13 +139,13 @@ def test_stages_enhance_record_and_then_skip_each_item(tmp_path, tiny_model_dir,
     assert third["mono2-16.dcm"]["status"] == "done" and Path(rows["mono2-16.dcm"]["output_key"]).is_file()
     assert third["mono2-16.dcm"]["output_key"] == rows["mono2-16.dcm"]["output_key"]
     # an engine whose pixels differ (a new ENGINE_REVISION) makes its own outputs beside the older engine's
-    from medsr_dist.infer import enhance_job
+    from medsr_dist.infer import provenance
 
-    monkeypatch.setattr(enhance_job, "ENGINE_REVISION", enhance_job.ENGINE_REVISION + 1)
+    monkeypatch.setattr(provenance, "ENGINE_REVISION", provenance.ENGINE_REVISION + 1)
     newer = {Path(r["input_key"]).name: r for r in run_stages_locally(cfg, keys)}
     for name in valid:
         assert newer[name]["status"] == "done" and newer[name]["output_key"] != rows[name]["output_key"]
-        assert json.loads(newer[name]["params"])["engine"] == enhance_job.ENGINE_REVISION
+        assert json.loads(newer[name]["params"])["engine"] == provenance.ENGINE_REVISION
         assert Path(rows[name]["output_key"]).is_file() and Path(newer[name]["output_key"]).is_file()
 
 
@@ -298,7 +292,7 @@ def nightly(s3_server, tmp_path_factory, _s3_admin):
         after_third = s3_objects(_s3_admin, output)
         # min_replicas this 4-CPU cluster cannot hold (2 replicas of 3 CPUs), to another prefix; last: its replica
         # may hold its CPUs until the session ends
-        from medsr_dist.infer.enhance_job import run_enhance_job
+        from medsr_dist.enhance.job import run_enhance_job
 
         starved = load_config(config_path, [f"enhance.output={output}-starved", "enhance.min_replicas=2",
                                             "enhance.max_replicas=2", "enhance.cpus_per_replica=3",
@@ -325,7 +319,7 @@ def nightly(s3_server, tmp_path_factory, _s3_admin):
 
 @pytest.mark.slow
 def test_a_cluster_that_cannot_start_min_replicas_fails_the_run_naming_the_key_before_reading_any_item(nightly):
-    from medsr_dist.infer.enhance_job import ReplicasNotStartedError
+    from medsr_dist.enhance.job import ReplicasNotStartedError
 
     err = nightly["starved_error"]
     assert isinstance(err, ReplicasNotStartedError), repr(err)
@@ -487,7 +481,8 @@ def test_status_summarises_the_manifests_of_an_output_prefix(nightly):
 # --------------------------------------------------------------------------------------------------------
 # Hostile input (issue 12): limits from headers, NaN outputs, poison items, paths, one run per prefix, PHI
 # --------------------------------------------------------------------------------------------------------
-from medsr_dist.infer import enhance_job  # noqa: E402
+from medsr_dist.enhance import plan as enhance_plan  # noqa: E402
+from medsr_dist.infer import rows as infer_rows  # noqa: E402
 from medsr_dist.infer.backends import BACKENDS, register_backend  # noqa: E402
 from medsr_dist.infer.model_file import build_model_backend  # noqa: E402
 from medsr_dist.io.image import ImageMeta, encode_image  # noqa: E402
@@ -636,7 +631,7 @@ def test_a_model_output_with_nan_is_an_error_and_writes_nothing(tmp_path, tiny_m
     assert rows["fine.png"]["status"] == "done"
     written = [p.name for p in (tmp_path / "out").iterdir() if p.is_file()]
     assert written == [Path(rows["fine.png"]["output_key"]).name]  # no output, no record for the NaN image
-    assert enhance_job.non_finite(np.array([0.5, np.inf, -np.inf, np.nan], np.float32)) == 3
+    assert infer_rows.non_finite(np.array([0.5, np.inf, -np.inf, np.nan], np.float32)) == 3
 
 
 def test_a_failing_batch_is_retried_so_one_bad_image_fails_alone_and_the_rest_are_unchanged(tmp_path, tiny_model_dir):
@@ -675,7 +670,7 @@ def test_a_failing_batch_is_retried_so_one_bad_image_fails_alone_and_the_rest_ar
     (MemoryError(), False),
 ])
 def test_fatal_device_errors_are_told_apart_from_per_image_failures(exc, fatal):
-    assert enhance_job.is_fatal_device_error(exc) is fatal
+    assert infer_rows.is_fatal_device_error(exc) is fatal
 
 
 def test_a_fatal_device_error_restarts_the_replica_instead_of_failing_the_image(tmp_path, tiny_model_dir, monkeypatch):
@@ -710,7 +705,7 @@ def test_keys_that_climb_out_or_are_absolute_are_refused_and_outputs_stay_under_
 @pytest.mark.parametrize("spelling", ["{out}", "{out}/", "file://{out}", "file://{out}/", "{archive}/./enhanced",
                                       "{archive}/sub/../enhanced/"])
 def test_the_output_prefix_is_never_listed_as_input_however_it_is_spelled(tmp_path, spelling):
-    from medsr_dist.infer.enhance_job import list_inputs
+    from medsr_dist.enhance.plan import list_inputs
 
     archive = tmp_path / "archive"
     (archive / "enhanced" / "_manifest").mkdir(parents=True)
@@ -754,7 +749,7 @@ def test_a_non_image_object_is_ignored_with_its_sop_class_named(tmp_path, tiny_m
 
 
 def test_reasons_never_carry_identifiers_from_the_header_or_the_key(tmp_path, tiny_model_dir, monkeypatch):
-    from medsr_dist.io import image as image_io
+    from medsr_dist.enhance import read as image_io
     from medsr_dist.io.dicom import build_radiograph_dataset, dataset_to_bytes
 
     ds = build_radiograph_dataset(make_radiograph(1, 32)[:16, :16], bits_stored=12, patient_id="ACC-PID-31337")
@@ -776,7 +771,8 @@ def test_reasons_never_carry_identifiers_from_the_header_or_the_key(tmp_path, ti
 
 
 def test_logs_and_status_name_items_by_id_and_keys_only_when_asked():
-    from medsr_dist.infer.enhance_job import format_summary, item_label, key_ref
+    from medsr_dist.enhance.status import format_summary
+    from medsr_dist.io.phi import item_label, key_ref
 
     row = {"input_key": "s3://pacs/ACC123/img.dcm", "item_id": "0123456789abcdef0123"}
     assert item_label(row) == "item 0123456789abcdef0123" and item_label(row, log_keys=True) == row["input_key"]
@@ -796,7 +792,8 @@ def test_logs_and_status_name_items_by_id_and_keys_only_when_asked():
 
 
 def test_status_says_why_each_output_was_flagged_consistency_or_uncertainty(tmp_path):
-    from medsr_dist.infer.enhance_job import _manifest_row, format_summary, manifest_summary, manifest_uri, write_manifest
+    from medsr_dist.enhance.manifest import manifest_row as _manifest_row, manifest_uri, write_manifest
+    from medsr_dist.enhance.status import format_summary, manifest_summary
 
     def done(name: str, score: float, p99: float | None = None) -> dict:
         std = {"uncertainty_p99": p99, "uncertainty_key": f"{tmp_path}/o/{name}.std.png"} if p99 is not None else {}
@@ -821,7 +818,8 @@ def test_status_says_why_each_output_was_flagged_consistency_or_uncertainty(tmp_
 
 
 def test_a_second_run_on_a_leased_prefix_exits_clearly_and_touches_nothing(tmp_path, tiny_model_dir):
-    from medsr_dist.infer.enhance_job import LEASE_FILE, run_enhance_job
+    from medsr_dist.enhance.identity import LEASE_FILE
+    from medsr_dist.enhance.job import run_enhance_job
     from medsr_dist.storage import Lease, LeaseHeldError
 
     archive = tmp_path / "archive"
@@ -845,7 +843,8 @@ def test_a_poison_input_fails_alone_and_is_quarantined_after_max_attempts(tmp_pa
     """A real Ray run, twice (then a third time without Ray work): an input that segfaults its replica."""
     import ray
 
-    from medsr_dist.infer.enhance_job import manifest_summary, run_enhance_job
+    from medsr_dist.enhance.job import run_enhance_job
+    from medsr_dist.enhance.status import manifest_summary
 
     archive = tmp_path / "archive"
     archive.mkdir()
@@ -884,12 +883,13 @@ def test_a_poison_input_fails_alone_and_is_quarantined_after_max_attempts(tmp_pa
     summary = manifest_summary(Storage(), cfg.enhance.output)
     assert (summary["outputs"], summary["quarantined"], summary["ignored"]) == (len(innocent), 1, 0)
     (archive / "poison.png").write_bytes(png8(make_radiograph(7, 32)))  # replaced by a readable image
-    plan = enhance_job.plan_run(Storage(), job_spec(cfg, "after"), enhance_job.list_inputs(Storage(), cfg.enhance))
+    plan = enhance_plan.plan_run(Storage(), job_spec(cfg, "after"), enhance_plan.list_inputs(Storage(), cfg.enhance))
     assert [i["key"] for i in plan.todo] == [poison] and not plan.alone  # changed content: tried afresh
 
 
 def test_an_unchanged_input_is_skipped_from_the_manifest_without_being_read(tmp_path, tiny_model_dir):
-    from medsr_dist.infer.enhance_job import list_inputs, manifest_uri, merge_cumulative, plan_run, write_manifest
+    from medsr_dist.enhance.manifest import manifest_uri, merge_cumulative, write_manifest
+    from medsr_dist.enhance.plan import list_inputs, plan_run
 
     class CountingStorage(Storage):
         """Counts bytes read from input keys (the manifest and listings are not input data)."""
@@ -937,7 +937,8 @@ def test_an_unchanged_input_is_skipped_from_the_manifest_without_being_read(tmp_
 
 def test_a_second_run_on_a_leased_s3_prefix_exits_and_leaves_the_first_runs_lease(s3_server, s3_bucket, tiny_model_dir,
                                                                                    tmp_path):
-    from medsr_dist.infer.enhance_job import LEASE_FILE, run_enhance_job
+    from medsr_dist.enhance.identity import LEASE_FILE
+    from medsr_dist.enhance.job import run_enhance_job
     from medsr_dist.storage import Lease, LeaseHeldError
 
     storage = Storage(load_config(None, [f"storage.endpoint_url={s3_server}"]).storage)

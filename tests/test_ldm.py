@@ -494,7 +494,8 @@ def test_loop_validation_and_pair_stage_for_both_stages(vae_export, ldm_export):
 # ---------------------------------------------------------------------------------------------------------
 def test_sampling_overrides_run_and_key_the_outputs(ldm_export, tiny_model_dir):
     from medsr_dist.config import EnhanceConfig
-    from medsr_dist.infer.enhance_job import enhance_params, output_id
+    from medsr_dist.enhance.identity import output_id
+    from medsr_dist.infer.provenance import enhance_params
     from medsr_dist.infer.model_file import read_model_file
     from medsr_dist.storage import Storage
 
@@ -541,7 +542,12 @@ def test_nightly_stages_write_the_uncertainty_map_beside_the_output(ldm_export, 
     import pydicom
 
     from medsr_dist.infer.diffusion_backend import STD_FULL_SCALE
-    from medsr_dist.infer.enhance_job import EncodeCommit, EnhanceReplica, JobSpec, ReadDecode, _rows, enhance_params
+    from medsr_dist.enhance.commit import EncodeCommit
+    from medsr_dist.enhance.read import ReadDecode
+    from medsr_dist.enhance.replicas import EnhanceReplica
+    from medsr_dist.enhance.spec import JobSpec
+    from medsr_dist.infer.provenance import enhance_params
+    from medsr_dist.infer.rows import batch_rows as _rows
     from medsr_dist.infer.model_file import read_model_file
     from medsr_dist.io.dicom import build_radiograph_dataset, dataset_to_bytes
     from medsr_dist.io.image import decode_image
@@ -638,8 +644,13 @@ def test_a_pacs_output_gets_each_uncertainty_map_as_its_own_series_and_never_lis
 
     import pydicom
 
-    from medsr_dist.infer.enhance_job import EncodeCommit, EnhanceReplica, JobSpec, ReadDecode, _rows, enhance_params
-    from medsr_dist.infer.enhance_job import list_inputs
+    from medsr_dist.enhance.commit import EncodeCommit
+    from medsr_dist.enhance.read import ReadDecode
+    from medsr_dist.enhance.replicas import EnhanceReplica
+    from medsr_dist.enhance.spec import JobSpec
+    from medsr_dist.infer.provenance import enhance_params
+    from medsr_dist.infer.rows import batch_rows as _rows
+    from medsr_dist.enhance.plan import list_inputs
     from medsr_dist.infer.model_file import read_model_file
     from medsr_dist.io.dicom import build_radiograph_dataset, dataset_to_bytes
     from medsr_dist.pacs.storage import PacsStorage

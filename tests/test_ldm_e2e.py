@@ -123,7 +123,7 @@ def test_onnx_export_writes_the_three_networks(pipeline):
 
 
 def _manifests(out: Path):
-    from medsr_dist.infer.enhance_job import read_manifest
+    from medsr_dist.enhance.manifest import read_manifest
     from medsr_dist.storage import Storage
 
     runs = sorted((out / "_manifest" / "runs").glob("*.parquet"))
@@ -162,7 +162,7 @@ def test_nightly_outputs_are_bit_reproducible_outside_the_job(pipeline):
     sample index and run seed, and every batch is padded to the same size."""
     from medsr_dist.infer.diffusion_backend import DiffusionBackend
     from medsr_dist.infer.engine import TileSpec, enhance_array
-    from medsr_dist.infer.enhance_job import quantize
+    from medsr_dist.infer.rows import quantize
     from medsr_dist.infer.model_file import read_model_file
     from medsr_dist.io.image import decode_image
     from medsr_dist.storage import Storage

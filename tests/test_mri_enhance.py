@@ -1,4 +1,4 @@
-"""The nightly job on volumes (`medsr enhance`, medsr_dist/mri/nightly.py) and `medsr eval` mri-aniso-x4, on one
+"""The nightly job on volumes (`medsr enhance`, medsr_dist/enhance/volumes.py) and `medsr eval` mri-aniso-x4, on one
 local Ray: a folder of NIfTI volumes, a DICOM series folder and a 2-D image enhanced together; a rerun skips them
 unread; bad volumes (4-D, sheared orientation matrix, missing slices, over the voxel limit) are error rows naming
 the item and the problem, with nothing written.
@@ -107,7 +107,8 @@ def job_config(root: Path, *extra: str):
 
 
 def test_nightly_job_enhances_nifti_volumes_and_a_dicom_series_and_refuses_bad_volumes(archive, ray_local):
-    from medsr_dist.infer.enhance_job import read_manifest, run_enhance_job
+    from medsr_dist.enhance.job import run_enhance_job
+    from medsr_dist.enhance.manifest import read_manifest
     from medsr_dist.storage import Storage
 
     cfg = job_config(archive)
@@ -173,7 +174,7 @@ def test_nightly_job_enhances_nifti_volumes_and_a_dicom_series_and_refuses_bad_v
 
 
 def test_volume_items_without_a_scale_1_model_are_error_rows_saying_so(archive, ray_local, tmp_path):
-    from medsr_dist.infer.enhance_job import run_enhance_job
+    from medsr_dist.enhance.job import run_enhance_job
 
     cfg = job_config(archive, f"enhance.output={tmp_path / 'out'}", "enhance.volumes.checkpoint=null",
                      'enhance.include=["mri/t1_thick.nii.gz", "xr/*"]')
@@ -204,9 +205,13 @@ def test_eval_preset_mri_aniso_x4_on_ray(archive, ray_local, tmp_path):
 
 def test_a_volume_items_error_rows_name_the_volume_model_and_an_images_rows_the_job_model(archive):
     """No Ray: the read and commit stages driven directly, as the job's actor pool drives them."""
-    from medsr_dist.infer.enhance_job import EncodeCommit, JobSpec, ReadDecode, enhance_params, list_inputs
+    from medsr_dist.enhance.commit import EncodeCommit
+    from medsr_dist.enhance.plan import list_inputs
+    from medsr_dist.enhance.read import ReadDecode
+    from medsr_dist.enhance.spec import JobSpec
+    from medsr_dist.infer.provenance import enhance_params
     from medsr_dist.infer.model_file import read_model_file
-    from medsr_dist.mri.nightly import plan_volume_job
+    from medsr_dist.enhance.volumes import plan_volume_job
     from medsr_dist.storage import Storage
 
     def stages(cfg):

@@ -121,7 +121,7 @@ def test_rrdbnet_x1_is_refused_as_the_through_plane_refiner_wherever_one_is_chos
     from conftest import write_tiny_model
     from medsr_dist.mri.job import reconstruct_volume
     from medsr_dist.pipeline.mri_self_sr import self_sr
-    from medsr_dist.mri.nightly import plan_volume_job
+    from medsr_dist.enhance.volumes import plan_volume_job
     from medsr_dist.mri.prepare import prepare_slice_pairs
     from medsr_dist.infer.model_file import read_model_file
     from medsr_dist.mri.volume import write_nifti

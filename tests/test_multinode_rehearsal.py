@@ -37,7 +37,8 @@ from conftest import write_tiny_model
 from medsr_dist.config import StorageConfig, load_config
 from medsr_dist.data.prepare import to_training_png
 from medsr_dist.data.synthetic import make_radiograph, write_sample_archive
-from medsr_dist.infer.enhance_job import MANIFEST_DIR, read_manifest
+from medsr_dist.enhance.identity import MANIFEST_DIR
+from medsr_dist.enhance.manifest import read_manifest
 from medsr_dist.storage import Storage
 from ray_cluster import (
     RayHead,

@@ -31,7 +31,8 @@ from typer.testing import CliRunner
 from conftest import write_tiny_model
 from medsr_dist.cli import app
 from medsr_dist.config import load_config
-from medsr_dist.infer.enhance_job import read_manifest, run_enhance_job
+from medsr_dist.enhance.job import run_enhance_job
+from medsr_dist.enhance.manifest import read_manifest
 from medsr_dist.pacs.storage import PacsStorage
 from medsr_dist.storage import Storage
 from orthanc import PacsProxy, require_orthanc

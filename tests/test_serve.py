@@ -282,7 +282,7 @@ def test_the_nightly_job_on_the_apps_replicas_writes_what_its_own_write_exactly_
     same records; a rerun redoes nothing; a missing app, another model or other tiling are refused up front."""
     from conftest import write_tiny_model
 
-    from medsr_dist.infer.enhance_job import run_enhance_job
+    from medsr_dist.enhance.job import run_enhance_job
 
     _, cfg = app
     archive = tmp_path / "archive"

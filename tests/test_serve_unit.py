@@ -116,10 +116,11 @@ def test_the_jobs_serve_stage_waits_out_capacity_and_leaves_lost_items_to_the_re
     from ray.exceptions import ActorDiedError
     from ray.serve.exceptions import BackPressureError
 
-    from medsr_dist.infer import enhance_job
-    from medsr_dist.infer.enhance_job import ServeReplica, _columns, _rows
+    from medsr_dist.enhance import serve_client
+    from medsr_dist.enhance.serve_client import ServeReplica
+    from medsr_dist.infer.rows import columns as _columns, batch_rows as _rows
 
-    monkeypatch.setattr(enhance_job.time, "sleep", lambda s: None)
+    monkeypatch.setattr(serve_client.time, "sleep", lambda s: None)
     script = [BackPressureError(3, 2, retry_after_s=1) if s == ("backpressure",) else
               ActorDiedError() if s == ("died",) else s for s in script]
     stage = ServeReplica.__new__(ServeReplica)
@@ -145,12 +146,13 @@ def test_the_jobs_serve_stage_waits_out_capacity_and_leaves_lost_items_to_the_re
 def test_the_jobs_serve_stage_gives_up_on_an_app_that_stays_at_capacity(monkeypatch):
     from ray.serve.exceptions import BackPressureError
 
-    from medsr_dist.infer import enhance_job
-    from medsr_dist.infer.enhance_job import ServeReplica, _columns, _rows
+    from medsr_dist.enhance import serve_client
+    from medsr_dist.enhance.serve_client import ServeReplica
+    from medsr_dist.infer.rows import columns as _columns, batch_rows as _rows
 
     clock = {"t": 0.0}
-    monkeypatch.setattr(enhance_job.time, "monotonic", lambda: clock["t"])
-    monkeypatch.setattr(enhance_job.time, "sleep", lambda s: clock.__setitem__("t", clock["t"] + s))
+    monkeypatch.setattr(serve_client.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(serve_client.time, "sleep", lambda s: clock.__setitem__("t", clock["t"] + s))
     stage = ServeReplica.__new__(ServeReplica)
     stage.app, stage.deployment, stage.outscale, stage.log_keys = "medsr", "model-tiny", None, False
     stage.handle = FakeHandle([BackPressureError(3, 2, retry_after_s=60)] * 20)
@@ -162,7 +164,8 @@ def test_the_jobs_serve_stage_gives_up_on_an_app_that_stays_at_capacity(monkeypa
 
 
 def test_the_jobs_serve_stage_sends_no_volume_and_says_where_volumes_run():
-    from medsr_dist.infer.enhance_job import ServeReplica, _columns, _rows
+    from medsr_dist.enhance.serve_client import ServeReplica
+    from medsr_dist.infer.rows import columns as _columns, batch_rows as _rows
 
     stage = ServeReplica.__new__(ServeReplica)
     stage.app, stage.deployment, stage.outscale, stage.log_keys = "medsr", "model-tiny", None, False
@@ -182,7 +185,8 @@ def test_the_job_refuses_an_app_that_would_compute_other_outputs_than_its_keys_s
     from ray import serve
 
     from medsr_dist.config import load_config
-    from medsr_dist.infer.enhance_job import enhance_params, serve_deployment
+    from medsr_dist.enhance.serve_client import serve_deployment
+    from medsr_dist.infer.provenance import enhance_params
     from medsr_dist.infer.engine import ENGINE_REVISION
     from medsr_dist.infer.model_file import ModelFile
 

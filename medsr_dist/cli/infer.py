@@ -15,6 +15,7 @@ import typer
 
 from medsr_dist.cli.common import ConfigOpt, FailOnErrorOpt, OverridesArg, _load, console
 from medsr_dist.storage import LeaseHeldError, Storage
+from medsr_dist.uris import is_dicomweb
 
 infer_app = typer.Typer()
 
@@ -26,7 +27,7 @@ LogKeysOpt = typer.Option(False, "--log-keys", help="Name input keys in logs and
 def enhance(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
             fail_on_error: bool = FailOnErrorOpt, log_keys: bool = LogKeysOpt) -> None:
     """Enhance every image under enhance.input with a trained model (Ray Data batch inference)."""
-    from medsr_dist.infer.enhance_job import ReplicasNotStartedError  # lazy: stage code, not loaded by --help
+    from medsr_dist.enhance.job import ReplicasNotStartedError  # lazy: stage code, not loaded by --help
     from medsr_dist.pacs.dicomweb import PacsError  # lazy: stage code, not loaded by --help
     from medsr_dist.pipeline import run_enhance  # lazy: stage code, not loaded by --help
 
@@ -88,8 +89,7 @@ def status(
 ) -> None:
     """Summarise the manifests under an output prefix: outputs, ignored, quarantined, flagged, the latest run's
     counts and errors (items named by item id unless --log-keys)."""
-    from medsr_dist.infer.enhance_job import format_summary, manifest_summary  # lazy: stage code, not loaded by --help
-    from medsr_dist.pacs.dicomweb import is_dicomweb  # lazy: stage code, not loaded by --help
+    from medsr_dist.enhance.status import format_summary, manifest_summary  # lazy: stage code, not loaded by --help
 
     cfg = _load(config, overrides)
     try:

@@ -11,7 +11,7 @@ from medsr_dist.uris import Endpoint, is_dicomweb
 
 
 class EnhanceVolumesConfig(Section):
-    """Volume items of the nightly job (medsr_dist/mri/nightly.py): NIfTI files and DICOM series folders are
+    """Volume items of the nightly job (medsr_dist/enhance/volumes.py): NIfTI files and DICOM series folders are
     reconstructed to isotropic by the cross-plane method (``mri.factor``, ``mri.fusion``, ``mri.profile``)."""
 
     enabled: bool = Field(True, description="Treat .nii/.nii.gz inputs and series folders as volumes (off: they go "

@@ -49,7 +49,7 @@ from medsr_dist.eval.protocols import Protocol, VolumeProtocol
 from medsr_dist.eval.report import CropBox, side_by_side
 from medsr_dist.eval.results import EvalResult, build_report, figure_key, plain_row, runs_precision
 from medsr_dist.eval.volume_eval import check_volume_plan, run_volume_evaluation, volume_lpips_status
-from medsr_dist.infer.enhance_job import consistency_psnr
+from medsr_dist.infer.consistency import consistency_psnr
 from medsr_dist.infer.replica import EngineSettings, ModelReplica, NonFiniteOutput
 from medsr_dist.io.image import decode_image, single_frame_pixels
 from medsr_dist.runtime import cluster_has_gpus

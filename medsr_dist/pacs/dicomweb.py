@@ -42,7 +42,8 @@ from urllib3.util.retry import Retry
 
 from medsr_dist.config import PacsConfig
 from medsr_dist.io.dicom import PROVENANCE_MODEL, PROVENANCE_MODEL_SHA256, PROVENANCE_SCALE
-from medsr_dist.uris import Endpoint, InstanceRef, is_dicomweb  # Endpoint, is_dicomweb: re-exported for now
+from medsr_dist.io.phi import phi_values, sanitize_reason
+from medsr_dist.uris import Endpoint, InstanceRef
 
 log = logging.getLogger(__name__)
 
@@ -489,8 +490,6 @@ def _pacs_reason(response, sent: bytes | None) -> str:
 
 
 def _clean(text: str, sent: bytes | None) -> str:
-    from medsr_dist.infer.enhance_job import phi_values, sanitize_reason
-
     text = re.sub(r"\b\d+(?:\.\d+){3,}\b", "<uid>", text)  # study/series/instance UIDs stay out of reasons
     text = sanitize_reason(text, secrets=phi_values(sent))
     return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"
@@ -511,5 +510,5 @@ def describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-__all__ = ["AS_STORED", "Credentials", "DicomwebPacs", "Endpoint", "PacsAuthError", "PacsError", "PacsRefused",
-           "PacsUnavailable", "derived_uids", "is_dicomweb", "watermark"]
+__all__ = ["AS_STORED", "Credentials", "DicomwebPacs", "PacsAuthError", "PacsError", "PacsRefused", "PacsUnavailable",
+           "derived_uids", "watermark"]

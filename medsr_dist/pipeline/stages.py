@@ -15,7 +15,7 @@ from rich.console import Console
 
 from medsr_dist.config import MedsrConfig
 from medsr_dist.data.prepare import prepare_dataset
-from medsr_dist.infer.enhance_job import run_enhance_job
+from medsr_dist.enhance.job import run_enhance_job
 from medsr_dist.runtime import init_ray
 from medsr_dist.storage import Storage
 from medsr_dist.train.trainer import latest_iteration, run_training

@@ -26,14 +26,11 @@ from medsr_dist.infer.replica import EngineSettings, resolve_precision
 from medsr_dist.runtime import init_ray
 from medsr_dist.serve.ingress import Ingress
 from medsr_dist.serve.model import SRModel
+from medsr_dist.infer.serve_names import model_deployment_name
 
 log = logging.getLogger(__name__)
 
 INGRESS_NAME = "ingress"
-
-
-def model_deployment_name(name: str) -> str:
-    return f"model-{name}"
 
 
 def served_models(cfg: MedsrConfig) -> list[ServeConfig.Model]:

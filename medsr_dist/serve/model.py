@@ -27,9 +27,16 @@ import numpy as np
 from ray import serve
 
 from medsr_dist.config import StorageConfig
+from medsr_dist.infer.consistency import consistency_psnr
 from medsr_dist.infer.engine import ENGINE_REVISION
 from medsr_dist.infer.model_file import ModelFile
+from medsr_dist.infer.provenance import output_provenance, params_json, serve_params
 from medsr_dist.infer.replica import EngineSettings, ModelReplica, NonFiniteOutput
+from medsr_dist.infer.rows import enhance_rows, is_fatal_device_error
+from medsr_dist.io.image import (
+    FORMATS, ImageDecodeError, NotAnImageObject, decode_image, detect_format, encode_image, probe_image,
+)
+from medsr_dist.io.phi import phi_values, sanitize_reason
 from medsr_dist.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -76,7 +83,7 @@ class SRModel:
 
     :meth:`enhance` answers a dict, never raises for a bad image: ``{"status": 200, "body": bytes, "media_type",
     "headers"}`` or ``{"status": 4xx/5xx, "reason": str}`` (reasons never quote header values: see
-    :func:`~medsr_dist.infer.enhance_job.sanitize_reason`).
+    :func:`~medsr_dist.io.phi.sanitize_reason`).
     """
 
     def __init__(self, model: ModelFile, storage_cfg: StorageConfig | dict, settings: dict, limits: dict,
@@ -155,8 +162,6 @@ class SRModel:
         return out
 
     def _note_fatal(self, exc: BaseException) -> None:
-        from medsr_dist.infer.enhance_job import is_fatal_device_error
-
         if is_fatal_device_error(exc):  # the CUDA context is gone: let Serve replace the replica
             self.unhealthy = f"fatal device error: {type(exc).__name__}"
 
@@ -181,7 +186,7 @@ class SRModel:
     async def enhance_item(self, pixels: np.ndarray, meta_json: str, item_id: str = "",
                            outscale: float | None = None) -> dict[str, Any]:
         """The nightly job's call (``enhance.replicas: serve:<app>``; see
-        :class:`~medsr_dist.infer.enhance_job.ServeReplica`): one decoded item through this replica's engine, its
+        :class:`~medsr_dist.enhance.serve_client.ServeReplica`): one decoded item through this replica's engine, its
         tiles batched with those of every other request in flight (HTTP or job).
 
         Args:
@@ -192,7 +197,7 @@ class SRModel:
 
         Returns:
             ``{"status": "todo", "output": (F, H*s, W*s, C) uint16}`` (todo: ready to be committed, as
-            :func:`~medsr_dist.infer.enhance_job.enhance_rows` leaves it), ``{"status": "error", "error": reason}``
+            :func:`~medsr_dist.infer.rows.enhance_rows` leaves it), ``{"status": "error", "error": reason}``
             for a failure of this item, ``{"status": "unavailable", "error": reason}`` when this replica is
             unhealthy (call again: Serve replaces it), ``{"status": "lost", ...}`` after a fatal device error with
             this item (the job retries it alone, as when a replica dies); with ``seconds`` spent here.
@@ -206,8 +211,6 @@ class SRModel:
 
     def _enhance_item(self, shared: ModelReplica, pixels: np.ndarray, meta_json: str, item_id: str,
                       outscale: float | None) -> dict[str, Any]:
-        from medsr_dist.infer.enhance_job import enhance_rows, is_fatal_device_error
-
         row = {"pixels": np.asarray(pixels), "meta": meta_json, "item_id": item_id, "key": "", "seconds": 0.0,
                "status": "todo", "error": ""}
         try:
@@ -245,9 +248,6 @@ def enhance_file(replica: ModelReplica, data: bytes, outscale: float | None = No
         RequestError: 415 not an image read here, 400 undecodable, 413 over a limit, 500 a failed or non-finite
             inference or encode (reasons never quote header values).
     """
-    from medsr_dist.infer.enhance_job import consistency_psnr, phi_values, sanitize_reason
-    from medsr_dist.io.image import ImageDecodeError, NotAnImageObject, decode_image, encode_image
-
     t0 = time.perf_counter()
     model, settings = replica.model, replica.settings
     scale = float(outscale) if outscale else float(model.scale)
@@ -295,18 +295,9 @@ def enhance_file(replica: ModelReplica, data: bytes, outscale: float | None = No
 
 def response_provenance(model: ModelFile, settings: EngineSettings, source_sha256: str, scale: float) -> dict[str, str]:
     """Provenance written into a response file: the nightly job's keys, with the request as the source."""
-    from medsr_dist import __version__
-    from medsr_dist.infer.enhance_job import NOTE
-
-    params = {"scale": model.scale, "outscale": scale, "tile": settings.tile,
-              "tile_overlap": settings.tile_overlap, "tile_blend": settings.tile_blend,
-              "backend": settings.backend, "precision": settings.precision, "engine": ENGINE_REVISION}
-    if model.sampling is not None:  # ldm: the sampler, steps and seed that drew this answer (as the nightly job's)
-        params["sampling"] = model.sampling
-    return {"medsr:note": NOTE, "medsr:model": model.name, "medsr:model_sha256": model.sha256,
-            "medsr:scale": f"{scale:g}", "medsr:params": json.dumps(params, sort_keys=True),
-            "medsr:source": "request", "medsr:source_sha256": source_sha256,
-            "medsr:software": f"medsr-dist {__version__} (serve)"}
+    return output_provenance(model_name=model.name, model_sha256=model.sha256, scale=f"{scale:g}",
+                             params_json=params_json(serve_params(model, settings, scale)), source="request",
+                             source_sha256=source_sha256, software=" (serve)")
 
 
 def _replica_tag() -> str:
@@ -323,9 +314,6 @@ def check_limits(data: bytes, scale: float, limits: dict):
     Returns the :class:`~medsr_dist.io.image.ImageProbe`. Raises :class:`RequestError`: 415 for a format that is
     not an image format read here or a DICOM object without an image, 400 for an unreadable header, 413 over a limit.
     """
-    from medsr_dist.infer.enhance_job import phi_values, sanitize_reason
-    from medsr_dist.io.image import FORMATS, ImageDecodeError, NotAnImageObject, detect_format, probe_image
-
     if detect_format(data) is None:
         raise RequestError(415, f"not a supported image file (supported: {', '.join(FORMATS)}; the format is read "
                                 f"from the content)")

@@ -11,8 +11,8 @@ exported per series (PACS exports, dcm2niix/BIDS-style trees) already hold one s
 holds several series, a localizer or a non-DICOM file is an error row naming it - never a silent split. DICOM files
 outside series folders stay 2-D items.
 
-**Stages** (three hooks in :mod:`medsr_dist.infer.enhance_job`; the 2-D path is unchanged; rows carry
-``kind`` = ``"volume"``):
+**Stages** (the ``volume`` entries of the stages' ``{kind: handler}`` tables in :mod:`medsr_dist.enhance`; the
+2-D path is unchanged; rows carry ``kind`` = ``"volume"``):
 
 1. ReadDecode -> :func:`read_volume_item`: read (every file of a series), hash, probe the header (NIfTI header
    bytes / DICOM headers without pixel data) and refuse *before decoding*: 4-D, more than
@@ -35,14 +35,14 @@ outside series folders stay 2-D items.
 Output keys: NIfTI ``<rel dir>/<stem>.sr-<id>.nii[.gz]`` (same compression as the input); a series
 ``<rel folder>.sr-<id>/slice_0001.dcm`` (the first slice names the output in the manifest; every slice is written
 before the record, whose presence means done). The id covers the input content, the volume model and
-:func:`volume_params` (factor, fusion, profile, tiling, backend, precision, engine revision).
+:func:`~medsr_dist.infer.provenance.volume_params` (factor, fusion, profile, tiling, backend, precision, engine revision).
 
 **Memory.** The engine streams the slices of one orientation (``batch_size`` slices' tiles in flight), the mean
 fusion accumulates in place: a replica holds the input (float32), the output (float32, V) and its stored copy
 (V/2 for int16) besides the model; ``jobs/bench_mri_replica.py`` measures it on a 512 x 512 x 75 -> 300 volume
 (docs/PERFORMANCE.md). Manifest rows: ``input_format`` ``nifti`` / ``dicom-series``; ``input_width``,
 ``input_height``, ``frames`` = the input's i, j, k sizes, ``output_width``/``output_height`` the output's i, j (its
-shape is in the provenance); ``model_*`` and ``params`` name the volume model and :func:`volume_params`.
+shape is in the provenance); ``model_*`` and ``params`` name the volume model and :func:`~medsr_dist.infer.provenance.volume_params`.
 """
 from __future__ import annotations
 
@@ -58,14 +58,36 @@ import zlib
 from typing import Any
 
 import numpy as np
+import pydicom
 
-from medsr_dist.mri.volume import VolumeError
+from medsr_dist import __version__
+from medsr_dist.config import through_plane_refiner_problem
+from medsr_dist.enhance.identity import item_id, item_record_uri, output_id
+from medsr_dist.enhance.manifest import now_iso
+from medsr_dist.infer.model_file import read_model_file
+from medsr_dist.infer.provenance import VOLUME_KIND as KIND
+from medsr_dist.infer.provenance import VOLUME_NOTE as NOTE
+from medsr_dist.infer.provenance import output_provenance, params_json, volume_params
+from medsr_dist.infer.replica import EngineSettings, ModelReplica
+from medsr_dist.infer.rows import non_finite
+from medsr_dist.io.phi import phi_values, sanitize_reason
+from medsr_dist.mri.job import consistency_psnr
+from medsr_dist.mri.reconstruct import plan_reconstruction, reconstruct
+from medsr_dist.mri.volume import (
+    VolumeError,
+    _quantise,
+    read_dicom_series,
+    read_nifti,
+    resampled_affine,
+    write_dicom_series,
+    write_nifti,
+)
+from medsr_dist.storage import FileEntry, Storage
+from medsr_dist.uris import relative_key
 
 log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-KIND = "volume"
-NOTE = "Isotropic reconstruction by a super-resolution model: an enhancement, not a new acquisition."
 
 
 def is_volume_key(key: str) -> bool:
@@ -82,9 +104,6 @@ def group_series(entries: list, input_prefix: str, patterns: list[str]) -> list:
     ``entries``: :class:`~medsr_dist.storage.FileEntry` of the listing; ``patterns``: ``enhance.volumes.series_folders``.
     Returns entries sorted by key; a folder item's key is ``<input>/<folder>/``.
     """
-    from medsr_dist.storage import FileEntry, Storage
-    from medsr_dist.uris import relative_key
-
     if not patterns:
         return entries
     groups: dict[str, list] = {}
@@ -111,15 +130,6 @@ def group_series(entries: list, input_prefix: str, patterns: list[str]) -> list:
 # ----------------------------------------------------------------------------------------------------------
 # The driver's part: which model and parameters volume items get
 # ----------------------------------------------------------------------------------------------------------
-def volume_params(e, mri, model, precision: str) -> dict:
-    """The parameters that determine a volume output (its identity and provenance)."""
-    from medsr_dist.infer.engine import ENGINE_REVISION
-
-    return {"kind": KIND, "factor": int(mri.factor), "fusion": mri.fusion, "profile": mri.profile, "scale": model.scale,
-            "tile": e.tile, "tile_overlap": e.tile_overlap, "tile_blend": e.tile_blend, "backend": e.backend,
-            "precision": precision, "engine": ENGINE_REVISION}
-
-
 def plan_volume_job(cfg, storage, job_model, entries: list, precision: str) -> dict | None:
     """What volume items of this run get: ``{"model": ModelFile | None, "params": dict, "problem": str}``, or
     None when volumes are off or none is listed. ``problem`` (every volume item's error) is set when no scale-1
@@ -128,9 +138,6 @@ def plan_volume_job(cfg, storage, job_model, entries: list, precision: str) -> d
     Raises:
         FileNotFoundError / ValueError: ``enhance.volumes.checkpoint`` is set but unusable (before any Ray work).
     """
-    from medsr_dist.config import through_plane_refiner_problem
-    from medsr_dist.infer.model_file import read_model_file
-
     e = cfg.enhance
     if not e.volumes.enabled or not any(is_volume_key(x.uri) for x in entries):
         return None
@@ -199,8 +206,6 @@ def probe_nifti_shape(data: bytes, name: str) -> tuple[int, ...]:
 
 def _series_voxels(files: list[tuple[str, bytes]], name: str) -> tuple[int, tuple[int, int], int]:
     """(voxels, (rows, columns) of the first slice, slices) from the DICOM headers alone (pixel data not read)."""
-    import pydicom
-
     voxels, shape = 0, (0, 0)
     for fname, data in files:
         try:
@@ -222,8 +227,6 @@ def _item_name(series: bool) -> str:
 
 def volume_output_key(output_prefix: str, rel: str, oid: str, series: bool) -> str:
     """Where a volume item's output goes (module doc)."""
-    from medsr_dist.storage import Storage
-
     if series:
         return Storage.join(output_prefix, f"{rel.rstrip('/')}.sr-{oid[:10]}", "slice_0001.dcm")
     directory, name = posixpath.split(rel)
@@ -237,10 +240,6 @@ def read_volume_item(spec, row: dict, rel: str, secrets: set[str]) -> dict:
     ``secrets`` receives the series' patient identifier values as soon as a file is read, for the caller to keep
     out of the row's error text. Raises whatever makes the item an error row (the caller turns it into one).
     """
-    from medsr_dist.infer.enhance_job import item_id, item_record_uri, output_id, phi_values
-    from medsr_dist.mri.reconstruct import plan_reconstruction
-    from medsr_dist.mri.volume import read_dicom_series, read_nifti
-
     job = spec.volumes
     key = row["key"]
     series = key.endswith("/")
@@ -330,10 +329,6 @@ class VolumeReplicas:
         self.loaded: dict[str, Any] = {}
 
     def replica(self, meta: dict):
-        from medsr_dist.infer.model_file import read_model_file
-        from medsr_dist.infer.replica import EngineSettings, ModelReplica
-        from medsr_dist.storage import Storage
-
         sha = meta["model_sha256"]
         job = self.job_replica
         if job is not None and job.model is not None and job.model.sha256 == sha and job.scale == 1:
@@ -349,10 +344,6 @@ class VolumeReplicas:
 
     def enhance(self, row: dict) -> dict:
         """Reconstruct one volume row (``output``: the stored values of the fused volume); failures raise."""
-        from medsr_dist.infer.enhance_job import non_finite
-        from medsr_dist.mri.reconstruct import reconstruct
-        from medsr_dist.mri.volume import _quantise
-
         t0 = time.perf_counter()
         meta = json.loads(str(row["meta"]))
         replica = self.replica(meta)
@@ -383,15 +374,11 @@ def _scaling(volume) -> tuple[float, float]:
 # ----------------------------------------------------------------------------------------------------------
 def _dicom_secrets(template) -> set[str]:
     """Patient identifier values of a series' first slice header (kept out of error texts)."""
-    from medsr_dist.infer.enhance_job import phi_values
-
     if not template.dicom_slices:
         return set()
     ds = template.dicom_slices[0].copy()
     buf = io.BytesIO()
     try:
-        import pydicom
-
         pydicom.dcmwrite(buf, ds, enforce_file_format=False)
     except Exception:  # noqa: BLE001 - then nothing can be named
         return set()
@@ -404,11 +391,6 @@ def commit_volume(spec, item: dict, row: dict) -> dict:
     Raises:
         RuntimeError: the write failed (message free of the series' patient identifiers); nothing is recorded.
     """
-    from medsr_dist import __version__
-    from medsr_dist.infer.enhance_job import _now, item_record_uri, sanitize_reason
-    from medsr_dist.mri.job import consistency_psnr
-    from medsr_dist.mri.volume import resampled_affine, write_dicom_series, write_nifti
-
     meta = json.loads(str(item["meta"]))
     template = pickle.loads(bytes(item["header"]))
     try:
@@ -424,13 +406,11 @@ def commit_volume(spec, item: dict, row: dict) -> dict:
             physical += np.float32(inter)
         source = template.with_data(np.asarray(item["pixels"])[0])
         out = template.with_data(physical, resampled_affine(template.affine, meta["lr_axis"], 1.0 / meta["factor"]))
-        provenance = {
-            "medsr:note": NOTE, "medsr:model": meta["model_name"], "medsr:model_sha256": meta["model_sha256"],
-            "medsr:params": json.dumps(meta["params"], sort_keys=True), "medsr:source": row["input_key"],
-            "medsr:source_sha256": row["input_sha256"], "medsr:software": f"medsr-dist {__version__}",
-            "medsr:lr_axis": str(meta["lr_axis"]), "medsr:output_spacing_mm": json.dumps(meta["output_spacing_mm"]),
-            "medsr:output_shape": json.dumps(meta["output_shape"]),
-        }
+        provenance = output_provenance(
+            model_name=meta["model_name"], model_sha256=meta["model_sha256"], params_json=params_json(meta["params"]),
+            source=row["input_key"], source_sha256=row["input_sha256"], note=NOTE, extra={
+                "medsr:lr_axis": str(meta["lr_axis"]), "medsr:output_spacing_mm": json.dumps(meta["output_spacing_mm"]),
+                "medsr:output_shape": json.dumps(meta["output_shape"])})
         key = row["output_key"]
         if template.format == "nifti":
             data = write_nifti(out, gz=key.endswith(".gz"), description="medsr-dist isotropic SR (enhancement)",
@@ -456,7 +436,7 @@ def commit_volume(spec, item: dict, row: dict) -> dict:
         "bits_stored": int(np.dtype(template.stored_dtype).itemsize * 8), "channels": 1, "output_bytes": written,
         "input_height": inp[1], "input_width": inp[0], "output_height": outp[1], "output_width": outp[0],
         "frames": inp[2], "consistency_psnr_db": float(score), "flagged": bool(score < spec.threshold_db),
-        "finished_at": _now(),
+        "finished_at": now_iso(),
     }
     record = {**row, **done, "seconds": row["seconds"]}
     spec.storage.write_bytes(item_record_uri(getattr(spec, "records", spec.output), row["item_id"]),
@@ -465,4 +445,4 @@ def commit_volume(spec, item: dict, row: dict) -> dict:
 
 
 __all__ = ["VolumeReplicas", "commit_volume", "group_series", "is_volume_key", "pack_stored", "plan_volume_job",
-           "probe_nifti_shape", "read_volume_item", "unpack_stored", "volume_output_key", "volume_params"]
+           "probe_nifti_shape", "read_volume_item", "unpack_stored", "volume_output_key"]
