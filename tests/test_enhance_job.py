@@ -488,7 +488,7 @@ def test_status_summarises_the_manifests_of_an_output_prefix(nightly):
 # Hostile input (issue 12): limits from headers, NaN outputs, poison items, paths, one run per prefix, PHI
 # --------------------------------------------------------------------------------------------------------
 from medsr_dist.infer import enhance_job  # noqa: E402
-from medsr_dist.infer.backends import BACKENDS, register_backend  # noqa: E402
+from medsr_dist.infer.registry import BACKENDS, register_backend  # noqa: E402
 from medsr_dist.infer.model_file import build_model_backend  # noqa: E402
 from medsr_dist.io.image import ImageMeta, encode_image  # noqa: E402
 

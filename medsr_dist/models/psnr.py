@@ -11,6 +11,7 @@ from torch import nn
 from medsr_dist.config import MedsrConfig
 from medsr_dist.models.base import StepContext
 from medsr_dist.models.generator_family import GeneratorFamily
+from medsr_dist.models.registry import register_family
 
 
 class PSNRFamily(GeneratorFamily):
@@ -33,4 +34,4 @@ class PSNRFamily(GeneratorFamily):
         return {"l_g_pix": l_pix.item(), "l_g_total": l_pix.item()}
 
 
-FAMILY = PSNRFamily()
+FAMILY = register_family("psnr")(PSNRFamily())

@@ -91,7 +91,7 @@ def build_app(cfg: MedsrConfig):
     from ray import serve
     from ray.serve.config import BackpressureConfig
 
-    from medsr_dist.infer.model_file import backend_factory
+    from medsr_dist.infer.registry import backend_factory
     from medsr_dist.infer.replica import EngineSettings, resolve_precision
     from medsr_dist.serve.ingress import Ingress
     from medsr_dist.serve.model import SRModel

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from medsr_dist.config import MedsrConfig, check_through_plane_model
+from medsr_dist.models.registry import load_family
 from medsr_dist.storage import Storage
 from medsr_dist.train.loop import META_FILE, MODEL_FILE, train_loop_per_worker
 
@@ -288,12 +289,8 @@ def export_checkpoint(checkpoint, cfg: MedsrConfig, storage: Storage) -> tuple[s
         with open(os.path.join(d, META_FILE)) as f:
             meta = json.load(f)
     digest = hashlib.sha256(data).hexdigest()
-    from medsr_dist.models.registry import load_family
-
     # what only the trained weights know (the vae family: its latent scale factor), recorded in the export's meta
-    meta_from_weights = getattr(load_family(meta["family"]), "meta_from_weights", None)
-    if meta_from_weights is not None:
-        meta.update(meta_from_weights(data))
+    meta.update(load_family(meta["family"]).meta_from_weights(data))
     meta["sha256"] = digest
     meta["name"] = f"{cfg.run.name}@{meta['iteration']}"
     export = storage.join(cfg.train.output, "export", MODEL_FILE)
