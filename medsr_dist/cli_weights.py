@@ -54,7 +54,7 @@ def fetch(
 ) -> None:
     """Download zoo weights into the cache (verified by sha256) and print the cached path."""
     from medsr_dist.models import zoo
-    from medsr_dist.models.weights import WeightsError
+    from medsr_dist.models.weights_error import WeightsError
 
     last = [-1]
 
@@ -88,7 +88,7 @@ def import_ncnn(
     """Convert an ncnn Real-ESRGAN (RRDBNet) model into a PyTorch checkpoint usable as enhance.checkpoint."""
     from medsr_dist.config import ConfigError, load_config
     from medsr_dist.models import ncnn_import
-    from medsr_dist.models.weights import WeightsError
+    from medsr_dist.models.weights_error import WeightsError
     from medsr_dist.storage import StorageError
 
     explicit = param is not None or bin_path is not None

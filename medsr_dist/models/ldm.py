@@ -36,12 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import medsr_dist.compat  # noqa: F401  (before basicsr)
 from medsr_dist.config import (
     LDMModelConfig, MedsrConfig, NoiseScheduleConfig, SamplingConfig, UNetArchConfig, VAEArchConfig,
 )
 from medsr_dist.models import samplers
 from medsr_dist.models.base import ModelFamily, NetworkRole, StepContext
 from medsr_dist.models.registry import register_family
+from medsr_dist.models.weights_error import WeightsError
+from medsr_dist.storage import Storage
 
 SCALE = 4
 
@@ -265,8 +268,6 @@ def _fp32(state: dict, prefix: str = "") -> dict:
 
 
 def _load_torch(data: bytes, source: str) -> dict:
-    from medsr_dist.models.weights import WeightsError
-
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
@@ -274,8 +275,6 @@ def _load_torch(data: bytes, source: str) -> dict:
 
 
 def _strict(net: nn.Module, state: dict, source: str) -> None:
-    from medsr_dist.models.weights import WeightsError
-
     want, got = set(net.state_dict()), set(state)
     missing, unexpected = sorted(want - got), sorted(got - want)
     if missing or unexpected:
@@ -295,8 +294,6 @@ def load_vae(source: str, cfg: MedsrConfig | None = None, storage_cfg=None) -> L
         ValueError: a ``vae`` export trained for fewer iterations than its scale-factor window (no statistics).
         WeightsError: the file does not fit the architecture its meta.json (or ``model.vae_arch``) names.
     """
-    from medsr_dist.storage import Storage
-
     local = source.removeprefix("file://")
     if os.path.isdir(local):
         vae = LatentVAE.from_pretrained(local)
@@ -337,7 +334,6 @@ class VAEFamily(ModelFamily):
         return {"vae": LatentVAE(vae_config(cfg.model.vae_arch))}
 
     def build_losses(self, cfg: MedsrConfig, device: torch.device) -> dict[str, nn.Module]:
-        import medsr_dist.compat  # noqa: F401
         from basicsr.losses.basic_loss import L1Loss
 
         w = cfg.model.losses
@@ -345,6 +341,7 @@ class VAEFamily(ModelFamily):
         if w.l1_weight > 0:
             losses["pix"] = L1Loss(loss_weight=w.l1_weight, reduction="mean")
         if w.perceptual_weight > 0:
+            # lazy: perceptual.py wraps basicsr's PerceptualLoss + torchvision VGG (~3 s), imported only when used
             from medsr_dist.models.perceptual import build_perceptual_loss
 
             losses["percep"] = build_perceptual_loss(cfg)
