@@ -136,7 +136,7 @@ def main() -> None:
 
     from medsr_dist.infer.diffusion_backend import DiffusionBackend, _OrtParts
     from medsr_dist.infer.model_file import read_model_file
-    from medsr_dist.models.ldm import export_ldm_onnx
+    from medsr_dist.infer.diffusion_export import export_ldm_onnx
     from medsr_dist.storage import Storage
 
     with tempfile.TemporaryDirectory(prefix="bench_ldm_") as tmp:

@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 
 from medsr_dist.config import ConfigError, MedsrConfig
-from medsr_dist.infer.backends import BACKENDS
-from medsr_dist.infer.model_file import BACKEND_MODULES, read_model_file
+from medsr_dist.infer.model_file import read_model_file
+from medsr_dist.infer.registry import offered_backend_names
 
 
 def preflight(cfg: MedsrConfig, stage: str | None = None) -> MedsrConfig:
@@ -28,14 +28,9 @@ def preflight(cfg: MedsrConfig, stage: str | None = None) -> MedsrConfig:
     return cfg
 
 
-def backend_names() -> list[str]:
-    """The inference backends a config may name: those registered, then those registering themselves on import."""
-    return [*BACKENDS, *(name for name in BACKEND_MODULES if name not in BACKENDS)]
-
-
 def check_backends(cfg: MedsrConfig) -> None:
-    """``enhance.backend``, ``eval.backend`` and ``serve.backend`` name registered backends."""
-    names = backend_names()
+    """``enhance.backend``, ``eval.backend`` and ``serve.backend`` name registered backends that are offered."""
+    names = offered_backend_names()
     for key, value in (("enhance.backend", cfg.enhance.backend), ("eval.backend", cfg.eval.backend),
                        ("serve.backend", cfg.serve.backend)):
         if value not in names:

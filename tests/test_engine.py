@@ -11,7 +11,8 @@ import torch
 
 import medsr_dist.compat  # noqa: F401  (must precede basicsr)
 from basicsr.archs.rrdbnet_arch import RRDBNet
-from medsr_dist.infer.backends import BACKENDS, Backend, TorchBackend, build_backend, cpu_has_native_bf16, register_backend
+from medsr_dist.infer.backends import Backend, TorchBackend, build_backend, cpu_has_native_bf16
+from medsr_dist.infer.registry import BACKENDS, register_backend
 from medsr_dist.infer.engine import (
     TileBatcher,
     TileSpec,

@@ -483,7 +483,7 @@ def test_status_summarises_the_manifests_of_an_output_prefix(nightly):
 # --------------------------------------------------------------------------------------------------------
 from medsr_dist.enhance import plan as enhance_plan  # noqa: E402
 from medsr_dist.infer import rows as infer_rows  # noqa: E402
-from medsr_dist.infer.backends import BACKENDS, register_backend  # noqa: E402
+from medsr_dist.infer.registry import BACKENDS, register_backend  # noqa: E402
 from medsr_dist.infer.model_file import build_model_backend  # noqa: E402
 from medsr_dist.io.image import ImageMeta, encode_image  # noqa: E402
 

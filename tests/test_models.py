@@ -12,7 +12,8 @@ from medsr_dist.config import load_config
 from medsr_dist.models.base import StepContext
 from medsr_dist.models.realesrgan import VGGWeightsMissing, resolve_vgg19_weights
 from medsr_dist.models.registry import load_family
-from medsr_dist.models.weights import WeightsError, load_state_dict_into, save_basicsr_checkpoint
+from medsr_dist.models.weights import load_state_dict_into, save_basicsr_checkpoint
+from medsr_dist.models.weights_error import WeightsError
 from medsr_dist.train.loop import build_training, ema_update
 from medsr_dist.train.strategy import DDPStrategy
 

@@ -12,11 +12,12 @@ from typer.testing import CliRunner
 import medsr_dist.compat  # noqa: F401  (must precede basicsr)
 from basicsr.archs.rrdbnet_arch import RRDBNet
 from conftest import TINY_RRDBNET, write_tiny_model
-from medsr_dist.infer.backends import BACKENDS, TorchBackend
+from medsr_dist.infer.backends import TorchBackend
 from medsr_dist.infer.engine import TileSpec, enhance_array, enhance_many
 from medsr_dist.infer.export import PARITY_TOLERANCE, export_onnx
 from medsr_dist.infer.model_file import build_model_backend, read_model_file
 from medsr_dist.infer.onnx_backend import OnnxRuntimeBackend, StaleExportError
+from medsr_dist.infer.registry import BACKENDS
 from medsr_dist.storage import Storage
 
 SIZE_MULTIPLE = {4: 1, 2: 2, 1: 4}

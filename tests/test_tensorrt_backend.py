@@ -15,10 +15,9 @@ import torch
 
 import medsr_dist.compat  # noqa: F401  (before basicsr)
 from basicsr.archs.rrdbnet_arch import RRDBNet
-from medsr_dist.infer.backends import BACKENDS
 from medsr_dist.infer.engine import TileBatcher, TileSpec
 from medsr_dist.infer.export import export_onnx, run_onnx
-from medsr_dist.infer.model_file import backend_factory
+from medsr_dist.infer.registry import BACKENDS, backend_factory
 from medsr_dist.infer.tensorrt_backend import (
     FP32_OPS, Profile, TensorRTBackend, TensorRTError, engine_cache_key, fp16_onnx, onnx_metadata, plan_profile,
 )

@@ -21,7 +21,8 @@ from basicsr.archs.rrdbnet_arch import RRDBNet
 from medsr_dist.config import MedsrConfig
 from medsr_dist.models import zoo
 from medsr_dist.models.realesrgan import FAMILY, build_discriminator, build_generator
-from medsr_dist.models.weights import WeightsError, load_state_dict_into, resolve_weights, save_basicsr_checkpoint
+from medsr_dist.models.weights import load_state_dict_into, resolve_weights, save_basicsr_checkpoint
+from medsr_dist.models.weights_error import WeightsError
 
 SMALL_G = {"num_feat": 8, "num_block": 1, "num_grow_ch": 4}
 

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from medsr_dist.cli.common import _fail, console
 from medsr_dist.config import ConfigError, load_config
+from medsr_dist.models.weights_error import WeightsError
 from medsr_dist.storage import StorageError
 
 weights_app = typer.Typer(
@@ -52,7 +53,6 @@ def fetch(
 ) -> None:
     """Download zoo weights into the cache (verified by sha256) and print the cached path."""
     from medsr_dist.models import zoo  # lazy: imports torch
-    from medsr_dist.models.weights import WeightsError  # lazy: imports torch
 
     last = [-1]
 
@@ -85,7 +85,6 @@ def import_ncnn(
 ) -> None:
     """Convert an ncnn Real-ESRGAN (RRDBNet) model into a PyTorch checkpoint usable as enhance.checkpoint."""
     from medsr_dist.models import ncnn_import  # lazy: imports torch
-    from medsr_dist.models.weights import WeightsError  # lazy: imports torch
 
     explicit = param is not None or bin_path is not None
     if from_package == explicit or (explicit and (param is None or bin_path is None)):

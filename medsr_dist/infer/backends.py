@@ -2,19 +2,20 @@
 
 Everything else (tiling, batching, blending, channel handling, resizing) lives in
 :mod:`medsr_dist.infer.engine` and is shared by every backend. A backend only has to satisfy
-:class:`Backend`. Backends are registered by name in :data:`BACKENDS` so a config can say
-``backend: torch``; other runtimes (onnxruntime; TensorRT when the serving issue adds it) register themselves with
-:func:`register_backend` in their own module.
+:class:`Backend`. Backends are registered by name in :data:`medsr_dist.infer.registry.BACKENDS` so a config can
+say ``backend: torch``; :class:`TorchBackend` registers itself here, other runtimes (onnxruntime, TensorRT) with
+:func:`~medsr_dist.infer.registry.register_backend` in their own module.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import nn
+
+from medsr_dist.infer.registry import backend_factory, register_backend
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class Backend(Protocol):
         ...
 
 
+@register_backend("torch")
 class TorchBackend:
     """A :class:`Backend` that runs a ``torch.nn.Module`` under ``torch.inference_mode``.
 
@@ -183,36 +185,10 @@ def auto_batch_size(backend: Backend) -> int:
     return AUTO_BATCH_SIZE["gpu" if on_gpu(backend) else "cpu"]
 
 
-BackendFactory = Callable[..., Backend]
-
-#: Backend factories by name. ``torch`` is built in; other runtimes add themselves via :func:`register_backend`.
-BACKENDS: dict[str, BackendFactory] = {"torch": TorchBackend}
-
-
-def register_backend(name: str) -> Callable[[BackendFactory], BackendFactory]:
-    """Decorator that registers a backend class/factory under ``name``.
-
-    Raises:
-        ValueError: ``name`` is already registered to a different factory.
-    """
-
-    def decorate(factory: BackendFactory) -> BackendFactory:
-        if BACKENDS.get(name, factory) is not factory:
-            raise ValueError(f"backend {name!r} is already registered to {BACKENDS[name]!r}")
-        BACKENDS[name] = factory
-        return factory
-
-    return decorate
-
-
 def build_backend(name: str, /, **kwargs: Any) -> Backend:
     """Build the backend registered as ``name`` with the factory's keyword arguments.
 
     Raises:
         ValueError: no backend of that name; the message lists the available ones.
     """
-    try:
-        factory = BACKENDS[name]
-    except KeyError:
-        raise ValueError(f"unknown backend {name!r}; available: {sorted(BACKENDS)}") from None
-    return factory(**kwargs)
+    return backend_factory(name)(**kwargs)

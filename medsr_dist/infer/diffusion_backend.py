@@ -33,15 +33,20 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pydicom
 import torch
+from pydicom.uid import generate_uid
 
 from medsr_dist.infer.backends import torch_precision
+from medsr_dist.infer.engine import TileSpec, enhance_array
+from medsr_dist.infer.registry import register_family_backend
+from medsr_dist.io.dicom import encode_dicom
+from medsr_dist.io.image import ImageMeta
 from medsr_dist.models import samplers
+from medsr_dist.models.ldm import LatentDiffusionSR, upsample_lr
 
 if TYPE_CHECKING:
-    from medsr_dist.infer.engine import TileSpec
     from medsr_dist.infer.model_file import ModelFile
-    from medsr_dist.models.ldm import LatentDiffusionSR
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +81,6 @@ class _OrtParts:
         return self._run("unet", np.ascontiguousarray(x.numpy(), dtype=np.float32), t.numpy().astype(np.int64))
 
     def encode(self, lq01: torch.Tensor) -> torch.Tensor:
-        from medsr_dist.models.ldm import upsample_lr
-
         return self._run("vae_encoder", np.ascontiguousarray(upsample_lr(lq01).numpy(), dtype=np.float32))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -93,7 +96,7 @@ class DiffusionBackend:
         precision: what runs (torch rules of :func:`~medsr_dist.infer.backends.torch_precision`; ORT: fp32).
     """
 
-    def __init__(self, module: "LatentDiffusionSR", *, device: str | None = None, precision: str = "fp32",
+    def __init__(self, module: LatentDiffusionSR, *, device: str | None = None, precision: str = "fp32",
                  samples: int | None = None, sampler: str | None = None, steps: int | None = None,
                  seed: int | None = None, ort_parts: _OrtParts | None = None, keep_std: bool = False):
         s = module.unet.sampling
@@ -123,7 +126,7 @@ class DiffusionBackend:
         #: every sampler call runs exactly this many tiles (padded), or as many as given when None (see prepare)
         self.fixed_batch: int | None = None
 
-    def prepare(self, spec: "TileSpec") -> None:
+    def prepare(self, spec: TileSpec) -> None:
         """Called by :class:`~medsr_dist.infer.replica.ModelReplica` with its tiling: from now on every batch is
         padded to ``spec.batch_size`` tiles. CPU convolution kernels (oneDNN) are chosen by batch size, so a tile's
         float bits differ by ~1e-6 between batch sizes (measured: ~0.6 % of 16-bit output values move by one
@@ -207,6 +210,14 @@ class DiffusionBackend:
                 f"precision={self.precision})")
 
 
+@register_family_backend("ldm")
+def ldm_backend(model: "ModelFile", backend: str, storage, *, device: str | None = None,
+                precision: str = "fp32") -> DiffusionBackend:
+    """The engine Backend of an ldm export (:meth:`DiffusionBackend.from_model_file`), whatever ``backend`` the
+    configuration names (``torch`` or ``onnxruntime``)."""
+    return DiffusionBackend.from_model_file(model, storage, backend=backend, device=device, precision=precision)
+
+
 class _StdView:
     def __init__(self, parent: DiffusionBackend):
         self.parent = parent
@@ -228,7 +239,7 @@ class _StdView:
         return np.stack(out)
 
 
-def enhance_with_uncertainty(backend: DiffusionBackend, images: Iterable[np.ndarray], tile: "TileSpec",
+def enhance_with_uncertainty(backend: DiffusionBackend, images: Iterable[np.ndarray], tile: TileSpec,
                              *, outscale: float | None = None) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """Like :func:`medsr_dist.infer.engine.enhance_many`, also yielding each image's std map.
 
@@ -236,8 +247,6 @@ def enhance_with_uncertainty(backend: DiffusionBackend, images: Iterable[np.ndar
     in [0, 1]); std the same layout (float32, per-pixel standard deviation of the K samples in [0, 1] units, the
     mean over RGB for gray images), or None when ``backend.samples`` is 1. Memory: the std tiles of one image.
     """
-    from medsr_dist.infer.engine import enhance_array
-
     backend.keep_std = backend.samples > 1
     for image in images:
         backend.clear_std()
@@ -252,14 +261,12 @@ def samples_uncertainty(backend) -> bool:
     return isinstance(backend, DiffusionBackend) and backend.samples > 1
 
 
-def std_map(backend: DiffusionBackend, image: np.ndarray, tile: "TileSpec", *,
+def std_map(backend: DiffusionBackend, image: np.ndarray, tile: TileSpec, *,
             outscale: float | None = None) -> np.ndarray:
     """The per-pixel std map of an image ``backend`` has just enhanced with ``keep_std`` on (same ``tile`` and
     ``outscale``): its kept std tiles tiled and blended by the engine like the image, no sampling. Returns
     (H', W') float32, the image's output grid, in [0, 1] intensity units (the mean over channels for RGB).
     Consumes those tiles. Raises RuntimeError when a tile was not kept (another tiling)."""
-    from medsr_dist.infer.engine import enhance_array
-
     std = enhance_array(backend.std_view(), image, tile, outscale=outscale)
     return np.ascontiguousarray(std.mean(axis=2) if std.ndim == 3 else std, dtype=np.float32)
 
@@ -279,12 +286,6 @@ def uncertainty_dicom(std16: np.ndarray, header: bytes, provenance: dict[str, st
     SeriesDescription suffix ``[SR std]``, DerivationDescription saying what the values are. Study, patient and
     frame-of-reference modules are the source's, so a viewer shows it beside the enhanced series.
     """
-    import pydicom
-    from pydicom.uid import generate_uid
-
-    from medsr_dist.io.dicom import encode_dicom
-    from medsr_dist.io.image import ImageMeta
-
     frames = std16.shape[0]
     meta = ImageMeta(format="dicom", dtype="uint16", bits_stored=16, channels=1, photometric="MONOCHROME2",
                      frames=frames)

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from medsr_dist.infer.registry import FAMILY_EXPORTERS
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -181,12 +183,9 @@ def export_model_file(
     output = output or model.onnx_uri
     if not output:
         raise ValueError(f"{model.uri}: say where to write the ONNX export (--output)")
-    from medsr_dist.models.registry import FAMILIES, load_family
-
     # a family with several inference networks (ldm: U-Net + VAE encoder/decoder) exports them itself
-    family_export = getattr(load_family(model.family), "export_onnx", None) if model.family in FAMILIES else None
-    if family_export is not None:
-        return family_export(model, storage, output, opset=opset, exporter=exporter)
+    if model.family in FAMILY_EXPORTERS:
+        return FAMILY_EXPORTERS.get(model.family)(model, storage, output, opset=opset, exporter=exporter)
     net = model.build(storage)
     metadata = {META_SOURCE_SHA256: model.sha256, META_MODEL_NAME: model.name, META_FAMILY: model.family}
     result = export_onnx(net, scale=model.scale, size_multiple=model.size_multiple, metadata=metadata,

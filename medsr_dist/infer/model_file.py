@@ -16,20 +16,24 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import posixpath
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from medsr_dist.config import StorageConfig
+from pydantic import ValidationError
+
+from medsr_dist.config import SamplingConfig, StorageConfig
+from medsr_dist.infer.backends import PRECISIONS, Backend, TorchBackend
+from medsr_dist.infer.registry import FAMILY_BACKENDS, backend_factory
+from medsr_dist.models import zoo
+from medsr_dist.models.registry import load_family
+from medsr_dist.models.weights import load_state_dict_bytes
 from medsr_dist.storage import Storage
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from medsr_dist.infer.backends import Backend
 
 META_FILE = "meta.json"
 ONNX_FILE = "model.onnx"
@@ -37,13 +41,6 @@ ONNX_FILE = "model.onnx"
 # RRDBNet pixel-unshuffles its input by 4 / 2 for scale 1 / 2, so input sides must be multiples of this.
 _RRDBNET_SIZE_MULTIPLE = {1: 4, 2: 2, 4: 1}
 _RRDBNET_SCALE_FOR_IN_CH = {3: 4, 12: 2, 48: 1}  # conv_first in-channels: 3 * (pixel-unshuffle factor)**2
-
-# Backends that live in their own module register themselves on import (medsr_dist.infer.backends.register_backend).
-BACKEND_MODULES = {
-    "onnxruntime": "medsr_dist.infer.onnx_backend",
-    "tensorrt": "medsr_dist.infer.tensorrt_backend",  # needs the `tensorrt` package and a CUDA GPU to run
-}
-
 
 @dataclass(frozen=True)
 class ModelFile:
@@ -79,12 +76,12 @@ class ModelFile:
 
     @property
     def is_zoo(self) -> bool:
-        return "/" not in self.uri and ":" not in self.uri and _zoo_module() is not None and _zoo_module().is_zoo_name(self.uri)
+        return "/" not in self.uri and ":" not in self.uri and zoo.is_zoo_name(self.uri)
 
     def read_weights(self, storage: Storage) -> bytes:
         """The weights file's bytes (a zoo model is fetched into this node's cache first)."""
         if self.is_zoo:
-            with open(_zoo_module().fetch(self.uri), "rb") as f:
+            with open(zoo.fetch(self.uri), "rb") as f:
                 return f.read()
         return storage.read_bytes(self.uri)
 
@@ -98,8 +95,6 @@ class ModelFile:
             ValueError: the family is unknown here.
             RuntimeError: the weights do not fit the architecture (strict loading; a ``WeightsError``).
         """
-        from medsr_dist.models.registry import load_family
-
         try:
             family = load_family(self.family)
         except ValueError as exc:
@@ -128,10 +123,6 @@ class ModelFile:
         if self.sampling is None:
             raise ValueError(f"{where}: {sorted(overrides)} apply to iterative-sampler models (family ldm); "
                              f"{self.uri} is a {self.family} model")
-        from pydantic import ValidationError
-
-        from medsr_dist.config import SamplingConfig
-
         try:
             merged = SamplingConfig.model_validate({**self.sampling, **overrides}).model_dump(mode="json")
         except ValidationError as exc:
@@ -152,22 +143,18 @@ def build_model_backend(
 ) -> Backend:
     """A ready :class:`~medsr_dist.infer.backends.Backend` for ``model``.
 
-    ``torch`` builds the network from the weights. Every other backend is looked up in the registry (its module
-    is imported first so it can register itself) and must offer ``from_model_file(model, storage, *, device,
-    precision)``: that is the whole contract a new runtime (TensorRT next) has to meet, usually by reading the
-    ONNX export at ``model.onnx_uri``.
+    ``torch`` builds the network from the weights. Every other backend is looked up in the registry
+    (:data:`medsr_dist.infer.registry.BACKENDS`: its module is imported first so it can register itself) and must
+    offer ``from_model_file(model, storage, *, device, precision)``: that is the whole contract a new runtime has to
+    meet, usually by reading the ONNX export at ``model.onnx_uri``. A family whose inference is not one forward
+    (diffusion: an iterative sampler) supplies its own Backend (:data:`~medsr_dist.infer.registry.FAMILY_BACKENDS`).
 
     Raises:
         ValueError: unknown backend, or a backend that cannot be built from a model file.
         ImportError: the backend's runtime package is not installed.
     """
-    from medsr_dist.infer.backends import TorchBackend
-    from medsr_dist.models.registry import load_family
-
-    # a family whose inference is not one forward (diffusion: an iterative sampler) supplies its own Backend
-    make_backend = getattr(load_family(model.family), "make_backend", None) if model.family in _families() else None
-    if make_backend is not None:
-        return make_backend(model, backend, storage, device=device, precision=precision)
+    if model.family in FAMILY_BACKENDS:
+        return FAMILY_BACKENDS.get(model.family)(model, backend, storage, device=device, precision=precision)
     if backend == "torch":
         return TorchBackend(model.build(storage), scale=model.scale, device=device, precision=precision,
                             size_multiple=model.size_multiple)
@@ -178,36 +165,12 @@ def build_model_backend(
     return from_model_file(model, storage, device=device, precision=precision)
 
 
-def backend_factory(backend: str) -> Any:
-    """The factory registered as ``backend``, importing its module first if it registers itself there.
-
-    Raises:
-        ValueError: unknown or not yet implemented backend.
-        ImportError: the backend's runtime package is not installed.
-    """
-    from medsr_dist.infer.backends import BACKENDS
-
-    if backend not in BACKENDS and backend in BACKEND_MODULES:
-        try:
-            importlib.import_module(BACKEND_MODULES[backend])
-        except ModuleNotFoundError as exc:
-            if exc.name == BACKEND_MODULES[backend]:
-                raise ValueError(f"backend {backend!r} is not implemented yet (available: torch, onnxruntime)") from None
-            raise
-    factory = BACKENDS.get(backend)
-    if factory is None:
-        raise ValueError(f"unknown backend {backend!r}; available: {sorted(set(BACKENDS) | set(BACKEND_MODULES))}")
-    return factory
-
-
 def runnable_precision(backend: str, requested: str, *, gpu: bool) -> str:
     """The precision replicas of ``backend`` will actually run for ``requested``, on GPUs or on this machine's
     CPU: what an output's identity and provenance must record (a CPU asked for fp16 runs fp32).
 
     A backend states it with ``runnable_precision(requested, *, gpu)``; one that does not runs what is asked.
     """
-    from medsr_dist.infer.backends import PRECISIONS
-
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {requested!r}")
     decide = getattr(backend_factory(backend), "runnable_precision", None)
@@ -215,20 +178,6 @@ def runnable_precision(backend: str, requested: str, *, gpu: bool) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-def _families() -> set[str]:
-    from medsr_dist.models.registry import FAMILIES
-
-    return set(FAMILIES)
-
-
-def _zoo_module():
-    try:
-        from medsr_dist.models import zoo
-    except ImportError:  # pragma: no cover - the zoo is optional
-        return None
-    return zoo
-
-
 def _dirname(uri: str) -> str:
     return uri.rsplit("/", 1)[0] if "/" in uri else "."
 
@@ -265,8 +214,7 @@ def read_model_file(uri: str, storage_cfg: StorageConfig | None = None, onnx_uri
         ValueError: meta.json disagrees with the weights, or a checkpoint without meta.json is not an RRDBNet.
     """
     storage = Storage(storage_cfg)
-    zoo = _zoo_module()
-    if zoo is not None and "/" not in uri and zoo.is_zoo_name(uri):
+    if "/" not in uri and zoo.is_zoo_name(uri):
         entry = zoo.zoo_entry(uri)
         if entry.net != "generator":
             raise ValueError(f"enhance.checkpoint: zoo model {uri} is a {entry.net}, not a generator")
@@ -292,8 +240,6 @@ def read_model_file(uri: str, storage_cfg: StorageConfig | None = None, onnx_uri
 
 
 def _from_checkpoint_bytes(uri: str, data: bytes, name: str, onnx_uri: str | None, digest: str | None = None) -> ModelFile:
-    from medsr_dist.models.weights import load_state_dict_bytes
-
     try:
         scale, generator = rrdbnet_architecture(load_state_dict_bytes(data, uri))
     except ValueError as exc:

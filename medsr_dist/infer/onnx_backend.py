@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from medsr_dist.infer.backends import register_backend
+from medsr_dist.infer.registry import register_backend
 from medsr_dist.infer.export import INPUT_NAME, META_SCALE, META_SIZE_MULTIPLE, META_SOURCE_SHA256
 
 if TYPE_CHECKING:

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medsr_dist.infer.backends import Backend, auto_batch_size
 from medsr_dist.infer.engine import ENGINE_REVISION, TileSpec, enhance_many
+from medsr_dist.infer.model_file import ModelFile, build_model_backend, runnable_precision
 
 if TYPE_CHECKING:
-    from medsr_dist.infer.backends import Backend
-    from medsr_dist.infer.model_file import ModelFile
     from medsr_dist.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,6 @@ def resolve_precision(backend: str, requested: str, *, gpu: bool) -> str:
     Raises:
         ValueError: unknown precision or backend.
     """
-    from medsr_dist.infer.model_file import runnable_precision
-
     return runnable_precision(backend, requested, gpu=gpu)
 
 
@@ -114,8 +112,6 @@ class ModelReplica:
             PrecisionMismatch: the backend runs another precision than ``settings.precision``.
             Whatever ``backend.prepare`` raises.
         """
-        from medsr_dist.infer.backends import auto_batch_size
-
         runs = getattr(backend, "precision", settings.precision)
         if runs != settings.precision:
             raise PrecisionMismatch(
@@ -139,8 +135,6 @@ class ModelReplica:
             FileNotFoundError / ValueError: the model or its export is missing or stale (messages name it).
             PrecisionMismatch: see :meth:`__init__`.
         """
-        from medsr_dist.infer.model_file import build_model_backend
-
         backend = build_model_backend(model, settings.backend, storage, device=device, precision=settings.precision)
         return cls(model, backend, settings)
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medsr_dist.infer.backends import register_backend
+from medsr_dist.infer.registry import register_backend
 from medsr_dist.infer.engine import TileSpec, plan_axis
 from medsr_dist.infer.export import INPUT_NAME, META_SCALE, META_SIZE_MULTIPLE, META_SOURCE_SHA256, OUTPUT_NAME
 

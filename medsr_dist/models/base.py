@@ -10,7 +10,15 @@ to it, and declares it here:
 * one optimisation step, written against ``ctx.strategy`` only (no ``.backward()``/``.step()`` of its own),
 * how its export becomes an inference network (:meth:`ModelFamily.inference_module`: one forward here; an
   iterative sampler wrapping several networks for diffusion families), and the export format itself
-  (:meth:`ModelFamily.export_payload` / :meth:`ModelFamily.load_export`).
+  (:meth:`ModelFamily.export_payload` / :meth:`ModelFamily.load_export`),
+* optional hooks with a default here (:meth:`ModelFamily.meta_from_weights`).
+
+A family registers its object with :func:`medsr_dist.models.registry.register_family`. What a family adds on the
+inference side is registered there, in ``medsr_dist.infer`` (models sit below infer): a family whose inference is
+not one forward (diffusion) supplies its own engine Backend with
+``medsr_dist.infer.registry.register_family_backend``, and a family with several inference networks its own ONNX
+export with ``medsr_dist.infer.registry.register_family_exporter`` (the ``ldm`` family:
+:mod:`medsr_dist.infer.diffusion_backend`, :mod:`medsr_dist.infer.diffusion_export`).
 
 Tensors crossing this boundary: ``batch["lq"]`` (B, 3, h, w) float32 in [0, 1] RGB,
 ``batch["gt"]`` and ``batch["gt_usm"]`` (B, 3, h*scale, w*scale) float32 in [0, 1] RGB (``gt_usm`` may be
@@ -19,15 +27,12 @@ absent; families then use ``gt``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, ContextManager, Protocol
 
 import torch
 from torch import nn
 
 from medsr_dist.config import MedsrConfig
-
-if TYPE_CHECKING:
-    from medsr_dist.train.strategy import Strategy
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,33 @@ class NetworkRole:
     ema: bool = False
 
 
+class StepStrategy(Protocol):
+    """What a family's train step may ask of the distributed strategy (``medsr_dist.train.strategy.Strategy``,
+    which satisfies it, owns the rest: setup, checkpoints, barriers). Networks are named as in
+    :meth:`ModelFamily.network_roles`."""
+
+    def module(self, name: str) -> nn.Module:
+        """The network to run forward (wrapped for distribution when trained; the raw one when frozen)."""
+
+    def raw(self, name: str) -> nn.Module:
+        """The unwrapped network (its own attributes and buffers)."""
+
+    def frozen(self, *names: str) -> ContextManager:
+        """A context in which ``names`` get no gradients (e.g. the discriminator during the generator's step)."""
+
+    def zero_grad(self, name: str) -> None:
+        """Clear the gradients of network ``name``'s optimiser."""
+
+    def backward(self, name: str, loss: torch.Tensor) -> None:
+        """Back-propagate ``loss`` (a scalar tensor) for network ``name`` (gradient scaling included)."""
+
+    def step(self, name: str) -> None:
+        """One optimiser step of network ``name``."""
+
+    def autocast(self) -> ContextManager:
+        """The mixed-precision context of the forward passes (a no-op in fp32)."""
+
+
 @dataclass
 class StepContext:
     """What a family's train step gets besides the batch.
@@ -55,12 +87,18 @@ class StepContext:
         iteration: 1-based iteration being run.
     """
 
-    strategy: "Strategy"
+    strategy: StepStrategy
     losses: dict[str, nn.Module]
     iteration: int = 0
 
 
 class ModelFamily(Protocol):
+    """A model family (see the module docstring). Families subclass this to inherit the optional hooks' defaults.
+
+    Attributes:
+        name: the ``model.family`` value it is registered under.
+    """
+
     name: str
     #: the network whose (EMA) weights are exported and used for inference
     inference_net: str
@@ -100,3 +138,13 @@ class ModelFamily(Protocol):
     def inference_module(self, nets: dict[str, nn.Module]) -> nn.Module:
         """The module an inference Backend runs: (B, 3, h, w) in [0, 1] -> (B, 3, h*scale, w*scale), unclamped.
         A single forward of the generator here; an iterative sampler over several networks for diffusion."""
+
+    # ---- optional hooks (defaults here) ----
+    def meta_from_weights(self, data: bytes) -> dict:
+        """Entries only the trained weights know, added to the final export's meta.json (``data``: the export
+        file's bytes); e.g. the vae family's latent scale factor and statistics. Default: none (``{}``).
+
+        Raises:
+            WeightsError: ``data`` is not a readable export of this family.
+        """
+        return {}

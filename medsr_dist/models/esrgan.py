@@ -8,6 +8,7 @@ ground truth of classic bicubic pairs; D loss = relativistic average GAN (``mode
 from __future__ import annotations
 
 from medsr_dist.models.gan import GANFamily
+from medsr_dist.models.registry import register_family
 
 
 class ESRGANFamily(GANFamily):
@@ -16,4 +17,4 @@ class ESRGANFamily(GANFamily):
     pixel_target = "gt"
 
 
-FAMILY = ESRGANFamily()
+FAMILY = register_family("esrgan")(ESRGANFamily())

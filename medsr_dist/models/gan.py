@@ -18,6 +18,7 @@ from torch import nn
 from medsr_dist.config import MedsrConfig
 from medsr_dist.models.base import StepContext
 from medsr_dist.models.generator_family import GeneratorFamily
+from medsr_dist.models.perceptual import build_perceptual_loss
 
 
 def relativistic_g_loss(gan: nn.Module, real_pred: torch.Tensor, fake_pred: torch.Tensor) -> torch.Tensor:
@@ -138,11 +139,8 @@ class GANFamily(GeneratorFamily):
     pixel_target = "gt"
 
     def build_losses(self, cfg: MedsrConfig, device: torch.device) -> dict[str, nn.Module]:
-        import medsr_dist.compat  # noqa: F401
         from basicsr.losses.basic_loss import L1Loss
         from basicsr.losses.gan_loss import GANLoss
-
-        from medsr_dist.models.perceptual import build_perceptual_loss
 
         w = cfg.model.losses
         losses: dict[str, nn.Module] = {}

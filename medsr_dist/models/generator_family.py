@@ -16,11 +16,12 @@ from torch import nn
 
 from medsr_dist.config import MedsrConfig
 from medsr_dist.models.archs import build_discriminator, build_generator, generator_from
-from medsr_dist.models.base import NetworkRole
-from medsr_dist.models.weights import WeightsError, load_state_dict_bytes, load_state_dict_into
+from medsr_dist.models.base import ModelFamily, NetworkRole
+from medsr_dist.models.weights import load_state_dict_bytes, load_state_dict_into
+from medsr_dist.models.weights_error import WeightsError
 
 
-class GeneratorFamily:
+class GeneratorFamily(ModelFamily):
     """Base of the families whose inference network is one generator ``net_g`` (EMA-tracked, exported)."""
 
     name = "generator"

@@ -19,7 +19,8 @@ is not a meaningful denoising objective).
 
 Inference: :class:`LatentDiffusionSR` (the family's inference module: (B, 3, h, w) in [0, 1] -> (B, 3, 4h, 4w))
 draws ``sampling.samples`` samples per tile with the configured sampler, all tiles of a batch sharing every
-denoising step; :mod:`medsr_dist.infer.diffusion_backend` is the engine Backend around it (std map, ONNX U-Net).
+denoising step; :mod:`medsr_dist.infer.diffusion_backend` is the engine Backend around it (std map, ONNX U-Net),
+registered as this family's Backend, and :mod:`medsr_dist.infer.diffusion_export` its ONNX export.
 
 Export ``medsr-ldm``: a torch file ``{"params": {"unet.*", "vae.*"}, "params_ema": {"unet.*" (EMA), "vae.*"}}``
 with meta.json recording the U-Net, the VAE's diffusers config, the noise schedule and the sampling settings.
@@ -28,23 +29,22 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import math
 import os
-from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import medsr_dist.compat  # noqa: F401  (before basicsr)
 from medsr_dist.config import (
     LDMModelConfig, MedsrConfig, NoiseScheduleConfig, SamplingConfig, UNetArchConfig, VAEArchConfig,
 )
-from medsr_dist.models.base import NetworkRole, StepContext
 from medsr_dist.models import samplers
-
-log = logging.getLogger(__name__)
+from medsr_dist.models.base import ModelFamily, NetworkRole, StepContext
+from medsr_dist.models.registry import register_family
+from medsr_dist.models.weights_error import WeightsError
+from medsr_dist.storage import Storage
 
 SCALE = 4
 
@@ -268,8 +268,6 @@ def _fp32(state: dict, prefix: str = "") -> dict:
 
 
 def _load_torch(data: bytes, source: str) -> dict:
-    from medsr_dist.models.weights import WeightsError
-
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
@@ -277,8 +275,6 @@ def _load_torch(data: bytes, source: str) -> dict:
 
 
 def _strict(net: nn.Module, state: dict, source: str) -> None:
-    from medsr_dist.models.weights import WeightsError
-
     want, got = set(net.state_dict()), set(state)
     missing, unexpected = sorted(want - got), sorted(got - want)
     if missing or unexpected:
@@ -298,8 +294,6 @@ def load_vae(source: str, cfg: MedsrConfig | None = None, storage_cfg=None) -> L
         ValueError: a ``vae`` export trained for fewer iterations than its scale-factor window (no statistics).
         WeightsError: the file does not fit the architecture its meta.json (or ``model.vae_arch``) names.
     """
-    from medsr_dist.storage import Storage
-
     local = source.removeprefix("file://")
     if os.path.isdir(local):
         vae = LatentVAE.from_pretrained(local)
@@ -328,7 +322,7 @@ def load_vae(source: str, cfg: MedsrConfig | None = None, storage_cfg=None) -> L
 # ----------------------------------------------------------------------------------------------------------
 # family: vae
 # ----------------------------------------------------------------------------------------------------------
-class VAEFamily:
+class VAEFamily(ModelFamily):
     name = "vae"
     inference_net = "vae"
     export_format = "medsr-vae"
@@ -340,7 +334,6 @@ class VAEFamily:
         return {"vae": LatentVAE(vae_config(cfg.model.vae_arch))}
 
     def build_losses(self, cfg: MedsrConfig, device: torch.device) -> dict[str, nn.Module]:
-        import medsr_dist.compat  # noqa: F401
         from basicsr.losses.basic_loss import L1Loss
 
         w = cfg.model.losses
@@ -348,6 +341,7 @@ class VAEFamily:
         if w.l1_weight > 0:
             losses["pix"] = L1Loss(loss_weight=w.l1_weight, reduction="mean")
         if w.perceptual_weight > 0:
+            # lazy: perceptual.py wraps basicsr's PerceptualLoss + torchvision VGG (~3 s), imported only when used
             from medsr_dist.models.perceptual import build_perceptual_loss
 
             losses["percep"] = build_perceptual_loss(cfg)
@@ -417,7 +411,7 @@ class VAEFamily:
 # ----------------------------------------------------------------------------------------------------------
 # family: ldm
 # ----------------------------------------------------------------------------------------------------------
-class LDMFamily:
+class LDMFamily(ModelFamily):
     name = "ldm"
     inference_net = "unet"
     export_format = "medsr-ldm"
@@ -492,122 +486,10 @@ class LDMFamily:
     def inference_module(self, nets) -> nn.Module:
         return LatentDiffusionSR(nets["unet"], nets["vae"])
 
-    def export_onnx(self, model, storage, output: str, *, opset: int = 17, exporter: str = "auto"):
-        """``medsr export --format onnx``: the U-Net and the VAE encoder/decoder as ``<output stem>.<part>.onnx``
-        (:func:`export_ldm_onnx`); returns the U-Net's :class:`~medsr_dist.infer.export.OnnxExport` (its max abs
-        diff is the largest of the three)."""
-        from medsr_dist.infer.diffusion_backend import onnx_part_uri
-        from medsr_dist.infer.export import META_FAMILY, META_MODEL_NAME, META_SOURCE_SHA256, OnnxExport
-
-        if exporter not in ("auto", "torchscript"):
-            raise ValueError("the ldm ONNX export uses the torchscript exporter (--exporter auto or torchscript)")
-        meta = {META_SOURCE_SHA256: model.sha256, META_MODEL_NAME: model.name, META_FAMILY: model.family}
-        parts = export_ldm_onnx(model.build(storage), metadata=meta, opset=opset)
-        for part, (data, _) in parts.items():
-            storage.write_bytes(onnx_part_uri(output, part), data)
-        worst = max(d for _, d in parts.values())
-        log.info("ldm ONNX export: %s", {p: f"{d:.2e}" for p, (_, d) in parts.items()})
-        return OnnxExport(data=parts["unet"][0], uri=onnx_part_uri(output, "unet"), max_abs_diff=worst,
-                          check_shape=(2, 8, 12, 8), exporter="torchscript")
-
-    def make_backend(self, model, backend: str, storage, *, device: str | None = None, precision: str = "fp32"):
-        """The engine Backend of an ldm export (:class:`medsr_dist.infer.diffusion_backend.DiffusionBackend`)."""
-        from medsr_dist.infer.diffusion_backend import DiffusionBackend
-
-        return DiffusionBackend.from_model_file(model, storage, backend=backend, device=device, precision=precision)
-
-
-class _Encoder(nn.Module):
-    def __init__(self, vae: LatentVAE):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, image01: torch.Tensor) -> torch.Tensor:  # HR-grid image in [0, 1] -> scaled posterior mean
-        return self.vae.encode(image01)
-
-
-class _Decoder(nn.Module):
-    def __init__(self, vae: LatentVAE):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latent)
-
-
-def export_ldm_onnx(module: LatentDiffusionSR, *, metadata: dict[str, str], opset: int = 17,
-                    tolerance: float = 1e-4) -> dict[str, tuple[bytes, float]]:
-    """ONNX graphs of the three networks, each parity-checked against torch (max abs diff <= ``tolerance``, fp32)
-    at a batch and size other than the traced ones (dynamic batch, height, width):
-
-    * ``unet``: ``latent`` (B, 2C, h, w) float32 [x_t, LR latent] and ``timestep`` (B,) int64 -> ``prediction``
-      (B, C, h, w);
-    * ``vae_encoder``: ``image`` (B, 3, H, W) in [0, 1] (the LR bicubic-upsampled to the HR grid) -> ``latent``
-      (B, C, H/f, W/f), the scaled posterior mean;
-    * ``vae_decoder``: ``latent`` -> ``image`` (B, 3, H, W), ~[0, 1], not clamped.
-
-    Returns ``{part: (onnx bytes, max abs diff)}``. Raises :class:`medsr_dist.infer.export.ExportError`.
-    """
-    import warnings
-
-    import onnx
-
-    from medsr_dist.infer.export import ExportError
-
-    module = module.float().eval().cpu()
-    vae, unet = module.vae, module.unet
-    c, f, g = vae.latent_channels, vae.downsampling, unet.downsampling
-    gen = torch.Generator().manual_seed(0)
-    parts = {
-        "unet": (unet, ["latent", "timestep"], ["prediction"],
-                 lambda b, h, w: (torch.randn(b, 2 * c, h * g, w * g, generator=gen),
-                                  torch.randint(0, unet.schedule.num_train_timesteps, (b,), generator=gen)),
-                 {"latent": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
-                  "prediction": {0: "batch", 2: "height", 3: "width"}}),
-        "vae_encoder": (_Encoder(vae), ["image"], ["latent"],
-                        lambda b, h, w: (torch.rand(b, 3, h * f * g, w * f * g, generator=gen),),
-                        {"image": {0: "batch", 2: "height", 3: "width"}, "latent": {0: "batch", 2: "lh", 3: "lw"}}),
-        "vae_decoder": (_Decoder(vae), ["latent"], ["image"],
-                        lambda b, h, w: (torch.randn(b, c, h * g, w * g, generator=gen),),
-                        {"latent": {0: "batch", 2: "height", 3: "width"}, "image": {0: "batch", 2: "ih", 3: "iw"}}),
-    }
-    out = {}
-    for part, (net, inputs, outputs, make, axes) in parts.items():
-        example = make(1, 2, 2)
-        buf = io.BytesIO()
-        try:
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(net, example, buf, input_names=inputs, output_names=outputs, opset_version=opset,
-                                  dynamic_axes=axes, do_constant_folding=True, dynamo=False)
-        except Exception as exc:  # noqa: BLE001 - the exporter raises many types
-            raise ExportError(f"ONNX export of the {part} failed: {type(exc).__name__}: {exc}") from exc
-        proto = onnx.load_from_string(buf.getvalue())
-        for key, value in {**metadata, "medsr:part": part}.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, str(value)
-        proto.producer_name = "medsr-dist"
-        onnx.checker.check_model(proto)
-        data = proto.SerializeToString()
-        check = make(2, 3, 2)
-        with torch.no_grad():
-            expected = net(*check).numpy()
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(data, sess_options=so, providers=["CPUExecutionProvider"])
-        got = sess.run(None, {n: a.numpy() for n, a in zip(inputs, check)})[0]
-        diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
-        if not diff <= tolerance:
-            raise ExportError(f"ONNX Runtime {part} differs from torch by {diff:.3g} (max abs, fp32; shapes "
-                              f"{got.shape} / {expected.shape}); tolerance {tolerance:g}")
-        out[part] = (data, diff)
-    return out
-
 
 def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-FAMILIES: dict[str, Any] = {"vae": VAEFamily(), "ldm": LDMFamily()}
+VAE_FAMILY = register_family("vae")(VAEFamily())
+LDM_FAMILY = register_family("ldm")(LDMFamily())

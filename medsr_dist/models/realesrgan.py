@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from medsr_dist.models.archs import build_discriminator, build_generator  # noqa: F401  (public names)
 from medsr_dist.models.gan import GANFamily
+from medsr_dist.models.registry import register_family
 from medsr_dist.models.perceptual import (  # noqa: F401  (public names)
     RANDOM_VGG,
     VGG19_FILE,
@@ -25,4 +26,4 @@ class RealESRGANFamily(GANFamily):
     pixel_target = "gt_usm"
 
 
-FAMILY = RealESRGANFamily()
+FAMILY = register_family("realesrgan")(RealESRGANFamily())

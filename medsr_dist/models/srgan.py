@@ -6,6 +6,7 @@ The same perceptual loss as ESRGAN (VGG19 ``conv5_4`` before activation) and the
 from __future__ import annotations
 
 from medsr_dist.models.gan import GANFamily
+from medsr_dist.models.registry import register_family
 
 
 class SRGANFamily(GANFamily):
@@ -14,4 +15,4 @@ class SRGANFamily(GANFamily):
     pixel_target = "gt"
 
 
-FAMILY = SRGANFamily()
+FAMILY = register_family("srgan")(SRGANFamily())

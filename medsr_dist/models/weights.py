@@ -13,17 +13,16 @@ import os
 import torch
 from torch import nn
 
+from safetensors.torch import load as load_safetensors
+
 from medsr_dist.config import StorageConfig
-
-
-class WeightsError(RuntimeError):
-    """A weights file is missing, unsafe, or does not fit the network; the message names the source."""
+from medsr_dist.models import zoo
+from medsr_dist.models.weights_error import WeightsError
+from medsr_dist.storage import Storage, StorageError
 
 
 def read_weights_bytes(source: str, storage_cfg: StorageConfig | None = None) -> bytes:
     """The bytes of a path or store URI (no zoo lookup; see :func:`resolve_weights`)."""
-    from medsr_dist.storage import Storage
-
     return Storage(storage_cfg).read_bytes(source)
 
 
@@ -37,9 +36,6 @@ def resolve_weights(source: str, storage_cfg: StorageConfig | None = None, *, al
     Raises:
         WeightsError: the file does not exist or cannot be read (zoo subclasses: download/checksum failures).
     """
-    from medsr_dist.models import zoo
-    from medsr_dist.storage import StorageError
-
     if zoo.is_zoo_name(source):
         with open(zoo.fetch(source, allow_unverified=allow_unverified), "rb") as f:
             return f.read()
@@ -52,8 +48,6 @@ def resolve_weights(source: str, storage_cfg: StorageConfig | None = None, *, al
 def load_state_dict_bytes(data: bytes, source: str, key: str | None = None) -> dict[str, torch.Tensor]:
     """Parse a checkpoint and pick its state dict: ``key`` if given, else ``params_ema``, ``params``, or the top level."""
     if source.endswith(".safetensors"):
-        from safetensors.torch import load as load_safetensors
-
         state = load_safetensors(data)
     else:
         try:

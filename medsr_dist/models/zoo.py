@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from medsr_dist.models.weights import WeightsError
+from medsr_dist.models.weights_error import WeightsError
 
 log = logging.getLogger(__name__)
 

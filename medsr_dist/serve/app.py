@@ -21,12 +21,14 @@ import time
 from typing import Any
 
 from medsr_dist.config import MedsrConfig, ServeConfig, load_config
-from medsr_dist.infer.model_file import backend_factory, read_model_file
+from medsr_dist.infer.model_file import read_model_file
+from medsr_dist.infer.registry import backend_factory
 from medsr_dist.infer.replica import EngineSettings, resolve_precision
+from medsr_dist.infer.serve_names import model_deployment_name
+from medsr_dist.preflight import preflight
 from medsr_dist.runtime import init_ray
 from medsr_dist.serve.ingress import Ingress
 from medsr_dist.serve.model import SRModel
-from medsr_dist.infer.serve_names import model_deployment_name
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +152,7 @@ def app_builder(args: dict[str, Any]):
     """
     import ray
 
-    cfg = load_config(args.get("config"), list(args.get("overrides") or []))
+    cfg = preflight(load_config(args.get("config"), list(args.get("overrides") or [])))
     if not ray.is_initialized():  # the builder runs inside the cluster: join it
         ray.init(address="auto", ignore_reinit_error=True)
     return build_app(cfg)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from typing import Any
 
 import torch
@@ -307,8 +308,6 @@ class DeepSpeedStrategy:
             self._engines[name].save_checkpoint(save_dir, tag=TAG, client_state={CLIENT_KEY: client_state} if i == 0 else {})
         wrote = any(files for _, _, files in os.walk(root))
         if not wrote:  # nothing of this rank: leave no empty folders behind
-            import shutil
-
             shutil.rmtree(root, ignore_errors=True)
         return wrote
 

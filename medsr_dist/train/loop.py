@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from medsr_dist.config import MedsrConfig
+from medsr_dist.eval.metrics import bicubic_upscale, psnr, ssim
 from medsr_dist.models.base import StepContext
 from medsr_dist.models.registry import load_family
 from medsr_dist.train.strategy import STATE_FILE, make_strategy  # noqa: F401  (STATE_FILE: DDP's checkpoint file)
@@ -66,8 +67,6 @@ def _to_device_batch(batch: dict, device: torch.device) -> dict[str, torch.Tenso
 def validate(net: nn.Module, pairs: list[dict], device: torch.device, scale: int) -> dict[str, float]:
     """Mean PSNR/SSIM (RGB, crop border = scale) of ``net`` (a family's inference module) on fixed pairs; also of
     bicubic, for reference."""
-    from medsr_dist.eval.metrics import bicubic_upscale, psnr, ssim
-
     was_training = net.training
     net.eval()
     psnrs, ssims, psnrs_bic = [], [], []

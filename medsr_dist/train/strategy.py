@@ -16,6 +16,8 @@ from typing import Any, Callable, ContextManager, Protocol
 import torch
 from torch import nn
 
+from medsr_dist.train.deepspeed_strategy import DeepSpeedStrategy
+
 STATE_FILE = "state.pt"
 
 
@@ -206,7 +208,5 @@ def make_strategy(cfg, device: torch.device | str, *, distributed: bool = True) 
     if name == "ddp":
         return DDPStrategy(device, mixed_precision=cfg.train.mixed_precision, distributed=distributed)
     if name == "deepspeed":
-        from medsr_dist.train.deepspeed_strategy import DeepSpeedStrategy
-
         return DeepSpeedStrategy(cfg, device, distributed=distributed)
     raise ValueError(f"train.strategy: unknown strategy {name!r} (known: ddp, deepspeed)")

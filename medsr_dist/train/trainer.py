@@ -6,6 +6,7 @@ export of the final EMA generator. The loop itself is in :mod:`medsr_dist.train.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -14,8 +15,14 @@ import os
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from medsr_dist.config import MedsrConfig, check_through_plane_model
+from medsr_dist.data.bicubic import BicubicDegradation
+from medsr_dist.data.degrade import PairedCrop, SecondOrderDegradation
+from medsr_dist.data.ldm_pairs import AugmentedBicubicPairs
+from medsr_dist.models.registry import load_family
+from medsr_dist.runtime import cluster_has_gpus, configure_data_context
 from medsr_dist.storage import Storage
 from medsr_dist.train.loop import META_FILE, MODEL_FILE, train_loop_per_worker
 
@@ -83,8 +90,6 @@ def build_train_stream(cfg: MedsrConfig, storage: Storage, start_iteration: int 
     import ray
 
     pafs, path = storage.pyarrow_fs(storage.join(cfg.train.dataset, "train"))
-    import pyarrow.parquet as pq
-
     paired = "lq_image" in pq.ParquetDataset(path, filesystem=pafs).schema.names
     columns = ["key", "image", "lq_image"] if paired else ["key", "image"]
     # materialised once (the encoded images sit in the object store); every epoch re-reads it from there
@@ -139,8 +144,6 @@ class TrainStream:
             return first
         from ray.data import DataContext
 
-        from medsr_dist.runtime import configure_data_context
-
         configure_data_context(self.cfg, DataContext.get_current())  # the controller's own context
         start = latest_iteration(self.storage, self.cfg)
         log.info("train: worker group restarted; stream from iteration %d", start)
@@ -153,17 +156,11 @@ def pair_stage(cfg: MedsrConfig, paired: bool) -> tuple[type, list[str]]:
     Paired datasets are cropped; otherwise the family's ``model.degradation`` decides: Real-ESRGAN's second-order
     pipeline (``lq``, ``gt``, ``gt_usm``) or classic bicubic BI pairs (``lq``, ``gt``).
     """
-    from medsr_dist.data.degrade import PairedCrop, SecondOrderDegradation
-
     if paired:
         return PairedCrop, ["lq", "gt", "gt_usm"]
     if cfg.model.degradation == "bicubic":
-        from medsr_dist.data.bicubic import BicubicDegradation
-
         return BicubicDegradation, ["lq", "gt"]
     if cfg.model.degradation == "bicubic_augmented":  # latent diffusion families (vae, ldm)
-        from medsr_dist.data.ldm_pairs import AugmentedBicubicPairs
-
         return AugmentedBicubicPairs, ["lq", "gt"]
     return SecondOrderDegradation, ["lq", "gt", "gt_usm"]
 
@@ -171,8 +168,6 @@ def pair_stage(cfg: MedsrConfig, paired: bool) -> tuple[type, list[str]]:
 def validation_pairs(cfg: MedsrConfig, storage: Storage, limit: int = 8) -> list[dict]:
     """Fixed validation pairs from the val split: the run's training pair stage (:func:`pair_stage`) with epoch -1
     seeds, so the same pairs every time. Arrays (3, h, w) float32 in [0, 1]; empty when there is no val split."""
-    import pyarrow.parquet as pq
-
     val_uri = storage.join(cfg.train.dataset, "val")
     if not storage.exists(val_uri):
         return []
@@ -229,8 +224,6 @@ def make_trainer(cfg: MedsrConfig, storage: Storage, datasets: dict, val_pairs: 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from medsr_dist.runtime import cluster_has_gpus
-
     cfg = worker_config(cfg)
     t = cfg.train
     use_gpu = t.use_gpu if t.use_gpu is not None else cluster_has_gpus()
@@ -259,8 +252,6 @@ def ingest_config(cfg: MedsrConfig):
 
     The options are the driver's ``DataContext`` execution options, as Ray Train's default takes them (a copy:
     ``DataConfig.default_ingest_options()`` itself passes the deprecated ``exclude_resources`` and warns)."""
-    import copy
-
     import ray.train
     from ray.data import DataContext
 
@@ -288,12 +279,8 @@ def export_checkpoint(checkpoint, cfg: MedsrConfig, storage: Storage) -> tuple[s
         with open(os.path.join(d, META_FILE)) as f:
             meta = json.load(f)
     digest = hashlib.sha256(data).hexdigest()
-    from medsr_dist.models.registry import load_family
-
     # what only the trained weights know (the vae family: its latent scale factor), recorded in the export's meta
-    meta_from_weights = getattr(load_family(meta["family"]), "meta_from_weights", None)
-    if meta_from_weights is not None:
-        meta.update(meta_from_weights(data))
+    meta.update(load_family(meta["family"]).meta_from_weights(data))
     meta["sha256"] = digest
     meta["name"] = f"{cfg.run.name}@{meta['iteration']}"
     export = storage.join(cfg.train.output, "export", MODEL_FILE)
