@@ -1,4 +1,4 @@
-# Over 600 lines on purpose: the whole DICOM codec (read, derive, sample builders) shares one set of tag rules,
+# Long module: the whole DICOM codec (read, derive, sample builders) shares one set of tag rules,
 # the pydicom quieting wrapper and the code items; split, those rules would be imported back and forth.
 """DICOM side of medsr-dist image I/O: read an image object, write a derived SR object, build samples.
 
