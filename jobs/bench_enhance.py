@@ -175,7 +175,8 @@ def model_throughput(args, net, images: list[np.ndarray]) -> list[dict]:
     import medsr_dist.compat  # noqa: F401
     from realesrgan import RealESRGANer
 
-    from medsr_dist.infer.backends import TorchBackend, auto_batch_size, cpu_has_native_bf16
+    from medsr_dist.infer.backends import TorchBackend, cpu_has_native_bf16
+    from medsr_dist.infer.engine import auto_batch_size
     from medsr_dist.infer.engine import TileSpec, enhance_many
 
     torch.set_num_threads(args.threads)
@@ -266,7 +267,8 @@ def end_to_end(args, net) -> dict:
     import torch
 
     from medsr_dist.config import load_config
-    from medsr_dist.infer.backends import TorchBackend, auto_batch_size
+    from medsr_dist.infer.backends import TorchBackend
+    from medsr_dist.infer.engine import auto_batch_size
     from medsr_dist.infer.engine import TileSpec, enhance_many
     from medsr_dist.enhance.job import run_enhance_job
     from medsr_dist.io.image import ImageMeta, encode_image

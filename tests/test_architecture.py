@@ -56,19 +56,20 @@ def planted(tmp_path_factory) -> Path:
     return parent
 
 
-def _append(path: Path, line: str) -> str:
-    original = path.read_text()
-    path.write_text(original + "\n" + line + "\n")
-    return original
+def lint_with(planted: Path, module: str, code: str) -> subprocess.CompletedProcess:
+    """import-linter over the planted copy with ``code`` appended to ``module`` (a path below medsr_dist/), which is
+    restored afterwards."""
+    target = planted / "medsr_dist" / module
+    original = target.read_text()
+    target.write_text(original + "\n" + code + "\n")
+    try:
+        return lint_imports(planted)
+    finally:
+        target.write_text(original)
 
 
 def test_an_upward_import_breaks_the_layer_contract(planted):
-    target = planted / "medsr_dist" / "io" / "phi.py"
-    original = _append(target, "from medsr_dist.enhance import job  # planted: io reaching up into the nightly job")
-    try:
-        result = lint_imports(planted)
-    finally:
-        target.write_text(original)
+    result = lint_with(planted, "io/phi.py", "from medsr_dist.enhance import job  # planted: io reaching up")
     assert result.returncode == 1, result.stdout
     assert "medsr_dist layers BROKEN" in result.stdout
     assert "medsr_dist.io is not allowed to import medsr_dist.enhance" in result.stdout
@@ -76,24 +77,14 @@ def test_an_upward_import_breaks_the_layer_contract(planted):
 
 
 def test_an_import_inside_a_function_is_seen_too(planted):
-    target = planted / "medsr_dist" / "config" / "__init__.py"
-    original = _append(target, "def _dodge():\n    from medsr_dist.infer import model_file  # planted\n")
-    try:
-        result = lint_imports(planted)
-    finally:
-        target.write_text(original)
+    result = lint_with(planted, "config/__init__.py", "def _dodge():\n    from medsr_dist.infer import model_file\n")
     assert result.returncode == 1, result.stdout
     assert "medsr_dist.config is not allowed to import medsr_dist.infer" in result.stdout
 
 
 def test_a_cycle_between_sibling_modules_breaks_the_acyclic_contract(planted):
-    # uris is alone in its package level; eval.metrics <- eval.report is a real edge: plant the way back
-    target = planted / "medsr_dist" / "eval" / "metrics.py"
-    original = _append(target, "from medsr_dist.eval import report  # planted cycle")
-    try:
-        result = lint_imports(planted)
-    finally:
-        target.write_text(original)
+    # eval.report imports eval.metrics: plant the way back
+    result = lint_with(planted, "eval/metrics.py", "from medsr_dist.eval import report  # planted cycle")
     assert result.returncode == 1, result.stdout
     assert "no import cycle between the modules of a package BROKEN" in result.stdout
     assert "No cycles are allowed in medsr_dist.eval." in result.stdout
@@ -159,3 +150,23 @@ def test_every_registered_family_has_its_config_section_and_every_section_its_fa
     assert sorted(FAMILY_SECTIONS) == family_names()
     for name in family_names():
         assert load_family(name).name == name
+
+
+# Modules whose code runs where no network does: the nightly job's CPU stages (read, commit, planning, status), the
+# Serve ingress, evaluation's read stage and plan, the config checks, the CLI and the stage runners' module. Ray
+# starts their workers by importing them: torch (~1 s and a few hundred MB per process) must not come along.
+TORCH_FREE = [
+    "medsr_dist.cli", "medsr_dist.config", "medsr_dist.preflight", "medsr_dist.pipeline",
+    "medsr_dist.enhance.read", "medsr_dist.enhance.commit", "medsr_dist.enhance.plan", "medsr_dist.enhance.job",
+    "medsr_dist.enhance.status", "medsr_dist.serve.ingress", "medsr_dist.serve.app", "medsr_dist.eval.evaluate",
+    "medsr_dist.infer.model_file", "medsr_dist.infer.replica", "medsr_dist.data.prepare", "medsr_dist.mri.job",
+]
+
+
+def test_modules_of_cpu_stages_do_not_import_torch():
+    code = ("import importlib, sys\n"
+            f"for name in {TORCH_FREE!r}:\n"
+            "    importlib.import_module(name)\n"
+            "    assert 'torch' not in sys.modules, name + ' imported torch'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -496,7 +496,7 @@ def test_register_backend_adds_a_name_once():
 def test_the_default_tile_batch_is_one_on_cpu_and_larger_on_a_gpu():
     from types import SimpleNamespace
 
-    from medsr_dist.infer.backends import AUTO_BATCH_SIZE, auto_batch_size
+    from medsr_dist.infer.engine import AUTO_BATCH_SIZE, auto_batch_size
 
     cpu = TorchBackend(random_rrdbnet(4), scale=4, device="cpu")
     assert auto_batch_size(cpu) == AUTO_BATCH_SIZE["cpu"] == 1

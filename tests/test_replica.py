@@ -112,4 +112,4 @@ def test_settings_are_read_from_a_config_section():
 def test_batch_size_defaults_to_the_backends(replica):
     r = ModelReplica(replica.model, TorchBackend(replica.model.build(Storage()), scale=4, device="cpu"),
                      EngineSettings())
-    assert r.spec.batch_size == 1  # CPU default (medsr_dist.infer.backends.AUTO_BATCH_SIZE)
+    assert r.spec.batch_size == 1  # CPU default (medsr_dist.infer.engine.AUTO_BATCH_SIZE)

@@ -13,10 +13,6 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-import medsr_dist.compat  # noqa: F401  (must precede basicsr)
-from basicsr.metrics.psnr_ssim import calculate_psnr, calculate_ssim
-from basicsr.utils.matlab_functions import imresize as matlab_imresize
-
 __all__ = ["bicubic_downscale", "bicubic_upscale", "default_max_value", "psnr", "ssim", "to_basicsr_scale"]
 
 
@@ -79,6 +75,9 @@ def psnr(
         PSNR in dB; ``inf`` for identical images (basicsr's convention).
     """
     _check_pair(image, reference)
+    import medsr_dist.compat  # noqa: F401  # lazy: basicsr (after its quirks) imports torch; scoring alone needs it
+    from basicsr.metrics.psnr_ssim import calculate_psnr
+
     return float(
         calculate_psnr(
             to_basicsr_scale(image, max_value),
@@ -106,6 +105,9 @@ def ssim(
         ``crop_border`` (valid-mode filtering).
     """
     _check_pair(image, reference)
+    import medsr_dist.compat  # noqa: F401  # lazy: basicsr (after its quirks) imports torch; scoring alone needs it
+    from basicsr.metrics.psnr_ssim import calculate_ssim
+
     return float(
         calculate_ssim(
             to_basicsr_scale(image, max_value),
@@ -159,6 +161,9 @@ def bicubic_downscale(hr: np.ndarray, scale: int) -> np.ndarray:
         raise ValueError(f"scale must be >= 1, got {scale}")
     squeeze = hr.ndim == 2
     hr = hr[..., None] if squeeze else hr
+    import medsr_dist.compat  # noqa: F401  # lazy: basicsr (after its quirks) imports torch
+    from basicsr.utils.matlab_functions import imresize as matlab_imresize
+
     lr = matlab_imresize(np.ascontiguousarray(hr, dtype=np.float32), 1.0 / scale, antialiasing=True)
     lr = np.clip(lr, 0.0, 1.0).astype(np.float32, copy=False)
     return lr[..., 0] if squeeze else lr

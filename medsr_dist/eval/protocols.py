@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 
-import medsr_dist.compat  # noqa: F401  (must precede basicsr)
 from medsr_dist.config import protocols as parameters
 from medsr_dist.config.protocols import VOLUME_PRESETS, VolumeProtocol
 from medsr_dist.eval.metrics import bicubic_downscale
@@ -157,6 +156,7 @@ def _resize_to(image: np.ndarray, height: int, width: int, kernel: str) -> np.nd
         factor = height / h
         if not math.isclose(width / w, factor):
             raise ProtocolError(f"MATLAB bicubic needs one factor for both axes; {w}x{h} -> {width}x{height} has two")
+        import medsr_dist.compat  # noqa: F401  # lazy: must precede basicsr; both import torch
         from basicsr.utils.matlab_functions import imresize
 
         return _as_hwc(np.clip(imresize(np.ascontiguousarray(image), factor, antialiasing=True), 0.0, 1.0))

@@ -15,11 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from medsr_dist.infer.registry import backend_factory, register_backend
+from medsr_dist.infer.registry import PRECISIONS, backend_factory, register_backend
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16")
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: CPU flags (Linux /proc/cpuinfo) of native bf16 arithmetic: AVX512-BF16 (Cooper Lake, Zen 4 and later) or AMX.
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
@@ -163,26 +162,6 @@ class TorchBackend:
             f"TorchBackend({type(self.model).__name__}, scale={self.scale}, size_multiple={self.size_multiple}, "
             f"device={self.device}, precision={self.precision})"
         )
-
-
-def on_gpu(backend: Backend) -> bool:
-    """Whether ``backend`` runs its network on a GPU (a torch CUDA device or an ONNX Runtime GPU provider)."""
-    device = getattr(backend, "device", None)
-    if device is not None:
-        return getattr(device, "type", str(device)) == "cuda"
-    providers = getattr(backend, "providers", None) or []
-    return any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in providers)
-
-
-#: Tiles per backend call when the configuration leaves it open. On CPU one tile at a time is fastest: the
-#: activations of a 64-feature RRDBNet outgrow the caches as a batch grows (jobs/bench_enhance.py measured
-#: batch 1 ~10 % faster than 4 on 2 cores, docs/PERFORMANCE.md); a GPU needs several tiles to fill its SMs.
-AUTO_BATCH_SIZE = {"cpu": 1, "gpu": 8}
-
-
-def auto_batch_size(backend: Backend) -> int:
-    """The default tiles per call for ``backend``: :data:`AUTO_BATCH_SIZE` by device kind."""
-    return AUTO_BATCH_SIZE["gpu" if on_gpu(backend) else "cpu"]
 
 
 def build_backend(name: str, /, **kwargs: Any) -> Backend:

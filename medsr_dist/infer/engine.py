@@ -446,3 +446,23 @@ def enhance_array(
         ValueError: unsupported shape.
     """
     return next(enhance_many(backend, [image], tile, outscale=outscale))
+
+
+def on_gpu(backend: Backend) -> bool:
+    """Whether ``backend`` runs its network on a GPU (a torch CUDA device or an ONNX Runtime GPU provider)."""
+    device = getattr(backend, "device", None)
+    if device is not None:
+        return getattr(device, "type", str(device)) == "cuda"
+    providers = getattr(backend, "providers", None) or []
+    return any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in providers)
+
+
+#: Tiles per backend call when the configuration leaves it open. On CPU one tile at a time is fastest: the
+#: activations of a 64-feature RRDBNet outgrow the caches as a batch grows (jobs/bench_enhance.py measured
+#: batch 1 ~10 % faster than 4 on 2 cores, docs/PERFORMANCE.md); a GPU needs several tiles to fill its SMs.
+AUTO_BATCH_SIZE = {"cpu": 1, "gpu": 8}
+
+
+def auto_batch_size(backend: Backend) -> int:
+    """The default tiles per call for ``backend``: :data:`AUTO_BATCH_SIZE` by device kind."""
+    return AUTO_BATCH_SIZE["gpu" if on_gpu(backend) else "cpu"]

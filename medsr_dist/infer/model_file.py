@@ -25,15 +25,15 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from medsr_dist.config import SamplingConfig, StorageConfig
-from medsr_dist.infer.backends import PRECISIONS, Backend, TorchBackend
-from medsr_dist.infer.registry import FAMILY_BACKENDS, backend_factory
+from medsr_dist.infer.registry import FAMILY_BACKENDS, PRECISIONS, backend_factory
 from medsr_dist.models import zoo
 from medsr_dist.models.registry import load_family
-from medsr_dist.models.weights import load_state_dict_bytes
 from medsr_dist.storage import Storage
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from medsr_dist.infer.backends import Backend
 
 META_FILE = "meta.json"
 ONNX_FILE = "model.onnx"
@@ -156,8 +156,8 @@ def build_model_backend(
     if model.family in FAMILY_BACKENDS:
         return FAMILY_BACKENDS.get(model.family)(model, backend, storage, device=device, precision=precision)
     if backend == "torch":
-        return TorchBackend(model.build(storage), scale=model.scale, device=device, precision=precision,
-                            size_multiple=model.size_multiple)
+        return backend_factory("torch")(model.build(storage), scale=model.scale, device=device, precision=precision,
+                                        size_multiple=model.size_multiple)
     factory = backend_factory(backend)
     from_model_file = getattr(factory, "from_model_file", None)
     if from_model_file is None:
@@ -240,6 +240,9 @@ def read_model_file(uri: str, storage_cfg: StorageConfig | None = None, onnx_uri
 
 
 def _from_checkpoint_bytes(uri: str, data: bytes, name: str, onnx_uri: str | None, digest: str | None = None) -> ModelFile:
+    # lazy: imports torch; model files are read (and their meta checked) by CPU stages that never run a network
+    from medsr_dist.models.weights import load_state_dict_bytes
+
     try:
         scale, generator = rrdbnet_architecture(load_state_dict_bytes(data, uri))
     except ValueError as exc:

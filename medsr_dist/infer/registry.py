@@ -22,6 +22,9 @@ from typing import Any
 
 from medsr_dist.models.registry import Registry
 
+#: Precisions a backend may be asked to run (``enhance.precision`` and the like).
+PRECISIONS = ("fp32", "fp16", "bf16")
+
 #: Backend factories by name (classes or callables returning a Backend).
 BACKENDS: Registry[Any] = Registry("backend")
 BACKENDS.register_lazy("torch", "medsr_dist.infer.backends")  # lazy: the module imports torch

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medsr_dist.infer.backends import Backend, auto_batch_size
-from medsr_dist.infer.engine import ENGINE_REVISION, TileSpec, enhance_many
+from medsr_dist.infer.engine import ENGINE_REVISION, TileSpec, auto_batch_size, enhance_many
 from medsr_dist.infer.model_file import ModelFile, build_model_backend, runnable_precision
 
 if TYPE_CHECKING:
+    from medsr_dist.infer.backends import Backend
     from medsr_dist.storage import Storage
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,7 @@ import posixpath
 from dataclasses import dataclass
 
 from medsr_dist.config import MedsrConfig, MriConfig, through_plane_refiner_problem
-from medsr_dist.infer.backends import auto_batch_size
-from medsr_dist.infer.engine import ENGINE_REVISION, TileSpec
+from medsr_dist.infer.engine import ENGINE_REVISION, TileSpec, auto_batch_size
 from medsr_dist.infer.model_file import build_model_backend, read_model_file
 from medsr_dist.mri.metrics import foreground_mask, psnr_3d
 from medsr_dist.mri.reconstruct import plan_reconstruction, reconstruct

@@ -15,7 +15,6 @@ from medsr_dist.mri.reconstruct import plan_reconstruction
 from medsr_dist.mri.volume import VolumeError, write_nifti
 from medsr_dist.runtime import init_ray
 from medsr_dist.storage import Storage
-from medsr_dist.train.trainer import run_training
 
 
 def _stem(uri: str) -> str:
@@ -59,6 +58,9 @@ def self_sr(cfg: MedsrConfig, mri: MriConfig, volume_uri: str, output_uri: str,
     if prepared.errors:
         raise VolumeError(f"{volume_uri}: {prepared.errors[0]['error']}")
     t0 = time.perf_counter()
+    # lazy: the training stack imports torch and basicsr; importing medsr_dist.pipeline does not need it
+    from medsr_dist.train.trainer import run_training
+
     trained = run_training(cfg, storage)
     train_wall = time.perf_counter() - t0
     result = reconstruct_volume(cfg, mri, volume_uri, output_uri, trained.export, storage)

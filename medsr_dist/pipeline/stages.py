@@ -18,7 +18,6 @@ from medsr_dist.data.prepare import prepare_dataset
 from medsr_dist.enhance.job import run_enhance_job
 from medsr_dist.runtime import init_ray
 from medsr_dist.storage import Storage
-from medsr_dist.train.trainer import latest_iteration, run_training
 
 
 @contextmanager
@@ -84,6 +83,9 @@ def run_prepare(cfg: MedsrConfig, console: Console):
 
 
 def run_train(cfg: MedsrConfig, console: Console):
+    # lazy: the training stack imports torch and basicsr; `medsr prepare` and `medsr enhance` never need it
+    from medsr_dist.train.trainer import latest_iteration, run_training
+
     init_ray(cfg)
     storage = Storage(cfg.storage)
     start = latest_iteration(storage, cfg)
