@@ -74,7 +74,7 @@ def test_a_short_self_supervised_training_beats_the_bspline_on_the_through_plane
     from medsr_dist.train.loop import build_training
 
     try:
-        path = sample_volume_path("mni152_t1", download=False)
+        path = sample_volume_path("mni152_t1")  # the nilearn wheel via pip when not cached (CI starts bare)
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
     iso = read_nifti(path.read_bytes(), path.name).data[74:122, 92:140, 60:124].astype(np.float32)
