@@ -21,6 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 from medsr_dist.data.synthetic import make_corrupt_files, make_radiograph
 from medsr_dist.io.dicom import build_radiograph_dataset, dataset_to_bytes
+from medsr_dist.io.raster import count_tiff_ifds
 from medsr_dist.io.image import (
     ImageDecodeError,
     ImageMeta,
@@ -28,6 +29,7 @@ from medsr_dist.io.image import (
     decode_image,
     encode_image,
     output_extension,
+    probe_image,
 )
 
 H, W = 40, 48
@@ -581,3 +583,43 @@ def test_jpeg_compressed_tiff_decodes_like_libtiff(layout):
 def _from_cv2_tiff(data: bytes, grey: bool) -> np.ndarray:
     array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR)
     return array.astype(np.float32) if grey else cv2.cvtColor(array, cv2.COLOR_BGR2RGB).astype(np.float32)
+
+
+def looping_tiff(pages: int) -> bytes:
+    """A TIFF of ``pages`` 1x1 pages whose last IFD points back to the first: past tifffile's own loop check (it
+    follows about 100 IFDs before it looks), it used to make the header probe spin for ever, its memory growing."""
+    import struct
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((pages, 1, 1), np.uint8), photometric="minisblack", metadata=None)
+    data = bytearray(buf.getvalue())
+    first = offset = struct.unpack_from("<I", data, 4)[0]
+    while True:
+        entries = struct.unpack_from("<H", data, offset)[0]
+        next_at = offset + 2 + 12 * entries
+        offset = struct.unpack_from("<I", data, next_at)[0]
+        if offset == 0:
+            struct.pack_into("<I", data, next_at, first)
+            return bytes(data)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("pages", [1, 102])
+def test_a_tiff_whose_ifd_chain_loops_is_refused_by_probe_and_decode(pages):
+    data = looping_tiff(pages)
+    for read in (probe_image, decode_image):
+        with pytest.raises(ImageDecodeError, match=rf"IFD {pages - 1} points back to IFD 0 \(a loop in the IFD chain\)"):
+            read(data, "loop.tif")
+
+
+def test_the_ifd_walk_counts_honest_pages_and_refuses_too_many():
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((3, 4, 4), np.uint16), photometric="minisblack")
+    assert count_tiff_ifds(buf.getvalue(), "stack.tif") == 3
+    assert probe_image(buf.getvalue(), "stack.tif").frames == 3
+    with pytest.raises(ImageDecodeError, match="more than 2 IFDs"):
+        count_tiff_ifds(buf.getvalue(), "stack.tif", max_ifds=2)
+    for big in (False, True):
+        buf = io.BytesIO()
+        tifffile.imwrite(buf, np.zeros((2, 4, 4), np.uint8), photometric="minisblack", bigtiff=big)
+        assert count_tiff_ifds(buf.getvalue(), "two.tif") == 2

@@ -25,6 +25,9 @@ from medsr_dist.io.medical_image import MAXVAL, ImageDecodeError, ImageMeta, Ima
 JPEG_QUALITY = 95
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+#: IFDs (pages) a TIFF may chain before it is refused unread: far more than any page count medsr-dist reads
+#: (one), few enough that walking them costs microseconds.
+MAX_TIFF_IFDS = 1024
 
 
 def probe_png(head: bytes, name: str) -> ImageProbe:
@@ -67,7 +70,41 @@ def probe_jpeg(view: memoryview, name: str) -> ImageProbe:
     raise ImageDecodeError(name, "corrupt JPEG: no frame header (SOFn) before the image data")
 
 
+def count_tiff_ifds(raw: bytes, name: str, max_ifds: int = MAX_TIFF_IFDS) -> int:
+    """The number of IFDs (pages) in the TIFF ``raw``, walking the chain of IFD offsets itself (classic and
+    BigTIFF) before tifffile does: tifffile follows the chain to its end and recognises a loop only after about
+    100 IFDs, so a few hundred crafted bytes whose last IFD points back to an earlier one made it spin, its memory
+    growing, for ever. An offset outside the file ends the chain there (tifffile warns and stops too).
+
+    Raises:
+        ImageDecodeError: the chain returns to an IFD it has visited, or has more than ``max_ifds`` IFDs.
+    """
+    order = "<" if raw[:2] == b"II" else ">"
+    big = len(raw) >= 16 and raw[2:4] in (b"+\x00", b"\x00+")
+    offset_format, count_format, entry_size = (order + "Q", order + "Q", 20) if big else (order + "I", order + "H", 12)
+    offset_size, count_size = struct.calcsize(offset_format), struct.calcsize(count_format)
+    start = 8 if big else 4
+    if len(raw) < start + offset_size:
+        raise ImageDecodeError(name, "corrupt TIFF header: truncated before the first IFD offset")
+    offset, = struct.unpack_from(offset_format, raw, start)
+    seen: dict[int, int] = {}  # IFD offset -> its index in the chain
+    while offset and offset + count_size <= len(raw):
+        if offset in seen:
+            raise ImageDecodeError(name, f"corrupt TIFF: IFD {len(seen) - 1} points back to IFD {seen[offset]} "
+                                         "(a loop in the IFD chain)")
+        if len(seen) == max_ifds:
+            raise ImageDecodeError(name, f"TIFF with more than {max_ifds} IFDs (pages): refused unread")
+        seen[offset] = len(seen)
+        entries, = struct.unpack_from(count_format, raw, offset)
+        next_at = offset + count_size + entries * entry_size
+        if next_at + offset_size > len(raw):
+            break
+        offset, = struct.unpack_from(offset_format, raw, next_at)
+    return len(seen)
+
+
 def probe_tiff(raw: bytes, name: str) -> ImageProbe:
+    count_tiff_ifds(raw, name)
     try:
         with tifffile.TiffFile(io.BytesIO(raw)) as tif:
             pages = len(tif.pages)
@@ -334,8 +371,10 @@ def _tiff_text(description: str | None) -> dict[str, str]:
 
 
 def decode_tiff(data, name: str) -> MedicalImage:
+    data = bytes(data)
+    count_tiff_ifds(data, name)
     try:
-        with tifffile.TiffFile(io.BytesIO(bytes(data))) as tif:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
             pages = len(tif.pages)
             if pages == 0:
                 raise ImageDecodeError(name, "TIFF has no image pages")
