@@ -623,3 +623,32 @@ def test_the_ifd_walk_counts_honest_pages_and_refuses_too_many():
         buf = io.BytesIO()
         tifffile.imwrite(buf, np.zeros((2, 4, 4), np.uint8), photometric="minisblack", bigtiff=big)
         assert count_tiff_ifds(buf.getvalue(), "two.tif") == 2
+
+
+def png_with_text(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    """A small grey PNG with the given (type, payload) text chunks inserted before IEND."""
+    import struct
+    import zlib
+
+    ok, encoded = cv2.imencode(".png", np.full((8, 8), 100, np.uint8))
+    data = encoded.tobytes()
+    extra = b"".join(struct.pack(">I", len(p)) + t + p + struct.pack(">I", zlib.crc32(t + p) & 0xFFFFFFFF)
+                     for t, p in chunks)
+    return data[:-12] + extra + data[-12:]
+
+
+def test_png_text_is_inflated_within_a_bound_and_oversized_text_is_dropped():
+    import zlib
+
+    bomb = zlib.compress(b"A" * (16 << 20), 9)  # 16 MiB of text in ~16 KiB
+    assert len(bomb) < 64 * 1024
+    data = png_with_text([
+        (b"zTXt", b"bomb\x00\x00" + bomb),
+        (b"iTXt", b"ibomb\x00\x01\x00\x00\x00" + bomb),
+        (b"zTXt", b"Comment\x00\x00" + zlib.compress(b"a scanner note")),
+        (b"iTXt", b"Title\x00\x00\x00\x00\x00" + "chest PA".encode()),
+    ])
+    image = decode_image(data, "bomb.png")
+    assert image.meta.text == {"Comment": "a scanner note", "Title": "chest PA"}
+    out = encode_image(image.pixels, image.meta, {"medsr:note": "x"})
+    assert len(out) < 4096  # nothing of the 16 MiB travels into the output

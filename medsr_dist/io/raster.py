@@ -28,6 +28,10 @@ TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 #: IFDs (pages) a TIFF may chain before it is refused unread: far more than any page count medsr-dist reads
 #: (one), few enough that walking them costs microseconds.
 MAX_TIFF_IFDS = 1024
+#: Longest PNG text value kept (after inflating zTXt/iTXt), and most text kept per file, in bytes: provenance and
+#: scanner notes are far shorter; longer text is dropped rather than inflated without bound into memory and outputs.
+MAX_PNG_TEXT_BYTES = 64 * 1024
+MAX_PNG_TEXT_TOTAL = 256 * 1024
 
 
 def probe_png(head: bytes, name: str) -> ImageProbe:
@@ -208,26 +212,48 @@ def _png_chunks(data: bytes, name: str) -> list[tuple[bytes, bytes]]:
             return chunks
 
 
+class _TextTooLong(ValueError):
+    pass
+
+
+def _inflate_text(compressed: bytes) -> bytes:
+    """A compressed PNG text value, inflated to at most :data:`MAX_PNG_TEXT_BYTES` (a zTXt of a few KiB can
+    inflate to many MiB, and the text is copied into the output's metadata)."""
+    inflater = zlib.decompressobj()
+    value = inflater.decompress(compressed, MAX_PNG_TEXT_BYTES + 1)
+    if len(value) > MAX_PNG_TEXT_BYTES:
+        raise _TextTooLong
+    return value
+
+
 def _png_text(chunks: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The text chunks (tEXt, zTXt, iTXt) as {keyword: value}; a damaged chunk, or a value longer than
+    :data:`MAX_PNG_TEXT_BYTES` (inflated), is dropped, and so is any chunk past :data:`MAX_PNG_TEXT_TOTAL` bytes of
+    text: neither makes the image unreadable, and neither is carried into an output."""
     text: dict[str, str] = {}
+    total = 0
     for ctype, payload in chunks:
         try:
             if ctype == b"tEXt":
                 key, _, value = payload.partition(b"\x00")
-                text[key.decode("latin-1")] = value.decode("latin-1")
             elif ctype == b"zTXt":
                 key, _, rest = payload.partition(b"\x00")
-                text[key.decode("latin-1")] = zlib.decompress(rest[1:]).decode("latin-1")
+                value = _inflate_text(rest[1:])
             elif ctype == b"iTXt":
                 key, _, rest = payload.partition(b"\x00")
                 compressed, rest = rest[0], rest[2:]
                 _language, _, rest = rest.partition(b"\x00")
                 _translated, _, value = rest.partition(b"\x00")
                 if compressed:
-                    value = zlib.decompress(value)
-                text[key.decode("latin-1")] = value.decode("utf-8")
-        except (zlib.error, UnicodeDecodeError, IndexError):
-            continue  # a damaged text chunk does not make the image unreadable
+                    value = _inflate_text(value)
+            else:
+                continue
+            if len(value) > MAX_PNG_TEXT_BYTES or total + len(value) > MAX_PNG_TEXT_TOTAL:
+                continue
+            text[key.decode("latin-1")] = value.decode("utf-8" if ctype == b"iTXt" else "latin-1")
+            total += len(value)
+        except (zlib.error, UnicodeDecodeError, IndexError, _TextTooLong):
+            continue  # a damaged or oversized text chunk does not make the image unreadable
     return text
 
 
