@@ -652,3 +652,33 @@ def test_png_text_is_inflated_within_a_bound_and_oversized_text_is_dropped():
     assert image.meta.text == {"Comment": "a scanner note", "Title": "chest PA"}
     out = encode_image(image.pixels, image.meta, {"medsr:note": "x"})
     assert len(out) < 4096  # nothing of the 16 MiB travels into the output
+
+
+def _patched_element(data: bytes, tag: bytes, vr: bytes, value: bytes) -> bytes:
+    """``data`` (Explicit VR Little Endian) with the element ``tag``/``vr`` rewritten to ``value`` (padded to its
+    length): a malformed value as real archives hold them, which pydicom itself would refuse to write."""
+    at = data.find(tag + vr)
+    length = int.from_bytes(data[at + 6: at + 8], "little")
+    assert at > 0 and len(value) <= length
+    return data[: at + 8] + value.ljust(length, b" ") + data[at + 8 + length:]
+
+
+def test_malformed_numbers_in_a_real_ct_header_are_ignored_and_never_quoted():
+    """pydicom's CT_small.dcm with PixelSpacing written with decimal commas ("0,66") and SeriesNumber holding a
+    letter: the image decodes, both attributes are absent and listed as ignored, the derived object leaves the
+    unscalable spacing out, and no raw value appears anywhere it could be logged."""
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = _patched_element(buf.getvalue(), b"\x28\x00\x30\x00", b"DS", b"0,66\\0,66")
+    data = _patched_element(data, b"\x20\x00\x11\x00", b"IS", b"1a")
+    image = decode_image(data, "comma.dcm")
+    assert image.meta.dicom["pixel_spacing"] is None and image.meta.dicom["series_number"] is None
+    assert image.meta.dicom["ignored_attributes"] == ["SeriesNumber", "PixelSpacing"]
+    assert "0,66" not in json.dumps(image.meta.dicom)
+    big = np.repeat(np.repeat(image.pixels, 2, 0), 2, 1)
+    derived = pydicom.dcmread(io.BytesIO(encode_image(big, image.meta, image.header, provenance={"medsr:scale": "2"})))
+    assert "PixelSpacing" not in derived and derived.Rows == 2 * ds.Rows

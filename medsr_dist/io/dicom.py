@@ -178,24 +178,37 @@ def _floats(value: Any) -> list[float] | None:
 
 
 def _summary(ds: Dataset) -> dict[str, Any]:
-    """JSON-ready summary of the clinically relevant header fields (absent fields are None)."""
+    """JSON-ready summary of the clinically relevant header fields (absent fields are None).
+
+    Optional numbers are read tolerantly: a value that is not a number (``0,143`` with a decimal comma, an IS with
+    letters; common in real archives) is absent, its keyword listed under ``ignored_attributes``, and its raw text
+    never reaches an error message."""
+    ignored: list[str] = []
+
+    def tolerant(keyword: str, convert):
+        try:
+            return convert(ds.get(keyword))
+        except (ValueError, TypeError, OverflowError):
+            ignored.append(keyword)
+            return None
 
     def text(keyword: str) -> str | None:
         value = ds.get(keyword)
         return None if value is None or value == "" else str(value)
 
     def number(keyword: str) -> float | None:
-        value = ds.get(keyword)
-        return None if value is None or value == "" else float(value)
+        return tolerant(keyword, lambda value: None if value is None or value == "" else float(value))
 
     def integer(keyword: str) -> int | None:
-        value = ds.get(keyword)
-        return None if value is None or value == "" else int(value)
+        return tolerant(keyword, lambda value: None if value is None or value == "" else int(value))
+
+    def floats(keyword: str) -> list[float] | None:
+        return tolerant(keyword, _floats)
 
     explanation = ds.get("WindowCenterWidthExplanation")
     if explanation is not None and not isinstance(explanation, (list, pydicom.multival.MultiValue)):
         explanation = [explanation]
-    return {
+    summary = {
         "modality": text("Modality"),
         "sop_class_uid": text("SOPClassUID"),
         "sop_instance_uid": text("SOPInstanceUID"),
@@ -213,18 +226,21 @@ def _summary(ds: Dataset) -> dict[str, Any]:
         "rescale_slope": number("RescaleSlope"),
         "rescale_intercept": number("RescaleIntercept"),
         "rescale_type": text("RescaleType"),
-        "window_center": _floats(ds.get("WindowCenter")),
-        "window_width": _floats(ds.get("WindowWidth")),
+        "window_center": floats("WindowCenter"),
+        "window_width": floats("WindowWidth"),
         "window_explanation": None if explanation is None else [str(e) for e in explanation],
         "voi_lut_function": text("VOILUTFunction"),
-        "pixel_spacing": _floats(ds.get("PixelSpacing")),
-        "imager_pixel_spacing": _floats(ds.get("ImagerPixelSpacing")),
+        "pixel_spacing": floats("PixelSpacing"),
+        "imager_pixel_spacing": floats("ImagerPixelSpacing"),
         "body_part_examined": text("BodyPartExamined"),
         "view_position": text("ViewPosition"),
         "image_type": None if "ImageType" not in ds else [str(v) for v in ds.ImageType],
         "number_of_frames": int(ds.get("NumberOfFrames") or 1),
         "source_photometric": text("PhotometricInterpretation"),
     }
+    if ignored:
+        summary["ignored_attributes"] = ignored
+    return summary
 
 
 def _header_bytes(ds: Dataset) -> bytes:
@@ -446,15 +462,26 @@ def _compress(ds: Dataset, array: np.ndarray, compression: str) -> None:
         ds.compress(syntax, array, generate_instance_uid=False, **options)
 
 
+def _scale_spacing(ds: Dataset, keyword: str, scale: float) -> None:
+    """Divide the spacing ``keyword`` of a derived object by ``scale``. A source value that is not a number (a
+    decimal comma, letters) cannot be scaled: the derived object leaves the attribute out rather than state the
+    source's spacing for the finer grid (the source summary lists it under ``ignored_attributes``)."""
+    try:
+        values = _floats(ds.get(keyword))
+    except (ValueError, TypeError, OverflowError):
+        delattr(ds, keyword)
+        return
+    if values:
+        setattr(ds, keyword, [format_number_as_ds(v / scale) for v in values])
+
+
 def _update_functional_groups(ds: Dataset, scale: float) -> None:
     """Enhanced (multi-frame functional group) objects: PixelMeasuresSequence PixelSpacing divided by ``scale``
     and FrameType value 1 DERIVED, in the shared group and in every per-frame group."""
     groups = list(ds.get("SharedFunctionalGroupsSequence", [])) + list(ds.get("PerFrameFunctionalGroupsSequence", []))
     for group in groups:
         for measures in group.get("PixelMeasuresSequence", []):
-            values = _floats(measures.get("PixelSpacing"))
-            if values:
-                measures.PixelSpacing = [format_number_as_ds(v / scale) for v in values]
+            _scale_spacing(measures, "PixelSpacing", scale)
         for elem in group:
             if elem.VR == "SQ" and elem.keyword.endswith("FrameTypeSequence"):
                 for item in elem.value:
@@ -559,9 +586,7 @@ def encode_dicom(
     ds.ContributingEquipmentSequence = Sequence(list(ds.get("ContributingEquipmentSequence", [])) + [equipment])
 
     for keyword in _SPACING_KEYWORDS:
-        values = _floats(ds.get(keyword))
-        if values:
-            setattr(ds, keyword, [format_number_as_ds(v / scale) for v in values])
+        _scale_spacing(ds, keyword, scale)
     for keyword in _STALE_PIXEL_KEYWORDS:
         if keyword in ds:
             delattr(ds, keyword)
