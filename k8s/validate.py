@@ -16,10 +16,17 @@ Three layers, each returning a list of error strings ("<Kind>/<name>: <where>: <
   RayService upgrade types, RayCronJob schedules.
 - ``policy_errors``: this project's rules: requests and limits on every container, the restricted Pod Security
   profile, credentials only through secretKeyRef (never in runtimeEnvYAML), token auth on every cluster, no
-  image left at the base's placeholder.
+  image left at the base's placeholder; least privilege (docs/CLUSTER.md): no ServiceAccount token in a Ray pod
+  (only the autoscaler sidecar gets one), a read-only root filesystem with writable emptyDirs for Ray, no PACS
+  secret in the Serve or training clusters, NetworkPolicy rules that open no Ray port beyond the namespace (but
+  Serve's 8000 to a named gateway namespace and the dashboard to the KubeRay operator).
+- ``build_policy_errors``: rules over a whole overlay (a build holding its Namespace): a default-deny ingress
+  NetworkPolicy, one Ray token and one S3 credential per cluster, image digests where the Namespace is labelled
+  ``medsr-dist/environment: prod``.
 
 Exit status 0 when nothing is found, 1 otherwise (each error printed), 2 on unusable input.
 """
+# Long module: four validation layers over one manifest stream, each a page of rules; split by layer if it grows.
 from __future__ import annotations
 
 import argparse
@@ -45,6 +52,16 @@ TOKEN_AUTH_MIN_RAY = (2, 52, 0)
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 BASE_IMAGE_PLACEHOLDER = "medsr-dist"
 SECRET_ENV = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL)", re.I)
+PACS_SECRET = re.compile(r"pacs", re.I)          # a Secret named like the PACS credentials (medsr-pacs)
+PACS_ENV = re.compile(r"^MEDSR_PACS_")
+DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+ENVIRONMENT_LABEL = "medsr-dist/environment"
+#: Ray's ports by number and by the names the manifests give them.
+SERVE_PORT, DASHBOARD_PORT = 8000, 8265
+PORT_NAMES = {"serve": 8000, "dashboard": 8265, "gcs-server": 6379, "client": 10001}
+#: Where the Ray containers write, given a read-only root filesystem.
+RAY_WRITABLE = ("/tmp/ray", "/tmp")
+SA_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 # A top-level ObjectMeta as written in a manifest (the CRD schemas leave metadata open; the API server checks it).
 OBJECT_META = {
     "type": "object", "additionalProperties": False,
@@ -508,6 +525,7 @@ def policy_errors(doc: dict) -> list[str]:
                     errors.append(f"{cw}.env[{env['name']}]: a credential as a literal value; use valueFrom.secretKeyRef")
         if gpu_pod and not any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations") or []):
             errors.append(f"{where}.tolerations: a GPU pod needs the nvidia.com/gpu toleration")
+    errors += least_privilege_errors(doc)
     for where, c in cluster_specs(doc):
         auth = c.get("authOptions") or {}
         if auth.get("mode") != "token" or not auth.get("secretName"):
@@ -539,6 +557,182 @@ def policy_errors(doc: dict) -> list[str]:
     return [f"{ident(doc)}: {e}" for e in errors]
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Least privilege (docs/CLUSTER.md, "Least privilege")
+# --------------------------------------------------------------------------------------------------------------
+def _ray_pods(doc: dict) -> Iterator[tuple[str, dict, bool]]:
+    """(where, pod spec, is a Ray node) for the pods of a KubeRay object: heads, workers, submitters."""
+    if doc.get("kind") not in RAY_KINDS:
+        return
+    for where, pod in pod_specs(doc):
+        yield where, pod, "submitterPodTemplate" not in where
+
+
+def secret_refs(pod: dict) -> Iterator[tuple[str, str]]:
+    """(where, Secret name) for every Secret a pod spec reads: env, envFrom, volumes (projected included)."""
+    for c in (pod.get("initContainers") or []) + (pod.get("containers") or []):
+        for env in c.get("env") or []:
+            ref = (env.get("valueFrom") or {}).get("secretKeyRef")
+            if ref:
+                yield f"containers[{c.get('name')}].env[{env.get('name')}]", str(ref.get("name"))
+        for src in c.get("envFrom") or []:
+            if src.get("secretRef"):
+                yield f"containers[{c.get('name')}].envFrom", str(src["secretRef"].get("name"))
+    for vol in pod.get("volumes") or []:
+        if vol.get("secret"):
+            yield f"volumes[{vol.get('name')}]", str(vol["secret"].get("secretName"))
+        for src in (vol.get("projected") or {}).get("sources") or []:
+            if src.get("secret"):
+                yield f"volumes[{vol.get('name')}]", str(src["secret"].get("name"))
+
+
+def _workload(doc: dict) -> str | None:
+    """Which least-privilege workload a Ray object runs: "serve", "train" (a RayJob with its own cluster), or None
+    (the shared RayCluster and the nightly job on it, which hold what the nightly run needs: the PACS too)."""
+    kind, spec = doc.get("kind"), doc.get("spec") or {}
+    if kind == "RayService":
+        return "serve"
+    if kind == "RayJob" and spec.get("rayClusterSpec"):
+        return "train"
+    return None
+
+
+def least_privilege_errors(doc: dict) -> list[str]:
+    """Per-object least-privilege rules: ServiceAccount tokens, read-only root filesystems, PACS credentials only
+    where the nightly job runs, Secret volumes read-only, NetworkPolicy rules."""
+    errors = []
+    for where, pod, ray_node in _ray_pods(doc):
+        if pod.get("automountServiceAccountToken") is not False:
+            errors.append(f"{where}.automountServiceAccountToken: must be false in a Ray pod (Ray needs no "
+                          "Kubernetes API; a token in a pod that parses untrusted files is a foothold)")
+        for c in (pod.get("initContainers") or []) + (pod.get("containers") or []):
+            cw = f"{where}.containers[{c.get('name')}]"
+            mounts = {m.get("mountPath") for m in c.get("volumeMounts") or []}
+            if SA_TOKEN_PATH in mounts:
+                errors.append(f"{cw}.volumeMounts: a ServiceAccount token at {SA_TOKEN_PATH} in a Ray container")
+            if ray_node:
+                missing = [path for path in RAY_WRITABLE if path not in mounts]
+                if missing:
+                    errors.append(f"{cw}.volumeMounts: Ray writes to {', '.join(missing)}: mount an emptyDir there "
+                                  "(the root filesystem is read-only)")
+        workload = _workload(doc)
+        if workload:
+            for ref_where, name in secret_refs(pod):
+                if PACS_SECRET.search(name):
+                    errors.append(f"{where}.{ref_where}: the PACS secret {name} in the "
+                                  f"{'Serve' if workload == 'serve' else 'training'} cluster (only the nightly job's "
+                                  "cluster holds PACS credentials)")
+            for c in pod.get("containers") or []:
+                for env in c.get("env") or []:
+                    if PACS_ENV.match(str(env.get("name", ""))):
+                        errors.append(f"{where}.containers[{c.get('name')}].env[{env['name']}]: PACS credentials in "
+                                      f"the {'Serve' if workload == 'serve' else 'training'} cluster")
+    for where, pod in pod_specs(doc):
+        if doc.get("kind") not in RAY_KINDS and pod.get("automountServiceAccountToken") is not False \
+                and pod.get("serviceAccountName") in (None, "", "default"):
+            errors.append(f"{where}: the default ServiceAccount's token is mounted; set automountServiceAccountToken: "
+                          "false or a ServiceAccount with a narrow Role")
+        for c in (pod.get("initContainers") or []) + (pod.get("containers") or []):
+            if (c.get("securityContext") or {}).get("readOnlyRootFilesystem") is not True:
+                errors.append(f"{where}.containers[{c.get('name')}].securityContext.readOnlyRootFilesystem: must be "
+                              "true (writable emptyDir volumes where the program writes)")
+            secret_volumes = {v.get("name") for v in pod.get("volumes") or [] if v.get("secret") or v.get("projected")}
+            for m in c.get("volumeMounts") or []:
+                if m.get("name") in secret_volumes and m.get("readOnly") is not True:
+                    errors.append(f"{where}.containers[{c.get('name')}].volumeMounts[{m.get('name')}]: a Secret "
+                                  "volume must be mounted readOnly")
+    for where, c in cluster_specs(doc):
+        head = ((c.get("headGroupSpec") or {}).get("template") or {}).get("spec") or {}
+        opts = c.get("autoscalerOptions") or {}
+        if c.get("enableInTreeAutoscaling") and head.get("automountServiceAccountToken") is False:
+            mounts = {m.get("mountPath"): m.get("name") for m in opts.get("volumeMounts") or []}
+            volume = next((v for v in head.get("volumes") or [] if v.get("name") == mounts.get(SA_TOKEN_PATH)), {})
+            if not any("serviceAccountToken" in s for s in (volume.get("projected") or {}).get("sources") or []):
+                errors.append(f"{where}.autoscalerOptions.volumeMounts: the autoscaler needs the Kubernetes API: mount "
+                              f"a projected serviceAccountToken volume of the head pod at {SA_TOKEN_PATH}")
+    if doc.get("kind") == "NetworkPolicy":
+        errors += network_policy_errors(doc)
+    return errors
+
+
+def _port(port: Any) -> int | None:
+    return PORT_NAMES.get(port) if isinstance(port, str) else port
+
+
+def network_policy_errors(doc: dict) -> list[str]:
+    """Ingress rules may admit: any pod of this namespace (a bare podSelector); from another namespace, named by a
+    non-empty namespaceSelector, only Serve's 8000, or the dashboard's 8265 to pods a podSelector also names
+    (the KubeRay operator). Never every source, every namespace, or an ipBlock."""
+    errors = []
+    for i, rule in enumerate((doc.get("spec") or {}).get("ingress") or []):
+        where = f"spec.ingress[{i}]"
+        peers = rule.get("from")
+        if not peers:
+            errors.append(f"{where}: no 'from': admits every source, in every namespace and outside the cluster")
+            continue
+        ports = [_port(p.get("port")) for p in rule.get("ports") or []]
+        for j, peer in enumerate(peers):
+            pw = f"{where}.from[{j}]"
+            if "ipBlock" in peer:
+                errors.append(f"{pw}.ipBlock: addresses are not a workload; name the gateway's namespace instead")
+                continue
+            if "namespaceSelector" not in peer:
+                continue  # this namespace's pods
+            selector = peer["namespaceSelector"] or {}
+            if not selector.get("matchLabels") and not selector.get("matchExpressions"):
+                errors.append(f"{pw}.namespaceSelector: empty: admits every namespace")
+                continue
+            if any(str(v).isupper() or "NAMESPACE" in str(v) for v in (selector.get("matchLabels") or {}).values()):
+                errors.append(f"{pw}.namespaceSelector: still the base's placeholder (name the namespace in the overlay)")
+            if not ports:
+                errors.append(f"{pw}: another namespace on every port (Ray's GCS 6379, client 10001, dashboard 8265 "
+                              "are for this namespace's pods); list the ports")
+            for port in ports:
+                if port == SERVE_PORT:
+                    continue
+                if port == DASHBOARD_PORT and peer.get("podSelector"):
+                    continue
+                errors.append(f"{pw}: port {port} open to another namespace (only Serve's {SERVE_PORT}, and the "
+                              f"dashboard's {DASHBOARD_PORT} to pods a podSelector names, e.g. the KubeRay operator)")
+    return errors
+
+
+def build_policy_errors(docs: list[dict]) -> list[str]:
+    """Rules over a whole overlay: a default-deny ingress NetworkPolicy; one Ray token and one S3 credential per
+    cluster; image digests in a Namespace labelled ``medsr-dist/environment: prod``."""
+    errors = []
+    policies = [d for d in docs if d.get("kind") == "NetworkPolicy"]
+    if not any((d.get("spec") or {}).get("podSelector") == {} and "Ingress" in ((d.get("spec") or {}).get("policyTypes") or [])
+               and not (d.get("spec") or {}).get("ingress") for d in policies):
+        errors.append("NetworkPolicy: no default-deny ingress policy (podSelector {}, policyTypes [Ingress], no "
+                      "ingress rules): every pod would accept connections from anywhere")
+    tokens: dict[str, str] = {}
+    s3: dict[str, str] = {}
+    for doc in docs:
+        for where, c in cluster_specs(doc):
+            name = (c.get("authOptions") or {}).get("secretName")
+            if name in tokens:
+                errors.append(f"{ident(doc)}: {where}.authOptions.secretName: {name} is also {tokens[name]}'s Ray "
+                              "token; one token per cluster")
+            elif name:
+                tokens[name] = ident(doc)
+        for name in {n for where, pod in pod_specs(doc) if "submitterPodTemplate" not in where
+                     for w, n in secret_refs(pod) if "AWS_" in w}:
+            if name in s3 and s3[name] != ident(doc):
+                errors.append(f"{ident(doc)}: the S3 credential {name} is also {s3[name]}'s; each workload gets its "
+                              "own (Serve a read-only one for the model prefix)")
+            s3.setdefault(name, ident(doc))
+    namespaces = [d for d in docs if d.get("kind") == "Namespace"]
+    if any(((d.get("metadata") or {}).get("labels") or {}).get(ENVIRONMENT_LABEL) == "prod" for d in namespaces):
+        for doc in docs:
+            for where, pod in pod_specs(doc):
+                for c in (pod.get("initContainers") or []) + (pod.get("containers") or []):
+                    if not DIGEST.search(str(c.get("image", ""))):
+                        errors.append(f"{ident(doc)}: {where}.containers[{c.get('name')}].image: {c.get('image')} is a "
+                                      "tag; production pins images by digest (image@sha256:...)")
+    return errors
+
+
 def reference_errors(doc: dict, config_maps: dict[str, set[str]]) -> list[str]:
     """ConfigMaps a pod reads (env configMapKeyRef, envFrom, volumes) that the build does not hold, or keys they
     lack; ``optional`` references are allowed to be missing. ``config_maps``: name -> data keys of the build."""
@@ -567,8 +761,9 @@ def all_errors(docs: list[dict], crd_dir: Path, k8s_version: str = "1.37.0",
     """Every layer's errors for a built manifest stream, including manifests embedded in ConfigMaps.
 
     ``check_references``: also require every ConfigMap a pod reads to be in ``docs`` (off for a lone object).
+    The whole-overlay rules (:func:`build_policy_errors`) apply to a build holding its Namespace.
     """
-    errors = []
+    errors = build_policy_errors(docs) if any(d.get("kind") == "Namespace" for d in docs) else []
     items = [("", d) for d in docs] + list(embedded_manifests(docs))
     config_maps = {d["metadata"]["name"]: set(d.get("data") or {}) for d in docs
                    if d.get("kind") == "ConfigMap" and (d.get("metadata") or {}).get("name")}

@@ -124,7 +124,8 @@ def test_overlay_validates(built, crds, variant):
     kinds = sorted(d["kind"] for d in docs)
     nightly_kinds = (["RayCronJob"] if "raycronjob" in variant
                      else ["ConfigMap", "CronJob", "Role", "RoleBinding", "ServiceAccount"])
-    assert kinds == sorted(["Namespace", "ConfigMap", "RayCluster", "RayJob", "RayService"] + nightly_kinds)
+    assert kinds == sorted(["Namespace", "ConfigMap", "RayCluster", "RayJob", "RayService"] + nightly_kinds
+                           + ["NetworkPolicy"] * 4)
     assert validate.all_errors(docs, crds) == []
     namespace = _one(docs, "Namespace")["metadata"]["name"]
     assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {namespace}
@@ -369,20 +370,126 @@ BROKEN = [
      "ConfigMap medsr-nightly is not in the build"),
     ("placeholder-image", "RayService", lambda d: _head(d["spec"]["rayClusterConfig"]).update(image="medsr-dist:0.1.0"),
      "still the base's placeholder"),
+    # least privilege
+    ("sa-token-mounted", "RayCluster", _set("spec.headGroupSpec.template.spec.automountServiceAccountToken", True),
+     "automountServiceAccountToken: must be false in a Ray pod"),
+    ("sa-token-default", "RayService", lambda d: _gpu_group(d["spec"]["rayClusterConfig"])["template"]["spec"].pop(
+        "automountServiceAccountToken"), "workerGroupSpecs[0].automountServiceAccountToken: must be false"),
+    ("sa-token-submitter", "RayJob", lambda d: d["spec"]["submitterPodTemplate"]["spec"].pop("automountServiceAccountToken"),
+     "submitterPodTemplate.automountServiceAccountToken: must be false"),
+    ("sa-token-volume", "RayCluster", lambda d: _head(d["spec"])["volumeMounts"].append(
+        {"name": "autoscaler-api", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": True}),
+     "a ServiceAccount token at /var/run/secrets/kubernetes.io/serviceaccount in a Ray container"),
+    ("autoscaler-without-api", "RayJob", lambda d: d["spec"]["rayClusterSpec"]["autoscalerOptions"].pop("volumeMounts"),
+     "the autoscaler needs the Kubernetes API"),
+    ("pacs-env-in-rayservice", "RayService", lambda d: _head(d["spec"]["rayClusterConfig"])["env"].append(
+        {"name": "MEDSR_PACS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "medsr-pacs", "key": "password"}}}),
+     "the PACS secret medsr-pacs in the Serve cluster"),
+    ("pacs-volume-in-rayservice", "RayService", lambda d: _gpu_group(d["spec"]["rayClusterConfig"])["template"]["spec"][
+        "volumes"].append({"name": "pacs", "secret": {"secretName": "medsr-pacs"}}),
+     "volumes[pacs]: the PACS secret medsr-pacs in the Serve cluster"),
+    ("pacs-in-training", "RayJob", lambda d: _head(d["spec"]["rayClusterSpec"]).setdefault("envFrom", []).append(
+        {"secretRef": {"name": "medsr-pacs"}}), "the PACS secret medsr-pacs in the training cluster"),
+    ("writable-root", "RayJob", _set("spec.submitterPodTemplate.spec.containers.0.securityContext.readOnlyRootFilesystem", False),
+     "readOnlyRootFilesystem: must be true"),
+    ("writable-root-cronjob", "CronJob",
+     lambda d: d["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["securityContext"].pop("readOnlyRootFilesystem"),
+     "readOnlyRootFilesystem: must be true"),
+    ("no-tmp-for-ray", "RayCluster", lambda d: _gpu_group(d["spec"])["template"]["spec"]["containers"][0].update(
+        volumeMounts=[{"name": "ray-logs", "mountPath": "/tmp/ray"}]), "Ray writes to /tmp: mount an emptyDir"),
+    ("secret-mount-writable", "RayService", lambda d: next(m for m in _head(d["spec"]["rayClusterConfig"])["volumeMounts"]
+                                                         if m["name"] == "serve-auth").update(readOnly=False),
+     "a Secret volume must be mounted readOnly"),
+    ("cronjob-default-sa", "CronJob", lambda d: d["spec"]["jobTemplate"]["spec"]["template"]["spec"].pop("serviceAccountName"),
+     "the default ServiceAccount's token is mounted"),
+    ("np-every-source", "NetworkPolicy/medsr-serve-from-gateway", _set("spec.ingress.0.from", []), "no 'from': admits every source"),
+    ("np-every-namespace", "NetworkPolicy/medsr-serve-from-gateway", _set("spec.ingress.0.from.0.namespaceSelector", {}),
+     "admits every namespace"),
+    ("np-ipblock", "NetworkPolicy/medsr-serve-from-gateway", _set("spec.ingress.0.from.0", {"ipBlock": {"cidr": "0.0.0.0/0"}}),
+     "ipBlock: addresses are not a workload"),
+    ("np-gcs-to-gateway", "NetworkPolicy/medsr-serve-from-gateway", _set("spec.ingress.0.ports.0.port", 6379),
+     "port 6379 open to another namespace"),
+    ("np-client-by-name", "NetworkPolicy/medsr-serve-from-gateway", _set("spec.ingress.0.ports.0.port", "client"),
+     "port 10001 open to another namespace"),
+    ("np-every-port", "NetworkPolicy/medsr-dashboard-from-operator", lambda d: d["spec"]["ingress"][0].pop("ports"),
+     "another namespace on every port"),
+    ("np-dashboard-whole-namespace", "NetworkPolicy/medsr-dashboard-from-operator",
+     lambda d: d["spec"]["ingress"][0]["from"][0].pop("podSelector"), "port 8265 open to another namespace"),
+    ("np-placeholder", "NetworkPolicy/medsr-serve-from-gateway",
+     _set("spec.ingress.0.from.0.namespaceSelector.matchLabels", {"kubernetes.io/metadata.name": "GATEWAY-NAMESPACE"}),
+     "still the base's placeholder"),
 ]
 
 
 @pytest.mark.parametrize("case", BROKEN, ids=[c[0] for c in BROKEN])
 def test_broken_manifest_fails(built, crds, case):
     name, kind, mutate, expected = case
+    kind, _, object_name = kind.partition("/")
     built_docs = built["dev+raycronjob"] if kind == "RayCronJob" else built["dev"]
-    doc = copy.deepcopy(_one(built_docs, kind))
+    doc = copy.deepcopy(_one(built_docs, kind, object_name or None))
     docs = [doc] + [d for d in built_docs if d["kind"] == "ConfigMap"]  # what the references may name
     assert validate.all_errors(docs, crds) == [], "the fixture starts valid"
     mutate(doc)
     errors = validate.all_errors(docs, crds)
     expected = expected or "at most 36 characters"
     assert any(expected in e for e in errors), f"{name}: no error containing {expected!r} in {errors}"
+
+
+def _without(docs, kind, name):
+    return [d for d in docs if not (d["kind"] == kind and d["metadata"]["name"] == name)]
+
+
+def _cluster_of(docs, kind):
+    doc = _one(docs, kind)
+    return doc["spec"]["rayClusterConfig"] if kind == "RayService" else doc["spec"].get("rayClusterSpec") or doc["spec"]
+
+
+BROKEN_BUILDS = [
+    # (id, overlay, mutation of the whole build, text expected in an error)
+    ("no-default-deny", "dev", lambda docs: _without(docs, "NetworkPolicy", "medsr-default-deny-ingress"),
+     "no default-deny ingress policy"),
+    ("default-deny-with-rules", "prod", lambda docs: [
+        copy.deepcopy(d) | {"spec": {**d["spec"], "ingress": [{"from": [{"podSelector": {}}]}]}}
+        if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "medsr-default-deny-ingress" else d for d in docs],
+     "no default-deny ingress policy"),
+    ("shared-ray-token", "dev", lambda docs: (_cluster_of(docs, "RayService")["authOptions"].update(
+        secretName="medsr-ray-token"), docs)[1], "medsr-ray-token is also RayCluster/medsr's Ray token"),
+    ("serve-with-archive-s3-key", "prod", lambda docs: (_head(_cluster_of(docs, "RayService"))["env"][0]["valueFrom"][
+        "secretKeyRef"].update(name="medsr-s3"), docs)[1], "the S3 credential medsr-s3 is also RayCluster/medsr's"),
+    ("prod-image-tag", "prod", lambda docs: (_head(_cluster_of(docs, "RayService")).update(
+        image="registry.example.org/medsr/medsr-dist:0.1.0"), docs)[1], "production pins images by digest"),
+]
+
+
+@pytest.mark.parametrize("case", BROKEN_BUILDS, ids=[c[0] for c in BROKEN_BUILDS])
+def test_broken_build_fails(built, crds, case):
+    """Rules over a whole overlay: each fails a build that breaks it, with a message saying what."""
+    name, overlay, mutate, expected = case
+    docs = mutate(copy.deepcopy(built[overlay]))
+    errors = validate.all_errors(docs, crds)
+    assert any(expected in e for e in errors), f"{name}: no error containing {expected!r} in {errors}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_least_privilege(built, overlay):
+    """What docs/CLUSTER.md's least-privilege section promises, on the built overlays."""
+    docs = built[overlay]
+    clusters = {d["kind"]: _cluster_of(docs, d["kind"]) for d in docs if d["kind"] in ("RayCluster", "RayJob", "RayService")}
+    tokens = [c["authOptions"]["secretName"] for c in clusters.values()]
+    assert len(set(tokens)) == 3, "one Ray token per cluster"
+    secrets = {kind: {n for _, pod in validate.pod_specs(_one(docs, kind)) for _, n in validate.secret_refs(pod)}
+               for kind in clusters}
+    assert secrets["RayService"] == {"medsr-s3-models-ro", "medsr-serve-auth"}, "Serve: read-only models key, API tokens"
+    assert "medsr-pacs" not in secrets["RayJob"] and "medsr-pacs" in secrets["RayCluster"]
+    serve_head = _head(clusters["RayService"])
+    assert {"name": "serve-auth", "mountPath": "/etc/medsr/auth", "readOnly": True} in serve_head["volumeMounts"]
+    gateway = _one(docs, "NetworkPolicy", "medsr-serve-from-gateway")["spec"]
+    assert gateway["podSelector"]["matchLabels"] == {"app.kubernetes.io/instance": "medsr-serve"}
+    assert all(g["template"]["metadata"]["labels"]["app.kubernetes.io/instance"] == "medsr-serve"
+               for g in [clusters["RayService"]["headGroupSpec"]] + clusters["RayService"]["workerGroupSpecs"])
+    images = {c["image"] for d in docs for _, pod in validate.pod_specs(d) for c in pod["containers"]}
+    digests = all(validate.DIGEST.search(i) for i in images)
+    assert digests == (overlay == "prod"), "prod pins the image by digest; dev may use a tag"
 
 
 def test_generate_name_counts_the_suffix():
