@@ -1,6 +1,7 @@
 """The checks of a run config that need files, models or the plug-in registries, run by every command before Ray
 starts (``medsr_dist.cli``'s config loading): a stage's local inputs exist, a VAE export fits ``model.vae_arch``,
-``enhance.sampling`` fits its checkpoint, and ``backend:`` names a registered inference backend. The config itself
+``enhance.sampling`` fits its checkpoint, ``backend:`` names a registered inference backend, and PACS credentials
+are not about to cross a network in clear text (a ``dicomweb+http://`` endpoint on another host). The config itself
 (:mod:`medsr_dist.config`) stays declarative; a failed check raises :class:`~medsr_dist.config.ConfigError` in the
 config's own message format (``invalid config <source>:`` and the key), which the CLI prints, exiting 2.
 """
@@ -13,6 +14,9 @@ from pathlib import Path
 from medsr_dist.config import ConfigError, MedsrConfig
 from medsr_dist.infer.model_file import read_model_file
 from medsr_dist.infer.registry import offered_backend_names
+from medsr_dist.pacs.dicomweb import Credentials, PacsAuthError
+from medsr_dist.pacs.transport import plain_http_to_remote
+from medsr_dist.uris import Endpoint, is_dicomweb
 
 
 def preflight(cfg: MedsrConfig, stage: str | None = None) -> MedsrConfig:
@@ -25,7 +29,28 @@ def preflight(cfg: MedsrConfig, stage: str | None = None) -> MedsrConfig:
     check_backends(cfg)
     if stage:
         check_local_inputs(cfg, stage)
+    if stage == "enhance":
+        check_pacs_transport(cfg)
     return cfg
+
+
+def check_pacs_transport(cfg: MedsrConfig) -> None:
+    """``enhance.input`` / ``enhance.output``: no PACS credentials (``pacs.*``, read here from this process's
+    environment and secret files) over ``dicomweb+http://`` to a host that is not this machine. The client refuses
+    the same when it connects (:func:`~medsr_dist.pacs.dicomweb.refuse_plain_http`), in every Ray worker."""
+    endpoints = [(key, uri) for key, uri in (("enhance.input", cfg.enhance.input), ("enhance.output", cfg.enhance.output))
+                 if uri and is_dicomweb(uri) and plain_http_to_remote(Endpoint.parse(uri)[0].url)]
+    if not endpoints:
+        return
+    try:
+        creds = Credentials.resolve(cfg.pacs)
+    except PacsAuthError as exc:
+        raise ConfigError(f"invalid config {cfg.source}:\n  pacs: {exc}") from None
+    if creds.kind != "none":
+        key, uri = endpoints[0]
+        raise ConfigError(f"invalid config {cfg.source}:\n  {key}: {Endpoint.parse(uri)[0]}: PACS credentials "
+                          f"({creds.source}) are sent over https only, or plain http to a loopback host; use "
+                          f"dicomweb+https://")
 
 
 def check_backends(cfg: MedsrConfig) -> None:

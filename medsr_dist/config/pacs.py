@@ -12,7 +12,8 @@ from medsr_dist.config.base import Section
 class PacsConfig(Section):
     """DICOMweb endpoints: ``enhance.input`` / ``enhance.output`` spelled ``dicomweb+http(s)://host:port/<root>``
     (``medsr_dist/pacs``). Credentials are never part of a config: HTTP basic (user and password) or a bearer token
-    are read from the environment variables named here, or from secret files (mode 0600 advised)."""
+    are read from the environment variables named here, or from secret files (mode 0600 advised); they are sent
+    over ``dicomweb+https://`` only, or plain http to a loopback host (preflight refuses others, naming the key)."""
 
     class Query(Section):
         """QIDO-RS filters selecting the instances to enhance (all given filters must match)."""
@@ -66,6 +67,14 @@ class PacsConfig(Section):
     timeout_s: float = Field(60.0, gt=0, description="Read timeout of one request (connect: at most 10 s)")
     retries: int = Field(4, ge=0, description="Retries of a request on connection errors, timeouts and HTTP 429/5xx")
     backoff_s: float = Field(0.5, ge=0, description="Exponential backoff base between retries (0.5, 1, 2, ... s)")
+    max_retry_after_s: float = Field(60.0, ge=0, description="Longest wait a PACS's Retry-After (HTTP 429/503) may "
+                                     "impose before a retry; a longer one is cut to this (a busy PACS asking for "
+                                     "hours would stall the night's run)")
+    max_pages: int = Field(1000, ge=1, description="QIDO-RS pages (of 1000 results) one search may take; a server "
+                           "still sending new results after that is refused (an endless listing never ends a run)")
+    max_response_mb: int = Field(2048, ge=1, description="Largest answer body read from the PACS, in MiB (a WADO-RS "
+                                 "instance, a QIDO-RS page); a larger one is refused while it streams in, before "
+                                 "it fills memory")
     concurrency: int = Field(2, ge=1, le=64, description="Concurrent WADO-RS / STOW-RS requests per process; "
                              "the nightly job runs at most this many read tasks and this many write tasks, so the "
                              "PACS sees at most this many retrieves and this many stores at once, however large "

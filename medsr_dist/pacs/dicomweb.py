@@ -11,6 +11,11 @@ All requests go through ``dicomweb-client`` on a ``requests`` session that carri
 * **Retries with exponential backoff** (urllib3 ``Retry``) on connection errors, read timeouts and HTTP 408/429/5xx,
   for every method (STOW-RS of the same object is idempotent: the SOP Instance UID is its identity).
 * **Bounded load**: at most ``pacs.concurrency`` requests in flight per :class:`DicomwebPacs` (and so per process).
+* **Bounded trust** (:mod:`medsr_dist.pacs.transport`): redirects only within the endpoint's origin, answer bodies
+  of at most ``pacs.max_response_mb``, Retry-After waits of at most ``pacs.max_retry_after_s``, QIDO-RS listings
+  of at most ``pacs.max_pages`` pages, credentials never over plain http to another host; an answer that is not
+  what DICOMweb specifies (malformed JSON or multipart, records of another shape) is a :class:`PacsRefused` naming
+  the request, never a raw decoding error.
 
 WADO-RS asks for transfer syntax ``*``: compressed objects (JPEG, JPEG-LS, JPEG 2000, RLE) arrive exactly as the
 PACS stores them and are decoded locally by :mod:`medsr_dist.io`. STOW-RS first asks (QIDO-RS) whether the object is
@@ -36,13 +41,14 @@ from typing import Any
 
 import pydicom
 import requests
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
 from medsr_dist.config import PacsConfig
 from medsr_dist.io.dicom import PROVENANCE_MODEL, PROVENANCE_MODEL_SHA256, PROVENANCE_SCALE
 from medsr_dist.io.phi import phi_values, sanitize_reason
+from medsr_dist.pacs.transport import CappedRetry, CrossOriginRedirect, PacsSession, ResponseTooLarge, plain_http_to_remote
 from medsr_dist.uris import Endpoint, InstanceRef
 
 log = logging.getLogger(__name__)
@@ -205,10 +211,12 @@ class DicomwebPacs:
         creds = Credentials.resolve(cfg)
         if cfg.ca_bundle and not os.path.isfile(cfg.ca_bundle):
             raise PacsError(f"pacs.ca_bundle {cfg.ca_bundle}: no such file")
-        session = PacsSession()
-        retry = Retry(total=cfg.retries, connect=cfg.retries, read=cfg.retries, status=cfg.retries, other=0,
-                      backoff_factor=cfg.backoff_s, status_forcelist=RETRY_STATUS, allowed_methods=None,
-                      raise_on_status=False, respect_retry_after_header=True)
+        refuse_plain_http(self.endpoint, creds)
+        session = PacsSession(self.endpoint.url, cfg.max_response_mb << 20)
+        retry = CappedRetry(total=cfg.retries, connect=cfg.retries, read=cfg.retries, status=cfg.retries, other=0,
+                            backoff_factor=cfg.backoff_s, status_forcelist=RETRY_STATUS, allowed_methods=None,
+                            raise_on_status=False, respect_retry_after_header=True,
+                            max_retry_after=cfg.max_retry_after_s)
         adapter = HTTPAdapter(max_retries=retry, pool_connections=1, pool_maxsize=cfg.concurrency)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
@@ -232,6 +240,13 @@ class DicomwebPacs:
                     return fn(client)
             except requests.HTTPError as exc:
                 raise self._http_error(action, exc.response, sent) from None
+            except (CrossOriginRedirect, ResponseTooLarge, requests.TooManyRedirects) as exc:
+                raise PacsRefused(f"{self.endpoint}: {action}: {exc}" if not isinstance(exc, requests.TooManyRedirects)
+                                  else f"{self.endpoint}: {action}: more than {PacsSession.max_redirects} redirects",
+                                  None, type(exc).__name__) from None
+            except requests.exceptions.InvalidJSONError:
+                raise PacsRefused(f"{self.endpoint}: {action}: the answer is not valid JSON (DICOM JSON expected)",
+                                  None, "malformed JSON") from None
             except requests.exceptions.SSLError as exc:
                 raise PacsError(f"{self.endpoint}: {action}: TLS verification failed ({_ssl_reason(exc)}); if the "
                                 f"PACS has a private CA, name its PEM bundle in pacs.ca_bundle") from None
@@ -239,6 +254,12 @@ class DicomwebPacs:
                 raise PacsUnavailable(f"{self.endpoint}: {action}: no answer after {1 + self.cfg.retries} attempt(s) "
                                       f"({type(exc).__name__}: the PACS is down, unreachable or too slow for "
                                       f"pacs.timeout_s {self.cfg.timeout_s:g})") from None
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError, InvalidDicomError) as exc:
+                # dicomweb-client parsing an answer that is not what DICOMweb specifies: a multipart body without
+                # its boundary or parts, no Content-Type, no instance, a body pydicom cannot read. Only the error's
+                # type is kept: its text may quote the answer.
+                raise PacsRefused(f"{self.endpoint}: {action}: the answer is not what DICOMweb specifies "
+                                  f"({type(exc).__name__} while decoding it)", None, "malformed answer") from None
 
     def _http_error(self, action: str, response, sent: bytes | None) -> PacsError:
         status = int(response.status_code)
@@ -255,14 +276,34 @@ class DicomwebPacs:
         """Every page of a QIDO-RS search (``fn(client, limit, offset)``), de-duplicated by attribute ``key``."""
         seen: dict[str, dict] = {}
         offset = 0
-        while True:
-            page = self._call(action, lambda c: fn(c, PAGE, offset))
+        for _ in range(self.cfg.max_pages):
+            page = self._records(action, self._call(action, lambda c: fn(c, PAGE, offset)))
             fresh = [r for r in page if _value(r, key) and _value(r, key) not in seen]
             for r in fresh:
                 seen[_value(r, key)] = r
             if not page or not fresh:  # the end (or a server ignoring offset: nothing new)
                 return list(seen.values())
             offset += len(page)
+        raise PacsRefused(f"{self.endpoint}: {action}: still new results after {self.cfg.max_pages} pages of {PAGE} "
+                          f"(pacs.max_pages): refused as a listing without end; narrow pacs.query or raise "
+                          f"pacs.max_pages", None, "too many pages")
+
+    def _records(self, action: str, answer: Any) -> list[dict]:
+        """A QIDO-RS answer checked to be DICOM JSON: a list of records mapping 8-hex-digit tags to attributes
+        (objects whose ``Value``, when present, is a list). Raises :class:`PacsRefused` naming the request."""
+        def bad(what: str) -> PacsRefused:
+            return PacsRefused(f"{self.endpoint}: {action}: the answer is not DICOM JSON ({what})", None, "unexpected shape")
+
+        if not isinstance(answer, list):
+            raise bad(f"a JSON {type(answer).__name__} where a list of records belongs")
+        for record in answer:
+            if not isinstance(record, dict):
+                raise bad(f"a JSON {type(record).__name__} where a record belongs")
+            for tag, attribute in record.items():
+                if not (isinstance(attribute, dict) and _TAG.match(str(tag))
+                        and isinstance(attribute.get("Value", []), list)):
+                    raise bad("an attribute that is not {\"vr\": ..., \"Value\": [...]} under an 8-hex-digit tag")
+        return answer
 
     def query(self, q: PacsConfig.Query | None = None, *, watermark: str | None = None,
               include_derived: bool = False) -> list[InstanceRef]:
@@ -324,8 +365,8 @@ class DicomwebPacs:
                 study, series, fields=["00080018"], limit=lim, offset=off), "00080018")}
 
     def has_instance(self, study: str, series: str, sop: str) -> bool:
-        found = self._call("QIDO-RS instance search", lambda c: c.search_for_instances(
-            study, series, search_filters={"SOPInstanceUID": sop}, fields=["00080018"]))
+        found = self._records("QIDO-RS instance search", self._call("QIDO-RS instance search", lambda c: c.search_for_instances(
+            study, series, search_filters={"SOPInstanceUID": sop}, fields=["00080018"])))
         return any(_value(r, "00080018") == sop for r in found)
 
     # -- WADO-RS ----------------------------------------------------------------------------------------
@@ -396,17 +437,6 @@ class DicomwebPacs:
             return list(pool.map(one, list(objects)))
 
 
-class PacsSession(requests.Session):
-    """A session whose ``verify`` (``pacs.ca_bundle``) wins over ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE``:
-    plain requests lets those variables replace a session's CA bundle (psf/requests#3829)."""
-
-    def merge_environment_settings(self, url, proxies, stream, verify, cert):
-        settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
-        if isinstance(self.verify, str) and verify is None:
-            settings["verify"] = self.verify
-        return settings
-
-
 _DERIVED_DESCRIPTION = re.compile(r"\[SR (x[0-9.]+|std)\]$")
 
 
@@ -445,13 +475,26 @@ def derived_uids(source: pydicom.Dataset, provenance: dict[str, str]) -> tuple[s
 # ----------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------
+_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
+
+
 def _value(record: dict, tag: str) -> str:
-    """The first value of attribute ``tag`` (8 hex digits) in a DICOM JSON record, as text ("" when absent)."""
+    """The first value of attribute ``tag`` (8 hex digits) in a DICOM JSON record, as text ("" when absent or
+    null; records are checked by :meth:`DicomwebPacs._records` first)."""
     values = (record.get(tag) or {}).get("Value") or []
-    if not values:
+    if not values or values[0] is None:
         return ""
     v = values[0]
     return str(v.get("Alphabetic", "")) if isinstance(v, dict) else str(v)
+
+
+def refuse_plain_http(endpoint: Endpoint, creds: Credentials, key: str = "") -> None:
+    """Raise :class:`PacsAuthError` when ``creds`` would go in clear text over ``dicomweb+http://`` to a host
+    that is not this machine (``key``: the config key naming the endpoint, for the message)."""
+    if creds.kind != "none" and plain_http_to_remote(endpoint.url):
+        where = f"{key}: " if key else ""
+        raise PacsAuthError(f"{where}{endpoint}: credentials ({creds.source}) are sent over https only (or plain http "
+                            f"to a loopback host); use dicomweb+https://")
 
 
 def _int(text: str) -> int:
@@ -510,5 +553,5 @@ def describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-__all__ = ["AS_STORED", "Credentials", "DicomwebPacs", "PacsAuthError", "PacsError", "PacsRefused", "PacsUnavailable",
-           "derived_uids", "watermark"]
+__all__ = ["AS_STORED", "Credentials", "DicomwebPacs", "PacsAuthError", "PacsError", "PacsRefused", "PacsSession",
+           "PacsUnavailable", "derived_uids", "refuse_plain_http", "watermark"]
