@@ -57,8 +57,10 @@ PACS_ENV = re.compile(r"^MEDSR_PACS_")
 DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
 ENVIRONMENT_LABEL = "medsr-dist/environment"
 #: Ray's ports by number and by the names the manifests give them.
-SERVE_PORT, DASHBOARD_PORT = 8000, 8265
-PORT_NAMES = {"serve": 8000, "dashboard": 8265, "gcs-server": 6379, "client": 10001}
+SERVE_PORT, DASHBOARD_PORT, METRICS_PORT = 8000, 8265, 8080
+PORT_NAMES = {"serve": 8000, "dashboard": 8265, "gcs-server": 6379, "client": 10001, "metrics": 8080}
+#: Ports another namespace may reach when the rule also names its pods (the KubeRay operator, a Prometheus).
+NAMED_PODS_PORTS = (DASHBOARD_PORT, METRICS_PORT)
 #: Where the Ray containers write, given a read-only root filesystem.
 RAY_WRITABLE = ("/tmp/ray", "/tmp")
 SA_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -661,8 +663,9 @@ def _port(port: Any) -> int | None:
 
 def network_policy_errors(doc: dict) -> list[str]:
     """Ingress rules may admit: any pod of this namespace (a bare podSelector); from another namespace, named by a
-    non-empty namespaceSelector, only Serve's 8000, or the dashboard's 8265 to pods a podSelector also names
-    (the KubeRay operator). Never every source, every namespace, or an ipBlock."""
+    non-empty namespaceSelector, only Serve's 8000, or the dashboard's 8265 and Ray's metrics 8080 to pods a
+    podSelector also names (the KubeRay operator, a Prometheus). Never every source, every namespace, or an
+    ipBlock."""
     errors = []
     for i, rule in enumerate((doc.get("spec") or {}).get("ingress") or []):
         where = f"spec.ingress[{i}]"
@@ -690,10 +693,11 @@ def network_policy_errors(doc: dict) -> list[str]:
             for port in ports:
                 if port == SERVE_PORT:
                     continue
-                if port == DASHBOARD_PORT and peer.get("podSelector"):
+                if port in NAMED_PODS_PORTS and peer.get("podSelector"):
                     continue
                 errors.append(f"{pw}: port {port} open to another namespace (only Serve's {SERVE_PORT}, and the "
-                              f"dashboard's {DASHBOARD_PORT} to pods a podSelector names, e.g. the KubeRay operator)")
+                              f"dashboard's {DASHBOARD_PORT} or metrics' {METRICS_PORT} to pods a podSelector names, "
+                              "e.g. the KubeRay operator)")
     return errors
 
 

@@ -84,8 +84,11 @@ def pacs_for(fake, **cfg) -> DicomwebPacs:
 
 def bounded(fn, *args):
     """fn(*args), failing the test if it takes longer than HANG seconds."""
-    with ThreadPoolExecutor(1) as pool:
+    pool = ThreadPoolExecutor(1)
+    try:
         return pool.submit(fn, *args).result(timeout=HANG)
+    finally:
+        pool.shutdown(wait=False)  # a hung call fails the test instead of blocking it
 
 
 @pytest.fixture(autouse=True)

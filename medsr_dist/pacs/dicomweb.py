@@ -488,13 +488,12 @@ def _value(record: dict, tag: str) -> str:
     return str(v.get("Alphabetic", "")) if isinstance(v, dict) else str(v)
 
 
-def refuse_plain_http(endpoint: Endpoint, creds: Credentials, key: str = "") -> None:
+def refuse_plain_http(endpoint: Endpoint, creds: Credentials) -> None:
     """Raise :class:`PacsAuthError` when ``creds`` would go in clear text over ``dicomweb+http://`` to a host
-    that is not this machine (``key``: the config key naming the endpoint, for the message)."""
+    that is not this machine (the client's message is prefixed with the endpoint and request)."""
     if creds.kind != "none" and plain_http_to_remote(endpoint.url):
-        where = f"{key}: " if key else ""
-        raise PacsAuthError(f"{where}{endpoint}: credentials ({creds.source}) are sent over https only (or plain http "
-                            f"to a loopback host); use dicomweb+https://")
+        raise PacsAuthError(f"credentials ({creds.source}) are sent over https only (or plain http to a loopback "
+                            f"host); use dicomweb+https://")
 
 
 def _int(text: str) -> int:
