@@ -232,7 +232,8 @@ class PacsProxy:
     """A small HTTP proxy in front of an Orthanc, for what Orthanc itself cannot do on demand: answer the next
     ``fail_next`` requests with ``fail_status`` (a PACS under load), delay every request by ``delay_s`` while
     counting requests (``requests``, ``posts``: STOW-RS) and how many are in flight (``max_in_flight``), and accept a bearer ``token`` (Orthanc alone only knows
-    HTTP basic), forwarding with the Orthanc's basic credentials. ``url``: ``http://127.0.0.1:<port>``."""
+    HTTP basic), forwarding with the Orthanc's basic credentials; ``mangle(method, path, status, body, content_type)``
+    may rewrite an answer (a PACS that answers garbage). ``url``: ``http://127.0.0.1:<port>``."""
 
     def __init__(self, server: OrthancServer, token: str | None = None, tls_dir: Path | None = None):
         """``tls_dir``: serve HTTPS with a fresh self-signed certificate made there (``self.ca_bundle``)."""
@@ -242,6 +243,7 @@ class PacsProxy:
 
         self.server, self.token = server, token
         self.fail_next, self.fail_status, self.delay_s = 0, 503, 0.0
+        self.mangle = None
         self.requests = self.posts = 0
         self.in_flight = self.max_in_flight = 0
         self._lock = threading.Lock()
@@ -279,7 +281,10 @@ class PacsProxy:
                                                          auth=(proxy.server.username, proxy.server.password))
                     except requests.RequestException:  # the PACS behind is down: what a reverse proxy says
                         return self._answer(502, b"bad gateway", "text/plain")
-                    self._answer(r.status_code, r.content, r.headers.get("Content-Type", "application/octet-stream"))
+                    answer = (r.status_code, r.content, r.headers.get("Content-Type", "application/octet-stream"))
+                    if proxy.mangle is not None:
+                        answer = proxy.mangle(self.command, self.path, *answer)
+                    self._answer(*answer)
                 finally:
                     with proxy._lock:
                         proxy.in_flight -= 1

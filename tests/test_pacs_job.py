@@ -196,6 +196,25 @@ def night(orthanc_server, tmp_path_factory):
                 reader.delay_s = 0.0
                 out["completed"] = run_enhance_job(files_cfg)
                 out["files_cfg"] = files_cfg
+
+                # a PACS answering every other WADO-RS retrieve with a multipart body that holds no DICOM: those
+                # items are error rows naming the request, the others are done (files out to a new place)
+                garbled = {"n": 0}
+
+                def garble(method, path, status, body, content_type):
+                    if method == "GET" and "/instances/" in path and content_type.startswith("multipart/related"):
+                        garbled["n"] += 1
+                        if garbled["n"] % 2:
+                            boundary = content_type.split("boundary=")[-1].strip('"').encode()
+                            body = b"--" + boundary + b"\r\nContent-Type: application/dicom\r\n\r\nnot DICOM\r\n--" \
+                                + boundary + b"--"
+                    return status, body, content_type
+
+                reader.mangle = garble
+                garbled_cfg = load_config(config_path, [f"enhance.input={reader.uri}", f"enhance.output={tmp / 'files-2'}",
+                                                        "enhance.manifest=null", "pacs.query.since_watermark=false"])
+                out["garbled"] = run_enhance_job(garbled_cfg)
+                reader.mangle = None
                 server.stop()
                 out["unreachable"] = CliRunner().invoke(app, ["enhance", "-c", str(config_path),
                                                               f"enhance.input={server.uri}"])
@@ -272,6 +291,16 @@ def test_pacs_stopped_mid_run_gives_error_rows_then_the_next_run_completes_them(
     for r in done:  # files out: each a derived DICOM file that decodes at x4
         ds = pydicom.dcmread(r["output_key"])
         assert r["output_key"].startswith(str(night["tmp"] / "files" / "studies")) and ds.Rows == 4 * r["input_height"]
+
+
+def test_malformed_wado_answers_are_error_rows_naming_the_request(night):
+    rows, n = night["garbled"].rows, len(night["sources"])
+    errors = [r for r in rows if r["status"] == "error"]
+    assert len(rows) == n and errors and len(errors) < n, [r["status"] for r in rows]
+    for row in errors:
+        assert "WADO-RS retrieve: the answer is not what DICOMweb specifies" in row["error"], row["error"]
+        assert_no_identifiers(row["error"], *night["sources"])
+    assert night["garbled"].counts.get("done", 0) == n - len(errors)
 
 
 def test_enhance_exits_2_when_the_pacs_cannot_be_queried(night):
