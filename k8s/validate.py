@@ -646,6 +646,9 @@ def least_privilege_errors(doc: dict) -> list[str]:
     for where, c in cluster_specs(doc):
         head = ((c.get("headGroupSpec") or {}).get("template") or {}).get("spec") or {}
         opts = c.get("autoscalerOptions") or {}
+        if c.get("enableInTreeAutoscaling") and (opts.get("securityContext") or {}).get("readOnlyRootFilesystem") is not True:
+            errors.append(f"{where}.autoscalerOptions.securityContext.readOnlyRootFilesystem: must be true (it writes to "
+                          "/tmp/ray, the ray-logs volume KubeRay mounts, and to a /tmp emptyDir)")
         if c.get("enableInTreeAutoscaling") and head.get("automountServiceAccountToken") is False:
             mounts = {m.get("mountPath"): m.get("name") for m in opts.get("volumeMounts") or []}
             volume = next((v for v in head.get("volumes") or [] if v.get("name") == mounts.get(SA_TOKEN_PATH)), {})
