@@ -260,6 +260,10 @@ def enhance_file(replica: ModelReplica, data: bytes, outscale: float | None = No
         raise RequestError(415, exc.reason) from None
     except ImageDecodeError as exc:
         raise RequestError(400, sanitize_reason(exc.reason, secrets=phi_values(data))) from None
+    except (ValueError, TypeError, KeyError, IndexError, EOFError, OverflowError, MemoryError) as exc:
+        # a malformed file the decoder did not classify: it can never succeed, so 400 (never 503 "retry"), and
+        # only the exception's type is said (its text may quote a header value)
+        raise RequestError(400, f"unreadable image file ({type(exc).__name__})") from None
     frames = image.pixels if image.pixels.ndim == 4 else image.pixels[None]
     outputs = [None] * len(frames)
     for index, result in replica.enhance_each(list(frames), outscale=None if scale == model.scale else scale):
@@ -308,11 +312,20 @@ def _replica_tag() -> str:
         return ""
 
 
+def decoded_bytes(probe) -> int:
+    """Bytes of the decoded image: pixels x channels x bytes per sample (float32 as the engine works, or more for
+    wider stored samples)."""
+    return probe.pixels * max(1, probe.channels) * max(4, -(-int(probe.bits) // 8))
+
+
 def check_limits(data: bytes, scale: float, limits: dict):
-    """Probe the header (nothing decoded) and hold its dimensions against the pixel limits.
+    """Probe the header (nothing decoded) and hold its dimensions against the pixel limits (``max_input_pixels``,
+    ``max_output_pixels``) and, when given, the decoded size (``max_input_bytes``: pixels x channels x bytes per
+    sample).
 
     Returns the :class:`~medsr_dist.io.image.ImageProbe`. Raises :class:`RequestError`: 415 for a format that is
-    not an image format read here or a DICOM object without an image, 400 for an unreadable header, 413 over a limit.
+    not an image format read here or a DICOM object without an image, 400 for an unreadable header (any exception
+    of the probe: malformed is never a 503), 413 over a limit.
     """
     if detect_format(data) is None:
         raise RequestError(415, f"not a supported image file (supported: {', '.join(FORMATS)}; the format is read "
@@ -323,10 +336,18 @@ def check_limits(data: bytes, scale: float, limits: dict):
         raise RequestError(415, exc.reason) from None
     except ImageDecodeError as exc:
         raise RequestError(400, sanitize_reason(exc.reason, secrets=phi_values(data))) from None
+    except (ValueError, TypeError, KeyError, IndexError, EOFError, OverflowError, MemoryError) as exc:
+        # e.g. a DICOM header value the probe could not parse: the request can never succeed (400, never 503)
+        raise RequestError(400, f"unreadable image header ({type(exc).__name__})") from None
     frames = f" x {probe.frames} frames" if probe.frames > 1 else ""
     if probe.pixels > limits["max_input_pixels"]:
         raise RequestError(413, f"{probe.height} x {probe.width}{frames} = {probe.pixels:,} pixels exceeds "
                                 f"serve.max_input_pixels {limits['max_input_pixels']:,}; not decoded")
+    decoded = decoded_bytes(probe)
+    if "max_input_bytes" in limits and decoded > limits["max_input_bytes"]:
+        raise RequestError(413, f"{probe.height} x {probe.width}{frames} x {probe.channels} channels decodes to "
+                                f"{decoded:,} bytes, over serve.max_input_bytes {limits['max_input_bytes']:,}; "
+                                f"not decoded")
     out_h, out_w = max(1, round(probe.height * scale)), max(1, round(probe.width * scale))
     if probe.frames * out_h * out_w > limits["max_output_pixels"]:
         raise RequestError(413, f"output at x{scale:g} would be {out_h} x {out_w}{frames} = "
