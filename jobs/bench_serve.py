@@ -18,8 +18,9 @@ Prints, side by side:
 5. with ``--auth``: only what authentication costs per request, side by side (``serve.auth`` none vs tokens vs oidc
    with cached keys, plus the rate limiter): the ingress's dependency work, in this process, no Ray;
 6. with ``--hostile``: hostile files at the ingress's admission step (probe + limits): how long the ingress's event
-   loop (which answers ``/healthz`` and every other request) stalls when the probe runs on it, as before issue #24,
-   vs in the probe thread pool as now, the answer's status and the probe's time and peak RSS growth (no Ray);
+   loop (which answers ``/healthz`` and every other request) stalls when the probe runs on it (before issue #24),
+   in a thread, and in the probe processes (now), the answer's status, the probe's time and the ingress's RSS
+   growth (no Ray);
 7. with ``--nightly N``: the nightly job on N images with its own --replicas replicas vs ``enhance.replicas:
    serve:<app>`` on the app's --replicas replicas (wall time of the whole job, outputs compared).
 
@@ -375,22 +376,24 @@ def hostile_files() -> dict[str, bytes]:
 
     return {"deflate DICOM, 242 MB inflated (11000^2 x 16 bit)": deflated_dicom(11000),
             "PixelSpacing with decimal commas": comma_spacing(),
-            "PNG header 7000^2 RGB 16-bit (196 MB of float32 x3)": png_header(7000, 7000),
+            "PNG header 7000^2 RGB 16-bit (588 MB as float32)": png_header(7000, 7000),
             "honest 512^2 PNG": cv2.imencode(".png", np.zeros((512, 512, 3), np.uint8))[1].tobytes()}
 
 
 def hostile_stalls() -> dict:
-    """Per hostile file: the status the ingress's admission answers, the probe's seconds and RSS growth, and the
-    longest event-loop stall with the probe on the loop (before) vs in the probe pool (now)."""
+    """Per hostile file: the longest event-loop stall of the ingress while its admission step (probe + limits) runs
+    on the loop (before issue #24), in a thread of the ingress (a first fix: the GIL is still shared) and in the
+    probe processes (now), with the answer's status and the probe's time; and the RSS growth of the ingress process
+    itself (0 when the probe is in another process)."""
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
     import psutil
 
-    from medsr_dist.serve.model import RequestError, check_limits
+    from medsr_dist.serve.admission import ProbePool, RequestError, check_limits
 
     limits = {"max_input_pixels": 50_000_000, "max_output_pixels": 200_000_000, "max_input_bytes": 256 << 20}
-    pool = ThreadPoolExecutor(4)
+    threads, processes = ThreadPoolExecutor(4), ProbePool(2, 2048 << 20)
     proc = psutil.Process()
 
     def admit(data: bytes) -> int:
@@ -402,7 +405,14 @@ def hostile_stalls() -> dict:
         except Exception:  # noqa: BLE001 - what escaped before: a 503 "retry" at the ingress
             return 503
 
-    async def stall(data: bytes, off_loop: bool) -> tuple[float, int, float, float]:
+    async def in_processes(data: bytes) -> int:
+        try:
+            await processes.check(data, 2.0, limits, 60)
+            return 200
+        except RequestError as exc:
+            return exc.status
+
+    async def stall(data: bytes, where: str) -> tuple[float, int, float, float]:
         worst, done = 0.0, False
 
         async def ticker():
@@ -424,7 +434,12 @@ def hostile_stalls() -> dict:
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         t0 = time.perf_counter()
-        status = (await asyncio.get_running_loop().run_in_executor(pool, admit, data)) if off_loop else admit(data)
+        if where == "loop":
+            status = admit(data)
+        elif where == "thread":
+            status = await asyncio.get_running_loop().run_in_executor(threads, admit, data)
+        else:
+            status = await in_processes(data)
         seconds = time.perf_counter() - t0
         await asyncio.sleep(0.02)
         done = True
@@ -433,13 +448,16 @@ def hostile_stalls() -> dict:
         return worst, status, seconds, peak[0] / 2**20
 
     out = {}
-    for label, data in hostile_files().items():
-        before = asyncio.run(stall(data, off_loop=False))
-        after = asyncio.run(stall(data, off_loop=True))
-        out[label] = {"bytes": len(data), "status": after[1], "probe_s": after[2], "probe_rss_mib": after[3],
-                      "loop_stall_s_on_loop": before[0], "loop_stall_s_off_loop": after[0]}
-        print(f"  {label:52s} {len(data):>9,} B  -> {after[1]}  probe {after[2]:6.2f} s  +{after[3]:6.0f} MiB  "
-              f"loop stall on loop {before[0]:6.3f} s, off loop {after[0]:6.3f} s")
+    try:
+        for label, data in hostile_files().items():
+            runs = {where: asyncio.run(stall(data, where)) for where in ("loop", "thread", "process")}
+            out[label] = {"bytes": len(data), **{f"{where}_{k}": v for where, r in runs.items()
+                                                 for k, v in zip(("stall_s", "status", "seconds", "rss_mib"), r)}}
+            print(f"  {label:52s} {len(data):>9,} B -> " + ", ".join(
+                f"{where}: {r[1]} in {r[2]:.2f} s, stall {r[0]:.3f} s, ingress +{r[3]:.0f} MiB"
+                for where, r in runs.items()))
+    finally:
+        processes.close()
     return out
 
 

@@ -472,7 +472,7 @@ def test_binding_beyond_loopback_without_auth_is_refused_naming_the_key():
 
 
 def test_a_header_the_probe_cannot_parse_is_a_400_not_a_503_and_quotes_nothing(monkeypatch):
-    import medsr_dist.serve.model as model
+    import medsr_dist.serve.admission as model
 
     def probe(data, name):  # what a parser raising on a malformed value did: a ValueError quoting it
         raise ValueError("could not convert string to float: '0,143'")
@@ -489,3 +489,34 @@ def test_admission_counts_bytes_as_well_as_pixels():
         check_limits(png(50, 50), 1.0, limits)
     assert info.value.status == 413
     check_limits(png(50, 50), 1.0, {**limits, "max_input_bytes": 50 * 50 * 4})
+
+
+def test_a_probe_past_its_timeout_is_stopped_and_one_past_its_memory_is_refused_and_the_pool_serves_on():
+    """The ingress's probe processes: a slow probe (a legal Deflate DICOM the probe inflates: 242 MB) is answered
+    422 and its worker replaced; with less address space than it needs, 413; honest headers pass after both."""
+    from test_serve import deflated_dicom
+
+    from medsr_dist.serve.admission import ProbePool
+
+    bomb, limits = deflated_dicom(11000), {**LIMITS, "max_input_pixels": 10**9, "max_output_pixels": 10**10}
+
+    async def run(pool, data, timeout):
+        try:
+            await pool.check(data, 1.0, limits, timeout)
+            return 200, ""
+        except RequestError as exc:
+            return exc.status, exc.reason
+
+    pool = ProbePool(1, 2048 << 20)
+    try:
+        assert asyncio.run(run(pool, bomb, 0.05))[0] == 422
+        assert asyncio.run(run(pool, png(50, 50), 60)) == (200, "")
+    finally:
+        pool.close()
+    small = ProbePool(1, 600 << 20)  # the worker's imports take ~500 MB of address space; 242 MB more do not fit
+    try:
+        status, reason = asyncio.run(run(small, bomb, 60))
+        assert status == 413 and "serve.probe_memory_mb" in reason
+        assert asyncio.run(run(small, png(50, 50), 60)) == (200, "")
+    finally:
+        small.close()

@@ -130,8 +130,11 @@ class ServeConfig(Section):
     max_outscale: float = Field(8.0, gt=0, le=64, description="Largest outscale a request may ask for, else 400")
     max_input_bytes: int = Field(1 << 30, ge=1, description="Decoded size limit (pixels x channels x bytes per "
                                  "sample, from the header), else 413 undecoded")
-    probe_timeout_s: float = Field(10.0, gt=0, description="Header probe at the ingress (off its event loop); "
-                                   "past it 422: the file is too costly to read")
+    probe_timeout_s: float = Field(10.0, gt=0, description="Header probe at the ingress (in its probe processes); "
+                                   "past it 422 and the probe is stopped")
+    probe_workers: int = Field(2, ge=1, description="Probe processes per ingress replica (spawned at its start)")
+    probe_memory_mb: int = Field(2048, ge=256, description="Address space of a probe process; a probe needing "
+                                 "more is answered 413")
 
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":

@@ -25,11 +25,13 @@ Status codes (a JSON body ``{"detail": reason}``; reasons never quote header val
 (Serve's proxy), 413 body over ``serve.max_body_bytes`` (not read further: raw and multipart bodies are counted as
 they stream) or image over the pixel limits or ``serve.max_input_bytes`` (header probed, not decoded), 415 not an
 image format read here / a DICOM object without an image, 422 a header whose probe took longer than
-``serve.probe_timeout_s``, 503 with ``Retry-After`` when a queue is full (``serve.max_queued_requests``) or a model
+``serve.probe_timeout_s`` (the probe is stopped) or crashed its probe process, 503 with ``Retry-After`` when a queue is full (``serve.max_queued_requests``) or a model
 has no replica, 500 only for a failure of the model itself.
 
-The header probe runs in a small thread pool, off the ingress's event loop, so a file that is slow to probe never
-delays another request (nor ``/healthz``); decoding and inference run in the model replica's threads.
+The header probe runs in the ingress's probe processes (:class:`~medsr_dist.serve.admission.ProbePool`,
+``serve.probe_workers`` of ``serve.probe_memory_mb`` each), neither on its event loop nor under its GIL, so a file
+that is slow or costly to probe never delays another request (nor ``/healthz``); decoding and inference run in the
+model replica's threads.
 """
 # no `from __future__ import annotations`: FastAPI reads the routes' annotations at runtime through Serve's class wrapper
 
@@ -37,7 +39,6 @@ import asyncio
 import hashlib
 import logging
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
@@ -50,7 +51,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.formparsers import MultiPartParser
 
 from medsr_dist.serve.auth import AuthError, Caller, RateLimiter, bearer_token, build_authenticator
-from medsr_dist.serve.model import RequestError, check_limits
+from medsr_dist.serve.admission import ProbePool, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,6 @@ api = FastAPI(
     "revision and the consistency score.",
     docs_url=None, redoc_url=None, openapi_url=None,  # served by the ingress below, behind authentication
 )
-#: Threads probing headers (off the event loop); a probe past serve.probe_timeout_s is answered 422 and its thread
-#: finishes on its own (the parsers bound their work).
-PROBE_THREADS = 4
 
 
 def _error(status: int, reason: str, retry_after_s: float | None = None) -> JSONResponse:
@@ -113,7 +111,7 @@ class Ingress:
             catalogue: model name -> what ``/v1/models`` says before asking the deployments (scale, sha256, ...).
             default_model: used when a request names none.
             limits: ``max_body_bytes``, ``max_input_pixels``, ``max_output_pixels`` and optionally
-                ``max_input_bytes``, ``max_outscale``, ``probe_timeout_s``.
+                ``max_input_bytes``, ``max_outscale``, ``probe_timeout_s``, ``probe_workers``, ``probe_memory_mb``.
             retry_after_s: Retry-After of 503 answers.
             auth / rate_limit: ``serve.auth`` / ``serve.rate_limit`` as dicts (default: none / no limit).
         """
@@ -121,7 +119,8 @@ class Ingress:
         self.limits, self.retry_after_s = dict(limits), float(retry_after_s)
         self.auth = build_authenticator(auth or {})
         self.rate = RateLimiter(rate_limit or {})
-        self._probe_pool = ThreadPoolExecutor(PROBE_THREADS, thread_name_prefix="medsr-probe")
+        self.probes = ProbePool(int(self.limits.get("probe_workers", 2)),
+                                int(self.limits.get("probe_memory_mb", 2048)) << 20)
 
     async def authenticate(self, request: Request) -> Caller:
         """The caller of ``request`` (see :func:`authenticated`); raises HTTPException 401/429."""
@@ -222,14 +221,10 @@ class Ingress:
             return _error(404, f"unknown model {model[:64]!r}; served: "
                                f"{sorted(m for m in self.models if caller.may_use(m))}"), model, item
         scale = float(outscale or self.catalogue[model]["scale"])
-        try:  # header only, off the event loop: refuse before shipping the body to a replica
-            await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
-                self._probe_pool, check_limits, data, scale, self.limits), self.limits.get("probe_timeout_s"))
+        try:  # header only, in the probe processes: refuse before shipping the body to a replica
+            await self.probes.check(data, scale, self.limits, self.limits.get("probe_timeout_s"))
         except RequestError as exc:
             return _error(exc.status, exc.reason), model, item
-        except asyncio.TimeoutError:
-            return _error(422, f"the image header could not be read within serve.probe_timeout_s "
-                               f"{self.limits.get('probe_timeout_s')}s; not decoded"), model, item
         try:
             answer = await self.models[model].enhance.remote(data, outscale)
         except BackPressureError:
