@@ -381,6 +381,10 @@ def test_algorithms_are_asymmetric_only():
     for bad in (["none"], ["HS256"], ["RS256", "HS512"]):
         with pytest.raises(ValueError, match="serve.auth.algorithms"):
             ServeAuthConfig(mode="oidc", issuer=ISSUER, audience=AUDIENCE, jwks_url="https://x", algorithms=bad)
+    with pytest.raises(ValueError, match="serve.auth.jwks_url must be an https:// URL"):
+        ServeAuthConfig(mode="oidc", issuer=ISSUER, audience=AUDIENCE, jwks_url="http://idp.example.test/certs")
+    with pytest.raises(ValueError, match="serve.auth.mode oidc needs serve.auth.audience"):
+        ServeAuthConfig(mode="oidc", issuer=ISSUER, jwks_url="https://idp.example.test/certs")
 
 
 def write_tokens(path, entries) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
@@ -68,6 +69,10 @@ class ServeAuthConfig(Section):
             missing = [k for k in ("issuer", "audience", "jwks_url") if not getattr(self, k)]
             if missing:
                 raise ValueError(f"serve.auth.mode oidc needs serve.auth.{', serve.auth.'.join(missing)}")
+            url = urlsplit(self.jwks_url)
+            if url.scheme != "https" and not (url.scheme == "http" and is_loopback(url.hostname or "")):
+                raise ValueError("serve.auth.jwks_url must be an https:// URL (plain http only to a loopback host): "
+                                 "the keys it serves decide who may call")
         return self
 
 
