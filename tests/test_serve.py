@@ -1,5 +1,6 @@
 """The Serve endpoint (medsr_dist/serve/) on a local Ray, over real HTTP (httpx): one app shared by the module,
-serving two models by name (a tiny RRDBNet x4, the default, and a trained tiny latent-diffusion x4).
+serving two models by name (a tiny RRDBNet x4, the default, and a trained tiny latent-diffusion x4) behind
+serve.auth tokens; a second app ("secure") serves the tiny model behind serve.auth oidc with a rate limit.
 
 What a client relies on: the answer is the engine's own output in the input's form, concurrent clients all get
 their own image back, overload is answered with 503 + Retry-After and passes, every kind of bad input gets its
@@ -35,6 +36,9 @@ from test_ldm import ldm_export, vae_export  # noqa: E402,F401  (module fixtures
 pytestmark = pytest.mark.timeout(600)
 
 TILE = {"tile": 16, "tile_overlap": 4, "tile_blend": 4}
+#: The app's static API tokens (serve.auth tokens): two of one client, as while a token is rotated.
+OLD_TOKEN, NEW_TOKEN = "clinic-token-2026-11-aaaaaaaaaaaa", "clinic-token-2026-12-bbbbbbbbbbbb"
+AUTH = {"Authorization": f"Bearer {NEW_TOKEN}"}
 
 
 def free_port() -> int:
@@ -44,15 +48,21 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app(tiny_model_dir, ldm_export):
+def app(tiny_model_dir, ldm_export, tmp_path_factory):
     """The app: models 'tiny' (RRDBNet x4, 2 replicas, the default) and 'ldm' (latent diffusion x4, DDIM 2 steps,
-    1 sample) behind the ingress; yields (url, cfg)."""
+    1 sample) behind the ingress, serve.auth tokens (OLD_TOKEN and NEW_TOKEN of one client); yields (url, cfg)."""
+    import hashlib
+    import json
+
     from ray import serve
 
     from medsr_dist.serve.app import start
 
+    tokens = tmp_path_factory.mktemp("serve-auth") / "tokens.yaml"
+    tokens.write_text(json.dumps([{"subject": "clinic", "sha256": hashlib.sha256(t.encode()).hexdigest(),
+                                   "models": ["*"]} for t in (OLD_TOKEN, NEW_TOKEN)]))
     port = free_port()
-    cfg = load_config(None, [
+    cfg = load_config(None, ["serve.auth.mode=tokens", f"serve.auth.tokens_file={tokens}",
         f"serve.models=[{{name: tiny, checkpoint: {tiny_model_dir}/model.pth}}, {{name: ldm, checkpoint: {ldm_export}, "
         f"sampling: {{samples: 1, steps: 2}}}}]", f"serve.port={port}",
         *(f"serve.{k}={v}" for k, v in TILE.items()), "serve.max_batch_size=4", "serve.batch_wait_timeout_s=0.02",
@@ -92,7 +102,7 @@ def direct(tiny_model_dir):
 
 
 def post(url: str, data: bytes, timeout: float = 60, **params) -> httpx.Response:
-    return httpx.post(f"{url}/v1/enhance", content=data, params=params or None, timeout=timeout)
+    return httpx.post(f"{url}/v1/enhance", content=data, params=params or None, timeout=timeout, headers=AUTH)
 
 
 def post_retrying(url: str, data: bytes, timeout: float = 60, tries: int = 60, **params) -> httpx.Response:
@@ -198,6 +208,7 @@ def test_multipart_upload_with_outscale(app, direct):
     url, _ = app
     data = rgb_png(5)
     r = httpx.post(f"{url}/v1/enhance", files={"file": ("scan.png", data, "image/png")}, data={"outscale": "2"},
+                   headers=AUTH,
                    timeout=60)
     assert r.status_code == 200, r.text
     assert r.headers["x-medsr-scale"] == "2"
@@ -214,20 +225,20 @@ def test_sixteen_concurrent_clients_each_get_their_own_image(app, direct):
     for data, r in zip(inputs, answers):
         np.testing.assert_array_equal(decode_image(r.content, "a").pixels, direct(data))
     # each of these images is one tile: a model call with several tiles carried several requests
-    seen = max(httpx.get(f"{url}/v1/models", timeout=30).json()["models"][0]["replica_stats"]["max_tiles_per_call"]
+    seen = max(httpx.get(f"{url}/v1/models", timeout=30, headers=AUTH).json()["models"][0]["replica_stats"]["max_tiles_per_call"]
                for _ in range(6))
     assert seen > 1
 
 
 def test_models_health_and_docs(app):
     url, _ = app
-    models = httpx.get(f"{url}/v1/models", timeout=30).json()["models"]
+    models = httpx.get(f"{url}/v1/models", timeout=30, headers=AUTH).json()["models"]
     assert [m["name"] for m in models] == ["tiny", "ldm"] and models[0]["scale"] == 4 and models[0]["healthy"]
     assert models[0]["default"] and models[1]["family"] == "ldm" and models[1]["sampling"]["steps"] == 2
     assert models[0]["model_sha256"] and models[0]["max_batch_size"] == 4 and models[0]["precision"] == "fp32"
     assert httpx.get(f"{url}/healthz", timeout=30).text == "ok"
-    assert "/v1/enhance" in httpx.get(f"{url}/openapi.json", timeout=30).json()["paths"]
-    assert httpx.get(f"{url}/docs", timeout=30).status_code == 200
+    assert "/v1/enhance" in httpx.get(f"{url}/openapi.json", timeout=30, headers=AUTH).json()["paths"]
+    assert httpx.get(f"{url}/docs", timeout=30, headers=AUTH).status_code == 200
 
 
 def test_every_kind_of_bad_input_gets_its_4xx_with_a_reason(app):
@@ -466,7 +477,7 @@ def test_a_multipart_body_is_counted_as_it_streams(app):
         for _ in range(40):
             yield b"\0" * 100_000
 
-    r = httpx.post(f"{url}/v1/enhance", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"},
+    r = httpx.post(f"{url}/v1/enhance", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b", **AUTH},
                    timeout=60)
     assert r.status_code == 413 and "serve.max_body_bytes" in r.json()["detail"], r.text
 
@@ -552,3 +563,16 @@ def test_the_nightly_jobs_serve_path_needs_no_http_credential(secure, tiny_model
         f"enhance.checkpoint={tiny_model_dir}/model.pth", *(f"enhance.{k}={v}" for k, v in TILE.items()),
         "enhance.batch_size=4", "ray.progress=false", "enhance.replicas=serve:secure"]))
     assert result.counts == {"done": 1}
+
+
+def test_two_tokens_of_one_client_both_work_while_it_rotates_and_nothing_else_does(app):
+    url, _ = app
+    for token in (OLD_TOKEN, NEW_TOKEN):
+        r = httpx.post(f"{url}/v1/enhance", content=rgb_png(9), headers={"Authorization": f"Bearer {token}"},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+    for headers in ({}, {"Authorization": "Bearer clinic-token-2026-10-cccccccccccc"}, {"Authorization": NEW_TOKEN}):
+        r = httpx.post(f"{url}/v1/enhance", content=rgb_png(9), headers=headers, timeout=60)
+        assert r.status_code == 401 and r.json() == {"detail": "authentication required"}, r.text
+        assert NEW_TOKEN not in r.text
+    assert httpx.get(f"{url}/healthz", timeout=30).text == "ok"  # open: probes need no credential
