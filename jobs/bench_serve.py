@@ -1,6 +1,8 @@
 """Benchmark of the Serve endpoint on localhost (bounded: a few minutes on 2 cores).
 
     python jobs/bench_serve.py [--model tiny|x4plus] [--replicas 2] [--images 48] [--seconds 15] [--json out.json]
+    python jobs/bench_serve.py --auth [--requests 5000]     # what serve.auth costs per request (seconds, no Ray)
+    python jobs/bench_serve.py --hostile                    # event-loop stall of hostile files, before/after (no Ray)
 
 Prints, side by side:
 
@@ -13,7 +15,13 @@ Prints, side by side:
 2. p50/p99 latency at 50 % and 100 % of the saturation rate (open-loop arrivals, Poisson);
 3. the share of 503s at 2x overload, and that no other error occurred;
 4. replica count over time as load rises and falls (autoscaling between 1 and --replicas);
-5. with ``--nightly N``: the nightly job on N images with its own --replicas replicas vs ``enhance.replicas:
+5. with ``--auth``: only what authentication costs per request, side by side (``serve.auth`` none vs tokens vs oidc
+   with cached keys, plus the rate limiter): the ingress's dependency work, in this process, no Ray;
+6. with ``--hostile``: hostile files at the ingress's admission step (probe + limits): how long the ingress's event
+   loop (which answers ``/healthz`` and every other request) stalls when the probe runs on it (before issue #24),
+   in a thread, and in the probe processes (now), the answer's status, the probe's time and the ingress's RSS
+   growth (no Ray);
+7. with ``--nightly N``: the nightly job on N images with its own --replicas replicas vs ``enhance.replicas:
    serve:<app>`` on the app's --replicas replicas (wall time of the whole job, outputs compared).
 
 ``--model tiny`` (default): an RRDBNet x4 with random weights (num_feat 32, 2 blocks: about 1/30 of x4plus's
@@ -270,6 +278,189 @@ def start_app(checkpoint: str, port: int, *, replicas: int, min_replicas: int, b
     return start(cfg), cfg
 
 
+def auth_cost(requests: int) -> dict:
+    """Microseconds per request of the ingress's authentication work (bearer parsing, :meth:`authenticate`, the
+    rate limiter) for ``serve.auth`` none, tokens (10 tokens in the file, the last one presented) and oidc (RS256 and
+    ES256 JWTs, keys fetched once from a local JWKS server, then cached), side by side on the same loop."""
+    import hashlib
+    import http.server
+    import statistics
+
+    from joserfc import jwt
+    from joserfc.jwk import ECKey, RSAKey
+
+    from medsr_dist.serve.auth import RateLimiter, bearer_token, build_authenticator
+
+    rsa = RSAKey.generate_key(2048, parameters={"kid": "rsa"})
+    ec = ECKey.generate_key("P-256", parameters={"kid": "ec"})
+    body = json.dumps({"keys": [rsa.as_dict(private=False), ec.as_dict(private=False)]}).encode()
+
+    class Jwks(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Jwks)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    root = Path(tempfile.mkdtemp(prefix="bench-auth-"))
+    tokens = [f"token-{i}-{'x' * 32}" for i in range(10)]
+    (root / "tokens.yaml").write_text(json.dumps(
+        [{"subject": f"client-{i}", "sha256": hashlib.sha256(t.encode()).hexdigest(), "models": ["*"]}
+         for i, t in enumerate(tokens)]))
+    issuer, audience = "https://idp.bench", "medsr"
+    oidc_cfg = {"mode": "oidc", "issuer": issuer, "audience": audience,
+                "jwks_url": f"http://127.0.0.1:{server.server_address[1]}/jwks"}
+    now = int(time.time())
+    claims = {"iss": issuer, "aud": audience, "sub": "bench", "exp": now + 3600, "scope": "medsr:*"}
+    cases = {
+        "none": (build_authenticator({}), None),
+        "tokens (10 in the file)": (build_authenticator({"mode": "tokens", "tokens_file": str(root / "tokens.yaml")}),
+                                    f"Bearer {tokens[-1]}"),
+        "oidc RS256 (cached keys)": (build_authenticator(oidc_cfg),
+                                     f"Bearer {jwt.encode({'alg': 'RS256', 'kid': 'rsa'}, claims, rsa)}"),
+        "oidc ES256 (cached keys)": (build_authenticator({**oidc_cfg, "algorithms": ["ES256"]}),
+                                     f"Bearer {jwt.encode({'alg': 'ES256', 'kid': 'ec'}, claims, ec)}"),
+    }
+    limiter = RateLimiter({"per_second": 1e9, "burst": 1_000_000})
+    out = {}
+    for label, (auth, header) in cases.items():
+        auth.authenticate(bearer_token(header))  # warm: the oidc key fetch happens here, once
+        rounds = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(requests // 5):
+                caller = auth.authenticate(bearer_token(header))
+                limiter.take(caller.subject)
+            rounds.append((time.perf_counter() - t0) / (requests // 5) * 1e6)
+        out[label] = {"us_per_request_median": statistics.median(rounds), "us_per_request_min": min(rounds)}
+        print(f"  {label:28s} {statistics.median(rounds):9.1f} us/request (min of 5 rounds {min(rounds):.1f})")
+    server.shutdown()
+    return out
+
+
+def hostile_files() -> dict[str, bytes]:
+    """Hostile (or merely costly) request bodies within serve.max_body_bytes."""
+    import io
+    import struct
+    import zlib
+
+    import cv2
+    import pydicom
+    import pydicom.data
+
+    def deflated_dicom(side: int) -> bytes:
+        ds = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
+        ds.Rows = ds.Columns = side
+        ds.PixelData = bytes(side * side * 2)
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        return buf.getvalue()
+
+    def comma_spacing() -> bytes:
+        ds = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
+        ds.PixelSpacing = ["0.66", "0.66"]
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        return buf.getvalue().replace(b"0.66\\0.66", b"0,66\\0,66")  # pydicom will not write a comma itself
+
+    def png_header(w: int, h: int) -> bytes:
+        body = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+        return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(body)) + b"IHDR" + body
+                + struct.pack(">I", zlib.crc32(b"IHDR" + body)))
+
+    return {"deflate DICOM, 242 MB inflated (11000^2 x 16 bit)": deflated_dicom(11000),
+            "PixelSpacing with decimal commas": comma_spacing(),
+            "PNG header 7000^2 RGB 16-bit (588 MB as float32)": png_header(7000, 7000),
+            "honest 512^2 PNG": cv2.imencode(".png", np.zeros((512, 512, 3), np.uint8))[1].tobytes()}
+
+
+def hostile_stalls() -> dict:
+    """Per hostile file: the longest event-loop stall of the ingress while its admission step (probe + limits) runs
+    on the loop (before issue #24), in a thread of the ingress (a first fix: the GIL is still shared) and in the
+    probe processes (now), with the answer's status and the probe's time; and the RSS growth of the ingress process
+    itself (0 when the probe is in another process)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    import psutil
+
+    from medsr_dist.serve.admission import ProbePool, RequestError, check_limits
+
+    limits = {"max_input_pixels": 50_000_000, "max_output_pixels": 200_000_000, "max_input_bytes": 256 << 20}
+    threads, processes = ThreadPoolExecutor(4), ProbePool(2, 2048 << 20)
+    proc = psutil.Process()
+
+    def admit(data: bytes) -> int:
+        try:
+            check_limits(data, 2.0, limits)
+            return 200
+        except RequestError as exc:
+            return exc.status
+        except Exception:  # noqa: BLE001 - what escaped before: a 503 "retry" at the ingress
+            return 503
+
+    async def in_processes(data: bytes) -> int:
+        try:
+            await processes.check(data, 2.0, limits, 60)
+            return 200
+        except RequestError as exc:
+            return exc.status
+
+    async def stall(data: bytes, where: str) -> tuple[float, int, float, float]:
+        worst, done = 0.0, False
+
+        async def ticker():
+            nonlocal worst
+            while not done:
+                t = time.perf_counter()
+                await asyncio.sleep(0.005)
+                worst = max(worst, time.perf_counter() - t - 0.005)
+
+        tick = asyncio.create_task(ticker())
+        await asyncio.sleep(0.02)
+        rss0, peak = proc.memory_info().rss, [0]
+
+        def watch():
+            while not done:
+                peak[0] = max(peak[0], proc.memory_info().rss - rss0)
+                time.sleep(0.01)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        t0 = time.perf_counter()
+        if where == "loop":
+            status = admit(data)
+        elif where == "thread":
+            status = await asyncio.get_running_loop().run_in_executor(threads, admit, data)
+        else:
+            status = await in_processes(data)
+        seconds = time.perf_counter() - t0
+        await asyncio.sleep(0.02)
+        done = True
+        await tick
+        watcher.join()
+        return worst, status, seconds, peak[0] / 2**20
+
+    out = {}
+    try:
+        for label, data in hostile_files().items():
+            runs = {where: asyncio.run(stall(data, where)) for where in ("loop", "thread", "process")}
+            out[label] = {"bytes": len(data), **{f"{where}_{k}": v for where, r in runs.items()
+                                                 for k, v in zip(("stall_s", "status", "seconds", "rss_mib"), r)}}
+            print(f"  {label:52s} {len(data):>9,} B -> " + ", ".join(
+                f"{where}: {r[1]} in {r[2]:.2f} s, stall {r[0]:.3f} s, ingress +{r[3]:.0f} MiB"
+                for where, r in runs.items()))
+    finally:
+        processes.close()
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=("tiny", "x4plus"), default="tiny",
@@ -281,7 +472,22 @@ def main() -> None:
     p.add_argument("--ongoing", type=int, default=4, help="serve.max_ongoing_requests per replica")
     p.add_argument("--nightly", type=int, default=0, help="images of the nightly-job comparison (0: skip it)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--auth", action="store_true", help="only the per-request cost of serve.auth (no Ray)")
+    p.add_argument("--hostile", action="store_true", help="only the event-loop stall of hostile files (no Ray)")
+    p.add_argument("--requests", type=int, default=5000, help="--auth: requests per mode")
     args = p.parse_args()
+    if args.hostile:
+        print("hostile files at the ingress's admission (probe + limits), event-loop stall before/after:")
+        results = {"hostile": hostile_stalls()}
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+        return
+    if args.auth:
+        print(f"serve.auth cost per request (authenticate + rate limiter), {args.requests} requests per mode:")
+        results = {"auth_cost": auth_cost(args.requests)}
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+        return
 
     import ray
     from ray import serve

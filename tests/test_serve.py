@@ -1,5 +1,6 @@
 """The Serve endpoint (medsr_dist/serve/) on a local Ray, over real HTTP (httpx): one app shared by the module,
-serving two models by name (a tiny RRDBNet x4, the default, and a trained tiny latent-diffusion x4).
+serving two models by name (a tiny RRDBNet x4, the default, and a trained tiny latent-diffusion x4) behind
+serve.auth tokens; a second app ("secure") serves the tiny model behind serve.auth oidc with a rate limit.
 
 What a client relies on: the answer is the engine's own output in the input's form, concurrent clients all get
 their own image back, overload is answered with 503 + Retry-After and passes, every kind of bad input gets its
@@ -35,6 +36,9 @@ from test_ldm import ldm_export, vae_export  # noqa: E402,F401  (module fixtures
 pytestmark = pytest.mark.timeout(600)
 
 TILE = {"tile": 16, "tile_overlap": 4, "tile_blend": 4}
+#: The app's static API tokens (serve.auth tokens): two of one client, as while a token is rotated.
+OLD_TOKEN, NEW_TOKEN = "clinic-token-2026-11-aaaaaaaaaaaa", "clinic-token-2026-12-bbbbbbbbbbbb"
+AUTH = {"Authorization": f"Bearer {NEW_TOKEN}"}
 
 
 def free_port() -> int:
@@ -44,21 +48,28 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app(tiny_model_dir, ldm_export):
+def app(tiny_model_dir, ldm_export, tmp_path_factory):
     """The app: models 'tiny' (RRDBNet x4, 2 replicas, the default) and 'ldm' (latent diffusion x4, DDIM 2 steps,
-    1 sample) behind the ingress; yields (url, cfg)."""
+    1 sample) behind the ingress, serve.auth tokens (OLD_TOKEN and NEW_TOKEN of one client); yields (url, cfg)."""
+    import hashlib
+    import json
+
     from ray import serve
 
     from medsr_dist.serve.app import start
 
+    tokens = tmp_path_factory.mktemp("serve-auth") / "tokens.yaml"
+    tokens.write_text(json.dumps([{"subject": "clinic", "sha256": hashlib.sha256(t.encode()).hexdigest(),
+                                   "models": ["*"]} for t in (OLD_TOKEN, NEW_TOKEN)]))
     port = free_port()
-    cfg = load_config(None, [
+    cfg = load_config(None, ["serve.auth.mode=tokens", f"serve.auth.tokens_file={tokens}",
         f"serve.models=[{{name: tiny, checkpoint: {tiny_model_dir}/model.pth}}, {{name: ldm, checkpoint: {ldm_export}, "
         f"sampling: {{samples: 1, steps: 2}}}}]", f"serve.port={port}",
         *(f"serve.{k}={v}" for k, v in TILE.items()), "serve.max_batch_size=4", "serve.batch_wait_timeout_s=0.02",
         "serve.max_ongoing_requests=4", "serve.max_queued_requests=2", "serve.min_replicas=2", "serve.max_replicas=2",
         "serve.cpus_per_replica=0.5", "serve.max_body_bytes=3000000", "serve.max_input_pixels=1000000",
         "serve.max_output_pixels=20000000", "serve.request_timeout_s=8", "serve.retry_after_s=1",
+        "serve.max_outscale=16",
     ])
     started = not ray.is_initialized()
     if started:
@@ -91,7 +102,7 @@ def direct(tiny_model_dir):
 
 
 def post(url: str, data: bytes, timeout: float = 60, **params) -> httpx.Response:
-    return httpx.post(f"{url}/v1/enhance", content=data, params=params or None, timeout=timeout)
+    return httpx.post(f"{url}/v1/enhance", content=data, params=params or None, timeout=timeout, headers=AUTH)
 
 
 def post_retrying(url: str, data: bytes, timeout: float = 60, tries: int = 60, **params) -> httpx.Response:
@@ -197,6 +208,7 @@ def test_multipart_upload_with_outscale(app, direct):
     url, _ = app
     data = rgb_png(5)
     r = httpx.post(f"{url}/v1/enhance", files={"file": ("scan.png", data, "image/png")}, data={"outscale": "2"},
+                   headers=AUTH,
                    timeout=60)
     assert r.status_code == 200, r.text
     assert r.headers["x-medsr-scale"] == "2"
@@ -213,20 +225,20 @@ def test_sixteen_concurrent_clients_each_get_their_own_image(app, direct):
     for data, r in zip(inputs, answers):
         np.testing.assert_array_equal(decode_image(r.content, "a").pixels, direct(data))
     # each of these images is one tile: a model call with several tiles carried several requests
-    seen = max(httpx.get(f"{url}/v1/models", timeout=30).json()["models"][0]["replica_stats"]["max_tiles_per_call"]
+    seen = max(httpx.get(f"{url}/v1/models", timeout=30, headers=AUTH).json()["models"][0]["replica_stats"]["max_tiles_per_call"]
                for _ in range(6))
     assert seen > 1
 
 
 def test_models_health_and_docs(app):
     url, _ = app
-    models = httpx.get(f"{url}/v1/models", timeout=30).json()["models"]
+    models = httpx.get(f"{url}/v1/models", timeout=30, headers=AUTH).json()["models"]
     assert [m["name"] for m in models] == ["tiny", "ldm"] and models[0]["scale"] == 4 and models[0]["healthy"]
     assert models[0]["default"] and models[1]["family"] == "ldm" and models[1]["sampling"]["steps"] == 2
     assert models[0]["model_sha256"] and models[0]["max_batch_size"] == 4 and models[0]["precision"] == "fp32"
     assert httpx.get(f"{url}/healthz", timeout=30).text == "ok"
-    assert "/v1/enhance" in httpx.get(f"{url}/openapi.json", timeout=30).json()["paths"]
-    assert httpx.get(f"{url}/docs", timeout=30).status_code == 200
+    assert "/v1/enhance" in httpx.get(f"{url}/openapi.json", timeout=30, headers=AUTH).json()["paths"]
+    assert httpx.get(f"{url}/docs", timeout=30, headers=AUTH).status_code == 200
 
 
 def test_every_kind_of_bad_input_gets_its_4xx_with_a_reason(app):
@@ -241,6 +253,7 @@ def test_every_kind_of_bad_input_gets_its_4xx_with_a_reason(app):
         "no image in the dicom": (non_image_dicom("DOE^JANE", "PID-4711"), {}, 415, "Basic Text SR"),
         "unknown model": (rgb_png(), {"model": "nope"}, 404, "unknown model"),
         "bad outscale": (rgb_png(), {"outscale": -2}, 400, "outscale"),
+        "outscale past serve.max_outscale": (rgb_png(), {"outscale": 40}, 400, "serve.max_outscale"),
         "outscale not a number": (rgb_png(), {"outscale": "big"}, 400, "outscale"),
     }
     for label, (data, params, status, reason) in cases.items():
@@ -420,3 +433,146 @@ def test_an_ldm_is_served_by_name_beside_the_gan_with_its_sampling_in_every_answ
         want = enhance_file(replica, data, None, limits={"max_input_pixels": 1 << 20, "max_output_pixels": 1 << 24})
         assert np.array_equal(decode_image(r.content, "answer").pixels, decode_image(want["body"], "want").pixels)
     assert post(url, images[0]).headers["x-medsr-model"] != model.name  # no ?model=: the default (tiny)
+
+
+# --- issue #24: hostile files at the endpoint -------------------------------------------------------------------------
+
+def deflated_dicom(side: int) -> bytes:
+    """A legal Deflated Explicit VR Little Endian DICOM of side x side 16-bit zeros: ~1000:1, so a few hundred KiB
+    that the header probe inflates to side^2 x 2 bytes (until the parsers bound it: issue #24's codec part)."""
+    ds = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
+    ds.Rows = ds.Columns = side
+    ds.PixelData = bytes(side * side * 2)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_a_hostile_file_gets_its_4xx_while_healthz_answers_within_a_second(app):
+    url, _ = app
+    data = deflated_dicom(11000)  # ~240 MB inflated from ~240 KB; 121 Mpx is over serve.max_input_pixels
+    assert len(data) < 3_000_000
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        hostile = pool.submit(post, url, data, 60)
+        slowest = 0.0
+        while not hostile.done():
+            t0 = time.perf_counter()
+            assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+            slowest = max(slowest, time.perf_counter() - t0)
+            time.sleep(0.05)
+        r = hostile.result()
+    assert r.status_code in (400, 413, 422), r.text
+    assert slowest < 1.0, f"/healthz took {slowest:.2f} s while a hostile file was probed"
+    assert post(url, rgb_png(3)).status_code == 200  # healthy after
+
+
+def test_a_multipart_body_is_counted_as_it_streams(app):
+    url, _ = app
+
+    def chunks():  # no Content-Length: the ingress must count
+        head = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
+                b"Content-Type: image/png\r\n\r\n\x89PNG\r\n\x1a\n")
+        yield head
+        for _ in range(40):
+            yield b"\0" * 100_000
+
+    r = httpx.post(f"{url}/v1/enhance", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b", **AUTH},
+                   timeout=60)
+    assert r.status_code == 413 and "serve.max_body_bytes" in r.json()["detail"], r.text
+
+
+# --- issue #25: authentication, over HTTP ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def secure(app, tiny_model_dir):
+    """A second app on the same Serve: model 'tiny' behind serve.auth oidc (keys from a local JWKS server the test
+    starts), rate limit 0.2/s with a burst of 3 per caller; yields (url, issuer keys)."""
+    from ray import serve
+
+    from medsr_dist.serve.app import build_app
+    from test_serve_unit import AUDIENCE, ISSUER, JwksServer, signing_key
+
+    keys = {"a": signing_key("a"), "forged": signing_key("a")}
+    jwks = JwksServer([keys["a"]])
+    base, _ = app
+    cfg = load_config(None, [
+        f"serve.models=[{{name: tiny, checkpoint: {tiny_model_dir}/model.pth}}]",
+        *(f"serve.{k}={v}" for k, v in TILE.items()), "serve.min_replicas=1", "serve.max_replicas=1",
+        "serve.cpus_per_replica=0.5", "serve.auth.mode=oidc", f"serve.auth.issuer={ISSUER}",
+        f"serve.auth.audience={AUDIENCE}", f"serve.auth.jwks_url={jwks.url}", "serve.rate_limit.per_second=0.2",
+        "serve.rate_limit.burst=3",
+    ])
+    serve.run(build_app(cfg), name="secure", route_prefix="/secure")
+    try:
+        yield f"{base}/secure", keys
+    finally:
+        serve.delete("secure")
+        jwks.close()
+
+
+def test_every_route_but_healthz_needs_a_valid_token_for_its_model(secure):
+    from test_serve_unit import make_jwt
+
+    url, keys = secure
+
+    def call(token=None, model="tiny", path="/v1/enhance"):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if path == "/v1/enhance":
+            return httpx.post(f"{url}{path}", content=rgb_png(5), params={"model": model}, headers=headers, timeout=60)
+        return httpx.get(f"{url}{path}", headers=headers, timeout=30)
+
+    assert httpx.get(f"{url}/healthz", timeout=30).text == "ok"
+    for label, token in {"no token": None, "expired": make_jwt(keys["a"], sub="u-exp", exp_in=-600),
+                         "badly signed": make_jwt(keys["forged"], sub="u-forged"), "garbage": "abc.def.ghi",
+                         "wrong audience": make_jwt(keys["a"], sub="u-aud", aud="other")}.items():
+        for path in ("/v1/enhance", "/v1/models", "/docs", "/openapi.json"):
+            r = call(token, path=path)
+            assert r.status_code == 401, (label, path, r.status_code, r.text)
+            assert r.headers["www-authenticate"] == "Bearer" and r.json() == {"detail": "authentication required"}
+    other = call(make_jwt(keys["a"], sub="u-other", scope="medsr:ldm"))
+    assert other.status_code == 403 and other.json() == {"detail": "not allowed"}
+    valid = make_jwt(keys["a"], sub="u-ok")
+    r = call(valid)
+    assert r.status_code == 200 and r.headers["x-medsr-model"], r.text
+    assert [m["name"] for m in call(valid, path="/v1/models").json()["models"]] == ["tiny"]
+    assert call(valid, path="/docs").status_code == 200
+
+
+def test_a_caller_past_its_rate_is_answered_429_with_retry_after(secure):
+    from test_serve_unit import make_jwt
+
+    url, keys = secure
+    headers = {"Authorization": f"Bearer {make_jwt(keys['a'], sub='u-flood')}"}
+    codes = [httpx.get(f"{url}/v1/models", headers=headers, timeout=30) for _ in range(4)]
+    assert [r.status_code for r in codes] == [200, 200, 200, 429], [r.text for r in codes]
+    assert int(codes[-1].headers["retry-after"]) >= 1 and codes[-1].json() == {"detail": "rate limited; retry later"}
+    other = {"Authorization": f"Bearer {make_jwt(keys['a'], sub='u-calm')}"}
+    assert httpx.get(f"{url}/v1/models", headers=other, timeout=30).status_code == 200  # a bucket per caller
+
+
+def test_the_nightly_jobs_serve_path_needs_no_http_credential(secure, tiny_model_dir, tmp_path):
+    """enhance.replicas: serve:<app> calls the model deployment through a Ray handle, not the authenticated ingress."""
+    from medsr_dist.enhance.job import run_enhance_job
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "a.png").write_bytes(rgb_png(7))
+    result = run_enhance_job(load_config(None, [
+        f"run.root={tmp_path}", f"enhance.input={archive}", f"enhance.output={tmp_path / 'out'}",
+        f"enhance.checkpoint={tiny_model_dir}/model.pth", *(f"enhance.{k}={v}" for k, v in TILE.items()),
+        "enhance.batch_size=4", "ray.progress=false", "enhance.replicas=serve:secure"]))
+    assert result.counts == {"done": 1}
+
+
+def test_two_tokens_of_one_client_both_work_while_it_rotates_and_nothing_else_does(app):
+    url, _ = app
+    for token in (OLD_TOKEN, NEW_TOKEN):
+        r = httpx.post(f"{url}/v1/enhance", content=rgb_png(9), headers={"Authorization": f"Bearer {token}"},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+    for headers in ({}, {"Authorization": "Bearer clinic-token-2026-10-cccccccccccc"}, {"Authorization": NEW_TOKEN}):
+        r = httpx.post(f"{url}/v1/enhance", content=rgb_png(9), headers=headers, timeout=60)
+        assert r.status_code == 401 and r.json() == {"detail": "authentication required"}, r.text
+        assert NEW_TOKEN not in r.text
+    assert httpx.get(f"{url}/healthz", timeout=30).text == "ok"  # open: probes need no credential

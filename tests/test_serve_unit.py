@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 import threading
 import zlib
@@ -223,3 +224,303 @@ def test_the_job_refuses_an_app_that_would_compute_other_outputs_than_its_keys_s
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     with pytest.raises(ValueError, match=r"needs the Ray cluster the application runs on \(ray.address\)"):
         serve_deployment(e, model, params)
+
+
+# --- serve.auth / serve.rate_limit (issue #25): no Ray; the HTTP wiring is in test_serve.py ---------------------------
+
+import base64  # noqa: E402
+import hashlib  # noqa: E402
+import hmac  # noqa: E402
+import http.server  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+from joserfc import jwt as jose_jwt  # noqa: E402
+from joserfc.jwk import ECKey, RSAKey  # noqa: E402
+
+from medsr_dist.config import load_config  # noqa: E402
+from medsr_dist.config.serve import ServeAuthConfig  # noqa: E402
+from medsr_dist.serve.auth import AuthError, RateLimiter, TokenAuth, bearer_token, build_authenticator  # noqa: E402
+
+ISSUER, AUDIENCE = "https://idp.example.test/realms/hospital", "medsr-endpoint"
+
+
+class JwksServer:
+    """A local issuer's JWKS endpoint (http.server in a thread): ``keys`` are served as they are when asked;
+    ``fetches`` counts the requests."""
+
+    def __init__(self, keys):
+        self.keys, self.fetches = list(keys), 0
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                owner.fetches += 1
+                body = json.dumps({"keys": [k.as_dict(private=False) for k in owner.keys]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/certs"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def signing_key(kid: str, kind: str = "RSA"):
+    if kind == "EC":
+        return ECKey.generate_key("P-256", parameters={"kid": kid})
+    return RSAKey.generate_key(2048, parameters={"kid": kid})
+
+
+def make_jwt(key, *, alg: str = "RS256", kid: str | None = None, exp_in: float = 300, **claims) -> str:
+    now = int(time.time())
+    body = {"iss": ISSUER, "aud": AUDIENCE, "sub": "user-1", "iat": now, "exp": now + int(exp_in),
+            "scope": "openid medsr:tiny", **claims}
+    header = {"alg": alg, "kid": kid if kid is not None else key.kid}
+    return jose_jwt.encode(header, {k: v for k, v in body.items() if v is not None}, key, algorithms=[alg])
+
+
+@pytest.fixture(scope="module")
+def issuer_keys():
+    return {"a": signing_key("a"), "b": signing_key("b"), "ec": signing_key("ec", "EC"), "other": signing_key("a")}
+
+
+@pytest.fixture()
+def jwks(issuer_keys):
+    server = JwksServer([issuer_keys["a"], issuer_keys["ec"]])
+    yield server
+    server.close()
+
+
+def oidc(jwks_url: str, **kw):
+    return build_authenticator(ServeAuthConfig(mode="oidc", issuer=ISSUER, audience=AUDIENCE, jwks_url=jwks_url,
+                                               algorithms=["RS256", "ES256"], **kw))
+
+
+def test_a_valid_jwt_names_its_subject_and_the_models_its_scopes_grant(jwks, issuer_keys):
+    auth = oidc(jwks.url)
+    caller = auth.authenticate(make_jwt(issuer_keys["a"]))
+    assert caller.subject == "oidc:user-1" and caller.may_use("tiny") and not caller.may_use("ldm")
+    ec = auth.authenticate(make_jwt(issuer_keys["ec"], alg="ES256", scope=None, roles=["medsr:*"]))
+    assert not ec.may_use("tiny")  # `roles` is not the configured claim
+    roles = oidc(jwks.url, models_claim="roles").authenticate(make_jwt(issuer_keys["ec"], alg="ES256", roles=["medsr:*"]))
+    assert roles.may_use("tiny") and roles.may_use("ldm")
+    assert auth.jwks.fetches == 1  # keys cached: two tokens, one fetch
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def hs256_with(secret: bytes) -> str:
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "x", "exp": int(time.time()) + 60, "scope": "medsr:*"}
+    signing_input = f"{b64(json.dumps({'alg': 'HS256', 'kid': 'a'}).encode())}.{b64(json.dumps(claims).encode())}"
+    return f"{signing_input}.{b64(hmac.new(secret, signing_input.encode(), hashlib.sha256).digest())}"
+
+
+def forge_unsigned(key, alg: str) -> str:
+    good = make_jwt(key)
+    head = base64.urlsafe_b64encode(json.dumps({"alg": alg, "kid": key.kid}).encode()).rstrip(b"=").decode()
+    return f"{head}.{good.split('.')[1]}."
+
+
+@pytest.mark.parametrize("case", ["none", "expired", "wrong_issuer", "wrong_audience", "bad_signature",
+                                  "hs256_with_public_key", "no_subject", "garbage", "unknown_kid", "tampered"])
+def test_a_bad_jwt_is_a_generic_401(jwks, issuer_keys, case):
+    a = issuer_keys["a"]
+    token = {
+        "none": lambda: forge_unsigned(a, "none"),
+        "expired": lambda: make_jwt(a, exp_in=-120),  # past the 30 s leeway
+        "wrong_issuer": lambda: make_jwt(a, iss="https://evil.example.test"),
+        "wrong_audience": lambda: make_jwt(a, aud="another-app"),
+        "bad_signature": lambda: make_jwt(issuer_keys["other"]),  # same kid "a", another key
+        "hs256_with_public_key": lambda: hs256_with(a.as_pem(private=False)),  # the classic key-confusion forgery
+        "no_subject": lambda: make_jwt(a, sub=None),
+        "garbage": lambda: "not.a.jwt",
+        "unknown_kid": lambda: make_jwt(issuer_keys["b"]),
+        "tampered": lambda: (lambda t: t.split(".")[0] + "." + base64.urlsafe_b64encode(json.dumps(
+            {"iss": ISSUER, "aud": AUDIENCE, "sub": "admin", "exp": int(time.time()) + 60, "scope": "medsr:*"}
+        ).encode()).rstrip(b"=").decode() + "." + t.split(".")[2])(make_jwt(a)),
+    }[case]()
+    with pytest.raises(AuthError) as info:
+        oidc(jwks.url).authenticate(token)
+    assert info.value.status == 401 and info.value.public == "authentication required"
+    assert info.value.headers() == {"WWW-Authenticate": "Bearer"}
+    assert token not in info.value.detail
+
+
+def test_expiry_has_a_small_leeway(jwks, issuer_keys):
+    assert oidc(jwks.url).authenticate(make_jwt(issuer_keys["a"], exp_in=-10)).subject == "oidc:user-1"
+    with pytest.raises(AuthError):
+        oidc(jwks.url, leeway_s=0).authenticate(make_jwt(issuer_keys["a"], exp_in=-10))
+
+
+def test_unknown_kids_refetch_the_keys_at_most_once_per_interval_and_a_rotated_key_is_picked_up(jwks, issuer_keys):
+    auth = oidc(jwks.url, jwks_min_refresh_s=0.5)
+    auth.authenticate(make_jwt(issuer_keys["a"]))
+    for _ in range(20):  # a flood of made-up kids
+        with pytest.raises(AuthError):
+            auth.authenticate(make_jwt(issuer_keys["b"], kid="made-up"))
+    assert jwks.fetches <= 2
+    jwks.keys.append(issuer_keys["b"])  # the issuer rotates in key "b"
+    time.sleep(0.6)
+    assert auth.authenticate(make_jwt(issuer_keys["b"])).subject == "oidc:user-1"
+
+
+def test_algorithms_are_asymmetric_only():
+    for bad in (["none"], ["HS256"], ["RS256", "HS512"]):
+        with pytest.raises(ValueError, match="serve.auth.algorithms"):
+            ServeAuthConfig(mode="oidc", issuer=ISSUER, audience=AUDIENCE, jwks_url="https://x", algorithms=bad)
+    with pytest.raises(ValueError, match="serve.auth.jwks_url must be an https:// URL"):
+        ServeAuthConfig(mode="oidc", issuer=ISSUER, audience=AUDIENCE, jwks_url="http://idp.example.test/certs")
+    with pytest.raises(ValueError, match="serve.auth.mode oidc needs serve.auth.audience"):
+        ServeAuthConfig(mode="oidc", issuer=ISSUER, jwks_url="https://idp.example.test/certs")
+
+
+def write_tokens(path, entries) -> str:
+    path.write_text(json.dumps(entries))  # YAML is a superset of JSON
+    return str(path)
+
+
+def sha(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def test_static_tokens_are_stored_hashed_two_at_once_for_rotation_and_scoped_to_models(tmp_path):
+    path = write_tokens(tmp_path / "tokens.yaml", [
+        {"subject": "pacs-bridge", "sha256": sha("old-secret-0123456789"), "models": ["tiny"]},
+        {"subject": "pacs-bridge", "sha256": sha("new-secret-9876543210"), "models": ["tiny"]},
+        {"subject": "research", "sha256": sha("research-secret-abcdef"), "models": ["*"]},
+    ])
+    auth = build_authenticator({"mode": "tokens", "tokens_file": path})
+    assert auth.authenticate("old-secret-0123456789").subject == "pacs-bridge"
+    assert auth.authenticate("new-secret-9876543210").subject == "pacs-bridge"
+    assert not auth.authenticate("new-secret-9876543210").may_use("ldm")
+    assert auth.authenticate("research-secret-abcdef").may_use("ldm")
+    for bad in (None, "", "old-secret-012345678", sha("old-secret-0123456789")):  # the stored hash is no token
+        with pytest.raises(AuthError) as info:
+            auth.authenticate(bad or None)
+        assert info.value.status == 401
+
+
+def test_the_tokens_file_is_read_again_when_it_changes_and_a_retired_token_stops_working(tmp_path):
+    path = write_tokens(tmp_path / "tokens.yaml", [{"subject": "a", "sha256": sha("first-token-xxxxxxxx"), "models": ["*"]}])
+    auth = TokenAuth(path, reload_every_s=0)
+    assert auth.authenticate("first-token-xxxxxxxx").subject == "a"
+    time.sleep(0.01)
+    write_tokens(tmp_path / "tokens.yaml", [{"subject": "a", "sha256": sha("second-token-yyyyyyy"), "models": ["*"]}])
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    assert auth.authenticate("second-token-yyyyyyy").subject == "a"
+    with pytest.raises(AuthError):
+        auth.authenticate("first-token-xxxxxxxx")
+
+
+@pytest.mark.parametrize("entries,message", [
+    ([{"subject": "a", "sha256": "plain-token-instead-of-a-hash", "models": ["*"]}], "entry 0 (a): sha256 must be"),
+    ([{"subject": "a", "sha256": "0" * 64}], "models must be"),
+    ([], "non-empty list"),
+])
+def test_a_malformed_tokens_file_fails_the_start_naming_the_key(tmp_path, entries, message):
+    with pytest.raises(ValueError, match="serve.auth.tokens_file") as info:
+        build_authenticator({"mode": "tokens", "tokens_file": write_tokens(tmp_path / "t.yaml", entries)})
+    assert message in str(info.value)
+
+
+def test_bearer_header_parsing():
+    assert bearer_token("Bearer abc") == "abc" and bearer_token("bearer  abc ") == "abc"
+    assert bearer_token("Basic abc") is None and bearer_token(None) is None and bearer_token("Bearer ") is None
+
+
+def test_the_rate_limit_is_a_token_bucket_per_caller_with_retry_after():
+    now = [0.0]
+    limiter = RateLimiter({"per_second": 2, "burst": 3}, clock=lambda: now[0])
+    for _ in range(3):
+        limiter.take("a")
+    with pytest.raises(AuthError) as info:
+        limiter.take("a")
+    assert info.value.status == 429 and info.value.headers() == {"Retry-After": "1"}
+    assert 0 < info.value.retry_after_s <= 0.5
+    limiter.take("b")  # another caller has its own bucket
+    now[0] = 0.5
+    limiter.take("a")  # one more after 0.5 s at 2/s
+    with pytest.raises(AuthError):
+        limiter.take("a")
+    RateLimiter({"per_second": 0}).take("a")  # 0: no limit
+
+
+def test_binding_beyond_loopback_without_auth_is_refused_naming_the_key():
+    from medsr_dist.config import ConfigError
+    from medsr_dist.serve.app import check_bind
+
+    with pytest.raises(ConfigError, match="serve.auth.mode is none but serve.host '0.0.0.0'"):
+        load_config(None, ["serve.host=0.0.0.0"])
+    for host in ("127.0.0.1", "::1", "localhost"):
+        load_config(None, [f"serve.host={host}"])
+    cfg = load_config(None, ["serve.host=0.0.0.0", "serve.auth.mode=tokens", "serve.auth.tokens_file=/run/t.yaml"])
+    check_bind(cfg.serve, "0.0.0.0")  # auth on: any bind
+    none = load_config(None, [])
+    check_bind(none.serve, "127.0.0.1")
+    for host in ("0.0.0.0", None):  # a Serve config file's http_options bind it elsewhere, or unknown
+        with pytest.raises(ValueError, match="serve.auth.mode is none"):
+            check_bind(none.serve, host)
+
+
+def test_a_header_the_probe_cannot_parse_is_a_400_not_a_503_and_quotes_nothing(monkeypatch):
+    import medsr_dist.serve.admission as model
+
+    def probe(data, name):  # what a parser raising on a malformed value did: a ValueError quoting it
+        raise ValueError("could not convert string to float: '0,143'")
+
+    monkeypatch.setattr(model, "probe_image", probe)
+    with pytest.raises(RequestError) as info:
+        check_limits(png(8, 8), 2.0, LIMITS)
+    assert info.value.status == 400 and "0,143" not in info.value.reason
+
+
+def test_admission_counts_bytes_as_well_as_pixels():
+    limits = {**LIMITS, "max_input_bytes": 50 * 50 * 4 - 1}  # one float32 channel of 50 x 50, less one byte
+    with pytest.raises(RequestError, match="serve.max_input_bytes") as info:
+        check_limits(png(50, 50), 1.0, limits)
+    assert info.value.status == 413
+    check_limits(png(50, 50), 1.0, {**limits, "max_input_bytes": 50 * 50 * 4})
+
+
+def test_a_probe_past_its_timeout_is_stopped_and_one_past_its_memory_is_refused_and_the_pool_serves_on():
+    """The ingress's probe processes: a slow probe (a legal Deflate DICOM the probe inflates: 242 MB) is answered
+    422 and its worker replaced; with less address space than it needs, 413; honest headers pass after both."""
+    from test_serve import deflated_dicom
+
+    from medsr_dist.serve.admission import ProbePool
+
+    bomb, limits = deflated_dicom(11000), {**LIMITS, "max_input_pixels": 10**9, "max_output_pixels": 10**10}
+
+    async def run(pool, data, timeout):
+        try:
+            await pool.check(data, 1.0, limits, timeout)
+            return 200, ""
+        except RequestError as exc:
+            return exc.status, exc.reason
+
+    pool = ProbePool(1, 2048 << 20)
+    try:
+        assert asyncio.run(run(pool, bomb, 0.05))[0] == 422
+        assert asyncio.run(run(pool, png(50, 50), 60)) == (200, "")
+    finally:
+        pool.close()
+    small = ProbePool(1, 600 << 20)  # the worker's imports take ~500 MB of address space; 242 MB more do not fit
+    try:
+        status, reason = asyncio.run(run(small, bomb, 60))
+        assert status == 413 and "serve.probe_memory_mb" in reason
+        assert asyncio.run(run(small, png(50, 50), 60)) == (200, "")
+    finally:
+        small.close()

@@ -1,12 +1,88 @@
 """``serve``: the on-demand Ray Serve endpoint."""
 from __future__ import annotations
 
+import ipaddress
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from medsr_dist.config.base import Section
 from medsr_dist.config.models import SamplingOverride
+
+
+# --- serve.auth / serve.rate_limit (issue #25): who may call the endpoint, and how often -----------------------------
+
+#: JWT signature algorithms an OIDC issuer may use: asymmetric only (never ``none``, never HS* whose "secret" would be
+#: the issuer's public key).
+ASYMMETRIC_JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` (an HTTP bind address) is reachable from this machine only."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class ServeAuthConfig(Section):
+    """``serve.auth``: authentication of every route but ``/healthz`` (medsr_dist/serve/auth.py). ``none`` is
+    accepted only while ``serve.host`` is a loopback address."""
+
+    mode: Literal["none", "tokens", "oidc"] = Field(
+        "none", description="none (loopback only), tokens (static API tokens from tokens_file) or oidc (bearer JWTs "
+        "of an OpenID Connect issuer)")
+    tokens_file: str | None = Field(
+        None, description="tokens: YAML list of {subject, sha256, models} (sha256 of each token, never the token; "
+        "several entries with one subject rotate it); re-read when it changes")
+    issuer: str | None = Field(None, description="oidc: the tokens' required `iss`")
+    audience: str | None = Field(None, description="oidc: the required `aud` (this endpoint's client id)")
+    jwks_url: str | None = Field(None, description="oidc: the issuer's jwks_uri (its /.well-known/openid-configuration)")
+    algorithms: list[str] = Field(["RS256", "ES256"], min_length=1, description="oidc: signature algorithms "
+                                  "accepted (asymmetric only)")
+    leeway_s: int = Field(30, ge=0, le=300, description="oidc: clock skew allowed on exp/nbf/iat")
+    models_claim: str = Field("scope", min_length=1, description="oidc: claim granting models (a space-separated "
+                              "string such as `scope`, or a list such as `roles`)")
+    grant_prefix: str = Field("medsr:", description="oidc: a grant `<prefix><model>` allows that model, "
+                              "`<prefix>*` every model; other grants are ignored")
+    jwks_cache_s: float = Field(3600.0, gt=0, description="oidc: keys are fetched again after this long")
+    jwks_min_refresh_s: float = Field(30.0, ge=0, description="oidc: a token with an unknown `kid` refetches the "
+                                      "keys at most this often (a flood of made-up kids cannot flood the issuer)")
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric(cls, value: list[str]) -> list[str]:
+        bad = [a for a in value if a not in ASYMMETRIC_JWT_ALGORITHMS]
+        if bad:
+            raise ValueError(f"serve.auth.algorithms: {bad} not accepted; use asymmetric ones only: "
+                             f"{list(ASYMMETRIC_JWT_ALGORITHMS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> "ServeAuthConfig":
+        if self.mode == "tokens" and not self.tokens_file:
+            raise ValueError("serve.auth.tokens_file is required with serve.auth.mode tokens")
+        if self.mode == "oidc":
+            missing = [k for k in ("issuer", "audience", "jwks_url") if not getattr(self, k)]
+            if missing:
+                raise ValueError(f"serve.auth.mode oidc needs serve.auth.{', serve.auth.'.join(missing)}")
+            url = urlsplit(self.jwks_url)
+            if url.scheme != "https" and not (url.scheme == "http" and is_loopback(url.hostname or "")):
+                raise ValueError("serve.auth.jwks_url must be an https:// URL (plain http only to a loopback host): "
+                                 "the keys it serves decide who may call")
+        return self
+
+
+class ServeRateLimitConfig(Section):
+    """``serve.rate_limit``: a token bucket per caller (authenticated subject; the client address under auth none)
+    in each ingress replica; past it 429 with Retry-After."""
+
+    per_second: float = Field(0.0, ge=0, description="Sustained requests per second per caller; 0: no limit")
+    burst: int = Field(20, ge=1, description="Requests a caller may send at once after being idle")
+    max_callers: int = Field(10_000, ge=1, description="Buckets kept per ingress replica (least recently used go)")
 
 
 class ServeConfig(Section):
@@ -53,6 +129,17 @@ class ServeConfig(Section):
     max_input_pixels: int = Field(50_000_000, ge=1, description="Header limit (height x width x frames), else 413 undecoded")
     max_output_pixels: int = Field(200_000_000, ge=1, description="Output limit at the request's outscale, else 413")
     dicom_compression: Literal["none", "rle", "jpeg2000-lossless"] = "none"
+    # serve.auth / serve.rate_limit / hostile-input bounds (issues #24, #25)
+    auth: ServeAuthConfig = Field(default_factory=ServeAuthConfig, description="Authentication (serve/auth.py)")
+    rate_limit: ServeRateLimitConfig = Field(default_factory=ServeRateLimitConfig)
+    max_outscale: float = Field(8.0, gt=0, le=64, description="Largest outscale a request may ask for, else 400")
+    max_input_bytes: int = Field(1 << 30, ge=1, description="Decoded size limit (pixels x channels x bytes per "
+                                 "sample, from the header), else 413 undecoded")
+    probe_timeout_s: float = Field(10.0, gt=0, description="Header probe at the ingress (in its probe processes); "
+                                   "past it 422 and the probe is stopped")
+    probe_workers: int = Field(2, ge=1, description="Probe processes per ingress replica (spawned at its start)")
+    probe_memory_mb: int = Field(2048, ge=256, description="Address space of a probe process; a probe needing "
+                                 "more is answered 413")
 
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":
@@ -61,6 +148,10 @@ class ServeConfig(Section):
         if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) is below max_batch_size "
                              f"({self.max_batch_size}): tile batches could never fill")
+        if self.auth.mode == "none" and not is_loopback(self.host):
+            raise ValueError(f"serve.auth.mode is none but serve.host {self.host!r} is not a loopback address: "
+                             f"anyone who reaches it could call the endpoint; set serve.auth.mode (tokens or oidc) "
+                             f"or bind 127.0.0.1")
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"models: names must be unique, got {names}")

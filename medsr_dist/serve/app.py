@@ -21,12 +21,14 @@ import time
 from typing import Any
 
 from medsr_dist.config import MedsrConfig, ServeConfig, load_config
+from medsr_dist.config.serve import is_loopback
 from medsr_dist.infer.model_file import read_model_file
 from medsr_dist.infer.registry import backend_factory
 from medsr_dist.infer.replica import EngineSettings, resolve_precision
 from medsr_dist.infer.serve_names import model_deployment_name
 from medsr_dist.preflight import preflight
 from medsr_dist.runtime import init_ray
+from medsr_dist.serve.auth import build_authenticator
 from medsr_dist.serve.ingress import Ingress
 from medsr_dist.serve.model import SRModel
 
@@ -101,7 +103,10 @@ def build_app(cfg: MedsrConfig):
         log.warning("serve.precision %s: replicas run %s; responses record %s", s.precision, precision, precision)
     settings = EngineSettings.of(s, precision=precision, outscale=None)
     limits = {"max_input_pixels": s.max_input_pixels, "max_output_pixels": s.max_output_pixels,
-              "max_body_bytes": s.max_body_bytes}
+              "max_body_bytes": s.max_body_bytes, "max_input_bytes": s.max_input_bytes,
+              "max_outscale": s.max_outscale, "probe_timeout_s": s.probe_timeout_s, "probe_workers": s.probe_workers,
+              "probe_memory_mb": s.probe_memory_mb}
+    build_authenticator(s.auth)  # a tokens file that is missing or malformed fails now, naming the key
     ongoing = s.max_ongoing_requests or s.max_batch_size
     backpressure = BackpressureConfig(status_code=503, retry_after_s=s.retry_after_s)
     handles, catalogue = {}, {}
@@ -132,7 +137,8 @@ def build_app(cfg: MedsrConfig):
         max_queued_requests=max(64, 2 * per_model), backpressure_config=backpressure,
         ray_actor_options={"num_cpus": 0},
     )
-    return ingress.bind(handles, catalogue, default, limits, s.retry_after_s)
+    return ingress.bind(handles, catalogue, default, limits, s.retry_after_s, s.auth.model_dump(),
+                        s.rate_limit.model_dump())
 
 
 def http_options(s: ServeConfig) -> dict[str, Any]:
@@ -155,7 +161,38 @@ def app_builder(args: dict[str, Any]):
     cfg = preflight(load_config(args.get("config"), list(args.get("overrides") or [])))
     if not ray.is_initialized():  # the builder runs inside the cluster: join it
         ray.init(address="auto", ignore_reinit_error=True)
+    check_bind(cfg.serve, proxy_host())
     return build_app(cfg)
+
+
+def proxy_host() -> str | None:
+    """The host Serve's HTTP proxies bind (the Serve config file's ``http_options.host``), or None when it cannot be
+    read. Uses the controller's ``get_http_config``: Serve has no public call for it."""
+    try:
+        from ray.serve.context import _get_global_client  # lazy: private Serve API, only in a running cluster
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        if client is None:
+            return None
+        import ray
+
+        return str(ray.get(client._controller.get_http_config.remote(), timeout=10).host)
+    except Exception:  # noqa: BLE001 - an API that moved: the caller decides without it
+        return None
+
+
+def check_bind(s: ServeConfig, host: str | None) -> None:
+    """Refuse ``serve.auth.mode: none`` unless the proxies bind loopback. The medsr config's ``serve.host`` is
+    checked when the config is read; a Serve config file (``serve deploy``, KubeRay) sets the real bind in its
+    ``http_options``, which ``host`` is (None: unknown, taken as not loopback).
+
+    Raises:
+        ValueError: naming ``serve.auth.mode`` and the bind.
+    """
+    if s.auth.mode == "none" and not (host is not None and is_loopback(host)):
+        raise ValueError(f"serve.auth.mode is none but the Serve HTTP proxies bind {host or 'an unknown host'!r} "
+                         f"(http_options.host), not a loopback address: set serve.auth.mode (tokens or oidc) in the "
+                         f"application's config or overrides, or bind 127.0.0.1")
 
 
 def start(cfg: MedsrConfig, *, blocking: bool = False) -> str:

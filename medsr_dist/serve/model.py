@@ -33,10 +33,9 @@ from medsr_dist.infer.model_file import ModelFile
 from medsr_dist.infer.provenance import output_provenance, params_json, serve_params
 from medsr_dist.infer.replica import EngineSettings, ModelReplica, NonFiniteOutput
 from medsr_dist.infer.rows import enhance_rows, is_fatal_device_error
-from medsr_dist.io.image import (
-    FORMATS, ImageDecodeError, NotAnImageObject, decode_image, detect_format, encode_image, probe_image,
-)
+from medsr_dist.io.image import ImageDecodeError, NotAnImageObject, decode_image, encode_image
 from medsr_dist.io.phi import phi_values, sanitize_reason
+from medsr_dist.serve.admission import RequestError, check_limits, decoded_bytes  # noqa: F401 - re-exported
 from medsr_dist.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -68,14 +67,6 @@ class SharedTileQueue:
 
     def __repr__(self) -> str:
         return f"SharedTileQueue({self._backend!r})"
-
-
-class RequestError(Exception):
-    """A request the model cannot serve, with the HTTP status it maps to (never raised across Serve)."""
-
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status, self.reason = status, reason
 
 
 class SRModel:
@@ -260,6 +251,10 @@ def enhance_file(replica: ModelReplica, data: bytes, outscale: float | None = No
         raise RequestError(415, exc.reason) from None
     except ImageDecodeError as exc:
         raise RequestError(400, sanitize_reason(exc.reason, secrets=phi_values(data))) from None
+    except (ValueError, TypeError, KeyError, IndexError, EOFError, OverflowError, MemoryError) as exc:
+        # a malformed file the decoder did not classify: it can never succeed, so 400 (never 503 "retry"), and
+        # only the exception's type is said (its text may quote a header value)
+        raise RequestError(400, f"unreadable image file ({type(exc).__name__})") from None
     frames = image.pixels if image.pixels.ndim == 4 else image.pixels[None]
     outputs = [None] * len(frames)
     for index, result in replica.enhance_each(list(frames), outscale=None if scale == model.scale else scale):
@@ -306,30 +301,3 @@ def _replica_tag() -> str:
         return serve.get_replica_context().replica_tag
     except Exception:  # noqa: BLE001 - not in a replica (unit tests)
         return ""
-
-
-def check_limits(data: bytes, scale: float, limits: dict):
-    """Probe the header (nothing decoded) and hold its dimensions against the pixel limits.
-
-    Returns the :class:`~medsr_dist.io.image.ImageProbe`. Raises :class:`RequestError`: 415 for a format that is
-    not an image format read here or a DICOM object without an image, 400 for an unreadable header, 413 over a limit.
-    """
-    if detect_format(data) is None:
-        raise RequestError(415, f"not a supported image file (supported: {', '.join(FORMATS)}; the format is read "
-                                f"from the content)")
-    try:
-        probe = probe_image(data, "request")
-    except NotAnImageObject as exc:
-        raise RequestError(415, exc.reason) from None
-    except ImageDecodeError as exc:
-        raise RequestError(400, sanitize_reason(exc.reason, secrets=phi_values(data))) from None
-    frames = f" x {probe.frames} frames" if probe.frames > 1 else ""
-    if probe.pixels > limits["max_input_pixels"]:
-        raise RequestError(413, f"{probe.height} x {probe.width}{frames} = {probe.pixels:,} pixels exceeds "
-                                f"serve.max_input_pixels {limits['max_input_pixels']:,}; not decoded")
-    out_h, out_w = max(1, round(probe.height * scale)), max(1, round(probe.width * scale))
-    if probe.frames * out_h * out_w > limits["max_output_pixels"]:
-        raise RequestError(413, f"output at x{scale:g} would be {out_h} x {out_w}{frames} = "
-                                f"{probe.frames * out_h * out_w:,} pixels, over serve.max_output_pixels "
-                                f"{limits['max_output_pixels']:,}; not decoded")
-    return probe
