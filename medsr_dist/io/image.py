@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from medsr_dist.io.dicom import decode_dicom, encode_dicom, looks_like_dicom, probe_dicom
+from medsr_dist.io.dicom import MAX_INFLATED_BYTES, decode_dicom, encode_dicom, looks_like_dicom, probe_dicom
 from medsr_dist.io.medical_image import (
     FORMATS,
     ImageDecodeError,
@@ -86,7 +86,8 @@ def detect_format(data: bytes | bytearray | memoryview) -> str | None:
     return None
 
 
-def decode_image(data: bytes | bytearray | memoryview, name: str) -> MedicalImage:
+def decode_image(data: bytes | bytearray | memoryview, name: str, *,
+                 max_inflated_bytes: int = MAX_INFLATED_BYTES) -> MedicalImage:
     """Decode image file bytes (PNG, JPEG, TIFF or DICOM, detected by content) into a :class:`MedicalImage`.
 
     ``name`` is only used in error messages (the file name or key). Pixels are float32 (H, W, C) in [0, 1] —
@@ -98,6 +99,12 @@ def decode_image(data: bytes | bytearray | memoryview, name: str) -> MedicalImag
     Raises NotAnImageObject for DICOM objects without an image (SR, waveform, RT plan, ...), ImageDecodeError
     (naming ``name`` and the reason) for empty, truncated, corrupt, unrecognised or unsupported input (multi-page
     TIFF, float samples, 32-bit or 1-bit DICOM, ...). Reasons never hold patient identifiers.
+
+    Bounded before any decoder runs: every compressed frame's own header (JPEG/JPEG-LS SOF, JPEG 2000 SIZ, RLE
+    segment table; JPEG strips/tiles of a TIFF page) must agree with the container's dimensions
+    (:mod:`medsr_dist.io.codestream`), a Deflated DICOM body is inflated to at most ``max_inflated_bytes`` (and
+    :data:`~medsr_dist.io.dicom.MAX_INFLATE_RATIO` times its size), and a DICOM header with more than
+    :data:`~medsr_dist.io.dicom.MAX_DICOM_ITEMS` sequence items is refused unparsed.
     """
     if len(memoryview(data)) == 0:
         raise ImageDecodeError(name, "empty file (0 bytes)")
@@ -109,14 +116,15 @@ def decode_image(data: bytes | bytearray | memoryview, name: str) -> MedicalImag
     if kind == "tiff":
         return decode_tiff(data, name)
     if kind == "dicom":
-        return decode_dicom(data, name)
+        return decode_dicom(data, name, max_inflated_bytes=max_inflated_bytes)
     head = bytes(memoryview(data)[:8])
     raise ImageDecodeError(
         name, f"not a recognised image format (PNG, JPEG, TIFF or DICOM); file starts with {head!r}"
     )
 
 
-def probe_image(data: bytes | bytearray | memoryview, name: str) -> ImageProbe:
+def probe_image(data: bytes | bytearray | memoryview, name: str, *,
+                max_inflated_bytes: int = MAX_INFLATED_BYTES) -> ImageProbe:
     """Read an image's dimensions from its header alone — PNG IHDR, JPEG SOFn, TIFF page tags, DICOM Rows,
     Columns, NumberOfFrames, SamplesPerPixel — without decoding (or decompressing) any pixel data, so a caller
     can refuse a decompression bomb before allocating for it. Costs O(header), plus for DICOM a scan over the
@@ -135,8 +143,8 @@ def probe_image(data: bytes | bytearray | memoryview, name: str) -> ImageProbe:
         return probe_jpeg(view, name)
     if kind == "tiff":
         return probe_tiff(data if isinstance(data, bytes) else bytes(view), name)  # bytes: shared, not copied
-    if kind == "dicom":
-        return probe_dicom(data, name)
+    if kind == "dicom":  # a deflated body is inflated (within max_inflated_bytes) to reach its header
+        return probe_dicom(data, name, max_inflated_bytes=max_inflated_bytes)
     raise ImageDecodeError(
         name, f"not a recognised image format (PNG, JPEG, TIFF or DICOM); file starts with {bytes(view[:8])!r}"
     )
