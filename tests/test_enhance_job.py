@@ -5,6 +5,7 @@ a run whose driver process is SIGKILLed mid-run, a run that finishes the rest, a
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -954,3 +955,50 @@ def test_a_second_run_on_a_leased_s3_prefix_exits_and_leaves_the_first_runs_leas
     assert storage.read_bytes(lease_uri) == held and storage.list_files(f"{s3_bucket}/out") == [lease_uri]
     first.release()
     assert storage.list_files(f"{s3_bucket}/out") == []
+
+
+def test_an_input_over_max_input_bytes_is_refused_from_its_listing_size_unread(tmp_path, tiny_model_dir):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "big.png").write_bytes(png8(make_radiograph(3, 64)))
+    size = (archive / "big.png").stat().st_size
+    cfg = job_config(tmp_path, tiny_model_dir, archive, f"enhance.max_input_bytes={size - 1}")
+    spec = dataclasses.replace(job_spec(cfg), max_input_bytes=cfg.enhance.max_input_bytes)
+    stage = ReadDecode(spec)
+    # listed size over the limit: refused before reading (a key that does not exist proves nothing was read)
+    listed = stage.one(str(archive / "gone.png"), size=size)
+    assert listed["status"] == "error" and listed["pixels"].size == 0
+    assert listed["error"] == f"{size:,} bytes exceeds enhance.max_input_bytes {size - 1:,}; not read"
+    # no size in the listing (PACS): the bytes read are held against it
+    unlisted = stage.one(str(archive / "big.png"))
+    assert unlisted["status"] == "error" and "enhance.max_input_bytes" in unlisted["error"]
+    assert ReadDecode(dataclasses.replace(spec, max_input_bytes=size)).one(str(archive / "big.png"))["status"] == "todo"
+    assert load_config(None, []).enhance.max_input_bytes == 1 << 30
+
+
+def test_every_hostile_class_is_one_error_row_beside_an_honest_file_that_decodes(tmp_path, tiny_model_dir):
+    """The nightly read stage over issue #24's crafted files (small forms): each is an error row naming what is
+    wrong, in bounded time, no raw value quoted; the honest file beside them decodes."""
+    from medsr_dist.data import hostile
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    files = {"loop.tif": hostile.tiff_ifd_loop(), "j2k.dcm": hostile.dicom_j2k_lie(3000),
+             "jpeg.dcm": hostile.dicom_jpeg_lie(3000), "jls.dcm": hostile.dicom_jpeg_ls_lie(3000),
+             "rle.dcm": hostile.dicom_rle_lie(), "strip.tif": hostile.tiff_jpeg_strip_lie(3000),
+             "deflate.dcm": hostile.dicom_deflate_bomb(64 * 1024), "flood.dcm": hostile.dicom_sequence_flood(60_000)}
+    for name, data in files.items():
+        (archive / name).write_bytes(data)
+    (archive / "honest.png").write_bytes(png8(make_radiograph(3, 64)))
+    stage = ReadDecode(job_spec(job_config(tmp_path, tiny_model_dir, archive)))
+    expected = {"loop.tif": "loop in the IFD chain", "j2k.dcm": "Columns, Rows disagree",
+                "jpeg.dcm": "Columns, Rows disagree", "jls.dcm": "Columns, Rows disagree",
+                "rle.dcm": "SamplesPerPixel/BitsAllocated", "strip.tif": "ImageWidth",
+                "deflate.dcm": "inflates past", "flood.dcm": "sequence items"}
+    for name, reason in expected.items():
+        t0 = time.perf_counter()
+        row = stage.one(str(archive / name), size=len(files[name]))
+        assert row["status"] == "error" and reason in row["error"], (name, row["error"])
+        assert row["pixels"].size == 0 and time.perf_counter() - t0 < 30
+    honest = stage.one(str(archive / "honest.png"))
+    assert honest["status"] == "todo" and honest["pixels"].shape == (1, 64, 64, 1)

@@ -75,6 +75,11 @@ class EnhanceConfig(Section):
     max_output_pixels: int = Field(
         400_000_000, ge=1, description="Largest output (height x width x frames after outscale); 4k x 5k at x4 is "
         "320 M. The replica's float32 RGB canvas is 12 bytes per output pixel")
+    max_input_bytes: int = Field(
+        1 << 30, ge=1, description="Largest input file in bytes, checked from the listing's size before it is read "
+        "(and from the bytes read where the listing has no size, e.g. PACS): larger ones are error rows naming this "
+        "key. Also the most a Deflated DICOM body may inflate to (an inflated body is no bigger than an uncompressed "
+        "file that would be accepted). 1 GiB holds an uncompressed 100 M-pixel RGB 16-bit object (max_input_pixels)")
     max_attempts: int = Field(
         3, ge=1, description="Runs in which an input may kill its model replica (crash, out of memory) before it is "
         "'quarantined' and no longer tried (until its content changes)")

@@ -25,7 +25,8 @@ class ReadDecode:
     """Stage 1 (CPU tasks): ``{"key"[, "size", "version"]}`` -> one row per key: pixels to enhance (``todo``),
     or ``skipped``/``ignored``/``error``.
 
-    Order per key: normalise the key (``..``/absolute segments: error, nothing read), read, hash, probe the
+    Order per key: normalise the key (``..``/absolute segments: error, nothing read), refuse a listing size over
+    ``max_input_bytes`` (nothing read; a listing without size, e.g. PACS, is checked on the bytes read), read, hash, probe the
     header (``probe_image``: a DICOM without image is ``ignored``), refuse what exceeds ``max_input_pixels`` or,
     at the job's outscale, ``max_output_pixels`` (frames counted; nothing decoded), skip what has a record and an
     output, decode the rest.
@@ -66,10 +67,12 @@ class ReadDecode:
             kind = item_kind(spec, key)
             if kind != IMAGE_KIND:  # NIfTI / DICOM series: medsr_dist/enhance/volumes.py
                 return self.readers[kind](self, row, rel, t0), None, None
+            self._check_size(size)
             data = spec.storage.read_bytes(key)  # a DICOMweb instance: WADO-RS, as stored
+            self._check_size(len(data))
             row["input_sha256"], row["input_bytes"] = hashlib.sha256(data).hexdigest(), len(data)
             # header only: a 400 kB PNG can say 20000 x 20000, and a DICOM can be a structured report
-            probe = probe_image(data, "input")
+            probe = probe_image(data, "input", max_inflated_bytes=spec.max_input_bytes)
             row["input_format"], row["frames"] = probe.format, probe.frames
             oid = output_id(row["input_sha256"], spec.model.sha256, spec.params)
             row["item_id"] = item_id(rel, oid)
@@ -125,7 +128,7 @@ class ReadDecode:
                     row.update(status="skipped", record=spec.storage.read_bytes(record_uri).decode())
                 else:
                     self._check_limits(probe)
-                    img = decode_image(data, "input")
+                    img = decode_image(data, "input", max_inflated_bytes=spec.max_input_bytes)
                     pixels = img.pixels if img.pixels.ndim == 4 else img.pixels[None]
                     row.update(pixels=pixels, meta=img.meta.to_json(), header=img.header or b"", frames=len(pixels))
         except NotAnImageObject as exc:
@@ -136,6 +139,11 @@ class ReadDecode:
             row["error"] = sanitize_reason(row["error"], key=row["key"], secrets=phi_values(data))
         row["seconds"] += time.perf_counter() - t0
         return row
+
+    def _check_size(self, size: int) -> None:
+        if size > self.spec.max_input_bytes:
+            raise ImageDecodeError("input", f"{size:,} bytes exceeds enhance.max_input_bytes "
+                                            f"{self.spec.max_input_bytes:,}; not read")
 
     def _check_limits(self, probe) -> None:
         spec, scale = self.spec, float(self.spec.params["outscale"])
