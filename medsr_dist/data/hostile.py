@@ -154,3 +154,60 @@ HOSTILE_CLASSES = {
     "png-ztxt-bomb": png_text_bomb,
     "dicom-malformed-ds-is": dicom_malformed_numbers,
 }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fuzzing: seeds and mutations shared by tests/test_fuzz_decoders.py (hypothesis) and jobs/fuzz_decoders.py.
+
+#: pydicom test files seeding the fuzzers: one or more per transfer syntax medsr-dist reads.
+FUZZ_DICOM_SEEDS = ("CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "image_dfl.dcm",
+                    "SC_rgb_jpeg_dcmtk.dcm", "SC_rgb_jpeg_gdcm.dcm", "JPGExtended.dcm", "MR_small_jpeg_ls_lossless.dcm",
+                    "MR_small_jp2klossless.dcm", "MR_small_RLE.dcm", "SC_rgb_rle_2frame.dcm", "examples_ybr_color.dcm",
+                    "examples_palette.dcm")
+#: Values a mutation writes over 1, 2 or 4 bytes: sizes, counts and offsets at their edges.
+_INTERESTING = (0, 1, 2, 3, 7, 8, 15, 16, 64, 255, 256, 0x7FFF, 0x8000, 0xFFFF, 30000, 0x7FFFFFFF, 0xFFFFFFFF)
+
+
+def fuzz_seeds() -> dict[str, bytes]:
+    """{name: bytes} of small honest files of every format: pydicom's test files (:data:`FUZZ_DICOM_SEEDS`), PNG 8/16-bit
+    and palette, JPEG grey/colour, TIFF deflate and JPEG-strip pages, and the samples' own DICOM."""
+    seeds = {name: _testdata(name) for name in FUZZ_DICOM_SEEDS}
+    grey = (np.arange(24 * 32).reshape(24, 32) % 251).astype(np.uint8)
+    colour = np.stack([grey, grey[::-1], 255 - grey], axis=-1)
+    seeds["grey8.png"] = cv2.imencode(".png", grey)[1].tobytes()
+    seeds["grey16.png"] = cv2.imencode(".png", grey.astype(np.uint16) * 257)[1].tobytes()
+    seeds["colour.jpg"] = cv2.imencode(".jpg", colour)[1].tobytes()
+    seeds["grey.jpg"] = cv2.imencode(".jpg", grey, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    for name, kwargs in {"deflate.tif": {"compression": "zlib"}, "jpeg.tif": {"compression": "jpeg"},
+                         "tiled.tif": {"tile": (16, 16)}}.items():
+        buf = io.BytesIO()
+        tifffile.imwrite(buf, grey, photometric="minisblack", metadata=None, **kwargs)
+        seeds[name] = buf.getvalue()
+    seeds["sample.dcm"] = dataset_to_bytes(_small_dataset())
+    seeds["bare.dcm"] = dataset_to_bytes(_small_dataset(), preamble=False, implicit_vr=True)
+    return seeds
+
+
+def mutate(data: bytes, ops: list[tuple[int, int, int]]) -> bytes:
+    """``data`` with each ``(kind, where, value)`` applied in turn: kind 0 flips the bits of one byte, 1-3 write
+    an interesting value (:data:`_INTERESTING`) over 1, 2 or 4 bytes in either byte order, 4 truncates, 5 deletes a
+    short run, 6 duplicates a short run. ``where`` is taken modulo the length."""
+    out = bytearray(data)
+    for kind, where, value in ops:
+        if not out:
+            break
+        at = where % len(out)
+        kind %= 7
+        if kind == 0:
+            out[at] ^= (value % 255) + 1
+        elif kind in (1, 2, 3):
+            width = (1, 2, 4)[kind - 1]
+            number = _INTERESTING[value % len(_INTERESTING)] & ((1 << (8 * width)) - 1)
+            out[at : at + width] = number.to_bytes(width, "big" if value & 0x100 else "little")
+        elif kind == 4:
+            del out[max(at, 1):]
+        elif kind == 5:
+            del out[at : at + 1 + value % 64]
+        else:
+            out[at:at] = out[at : at + 1 + value % 64]
+    return bytes(out)

@@ -318,7 +318,7 @@ def _header_bytes(ds: Dataset) -> bytes:
     """``ds`` without its pixel data, as an Explicit VR Little Endian Part 10 file."""
     header = Dataset()
     for elem in ds:  # iterating converts raw elements, so the original byte order does not leak through
-        if elem.tag.group == 0x7FE0 or elem.tag == 0xFFFCFFFC:
+        if elem.tag.group in (0x0000, 0x7FE0) or elem.tag == 0xFFFCFFFC:  # command set, pixels, padding
             continue
         header.add(elem)
     header.file_meta = FileMetaDataset()
@@ -527,9 +527,10 @@ def decode_dicom(data: bytes | bytearray | memoryview, name: str, *,
                     # 8-bit colours in 16-bit entries (x * 256, as most writers store them): keep 8 bits, exactly,
                     # which is also what 8-bit-only IODs (US, SC) allow for RGB.
                     array, stored_bits = (array >> 8).astype(np.uint8), 8
-    except ImageDecodeError:
+    except (ImageDecodeError, KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
-    except Exception as exc:
+    except BaseException as exc:  # also the Rust plugins' pyo3 PanicException, which is no Exception (a damaged
+        # RLE frame made pylibjpeg-rle panic "index out of bounds": it escaped every `except Exception` up to Ray)
         if syntax.is_compressed:
             if _decoder_available(syntax):
                 cause = "corrupt or unsupported codestream"

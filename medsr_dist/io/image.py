@@ -17,6 +17,7 @@ DICOM objects that hold no image (structured reports, waveforms, RT plans, prese
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import numpy as np
@@ -86,6 +87,28 @@ def detect_format(data: bytes | bytearray | memoryview) -> str | None:
     return None
 
 
+def _clear_errors(function):
+    """Whatever a parser or codec raises for damaged bytes (pydicom, tifffile, OpenCV and the pylibjpeg plugins
+    raise ValueError, KeyError, struct.error, cv2.error, RuntimeError, the Rust plugins' PanicException (a
+    BaseException) ... — fuzzing finds new ones) leaves as an
+    ImageDecodeError naming the file and the original exception class only (its text may quote a header value),
+    so every caller refuses bad input as bad input (an error row, a 4xx) and never as a failure worth retrying.
+    MemoryError and RecursionError pass unchanged: they are the last line of defence's business."""
+
+    @functools.wraps(function)
+    def wrapper(data, name: str, *args, **kwargs):
+        try:
+            return function(data, name, *args, **kwargs)
+        except (ImageDecodeError, MemoryError, RecursionError, KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - see the docstring; pyo3's PanicException is no Exception
+            raise ImageDecodeError(name, f"corrupt or unsupported file (the decoder raised {type(exc).__name__})") \
+                from exc
+
+    return wrapper
+
+
+@_clear_errors
 def decode_image(data: bytes | bytearray | memoryview, name: str, *,
                  max_inflated_bytes: int = MAX_INFLATED_BYTES) -> MedicalImage:
     """Decode image file bytes (PNG, JPEG, TIFF or DICOM, detected by content) into a :class:`MedicalImage`.
@@ -123,6 +146,7 @@ def decode_image(data: bytes | bytearray | memoryview, name: str, *,
     )
 
 
+@_clear_errors
 def probe_image(data: bytes | bytearray | memoryview, name: str, *,
                 max_inflated_bytes: int = MAX_INFLATED_BYTES) -> ImageProbe:
     """Read an image's dimensions from its header alone — PNG IHDR, JPEG SOFn, TIFF page tags, DICOM Rows,
