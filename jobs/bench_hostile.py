@@ -1,6 +1,7 @@
 """Cost of each hostile file class (issue #24) to probe + decode, before and after the bounded decode path.
 
     python jobs/bench_hostile.py [--before 91a6a3d] [--timeout 20] [--memory-gib 8] [--only CLASS ...]
+    python jobs/bench_hostile.py --bounded-cost [--repeat 5]
 
 Builds every crafted file of :data:`medsr_dist.data.hostile.HOSTILE_CLASSES` at the issue's size (a 30000 x 30000
 lie, a 256 KiB deflate body, 262k sequence items, a 16 MiB zTXt), then for each side — this tree ("after") and
@@ -9,6 +10,10 @@ lie, a 256 KiB deflate body, 262k sequence items, a 16 MiB zTXt), then for each 
 RLIMIT_AS) and a wall-time limit (``--timeout``), and prints seconds, the peak RSS growth over the imports (MiB)
 and the outcome (the exception class and the first words of its reason, or ``ok``), side by side. A case that
 hits a limit is reported as such: the limit is the cost's lower bound. Results go in docs/RELIABILITY.md.
+
+``--bounded-cost``: what the last line of defence costs — ``decode_image`` in-process against
+``decode_image_bounded`` (a forkserver child under caps, pixels back through a pipe) on 16-bit grey PNGs and an
+uncompressed DICOM of growing size, side by side in one run (the forkserver started before timing).
 """
 from __future__ import annotations
 
@@ -78,13 +83,51 @@ def run_case(path: Path, tree: str, timeout: float, memory_bytes: int) -> dict:
     return json.loads(lines[-1])
 
 
+def bounded_cost(repeat: int) -> None:
+    import time
+
+    import cv2
+    import numpy as np
+
+    sys.path.insert(0, str(REPO))
+    from medsr_dist.io.bounded import decode_image_bounded
+    from medsr_dist.io.dicom import build_radiograph_dataset, dataset_to_bytes
+    from medsr_dist.io.image import decode_image
+
+    def timed(function, data) -> float:
+        best = float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            function(data)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    bounded = lambda data: decode_image_bounded(data, "bench", memory_bytes=8 << 30, seconds=300)  # noqa: E731
+    inproc = lambda data: decode_image(data, "bench")  # noqa: E731
+    rng = np.random.default_rng(0)
+    print(f"{'input':24} {'in-process ms':>14} {'bounded ms':>11} {'added ms':>9} {'ratio':>6}")
+    bounded(cv2.imencode(".png", np.zeros((8, 8), np.uint8))[1].tobytes())  # start the forkserver
+    for size in (256, 1024, 2048, 4096):
+        image = rng.integers(0, 4096, (size, size), dtype=np.uint16)
+        cases = {f"png16 {size}x{size}": cv2.imencode(".png", image)[1].tobytes(),
+                 f"dicom12 {size}x{size}": dataset_to_bytes(build_radiograph_dataset(image / 4095.0, bits_stored=12))}
+        for label, data in cases.items():
+            a, b = timed(inproc, data), timed(bounded, data)
+            print(f"{label:24} {a * 1000:14.1f} {b * 1000:11.1f} {(b - a) * 1000:9.1f} {b / a:6.2f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", default="91a6a3d", help="commit to compare with (main before issue #24's fixes)")
     parser.add_argument("--timeout", type=float, default=20.0)
     parser.add_argument("--memory-gib", type=float, default=8.0)
     parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--bounded-cost", action="store_true")
+    parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
+    if args.bounded_cost:
+        bounded_cost(args.repeat)
+        return
     sys.path.insert(0, str(REPO))
     from medsr_dist.data.hostile import HOSTILE_CLASSES
 

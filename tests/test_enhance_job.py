@@ -1002,3 +1002,26 @@ def test_every_hostile_class_is_one_error_row_beside_an_honest_file_that_decodes
         assert row["pixels"].size == 0 and time.perf_counter() - t0 < 30
     honest = stage.one(str(archive / "honest.png"))
     assert honest["status"] == "todo" and honest["pixels"].shape == (1, 64, 64, 1)
+
+
+def test_a_decode_past_its_memory_cap_is_stopped_in_a_child_and_quarantined_after_max_attempts(tmp_path, tiny_model_dir):
+    """The last line of defence: a decode whose header is honest but which needs more than decode_memory_bytes
+    (here a 1024 x 1024 16-bit PNG under a 4 MiB cap) is stopped in its child process — the read task lives on —,
+    an error row counting the attempt, quarantined at max_attempts; under a sufficient cap it decodes as in-process."""
+    import cv2
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    big = (np.arange(1024 * 1024, dtype=np.uint32).reshape(1024, 1024) * 2654435761 % 65536).astype(np.uint16)
+    (archive / "big.png").write_bytes(cv2.imencode(".png", big)[1].tobytes())
+    cfg = job_config(tmp_path, tiny_model_dir, archive, "enhance.max_output_pixels=400000000")
+    spec = dataclasses.replace(job_spec(cfg), decode_timeout_s=60.0, decode_memory_bytes=4 << 20, max_attempts=2)
+    stage = ReadDecode(spec)
+    first = stage.one(str(archive / "big.png"))
+    assert first["status"] == "error" and first["attempts"] == 1 and first["pixels"].size == 0
+    assert "stopped" in first["error"] and "run 1 of enhance.max_attempts 2" in first["error"]
+    second = stage.one(str(archive / "big.png"), attempts=1)
+    assert second["status"] == "quarantined" and second["attempts"] == 2
+    roomy = ReadDecode(dataclasses.replace(spec, decode_memory_bytes=2 << 30)).one(str(archive / "big.png"))
+    assert roomy["status"] == "todo"
+    np.testing.assert_array_equal(roomy["pixels"][0], ReadDecode(job_spec(cfg)).one(str(archive / "big.png"))["pixels"][0])

@@ -41,6 +41,9 @@ class JobSpec:
     max_input_pixels: int = 100_000_000
     max_output_pixels: int = 400_000_000
     max_input_bytes: int = 1 << 30
+    decode_timeout_s: float = 0.0  # > 0 with decode_memory_bytes > 0: decode in a capped child (io/bounded.py)
+    decode_memory_bytes: int = 0
+    max_attempts: int = 3
     log_keys: bool = False
     dicom_compression: str = "none"
     uncertainty_threshold: float | None = None  # flag rows whose uncertainty_p99 exceeds it (K > 1 samples)
