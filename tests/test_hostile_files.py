@@ -114,3 +114,35 @@ def test_a_sequence_item_flood_is_refused_unparsed():
         with pytest.raises(ImageDecodeError, match=f"more than {MAX_DICOM_ITEMS:,} sequence items"):
             read(data, "flood.dcm")
     assert decode_image(hostile.dicom_sequence_flood(100), "few.dcm").pixels.shape == (8, 8, 1)
+
+
+def _htj2k_dicom(codestream: bytes, image) -> bytes:
+    import io
+
+    from pydicom.encaps import encapsulate
+
+    from medsr_dist.io.dicom import build_radiograph_dataset
+
+    ds = build_radiograph_dataset(image / 4095.0, bits_stored=12)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.201"  # HTJ2K Lossless
+    ds.PixelData = encapsulate([codestream])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_htj2k_frames_are_checked_like_jpeg_2000():
+    import struct
+
+    import imagecodecs
+
+    image = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)
+    honest = imagecodecs.htj2k_encode(image)
+    decoded = decode_image(_htj2k_dicom(honest, image), "htj2k.dcm")
+    np.testing.assert_array_equal(np.rint(decoded.pixels[..., 0] * 4095), image)
+    lie = bytearray(honest)
+    struct.pack_into(">II", lie, 8, LIE, LIE)  # SIZ Xsiz, Ysiz
+    with pytest.raises(ImageDecodeError, match="JPEG 2000 SIZ of the frame says 3000 x 3000 .*Columns, Rows disagree"):
+        decode_image(_htj2k_dicom(bytes(lie), image), "htj2k.dcm")
