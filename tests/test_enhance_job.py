@@ -760,7 +760,7 @@ def test_reasons_never_carry_identifiers_from_the_header_or_the_key(tmp_path, ti
     key = archive / "ACC998877_chest.dcm"
     key.write_bytes(dataset_to_bytes(ds))
 
-    def leaky_decoder(data, name):  # what third-party decoders do now and then: quote a header value
+    def leaky_decoder(data, name, **limits):  # what third-party decoders do now and then: quote a header value
         raise ValueError(f"cannot decode {name}: bad value 'SMITH^ALICE' (PatientID ACC-PID-31337, born 19610203, "
                          f"accession ACC998877) in {key}")
 

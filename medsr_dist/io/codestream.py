@@ -76,7 +76,7 @@ def jpeg_frame_header(data: bytes | memoryview) -> FrameHeader:
                                       "(a height defined later by DNL is not supported)")
             return FrameHeader(kind, width, height, components, precision)
         pos += 2 + length
-    raise CodestreamError("JPEG stream without a frame header (SOFn) before its scan data")
+    raise CodestreamError("JPEG stream with no frame header (SOFn) before its scan data")
 
 
 def _j2k_codestream_offset(view: memoryview) -> int:
