@@ -5,6 +5,7 @@ a run whose driver process is SIGKILLed mid-run, a run that finishes the rest, a
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -759,7 +760,7 @@ def test_reasons_never_carry_identifiers_from_the_header_or_the_key(tmp_path, ti
     key = archive / "ACC998877_chest.dcm"
     key.write_bytes(dataset_to_bytes(ds))
 
-    def leaky_decoder(data, name):  # what third-party decoders do now and then: quote a header value
+    def leaky_decoder(data, name, **limits):  # what third-party decoders do now and then: quote a header value
         raise ValueError(f"cannot decode {name}: bad value 'SMITH^ALICE' (PatientID ACC-PID-31337, born 19610203, "
                          f"accession ACC998877) in {key}")
 
@@ -954,3 +955,73 @@ def test_a_second_run_on_a_leased_s3_prefix_exits_and_leaves_the_first_runs_leas
     assert storage.read_bytes(lease_uri) == held and storage.list_files(f"{s3_bucket}/out") == [lease_uri]
     first.release()
     assert storage.list_files(f"{s3_bucket}/out") == []
+
+
+def test_an_input_over_max_input_bytes_is_refused_from_its_listing_size_unread(tmp_path, tiny_model_dir):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "big.png").write_bytes(png8(make_radiograph(3, 64)))
+    size = (archive / "big.png").stat().st_size
+    cfg = job_config(tmp_path, tiny_model_dir, archive, f"enhance.max_input_bytes={size - 1}")
+    spec = dataclasses.replace(job_spec(cfg), max_input_bytes=cfg.enhance.max_input_bytes)
+    stage = ReadDecode(spec)
+    # listed size over the limit: refused before reading (a key that does not exist proves nothing was read)
+    listed = stage.one(str(archive / "gone.png"), size=size)
+    assert listed["status"] == "error" and listed["pixels"].size == 0
+    assert listed["error"] == f"{size:,} bytes exceeds enhance.max_input_bytes {size - 1:,}; not read"
+    # no size in the listing (PACS): the bytes read are held against it
+    unlisted = stage.one(str(archive / "big.png"))
+    assert unlisted["status"] == "error" and "enhance.max_input_bytes" in unlisted["error"]
+    assert ReadDecode(dataclasses.replace(spec, max_input_bytes=size)).one(str(archive / "big.png"))["status"] == "todo"
+    assert load_config(None, []).enhance.max_input_bytes == 1 << 30
+
+
+def test_every_hostile_class_is_one_error_row_beside_an_honest_file_that_decodes(tmp_path, tiny_model_dir):
+    """The nightly read stage over issue #24's crafted files (small forms): each is an error row naming what is
+    wrong, in bounded time, no raw value quoted; the honest file beside them decodes."""
+    from medsr_dist.data import hostile
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    files = {"loop.tif": hostile.tiff_ifd_loop(), "j2k.dcm": hostile.dicom_j2k_lie(3000),
+             "jpeg.dcm": hostile.dicom_jpeg_lie(3000), "jls.dcm": hostile.dicom_jpeg_ls_lie(3000),
+             "rle.dcm": hostile.dicom_rle_lie(), "strip.tif": hostile.tiff_jpeg_strip_lie(3000),
+             "deflate.dcm": hostile.dicom_deflate_bomb(64 * 1024), "flood.dcm": hostile.dicom_sequence_flood(60_000)}
+    for name, data in files.items():
+        (archive / name).write_bytes(data)
+    (archive / "honest.png").write_bytes(png8(make_radiograph(3, 64)))
+    stage = ReadDecode(job_spec(job_config(tmp_path, tiny_model_dir, archive)))
+    expected = {"loop.tif": "loop in the IFD chain", "j2k.dcm": "Columns, Rows disagree",
+                "jpeg.dcm": "Columns, Rows disagree", "jls.dcm": "Columns, Rows disagree",
+                "rle.dcm": "SamplesPerPixel/BitsAllocated", "strip.tif": "ImageWidth",
+                "deflate.dcm": "inflates past", "flood.dcm": "sequence items"}
+    for name, reason in expected.items():
+        t0 = time.perf_counter()
+        row = stage.one(str(archive / name), size=len(files[name]))
+        assert row["status"] == "error" and reason in row["error"], (name, row["error"])
+        assert row["pixels"].size == 0 and time.perf_counter() - t0 < 30
+    honest = stage.one(str(archive / "honest.png"))
+    assert honest["status"] == "todo" and honest["pixels"].shape == (1, 64, 64, 1)
+
+
+def test_a_decode_past_its_memory_cap_is_stopped_in_a_child_and_quarantined_after_max_attempts(tmp_path, tiny_model_dir):
+    """The last line of defence: a decode whose header is honest but which needs more than decode_memory_bytes
+    (here a 1024 x 1024 16-bit PNG under a 4 MiB cap) is stopped in its child process — the read task lives on —,
+    an error row counting the attempt, quarantined at max_attempts; under a sufficient cap it decodes as in-process."""
+    import cv2
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    big = (np.arange(1024 * 1024, dtype=np.uint32).reshape(1024, 1024) * 2654435761 % 65536).astype(np.uint16)
+    (archive / "big.png").write_bytes(cv2.imencode(".png", big)[1].tobytes())
+    cfg = job_config(tmp_path, tiny_model_dir, archive, "enhance.max_output_pixels=400000000")
+    spec = dataclasses.replace(job_spec(cfg), decode_timeout_s=60.0, decode_memory_bytes=4 << 20, max_attempts=2)
+    stage = ReadDecode(spec)
+    first = stage.one(str(archive / "big.png"))
+    assert first["status"] == "error" and first["attempts"] == 1 and first["pixels"].size == 0
+    assert "stopped" in first["error"] and "run 1 of enhance.max_attempts 2" in first["error"]
+    second = stage.one(str(archive / "big.png"), attempts=1)
+    assert second["status"] == "quarantined" and second["attempts"] == 2
+    roomy = ReadDecode(dataclasses.replace(spec, decode_memory_bytes=2 << 30)).one(str(archive / "big.png"))
+    assert roomy["status"] == "todo"
+    np.testing.assert_array_equal(roomy["pixels"][0], ReadDecode(job_spec(cfg)).one(str(archive / "big.png"))["pixels"][0])

@@ -75,8 +75,22 @@ class EnhanceConfig(Section):
     max_output_pixels: int = Field(
         400_000_000, ge=1, description="Largest output (height x width x frames after outscale); 4k x 5k at x4 is "
         "320 M. The replica's float32 RGB canvas is 12 bytes per output pixel")
+    max_input_bytes: int = Field(
+        1 << 30, ge=1, description="Largest input file in bytes, checked from the listing's size before it is read "
+        "(and from the bytes read where the listing has no size, e.g. PACS): larger ones are error rows naming this "
+        "key. Also the most a Deflated DICOM body may inflate to (an inflated body is no bigger than an uncompressed "
+        "file that would be accepted). 1 GiB holds an uncompressed 100 M-pixel RGB 16-bit object (max_input_pixels)")
+    decode_timeout_s: float = Field(
+        300.0, ge=0, description="Wall-time cap of one input's decode, which runs in a child process (the last line "
+        "of defence for codec faults no header check can foresee): past it the child is killed and the item is an "
+        "error row, counted like a replica crash towards max_attempts; 0 (or decode_memory_bytes 0): decode in the "
+        "read task itself, uncapped. Costs ~80 ms per item plus one copy of the pixels (docs/RELIABILITY.md)")
+    decode_memory_bytes: int = Field(
+        8 << 30, ge=0, description="Memory cap (address space the decode may add) of that child process; a decode "
+        "that needs more is stopped the same way. 8 GiB holds a 100 M-pixel RGB decode (max_input_pixels) with room")
     max_attempts: int = Field(
-        3, ge=1, description="Runs in which an input may kill its model replica (crash, out of memory) before it is "
+        3, ge=1, description="Runs in which an input may kill its model replica or its decode (crash, out of memory, "
+        "decode_timeout_s) before it is "
         "'quarantined' and no longer tried (until its content changes)")
     lease_ttl_s: float = Field(
         600.0, gt=0, description="One run per output prefix: a run's lease (_manifest/lease.json), refreshed every "

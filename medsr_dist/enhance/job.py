@@ -155,7 +155,9 @@ def _run_leased(cfg, storage, model, entries, run_id, lease, progress, t_start) 
     params = enhance_params(e, model, precision=precision)
     spec = JobSpec(storage=storage, input=e.input.rstrip("/"), output=e.output.rstrip("/"), model=model, params=params,
                    run_id=run_id, threshold_db=e.consistency_threshold_db, max_input_pixels=e.max_input_pixels,
-                   max_output_pixels=e.max_output_pixels, log_keys=e.log_keys,
+                   max_output_pixels=e.max_output_pixels, max_input_bytes=e.max_input_bytes,
+                   decode_timeout_s=e.decode_timeout_s, decode_memory_bytes=e.decode_memory_bytes,
+                   max_attempts=e.max_attempts, log_keys=e.log_keys,
                    uncertainty_threshold=e.uncertainty_threshold,
                    dicom_compression=str(getattr(e, "dicom_compression", "none") or "none"),
                    manifest=(e.manifest or "").rstrip("/"), volumes=plan_volume_job(cfg, storage, model, entries, precision))

@@ -16,6 +16,7 @@ from medsr_dist.enhance.spec import IMAGE_KIND, JobSpec, error_reason, item_kind
 from medsr_dist.enhance.volumes import read_volume_item
 from medsr_dist.infer.provenance import VOLUME_KIND
 from medsr_dist.infer.rows import NO_PIXELS, columns
+from medsr_dist.io.bounded import DecodeKilled, decode_image_bounded
 from medsr_dist.io.image import ImageDecodeError, NotAnImageObject, decode_image, probe_image
 from medsr_dist.io.phi import phi_values, sanitize_reason
 from medsr_dist.uris import is_below
@@ -25,10 +26,13 @@ class ReadDecode:
     """Stage 1 (CPU tasks): ``{"key"[, "size", "version"]}`` -> one row per key: pixels to enhance (``todo``),
     or ``skipped``/``ignored``/``error``.
 
-    Order per key: normalise the key (``..``/absolute segments: error, nothing read), read, hash, probe the
-    header (``probe_image``: a DICOM without image is ``ignored``), refuse what exceeds ``max_input_pixels`` or,
-    at the job's outscale, ``max_output_pixels`` (frames counted; nothing decoded), skip what has a record and an
-    output, decode the rest.
+    Order per key: normalise the key (``..``/absolute segments: error, nothing read), refuse a listing size over
+    ``max_input_bytes`` (nothing read; a listing without size, e.g. PACS, is checked on the bytes read), read,
+    hash, probe the header (``probe_image``: a DICOM without image is ``ignored``), refuse what exceeds
+    ``max_input_pixels`` or, at the job's outscale, ``max_output_pixels`` (frames counted; nothing decoded), skip
+    what has a record and an output, decode the rest — in a child process under ``decode_memory_bytes`` /
+    ``decode_timeout_s`` when both are set: a decode stopped there is an error row whose ``attempts`` count
+    towards ``max_attempts``, then ``quarantined``.
 
     Output columns: key, item_id, input_sha256, input_bytes, input_version, input_format, frames, output_key,
     status, error, record (the existing item record, JSON, for ``skipped``), attempts, pixels ((F, H, W, C) float32
@@ -66,10 +70,12 @@ class ReadDecode:
             kind = item_kind(spec, key)
             if kind != IMAGE_KIND:  # NIfTI / DICOM series: medsr_dist/enhance/volumes.py
                 return self.readers[kind](self, row, rel, t0), None, None
+            self._check_size(size)
             data = spec.storage.read_bytes(key)  # a DICOMweb instance: WADO-RS, as stored
+            self._check_size(len(data))
             row["input_sha256"], row["input_bytes"] = hashlib.sha256(data).hexdigest(), len(data)
             # header only: a 400 kB PNG can say 20000 x 20000, and a DICOM can be a structured report
-            probe = probe_image(data, "input")
+            probe = probe_image(data, "input", max_inflated_bytes=spec.max_input_bytes)
             row["input_format"], row["frames"] = probe.format, probe.frames
             oid = output_id(row["input_sha256"], spec.model.sha256, spec.params)
             row["item_id"] = item_id(rel, oid)
@@ -125,17 +131,39 @@ class ReadDecode:
                     row.update(status="skipped", record=spec.storage.read_bytes(record_uri).decode())
                 else:
                     self._check_limits(probe)
-                    img = decode_image(data, "input")
+                    img = self._decode(data)
                     pixels = img.pixels if img.pixels.ndim == 4 else img.pixels[None]
                     row.update(pixels=pixels, meta=img.meta.to_json(), header=img.header or b"", frames=len(pixels))
         except NotAnImageObject as exc:
             row.update(status="ignored", error=exc.reason, pixels=NO_PIXELS, output_key="", item_id="")
+        except DecodeKilled as exc:  # counted like a replica crash: quarantined after max_attempts runs
+            attempts = int(row["attempts"]) + 1
+            if attempts >= spec.max_attempts:
+                reason = (f"quarantined: its decode was stopped in {attempts} runs (enhance.max_attempts "
+                          f"{spec.max_attempts}); last: {exc.reason}; not tried again until it changes")
+            else:
+                reason = f"{exc.reason} (run {attempts} of enhance.max_attempts {spec.max_attempts})"
+            row.update(status="quarantined" if attempts >= spec.max_attempts else "error", error=reason,
+                       attempts=attempts, pixels=NO_PIXELS)
         except Exception as exc:  # noqa: BLE001 - becomes an error row naming the reason
             row.update(status="error", error=error_reason(exc), pixels=NO_PIXELS)
         if row["error"]:
             row["error"] = sanitize_reason(row["error"], key=row["key"], secrets=phi_values(data))
         row["seconds"] += time.perf_counter() - t0
         return row
+
+    def _decode(self, data: bytes):
+        """decode_image, in a child under ``decode_memory_bytes`` / ``decode_timeout_s`` when both are set."""
+        spec = self.spec
+        if spec.decode_timeout_s > 0 and spec.decode_memory_bytes > 0:
+            return decode_image_bounded(data, "input", memory_bytes=spec.decode_memory_bytes,
+                                        seconds=spec.decode_timeout_s, max_inflated_bytes=spec.max_input_bytes)
+        return decode_image(data, "input", max_inflated_bytes=spec.max_input_bytes)
+
+    def _check_size(self, size: int) -> None:
+        if size > self.spec.max_input_bytes:
+            raise ImageDecodeError("input", f"{size:,} bytes exceeds enhance.max_input_bytes "
+                                            f"{self.spec.max_input_bytes:,}; not read")
 
     def _check_limits(self, probe) -> None:
         spec, scale = self.spec, float(self.spec.params["outscale"])

@@ -27,6 +27,7 @@ class JobSpec:
     """What the CPU stages need to know; pickled into every task (the Storage ships only its config).
 
     ``max_input_pixels`` / ``max_output_pixels``: header limits (frames included; see :class:`ReadDecode`);
+    ``max_input_bytes``: file size limit (listing size, before reading), also the Deflated DICOM inflate bound;
     ``log_keys``: whether logs may name input keys (else item ids); ``dicom_compression``: of derived DICOM.
     """
 
@@ -39,6 +40,10 @@ class JobSpec:
     threshold_db: float
     max_input_pixels: int = 100_000_000
     max_output_pixels: int = 400_000_000
+    max_input_bytes: int = 1 << 30
+    decode_timeout_s: float = 0.0  # > 0 with decode_memory_bytes > 0: decode in a capped child (io/bounded.py)
+    decode_memory_bytes: int = 0
+    max_attempts: int = 3
     log_keys: bool = False
     dicom_compression: str = "none"
     uncertainty_threshold: float | None = None  # flag rows whose uncertainty_p99 exceeds it (K > 1 samples)

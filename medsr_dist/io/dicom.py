@@ -27,17 +27,20 @@ import io
 import logging
 import struct
 import warnings
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.pixels import apply_color_lut, get_decoder
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     UID,
     ComputedRadiographyImageStorage,
+    DeflatedExplicitVRLittleEndian,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -47,8 +50,11 @@ from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     generate_uid,
 )
+from pydicom.encaps import generate_fragmented_frames
+from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes, RLETransferSyntaxes
 from pydicom.valuerep import format_number_as_ds
 
+from medsr_dist.io.codestream import CodestreamError, frame_header, rle_segment_count
 from medsr_dist.io.medical_image import ImageDecodeError, ImageMeta, ImageProbe, MedicalImage, NotAnImageObject
 
 __all__ = [
@@ -144,16 +150,81 @@ def looks_like_dicom(data: bytes | bytearray | memoryview) -> bool:
     return False
 
 
-def _read_dataset(data: bytes | bytearray | memoryview, name: str, *, header_only: bool = False) -> Dataset:
-    """Parse ``data`` (never modified). ``header_only``: values over 1 KiB (the pixel data) are not read."""
+#: Deflated Explicit VR Little Endian bodies are inflated to at most this many bytes by default (callers pass their
+#: own bound, e.g. the nightly job its ``enhance.max_input_bytes``: an inflated body is no bigger than an
+#: uncompressed file that would be accepted) ...
+MAX_INFLATED_BYTES = 512 * 1024 * 1024
+#: ... and to at most this many times the deflated size (plus 1 MiB): honest image data deflates far less
+#: (2-20:1), a deflate bomb ~1000:1, so a 256 KiB bomb is stopped at ~51 MiB instead of costing 256 MiB+.
+MAX_INFLATE_RATIO = 200
+#: Sequence items a dataset may hold before the pixel data (counted from their item tags before parsing): an
+#: enhanced multi-frame object holds ~10 per frame; pydicom spends ~90 us and ~700 bytes on each, so 262k empty
+#: items in a 2 MiB file cost ~24 s to parse, 50k at most ~5 s.
+MAX_DICOM_ITEMS = 50_000
+_ITEM_TAGS = (b"\xfe\xff\x00\xe0", b"\xff\xfe\xe0\x00")  # (FFFE,E000) little / big endian
+_PIXEL_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
+
+
+def _count_items(data: bytes, name: str) -> None:
+    """Refuse a dataset with more than :data:`MAX_DICOM_ITEMS` sequence items before its (last) PixelData tag —
+    an upper bound taken from the bytes, before pydicom builds a Dataset for each."""
+    end = max(data.rfind(tag) for tag in _PIXEL_TAGS)
+    end = len(data) if end < 0 else end
+    items = sum(data.count(tag, 0, end) for tag in _ITEM_TAGS)
+    if items > MAX_DICOM_ITEMS:
+        raise ImageDecodeError(name, f"DICOM header with more than {MAX_DICOM_ITEMS:,} sequence items (about "
+                                     f"{items:,}); refused unparsed")
+
+
+def _inflate(body: bytes, name: str, max_bytes: int) -> bytes:
+    """A Deflated Explicit VR Little Endian body (raw deflate, PS3.5 A.5) inflated to at most
+    ``min(max_bytes, MAX_INFLATE_RATIO * len(body) + 1 MiB)`` bytes; past that, ImageDecodeError."""
+    bound = min(max_bytes, MAX_INFLATE_RATIO * len(body) + (1 << 20))
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflated = inflater.decompress(body, bound + 1)
+    except zlib.error:
+        raise ImageDecodeError(name, "corrupt Deflated Explicit VR Little Endian body (not a deflate stream)") from None
+    if len(inflated) > bound:
+        raise ImageDecodeError(name, f"Deflated Explicit VR Little Endian body inflates past {bound:,} bytes "
+                                     f"(at most {MAX_INFLATE_RATIO}x its {len(body):,} deflated bytes + 1 MiB, and "
+                                     f"at most {max_bytes:,}); refused")
+    return inflated
+
+
+def _read_deflated(data: bytes, name: str, max_bytes: int) -> Dataset | None:
+    """The dataset of a Part 10 file in Deflated Explicit VR Little Endian, inflated here within a bound (pydicom
+    inflates the whole body without one: a 256 KiB body became 256 MiB); None for any other transfer syntax."""
+    source = io.BytesIO(data)
+    preamble = read_preamble(source, False)
+    meta = _read_file_meta_info(source)
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return None
+    inflated = _inflate(data[source.tell():], name, max_bytes)
+    _count_items(inflated, name)
+    ds = read_dataset(io.BytesIO(inflated), is_implicit_VR=False, is_little_endian=True)
+    ds.file_meta, ds.preamble = meta, preamble
+    return ds
+
+
+def _read_dataset(data: bytes | bytearray | memoryview, name: str, *, header_only: bool = False,
+                  max_inflated_bytes: int = MAX_INFLATED_BYTES) -> Dataset:
+    """Parse ``data`` (never modified). ``header_only``: values over 1 KiB (the pixel data) are not read.
+    A deflated body is inflated to at most ``max_inflated_bytes`` (see :func:`_inflate`); more than
+    :data:`MAX_DICOM_ITEMS` sequence items are refused before parsing."""
     view = memoryview(data)
     has_magic = len(view) >= 132 and bytes(view[128:132]) == b"DICM"
+    # bytes are shared, anything else copied once: the caller's buffer is never touched
+    raw = data if isinstance(data, bytes) else bytes(view)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            # BytesIO shares an immutable bytes object and copies anything else: the caller's buffer is never touched.
-            source = io.BytesIO(data if isinstance(data, bytes) else bytes(view))
-            ds = pydicom.dcmread(source, force=not has_magic, defer_size=1024 if header_only else None)
+            ds = _read_deflated(raw, name, max_inflated_bytes) if has_magic else None
+            if ds is None:
+                _count_items(raw, name)
+                ds = pydicom.dcmread(io.BytesIO(raw), force=not has_magic, defer_size=1024 if header_only else None)
+    except ImageDecodeError:
+        raise
     except Exception as exc:  # pydicom raises a zoo of types on garbage (InvalidDicomError, EOFError, ...)
         raise ImageDecodeError(name, f"corrupt DICOM ({type(exc).__name__})") from exc
     if "TransferSyntaxUID" not in ds.get("file_meta", {}):
@@ -247,7 +318,7 @@ def _header_bytes(ds: Dataset) -> bytes:
     """``ds`` without its pixel data, as an Explicit VR Little Endian Part 10 file."""
     header = Dataset()
     for elem in ds:  # iterating converts raw elements, so the original byte order does not leak through
-        if elem.tag.group == 0x7FE0 or elem.tag == 0xFFFCFFFC:
+        if elem.tag.group in (0x0000, 0x7FE0) or elem.tag == 0xFFFCFFFC:  # command set, pixels, padding
             continue
         header.add(elem)
     header.file_meta = FileMetaDataset()
@@ -299,11 +370,12 @@ def _positive(ds: Dataset, keyword: str, name: str, default: int | None = None) 
 
 
 @_quiet
-def probe_dicom(data: bytes | bytearray | memoryview, name: str) -> ImageProbe:
+def probe_dicom(data: bytes | bytearray | memoryview, name: str, *,
+                max_inflated_bytes: int = MAX_INFLATED_BYTES) -> ImageProbe:
     """Header-only :class:`~medsr_dist.io.medical_image.ImageProbe` of a DICOM object (values over 1 KiB, i.e. the
     pixel data, are not read). Raises NotAnImageObject / ImageDecodeError as :func:`decode_dicom` would for the
     object class and the image matrix; sample layout and transfer syntax are only checked by decoding."""
-    ds = _read_dataset(data, name, header_only=True)
+    ds = _read_dataset(data, name, header_only=True, max_inflated_bytes=max_inflated_bytes)
     _require_image(ds, name)
     rows, columns = _positive(ds, "Rows", name), _positive(ds, "Columns", name)
     frames = _positive(ds, "NumberOfFrames", name, default=1)
@@ -331,8 +403,76 @@ def _palette_bits(ds: Dataset, name: str) -> int:
     return bits.pop()
 
 
+def _codestream_kind(syntax: UID) -> str | None:
+    if syntax in JPEGTransferSyntaxes or syntax in JPEGLSTransferSyntaxes or syntax.startswith("1.2.840.10008.1.2.4.5") \
+            or syntax.startswith("1.2.840.10008.1.2.4.6"):
+        return "jpeg"  # baseline, extended, lossless, (retired) hierarchical/progressive, JPEG-LS
+    if syntax in JPEG2000TransferSyntaxes:
+        return "j2k"  # JPEG 2000 and HTJ2K
+    if syntax in RLETransferSyntaxes:
+        return "rle"
+    return None
+
+
+def _check_codestreams(ds: Dataset, syntax: UID, name: str, rows: int, columns: int, frames: int, samples: int,
+                       allocated: int) -> None:
+    """Hold every compressed frame's own header (JPEG/JPEG-LS SOF, JPEG 2000 SIZ, RLE segment table) against
+    Rows, Columns, SamplesPerPixel and BitsAllocated before any decoder runs: decoders size their output from the
+    codestream, so a frame saying 30000 x 30000 in a file whose header (checked against the pixel limits) says
+    64 x 64 would otherwise allocate gigabytes. The fragments are only split into frames, nothing is decoded.
+
+    Raises ImageDecodeError naming the frame and the attribute(s) that disagree (dimensions only, no text of the
+    file)."""
+    kind = _codestream_kind(syntax)
+    if kind is None or not syntax.is_compressed:
+        return
+    offsets = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    found = 0
+    try:
+        for index, fragments in enumerate(generate_fragmented_frames(ds.PixelData, number_of_frames=frames,
+                                                                     extended_offsets=offsets)):
+            if index >= frames:
+                break
+            found = index + 1
+            frame = fragments[0] if len(fragments) == 1 else b"".join(fragments)
+            where = f"frame {index + 1}" if frames > 1 else "the frame"
+            if kind == "rle":
+                segments = rle_segment_count(frame)
+                expected = samples * allocated // 8
+                if segments != expected:
+                    raise ImageDecodeError(
+                        name, f"RLE segment table of {where} has {segments} segments, SamplesPerPixel x BitsAllocated/8 "
+                        f"= {expected}: does not match SamplesPerPixel/BitsAllocated; not decoded")
+                continue
+            header = frame_header(kind, frame)
+            wrong = [attr for attr, mine, theirs in (("Columns", header.width, columns), ("Rows", header.height, rows),
+                                                     ("SamplesPerPixel", header.components, samples))
+                     if mine != theirs]
+            if header.precision > allocated:
+                wrong.append("BitsAllocated")
+            if wrong:
+                raise ImageDecodeError(
+                    name, f"the {header.kind} of {where} says {header.width} x {header.height} pixels, "
+                    f"{header.components} components of {header.precision} bits; the DICOM header says Columns "
+                    f"{columns}, Rows {rows}, SamplesPerPixel {samples}, BitsAllocated {allocated}: "
+                    f"{', '.join(wrong)} disagree; not decoded")
+    except ImageDecodeError:
+        raise
+    except CodestreamError as exc:
+        raise ImageDecodeError(name, f"compressed transfer syntax {syntax.name} ({syntax}) could not be decoded: "
+                                     f"corrupt or unsupported codestream header ({exc})") from None
+    except Exception as exc:  # pydicom's fragment parser on damaged item tags (ValueError, struct.error, ...)
+        raise ImageDecodeError(name, f"{syntax.name} pixel data: damaged encapsulation ({type(exc).__name__})") from None
+    if found < frames:
+        raise ImageDecodeError(name, f"{syntax.name} pixel data holds {found} frames, NumberOfFrames says {frames}; "
+                                     "not decoded")
+
+
 @_quiet
-def decode_dicom(data: bytes | bytearray | memoryview, name: str) -> MedicalImage:
+def decode_dicom(data: bytes | bytearray | memoryview, name: str, *,
+                 max_inflated_bytes: int = MAX_INFLATED_BYTES) -> MedicalImage:
     """Decode a DICOM image object to display-oriented float pixels; see ``decode_image``.
 
     Returns ``MedicalImage`` with pixels float32 (H, W, C), or (F, H, W, C) when NumberOfFrames = F > 1, in
@@ -346,7 +486,7 @@ def decode_dicom(data: bytes | bytearray | memoryview, name: str) -> MedicalImag
     ImageDecodeError for unreadable data, missing image attributes, 1-bit or 32-bit samples, float pixel data,
     signed colour, unsupported photometrics, and pixel data that cannot be decoded (naming the transfer syntax).
     """
-    ds = _read_dataset(data, name)
+    ds = _read_dataset(data, name, max_inflated_bytes=max_inflated_bytes)
     _require_image(ds, name)
     if "PixelData" not in ds:
         raise ImageDecodeError(name, "float pixel data (FloatPixelData / DoubleFloatPixelData) is not supported")
@@ -375,6 +515,7 @@ def decode_dicom(data: bytes | bytearray | memoryview, name: str) -> MedicalImag
         raise ImageDecodeError(name, f"signed {source_photometric} colour samples are not supported")
 
     syntax = UID(ds.file_meta.TransferSyntaxUID)
+    _check_codestreams(ds, syntax, name, rows, columns, frames, samples, allocated)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -386,9 +527,10 @@ def decode_dicom(data: bytes | bytearray | memoryview, name: str) -> MedicalImag
                     # 8-bit colours in 16-bit entries (x * 256, as most writers store them): keep 8 bits, exactly,
                     # which is also what 8-bit-only IODs (US, SC) allow for RGB.
                     array, stored_bits = (array >> 8).astype(np.uint8), 8
-    except ImageDecodeError:
+    except (ImageDecodeError, KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
-    except Exception as exc:
+    except BaseException as exc:  # also the Rust plugins' pyo3 PanicException, which is no Exception (a damaged
+        # RLE frame made pylibjpeg-rle panic "index out of bounds": it escaped every `except Exception` up to Ray)
         if syntax.is_compressed:
             if _decoder_available(syntax):
                 cause = "corrupt or unsupported codestream"

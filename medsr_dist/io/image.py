@@ -17,11 +17,12 @@ DICOM objects that hold no image (structured reports, waveforms, RT plans, prese
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import numpy as np
 
-from medsr_dist.io.dicom import decode_dicom, encode_dicom, looks_like_dicom, probe_dicom
+from medsr_dist.io.dicom import MAX_INFLATED_BYTES, decode_dicom, encode_dicom, looks_like_dicom, probe_dicom
 from medsr_dist.io.medical_image import (
     FORMATS,
     ImageDecodeError,
@@ -86,7 +87,30 @@ def detect_format(data: bytes | bytearray | memoryview) -> str | None:
     return None
 
 
-def decode_image(data: bytes | bytearray | memoryview, name: str) -> MedicalImage:
+def _clear_errors(function):
+    """Whatever a parser or codec raises for damaged bytes (pydicom, tifffile, OpenCV and the pylibjpeg plugins
+    raise ValueError, KeyError, struct.error, cv2.error, RuntimeError, the Rust plugins' PanicException (a
+    BaseException) ... — fuzzing finds new ones) leaves as an
+    ImageDecodeError naming the file and the original exception class only (its text may quote a header value),
+    so every caller refuses bad input as bad input (an error row, a 4xx) and never as a failure worth retrying.
+    MemoryError and RecursionError pass unchanged: they are the last line of defence's business."""
+
+    @functools.wraps(function)
+    def wrapper(data, name: str, *args, **kwargs):
+        try:
+            return function(data, name, *args, **kwargs)
+        except (ImageDecodeError, MemoryError, RecursionError, KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - see the docstring; pyo3's PanicException is no Exception
+            raise ImageDecodeError(name, f"corrupt or unsupported file (the decoder raised {type(exc).__name__})") \
+                from exc
+
+    return wrapper
+
+
+@_clear_errors
+def decode_image(data: bytes | bytearray | memoryview, name: str, *,
+                 max_inflated_bytes: int = MAX_INFLATED_BYTES) -> MedicalImage:
     """Decode image file bytes (PNG, JPEG, TIFF or DICOM, detected by content) into a :class:`MedicalImage`.
 
     ``name`` is only used in error messages (the file name or key). Pixels are float32 (H, W, C) in [0, 1] —
@@ -98,6 +122,12 @@ def decode_image(data: bytes | bytearray | memoryview, name: str) -> MedicalImag
     Raises NotAnImageObject for DICOM objects without an image (SR, waveform, RT plan, ...), ImageDecodeError
     (naming ``name`` and the reason) for empty, truncated, corrupt, unrecognised or unsupported input (multi-page
     TIFF, float samples, 32-bit or 1-bit DICOM, ...). Reasons never hold patient identifiers.
+
+    Bounded before any decoder runs: every compressed frame's own header (JPEG/JPEG-LS SOF, JPEG 2000 SIZ, RLE
+    segment table; JPEG strips/tiles of a TIFF page) must agree with the container's dimensions
+    (:mod:`medsr_dist.io.codestream`), a Deflated DICOM body is inflated to at most ``max_inflated_bytes`` (and
+    :data:`~medsr_dist.io.dicom.MAX_INFLATE_RATIO` times its size), and a DICOM header with more than
+    :data:`~medsr_dist.io.dicom.MAX_DICOM_ITEMS` sequence items is refused unparsed.
     """
     if len(memoryview(data)) == 0:
         raise ImageDecodeError(name, "empty file (0 bytes)")
@@ -109,14 +139,16 @@ def decode_image(data: bytes | bytearray | memoryview, name: str) -> MedicalImag
     if kind == "tiff":
         return decode_tiff(data, name)
     if kind == "dicom":
-        return decode_dicom(data, name)
+        return decode_dicom(data, name, max_inflated_bytes=max_inflated_bytes)
     head = bytes(memoryview(data)[:8])
     raise ImageDecodeError(
         name, f"not a recognised image format (PNG, JPEG, TIFF or DICOM); file starts with {head!r}"
     )
 
 
-def probe_image(data: bytes | bytearray | memoryview, name: str) -> ImageProbe:
+@_clear_errors
+def probe_image(data: bytes | bytearray | memoryview, name: str, *,
+                max_inflated_bytes: int = MAX_INFLATED_BYTES) -> ImageProbe:
     """Read an image's dimensions from its header alone — PNG IHDR, JPEG SOFn, TIFF page tags, DICOM Rows,
     Columns, NumberOfFrames, SamplesPerPixel — without decoding (or decompressing) any pixel data, so a caller
     can refuse a decompression bomb before allocating for it. Costs O(header), plus for DICOM a scan over the
@@ -135,8 +167,8 @@ def probe_image(data: bytes | bytearray | memoryview, name: str) -> ImageProbe:
         return probe_jpeg(view, name)
     if kind == "tiff":
         return probe_tiff(data if isinstance(data, bytes) else bytes(view), name)  # bytes: shared, not copied
-    if kind == "dicom":
-        return probe_dicom(data, name)
+    if kind == "dicom":  # a deflated body is inflated (within max_inflated_bytes) to reach its header
+        return probe_dicom(data, name, max_inflated_bytes=max_inflated_bytes)
     raise ImageDecodeError(
         name, f"not a recognised image format (PNG, JPEG, TIFF or DICOM); file starts with {bytes(view[:8])!r}"
     )

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 import tifffile
 
+from medsr_dist.io.codestream import CodestreamError, frame_header
 from medsr_dist.io.medical_image import MAXVAL, ImageDecodeError, ImageMeta, ImageProbe, MedicalImage
 
 JPEG_QUALITY = 95
@@ -48,30 +49,12 @@ def probe_png(head: bytes, name: str) -> ImageProbe:
 
 
 def probe_jpeg(view: memoryview, name: str) -> ImageProbe:
-    # Walk the marker segments up to the first SOFn; only segment headers are touched.
-    pos, end = 2, len(view)
-    while pos + 4 <= end:
-        if view[pos] != 0xFF:
-            break
-        marker = view[pos + 1]
-        if marker == 0xFF:
-            pos += 1
-            continue
-        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
-            pos += 2
-            continue
-        if marker in (0xD9, 0xDA):
-            break
-        (length,) = struct.unpack(">H", view[pos + 2 : pos + 4])
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if pos + 10 > end:
-                break
-            precision, height, width, components = struct.unpack(">BHHB", view[pos + 4 : pos + 10])
-            if height == 0 or width == 0:
-                raise ImageDecodeError(name, f"JPEG frame header says {width}x{height} (DNL height is not supported)")
-            return ImageProbe("jpeg", height, width, 1, components, precision)
-        pos += 2 + length
-    raise ImageDecodeError(name, "corrupt JPEG: no frame header (SOFn) before the image data")
+    """The first frame header (SOFn / SOF55) of a JPEG file, walking only marker segment headers."""
+    try:
+        header = frame_header("jpeg", view)
+    except CodestreamError as exc:
+        raise ImageDecodeError(name, f"corrupt JPEG: {exc}") from None
+    return ImageProbe("jpeg", header.height, header.width, 1, header.components, header.precision)
 
 
 def count_tiff_ifds(raw: bytes, name: str, max_ifds: int = MAX_TIFF_IFDS) -> int:
@@ -396,6 +379,47 @@ def _tiff_text(description: str | None) -> dict[str, str]:
     return {"ImageDescription": description}
 
 
+#: TIFF compressions whose strips/tiles are codestreams with their own size header: JPEG, JPEG 2000 (Aperio's and
+#: the registered one).
+_TIFF_CODESTREAMS = {7: "jpeg", 33003: "j2k", 33005: "j2k", 34712: "j2k"}
+
+
+def _check_tiff_codestreams(page, raw: bytes, name: str) -> None:
+    """Hold each JPEG / JPEG 2000 strip's or tile's own frame header against the page: a strip is ImageWidth wide
+    and at most RowsPerStrip high, a tile TileWidth x TileLength, with SamplesPerPixel components (1 when planar)
+    of at most BitsPerSample bits. A decoder sizes its buffer from the codestream, so a 64 x 64 page whose strip
+    says 30000 x 30000 would allocate gigabytes (and tifffile even returns a 'successful' 64 x 64 crop of it)."""
+    kind = _TIFF_CODESTREAMS.get(int(page.compression))
+    if kind is None:
+        return
+    if page.is_tiled:
+        width, height, what = int(page.tilewidth), int(page.tilelength), "tile"
+    else:
+        width, height, what = int(page.imagewidth), int(page.rowsperstrip or page.imagelength), "strip"
+    samples, bits = int(page.samplesperpixel), int(page.bitspersample)
+    for index, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts)):
+        if not count:
+            continue
+        try:
+            header = frame_header(kind, memoryview(raw)[offset : offset + count])
+        except CodestreamError as exc:
+            raise ImageDecodeError(name, f"TIFF {what} {index}: {exc}; not decoded") from None
+        wrong = []
+        if header.width != width:
+            wrong.append("TileWidth" if page.is_tiled else "ImageWidth")
+        if header.height > height or (page.is_tiled and header.height != height):
+            wrong.append("TileLength" if page.is_tiled else "RowsPerStrip/ImageLength")
+        if header.components not in (samples, 1):
+            wrong.append("SamplesPerPixel")
+        if header.precision > bits:
+            wrong.append("BitsPerSample")
+        if wrong:
+            raise ImageDecodeError(name, f"TIFF {what} {index}: its {header.kind} says {header.width} x {header.height} "
+                                         f"pixels, {header.components} components of {header.precision} bits, the "
+                                         f"page {width} x {height}, {samples} samples of {bits} bits: "
+                                         f"{', '.join(wrong)} disagree; not decoded")
+
+
 def decode_tiff(data, name: str) -> MedicalImage:
     data = bytes(data)
     count_tiff_ifds(data, name)
@@ -412,6 +436,7 @@ def decode_tiff(data, name: str) -> MedicalImage:
             extrasamples = tuple(int(e) for e in page.extrasamples)
             axes = page.axes
             description = page.description
+            _check_tiff_codestreams(page, data, name)
             array = page.asarray()
     except ImageDecodeError:
         raise
