@@ -437,12 +437,16 @@ def test_an_ldm_is_served_by_name_beside_the_gan_with_its_sampling_in_every_answ
 
 # --- issue #24: hostile files at the endpoint -------------------------------------------------------------------------
 
-def deflated_dicom(side: int) -> bytes:
+def deflated_dicom(side: int, sparse_noise: bool = False) -> bytes:
     """A legal Deflated Explicit VR Little Endian DICOM of side x side 16-bit zeros: ~1000:1, so a few hundred KiB
-    that the header probe inflates to side^2 x 2 bytes (until the parsers bound it: issue #24's codec part)."""
+    that the header probe would inflate to side^2 x 2 bytes (the parsers refuse past 200:1, io.dicom._inflate).
+    ``sparse_noise``: one random byte in 150 (~46:1), a body the ratio bound lets the probe inflate in full."""
     ds = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
     ds.Rows = ds.Columns = side
-    ds.PixelData = bytes(side * side * 2)
+    pixels = np.zeros(side * side * 2, np.uint8)
+    if sparse_noise:
+        pixels[::150] = np.random.default_rng(0).integers(0, 256, len(pixels[::150]), dtype=np.uint8)
+    ds.PixelData = pixels.tobytes()
     ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
