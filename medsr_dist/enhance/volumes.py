@@ -67,7 +67,7 @@ from medsr_dist.enhance.manifest import now_iso
 from medsr_dist.infer.model_file import read_model_file
 from medsr_dist.infer.provenance import VOLUME_KIND as KIND
 from medsr_dist.infer.provenance import VOLUME_NOTE as NOTE
-from medsr_dist.infer.provenance import output_provenance, params_json, volume_params
+from medsr_dist.infer.provenance import output_provenance, params_json, provenance_source, volume_params
 from medsr_dist.infer.replica import EngineSettings, ModelReplica
 from medsr_dist.infer.rows import non_finite
 from medsr_dist.io.phi import phi_values, sanitize_reason
@@ -408,7 +408,8 @@ def commit_volume(spec, item: dict, row: dict) -> dict:
         out = template.with_data(physical, resampled_affine(template.affine, meta["lr_axis"], 1.0 / meta["factor"]))
         provenance = output_provenance(
             model_name=meta["model_name"], model_sha256=meta["model_sha256"], params_json=params_json(meta["params"]),
-            source=row["input_key"], source_sha256=row["input_sha256"], note=NOTE, extra={
+            source=provenance_source(getattr(spec, "provenance_source", "item_id"), row["input_key"], row["item_id"]),
+            source_sha256=row["input_sha256"], note=NOTE, extra={
                 "medsr:lr_axis": str(meta["lr_axis"]), "medsr:output_spacing_mm": json.dumps(meta["output_spacing_mm"]),
                 "medsr:output_shape": json.dumps(meta["output_shape"])})
         key = row["output_key"]
