@@ -488,3 +488,16 @@ def test_a_lease_whose_holder_died_on_this_host_is_taken_over_at_once(tmp_path):
     lease = Lease.acquire(storage, uri, "next", ttl_s=60)
     assert _json.loads(storage.read_bytes(uri))["owner"] == "next"
     lease.release()
+
+
+def test_a_refused_link_in_a_series_folder_stays_its_own_entry():
+    """enhance.volumes.series_folders: a link among a series' slices is not merged into the volume item, so the
+    nightly job gives it its own error row."""
+    from medsr_dist.enhance.volumes import group_series
+    from medsr_dist.storage import FileEntry
+
+    entries = [FileEntry("/in/series/a/1.dcm", 10, "v1"), FileEntry("/in/series/a/2.dcm", 10, "v2"),
+               FileEntry("/in/series/a/3.dcm", 0, "", "a symbolic link; links are not followed")]
+    grouped = group_series(entries, "/in", ["series/*"])
+    assert [e.uri for e in grouped] == ["/in/series/a/", "/in/series/a/3.dcm"]
+    assert grouped[0].size == 20 and grouped[1].refused

@@ -102,7 +102,8 @@ def group_series(entries: list, input_prefix: str, patterns: list[str]) -> list:
     """Listed files -> the same list with the files of each series folder replaced by one entry (module doc).
 
     ``entries``: :class:`~medsr_dist.storage.FileEntry` of the listing; ``patterns``: ``enhance.volumes.series_folders``.
-    Returns entries sorted by key; a folder item's key is ``<input>/<folder>/``.
+    Returns entries sorted by key; a folder item's key is ``<input>/<folder>/``. An entry the listing refused (a
+    symbolic link) stays on its own, to become its error row; the folder's volume is read without it.
     """
     if not patterns:
         return entries
@@ -113,7 +114,7 @@ def group_series(entries: list, input_prefix: str, patterns: list[str]) -> list:
             folder = posixpath.dirname(relative_key(entry.uri, input_prefix))
         except ValueError:
             folder = ""
-        if folder and any(fnmatch.fnmatchcase(folder, p.strip("/")) for p in patterns):
+        if folder and not entry.refused and any(fnmatch.fnmatchcase(folder, p.strip("/")) for p in patterns):
             groups.setdefault(folder, []).append(entry)
         else:
             out.append(entry)
