@@ -113,8 +113,8 @@ def _under(path: str, root: str) -> bool:
 
 
 def _confine(path: str, roots: dict[str, str]) -> None:
-    """Refuse a local write whose folder resolves outside the write root it lies under (module constant: a job's
-    ``enhance.output`` / ``enhance.manifest``): a symbolic link to a folder elsewhere, placed inside the prefix, must
+    """Refuse a local write whose folder resolves outside the write root it lies under (:meth:`Storage.confine_writes`:
+    a job's ``enhance.output`` / ``enhance.manifest``): a symbolic link to a folder elsewhere, placed inside the prefix, must
     not carry outputs out of it. Checked before any folder is created (the deepest existing ancestor) and again
     once the folder exists. Paths under no root, and jobs that set no roots, are not checked."""
     directory = os.path.dirname(path)
@@ -127,8 +127,9 @@ def _confine(path: str, roots: dict[str, str]) -> None:
             existing = os.path.dirname(existing)
         resolved = os.path.join(os.path.realpath(existing), os.path.relpath(directory, existing))
         if not _under(os.path.normpath(resolved), real_root):
-            raise StorageError(f"cannot write {path}: its folder resolves outside {key} {root} (a symbolic link "
-                               f"inside the prefix leads elsewhere); refused: writes stay under {key}")
+            # the path is not named: below the prefix it mirrors an input key (names, accession numbers)
+            raise StorageError(f"cannot write under {key} {root}: the output's folder resolves outside it (a symbolic "
+                               f"link inside the prefix leads elsewhere); refused: writes stay under {key}")
 
 
 def _create_local(directory: str, name: str, data: bytes, roots: dict[str, str]) -> str:

@@ -276,7 +276,7 @@ def test_writes_never_follow_a_linked_folder_out_of_a_confined_prefix(tmp_path):
     for write in (lambda p: storage.write_bytes(p, b"x"), lambda p: storage.create_exclusive(p, b"x"),
                   lambda p: storage.open(p, "wb")):
         for target in (out / "sub" / "x.png", out / "sub" / "deeper" / "x.png"):
-            with pytest.raises(StorageError, match="resolves outside enhance.output"):
+            with pytest.raises(StorageError, match="cannot write under enhance.output .*resolves outside it"):
                 write(str(target))
     assert list(elsewhere.iterdir()) == []  # nothing written, no folder created there
     storage.write_bytes(out / "real" / "x.png", b"x")  # inside: fine, folders created
