@@ -1,3 +1,5 @@
+# Long module: every whole-file operation, local listing rules (links), write confinement and leases share one
+# set of local/object-store semantics; splitting them would scatter that contract.
 """One way to read and write files whether they live on local disk or in S3-compatible object storage.
 
 Every path in medsr-dist may be a local path (``data/scans``, ``/mnt/x``), a ``file://`` URI or an
@@ -41,10 +43,15 @@ from medsr_dist.uris import LOCAL, S3, PathLike, StorageError, glob_match, is_re
 # list_files recognises and skips these in-flight files by this suffix.
 PARTIAL_SUFFIX = ".medsr-partial"
 
-# The process umask, read once at import (os.umask can only be read by setting it). mkstemp creates files
-# 0600; atomically written files get the permissions an ordinary open() would have given them.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+# Mode of every local file Storage creates (outputs, manifests, item records, leases, lock files, prepared data's
+# index): owner read/write, group read, nothing for others — whatever the process umask (set with fchmod on the
+# open file, before it gets its name). Object stores have no modes: their access control is the bucket's policy.
+FILE_MODE = 0o640
+
+# How a local listing treats symbolic links (enhance.follow_symlinks): "never" lists each link as refused (a
+# FileEntry with ``refused`` set) and follows none; "within_root" follows a link whose real path stays under the
+# listing's root (its real path), and refuses the others.
+FOLLOW_SYMLINKS = ("never", "within_root")
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ class FileEntry:
     uri: str
     size: int
     version: str
+    refused: str = ""  # why a local listing refused this path (a symbolic link it does not follow); never read
 
 
 @functools.cache
@@ -100,18 +108,56 @@ def _is_partial(path: str) -> bool:
     return name.startswith(".") and name.endswith(PARTIAL_SUFFIX)
 
 
-def _write_local_atomic(path: str, data: bytes) -> None:
-    """Write to a temp file in the target's folder, fsync, then os.replace: readers see old or new, never
-    a partial file; on any failure the temp file is removed and the old content is untouched."""
-    directory, name = os.path.split(path)
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _confine(path: str, roots: dict[str, str]) -> None:
+    """Refuse a local write whose folder resolves outside the write root it lies under (:meth:`Storage.confine_writes`:
+    a job's ``enhance.output`` / ``enhance.manifest``): a symbolic link to a folder elsewhere, placed inside the prefix, must
+    not carry outputs out of it. Checked before any folder is created (the deepest existing ancestor) and again
+    once the folder exists. Paths under no root, and jobs that set no roots, are not checked."""
+    directory = os.path.dirname(path)
+    for root, key in roots.items():
+        if not _under(directory, root):
+            continue
+        real_root = os.path.realpath(root)
+        existing = directory
+        while not os.path.lexists(existing) and existing != os.path.dirname(existing):
+            existing = os.path.dirname(existing)
+        resolved = os.path.join(os.path.realpath(existing), os.path.relpath(directory, existing))
+        if not _under(os.path.normpath(resolved), real_root):
+            # the path is not named: below the prefix it mirrors an input key (names, accession numbers)
+            raise StorageError(f"cannot write under {key} {root}: the output's folder resolves outside it (a symbolic "
+                               f"link inside the prefix leads elsewhere); refused: writes stay under {key}")
+
+
+def _create_local(directory: str, name: str, data: bytes, roots: dict[str, str]) -> str:
+    """A complete, fsynced temp file ``.<name>.<random>.medsr-partial`` in ``directory`` with mode FILE_MODE."""
+    _confine(os.path.join(directory, name), roots)
     os.makedirs(directory, exist_ok=True)
+    _confine(os.path.join(directory, name), roots)  # a folder swapped for a link while it was created
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=PARTIAL_SUFFIX, dir=directory)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _write_local_atomic(path: str, data: bytes, roots: dict[str, str] | None = None) -> None:
+    """Write to a temp file in the target's folder, fsync, then os.replace: readers see old or new, never
+    a partial file; on any failure the temp file is removed and the old content is untouched. The file has mode
+    FILE_MODE; a link at ``path`` itself is replaced, never written through."""
+    directory, name = os.path.split(path)
+    tmp = _create_local(directory, name, data, roots or {})
+    try:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -189,6 +235,26 @@ class Storage:
             return pyarrow.fs.LocalFileSystem(), path
         return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(self._filesystem(backend))), path
 
+    # -- write confinement ------------------------------------------------------------------------------
+    def confine_writes(self, roots: dict[str, PathLike]) -> None:
+        """Refuse from now on every local write below one of ``roots`` ({config key: prefix}, e.g.
+        ``{"enhance.output": ...}``) whose folder's real path leaves that prefix (a symbolic link inside it pointing
+        elsewhere): :class:`StorageError` naming the key. Object-store prefixes need nothing (no links). Travels
+        with the Storage into Ray tasks (on its config, not a config key)."""
+        local = {}
+        for key, prefix in roots.items():
+            with contextlib.suppress(StorageError):  # a DICOMweb endpoint: no local files either
+                backend, path = split_uri(prefix) if prefix else ("", "")
+                if backend == LOCAL:
+                    local[path.rstrip("/") or "/"] = key
+        self.config = self.config.model_copy()
+        self.config._write_roots = {**self.write_roots, **local}
+
+    @property
+    def write_roots(self) -> dict[str, str]:
+        """{local prefix: config key} that writes are confined to (see :meth:`confine_writes`)."""
+        return dict(getattr(self.config, "_write_roots", None) or {})
+
     # -- paths ------------------------------------------------------------------------------------------
     join = staticmethod(join)
 
@@ -206,7 +272,7 @@ class Storage:
         backend, path = split_uri(uri)
         with _errors(uri, "write"):
             if backend == LOCAL:
-                _write_local_atomic(path, data)
+                _write_local_atomic(path, data, self.write_roots)
             else:
                 # S3 makes an object visible only once its upload completes: a single PUT (or, for
                 # large payloads, s3fs's multipart upload, which appears on CompleteMultipartUpload) is
@@ -238,6 +304,7 @@ class Storage:
         backend, path = split_uri(uri)
         if backend == LOCAL:
             with _errors(uri, "create folder"):
+                _confine(os.path.join(path, "."), self.write_roots)
                 os.makedirs(path, exist_ok=True)
 
     def size(self, uri: PathLike) -> int:
@@ -254,6 +321,8 @@ class Storage:
         for that); local parent folders are created for write modes."""
         fs, path = self.fs(uri)
         with _errors(uri, "open"):
+            if isinstance(fs, LocalFileSystem) and set(mode) & set("wax+"):
+                _confine(path, self.write_roots)
             return fs.open(path, mode)
 
     def list_files(
@@ -266,8 +335,8 @@ class Storage:
 
         ``include``/``exclude`` are glob patterns (see :func:`glob_match`) matched against each file's
         path relative to ``prefix``: a file is kept when it matches some include pattern (or none are
-        given) and no exclude pattern. Folders and in-flight atomic-write temp files are never returned.
-        A missing prefix lists as empty; a missing bucket raises StorageError. If ``prefix`` is itself a
+        given) and no exclude pattern. Folders, in-flight atomic-write temp files and local symbolic links are
+        never returned (links are not followed; see :meth:`list_entries`). A missing prefix lists as empty; a missing bucket raises StorageError. If ``prefix`` is itself a
         file, the result is ``[prefix]`` (filtered by its basename).
         """
         return [entry.uri for entry in self.list_entries(prefix, include, exclude)]
@@ -277,19 +346,27 @@ class Storage:
         prefix: PathLike,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
+        *,
+        follow_symlinks: str = "never",
+        with_refused: bool = False,
     ) -> list[FileEntry]:
         """:meth:`list_files` with each file's size and version (:class:`FileEntry`), from the listing itself:
-        S3's ListObjectsV2 carries size and ETag, a local directory scan size and mtime — no per-file request."""
+        S3's ListObjectsV2 carries size and ETag, a local directory scan size and mtime — no per-file request.
+
+        Local symbolic links below ``prefix`` are not followed by default (``follow_symlinks``: ``never``, or
+        ``within_root``: those whose real path stays under the prefix's); a refused link is left out, or listed with
+        its reason in ``FileEntry.refused`` when ``with_refused`` (the nightly job makes it an error row). A link
+        loop never fails the listing."""
         backend, root = split_uri(prefix)
         root = root.rstrip("/") or "/"
         with _errors(prefix, "list"):
-            found = _scan_local(root) if backend == LOCAL else {
-                path: (int(info.get("size") or 0), "etag:" + str(info.get("ETag", "")).strip('"'))
+            found = _scan_local(root, follow_symlinks) if backend == LOCAL else {
+                path: (int(info.get("size") or 0), "etag:" + str(info.get("ETag", "")).strip('"'), "")
                 for path, info in self._filesystem(backend).find(root, withdirs=False, detail=True).items()
                 if info.get("type") == "file" and not path.endswith("/")}
         prefix = os.fspath(prefix)
         results = []
-        for path, (size, version) in found.items():
+        for path, (size, version, refused) in found.items():
             if _is_partial(path):
                 continue
             if path == root:  # prefix is a single file
@@ -301,7 +378,9 @@ class Storage:
                 continue
             if exclude and any(glob_match(relative, p) for p in exclude):
                 continue
-            results.append(FileEntry(uri, size, version))
+            if refused and not with_refused:
+                continue
+            results.append(FileEntry(uri, size, version, refused))
         return sorted(results, key=lambda e: e.uri)
 
     # -- exclusive objects (leases) ---------------------------------------------------------------------
@@ -313,15 +392,8 @@ class Storage:
         backend, path = split_uri(uri)
         with _errors(uri, "create"):
             if backend == LOCAL:
-                directory, name = os.path.split(path)
-                os.makedirs(directory, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=PARTIAL_SUFFIX, dir=directory)
+                tmp = _create_local(*os.path.split(path), data, self.write_roots)
                 try:
-                    with os.fdopen(fd, "wb") as handle:
-                        handle.write(data)
-                        handle.flush()
-                        os.fsync(handle.fileno())
-                    os.chmod(tmp, 0o666 & ~_UMASK)
                     try:
                         os.link(tmp, path)
                     except FileExistsError:
@@ -339,10 +411,10 @@ class Storage:
         backend, path = split_uri(uri)
         with _errors(uri, "replace"):
             if backend == LOCAL:
-                with _local_lock(path):
+                with _local_lock(path, self.write_roots):
                     if self._local_version(path) != version:
                         return None
-                    _write_local_atomic(path, data)
+                    _write_local_atomic(path, data, self.write_roots)
                     return self._local_version(path)
             return self._put_conditional(path, data, IfMatch=version.removeprefix("etag:"))
 
@@ -352,7 +424,7 @@ class Storage:
         backend, path = split_uri(uri)
         with _errors(uri, "delete"):
             if backend == LOCAL:
-                with _local_lock(path):
+                with _local_lock(path, self.write_roots):
                     if self._local_version(path) != version:
                         return False
                     os.unlink(path)
@@ -404,16 +476,25 @@ class Storage:
         return "etag:" + str(response.get("ETag", "")).strip('"')
 
 
-def _scan_local(root: str) -> dict[str, tuple[int, str]]:
-    """{path: (size, "mtime_ns:<n>:<inode>")} of every file below a local folder (or the file itself), one stat each
-    (``os.scandir``, following symlinks like fsspec's ``find``). A missing root is empty."""
+def _scan_local(root: str, follow_symlinks: str = "never") -> dict[str, tuple[int, str, str]]:
+    """{path: (size, "mtime_ns:<n>:<inode>", refused)} of every file below a local folder (or the file itself), one
+    stat each (``os.scandir``). A missing root is empty; the root itself may be a link (the user named it).
+
+    Symbolic links below the root (see FOLLOW_SYMLINKS): ``never`` lists each one refused, unread and unfollowed;
+    ``within_root`` follows a link whose real path stays under the root's real path, a folder at most once (a link
+    loop, or two links to one folder, lists its files once and never fails the listing), and refuses the others.
+    A refused entry has size 0, version "" and its reason."""
+    if follow_symlinks not in FOLLOW_SYMLINKS:
+        raise ValueError(f"follow_symlinks must be one of {FOLLOW_SYMLINKS}, not {follow_symlinks!r}")
     try:
         top = os.stat(root)
     except FileNotFoundError:
         return {}
     if not os.path.isdir(root):
-        return {root: (top.st_size, f"mtime_ns:{top.st_mtime_ns}:{top.st_ino}")}
-    found: dict[str, tuple[int, str]] = {}
+        return {root: (top.st_size, f"mtime_ns:{top.st_mtime_ns}:{top.st_ino}", "")}
+    real_root = os.path.realpath(root)
+    found: dict[str, tuple[int, str, str]] = {}
+    seen = {(top.st_dev, top.st_ino)}
     stack = [root]
     while stack:
         folder = stack.pop()
@@ -423,21 +504,48 @@ def _scan_local(root: str) -> dict[str, tuple[int, str]]:
             continue
         for entry in entries:
             try:
-                if entry.is_dir():
-                    stack.append(entry.path)
+                if entry.is_symlink():
+                    reason = _link_refusal(entry.path, real_root, follow_symlinks)
+                    if reason:
+                        found[entry.path] = (0, "", reason)
+                        continue
+                if entry.is_dir():  # (a followed link: its target's inode)
+                    st = entry.stat()
+                    if (st.st_dev, st.st_ino) not in seen:
+                        seen.add((st.st_dev, st.st_ino))
+                        stack.append(entry.path)
                 elif entry.is_file():
                     st = entry.stat()
-                    found[entry.path] = (st.st_size, f"mtime_ns:{st.st_mtime_ns}:{st.st_ino}")
+                    found[entry.path] = (st.st_size, f"mtime_ns:{st.st_mtime_ns}:{st.st_ino}", "")
             except FileNotFoundError:  # pragma: no cover - removed while listing
                 continue
     return found
 
 
+def _link_refusal(path: str, real_root: str, follow_symlinks: str) -> str:
+    """Why the link at ``path`` is not followed ("" when it is)."""
+    if follow_symlinks == "never":
+        return ("a symbolic link; links are not followed (enhance.follow_symlinks: never; 'within_root' follows "
+                "those that stay inside the input)")
+    try:
+        real = os.path.realpath(path, strict=True)
+    except OSError:  # missing target, or a loop of links
+        return "a symbolic link to nothing (missing target or a loop of links); not followed"
+    if not _under(real, real_root):
+        return ("a symbolic link leading outside the input; not followed (enhance.follow_symlinks: within_root "
+                "follows only links that stay inside it)")
+    return ""
+
+
 @contextlib.contextmanager
-def _local_lock(path: str) -> Iterator[None]:
-    """An exclusive ``flock`` on ``<path>.lock`` (created beside ``path``) for a check-then-write."""
+def _local_lock(path: str, roots: dict[str, str] | None = None) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<path>.lock`` (created beside ``path``, mode FILE_MODE, never through a link)
+    for a check-then-write."""
+    _confine(path, roots or {})
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path + ".lock", os.O_CREAT | os.O_RDWR, 0o666 & ~_UMASK)
+    fd = os.open(path + ".lock", os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, FILE_MODE)
+    with contextlib.suppress(PermissionError):  # another user's lock file keeps its mode
+        os.fchmod(fd, FILE_MODE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

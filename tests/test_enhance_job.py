@@ -386,7 +386,8 @@ def test_every_output_keeps_its_inputs_form_and_carries_provenance(nightly):
         assert (row["input_height"], row["output_height"], row["output_bytes"]) == (SIZE, SIZE * 4, len(data))
         assert np.isfinite(row["consistency_psnr_db"]) and row["flagged"] == (row["consistency_psnr_db"] < 30.0)
         provenance = json.loads(row["provenance"])  # every manifest row repeats what the file carries
-        assert provenance["medsr:source"] == key and provenance["medsr:source_sha256"] == row["input_sha256"]
+        # the item id, not the key (keys hold names and accession numbers; enhance.provenance_source: key for those)
+        assert provenance["medsr:source"] == row["item_id"] and provenance["medsr:source_sha256"] == row["input_sha256"]
         assert provenance["medsr:model_sha256"] == row["model_sha256"] and provenance["medsr:scale"] == "4"
         # the precision that ran, not the one asked for (fp16 has no CPU path)
         assert json.loads(provenance["medsr:params"])["precision"] == json.loads(row["params"])["precision"] == (
@@ -1025,3 +1026,86 @@ def test_a_decode_past_its_memory_cap_is_stopped_in_a_child_and_quarantined_afte
     roomy = ReadDecode(dataclasses.replace(spec, decode_memory_bytes=2 << 30)).one(str(archive / "big.png"))
     assert roomy["status"] == "todo"
     np.testing.assert_array_equal(roomy["pixels"][0], ReadDecode(job_spec(cfg)).one(str(archive / "big.png"))["pixels"][0])
+
+
+@pytest.mark.slow
+def test_links_in_the_input_and_output_are_error_rows_and_good_files_beside_them_are_done(tmp_path, tiny_model_dir):
+    """A real Ray run: symbolic links in the archive are not followed (one error row each, a directory loop
+    included), a linked folder inside the output prefix is not written through, outputs and records are 0640."""
+    import ray
+
+    from medsr_dist.enhance.job import run_enhance_job
+
+    archive, elsewhere, out = tmp_path / "archive", tmp_path / "elsewhere", tmp_path / "out"
+    (archive / "sub").mkdir(parents=True)
+    (archive / "linked").mkdir()
+    (elsewhere / "dir").mkdir(parents=True)
+    (elsewhere / "dir" / "outside.png").write_bytes(png8(make_radiograph(5, 32)))
+    (archive / "good.png").write_bytes(png8(make_radiograph(1, 32)))
+    (archive / "sub" / "good2.png").write_bytes(png8(make_radiograph(2, 32)))
+    (archive / "linked" / "x.png").write_bytes(png8(make_radiograph(3, 32)))  # its output folder is a link
+    (archive / "to-outside.png").symlink_to(elsewhere / "dir" / "outside.png")
+    (archive / "sub" / "to-good.png").symlink_to(archive / "good.png")
+    (archive / "dir-out").symlink_to(elsewhere / "dir", target_is_directory=True)
+    (archive / "sub" / "loop").symlink_to(archive, target_is_directory=True)
+    (archive / "dangling.png").symlink_to(tmp_path / "gone.png")
+    out.mkdir()
+    (out / "linked").symlink_to(elsewhere, target_is_directory=True)
+    cfg = job_config(tmp_path, tiny_model_dir, archive, "enhance.tile=0")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        first = run_enhance_job(cfg)
+        within = run_enhance_job(load_config(None, [f"run.root={tmp_path}", f"enhance.input={archive}",
+                                                    f"enhance.output={tmp_path / 'out2'}", "enhance.tile=0",
+                                                    f"enhance.checkpoint={tiny_model_dir}/model.pth",
+                                                    "enhance.follow_symlinks=within_root"]))
+    finally:
+        ray.shutdown()
+    rows = {r["input_key"].removeprefix(f"{archive}/"): r for r in first.rows}
+    assert sorted(rows) == ["dangling.png", "dir-out", "good.png", "linked/x.png", "sub/good2.png", "sub/loop",
+                            "sub/to-good.png", "to-outside.png"]  # one row per link, the loop included
+    for name in ("good.png", "sub/good2.png"):
+        assert rows[name]["status"] == "done", rows[name]["error"]
+        assert oct(os.stat(rows[name]["output_key"]).st_mode & 0o777) == oct(0o640)
+        assert json.loads(rows[name]["provenance"])["medsr:source"] == rows[name]["item_id"]
+    for name in ("dangling.png", "dir-out", "sub/loop", "sub/to-good.png", "to-outside.png"):
+        assert rows[name]["status"] == "error" and rows[name]["input_bytes"] == 0, rows[name]
+        assert "symbolic link" in rows[name]["error"] and "enhance.follow_symlinks" in rows[name]["error"]
+    assert rows["linked/x.png"]["status"] == "error" and rows["linked/x.png"]["output_key"] == ""
+    assert f"cannot write under enhance.output {out}: the output's folder resolves outside it" in rows["linked/x.png"]["error"]
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["dir"]  # nothing written through the link
+    assert str(tmp_path) not in rows["linked/x.png"]["error"].replace(str(out), "")  # no real path of the target
+    assert "linked/" not in rows["linked/x.png"]["error"]  # nor the output path, which mirrors the input key
+    for path in (out / MANIFEST_DIR).rglob("*"):
+        if path.is_file():
+            assert oct(path.stat().st_mode & 0o777) == oct(0o640), path
+    # within_root: the link inside the archive is followed; the ones leading out, dangling or looping are not
+    rows = {r["input_key"].removeprefix(f"{archive}/"): r for r in within.rows}
+    assert rows["sub/to-good.png"]["status"] == "done"
+    assert rows["linked/x.png"]["status"] == "done"  # out2 has no link
+    assert "leading outside the input" in rows["to-outside.png"]["error"]
+    assert "leading outside the input" in rows["dir-out"]["error"]
+    assert "to nothing" in rows["dangling.png"]["error"]
+    assert "sub/loop" not in rows  # a folder already listed: followed once, never a failure
+
+
+def test_outputs_name_their_input_by_item_id_unless_provenance_source_is_key(tmp_path, tiny_model_dir):
+    archive = tmp_path / "archive"
+    (archive / "DOE^JANE-12345678").mkdir(parents=True)  # keys often hold names and MRNs
+    key = archive / "DOE^JANE-12345678" / "a.png"
+    key.write_bytes(png8(make_radiograph(1, 32)))
+    for source in ("item_id", "key"):
+        cfg = job_config(tmp_path, tiny_model_dir, archive, f"enhance.output={tmp_path / source}",
+                         f"enhance.provenance_source={source}")
+        spec = JobSpec(**{**job_spec(cfg).__dict__, "provenance_source": cfg.enhance.provenance_source})
+        decoded = ReadDecode(spec)({"key": np.array([str(key)])})
+        [row] = [EncodeCommit(spec).one(r) for batch in EnhanceReplica(spec.model, cfg.storage, cfg.enhance)(decoded)
+                 for r in _rows(batch)]
+        assert row["status"] == "done", row["error"]
+        text = decode_image(Path(row["output_key"]).read_bytes(), "out").meta.text
+        assert text["medsr:source"] == json.loads(row["provenance"])["medsr:source"]
+        if source == "item_id":
+            assert text["medsr:source"] == row["item_id"]
+            assert "DOE^JANE" not in Path(row["output_key"]).read_bytes().decode("latin-1").split("IDAT")[0]
+        else:
+            assert text["medsr:source"] == str(key)

@@ -141,6 +141,7 @@ def test_nightly_job_enhances_nifti_volumes_and_a_dicom_series_and_refuses_bad_v
     np.testing.assert_allclose(out.header.get_zooms(), [2.0, 2.0, 2.0], rtol=1e-6)
     provenance = json.loads(out.header.extensions[-1].get_content())
     assert provenance["medsr:model_sha256"] == vol_sha == t1["model_sha256"]
+    assert provenance["medsr:source"] == t1["item_id"]  # the item id, not the key (enhance.provenance_source)
     assert json.loads(t1["params"])["factor"] == 4 and t1["input_format"] == "nifti" and t1["frames"] == 6
     assert np.isfinite(t1["consistency_psnr_db"]) and t1["output_width"] == 33 and t1["output_height"] == 41
     sag = nib.load(rows["sag_float.nii"]["output_key"])

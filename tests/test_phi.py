@@ -11,6 +11,7 @@ seeded global row order that mixes sub-images of many images in every shard.
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections import Counter
@@ -20,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from medsr_dist.data.prepare import GROUP_SECRET_ENV, patient_pseudonym, shuffle_rank
+from medsr_dist.data.prepare import GROUP_SECRET_ENV, INDEX_FILE, group_pseudonym, patient_pseudonym, shuffle_rank
 from medsr_dist.data.synthetic import make_radiograph
 from ray_cluster import local_ray_head
 
@@ -100,6 +101,11 @@ def phi_run(tmp_path_factory, tiny_model_dir):
     return {"tmp": tmp, "owners": owners, "refused": refused, "prepared": prepared, "evaluated": evaluated, "logs": logs}
 
 
+def source_keys(dataset: Path) -> dict[str, str]:
+    """{pseudonym: source key} from the prepared dataset's index."""
+    return {r["item"]: r["key"] for line in (dataset / INDEX_FILE).read_text().splitlines() for r in [json.loads(line)]}
+
+
 def _leaks(text: str) -> list[str]:
     return sorted(v for v in identifiers() if v.lower() in text.lower())
 
@@ -131,7 +137,8 @@ def test_identifiers_appear_in_nothing_prepare_and_eval_write(phi_run):
         assert _leaks(data.decode("latin-1")) == [], path
     # the error row is there, naming the file, not the patient
     errors = pq.read_table(tmp / "dataset" / "errors.parquet").to_pylist()
-    assert [Path(e["key"]).name for e in errors] == ["broken.dcm"] and errors[0]["error"]
+    keys = source_keys(tmp / "dataset")
+    assert [Path(keys[e["key"]]).name for e in errors] == ["broken.dcm"] and errors[0]["error"]
 
 
 @pytest.mark.slow
@@ -139,17 +146,19 @@ def test_groups_are_site_keyed_pseudonyms_and_the_split_stays_patient_level(phi_
     tmp, owners = phi_run["tmp"], phi_run["owners"]
     split_of_group: dict[str, set[str]] = {}
     rows = []
+    keys = source_keys(tmp / "dataset")  # the dataset names rows by pseudonym; the index beside it maps them back
     for split in ("train", "val", "test"):
         for row in pq.read_table(tmp / "dataset" / split).to_pylist():
+            row["rel_key"] = keys[row["rel_key"]]
             rows.append(row)
             split_of_group.setdefault(row["group"], set()).add(split)
-            name = Path(row["rel_key"].split("#")[0]).name
+            name = Path(row["rel_key"]).name
             if name in owners:
                 assert row["group"] == patient_pseudonym(owners[name], SECRET.encode())
             assert "patient_id" not in row and '"patient_id": null' in row["meta"] and '"text": {}' in row["meta"]
     assert all(len(s) == 1 for s in split_of_group.values())  # no patient in two splits
-    # no PatientID: grouped by the file-name pattern (<patient>_<followup>.png), as before
-    assert {r["group"] for r in rows if r["rel_key"].split("#")[0].endswith(".png")} == {"scan"}
+    # no PatientID: grouped by the file-name pattern (<patient>_<followup>.png), as before, written as a pseudonym
+    assert {r["group"] for r in rows if r["rel_key"].endswith(".png")} == {group_pseudonym("scan", SECRET.encode())}
     assert {r["group"] for r in rows if ".dcm" in r["rel_key"]} == {patient_pseudonym(p[0], SECRET.encode()) for p in PATIENTS}
 
 

@@ -73,12 +73,16 @@ def demo_run(tmp_path_factory, ray_local):
 
 def test_prepare_records_unreadable_files_and_keeps_the_rest(demo_run):
     prepared = demo_run["prepared"]
-    bad = sorted(Path(e["key"]).name for e in prepared.errors)
+    out = Path(demo_run["cfg"].prepare.output)
+    # errors name files by pseudonym; the index beside the dataset maps them back to their keys
+    keys = {r["item"]: r["key"] for r in map(json.loads, (out / "index.jsonl").read_text().splitlines())}
+    bad = sorted(Path(keys[e["key"]]).name for e in prepared.errors)
     assert bad == ["corrupt.dcm", "empty.png", "truncated.png"]
     assert all(e["error"] for e in prepared.errors)
     assert sum(prepared.counts.values()) == 8
-    errors = pq.read_table(Path(demo_run["cfg"].prepare.output) / "errors.parquet").to_pylist()
-    assert sorted(Path(r["key"]).name for r in errors) == bad
+    errors = pq.read_table(out / "errors.parquet").to_pylist()
+    assert sorted(Path(keys[r["key"]]).name for r in errors) == bad
+    assert json.loads((out / "summary.json").read_text())["skipped"] == {"undecodable": 3}
 
 
 def test_inputs_are_never_modified(demo_run):

@@ -1,6 +1,8 @@
 """Dataset preparation pieces: patient grouping and split, multi-scale copies, sub-images, pairing."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -96,3 +98,78 @@ def test_paired_mode_matches_stems_and_crops_aligned(tmp_path):
     np.testing.assert_allclose(down, out["lq"], atol=2e-3)
     with pytest.raises(ValueError, match="not x2"):
         PairedCrop(DegradationConfig(gt_size=32), scale=2, run_seed=0).crop_one(to_training_png(hr, 16), to_training_png(lr, 16), "k", 0)
+
+
+@pytest.mark.slow
+def test_prepare_bounds_inputs_before_decoding_and_keeps_no_path_uid_or_free_text(tmp_path, monkeypatch):
+    """A real Ray run of prepare_dataset: good files beside an oversized file and a pixel bomb (skipped, counted by
+    reason), keys holding a name and an MRN, a DICOM with UIDs and a SeriesDescription naming the patient."""
+    import io
+    import json
+    import os
+
+    import pydicom
+    import pyarrow.parquet as pq
+    import ray
+    from pydicom.data import get_testdata_file
+
+    from medsr_dist.config import load_config
+    from medsr_dist.data.prepare import GROUP_SECRET_ENV, GroupSecretError, key_pseudonym, prepare_dataset
+    from medsr_dist.data.synthetic import make_radiograph
+    from medsr_dist.io.image import encode_image
+    from medsr_dist.io.medical_image import ImageMeta
+
+    archive, secret = tmp_path / "archive", "a site secret for this test only"
+    folder = archive / "DOE^JANE_MRN12345678"  # paths often hold names or MRNs
+    folder.mkdir(parents=True)
+    meta = ImageMeta(format="png", dtype="uint8", bits_stored=8, channels=1, photometric="MONOCHROME2")
+    for i in range(4):
+        (folder / f"scan{i}.png").write_bytes(encode_image(make_radiograph(i, 48)[:, :, None], meta))
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SeriesDescription = "CHEST DOE JANE FOLLOW-UP"
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    (folder / "ct.dcm").write_bytes(buf.getvalue())
+    uids = [str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)]
+    (folder / "bomb.png").write_bytes(encode_image(make_radiograph(9, 320)[:, :, None], meta))  # 102,400 pixels
+    (folder / "huge.png").write_bytes(b"\x89PNG" + os.urandom(300_000))  # over max_input_bytes: never read
+    cfg = load_config(None, [f"run.root={tmp_path}", f"prepare.input={archive}", f"prepare.output={tmp_path / 'ds'}",
+                             "prepare.max_input_pixels=100000", "prepare.max_input_bytes=250000",
+                             "prepare.split={train: 0.5, val: 0.25, test: 0.25}"])
+    monkeypatch.delenv(GROUP_SECRET_ENV, raising=False)
+    with pytest.raises(GroupSecretError, match=GROUP_SECRET_ENV):  # refused before anything is read
+        prepare_dataset(cfg)
+    monkeypatch.setenv(GROUP_SECRET_ENV, secret)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        result = prepare_dataset(cfg)
+    finally:
+        ray.shutdown()
+    out = tmp_path / "ds"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped"] == {"max_input_bytes": 1, "max_input_pixels": 1}
+    assert sum(result.counts.values()) == 5 and len(result.errors) == 2
+    index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    by_name = {Path(r["key"]).name: r for r in index}
+    assert by_name["bomb.png"]["error"] == ("320 x 320 = 102,400 pixels exceeds prepare.max_input_pixels 100,000; "
+                                            "not decoded")
+    assert by_name["huge.png"]["error"] == "300,004 bytes exceeds prepare.max_input_bytes 250,000; not read"
+    assert all(r["item"] == key_pseudonym(str(Path(r["key"]).relative_to(archive)), secret.encode()) for r in index)
+    assert oct((out / "index.jsonl").stat().st_mode & 0o777) == oct(0o640)
+    # nothing the dataset side holds names the path, the patient, a UID or the free text
+    leaks = ["DOE", "JANE", "12345678", "scan", ".png", ".dcm", "CHEST", *uids, str(ds.PatientName), str(ds.PatientID)]
+    files = [p for p in out.rglob("*") if p.is_file() and p.name != "index.jsonl"]
+    assert {p.name for p in files} >= {"summary.json", "errors.parquet"}
+    for path in files:
+        assert oct(path.stat().st_mode & 0o777) == oct(0o640), path
+        text = path.read_bytes().decode("latin-1")
+        if path.suffix == ".parquet":
+            text += json.dumps([{k: v for k, v in r.items() if k not in ("image", "lq_image")}
+                                for r in pq.read_table(path).to_pylist()], default=str)
+        assert [s for s in leaks if s in text] == [], path
+    rows = [r for split in ("train", "val", "test") if (out / split).exists() for r in pq.read_table(out / split).to_pylist()]
+    assert sorted(r["key"] for r in rows) == sorted(r["item"] for r in index if not r["error"])
+    [ct] = [json.loads(r["meta"]) for r in rows if r["key"] == by_name["ct.dcm"]["item"]]
+    assert "series_description" not in ct["dicom"] and ct["dicom"]["study_instance_uid"].startswith("uid-")
+    assert ct["dicom"]["sop_class_uid"] == str(ds.SOPClassUID)  # a standard UID, kept
+    assert {r["group"][:4] for r in rows} <= {"pid-", "grp-"}

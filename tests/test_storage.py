@@ -223,11 +223,73 @@ def test_a_failed_rename_keeps_the_old_content_and_leaves_no_temp_file(tmp_path,
     assert os.listdir(tmp_path / "out") == ["x.png"]
 
 
-def test_atomically_written_files_get_ordinary_permissions(tmp_path):
-    uri = tmp_path / "shared.txt"
-    Storage().write_bytes(uri, b"x")
-    (tmp_path / "plain.txt").write_bytes(b"x")
-    assert os.stat(uri).st_mode == os.stat(tmp_path / "plain.txt").st_mode
+@pytest.mark.parametrize("umask", [0o000, 0o022, 0o077])
+def test_local_files_are_created_0640_whatever_the_umask(tmp_path, umask):
+    """Outputs, manifests, records, leases and their lock files: group may read, others nothing (0644 before)."""
+    storage, old = Storage(), os.umask(umask)
+    try:
+        storage.write_bytes(tmp_path / "out.png", b"x")
+        lease = storage.create_exclusive(str(tmp_path / "lease.json"), b"{}")
+        storage.replace_if(str(tmp_path / "lease.json"), b"{}", lease)
+    finally:
+        os.umask(old)
+    for name in ("out.png", "lease.json", "lease.json.lock"):
+        assert oct(os.stat(tmp_path / name).st_mode & 0o777) == oct(0o640), name
+
+
+def test_a_listing_does_not_follow_links_and_reports_them_when_asked(tmp_path):
+    root, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
+    (root / "a").mkdir(parents=True)
+    elsewhere.mkdir()
+    (root / "a" / "good.png").write_bytes(b"g")
+    (elsewhere / "secret.png").write_bytes(b"s")
+    (root / "a" / "out-link.png").symlink_to(elsewhere / "secret.png")
+    (root / "in-link.png").symlink_to(root / "a" / "good.png")
+    (root / "dir-out").symlink_to(elsewhere, target_is_directory=True)
+    (root / "a" / "loop").symlink_to(root, target_is_directory=True)  # a directory loop
+    (root / "dangling.png").symlink_to(tmp_path / "gone.png")
+    storage = Storage()
+    assert storage.list_files(root) == [f"{root}/a/good.png"]
+    never = {e.uri.removeprefix(f"{root}/"): e.refused for e in storage.list_entries(root, with_refused=True)}
+    assert never.pop("a/good.png") == ""
+    assert set(never) == {"a/out-link.png", "in-link.png", "dir-out", "a/loop", "dangling.png"}
+    assert all("symbolic link" in r and "enhance.follow_symlinks" in r for r in never.values())
+    within = {e.uri.removeprefix(f"{root}/"): e.refused
+              for e in storage.list_entries(root, follow_symlinks="within_root", with_refused=True)}
+    # followed: the link that stays inside (and the loop, once: its folder is the root, already listed)
+    assert within.pop("a/good.png") == within.pop("in-link.png") == ""
+    assert "leading outside the input" in within.pop("a/out-link.png")
+    assert "leading outside the input" in within.pop("dir-out")
+    assert "to nothing" in within.pop("dangling.png")
+    assert within == {}
+    with pytest.raises(ValueError, match="follow_symlinks"):
+        storage.list_entries(root, follow_symlinks="always")
+
+
+def test_writes_never_follow_a_linked_folder_out_of_a_confined_prefix(tmp_path):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "sub").symlink_to(elsewhere, target_is_directory=True)
+    storage = Storage()
+    storage.confine_writes({"enhance.output": str(out)})
+    for write in (lambda p: storage.write_bytes(p, b"x"), lambda p: storage.create_exclusive(p, b"x"),
+                  lambda p: storage.open(p, "wb")):
+        for target in (out / "sub" / "x.png", out / "sub" / "deeper" / "x.png"):
+            with pytest.raises(StorageError, match="cannot write under enhance.output .*resolves outside it"):
+                write(str(target))
+    assert list(elsewhere.iterdir()) == []  # nothing written, no folder created there
+    storage.write_bytes(out / "real" / "x.png", b"x")  # inside: fine, folders created
+    shipped = pickle.loads(pickle.dumps(storage))  # the confinement travels into Ray tasks
+    with pytest.raises(StorageError, match="enhance.output"):
+        shipped.write_bytes(out / "sub" / "y.png", b"x")
+    # an output prefix that is itself a link (a mount) is the user's choice: writes under it are fine
+    (tmp_path / "mount").symlink_to(out, target_is_directory=True)
+    linked = Storage()
+    linked.confine_writes({"enhance.output": str(tmp_path / "mount")})
+    linked.write_bytes(tmp_path / "mount" / "y.png", b"y")
+    assert (out / "y.png").read_bytes() == b"y"
+    Storage().write_bytes(out / "sub" / "unconfined.png", b"u")  # a Storage without roots does not check
 
 
 # -- paths ------------------------------------------------------------------------------------------------
@@ -426,3 +488,16 @@ def test_a_lease_whose_holder_died_on_this_host_is_taken_over_at_once(tmp_path):
     lease = Lease.acquire(storage, uri, "next", ttl_s=60)
     assert _json.loads(storage.read_bytes(uri))["owner"] == "next"
     lease.release()
+
+
+def test_a_refused_link_in_a_series_folder_stays_its_own_entry():
+    """enhance.volumes.series_folders: a link among a series' slices is not merged into the volume item, so the
+    nightly job gives it its own error row."""
+    from medsr_dist.enhance.volumes import group_series
+    from medsr_dist.storage import FileEntry
+
+    entries = [FileEntry("/in/series/a/1.dcm", 10, "v1"), FileEntry("/in/series/a/2.dcm", 10, "v2"),
+               FileEntry("/in/series/a/3.dcm", 0, "", "a symbolic link; links are not followed")]
+    grouped = group_series(entries, "/in", ["series/*"])
+    assert [e.uri for e in grouped] == ["/in/series/a/", "/in/series/a/3.dcm"]
+    assert grouped[0].size == 20 and grouped[1].refused

@@ -77,10 +77,17 @@ class PrepareConfig(Section):
         "relative path and file stem; training then crops these pairs instead of degrading",
     )
     group_secret_file: str | None = Field(
-        None, description="File (path or URI) holding the site secret (>= 16 bytes) that pseudonymises DICOM "
-        "PatientIDs (HMAC-SHA256) for the patient-level split; default: the MEDSR_GROUP_SECRET environment variable. "
-        "Required when files carry a PatientID and split.group_by is patient_id; the same secret keeps the same split",
+        None, description="File (path or URI) holding the site secret (>= 16 bytes) that pseudonymises (HMAC-SHA256) "
+        "DICOM PatientIDs for the patient-level split, and the keys, file-name groups and Study/Series/SOP Instance "
+        "UIDs the prepared dataset names its rows by; default: the MEDSR_GROUP_SECRET environment variable. Required "
+        "(prepare refuses before reading without one); the same secret keeps the same split and pseudonyms",
     )
+    max_input_pixels: int = Field(
+        100_000_000, ge=1, description="Largest input (height x width x frames), read from its header before "
+        "decoding; larger files are skipped undecoded (an error row, counted in summary.json)")
+    max_input_bytes: int = Field(
+        1 << 30, ge=1, description="Largest input file in bytes, from the listing before it is read; larger files "
+        "are skipped unread (an error row, counted in summary.json)")
 
 
 class BicubicConfig(Section):

@@ -101,6 +101,15 @@ class EnhanceConfig(Section):
     uncertainty_threshold: float | None = Field(
         0.05, ge=0, description="ldm with K > 1 samples: rows whose uncertainty_p99 (99th percentile of the per-pixel "
         "std map, in units of the intensity range) exceeds this are flagged for review; empty: never flagged for it")
+    follow_symlinks: Literal["never", "within_root"] = Field(
+        "never", description="Symbolic links under a local enhance.input: 'never' (each link is an error row saying "
+        "so, nothing behind it is read) or 'within_root' (a link is followed when its real path stays under the "
+        "input's real path; links leading out, dangling or looping are error rows). A link loop never fails the "
+        "listing. Writes never follow a link out of enhance.output / enhance.manifest (refused, naming the key)")
+    provenance_source: Literal["item_id", "key"] = Field(
+        "item_id", description="What an output's embedded provenance names its input by: 'item_id' (the opaque id "
+        "the manifest maps back to the key, under the manifest's access control) or 'key' (the input key itself; "
+        "keys often hold names or accession numbers, and outputs travel further than manifests)")
     log_keys: bool = Field(False, description="Name input keys in job logs (keys often embed accession numbers); "
                            "off: logs name items by item id. Manifests always keep keys")
     dicom_compression: Literal["none", "rle", "jpeg2000-lossless"] = Field(

@@ -1,7 +1,7 @@
 """Infrastructure sections: the run (name, root, seed), object storage and the Ray cluster."""
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from medsr_dist.config.base import Section
 
@@ -19,6 +19,10 @@ class StorageConfig(Section):
     region: str | None = Field(None, description="AWS region name")
     anon: bool = Field(False, description="Anonymous access (public buckets)")
     profile: str | None = Field(None, description="AWS profile from ~/.aws/config")
+    # Not a config key: the local prefixes a job confines its writes to ({prefix: the key naming it}), set by
+    # medsr_dist.storage.Storage.confine_writes. A private attribute travels with the config when a Storage is
+    # pickled into Ray tasks (whatever Storage subclass ships it), and never appears in a dump or a config file.
+    _write_roots: dict[str, str] = PrivateAttr(default_factory=dict)
 
 
 class RayConfig(Section):

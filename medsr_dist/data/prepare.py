@@ -5,11 +5,22 @@ become error rows, never exceptions) -> patient-level train/val/test assignment 
 the small index -> one Parquet folder per split under ``prepare.output``.
 
 Row schema of the dataset (``<output>/<split>/*.parquet``):
-``key`` (source URI), ``rel_key``, ``group`` (the patient group: a pseudonym, see below), ``image``
+``key`` (the source's pseudonym ``img-<32 hex>``, with a ``#...`` suffix on derived train rows), ``rel_key`` (the
+source's pseudonym), ``group`` (the patient group: a pseudonym, see below), ``image``
 (lossless PNG bytes, 8- or 16-bit, gray or RGB, display orientation, with a PNG ``sBIT`` chunk giving the
 source's significant bits), ``height``, ``width``, ``channels``, ``bits``, ``format``, ``meta`` (ImageMeta
-JSON of the source without its patient ID and free text). Rows are written in a seeded global shuffle order
-(:func:`shuffle_rank`), so a shard holds rows of many images, not the sub-images of one.
+JSON of the source without its patient ID and free text, its Study/Series/SOP Instance UIDs pseudonymised:
+:func:`scrub_meta`). Rows are written in a seeded global shuffle order (:func:`shuffle_rank`), so a shard holds rows
+of many images, not the sub-images of one.
+
+No raw path, UID or free text reaches the dataset: keys often hold names or MRNs, so rows are named by
+``img-`` + HMAC-SHA256(site secret, relative key) (:func:`key_pseudonym`); ``<output>/index.jsonl`` maps each
+pseudonym back to its key (and split, or error), written 0640: it sits beside the archive's data and is under
+the archive's access control, not the dataset's. ``errors.parquet`` and ``summary.json`` name files by pseudonym.
+
+Bounded before decoding: a file over ``prepare.max_input_bytes`` (from the listing) is not read, one whose header
+says more than ``prepare.max_input_pixels`` (height x width x frames, ``probe_image``) is not decoded; both are
+error rows, counted by reason in ``summary.json`` (``skipped``).
 
 Patient identifiers never reach the dataset, its error file or the logs. Images are grouped by DICOM
 PatientID (``split.group_by: patient_id``) through a pseudonym, ``pid-`` + HMAC-SHA256(site secret,
@@ -17,11 +28,13 @@ PatientID) (first 32 hex digits), computed in the decoding task so the PatientID
 secret comes from ``prepare.group_secret_file`` or the ``MEDSR_GROUP_SECRET`` environment variable; the
 same secret gives the same pseudonyms and hence the same split on every run. Preparing an archive whose DICOM
 files carry PatientIDs without a secret is refused (:class:`GroupSecretError`): a random secret would make
-the split irreproducible, and the raw ID must not be stored. Groups from the file-name pattern are kept as
-matched (they are part of the key, which the dataset keeps).
+the split irreproducible, and the raw ID must not be stored. Groups from the file-name pattern decide the split
+as matched and are written as ``grp-`` pseudonyms (they are part of the key). The secret is required whatever the
+archive holds, since keys are pseudonymised too; without one prepare refuses before reading anything.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -39,8 +52,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from medsr_dist.config import MedsrConfig, MultiscaleConfig, PrepareConfig, SplitConfig, SubimageConfig
-from medsr_dist.io.image import decode_image, single_frame_pixels
-from medsr_dist.storage import Storage
+from medsr_dist.io.image import ImageDecodeError, NotAnImageObject, decode_image, probe_image, single_frame_pixels
+from medsr_dist.io.phi import phi_values, sanitize_reason
+from medsr_dist.storage import FILE_MODE, Storage
+from medsr_dist.uris import LOCAL, split_uri
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +65,8 @@ GROUP_SECRET_ENV = "MEDSR_GROUP_SECRET"
 DEMO_GROUP_SECRET = "medsr-dist demo secret: synthetic patients only, not for real archives"
 _MIN_SECRET_BYTES = 16
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: Beside the dataset: one JSON line per listed file, pseudonym -> key (the only place keys are kept).
+INDEX_FILE = "index.jsonl"
 
 
 class GroupSecretError(ValueError):
@@ -90,6 +107,61 @@ def patient_pseudonym(patient_id: str, secret: bytes) -> str:
     """``pid-`` + the first 32 hex digits of HMAC-SHA256(secret, PatientID): stable per site, not reversible
     without the secret."""
     return "pid-" + hmac.new(secret, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+
+
+def key_pseudonym(rel_key: str, secret: bytes) -> str:
+    """How the prepared dataset names a source file: ``img-`` + 32 hex digits of HMAC-SHA256(secret, relative
+    key); ``<output>/index.jsonl`` maps it back."""
+    return "img-" + hmac.new(secret, b"key\0" + rel_key.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+
+
+def group_pseudonym(group: str, secret: bytes) -> str:
+    """How the dataset writes a group taken from a file name (part of the key): ``grp-`` + 32 hex digits of
+    HMAC-SHA256(secret, group); PatientID groups are :func:`patient_pseudonym` already."""
+    return group if group.startswith("pid-") else (
+        "grp-" + hmac.new(secret, b"group\0" + group.encode("utf-8"), hashlib.sha256).hexdigest()[:32])
+
+
+#: DICOM summary entries (medsr_dist.io.dicom) that identify a study, series or instance: pseudonymised.
+INSTANCE_UIDS = ("study_instance_uid", "series_instance_uid", "sop_instance_uid")
+#: DICOM summary entries of free text (may name the patient, the site, a finding): dropped.
+FREE_TEXT = ("series_description", "window_explanation")
+
+
+def scrub_meta(meta, secret: bytes):
+    """``meta`` (ImageMeta) fit for the dataset: no PatientID, no file text chunks, the DICOM summary without free
+    text and with its instance UIDs as ``uid-`` + HMAC-SHA256(secret, UID) (the same UID, the same pseudonym, so
+    rows of one series still group together). SOP class and transfer syntax UIDs are standard, kept."""
+    dicom = meta.dicom
+    if dicom is not None:
+        dicom = {k: v for k, v in dicom.items() if k not in FREE_TEXT}
+        for k in INSTANCE_UIDS:
+            if dicom.get(k):
+                dicom[k] = "uid-" + hmac.new(secret, b"uid\0" + str(dicom[k]).encode(), hashlib.sha256).hexdigest()[:32]
+    return dataclasses.replace(meta, patient_id=None, text={}, dicom=dicom)
+
+
+class InputLimitError(ImageDecodeError):
+    """An input over ``prepare.max_input_bytes`` / ``max_input_pixels``: skipped unread or undecoded."""
+
+    def __init__(self, name: str, reason: str, limit: str):
+        super().__init__(name, reason)
+        self.limit = limit
+
+    def __reduce__(self):
+        return type(self), (self.name, self.reason, self.limit)
+
+
+def skip_class(exc: BaseException) -> str:
+    """The class of a skipped file, counted in ``summary.json``: the limit it exceeded, ``not_an_image``,
+    ``undecodable`` or ``unreadable``."""
+    if isinstance(exc, InputLimitError):
+        return exc.limit
+    if isinstance(exc, NotAnImageObject):
+        return "not_an_image"
+    if isinstance(exc, ImageDecodeError):
+        return "undecodable"
+    return "unreadable"
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -154,35 +226,45 @@ def encode_training_png(arr: np.ndarray, bits: int, rgb: bool = False) -> bytes:
 
 
 class DecodeArchiveFiles:
-    """Ray Data stage: ``{"key"}`` rows -> decoded rows (see module doc) with ``ok``/``error`` columns, plus
-    ``unkeyed_patient`` (the file has a PatientID that could not be pseudonymised: no secret was given).
+    """Ray Data stage: ``{"key"[, "size"]}`` rows -> decoded rows (see module doc) with ``ok``/``error``/``reason``
+    columns, ``item`` (the key's pseudonym), plus ``unkeyed_patient`` (the file has a PatientID that could not be
+    pseudonymised: no secret was given).
 
-    ``group`` is the patient pseudonym when the file has a DICOM PatientID, ``group_by`` is ``patient_id`` and
-    a ``secret`` is given; otherwise empty (the driver groups by file name). The PatientID itself is dropped
-    here, as is the source's free text (PNG/TIFF text chunks may hold identifiers too).
+    Per file, before any decoding: the listing's size against ``max_bytes`` (not read when over), then the header
+    (``probe_image``) against ``max_pixels`` (not decoded when over). ``group`` is the patient pseudonym when the
+    file has a DICOM PatientID, ``group_by`` is ``patient_id`` and a ``secret`` is given; otherwise empty (the
+    driver groups by file name). The PatientID itself is dropped here, as are the source's free text (PNG/TIFF
+    text chunks, SeriesDescription) and its instance UIDs (:func:`scrub_meta`). Error texts name no key and no
+    header identifier.
 
     In paired mode (``partners``: ground-truth key -> low-resolution key) each row also gets ``lq_image``
     and ``pair_scale`` (GT size / LQ size, the same integer on both axes or the row is an error).
     """
 
     def __init__(self, storage: Storage, input_prefix: str, partners: dict[str, str] | None = None,
-                 secret: bytes | None = None, group_by: str = "patient_id"):
+                 secret: bytes | None = None, group_by: str = "patient_id", max_pixels: int = 100_000_000,
+                 max_bytes: int = 1 << 30):
         self.storage, self.prefix, self.partners = storage, input_prefix.rstrip("/"), partners
         self.secret, self.group_by = secret, group_by
+        self.max_pixels, self.max_bytes = max_pixels, max_bytes
 
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {k: [] for k in (
-            "key", "rel_key", "ok", "error", "group", "unkeyed_patient", "image", "height", "width", "channels",
-            "bits", "format", "meta")}
-        for key in batch["key"]:
+            "key", "rel_key", "item", "ok", "error", "reason", "group", "unkeyed_patient", "image", "height", "width",
+            "channels", "bits", "format", "meta")}
+        sizes = batch.get("size")
+        for i, key in enumerate(batch["key"]):
             key = str(key)
             rel = key[len(self.prefix):].lstrip("/")
-            row = dict(key=key, rel_key=rel, ok=False, error="", group="", unkeyed_patient=False, image=b"", height=0,
-                       width=0, channels=0, bits=0, format="", meta="")
+            row = dict(key=key, rel_key=rel, item=key_pseudonym(rel, self.secret or b""), ok=False, error="",
+                       reason="", group="", unkeyed_patient=False, image=b"", height=0, width=0, channels=0, bits=0,
+                       format="", meta="")
             if self.partners is not None:
                 row.update(lq_image=b"", pair_scale=0)
+            data = None
             try:
-                img = decode_image(self.storage.read_bytes(key), key)
+                data = self._read(key, -1 if sizes is None else int(sizes[i]))
+                img = decode_image(data, key)
                 single_frame_pixels(img, key, "training")
                 patient = img.meta.patient_id or ""
                 if patient and self.group_by == "patient_id":
@@ -190,7 +272,7 @@ class DecodeArchiveFiles:
                         row["unkeyed_patient"] = True
                     else:
                         row["group"] = patient_pseudonym(patient, self.secret)
-                meta = dataclasses.replace(img.meta, patient_id=None, text={})
+                meta = scrub_meta(img.meta, self.secret or b"")
                 row.update(
                     ok=True, image=to_training_png(img.pixels, img.meta.bits_stored),
                     height=img.pixels.shape[0], width=img.pixels.shape[1], channels=img.meta.channels,
@@ -199,20 +281,42 @@ class DecodeArchiveFiles:
                 del img, patient
                 if self.partners is not None:
                     row.update(self._partner(key, (row["height"], row["width"])))
-            except Exception as exc:  # noqa: BLE001 - every failure becomes an error row naming the file
-                row.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # noqa: BLE001 - every failure becomes an error row, without identifiers
+                text = exc.reason if isinstance(exc, ImageDecodeError) else f"{type(exc).__name__}: {exc}"
+                lq = (self.partners or {}).get(key, "")
+                names = {rel, lq, lq.rsplit("/", 1)[-1]} - {""}
+                row.update(ok=False, reason=skip_class(exc), error=sanitize_reason(
+                    text, key=key, secrets=phi_values(data) | names))
             for k, v in row.items():
                 out.setdefault(k, []).append(v)
         return out
+
+    def _read(self, key: str, size: int = -1) -> bytes:
+        """The file's bytes, refused unread over ``max_bytes`` (the listing's size) and undecoded over
+        ``max_pixels`` (its header)."""
+        if size > self.max_bytes:
+            raise InputLimitError(key, f"{size:,} bytes exceeds prepare.max_input_bytes {self.max_bytes:,}; not read",
+                                  "max_input_bytes")
+        data = self.storage.read_bytes(key)
+        if len(data) > self.max_bytes:  # grew since it was listed
+            raise InputLimitError(key, f"{len(data):,} bytes exceeds prepare.max_input_bytes {self.max_bytes:,}",
+                                  "max_input_bytes")
+        probe = probe_image(data, key)
+        if probe.pixels > self.max_pixels:
+            frames = f" x {probe.frames} frames" if probe.frames > 1 else ""
+            raise InputLimitError(key, f"{probe.height} x {probe.width}{frames} = {probe.pixels:,} pixels exceeds "
+                                       f"prepare.max_input_pixels {self.max_pixels:,}; not decoded", "max_input_pixels")
+        return data
 
     def _partner(self, key: str, gt_hw: tuple[int, int]) -> dict:
         lq_key = self.partners.get(key)
         if lq_key is None:
             raise FileNotFoundError("paired mode: no low-resolution image with the same relative path and stem")
-        lq = decode_image(self.storage.read_bytes(lq_key), lq_key)
+        lq = decode_image(self._read(lq_key), lq_key)
         h, w = single_frame_pixels(lq, lq_key, "training").shape[:2]
         if gt_hw[0] % h or gt_hw[1] % w or gt_hw[0] // h != gt_hw[1] // w:
-            raise ValueError(f"paired mode: {lq_key} is {h}x{w}, not an integer fraction of the ground truth {gt_hw[0]}x{gt_hw[1]}")
+            raise ValueError(f"paired mode: the low-resolution image is {h}x{w}, not an integer fraction of the ground "
+                             f"truth {gt_hw[0]}x{gt_hw[1]}")
         return {"lq_image": to_training_png(lq.pixels, lq.meta.bits_stored), "pair_scale": gt_hw[0] // h}
 
 
@@ -352,41 +456,46 @@ def shuffle_rank(seed: int, key: str) -> int:
 
 
 def prepare_dataset(cfg: MedsrConfig, storage: Storage | None = None, overwrite: bool = True) -> PrepareResult:
-    """Run the prepare stage (Ray must be initialised). Returns the per-split counts and the error rows.
+    """Run the prepare stage (Ray must be initialised). Returns the per-split counts and the error rows (keys as
+    pseudonyms; ``<output>/index.jsonl`` maps them back).
 
     Raises:
         FileNotFoundError: no input files.
-        GroupSecretError: DICOM files carry PatientIDs, ``split.group_by`` is ``patient_id`` and no site secret is
-            configured (nothing is written), or the configured secret is unusable (checked before any Ray work).
+        GroupSecretError: no site secret is configured (checked before anything is read), or it is unusable.
     """
     import ray
 
     storage = storage or Storage(cfg.storage)
     p = cfg.prepare
-    secret = read_group_secret(p, storage) if p.split.group_by == "patient_id" else None
-    keys = storage.list_files(p.input, include=p.include, exclude=p.exclude)
-    if not keys:
+    secret = read_group_secret(p, storage)
+    if secret is None:
+        raise GroupSecretError(
+            f"prepare: no site secret is configured to pseudonymise the dataset's keys, UIDs and DICOM PatientIDs: set "
+            f"the {GROUP_SECRET_ENV} environment variable or prepare.group_secret_file (at least {_MIN_SECRET_BYTES} "
+            f"bytes; keep the same secret to keep the same split). Nothing was read or written")
+    entries = storage.list_entries(p.input, include=p.include, exclude=p.exclude)
+    if not entries:
         raise FileNotFoundError(f"prepare.input: no files under {p.input} match include={p.include} exclude={p.exclude}")
+    keys = [e.uri for e in entries]
     log.info("prepare: %d files under %s", len(keys), p.input)
     partners = match_partners(storage, keys, p.input, p.paired_lq) if p.paired_lq else None
-    ds = ray.data.from_items([{"key": k} for k in keys], override_num_blocks=min(len(keys), 64))
-    decoded = ds.map_batches(DecodeArchiveFiles, fn_constructor_args=(storage, p.input, partners, secret, p.split.group_by),
+    ds = ray.data.from_items([{"key": e.uri, "size": e.size} for e in entries], override_num_blocks=min(len(keys), 64))
+    decoded = ds.map_batches(DecodeArchiveFiles, fn_constructor_args=(storage, p.input, partners, secret, p.split.group_by,
+                                                                     p.max_input_pixels, p.max_input_bytes),
                              batch_size=4,
                              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.available_resources().get("CPU", 1)))))
     decoded = decoded.materialize()
-    index = decoded.select_columns(["key", "rel_key", "ok", "error", "group", "unkeyed_patient"]).take_all()
-    unkeyed = [r["rel_key"] for r in index if r["ok"] and r["unkeyed_patient"]]
-    if unkeyed:
-        raise GroupSecretError(
-            f"prepare: {len(unkeyed)} DICOM file(s) carry a PatientID (e.g. {unkeyed[0]}) and prepare.split.group_by is "
-            f"patient_id, but no site secret is configured to pseudonymise it: set the {GROUP_SECRET_ENV} environment "
-            f"variable or prepare.group_secret_file (keep the same secret to keep the same split), or group by file name "
-            f"with prepare.split.group_by=filename. Nothing was written")
-    errors = [{"key": r["key"], "error": r["error"]} for r in index if not r["ok"]]
+    index = decoded.select_columns(["key", "rel_key", "item", "ok", "error", "reason", "group"]).take_all()
+    errors = [{"key": r["item"], "error": r["error"]} for r in index if not r["ok"]]
+    skipped: dict[str, int] = {}
+    for r in index:
+        if not r["ok"]:
+            skipped[r["reason"]] = skipped.get(r["reason"], 0) + 1
     ok_rows = [r for r in index if r["ok"]]
     groups = {r["key"]: patient_of(r["rel_key"], r["group"], p.split) for r in ok_rows}
     mapping = assign_splits(list(groups.values()), p.split, cfg.run.seed)
     split_of_key = {k: mapping[g] for k, g in groups.items()}
+    written_groups = {k: group_pseudonym(g, secret) for k, g in groups.items()}
 
     pafs, out_path = storage.pyarrow_fs(p.output)
     counts, patients = {}, {}
@@ -397,7 +506,8 @@ def prepare_dataset(cfg: MedsrConfig, storage: Storage | None = None, overwrite:
         if not keys_in:
             continue
         part = decoded.filter(lambda row, _keys=frozenset(keys_in): row["ok"] and row["key"] in _keys)
-        part = part.map_batches(_with_group(groups), batch_format="pyarrow").drop_columns(["ok", "error", "unkeyed_patient"])
+        part = part.map_batches(_pseudonymised(written_groups), batch_format="pyarrow").drop_columns(
+            ["ok", "error", "reason", "unkeyed_patient", "item"])
         if split == "train" and not p.paired_lq and (p.multiscale.enabled or p.subimages.enabled):
             part = part.map_batches(ExpandTrainImages, fn_constructor_args=(p.multiscale, p.subimages), batch_size=1,
                                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2))
@@ -407,21 +517,45 @@ def prepare_dataset(cfg: MedsrConfig, storage: Storage | None = None, overwrite:
         part.write_parquet(f"{out_path.rstrip('/')}/{split}", filesystem=pafs, min_rows_per_file=p.rows_per_shard,
                            mode="overwrite" if overwrite else "error")
     _write_table(storage, storage.join(p.output, "errors.parquet"), errors, {"key": pa.string(), "error": pa.string()})
+    trace = [{"item": r["item"], "key": r["key"], "split": split_of_key.get(r["key"], ""),
+              "error": "" if r["ok"] else r["error"]} for r in sorted(index, key=lambda r: r["key"])]
+    storage.write_bytes(storage.join(p.output, INDEX_FILE), "".join(json.dumps(t) + "\n" for t in trace).encode())
     summary = {"input": p.input, "files": len(keys), "counts": counts, "patients": patients, "errors": len(errors),
+               "skipped": dict(sorted(skipped.items())),
+               "limits": {"max_input_pixels": p.max_input_pixels, "max_input_bytes": p.max_input_bytes},
+               "index": f"{INDEX_FILE}: pseudonym -> source key, under the archive's access control",
                "split": p.split.model_dump(), "multiscale": p.multiscale.model_dump(), "subimages": p.subimages.model_dump(),
                "paired_lq": p.paired_lq,
                "images_grouped_by": {"patient_pseudonym": sum(1 for r in ok_rows if r["group"]),
                                      "file_name": sum(1 for r in ok_rows if not r["group"])},
                "row_order": f"seeded shuffle (run.seed {cfg.run.seed})"}
     storage.write_bytes(storage.join(p.output, "summary.json"), json.dumps(summary, indent=2).encode())
+    _restrict_local(p.output)
     return PrepareResult(output=p.output, counts=counts, patients=patients, errors=errors)
 
 
-def _with_group(groups: dict[str, str]):
-    def add(table: pa.Table) -> pa.Table:
+def _pseudonymised(groups: dict[str, str]):
+    """The rows as written: ``group`` the written group pseudonym, ``key`` and ``rel_key`` the key's pseudonym."""
+    def rename(table: pa.Table) -> pa.Table:
         keys = table.column("key").to_pylist()
-        return table.set_column(table.schema.get_field_index("group"), "group", pa.array([groups[k] for k in keys], pa.string()))
-    return add
+        table = table.set_column(table.schema.get_field_index("group"), "group",
+                                 pa.array([groups[k] for k in keys], pa.string()))
+        items = table.column("item")
+        table = table.set_column(table.schema.get_field_index("key"), "key", items)
+        return table.set_column(table.schema.get_field_index("rel_key"), "rel_key", items)
+    return rename
+
+
+def _restrict_local(output: str) -> None:
+    """Mode 0640 on every file of a local dataset (Ray's writers create shards by the umask); object stores: the
+    bucket policy."""
+    backend, root = split_uri(output)
+    if backend != LOCAL:
+        return
+    for folder, _, names in os.walk(root):
+        for name in names:
+            with contextlib.suppress(OSError):
+                os.chmod(os.path.join(folder, name), FILE_MODE)
 
 
 def _with_rank(seed: int):

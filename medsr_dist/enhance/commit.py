@@ -34,9 +34,9 @@ class EncodeCommit:
     def __call__(self, batch: dict) -> dict:
         return columns([self.one(row) for row in batch_rows(batch)])
 
-    def provenance(self, input_key: str, input_sha256: str, scale_text: str) -> dict[str, str]:
+    def provenance(self, input_key: str, iid: str, input_sha256: str, scale_text: str) -> dict[str, str]:
         """The provenance written into an output file (and repeated in its manifest row): :func:`image_provenance`."""
-        return image_provenance(self.spec, input_key, input_sha256, scale_text)
+        return image_provenance(self.spec, input_key, iid, input_sha256, scale_text)
 
     def one(self, item: dict) -> dict:
         spec, status = self.spec, str(item["status"])
@@ -82,7 +82,7 @@ class EncodeCommit:
         if not is_below(row["output_key"], spec.output):
             raise ValueError(f"output key {row['output_key']} is not under the output prefix {spec.output}")
         nominal = spec.params["outscale"]
-        provenance = self.provenance(row["input_key"], row["input_sha256"], f"{nominal:g}")
+        provenance = self.provenance(row["input_key"], row["item_id"], row["input_sha256"], f"{nominal:g}")
         # the grid got finer by exactly this much (rounding of non-integer outscales included)
         scale = out.shape[1] / src.shape[1]
         frames = out if getattr(meta, "frames", 1) > 1 else out[0]

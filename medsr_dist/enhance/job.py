@@ -124,6 +124,9 @@ def run_enhance_job(
     t_start = time.perf_counter()
     storage = job_storage(cfg, storage)
     e = cfg.enhance
+    # every local write of the run (outputs, records, lease) stays under its prefix, links inside it notwithstanding
+    storage.confine_writes({"enhance.output": e.output, ("enhance.manifest" if e.manifest else "enhance.output"):
+                            e.manifest or e.output})
     model = read_model_file(e.checkpoint, cfg.storage, onnx_uri=e.onnx_model)
     model = model.with_sampling(e.sampling.overrides(), "enhance.sampling")  # ldm: the sampler settings that run
     if e.replicas == "local":  # a bad model or export fails here, not in every replica (serve:<app>: the app holds it)
@@ -160,7 +163,8 @@ def _run_leased(cfg, storage, model, entries, run_id, lease, progress, t_start) 
                    max_attempts=e.max_attempts, log_keys=e.log_keys,
                    uncertainty_threshold=e.uncertainty_threshold,
                    dicom_compression=str(getattr(e, "dicom_compression", "none") or "none"),
-                   manifest=(e.manifest or "").rstrip("/"), volumes=plan_volume_job(cfg, storage, model, entries, precision))
+                   manifest=(e.manifest or "").rstrip("/"), volumes=plan_volume_job(cfg, storage, model, entries, precision),
+                   provenance_source=e.provenance_source)
     target = serve_deployment(e, model, params) if e.replicas != "local" else None  # raises before any item
     plan = plan_run(storage, spec, entries)
     rows: list[dict] = []

@@ -41,7 +41,10 @@ def list_inputs(storage: Storage, e: EnhanceConfig, *, watermark: str | None = N
     if is_below(e.input, e.output):
         raise ValueError(f"enhance.input {e.input} lies inside enhance.output {e.output}: outputs would be "
                          f"enhanced again; choose an output prefix outside the archive's input")
-    entries = [f for f in storage.list_entries(e.input, include=e.include, exclude=e.exclude)
+    # Storage's own listing (a PacsStorage lists a local or s3 input the same way): links refused per
+    # enhance.follow_symlinks come back with their reason and become error rows in plan_run
+    entries = [f for f in Storage.list_entries(storage, e.input, include=e.include, exclude=e.exclude,
+                                               follow_symlinks=e.follow_symlinks, with_refused=True)
                if not is_below(f.uri, e.output)]
     if not entries:
         raise FileNotFoundError(f"enhance.input: no files under {e.input} match include={e.include} exclude={e.exclude}")
@@ -85,6 +88,8 @@ def plan_run(storage: Storage, spec: JobSpec, entries: list[FileEntry]) -> RunPl
             r["input_bytes"] == entry.size or entry.version.startswith(PACS_VERSION))  # QIDO-RS gives no size
         try:
             rel = rel_key(spec, key)
+            if entry.refused:  # a symbolic link the listing did not follow: nothing behind it is read
+                raise ValueError(entry.refused)
         except ValueError as exc:
             plan.rows.append(manifest_row({
                 "input_key": key, "status": "error", "error": sanitize_reason(str(exc), key=key), "run_id": spec.run_id,

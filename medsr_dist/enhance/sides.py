@@ -12,7 +12,7 @@ import io
 
 import pydicom
 
-from medsr_dist.enhance.identity import output_key_for
+from medsr_dist.enhance.identity import item_id, output_key_for
 from medsr_dist.enhance.spec import JobSpec, image_provenance
 from medsr_dist.io.image import output_extension
 from medsr_dist.pacs.storage import derived_instance_uri
@@ -55,7 +55,7 @@ class PacsOutput:
         if fmt != "dicom":
             raise ValueError(f"enhance.output is a DICOMweb endpoint, which stores DICOM objects only; this input is "
                              f"{fmt}")
-        provenance = image_provenance(spec, key, sha256, f"{spec.params['outscale']:g}")
+        provenance = image_provenance(spec, key, item_id(rel, oid), sha256, f"{spec.params['outscale']:g}")
         return derived_instance_uri(spec.output, data, provenance)
 
     @staticmethod

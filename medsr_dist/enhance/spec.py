@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from medsr_dist.enhance.volumes import is_volume_key
 from medsr_dist.infer.model_file import ModelFile
-from medsr_dist.infer.provenance import VOLUME_KIND, output_provenance, params_json
+from medsr_dist.infer.provenance import VOLUME_KIND, output_provenance, params_json, provenance_source
 from medsr_dist.io.image import ImageDecodeError
 from medsr_dist.pacs.dicomweb import PacsError
 from medsr_dist.storage import Storage
@@ -49,6 +49,7 @@ class JobSpec:
     uncertainty_threshold: float | None = None  # flag rows whose uncertainty_p99 exceeds it (K > 1 samples)
     manifest: str = ""
     volumes: dict | None = None  # volume items' model and parameters (medsr_dist/enhance/volumes.py plan_volume_job)
+    provenance_source: str = "item_id"  # enhance.provenance_source: what outputs name their input by (item_id | key)
 
     @property
     def params_json(self) -> str:
@@ -123,7 +124,8 @@ def error_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def image_provenance(spec: JobSpec, input_key: str, input_sha256: str, scale_text: str) -> dict[str, str]:
-    """The provenance written into a 2-D output file (and repeated in its manifest row)."""
+def image_provenance(spec: JobSpec, input_key: str, iid: str, input_sha256: str, scale_text: str) -> dict[str, str]:
+    """The provenance written into a 2-D output file (and repeated in its manifest row); ``iid``: the item id."""
     return output_provenance(model_name=spec.model.name, model_sha256=spec.model.sha256, scale=scale_text,
-                             params_json=spec.params_json, source=input_key, source_sha256=input_sha256)
+                             params_json=spec.params_json, source=provenance_source(spec.provenance_source, input_key, iid),
+                             source_sha256=input_sha256)

@@ -67,7 +67,7 @@ from medsr_dist.enhance.manifest import now_iso
 from medsr_dist.infer.model_file import read_model_file
 from medsr_dist.infer.provenance import VOLUME_KIND as KIND
 from medsr_dist.infer.provenance import VOLUME_NOTE as NOTE
-from medsr_dist.infer.provenance import output_provenance, params_json, volume_params
+from medsr_dist.infer.provenance import output_provenance, params_json, provenance_source, volume_params
 from medsr_dist.infer.replica import EngineSettings, ModelReplica
 from medsr_dist.infer.rows import non_finite
 from medsr_dist.io.phi import phi_values, sanitize_reason
@@ -102,7 +102,8 @@ def group_series(entries: list, input_prefix: str, patterns: list[str]) -> list:
     """Listed files -> the same list with the files of each series folder replaced by one entry (module doc).
 
     ``entries``: :class:`~medsr_dist.storage.FileEntry` of the listing; ``patterns``: ``enhance.volumes.series_folders``.
-    Returns entries sorted by key; a folder item's key is ``<input>/<folder>/``.
+    Returns entries sorted by key; a folder item's key is ``<input>/<folder>/``. An entry the listing refused (a
+    symbolic link) stays on its own, to become its error row; the folder's volume is read without it.
     """
     if not patterns:
         return entries
@@ -113,7 +114,7 @@ def group_series(entries: list, input_prefix: str, patterns: list[str]) -> list:
             folder = posixpath.dirname(relative_key(entry.uri, input_prefix))
         except ValueError:
             folder = ""
-        if folder and any(fnmatch.fnmatchcase(folder, p.strip("/")) for p in patterns):
+        if folder and not entry.refused and any(fnmatch.fnmatchcase(folder, p.strip("/")) for p in patterns):
             groups.setdefault(folder, []).append(entry)
         else:
             out.append(entry)
@@ -408,7 +409,8 @@ def commit_volume(spec, item: dict, row: dict) -> dict:
         out = template.with_data(physical, resampled_affine(template.affine, meta["lr_axis"], 1.0 / meta["factor"]))
         provenance = output_provenance(
             model_name=meta["model_name"], model_sha256=meta["model_sha256"], params_json=params_json(meta["params"]),
-            source=row["input_key"], source_sha256=row["input_sha256"], note=NOTE, extra={
+            source=provenance_source(getattr(spec, "provenance_source", "item_id"), row["input_key"], row["item_id"]),
+            source_sha256=row["input_sha256"], note=NOTE, extra={
                 "medsr:lr_axis": str(meta["lr_axis"]), "medsr:output_spacing_mm": json.dumps(meta["output_spacing_mm"]),
                 "medsr:output_shape": json.dumps(meta["output_shape"])})
         key = row["output_key"]

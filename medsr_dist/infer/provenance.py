@@ -72,6 +72,16 @@ def output_provenance(*, model_name: str, model_sha256: str, params_json: str, s
     return out
 
 
+def provenance_source(mode: str, input_key: str, iid: str) -> str:
+    """What an output's provenance names its input by (``medsr:source``), per ``enhance.provenance_source``
+    (``mode``): the item id (``item_id``, the default: the manifest maps it back to the key, under the manifest's
+    access control) or the input key itself (``key``). Keys often hold patient names or accession numbers, and
+    outputs travel further than manifests. (Serve names its source ``request``.)"""
+    if mode not in ("item_id", "key"):
+        raise ValueError(f"enhance.provenance_source must be item_id or key, not {mode!r}")
+    return input_key if mode == "key" else iid
+
+
 def params_json(params: dict) -> str:
     """How parameters are written (provenance, manifests): sorted JSON."""
     return json.dumps(params, sort_keys=True)

@@ -77,8 +77,10 @@ def run_prepare(cfg: MedsrConfig, console: Console):
     with stage_status(console, f"prepare {cfg.prepare.input} → {cfg.prepare.output}"):
         result = prepare_dataset(cfg, Storage(cfg.storage))
     console.print(f"  images per split: {result.counts}  patients per split: {result.patients}")
-    for err in result.errors:
+    for err in result.errors:  # named by pseudonym: <output>/index.jsonl maps it to the file
         console.print(f"  [yellow]skipped[/] {err['key']}: {err['error']}", highlight=False)
+    if result.errors:
+        console.print(f"  files by pseudonym: {Storage.join(result.output, 'index.jsonl')}", highlight=False)
     return result
 
 
