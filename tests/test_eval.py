@@ -662,3 +662,14 @@ def test_no_reference_mode_scores_consistency_and_niqe_of_lr_files_without_groun
         assert math.isnan(r["psnr"]) and math.isnan(r["haarpsi"])
     md = (Path(result.output) / "results.md").read_text()
     assert "NIQE (no reference)" in md and "PSNR" not in md.split("## Per image")[0].split("| model |")[1]
+
+
+def test_an_image_too_small_for_haarpsi_keeps_its_psnr_and_says_why():
+    from medsr_dist.eval.evaluate import ScoreImages
+    from medsr_dist.eval.perceptual import LpipsStatus
+
+    scorer = ScoreImages([], resolve_protocol("bicubic-x4"), LpipsStatus(False, "off"), Storage(), "unused", None, 4)
+    hr = np.ascontiguousarray(gray(32, seed=3)[:20, :20])  # 12 px after the crop border: less than HaarPSI needs
+    scores = scorer._scores(np.clip(hr + 0.01, 0, 1), hr, hr[::4, ::4])
+    assert math.isfinite(scores["psnr"]) and math.isnan(scores["haarpsi"])
+    assert scores["error"].startswith("haarpsi: HaarPSI needs images of at least 16x16 pixels")

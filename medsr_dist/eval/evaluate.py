@@ -279,14 +279,17 @@ class ScoreImages:
                 scores["error"] = f"niqe: {_error_text(exc)}"
             return scores
         args = {"crop_border": p.crop_border, "test_y_channel": p.test_y_channel, "max_value": 1.0}
-        scores = {"psnr": psnr(sr, hr, **args), "ssim": ssim(sr, hr, **args), "lpips": math.nan,
-                  "haarpsi": haarpsi(sr, hr, crop_border=p.crop_border, max_value=1.0),
+        scores = {"psnr": psnr(sr, hr, **args), "ssim": ssim(sr, hr, **args), "lpips": math.nan, "haarpsi": math.nan,
                   "consistency_psnr_db": consistency_psnr(sr, lr)}
+        try:
+            scores["haarpsi"] = haarpsi(sr, hr, crop_border=p.crop_border, max_value=1.0)
+        except ValueError as exc:  # smaller than its 16-px filters: PSNR/SSIM still count
+            scores["error"] = f"haarpsi: {exc}"
         if self.lpips is not None:
             try:
                 scores["lpips"] = self.lpips(sr, hr, p.crop_border)
             except Exception as exc:  # noqa: BLE001 - e.g. an image too small for AlexNet: PSNR/SSIM still count
-                scores["error"] = f"lpips: {_error_text(exc)}"
+                scores["error"] = "; ".join(filter(None, [scores.get("error", ""), f"lpips: {_error_text(exc)}"]))
         return scores
 
     def __call__(self, batch: dict) -> dict:
