@@ -555,3 +555,121 @@ def test_shipped_eval_configs_select_their_presets():
         declared = yaml.safe_load(path.read_text())["eval"]["params"]
         preset = (PRESETS.get(name) or VOLUME_PRESETS[name]).parameters()
         assert {k: preset[k] for k in declared} == declared, path.name  # the file spells out the preset
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real low-resolution files: lr_from paired / no_reference
+# ---------------------------------------------------------------------------------------------------------
+def write_png8(path: Path, pixels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), pixels)
+
+
+def hand_made_pairs(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Ground truths (128x128) and LR files (32x32) made by hand, not by any protocol: a nearest-neighbour
+    decimation plus noise, so a synthetic BI input would score differently. Plus 'odd': an LR of the wrong size."""
+    rng = np.random.default_rng(7)
+    pairs = {}
+    for k in range(2):
+        hr = np.clip(make_radiograph(30 + k, 128) * 255, 0, 255).astype(np.uint8)
+        lr = np.clip(hr[1::4, 2::4].astype(np.int16) + rng.integers(-6, 7, (32, 32)), 0, 255).astype(np.uint8)
+        write_png8(root / "hr" / f"scan{k}.png", hr)
+        write_png8(root / "lr" / f"scan{k}.png", lr)
+        pairs[f"scan{k}.png"] = (hr, lr)
+    write_png8(root / "hr" / "odd.png", np.zeros((128, 128), np.uint8))
+    write_png8(root / "lr" / "odd.png", np.zeros((30, 32), np.uint8))
+    return pairs
+
+
+def test_paired_lr_files_are_scored_exactly_as_given(ray_local, tmp_path):
+    from medsr_dist.eval.metrics import bicubic_upscale, haarpsi, psnr, ssim
+
+    pairs = hand_made_pairs(tmp_path)
+    cfg = load_config(REPO / "configs" / "eval_bicubic-x4.yaml", [
+        f"run.root={tmp_path}", f"eval.dataset={tmp_path / 'hr'}", f"eval.lr_dataset={tmp_path / 'lr'}",
+        "eval.split=null", "eval.params.lr_from=paired", "ray.progress=false", "eval.bootstrap.samples=200",
+        "eval.models=[{name: bicubic, source: bicubic}]", "eval.cpus_per_replica=0.5", "eval.figures=1",
+    ])
+    result = run_evaluation(cfg, Storage(cfg.storage))
+    rows = {r["image"]: r for r in result.rows}
+    for name, (hr, lr) in pairs.items():
+        up = bicubic_upscale(lr[:, :, None] / np.float32(255), 4)
+        truth = hr[:, :, None] / np.float32(255)
+        args = {"crop_border": 4, "test_y_channel": True, "max_value": 1.0}
+        assert rows[name]["status"] == "ok", rows[name]
+        assert rows[name]["psnr"] == pytest.approx(psnr(up, truth, **args), abs=1e-9)
+        assert rows[name]["ssim"] == pytest.approx(ssim(up, truth, **args), abs=1e-9)
+        assert rows[name]["haarpsi"] == pytest.approx(haarpsi(up, truth, crop_border=4, max_value=1.0), abs=1e-9)
+    # the synthetic BI input of the same ground truth is a different image: the given file was used
+    synthetic = resolve_protocol("bicubic-x4").make_pair(pairs["scan0.png"][0][:, :, None] / np.float32(255), 255).lr
+    assert not np.allclose(synthetic[:, :, 0], pairs["scan0.png"][1] / 255, atol=2 / 255)
+    odd = rows["odd.png"]
+    assert odd["status"] == "error"
+    assert "odd.png is 128x128 and odd.png is 32x30" in odd["error"] and "exactly x4" in odd["error"]
+    assert result.report["metrics"] == ["psnr", "ssim", "lpips", "haarpsi", "consistency_psnr_db"] or \
+        "haarpsi" in result.report["metrics"]
+    assert "as given" in result.report["protocol"]["degradation"]
+    md = (Path(result.output) / "results.md").read_text()
+    assert "HaarPSI" in md
+
+
+def test_paired_names_that_do_not_match_fail_before_ray_naming_the_files(tmp_path):
+    hand_made_pairs(tmp_path)
+    write_png8(tmp_path / "hr" / "lonely.png", np.zeros((128, 128), np.uint8))
+    write_png8(tmp_path / "lr" / "stray.png", np.zeros((32, 32), np.uint8))
+    cfg = load_config(None, [f"run.root={tmp_path}", f"eval.dataset={tmp_path / 'hr'}", "eval.split=null",
+                             f"eval.lr_dataset={tmp_path / 'lr'}", "eval.params.lr_from=paired",
+                             "eval.params.source_size=null", "eval.models=[{name: bicubic, source: bicubic}]"])
+    with pytest.raises(ValueError, match=r"1 ground-truth file\(s\) without .*lonely\.png.*1 low-resolution file\(s\) "
+                                         r"without a ground truth \(e\.g\. stray\.png\)"):
+        plan_evaluation(cfg)
+    with pytest.raises(ConfigError, match="eval.lr_dataset"):
+        load_config(None, [f"eval.dataset={tmp_path / 'hr'}", "eval.split=null", "eval.params.lr_from=paired",
+                           "eval.params.source_size=null"])
+    with pytest.raises(ConfigError, match="synthetic input"):
+        load_config(None, ["eval.split=null", f"eval.lr_dataset={tmp_path}", "eval.params.lr_from=paired",
+                           "eval.params.blur_sigma=1"])
+
+
+def test_no_reference_mode_scores_consistency_and_niqe_of_lr_files_without_ground_truth(ray_local, tmp_path):
+    from medsr_dist.eval.metrics import bicubic_upscale, niqe
+    from medsr_dist.infer.consistency import consistency_psnr
+
+    rng = np.random.default_rng(3)
+    files = {}
+    for k in range(2):  # 64x64 -> 256x256 outputs: NIQE needs two 96x96 blocks after the crop border
+        files[f"acq{k}.png"] = np.clip(make_radiograph(40 + k, 64) * 255 + rng.normal(0, 3, (64, 64)), 0, 255).astype(np.uint8)
+        write_png8(tmp_path / "lr" / f"acq{k}.png", files[f"acq{k}.png"])
+    write_png8(tmp_path / "lr" / "tiny.png", np.full((16, 16), 99, np.uint8))  # too small for NIQE
+    cfg = load_config(REPO / "configs" / "eval_bicubic-x4.yaml", [
+        f"run.root={tmp_path}", f"eval.dataset={tmp_path / 'lr'}", "eval.split=null", "eval.params.lr_from=no_reference",
+        "ray.progress=false", "eval.bootstrap.samples=200", "eval.cpus_per_replica=0.5", "eval.figures=1",
+        "eval.models=[{name: bicubic, source: bicubic}, {name: nearest, source: bicubic}]",
+    ])
+    result = run_evaluation(cfg, Storage(cfg.storage))
+    assert result.report["metrics"] == ["consistency_psnr_db", "niqe"]
+    tiny = [r for r in result.rows if r["image"] == "tiny.png"]
+    assert all(r["status"] == "ok" and "NIQE needs at least two 96x96 blocks" in r["error"] and math.isnan(r["niqe"])
+               and math.isfinite(r["consistency_psnr_db"]) for r in tiny), tiny
+    for r in result.rows:
+        if r["image"] == "tiny.png":
+            continue
+        assert r["status"] == "ok" and not r["error"], r
+        lr = files[r["image"]][:, :, None] / np.float32(255)
+        up = bicubic_upscale(lr, 4)
+        assert r["niqe"] == pytest.approx(niqe(up, crop_border=4, max_value=1.0), rel=1e-9)
+        assert r["consistency_psnr_db"] == pytest.approx(consistency_psnr(up, lr), rel=1e-9)
+        assert math.isnan(r["psnr"]) and math.isnan(r["haarpsi"])
+    md = (Path(result.output) / "results.md").read_text()
+    assert "NIQE (no reference)" in md and "PSNR" not in md.split("## Per image")[0].split("| model |")[1]
+
+
+def test_an_image_too_small_for_haarpsi_keeps_its_psnr_and_says_why():
+    from medsr_dist.eval.evaluate import ScoreImages
+    from medsr_dist.eval.perceptual import LpipsStatus
+
+    scorer = ScoreImages([], resolve_protocol("bicubic-x4"), LpipsStatus(False, "off"), Storage(), "unused", None, 4)
+    hr = np.ascontiguousarray(gray(32, seed=3)[:20, :20])  # 12 px after the crop border: less than HaarPSI needs
+    scores = scorer._scores(np.clip(hr + 0.01, 0, 1), hr, hr[::4, ::4])
+    assert math.isfinite(scores["psnr"]) and math.isnan(scores["haarpsi"])
+    assert scores["error"].startswith("haarpsi: HaarPSI needs images of at least 16x16 pixels")

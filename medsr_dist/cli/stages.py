@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from medsr_dist.cli.common import ConfigOpt, FailOnErrorOpt, OverridesArg, _load, console
+from medsr_dist.cli.common import ConfigOpt, FailOnErrorOpt, OverridesArg, _fail, _load, console
 from medsr_dist.config import dump_config
 from medsr_dist.storage import Storage, StorageError
 
@@ -45,8 +45,12 @@ def prepare(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] =
 def train(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Train (or resume) a model with Ray Train on the degraded stream of a prepared dataset."""
     from medsr_dist.pipeline import run_train  # lazy: stage code, not loaded by --help
+    from medsr_dist.train.guard import TrainingCollapsed  # lazy: stage code, not loaded by --help
 
-    run_train(_load(config, overrides, "train"), console)
+    try:
+        run_train(_load(config, overrides, "train"), console)
+    except TrainingCollapsed as exc:  # the guard's message names what collapsed; no traceback
+        _fail(exc)
 
 
 @stages_app.command()

@@ -36,7 +36,10 @@ class EvalConfig(Section):
         source_size: int | None = Field(None, ge=1, description="Required side of the source images (null: any)")
         hr_size: int | None = Field(None, ge=1, description="Side of the ground truth (null: the source, modcropped)")
         hr_resize: Literal["none", "lanczos", "cubic", "area"] | None = Field(None, description="How the source becomes hr_size")
-        lr_from: Literal["hr", "source"] | None = Field(None, description="Downsample the ground truth or the source")
+        lr_from: Literal["hr", "source", "paired", "no_reference"] | None = Field(
+            None, description="Downsample the ground truth ('hr') or the source ('source'); 'paired': real low-resolution "
+            "files in eval.lr_dataset, matched to the ground truth by name (stem) and scored as given; 'no_reference': "
+            "eval.dataset holds low-resolution files without ground truth (scored by consistency and NIQE)")
         downsample: Literal["matlab", "opencv"] | None = Field(None, description="Bicubic kernel: MATLAB imresize (antialiased) or cv2 INTER_CUBIC")
         blur_sigma: float | None = Field(None, ge=0, description="Gaussian blur after downsampling (0: none)")
         test_y_channel: bool | None = Field(None, description="Metrics on the Y channel of RGB images")
@@ -75,6 +78,9 @@ class EvalConfig(Section):
                           "volumes (NIfTI): mri-aniso-x2, mri-aniso-x3, mri-aniso-x4")
     params: Params = Field(default_factory=Params)
     dataset: str | None = Field(None, description="Images prefix, or a prepared dataset when split is set (default: prepare.output)")
+    lr_dataset: str | None = Field(
+        None, description="eval.params.lr_from=paired: folder of the low-resolution files, each named like its ground "
+        "truth in eval.dataset (same stem, any image extension), exactly 1/scale its size")
     split: str | None = Field("test", description="Split of a prepared dataset; null: dataset is a prefix of image files")
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
@@ -104,6 +110,13 @@ class EvalConfig(Section):
     def _check(self) -> "EvalConfig":
         # raises ValueError naming the bad parameter
         protocol = resolve_protocol_parameters(self.protocol, {k: getattr(self.params, k) for k in self.params.model_fields_set})
+        lr_from = getattr(protocol, "lr_from", "hr")
+        if lr_from in ("paired", "no_reference") and self.split is not None:
+            raise ValueError(f"eval.params.lr_from={lr_from} reads a folder of image files: set eval.split=null")
+        if lr_from == "paired" and not self.lr_dataset:
+            raise ValueError("eval.params.lr_from=paired needs eval.lr_dataset (the folder of low-resolution files)")
+        if lr_from != "paired" and self.lr_dataset:
+            raise ValueError(f"eval.lr_dataset is only read with eval.params.lr_from=paired (lr_from is {lr_from})")
         names = [m.name for m in self.models]
         if not names and not hasattr(protocol, "fusion"):  # volume protocols always score their interpolations
             raise ValueError("eval.models is empty: list at least one model (e.g. {name: bicubic, source: bicubic})")

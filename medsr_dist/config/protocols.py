@@ -13,7 +13,9 @@ from typing import Any
 __all__ = ["PRESETS", "VOLUME_PRESETS", "ProtocolParameters", "VolumeProtocol", "resolve_protocol_parameters"]
 
 _HR_RESIZE = ("none", "lanczos", "cubic", "area")
-_LR_FROM = ("hr", "source")
+_LR_FROM = ("hr", "source", "paired", "no_reference")
+#: lr_from values whose model input is a file as given (no synthetic degradation)
+GIVEN_LR = ("paired", "no_reference")
 _DOWNSAMPLE = ("matlab", "opencv")
 _LR_QUANTIZATION = ("source", "8bit", "none")
 
@@ -59,12 +61,31 @@ class ProtocolParameters:
             raise ValueError(f"hr_resize {self.hr_resize!r} needs hr_size (the size to resize to)")
         if self.lr_from == "source" and self.hr_size is None:
             raise ValueError("lr_from 'source' needs hr_size (the input is source resized to hr_size / scale)")
+        if self.lr_from in GIVEN_LR:
+            # the input is a real low-resolution file, scored as given: nothing may resize, blur or round it
+            made = [k for k, v in (("hr_size", self.hr_size), ("blur_sigma", self.blur_sigma or None)) if v is not None]
+            if made:
+                raise ValueError(f"lr_from {self.lr_from!r} scores the given low-resolution files as they are; "
+                                 f"{made} would make a synthetic input (leave them unset)")
         if self.source_size is not None and self.hr_size is None and self.source_size % self.scale:
             raise ValueError(f"source_size {self.source_size} is not a multiple of scale {self.scale}")
 
     @property
+    def has_reference(self) -> bool:
+        """Whether there is a ground truth to score against (not ``lr_from: no_reference``)."""
+        return self.lr_from != "no_reference"
+
+    @property
     def degradation(self) -> str:
         """One line saying how the model input is made, e.g. for report captions."""
+        metric = ("Y channel" if self.test_y_channel else "all channels") + f", crop border {self.crop_border}"
+        if self.lr_from == "paired":
+            return (f"ground truth: the high-resolution file, exactly x{self.scale} its low-resolution partner; input: the "
+                    f"low-resolution file of the same name (eval.lr_dataset) as given, no synthetic degradation; "
+                    f"metrics: {metric}")
+        if self.lr_from == "no_reference":
+            return (f"no ground truth: input: the low-resolution files as given; x{self.scale} outputs scored without "
+                    f"reference (consistency with the input, NIQE)")
         gt = (f"{'source' if self.hr_resize == 'none' else self.hr_resize + ' resize to'} {self.hr_size}x{self.hr_size}"
               if self.hr_size else f"source modcropped to a multiple of {self.scale}")
         kernel = "MATLAB bicubic (antialiased)" if self.downsample == "matlab" else "OpenCV bicubic"
@@ -223,4 +244,8 @@ def resolve_protocol_parameters(name: str, overrides: Mapping[str, Any] | None =
     if isinstance(preset, VolumeProtocol):
         # the config's Params section lists every protocol's keys; nulls of 2-D-only keys are "not set" here
         overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get("lr_from") in GIVEN_LR:
+        # a real low-resolution file replaces the preset's synthetic degradation: its settings are dropped (given
+        # explicitly alongside, __post_init__ refuses them)
+        overrides = {"hr_size": None, "hr_resize": "none", "blur_sigma": 0.0, **overrides}
     return preset.with_params(overrides)

@@ -56,6 +56,25 @@ class DeepSpeedConfig(Section):
         return _check_zero_stage(stage)
 
 
+class GuardConfig(Section):
+    """Collapse detection at every validation (rank 0, on the val split's fixed pairs): a run whose outputs collapse
+    (uniform grey or black images, NaNs, an input they no longer agree with) stops with a message naming what
+    collapsed, and nothing is exported. Checks: output variance against the ground truth's, the consistency score
+    (output downsampled back vs the input), validation PSNR against bicubic's."""
+
+    enabled: bool | None = Field(
+        None, description="null: on when the generator starts from weights (model.pretrained_g: a fine-tune); a run "
+        "from scratch starts with near-constant outputs, so it is off there unless set to true")
+    min_output_std_ratio: float = Field(
+        0.2, ge=0, description="Collapsed when the outputs' mean standard deviation falls below this fraction of the "
+        "ground truth's")
+    min_consistency_db: float = Field(
+        20.0, description="Collapsed when the mean consistency score (dB) of the outputs falls below this")
+    max_psnr_below_bicubic_db: float = Field(
+        10.0, ge=0, description="Collapsed when validation PSNR is more than this many dB below bicubic's")
+    patience: int = Field(2, ge=1, description="Consecutive collapsed validations that stop the run")
+
+
 class TrainConfig(Section):
     dataset: str | None = Field(None, description="Prepared dataset prefix (default: prepare.output)")
     output: str | None = Field(None, description="Checkpoints and exports (default: <run.root>/train)")
@@ -90,6 +109,10 @@ class TrainConfig(Section):
     vgg: VGGConfig = Field(default_factory=VGGConfig)
     strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="Distributed strategy: PyTorch DDP or DeepSpeed ZeRO")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
+    export_best: bool = Field(
+        True, description="Also export the EMA generator of the best validation PSNR so far to "
+        "<train.output>/export/best/ (beside the last, <train.output>/export/); needs a val split")
 
     @model_validator(mode="after")
     def _deepspeed_precision(self) -> "TrainConfig":

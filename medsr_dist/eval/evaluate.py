@@ -32,10 +32,11 @@ import ray
 from medsr_dist.config import EvalConfig, MedsrConfig, StorageConfig
 from medsr_dist.data.prepare import significant_bits
 from medsr_dist.eval.html_report import write_eval_report
-from medsr_dist.eval.metrics import bicubic_upscale, psnr, ssim
+from medsr_dist.eval.metrics import bicubic_upscale, haarpsi, niqe, psnr, ssim
 from medsr_dist.eval.perceptual import LpipsScorer, LpipsStatus, check_lpips
 from medsr_dist.eval.plan import (
     BICUBIC,
+    IMAGE_FIELDS,
     ROW_FIELDS,
     EvalInputError,
     EvalModel,
@@ -122,8 +123,23 @@ class ProtocolPairs:
     (arrays (h, w, C) float32 in [0, 1]; empty on error), ``figure`` (bool).
     """
 
-    def __init__(self, storage: Storage, protocol: Protocol, names: dict[str, str], figures: list[str]):
+    def __init__(self, storage: Storage, protocol: Protocol, names: dict[str, str], figures: list[str],
+                 lr_keys: dict[str, str] | None = None):
+        """``lr_keys``: ``lr_from: paired``, each ground truth's key -> its low-resolution file's key."""
         self.storage, self.protocol, self.names, self.figures = storage, protocol, names, set(figures)
+        self.lr_keys = lr_keys or {}
+
+    def _pair(self, key: str, data: bytes):
+        decoded = decode_image(data, key)
+        pixels = single_frame_pixels(decoded, key, "evaluation")
+        given = self.protocol.lr_from
+        if given == "no_reference":  # the file is the model input, kept as decoded
+            return self.protocol.given_pair(pixels, None, ("-", key.rsplit("/", 1)[-1]))
+        if given == "paired":
+            lr_key = self.lr_keys[key]
+            lr = single_frame_pixels(decode_image(self.storage.read_bytes(lr_key), lr_key), lr_key, "evaluation")
+            return self.protocol.given_pair(lr, pixels, (key.rsplit("/", 1)[-1], lr_key.rsplit("/", 1)[-1]))
+        return self.protocol.make_pair(pixels, source_levels(data, decoded.meta))
 
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {k: [] for k in ("image", "key", "status", "error", "hr", "lr", "figure")}
@@ -135,9 +151,7 @@ class ProtocolPairs:
                    "figure": name in self.figures}
             try:
                 data = bytes(images[i]) if images is not None else self.storage.read_bytes(key)
-                decoded = decode_image(data, key)
-                pair = self.protocol.make_pair(single_frame_pixels(decoded, key, "evaluation"),
-                                               source_levels(data, decoded.meta))
+                pair = self._pair(key, data)
                 row.update(hr=pair.hr, lr=pair.lr)
             except Exception as exc:  # noqa: BLE001 - an unreadable image is an error row for every model
                 row.update(status="error", error=f"input: {_error_text(exc)}")
@@ -153,6 +167,14 @@ def source_levels(data: bytes, meta) -> int:
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         return (1 << significant_bits(data)) - 1
     return int(meta.maxval)
+
+
+def target_shape(hr: np.ndarray, lr: np.ndarray, scale: int) -> tuple[int, ...]:
+    """The shape a model output must have: the ground truth's, or, without one (``lr_from: no_reference``), the
+    input's times ``scale``."""
+    if hr.size:
+        return hr.shape
+    return (lr.shape[0] * scale, lr.shape[1] * scale, lr.shape[2])
 
 
 def _column(i: int, what: str) -> str:
@@ -197,7 +219,8 @@ class EvalReplica:
         bicubic, bicubic_seconds = [EMPTY] * n, [0.0] * n
         for j in ok:
             t0 = time.perf_counter()
-            bicubic[j] = bicubic_upscale(batch["lr"][j], self.protocol.scale).reshape(batch["hr"][j].shape)
+            shape = target_shape(batch["hr"][j], batch["lr"][j], self.protocol.scale)
+            bicubic[j] = bicubic_upscale(batch["lr"][j], self.protocol.scale).reshape(shape)
             bicubic_seconds[j] = time.perf_counter() - t0
         result["bicubic"] = _object_array(bicubic)
         for i, m in enumerate(self.models):
@@ -217,9 +240,9 @@ class EvalReplica:
                         errors[j] = f"inference: {_error_text(out)}"
                     else:
                         out = out if out.ndim == 3 else out[:, :, None]
-                        hr = batch["hr"][j]
-                        if out.shape != hr.shape:
-                            errors[j] = f"output shape {out.shape} differs from the ground truth's {hr.shape}"
+                        shape = target_shape(batch["hr"][j], batch["lr"][j], self.protocol.scale)
+                        if out.shape != shape:
+                            errors[j] = f"output shape {out.shape} differs from the expected {shape}"
                         else:
                             outputs[j] = out
                         ran.append(j)
@@ -248,14 +271,25 @@ class ScoreImages:
 
     def _scores(self, sr: np.ndarray, hr: np.ndarray, lr: np.ndarray) -> dict[str, float | str]:
         p = self.protocol
+        if not hr.size:  # lr_from: no_reference: what can be said without a ground truth
+            scores = {"consistency_psnr_db": consistency_psnr(sr, lr)}
+            try:
+                scores["niqe"] = niqe(sr, crop_border=p.crop_border, max_value=1.0)
+            except Exception as exc:  # noqa: BLE001 - e.g. too small for NIQE's blocks: consistency still counts
+                scores["error"] = f"niqe: {_error_text(exc)}"
+            return scores
         args = {"crop_border": p.crop_border, "test_y_channel": p.test_y_channel, "max_value": 1.0}
-        scores = {"psnr": psnr(sr, hr, **args), "ssim": ssim(sr, hr, **args), "lpips": math.nan,
+        scores = {"psnr": psnr(sr, hr, **args), "ssim": ssim(sr, hr, **args), "lpips": math.nan, "haarpsi": math.nan,
                   "consistency_psnr_db": consistency_psnr(sr, lr)}
+        try:
+            scores["haarpsi"] = haarpsi(sr, hr, crop_border=p.crop_border, max_value=1.0)
+        except ValueError as exc:  # smaller than its 16-px filters: PSNR/SSIM still count
+            scores["error"] = f"haarpsi: {exc}"
         if self.lpips is not None:
             try:
                 scores["lpips"] = self.lpips(sr, hr, p.crop_border)
             except Exception as exc:  # noqa: BLE001 - e.g. an image too small for AlexNet: PSNR/SSIM still count
-                scores["error"] = f"lpips: {_error_text(exc)}"
+                scores["error"] = "; ".join(filter(None, [scores.get("error", ""), f"lpips: {_error_text(exc)}"]))
         return scores
 
     def __call__(self, batch: dict) -> dict:
@@ -267,7 +301,7 @@ class ScoreImages:
             for i, m in enumerate(self.models):
                 row = {"image": image, "key": key, "model": m.name, "model_index": i, "status": "ok", "error": "",
                        "psnr": math.nan, "ssim": math.nan, "lpips": math.nan, "consistency_psnr_db": math.nan,
-                       "seconds": 0.0, "figure": figure}
+                       "haarpsi": math.nan, "niqe": math.nan, "seconds": 0.0, "figure": figure}
                 if batch["status"][j] != "ok":
                     row.update(status="error", error=str(batch["error"][j]))
                 elif str(batch[_column(i, "error")][j]):
@@ -288,11 +322,12 @@ class ScoreImages:
                     log.warning("figure of %s failed: %s", image, exc)
                     for row in rows[-len(self.models):]:
                         row["figure"] = ""
-        return {k: np.asarray([r[k] for r in rows]) for k in ROW_FIELDS}
+        return {k: np.asarray([r[k] for r in rows]) for k in (*ROW_FIELDS, *IMAGE_FIELDS)}
 
     def _figure(self, batch: dict, j: int, outputs: dict[int, np.ndarray]) -> bytes:
         """LR | bicubic | models... | ground truth, with the region where the models disagree most magnified."""
         hr, lr = batch["hr"][j], batch["lr"][j]
+        blank = np.zeros(target_shape(hr, lr, self.protocol.scale), np.float32)
         bicubic_index = next((i for i, m in enumerate(self.models) if m.is_bicubic), None)
         panels = [(f"LR x1/{self.protocol.scale}", lr),
                   (self.models[bicubic_index].name if bicubic_index is not None else BICUBIC, batch["bicubic"][j])]
@@ -304,12 +339,13 @@ class ScoreImages:
                 compare.append(len(panels))
                 panels.append((m.name, outputs[i]))
             else:
-                panels.append((f"{m.name}: error", np.zeros_like(hr)))
-        panels.append(("ground truth", hr))
+                panels.append((f"{m.name}: error", blank))
+        if hr.size:
+            panels.append(("ground truth", hr))
         box = None
         if self.crop_box is not None:
             y, x, h, w = self.crop_box
-            height, width = hr.shape[:2]
+            height, width = blank.shape[:2]
             y, x = min(max(y, 0), height - 1), min(max(x, 0), width - 1)
             box = CropBox(y, x, max(1, min(h, height - y)), max(1, min(w, width - x)))
         return side_by_side(panels, crop_box=box, compare=compare if len(compare) >= 2 else None, zoom=self.zoom,
@@ -364,7 +400,8 @@ def run_evaluation(cfg: MedsrConfig, storage: Storage | None = None, *, plan: Ev
     names = {item["key"]: item["name"] for item in plan.items}
     ds = _dataset_of(plan, storage)
     # an instance (not the class) runs as tasks: no idle actor holds a CPU the other stages need
-    ds = ds.map_batches(ProtocolPairs(storage, plan.protocol, names, plan.figures), batch_size=e.batch_size,
+    lr_keys = {item["key"]: item["lr_key"] for item in plan.items if "lr_key" in item}
+    ds = ds.map_batches(ProtocolPairs(storage, plan.protocol, names, plan.figures, lr_keys), batch_size=e.batch_size,
                         num_cpus=0.5)
     precision = runs_precision(plan, e, gpu)
     ds = ds.map_batches(EvalReplica, fn_constructor_args=(plan.models, plan.protocol, e, cfg.storage, precision),

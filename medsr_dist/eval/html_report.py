@@ -29,6 +29,8 @@ METRIC_LABELS = {
     "psnr": ("PSNR (dB)", 2, True),
     "ssim": ("SSIM", 4, True),
     "lpips": ("LPIPS", 4, False),
+    "haarpsi": ("HaarPSI", 4, True),
+    "niqe": ("NIQE (no reference)", 3, False),
     "consistency_psnr_db": ("consistency (dB)", 2, True),
 }
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22")
@@ -109,15 +111,22 @@ def _comparison(comp: dict | None, digits: int) -> str:
         "" if level == 95 else f" ({level}%)")
 
 
+def _per_image_metrics(report: dict[str, Any]) -> tuple[str, str]:
+    """The two metrics of the per-image cells, captions and plots: PSNR and SSIM, or without a ground truth
+    consistency and NIQE."""
+    return ("psnr", "ssim") if "psnr" in report["metrics"] else tuple(report["metrics"][:2])
+
+
 def _shown_metrics(report: dict[str, Any]) -> list[str]:
     """The metric columns of the tables: LPIPS stays (as 'unavailable') so its absence is visible."""
-    return [m for m in METRIC_LABELS if m in report["metrics"] or m == "lpips"]
+    return [m for m in METRIC_LABELS if m in report["metrics"] or (m == "lpips" and "psnr" in report["metrics"])]
 
 
 # ------------------------------------------------------------------------------------------------------------
 # CSV / Markdown
 # ------------------------------------------------------------------------------------------------------------
-CSV_FIELDS = ("image", "key", "model", "status", "error", "psnr_db", "ssim", "lpips", "consistency_psnr_db", "seconds")
+CSV_FIELDS = ("image", "key", "model", "status", "error", "psnr_db", "ssim", "lpips", "consistency_psnr_db", "haarpsi",
+              "niqe", "seconds")
 
 
 def results_csv(report: dict[str, Any]) -> str:
@@ -130,7 +139,7 @@ def results_csv(report: dict[str, Any]) -> str:
             writer.writerow([
                 image["name"], image["key"], model, cell["status"], cell.get("error", ""),
                 *(_num(cell.get(metric), 6) if cell["status"] == "ok" else ""
-                  for metric in ("psnr", "ssim", "lpips", "consistency_psnr_db")),
+                  for metric in ("psnr", "ssim", "lpips", "consistency_psnr_db", "haarpsi", "niqe")),
                 _num(cell.get("seconds"), 4),
             ])
     return buf.getvalue()
@@ -160,6 +169,8 @@ def results_markdown(report: dict[str, Any]) -> str:
                      + f" | {s['errors']}/{s['images']} |")
     if report.get("note"):
         lines += ["", f"**Note:** {_md_escape(report['note'])}."]
+    for warning in report.get("warnings", []):
+        lines += ["", f"**Warning:** {_md_escape(warning)}."]
     if report["comparisons"]:
         b = report["bootstrap"]
         lines += ["", f"## Paired difference with the baseline `{report['baseline']}`", "",
@@ -172,14 +183,16 @@ def results_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {_md_escape(model)} | " + " | ".join(_comparison(comps[m], METRIC_LABELS[m][1])
                                                                  for m in report["metrics"]) + f" | {n} |")
     models = [m["name"] for m in report["models"]]
-    lines += ["", "## Per image (PSNR dB / SSIM)", "",
+    first, second = _per_image_metrics(report)
+    lines += ["", f"## Per image ({METRIC_LABELS[first][0]} / {METRIC_LABELS[second][0]})", "",
               "| image | " + " | ".join(_md_escape(m) for m in models) + " | figure |",
               "|---|" + "---:|" * len(models) + "---|"]
     for image in report["images"]:
         cells = []
         for m in models:
             c = image["models"][m]
-            cells.append(f"{_num(c['psnr'], 2)} / {_num(c['ssim'], 4)}" if c["status"] == "ok" else "error")
+            cells.append(f"{_num(c.get(first), METRIC_LABELS[first][1])} / {_num(c.get(second), METRIC_LABELS[second][1])}"
+                         if c["status"] == "ok" else "error")
         fig = f"[figure]({image['figure']})" if image["figure"] else ""
         lines.append(f"| {_md_escape(image['name'])} | " + " | ".join(cells) + f" | {fig} |")
     if report["errors"]:
@@ -344,6 +357,8 @@ def render_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
     parts.append("</table>")
     if report.get("note"):
         parts.append(f'<p class="warn">Note: {_e(report["note"])}.</p>')
+    for warning in report.get("warnings", []):
+        parts.append(f'<p class="warn">Warning: {_e(warning)}.</p>')
     arrows = " ".join(f"{METRIC_LABELS[m][0]} {'↑' if METRIC_LABELS[m][2] else '↓'}" for m in metrics)
     consistency = report.get("consistency_note") or ("Consistency: the output area-downsampled back to the input grid "
                                                      "against the input (a safeguard against changed content, not a "
@@ -374,6 +389,7 @@ def render_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
     # figures
     names = [image["name"] for image in report["images"]]
     by_name = {image["name"]: image for image in report["images"]}
+    first, second = _per_image_metrics(report)
     if report["figures"]:
         caption = report.get("figure_caption") or ("Top: LR input (nearest) | bicubic | models | ground truth. Bottom: "
                                                    "the outlined region magnified (where the models disagree most, "
@@ -384,19 +400,20 @@ def render_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
         if image is None:
             continue
         scores = "; ".join(
-            f"{_e(m)}: " + (f"{_num(c['psnr'], 2)} dB / {_num(c['ssim'], 4)}" if c["status"] == "ok" else
+            f"{_e(m)}: " + (f"{_num(c.get(first), METRIC_LABELS[first][1])} / {_num(c.get(second), METRIC_LABELS[second][1])}"
+                            if c["status"] == "ok" else
                             f"error ({_e(c.get('error', ''))})")
             for m, c in image["models"].items())
         data = figures.get(image["figure"]) if image["figure"] else None
         if data:
             uri = "data:image/png;base64," + base64.b64encode(data).decode()
-            parts.append(f'<figure><img src="{uri}" alt="{_e(name)}"{_display_width(data)}><figcaption><b>{_e(name)}</b> — PSNR/SSIM: '
+            parts.append(f'<figure><img src="{uri}" alt="{_e(name)}"{_display_width(data)}><figcaption><b>{_e(name)}</b> — {_e(METRIC_LABELS[first][0])} / {_e(METRIC_LABELS[second][0])}: '
                          f"{scores}</figcaption></figure>")
         else:
             parts.append(f"<p class='warn'>{_e(name)}: no figure (the input could not be evaluated). {scores}</p>")
     # plots
     parts.append("<h2>Per-image values</h2>")
-    for metric in ("psnr", "ssim"):
+    for metric in (first, second):
         series = {m: [by_name[n]["models"][m].get(metric) if by_name[n]["models"][m]["status"] == "ok" else None
                       for n in names] for m in models}
         parts.append(svg_metric_plot(METRIC_LABELS[metric][0], names, series, digits=METRIC_LABELS[metric][1]))

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,19 @@ UNAVAILABLE = "unavailable"
 ROW_FIELDS = ("image", "key", "model", "model_index", "status", "error", "psnr", "ssim", "lpips",
               "consistency_psnr_db", "seconds", "figure")
 METRICS = ("psnr", "ssim", "lpips", "consistency_psnr_db")
+#: Columns the 2-D evaluation adds to :data:`ROW_FIELDS` (NaN where a metric does not apply)
+IMAGE_FIELDS = ("haarpsi", "niqe")
+#: The metrics of a 2-D evaluation with a ground truth, and of one without (``lr_from: no_reference``)
+REFERENCE_METRICS = ("psnr", "ssim", "lpips", "haarpsi", "consistency_psnr_db")
+NO_REFERENCE_METRICS = ("consistency_psnr_db", "niqe")
+
+
+def metrics_of(protocol) -> tuple[str, ...]:
+    """The metrics a protocol's report shows: volumes keep :data:`METRICS`; 2-D adds HaarPSI, or, without a ground
+    truth, scores consistency and NIQE only."""
+    if not hasattr(protocol, "has_reference"):
+        return METRICS
+    return REFERENCE_METRICS if protocol.has_reference else NO_REFERENCE_METRICS
 
 
 class EvalInputError(ValueError):
@@ -49,6 +63,7 @@ class EvalModel:
     baseline: bool = False
     model_file: ModelFile | None = None
     factory: BackendFactory | None = None
+    validation: dict | None = None  # a training export's meta.json "validation" (medsr_dist.train.guard)
 
     @property
     def is_bicubic(self) -> bool:
@@ -71,6 +86,10 @@ class EvalModel:
                 info["sampling"] = mf.sampling
             if mf.scale != protocol.scale:
                 info["note"] = f"native x{mf.scale}; output Lanczos-resized to x{protocol.scale}"
+            if self.validation:
+                info["training_validation"] = self.validation
+                if self.validation.get("below_bicubic"):
+                    info["warning"] = f"{self.name}: its export says {self.validation.get('warning', 'it is below bicubic')}"
         else:
             info.update(kind="python", factory=getattr(self.factory, "__qualname__", repr(self.factory)))
         return info
@@ -133,8 +152,21 @@ def resolve_models(cfg: MedsrConfig, storage: Storage | None = None) -> list[Eva
                                                   f"eval.models[{m.name}].sampling")
         except (ValueError, FileNotFoundError) as exc:
             raise EvalInputError(f"eval.models[{m.name}]: {exc}") from None
-        models.append(EvalModel(m.name, m.source, m.baseline, model_file=model_file))
+        models.append(EvalModel(m.name, m.source, m.baseline, model_file=model_file,
+                                validation=_export_validation(uri, storage)))
     return models
+
+
+def _export_validation(uri: str, storage: Storage) -> dict | None:
+    """The ``validation`` record of a training export's ``meta.json`` beside ``uri`` (None: none, or not an export)."""
+    if "/" not in uri:
+        return None
+    meta_uri = Storage.join(uri.rsplit("/", 1)[0], "meta.json")
+    try:
+        record = json.loads(storage.read_bytes(meta_uri)).get("validation") if storage.exists(meta_uri) else None
+    except (ValueError, OSError, AttributeError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 @dataclass
@@ -194,7 +226,46 @@ def list_items(cfg: MedsrConfig, storage: Storage) -> tuple[str, list[dict[str, 
         raise EvalInputError(f"eval.dataset: no images under {dataset}" + (f" (split {e.split})" if e.split else
                              f" matching include={e.include} exclude={e.exclude}"))
     items.sort(key=lambda item: item["name"])
+    if not e.split and getattr(protocol_of(e), "lr_from", "") == "paired":
+        items = pair_items(items, e.lr_dataset, storage.list_files(e.lr_dataset)
+                           if storage.exists(e.lr_dataset) else [])
     return dataset, items[: e.limit] if e.limit else items
+
+
+def _stem(name: str) -> str:
+    path = PurePosixPath(name)
+    return str(path.with_suffix("")) if path.suffix else name
+
+
+def pair_items(items: list[dict[str, str]], lr_dataset: str, lr_keys: list[str]) -> list[dict[str, str]]:
+    """``lr_from: paired``: each ground-truth item with its low-resolution file (``lr_key``), matched by the name
+    relative to the two folders without its extension (``a/b.dcm`` and ``a/b.png`` pair).
+
+    Raises:
+        EvalInputError: no LR files, two LR files of one stem, or names on one side only (the first few listed).
+    """
+    root = lr_dataset.rstrip("/")
+    lr_by_stem: dict[str, str] = {}
+    for key in lr_keys:
+        stem = _stem(key[len(root):].lstrip("/") or PurePosixPath(key).name)
+        if stem in lr_by_stem:
+            raise EvalInputError(f"eval.lr_dataset: two low-resolution files for {stem!r}: "
+                                 f"{PurePosixPath(lr_by_stem[stem]).name} and {PurePosixPath(key).name}")
+        lr_by_stem[stem] = key
+    if not lr_by_stem:
+        raise EvalInputError(f"eval.lr_dataset: no low-resolution images under {lr_dataset}")
+    hr_stems = {_stem(item["name"]) for item in items}
+    no_lr = [item["name"] for item in items if _stem(item["name"]) not in lr_by_stem]
+    no_hr = sorted(PurePosixPath(lr_by_stem[s]).name for s in set(lr_by_stem) - hr_stems)
+    if no_lr or no_hr:
+        parts = []
+        if no_lr:
+            parts.append(f"{len(no_lr)} ground-truth file(s) without a low-resolution file of the same name in "
+                         f"{lr_dataset} (e.g. {', '.join(no_lr[:5])})")
+        if no_hr:
+            parts.append(f"{len(no_hr)} low-resolution file(s) without a ground truth (e.g. {', '.join(no_hr[:5])})")
+        raise EvalInputError("eval.params.lr_from=paired: files are matched by name without extension; " + "; ".join(parts))
+    return [{**item, "lr_key": lr_by_stem[_stem(item["name"])]} for item in items]
 
 
 def describe_plan(plan: EvalPlan) -> str:

@@ -80,6 +80,8 @@ class Protocol(parameters.ProtocolParameters):
             ProtocolError: the source has the wrong size, or is too small for the scale.
             TypeError: integer input (decode to float first).
         """
+        if self.lr_from in parameters.GIVEN_LR:
+            raise ProtocolError(f"lr_from {self.lr_from!r} makes no synthetic input: use given_pair")
         source = np.asarray(source)
         if not np.issubdtype(source.dtype, np.floating):
             raise TypeError(f"expected a float image in [0, 1], got dtype {source.dtype}")
@@ -108,6 +110,46 @@ class Protocol(parameters.ProtocolParameters):
                 raise ValueError(f"source_levels must be >= 1, got {levels}")
             lr = (np.rint(lr * np.float32(levels)) / np.float32(levels)).astype(np.float32)
         return ProtocolPair(hr=hr, lr=lr)
+
+    def given_pair(self, lr: np.ndarray, hr: np.ndarray | None = None, names: tuple[str, str] = ("ground truth", "input")
+                   ) -> ProtocolPair:
+        """``lr_from: paired`` / ``no_reference``: the input is a real low-resolution file, kept exactly as decoded
+        (no resize, blur or rounding); the ground truth (None without one) must be exactly ``scale`` times its size.
+
+        Args:
+            lr, hr: (h, w[, C]) float in [0, 1] as :func:`medsr_dist.io.image.decode_image` returns them (alpha dropped).
+            names: the two files' names, for messages.
+
+        Returns:
+            The pair; without a ground truth ``hr`` is an empty (0, 0, C) array.
+
+        Raises:
+            ProtocolError: sizes not in the ratio ``scale``, or different channel counts.
+        """
+        lr = self._plain(lr, names[1])
+        if hr is None:
+            return ProtocolPair(hr=np.zeros((0, 0, lr.shape[2]), np.float32), lr=lr)
+        hr = self._plain(hr, names[0])
+        (H, W, C), (h, w, c) = hr.shape, lr.shape
+        if (H, W) != (h * self.scale, w * self.scale):
+            raise ProtocolError(f"{names[0]} is {W}x{H} and {names[1]} is {w}x{h}: the ground truth must be exactly "
+                                f"x{self.scale} the low-resolution file ({w * self.scale}x{h * self.scale})")
+        if C != c:
+            raise ProtocolError(f"{names[0]} has {C} channel(s) and {names[1]} {c}: they must match")
+        if self.source_size is not None and (H, W) != (self.source_size, self.source_size):
+            raise ProtocolError(f"{self.name} expects {self.source_size}x{self.source_size} ground truths, got {W}x{H} "
+                                f"({names[0]}; set eval.params.source_size=null to accept any size)")
+        return ProtocolPair(hr=hr, lr=lr)
+
+    @staticmethod
+    def _plain(image: np.ndarray, name: str) -> np.ndarray:
+        image = np.asarray(image)
+        if not np.issubdtype(image.dtype, np.floating):
+            raise TypeError(f"{name}: expected a float image in [0, 1], got dtype {image.dtype}")
+        image = image[:, :, None] if image.ndim == 2 else image
+        if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+            raise ProtocolError(f"{name}: expected an (H, W, C) image with C in {{1, 3, 4}}, got shape {image.shape}")
+        return np.ascontiguousarray(image[:, :, :3], dtype=np.float32)
 
     def _ground_truth(self, source: np.ndarray) -> np.ndarray:
         h, w = source.shape[:2]

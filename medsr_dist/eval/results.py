@@ -7,6 +7,7 @@ volume one (:mod:`medsr_dist.eval.volume_eval`).
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -16,7 +17,7 @@ import numpy as np
 
 from medsr_dist import __version__
 from medsr_dist.config import EvalConfig, MedsrConfig
-from medsr_dist.eval.plan import METRICS, ROW_FIELDS, UNAVAILABLE, EvalPlan
+from medsr_dist.eval.plan import IMAGE_FIELDS, ROW_FIELDS, UNAVAILABLE, EvalPlan, metrics_of
 from medsr_dist.eval.stats import paired_bootstrap, summarize
 from medsr_dist.infer.engine import ENGINE_REVISION
 from medsr_dist.infer.model_file import runnable_precision
@@ -50,6 +51,9 @@ def plain_row(row: dict) -> dict:
     for k in ROW_FIELDS:
         v = row[k]
         out[k] = v.item() if isinstance(v, np.generic) else v
+    for k in IMAGE_FIELDS:  # the 2-D evaluation's extra metrics (volumes have none)
+        if k in row:
+            out[k] = row[k].item() if isinstance(row[k], np.generic) else row[k]
     out["model_index"] = int(out["model_index"])
     return out
 
@@ -73,7 +77,8 @@ def build_report(cfg: MedsrConfig, plan: EvalPlan, rows: list[dict], seconds: fl
     images = [item["name"] for item in plan.items]
     models = [m.name for m in plan.models]
     cell = {(r["image"], r["model"]): r for r in rows}
-    metrics = [m for m in METRICS if m != "lpips" or plan.lpips.available]
+    shown = metrics_of(plan.protocol)
+    metrics = [m for m in shown if m != "lpips" or plan.lpips.available]
 
     def ok(image: str, model: str) -> bool:
         r = cell.get((image, model))
@@ -82,14 +87,14 @@ def build_report(cfg: MedsrConfig, plan: EvalPlan, rows: list[dict], seconds: fl
     common = [image for image in images if all(ok(image, m) for m in models)]
 
     def values(model: str, metric: str) -> list[float | None]:
-        return [cell[(image, model)][metric] for image in common]
+        return [cell[(image, model)].get(metric, math.nan) for image in common]
 
     summary = {m: {metric: summarize(values(m, metric)).to_dict() for metric in metrics} for m in models}
     for m in models:
         summary[m]["errors"] = sum(1 for image in images if cell.get((image, m), {"status": "missing"})["status"] != "ok")
         summary[m]["images"] = len(images)
         summary[m]["scored"] = sum(1 for image in images if ok(image, m))
-        if not plan.lpips.available:
+        if "lpips" in shown and not plan.lpips.available:
             summary[m]["lpips"] = UNAVAILABLE
     b = e.bootstrap
     comparisons = {
@@ -106,8 +111,8 @@ def build_report(cfg: MedsrConfig, plan: EvalPlan, rows: list[dict], seconds: fl
                 entry["models"][m] = {"status": "error", "error": "no result (lost in the pipeline)"}
                 continue
             entry["key"], entry["figure"] = r["key"], entry["figure"] or r["figure"]
-            values_ = {metric: r[metric] for metric in METRICS}
-            if not plan.lpips.available:
+            values_ = {metric: r.get(metric, float("nan")) for metric in shown}
+            if "lpips" in shown and not plan.lpips.available:
                 values_["lpips"] = UNAVAILABLE
             entry["models"][m] = {"status": r["status"], "error": r["error"], "seconds": r["seconds"], **values_}
         per_image.append(entry)
@@ -131,6 +136,7 @@ def build_report(cfg: MedsrConfig, plan: EvalPlan, rows: list[dict], seconds: fl
             f"means and comparisons are over the {len(common)} of {len(images)} images every model scored ("
             + ", ".join(f"{m} scored {summary[m]['scored']}" for m in models if summary[m]["scored"] < len(images))
             + "); an image one model failed on is left out for all"),
+        "warnings": [w for w in (m.describe(p).get("warning") for m in plan.models) if w],
         "figures": [image for image in plan.figures],
         "errors": [{"image": r["image"], "model": r["model"], "error": r["error"]} for r in rows if r["status"] != "ok"],
         "seconds": seconds,

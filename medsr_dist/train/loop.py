@@ -11,6 +11,8 @@ The data arriving here is already degraded by the Ray Data actors; this loop onl
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
 import json
 import logging
 import os
@@ -23,8 +25,11 @@ from torch import nn
 
 from medsr_dist.config import MedsrConfig
 from medsr_dist.eval.metrics import bicubic_upscale, psnr, ssim
+from medsr_dist.infer.consistency import consistency_psnr
 from medsr_dist.models.base import StepContext
 from medsr_dist.models.registry import load_family
+from medsr_dist.storage import Storage
+from medsr_dist.train.guard import COLLAPSE_FILE, CollapseWatch, validation_record
 from medsr_dist.train.strategy import STATE_FILE, make_strategy  # noqa: F401  (STATE_FILE: DDP's checkpoint file)
 
 log = logging.getLogger(__name__)
@@ -51,11 +56,45 @@ def model_meta(cfg: MedsrConfig, iteration: int) -> dict:
 
 
 def write_export(path: str, cfg: MedsrConfig, iteration: int, family, nets: dict[str, nn.Module],
-                 ema: dict[str, nn.Module]) -> None:
-    """``model.pth`` (the family's export payload: plain fp32, the same for every strategy) + ``meta.json`` in ``path``."""
+                 ema: dict[str, nn.Module], validation: dict | None = None) -> None:
+    """``model.pth`` (the family's export payload: plain fp32, the same for every strategy) + ``meta.json`` in ``path``;
+    ``validation``: the latest validation's record (:func:`~medsr_dist.train.guard.validation_record`)."""
     torch.save(family.export_payload(nets, ema), os.path.join(path, MODEL_FILE))
+    meta = model_meta(cfg, iteration)
+    if validation:
+        meta["validation"] = validation
     with open(os.path.join(path, META_FILE), "w") as f:
-        json.dump(model_meta(cfg, iteration), f, indent=2)
+        json.dump(meta, f, indent=2)
+
+
+def best_export_uri(cfg: MedsrConfig) -> str:
+    """Where ``train.export_best`` keeps the export of the best validation PSNR: ``<train.output>/export/best/``."""
+    return Storage.join(cfg.train.output, "export", "best")
+
+
+def write_best_export(cfg: MedsrConfig, iteration: int, family, nets: dict[str, nn.Module], ema: dict[str, nn.Module],
+                      validation: dict) -> None:
+    """The export (weights + meta with its sha256 and validation) of a new best validation PSNR, to
+    :func:`best_export_uri` (rank 0, at validation)."""
+    storage = Storage(cfg.storage)
+    buf = io.BytesIO()
+    torch.save(family.export_payload(nets, ema), buf)
+    data = buf.getvalue()
+    meta = {**model_meta(cfg, iteration), **family.meta_from_weights(data), "validation": validation,
+            "sha256": hashlib.sha256(data).hexdigest(), "name": f"{cfg.run.name}@{iteration}-best"}
+    folder = best_export_uri(cfg)
+    storage.write_bytes(storage.join(folder, MODEL_FILE), data)
+    storage.write_bytes(storage.join(folder, META_FILE), json.dumps(meta, indent=2).encode())
+
+
+def best_validation_psnr(cfg: MedsrConfig) -> float:
+    """The validation PSNR of the best export so far (-inf: none), so a resumed run keeps a better earlier one."""
+    storage = Storage(cfg.storage)
+    uri = storage.join(best_export_uri(cfg), META_FILE)
+    try:
+        return float(json.loads(storage.read_bytes(uri))["validation"]["val_psnr"]) if storage.exists(uri) else -np.inf
+    except (ValueError, KeyError, TypeError):
+        return -np.inf
 
 
 def _to_device_batch(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
@@ -66,20 +105,37 @@ def _to_device_batch(batch: dict, device: torch.device) -> dict[str, torch.Tenso
 @torch.no_grad()
 def validate(net: nn.Module, pairs: list[dict], device: torch.device, scale: int) -> dict[str, float]:
     """Mean PSNR/SSIM (RGB, crop border = scale) of ``net`` (a family's inference module) on fixed pairs; also of
-    bicubic, for reference."""
+    bicubic, for reference; and what the collapse guard watches (:mod:`medsr_dist.train.guard`): the outputs' and
+    ground truths' mean standard deviation, the outputs' mean consistency score. NaN outputs give NaN metrics."""
     was_training = net.training
     net.eval()
-    psnrs, ssims, psnrs_bic = [], [], []
+    psnrs, ssims, psnrs_bic, stds, gt_stds, consistency = [], [], [], [], [], []
     for pair in pairs:
         lq = torch.from_numpy(pair["lq"]).unsqueeze(0).to(device)
-        out = net(lq).float().clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()
+        raw = net(lq).float()[0].permute(1, 2, 0).cpu().numpy()
+        out = np.clip(raw, 0, 1)  # NaN stays NaN (torch's clamp too), so a diverged net is seen as one
         gt = pair["gt"].transpose(1, 2, 0)
         bic = np.clip(bicubic_upscale(pair["lq"].transpose(1, 2, 0), scale), 0, 1)
-        psnrs.append(psnr(out, gt, crop_border=scale))
-        ssims.append(ssim(out, gt, crop_border=scale))
+        finite = bool(np.isfinite(out).all())
+        psnrs.append(psnr(out, gt, crop_border=scale) if finite else np.nan)
+        ssims.append(ssim(out, gt, crop_border=scale) if finite else np.nan)
         psnrs_bic.append(psnr(bic, gt, crop_border=scale))
+        stds.append(float(out.std()))
+        gt_stds.append(float(gt.std()))
+        consistency.append(consistency_psnr(out, pair["lq"].transpose(1, 2, 0)) if finite else np.nan)
     net.train(was_training)
-    return {"val_psnr": float(np.mean(psnrs)), "val_ssim": float(np.mean(ssims)), "val_psnr_bicubic": float(np.mean(psnrs_bic))}
+    return {"val_psnr": float(np.mean(psnrs)), "val_ssim": float(np.mean(ssims)), "val_psnr_bicubic": float(np.mean(psnrs_bic)),
+            "val_output_std": float(np.mean(stds)), "val_gt_std": float(np.mean(gt_stds)),
+            "val_consistency_db": float(np.mean(np.minimum(consistency, 100.0)))}  # identical: inf -> 100 dB
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is true on rank 0 (broadcast, so every rank takes the same branch)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    tensor = torch.tensor([1 if flag else 0], device=device)
+    torch.distributed.broadcast(tensor, src=0)
+    return bool(tensor.item())
 
 
 def build_training(cfg: MedsrConfig, device: torch.device, *, distributed: bool = True):
@@ -140,6 +196,10 @@ def train_loop_per_worker(config: dict) -> None:
         val_pairs = ray.get(val_pairs) if rank == 0 else []
     val_pairs = val_pairs or []
 
+    watch = CollapseWatch(cfg)
+    last_validation: dict | None = None
+    best_psnr = best_validation_psnr(cfg) if rank == 0 and t.export_best and val_pairs else -np.inf
+    collapsed = ""
     shard = ray.train.get_dataset_shard("train")
     iteration = start_iteration
     wait_s = step_s = first_batch_s = 0.0
@@ -172,21 +232,39 @@ def train_loop_per_worker(config: dict) -> None:
                    "data_wait_fraction": wait_s / max(wait_s + step_s, 1e-9), "step_seconds": step_s / steps,
                    "first_batch_seconds": first_batch_s, "worker_cpu_seconds": time.process_time() - cpu0, "lr_g": strategy.optimizer(family.inference_net).param_groups[0]["lr"]}
         last = iteration == t.iterations
-        if rank == 0 and val_pairs and (iteration % t.val_every == 0 or last):
+        validating = iteration % t.val_every == 0 or last
+        if rank == 0 and val_pairs and validating:
             inference = family.inference_module({k: ema.get(k, strategy.raw(k)) for k in family.network_roles(cfg)})
             metrics.update(validate(inference, val_pairs, device, cfg.model.scale))
+            last_validation = validation_record(metrics, iteration)
+            collapsed = watch.update(metrics, iteration) or ""
+            # a validation the guard finds collapsed is never the best one, even before patience runs out
+            if not watch.reasons and t.export_best and metrics["val_psnr"] > best_psnr:
+                best_psnr = metrics["val_psnr"]
+                write_best_export(cfg, iteration, family, {k: strategy.raw(k) for k in family.network_roles(cfg)}, ema,
+                                  last_validation)
+        if validating and watch.enabled and _any_rank(bool(collapsed), device):
+            # every rank stops at the same iteration; the last good checkpoint stays the run's latest
+            if rank == 0:
+                storage = Storage(cfg.storage)
+                storage.write_bytes(storage.join(t.output, cfg.run.name, COLLAPSE_FILE),
+                                    json.dumps({"iteration": iteration, "message": collapsed, **metrics}).encode())
+                log.error("%s", collapsed)
+            collapsed = collapsed or "collapsed (rank 0)"
+            break
         if iteration % t.checkpoint_every == 0 or last:
             with tempfile.TemporaryDirectory() as d:
                 wrote = strategy.save(d, client_state(iteration, ema, schedulers))
                 if rank == 0:
-                    write_export(d, cfg, iteration, family, {k: strategy.raw(k) for k in family.network_roles(cfg)}, ema)
+                    write_export(d, cfg, iteration, family, {k: strategy.raw(k) for k in family.network_roles(cfg)}, ema,
+                                 last_validation)
                 strategy.barrier()
                 # Ray Train merges the files of every rank's reported checkpoint into one checkpoint folder
                 ckpt = ray.train.Checkpoint.from_directory(d) if (wrote or rank == 0) else None
                 ray.train.report(metrics, checkpoint=ckpt)
         elif iteration % t.log_every == 0 or iteration % t.val_every == 0:  # the same iterations on every rank
             ray.train.report(metrics)
-    if iteration < t.iterations:
+    if iteration < t.iterations and not collapsed:
         raise RuntimeError(
             f"training stream ended at iteration {iteration} of {t.iterations}: the degraded stream was too short"
         )

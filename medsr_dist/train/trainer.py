@@ -24,6 +24,7 @@ from medsr_dist.data.ldm_pairs import AugmentedBicubicPairs
 from medsr_dist.models.registry import load_family
 from medsr_dist.runtime import cluster_has_gpus, configure_data_context
 from medsr_dist.storage import Storage
+from medsr_dist.train.guard import COLLAPSE_FILE, TrainingCollapsed
 from medsr_dist.train.loop import META_FILE, MODEL_FILE, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,31 @@ def latest_iteration(storage: Storage, cfg: MedsrConfig) -> int:
     return best
 
 
+def stream_epochs(cfg: MedsrConfig, n_images: int, start_iteration: int = 0) -> tuple[int, int]:
+    """(first epoch, number of epochs) of the training stream for the iterations left, ``n_images`` training rows.
+
+    Raises:
+        ValueError: more than :data:`MAX_EPOCHS` epochs; the message says how to get more rows (the small-archive
+            preset ``configs/finetune_x4plus_psnr.yaml`` among them).
+    """
+    global_batch = cfg.train.batch_size * cfg.train.num_workers
+    remaining = max(cfg.train.iterations - start_iteration, 0) * global_batch
+    first_epoch = start_iteration * global_batch // n_images
+    # one epoch of margin: drop_last and the equal split across workers can leave rows unused
+    n_epochs = math.ceil(remaining / n_images) + 1
+    if n_epochs > MAX_EPOCHS:
+        raise ValueError(
+            f"train.iterations: {remaining} more samples ({cfg.train.iterations - start_iteration} iterations x "
+            f"train.batch_size {cfg.train.batch_size} x train.num_workers {cfg.train.num_workers}) are {n_epochs} epochs "
+            f"of the {n_images} prepared training images; the stream holds at most {MAX_EPOCHS} (Ray Data fails on a "
+            f"union of a few hundred epochs). Prepare more training rows (prepare.subimages, prepare.multiscale) or "
+            f"train fewer iterations; for a small real archive, configs/finetune_x4plus_psnr.yaml (then "
+            f"configs/finetune_x4plus_gan.yaml) prepares 128-px sub-images and fine-tunes RealESRGAN_x4plus for a few "
+            f"hundred images"
+        )
+    return first_epoch, n_epochs
+
+
 def build_train_stream(cfg: MedsrConfig, storage: Storage, start_iteration: int = 0):
     """The degraded training stream: enough epochs of the prepared train split for the remaining iterations.
 
@@ -100,19 +126,7 @@ def build_train_stream(cfg: MedsrConfig, storage: Storage, start_iteration: int 
     n_images = base.count()
     if n_images == 0:
         raise ValueError(f"train.dataset: {cfg.train.dataset}/train holds no images")
-    global_batch = cfg.train.batch_size * cfg.train.num_workers
-    remaining = max(cfg.train.iterations - start_iteration, 0) * global_batch
-    first_epoch = start_iteration * global_batch // n_images
-    # one epoch of margin: drop_last and the equal split across workers can leave rows unused
-    n_epochs = math.ceil(remaining / n_images) + 1
-    if n_epochs > MAX_EPOCHS:
-        raise ValueError(
-            f"train.iterations: {remaining} more samples ({cfg.train.iterations - start_iteration} iterations x "
-            f"train.batch_size {cfg.train.batch_size} x train.num_workers {cfg.train.num_workers}) are {n_epochs} epochs "
-            f"of the {n_images} prepared training images; the stream holds at most {MAX_EPOCHS} (Ray Data fails on a "
-            f"union of a few hundred epochs). Prepare more training rows (prepare.subimages, prepare.multiscale) or "
-            f"train fewer iterations"
-        )
+    first_epoch, n_epochs = stream_epochs(cfg, n_images, start_iteration)
     epochs = [base.randomize_block_order(seed=cfg.run.seed + e).map_batches(_tag_epoch(e), batch_format="pyarrow")
               for e in range(first_epoch, first_epoch + n_epochs)]
     stream = epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]
@@ -207,8 +221,13 @@ def run_training(cfg: MedsrConfig, storage: Storage | None = None) -> TrainResul
     # built here first, so a bad dataset fails before any worker starts; rebuilt at each worker-group restart
     datasets = {"train": TrainStream(cfg, storage, build_train_stream(cfg, storage, start))}
 
+    collapse_uri = storage.join(t.output, cfg.run.name, COLLAPSE_FILE)
+    if storage.exists(collapse_uri):  # an earlier attempt collapsed; this one (new settings) is watched afresh
+        storage.delete(collapse_uri)
     trainer = make_trainer(cfg, storage, datasets, validation_pairs(cfg, storage))
     result = trainer.fit()
+    if storage.exists(collapse_uri):
+        raise TrainingCollapsed(json.loads(storage.read_bytes(collapse_uri))["message"])
     if result.checkpoint is None:
         raise RuntimeError(f"training run {cfg.run.name} finished without a checkpoint")
     export, digest = export_checkpoint(result.checkpoint, cfg, storage)
