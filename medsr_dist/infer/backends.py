@@ -147,6 +147,11 @@ class TorchBackend:
         """The precision a replica of this backend will run for ``requested`` (on a GPU, or on this CPU)."""
         return torch_precision(requested, "cuda" if gpu else "cpu")
 
+    @staticmethod
+    def set_threads(threads: int) -> None:
+        """Intra-op threads of this process's torch (the CPUs a replica was granted)."""
+        set_torch_threads(threads)
+
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """See :meth:`Backend.__call__`."""
         if batch.ndim != 4 or batch.shape[1] != 3:
@@ -162,6 +167,14 @@ class TorchBackend:
             f"TorchBackend({type(self.model).__name__}, scale={self.scale}, size_multiple={self.size_multiple}, "
             f"device={self.device}, precision={self.precision})"
         )
+
+
+def set_torch_threads(threads: int) -> None:
+    """``torch.set_num_threads(threads)`` when it differs (Ray's OMP_NUM_THREADS gives an actor of 1.5 CPUs one
+    thread: the whole CPUs, floored)."""
+    if threads >= 1 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+        logger.info("torch intra-op threads: %d", threads)
 
 
 def build_backend(name: str, /, **kwargs: Any) -> Backend:
