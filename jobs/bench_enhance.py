@@ -83,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rss-blocks", type=int, default=1)
     p.add_argument("--rss-grow", type=int, default=8)
     p.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime backend")
+    p.add_argument("--no-compiled", action="store_true",
+                   help="skip backend compiled (torch.compile/inductor; compiling x4plus takes minutes on CPU)")
     p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                    help="also time the torch backend in bf16 (enhance.precision=bf16); auto: where the CPU has bf16 "
                         "hardware (AVX512-BF16/AMX)")
@@ -228,6 +230,20 @@ def model_throughput(args, net, images: list[np.ndarray]) -> list[dict]:
             engine(bf16_backend, args.tile, blend=0), methods[f"engine torch tile={args.tile} hard crop"][1])
         methods[f"engine torch bf16 tile={args.engine_tile}"] = (engine(bf16_backend, args.engine_tile),
                                                                  methods[f"engine torch tile={args.engine_tile}"][1])
+    if not args.no_compiled:
+        from medsr_dist.infer.compiled_backend import CompiledBackend
+
+        for precision in ("fp32", "bf16") if f"engine torch bf16 tile={args.engine_tile}" in methods else ("fp32",):
+            compiled = CompiledBackend(copy.deepcopy(net), scale=4, device="cpu", precision=precision)
+            spec = TileSpec(tile=args.engine_tile, overlap=args.engine_overlap, blend=args.blend,
+                            batch_size=args.batch_size or auto_batch_size(compiled))
+            t0 = time.perf_counter()
+            compiled.prepare(spec)  # at replica start: compiled and warmed for the tile batch (not timed below)
+            list(enhance_many(compiled, floats, spec))  # the images' own window shapes compile on first sight
+            print(f"  compiled {precision}: {time.perf_counter() - t0:.0f} s to compile (once per replica and shape; "
+                  f"cached on disk)", flush=True)
+            name = f"engine compiled{'' if precision == 'fp32' else ' ' + precision} tile={args.engine_tile}"
+            methods[name] = (engine(compiled, args.engine_tile), methods[f"engine torch tile={args.engine_tile}"][1])
     if not args.no_onnx:
         from medsr_dist.infer.export import export_onnx
         from medsr_dist.infer.onnx_backend import OnnxRuntimeBackend
