@@ -73,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="engine tiles per model call (default: enhance.batch_size's, 1 on CPU)")
     p.add_argument("--images-per-batch", type=int, default=4, help="enhance.images_per_batch in the end-to-end job")
     p.add_argument("--e2e-images", type=int, default=4, help="images in the end-to-end archive (0: skip)")
+    p.add_argument("--e2e-parts", choices=("both", "enhance", "eval"), default="both",
+                   help="which end-to-end figures: the nightly job, the evaluation, or both")
     p.add_argument("--e2e", action="store_true",
                    help="only the end-to-end figures (nightly job and evaluation), as a new user runs them: default "
                         "enhance/eval sizing on a local Ray of every core, against the engine given every core "
@@ -557,7 +559,7 @@ def main(argv=None) -> dict:
                   f"| {100 * r['overlap_overhead']:.0f}% | {r['max_diff_255']:.3f} | {r['max_diff_12bit']:.1f} "
                   f"| {r['max_diff_16bit']:.0f} | {100 * r['share_over_1_255']:.2f}% |", flush=True)
 
-    if args.e2e_images:
+    if args.e2e_images and args.e2e_parts != "eval":
         print(f"\n## end to end: {args.e2e_images} images of {args.size}x{args.size}, 16-bit RGB PNG, tile "
               f"{args.engine_tile}", flush=True)
         e2e = figures["e2e"] = end_to_end(args, net)
@@ -565,6 +567,7 @@ def main(argv=None) -> dict:
               f"({e2e['job_s']:.1f} s, first output after {e2e['first_output_s']:.1f} s): ratio {e2e['ratio']:.2f}; "
               f"steady state (first to last output) {e2e['steady_px_per_s']:.0f} px/s: ratio {e2e['ratio_steady']:.2f}"
               f"\njob's replicas: {e2e['sizing']}", flush=True)
+    if args.e2e_images and args.e2e_parts != "enhance":
         print(f"\n## evaluation end to end: {args.e2e_images} ground truths of {4 * args.size}x{4 * args.size} (LR "
               f"{args.size}x{args.size}), the model + bicubic, LPIPS off", flush=True)
         ev = figures["eval_e2e"] = eval_end_to_end(args, net)
