@@ -73,12 +73,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="engine tiles per model call (default: enhance.batch_size's, 1 on CPU)")
     p.add_argument("--images-per-batch", type=int, default=4, help="enhance.images_per_batch in the end-to-end job")
     p.add_argument("--e2e-images", type=int, default=4, help="images in the end-to-end archive (0: skip)")
+    p.add_argument("--e2e-parts", choices=("both", "enhance", "eval"), default="both",
+                   help="which end-to-end figures: the nightly job, the evaluation, or both")
+    p.add_argument("--e2e", action="store_true",
+                   help="only the end-to-end figures (nightly job and evaluation), as a new user runs them: default "
+                        "enhance/eval sizing on a local Ray of every core, against the engine given every core "
+                        "(--threads defaults to all cores)")
     p.add_argument("--rss-size", type=int, default=2048, help="side of the RSS image (0: skip)")
     p.add_argument("--rss-tile", type=int, default=256)
     p.add_argument("--rss-feat", type=int, default=16)
     p.add_argument("--rss-blocks", type=int, default=1)
     p.add_argument("--rss-grow", type=int, default=8)
     p.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime backend")
+    p.add_argument("--no-compiled", action="store_true",
+                   help="skip backend compiled (torch.compile/inductor; compiling x4plus takes minutes on CPU)")
     p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                    help="also time the torch backend in bf16 (enhance.precision=bf16); auto: where the CPU has bf16 "
                         "hardware (AVX512-BF16/AMX)")
@@ -224,6 +232,20 @@ def model_throughput(args, net, images: list[np.ndarray]) -> list[dict]:
             engine(bf16_backend, args.tile, blend=0), methods[f"engine torch tile={args.tile} hard crop"][1])
         methods[f"engine torch bf16 tile={args.engine_tile}"] = (engine(bf16_backend, args.engine_tile),
                                                                  methods[f"engine torch tile={args.engine_tile}"][1])
+    if not args.no_compiled:
+        from medsr_dist.infer.compiled_backend import CompiledBackend
+
+        for precision in ("fp32", "bf16") if f"engine torch bf16 tile={args.engine_tile}" in methods else ("fp32",):
+            compiled = CompiledBackend(copy.deepcopy(net), scale=4, device="cpu", precision=precision)
+            spec = TileSpec(tile=args.engine_tile, overlap=args.engine_overlap, blend=args.blend,
+                            batch_size=args.batch_size or auto_batch_size(compiled))
+            t0 = time.perf_counter()
+            compiled.prepare(spec)  # at replica start: compiled and warmed for the tile batch (not timed below)
+            list(enhance_many(compiled, floats, spec))  # the images' own window shapes compile on first sight
+            print(f"  compiled {precision}: {time.perf_counter() - t0:.0f} s to compile (once per replica and shape; "
+                  f"cached on disk)", flush=True)
+            name = f"engine compiled{'' if precision == 'fp32' else ' ' + precision} tile={args.engine_tile}"
+            methods[name] = (engine(compiled, args.engine_tile), methods[f"engine torch tile={args.engine_tile}"][1])
     if not args.no_onnx:
         from medsr_dist.infer.export import export_onnx
         from medsr_dist.infer.onnx_backend import OnnxRuntimeBackend
@@ -288,6 +310,8 @@ def end_to_end(args, net) -> dict:
                     batch_size=args.batch_size or auto_batch_size(backend))
     floats = [img.astype(np.float32) / 65535 for img in images]
 
+    sizing = [""]
+
     def job(n: int, attempt: int) -> dict:
         """run_enhance_job over the first n images on a fresh local Ray (so each run pays start-up), with the
         time each output was committed."""
@@ -298,11 +322,11 @@ def end_to_end(args, net) -> dict:
         overrides = [
             f"run.root={tmp}", f"enhance.input={archive}", f"enhance.output={out}",
             f"enhance.checkpoint={model_path}", f"enhance.tile={args.engine_tile}", f"enhance.tile_overlap={args.engine_overlap}",
-            f"enhance.tile_blend={args.blend}", f"enhance.images_per_batch={args.images_per_batch}",
-            f"enhance.cpus_per_replica={args.threads}", "ray.progress=false",
+            f"enhance.tile_blend={args.blend}", f"enhance.images_per_batch={args.images_per_batch}", "ray.progress=false",
         ] + ([f"enhance.batch_size={args.batch_size}"] if args.batch_size else [])
+        # the replicas' sizing is enhance's default (auto: from the cluster) on a local Ray of this machine's cores
         cfg = load_config(None, overrides)
-        ray.init(address="local", num_cpus=args.threads + 2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         t0 = time.time()
         try:
@@ -310,6 +334,8 @@ def end_to_end(args, net) -> dict:
         finally:
             ray.shutdown()
         assert result.counts == {"done": n}, result.counts
+        sizing[0] = result.sizing.how + f"; {result.sizing.max_replicas} x {result.sizing.cpus:g} CPU, " \
+            f"{result.sizing.threads} threads"
         # when each output was committed (its manifest row's finished_at), seconds after the job started
         finished = sorted(datetime.fromisoformat(r["finished_at"]).timestamp() - t0 for r in result.rows)
         return {"seconds": result.seconds, "finished": finished}
@@ -334,7 +360,62 @@ def end_to_end(args, net) -> dict:
     return {"images": len(images), "size": args.size, "model_s": model_s, "job_s": full["seconds"],
             "first_output_s": first, "finished_s": [j["finished"] for j in jobs],
             "model_px_per_s": pixels / model_s, "job_px_per_s": pixels / full["seconds"], "ratio": model_s / full["seconds"],
-            "steady_px_per_s": steady, "ratio_steady": steady / (pixels / model_s)}
+            "steady_px_per_s": steady, "ratio_steady": steady / (pixels / model_s), "sizing": sizing[0]}
+
+
+def eval_end_to_end(args, net) -> dict:
+    """``run_evaluation`` (eval_nih-x4's protocol: bicubic x4 down + blur; the model and the bicubic baseline;
+    LPIPS off, as where its backbone is absent) with default sizing on a local Ray of every core, against the
+    engine alone on the same inputs (the protocol's LR images) with every core."""
+    import cv2
+    import ray
+    import torch
+
+    from medsr_dist.config import load_config
+    from medsr_dist.eval.evaluate import plan_evaluation, run_evaluation
+    from medsr_dist.infer.backends import TorchBackend
+    from medsr_dist.infer.engine import TileSpec, auto_batch_size, enhance_many
+    from medsr_dist.io.image import ImageMeta, encode_image
+    from medsr_dist.storage import Storage
+
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="medsr-bench-eval-"))
+    model_path = write_model(net, tmp / "model", X4PLUS)
+    hr_side = 4 * args.size
+    meta = ImageMeta(format="png", dtype="uint16", bits_stored=16, channels=1, photometric="MONOCHROME2")
+    (tmp / "holdout").mkdir()
+    lrs = []
+    for i in range(args.e2e_images):
+        hr = radiograph_rgb16(2000 + i, hr_side)[:, :, 0].astype(np.float32) / 65535
+        (tmp / "holdout" / f"cxr{i:03d}.png").write_bytes(encode_image(hr, meta))
+        lr = cv2.GaussianBlur(cv2.resize(hr, (args.size, args.size), interpolation=cv2.INTER_CUBIC), (0, 0), 1.0)
+        lrs.append(np.repeat(np.clip(lr, 0, 1)[:, :, None], 3, axis=2))
+    backend = TorchBackend(net, scale=4, device="cpu")
+    spec = TileSpec(tile=args.engine_tile, overlap=args.engine_overlap, blend=args.blend,
+                    batch_size=args.batch_size or auto_batch_size(backend))
+    repo = Path(__file__).resolve().parent.parent
+    cfg = load_config(repo / "configs" / "eval_nih-x4.yaml", [
+        f"run.root={tmp}", f"eval.dataset={tmp / 'holdout'}", "eval.split=null", "eval.params.source_size=null",
+        f"eval.models=[{{name: bicubic, source: bicubic, baseline: true}}, {{name: x4, source: {model_path}}}]",
+        "eval.figures=0", "eval.lpips.enabled=false", "eval.bootstrap.samples=200", f"eval.tile={args.engine_tile}",
+        f"eval.tile_overlap={args.engine_overlap}", "ray.progress=false"])
+    model_s, eval_s, sizing = math.inf, math.inf, ""
+    for r in range(args.rounds):
+        model_s = min(model_s, timed(lambda: list(enhance_many(backend, lrs, spec)))[0])
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        try:
+            t0 = time.perf_counter()
+            result = run_evaluation(cfg, Storage(cfg.storage), plan=plan_evaluation(cfg))
+            eval_s = min(eval_s, time.perf_counter() - t0)
+        finally:
+            ray.shutdown()
+        assert all(row["status"] == "ok" for row in result.rows), [row["error"] for row in result.rows]
+        sz = result.report["sizing"]
+        sizing = f"{sz['sizing']}; {sz['max_replicas']} x {sz['cpus_per_replica']:g} CPU, {sz['threads_per_replica']} threads"
+        print(f"  round {r + 1}: engine alone {model_s:.1f} s (best so far); evaluation {eval_s:.1f} s", flush=True)
+    return {"images": len(lrs), "lr_size": args.size, "model_s": model_s, "eval_s": eval_s,
+            "ratio": model_s / eval_s, "sizing": sizing}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -448,6 +529,10 @@ def incremental_nights(args) -> dict:
 # ------------------------------------------------------------------------------------------------------
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.e2e:
+        args.images, args.rss_size, args.incremental = 0, 0, 0
+        if "--threads" not in (sys.argv if argv is None else argv):
+            args.threads = os.cpu_count() or 1
     if args.engine_overlap is None:
         from medsr_dist.infer.engine import DEFAULT_TILE_OVERLAP
 
@@ -474,14 +559,20 @@ def main(argv=None) -> dict:
                   f"| {100 * r['overlap_overhead']:.0f}% | {r['max_diff_255']:.3f} | {r['max_diff_12bit']:.1f} "
                   f"| {r['max_diff_16bit']:.0f} | {100 * r['share_over_1_255']:.2f}% |", flush=True)
 
-    if args.e2e_images:
+    if args.e2e_images and args.e2e_parts != "eval":
         print(f"\n## end to end: {args.e2e_images} images of {args.size}x{args.size}, 16-bit RGB PNG, tile "
               f"{args.engine_tile}", flush=True)
         e2e = figures["e2e"] = end_to_end(args, net)
         print(f"engine alone {e2e['model_px_per_s']:.0f} px/s ({e2e['model_s']:.1f} s); job {e2e['job_px_per_s']:.0f} px/s "
               f"({e2e['job_s']:.1f} s, first output after {e2e['first_output_s']:.1f} s): ratio {e2e['ratio']:.2f}; "
-              f"steady state (first to last output) {e2e['steady_px_per_s']:.0f} px/s: ratio {e2e['ratio_steady']:.2f}",
-              flush=True)
+              f"steady state (first to last output) {e2e['steady_px_per_s']:.0f} px/s: ratio {e2e['ratio_steady']:.2f}"
+              f"\njob's replicas: {e2e['sizing']}", flush=True)
+    if args.e2e_images and args.e2e_parts != "enhance":
+        print(f"\n## evaluation end to end: {args.e2e_images} ground truths of {4 * args.size}x{4 * args.size} (LR "
+              f"{args.size}x{args.size}), the model + bicubic, LPIPS off", flush=True)
+        ev = figures["eval_e2e"] = eval_end_to_end(args, net)
+        print(f"engine alone {ev['model_s']:.1f} s; evaluation {ev['eval_s']:.1f} s: ratio {ev['ratio']:.2f}\n"
+              f"evaluation's replicas: {ev['sizing']}", flush=True)
 
     if args.rss_size:
         print(f"\n## model actor peak RSS: one {args.rss_size}x{args.rss_size} 16-bit image at x4, tile {args.rss_tile}, "

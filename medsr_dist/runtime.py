@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
+from dataclasses import dataclass
 
 from medsr_dist.config import MedsrConfig
 
@@ -35,3 +37,137 @@ def cluster_has_gpus() -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+#: CPUs per node left to the CPU stages (decode/read and encode/write tasks, 0.25 CPU each: one of each at a time)
+#: when model replicas are sized from the cluster. They take ~1 % of a CPU node's time on x4plus (a 256x256 16-bit
+#: PNG decodes in ms; the model needs seconds), so half a CPU keeps them from starving without idling a core.
+STAGE_RESERVE_CPUS = 0.5
+#: CPU of each decode/encode task of a job whose replicas are sized from the cluster.
+STAGE_TASK_CPUS = 0.25
+#: Most intra-op threads one auto-sized CPU replica gets: RRDBNet convolutions scale well to ~8 threads; a larger
+#: node gets several replicas rather than one replica whose threads wait on each other.
+MAX_THREADS_PER_REPLICA = 8
+
+
+@dataclass(frozen=True)
+class ReplicaSizing:
+    """How many model replicas a pass runs and what each is granted (:func:`size_replicas`).
+
+    Attributes:
+        min_replicas, max_replicas: the actor pool's bounds.
+        cpus: Ray CPUs per replica (1 next to a GPU).
+        gpus: Ray GPUs per replica (0 on CPU-only clusters).
+        threads: torch/onnxruntime intra-op threads of a replica (``ceil(cpus)`` on CPU; the granted CPUs).
+        how: one line saying where the numbers came from (logged and recorded in the run's manifest).
+    """
+
+    min_replicas: int
+    max_replicas: int
+    cpus: float
+    gpus: float
+    threads: int
+    how: str
+
+    def record(self) -> dict:
+        return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas, "cpus_per_replica": self.cpus,
+                "gpus_per_replica": self.gpus, "threads_per_replica": self.threads, "sizing": self.how}
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """``[{"CPU": n, "GPU": g}, ...]`` of the live nodes of the connected Ray cluster (``ray.nodes()``); without
+    a connected cluster, this machine's CPUs (what a local instance would start with)."""
+    import ray  # lazy: runtime.py is imported by drivers that may never start Ray
+
+    if not ray.is_initialized():
+        return [{"CPU": float(os.cpu_count() or 1), "GPU": 0.0}]
+    return [{"CPU": float(n["Resources"].get("CPU", 0)), "GPU": float(n["Resources"].get("GPU", 0))}
+            for n in ray.nodes() if n.get("Alive") and n.get("Resources")]
+
+
+def size_replicas(nodes: list[dict[str, float]], *, cpus_per_replica: float | str = "auto",
+                  min_replicas: int | str = "auto", max_replicas: int | str = "auto", section: str = "enhance",
+                  reserve: float = STAGE_RESERVE_CPUS) -> ReplicaSizing:
+    """Model replicas for the cluster ``nodes`` (see :func:`cluster_nodes`); explicit numbers win over ``auto``.
+
+    GPU clusters: one replica per GPU, 1 CPU each. CPU-only clusters: each node keeps ``reserve`` CPUs for the
+    decode/encode stages and gives the rest to replicas, each with at most :data:`MAX_THREADS_PER_REPLICA` threads
+    (replicas x CPUs = node CPUs - reserve); the replica's CPUs are sized on the smallest node so that one fits on
+    every node, and its intra-op threads are ``ceil(cpus)`` (1.5 granted CPUs on a 2-CPU node: 2 threads, which
+    the decode/encode tasks interrupt only briefly). ``min_replicas: auto`` is ``max_replicas``: the pass waits for
+    the whole pool (``replica_start_timeout_s``) before it reads any item.
+
+    Raises:
+        ValueError: the cluster has no CPU (names ``section``).
+    """
+    gpus = sum(n.get("GPU", 0) for n in nodes)
+    cpu_nodes = [n["CPU"] for n in nodes if n.get("CPU", 0) > 0]
+    if not cpu_nodes:
+        raise ValueError(f"{section}: the Ray cluster has no CPU to size model replicas on")
+    if gpus > 0:
+        count = max(1, int(gpus))
+        how = f"auto: one replica per GPU ({count} GPU(s))"
+        cpus, per_gpu, threads = 1.0, 1.0, 1
+        if cpus_per_replica != "auto":
+            cpus, threads = float(cpus_per_replica), max(1, math.ceil(float(cpus_per_replica)))
+    else:
+        per_gpu = 0.0
+        room = [max(c - reserve, min(c, 0.5)) for c in cpu_nodes]
+        if cpus_per_replica != "auto":
+            cpus = float(cpus_per_replica)
+            how = f"{section}.cpus_per_replica {cpus:g}"
+        elif max_replicas != "auto":
+            cpus = min(min(room), sum(room) / int(max_replicas))
+            how = f"auto: {sum(room):g} CPUs for {max_replicas} replica(s) ({section}.max_replicas)"
+        else:
+            per_node = math.ceil(min(room) / MAX_THREADS_PER_REPLICA)
+            cpus = min(room) / per_node
+            how = f"auto: {len(cpu_nodes)} CPU node(s) of {'/'.join(f'{c:g}' for c in cpu_nodes)} CPUs, {reserve:g} " \
+                  f"CPU each kept for decode/encode"
+        cpus = math.floor(cpus * 100) / 100  # Ray's CPU quantum is 1e-4; keep the figure readable
+        threads = max(1, math.ceil(cpus - 1e-9))
+        count = max(1, sum(int((r + 1e-9) // cpus) for r in room))
+    top = count if max_replicas == "auto" else int(max_replicas)
+    low = top if min_replicas == "auto" else min(int(min_replicas), top)
+    if min_replicas != "auto" and max_replicas == "auto":
+        top = max(top, int(min_replicas))
+        low = int(min_replicas)
+    return ReplicaSizing(low, top, cpus, per_gpu, threads, how)
+
+
+#: CPU of each Ray Data task of the training stream (the parquet read and the per-epoch tagging run as tasks with
+#: Ray Data's default of one CPU): one such task must be able to run beside the trainers and degradation actors.
+TRAIN_DATA_TASK_CPUS = 1.0
+
+
+class ClusterTooSmallError(ValueError):
+    """A run's actors cannot all be placed on the cluster: it would wait for ever (the message names the keys)."""
+
+
+def check_training_fits(nodes: list[dict[str, float]], *, num_workers: int, cpus_per_worker: float, use_gpu: bool,
+                        num_actors: int, cpus_per_actor: float) -> None:
+    """Raise :class:`ClusterTooSmallError` when the trainers (``train.num_workers`` x ``train.cpus_per_worker``, a GPU
+    each with ``use_gpu``), the degradation actors (``degradation.num_actors`` x ``degradation.cpus_per_actor``) and
+    one Ray Data task (:data:`TRAIN_DATA_TASK_CPUS`) do not fit ``nodes`` (see :func:`cluster_nodes`): otherwise the
+    trainers start, hold the CPUs, and the stream that feeds them never gets one ("0 rows" for ever)."""
+    total = sum(n.get("CPU", 0) for n in nodes)
+    trainers = num_workers * cpus_per_worker
+    actors = num_actors * cpus_per_actor
+    need = trainers + actors + TRAIN_DATA_TASK_CPUS
+    fix = ("lower train.num_workers / train.cpus_per_worker or degradation.num_actors / degradation.cpus_per_actor, "
+           "or give Ray more CPUs (ray.num_cpus for a local instance: logical CPUs may exceed the cores)")
+    if need > total + 1e-9:
+        raise ClusterTooSmallError(
+            f"training needs {need:g} CPUs but the Ray cluster has {total:g}: train.num_workers {num_workers} x "
+            f"train.cpus_per_worker {cpus_per_worker:g} + degradation.num_actors {num_actors} x "
+            f"degradation.cpus_per_actor {cpus_per_actor:g} + {TRAIN_DATA_TASK_CPUS:g} for Ray Data's read/epoch "
+            f"tasks; {fix}")
+    placeable = sum(int((n.get("CPU", 0) + 1e-9) // cpus_per_worker) for n in nodes)
+    if placeable < num_workers:
+        raise ClusterTooSmallError(
+            f"train.num_workers {num_workers} trainers of train.cpus_per_worker {cpus_per_worker:g} CPUs do not fit the "
+            f"nodes ({'/'.join(format(n.get('CPU', 0), 'g') for n in nodes)} CPUs): only {placeable} do; {fix}")
+    gpus = sum(n.get("GPU", 0) for n in nodes)
+    if use_gpu and gpus < num_workers:
+        raise ClusterTooSmallError(f"train.num_workers {num_workers} trainers want a GPU each but the Ray cluster has "
+                                   f"{gpus:g}: lower train.num_workers or add GPU nodes")

@@ -95,7 +95,7 @@ def test_cross_field_rules():
     with pytest.raises(ConfigError, match="degradation.blur_kernel_size: kernel size must be odd"):
         load_config(None, ["degradation.blur_kernel_size=20"])
     with pytest.raises(ConfigError, match="min_replicas \\(3\\) exceeds max_replicas \\(1\\)"):
-        load_config(None, ["enhance.min_replicas=3"])
+        load_config(None, ["enhance.min_replicas=3", "enhance.max_replicas=1"])
 
 
 def test_missing_config_file_and_bad_yaml(tmp_path):

@@ -319,6 +319,23 @@ def nightly(s3_server, tmp_path_factory, _s3_admin):
 
 
 @pytest.mark.slow
+def test_the_run_manifest_records_the_replica_sizing_the_cluster_gave(nightly):
+    import pyarrow.parquet as pq
+
+    storage, runs = nightly["storage"], f"{nightly['output']}/{MANIFEST_DIR}/runs"
+    sizings = []
+    for uri in storage.list_files(runs, include=["*.parquet"]):
+        with storage.open(uri) as f:
+            meta = pq.read_schema(f).metadata or {}
+        if b"medsr.sizing" in meta:
+            sizings.append(json.loads(meta[b"medsr.sizing"]))
+    assert sizings, "no run manifest records its sizing"
+    # enhance's defaults (auto) on the fixture's 4-CPU local Ray: one replica of 4 - 0.5 CPUs, 4 torch threads
+    assert {(s["max_replicas"], s["cpus_per_replica"], s["threads_per_replica"]) for s in sizings} == {(1, 3.5, 4)}
+    assert all(s["sizing"].startswith("auto:") for s in sizings)
+
+
+@pytest.mark.slow
 def test_a_cluster_that_cannot_start_min_replicas_fails_the_run_naming_the_key_before_reading_any_item(nightly):
     from medsr_dist.enhance.job import ReplicasNotStartedError
 

@@ -50,9 +50,17 @@ class EnhanceConfig(Section):
     )
     outscale: float | None = Field(None, gt=0, description="Final scale (Lanczos after the model); empty: model scale")
     onnx_model: str | None = Field(None, description="ONNX export for backend onnxruntime (default: model.onnx beside checkpoint)")
-    min_replicas: int = Field(1, ge=1)
-    max_replicas: int = Field(1, ge=1)
-    cpus_per_replica: float = Field(1.0, gt=0, description="CPUs of a model replica (its torch/ORT threads) when it has no GPU")
+    min_replicas: int | Literal["auto"] = Field(
+        "auto", description="Model replicas the pass waits for before reading (replica_start_timeout_s); auto: "
+        "max_replicas. With replicas serve:<app>: the job's client actors (auto: 1)")
+    max_replicas: int | Literal["auto"] = Field(
+        "auto", description="Model replicas at most; auto: from the Ray cluster at plan time (medsr_dist/runtime.py "
+        "size_replicas): one per GPU on GPU clusters; on CPU-only nodes the node's CPUs less 0.5 for decode/encode, "
+        "in replicas of at most 8 threads (a 2-CPU node: one replica of 1.5 CPUs and 2 threads)")
+    cpus_per_replica: float | Literal["auto"] = Field(
+        "auto", description="CPUs of a model replica when it has no GPU; its torch/onnxruntime intra-op threads are "
+        "ceil(this); auto: sized from the cluster with max_replicas (see there). Run logs and manifests record the "
+        "sizing that ran")
     replica_start_timeout_s: int = Field(
         600, ge=0, description="Seconds a pass waits for its min_replicas model replicas to start before it reads any "
         "item (Ray Data's wait_for_min_actors_s; on CPU-only nodes the decode/encode tasks would otherwise take the "
@@ -125,7 +133,11 @@ class EnhanceConfig(Section):
 
     @model_validator(mode="after")
     def _replicas(self) -> "EnhanceConfig":
-        if self.min_replicas > self.max_replicas:
+        for key in ("min_replicas", "max_replicas", "cpus_per_replica"):
+            value = getattr(self, key)
+            if value != "auto" and value <= 0:
+                raise ValueError(f"{key} must be 'auto' or a positive number, got {value}")
+        if "auto" not in (self.min_replicas, self.max_replicas) and self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
         return self
 

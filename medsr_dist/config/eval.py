@@ -102,12 +102,20 @@ class EvalConfig(Section):
     tile_overlap: int = Field(64, ge=0, description="Context pixels beyond each tile; 64 keeps RealESRGAN_x4plus "
                               "within 2/255 of its untiled output, 16 leaves seams of ~25/255 (docs/PERFORMANCE.md)")
     batch_size: int = Field(4, ge=1, description="Images per Ray Data batch and tiles per model call")
-    replicas: int = Field(1, ge=1, description="Model replicas (actors holding every model; one GPU each when present)")
-    cpus_per_replica: float = Field(1.0, gt=0)
+    replicas: int | Literal["auto"] = Field(
+        "auto", description="Model replicas (actors holding every model; one GPU each when present); auto: from the "
+        "Ray cluster as enhance.max_replicas (one per GPU; on CPU-only nodes the CPUs less 0.25 per score worker "
+        "and 0.25 for the pair-making tasks)")
+    cpus_per_replica: float | Literal["auto"] = Field(
+        "auto", description="CPUs of a model replica without a GPU (its intra-op threads: ceil of this); auto: "
+        "sized from the cluster with replicas; the report records the sizing that ran")
     score_workers: int = Field(1, ge=1, description="CPU actors computing metrics and figures")
 
     @model_validator(mode="after")
     def _check(self) -> "EvalConfig":
+        for key in ("replicas", "cpus_per_replica"):
+            if getattr(self, key) != "auto" and getattr(self, key) <= 0:
+                raise ValueError(f"{key} must be 'auto' or a positive number, got {getattr(self, key)}")
         # raises ValueError naming the bad parameter
         protocol = resolve_protocol_parameters(self.protocol, {k: getattr(self.params, k) for k in self.params.model_fields_set})
         lr_from = getattr(protocol, "lr_from", "hr")

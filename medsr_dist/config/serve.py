@@ -123,7 +123,9 @@ class ServeConfig(Section):
     upscale_delay_s: float = Field(3.0, ge=0)
     downscale_delay_s: float = Field(60.0, ge=0)
     ingress_replicas: int = Field(1, ge=1, description="FastAPI ingress replicas (parse, probe, route; no model)")
-    cpus_per_replica: float = Field(1.0, ge=0, description="CPUs of a model replica without a GPU")
+    cpus_per_replica: float | Literal["auto"] = Field(
+        "auto", description="CPUs of a model replica without a GPU (its intra-op threads: ceil of this); auto: the "
+        "cluster's CPUs less 0.5 per node (ingress, HTTP proxy) shared by every model's max_replicas replicas")
     gpus_per_replica: float | None = Field(None, ge=0, description="Empty: 1 when the cluster has GPUs, else 0")
     max_body_bytes: int = Field(256 << 20, ge=1, description="Largest request body; larger ones get 413 unread")
     max_input_pixels: int = Field(50_000_000, ge=1, description="Header limit (height x width x frames), else 413 undecoded")

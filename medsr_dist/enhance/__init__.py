@@ -4,7 +4,7 @@ Ray Data stages; the model replicas never wait on decoding or encoding:
 
 1. :class:`~medsr_dist.enhance.read.ReadDecode` (CPU tasks): read bytes, content hash, output key; skip what is already done; decode.
 2. :class:`~medsr_dist.enhance.replicas.EnhanceReplica` (actor pool of ``min_replicas..max_replicas``; one GPU each when the cluster has GPUs,
-   ``cpus_per_replica`` CPUs otherwise): the tiled inference engine with the configured backend. Tiles of the
+   ``cpus_per_replica`` CPUs otherwise; ``auto``: sized from the cluster, :func:`medsr_dist.runtime.size_replicas`): the tiled inference engine with the configured backend. Tiles of the
    images in one batch share model calls; each image leaves the actor as soon as its last tile is blended,
    quantised to its stored sample type (lossless w.r.t. what is written, and 2-4x smaller than float32).
 3. :class:`~medsr_dist.enhance.commit.EncodeCommit` (CPU tasks): encode in the input's form with provenance, write the output, score its

@@ -41,7 +41,7 @@ from medsr_dist.infer.model_file import ModelFile, build_model_backend, read_mod
 from medsr_dist.infer.provenance import enhance_params
 from medsr_dist.io.phi import item_label
 from medsr_dist.pacs.storage import PacsStorage, read_watermark, watermark_of_rows, write_watermark
-from medsr_dist.runtime import cluster_has_gpus
+from medsr_dist.runtime import STAGE_TASK_CPUS, ReplicaSizing, cluster_has_gpus, cluster_nodes, size_replicas
 from medsr_dist.storage import Lease, Storage
 from medsr_dist.uris import is_dicomweb
 
@@ -85,6 +85,7 @@ class EnhanceResult:
     input_pixels: int = 0  # of the items enhanced in this run
     log_keys: bool = False
     read_items: int = 0  # input reads (items sent to the pipeline; one retried alone twice); the rest: from the manifest
+    sizing: ReplicaSizing | None = None  # the model replicas that ran (None: nothing went to Ray)
 
     @property
     def n_errors(self) -> int:
@@ -185,11 +186,12 @@ def _run_leased(cfg, storage, model, entries, run_id, lease, progress, t_start) 
 
     for row in plan.rows:
         finished(row)
-    lost = _run_pipeline(cfg, spec, model, precision, gpu, plan.todo, finished, alone=False, serve=target)
+    sizing = job_sizing(e, gpu) if plan.todo or plan.alone else None
+    lost = _run_pipeline(cfg, spec, model, precision, sizing, plan.todo, finished, alone=False, serve=target)
     retried = len(lost)
     if lost:
         log.warning("%d item(s) lost with a model replica that died; retrying each alone", len(lost))
-    lost = _run_pipeline(cfg, spec, model, precision, gpu, lost + plan.alone, finished, alone=True, serve=target)
+    lost = _run_pipeline(cfg, spec, model, precision, sizing, lost + plan.alone, finished, alone=True, serve=target)
     for item in lost:
         attempts = int(item["attempts"]) + 1
         quarantined = attempts >= e.max_attempts
@@ -204,7 +206,7 @@ def _run_leased(cfg, storage, model, entries, run_id, lease, progress, t_start) 
     rows.sort(key=lambda r: r["input_key"])
 
     run_manifest = run_manifest_uri(spec.records, run_id)
-    write_manifest(storage, run_manifest, rows)
+    write_manifest(storage, run_manifest, rows, metadata={"sizing": sizing.record()} if sizing else None)
     cumulative = manifest_uri(spec.records)
     lease.refresh()  # still ours? (raises LeaseLostError: the cumulative manifest is the new holder's to write)
     write_manifest(storage, cumulative, merge_cumulative(storage, spec.records, rows))
@@ -212,7 +214,7 @@ def _run_leased(cfg, storage, model, entries, run_id, lease, progress, t_start) 
         write_watermark(storage, watermark_uri(spec.records), watermark_of_rows(rows), run_id)
     return EnhanceResult(output=e.output, manifest=cumulative, run_manifest=run_manifest, counts=counts, rows=rows,
                          seconds=time.perf_counter() - t_start, input_pixels=pixels, log_keys=e.log_keys,
-                         read_items=len(plan.todo) + len(plan.alone) + retried)
+                         read_items=len(plan.todo) + len(plan.alone) + retried, sizing=sizing)
 
 
 def _precision(e: EnhanceConfig) -> tuple[bool, str]:
@@ -225,12 +227,29 @@ def _precision(e: EnhanceConfig) -> tuple[bool, str]:
     return gpu, precision
 
 
+def job_sizing(e: EnhanceConfig, gpu: bool) -> ReplicaSizing:
+    """The model replicas of this run from ``enhance.min/max_replicas`` and ``cpus_per_replica`` (``auto``: from
+    the connected cluster, :func:`~medsr_dist.runtime.size_replicas`); logged, and recorded in the run manifest's
+    metadata. ``enhance.replicas: serve:<app>``: the client actors (auto: 1, 0.25 CPU each)."""
+    if e.replicas != "local":
+        top = 1 if e.max_replicas == "auto" else int(e.max_replicas)
+        low = min(top, 1) if e.min_replicas == "auto" else int(e.min_replicas)
+        return ReplicaSizing(low, max(low, top), 0.25, 0.0, 1, f"serve client actors of {e.replicas}")
+    sizing = size_replicas(cluster_nodes(), cpus_per_replica=e.cpus_per_replica, min_replicas=e.min_replicas,
+                           max_replicas=e.max_replicas, section="enhance")
+    if gpu:  # a replica next to a GPU: 1 CPU, whatever the CPU-only sizing would say
+        sizing = ReplicaSizing(sizing.min_replicas, sizing.max_replicas, 1.0, 1.0, sizing.threads, sizing.how)
+    log.info("model replicas: %d..%d, %s each, %d intra-op thread(s) (%s)", sizing.min_replicas,
+             sizing.max_replicas, "1 GPU" if sizing.gpus else f"{sizing.cpus:g} CPU", sizing.threads, sizing.how)
+    return sizing
+
+
 class ReplicasNotStartedError(RuntimeError):
     """``enhance.min_replicas`` replicas did not start within ``enhance.replica_start_timeout_s``; no item was
     read by that pass."""
 
 
-def _run_pipeline(cfg, spec: JobSpec, model: ModelFile, precision: str, gpu: bool, items: list[dict],
+def _run_pipeline(cfg, spec: JobSpec, model: ModelFile, precision: str, sizing: ReplicaSizing, items: list[dict],
                   finished: Callable[[dict], None], *, alone: bool, serve: tuple[str, str] | None = None) -> list[dict]:
     """ReadDecode -> EnhanceReplica -> EncodeCommit over ``items``; each finished row goes to ``finished``.
     Returns the items whose rows never came back (their block's replica died). ``alone``: one item per block
@@ -251,15 +270,15 @@ def _run_pipeline(cfg, spec: JobSpec, model: ModelFile, precision: str, gpu: boo
     # the CPUs a pending replica needs and the pass runs on fewer than min_replicas. Wait before any task runs.
     ctx.wait_for_min_actors_s = e.replica_start_timeout_s or -1
     try:
-        return _iterate(cfg, spec, model, precision, gpu, items, finished, per_batch, alone=alone, serve=serve)
+        return _iterate(cfg, spec, model, precision, sizing, items, finished, per_batch, alone=alone, serve=serve)
     except ray.exceptions.GetTimeoutError as err:
         if "starting actors" not in str(err):  # Ray Data's text for a pool below min_size at its deadline
             raise
-        each = ("Serve client actors, 0.25 CPU each" if serve is not None else "1 GPU each" if gpu
-                else f"{e.cpus_per_replica:g} CPU each")
+        each = ("Serve client actors, 0.25 CPU each" if serve is not None else "1 GPU each" if sizing.gpus
+                else f"{sizing.cpus:g} CPU each")
         raise ReplicasNotStartedError(
-            f"enhance.min_replicas {e.min_replicas} model replica(s) ({each}) did not all start within "
-            f"enhance.replica_start_timeout_s {e.replica_start_timeout_s} s: the cluster lacks the resources for "
+            f"enhance.min_replicas {sizing.min_replicas} model replica(s) ({each}) did not all start within "
+            f"enhance.replica_start_timeout_s {e.replica_start_timeout_s} s (sizing: {sizing.how}): the cluster lacks the resources for "
             "them; lower enhance.min_replicas (or enhance.cpus_per_replica), add nodes, or wait longer") from err
     finally:
         ctx.max_errored_blocks, ctx.wait_for_min_actors_s = saved_errored, saved_wait
@@ -274,31 +293,32 @@ def _pacs_bound(cfg, uri: str) -> dict:
     return {"compute": ray.data.TaskPoolStrategy(size=cfg.pacs.concurrency)} if is_dicomweb(uri) else {}
 
 
-def _iterate(cfg, spec, model, precision, gpu, items, finished, per_batch, *, alone: bool, serve=None) -> list[dict]:
+def _iterate(cfg, spec, model, precision, sizing, items, finished, per_batch, *, alone: bool, serve=None) -> list[dict]:
     import ray  # lazy: Ray starts only for a run with work to do
 
     e = cfg.enhance
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(math.ceil(len(items) / per_batch), 20_000)))
-    ds = ds.map_batches(ReadDecode(spec), batch_size=None, num_cpus=0.5, **_pacs_bound(cfg, spec.input))
+    ds = ds.map_batches(ReadDecode(spec), batch_size=None, num_cpus=STAGE_TASK_CPUS, **_pacs_bound(cfg, spec.input))
     # A dead replica is restarted (max_restarts) but its task is not retried (max_task_retries=0): Ray Data's
     # default (retry forever) would feed a poison image to fresh replicas without end. Its rows come back lost.
     # Ray 2.60 warns that **ray_remote_args goes in 2.64 ("use the named remote parameters"), but names neither
     # option (map_batches, ActorPoolStrategy, DataContext); ray is pinned, and the poison test fails on an upgrade.
     if serve is not None:  # the app's replicas compute; alone: one item in flight, so none shares a death
         ds = ds.map_batches(ServeReplica, fn_constructor_args=(*serve, e.outscale, e.log_keys), batch_size=per_batch,
-                            compute=ray.data.ActorPoolStrategy(min_size=1 if alone else e.min_replicas,
-                                                               max_size=1 if alone else e.max_replicas,
+                            compute=ray.data.ActorPoolStrategy(min_size=1 if alone else sizing.min_replicas,
+                                                               max_size=1 if alone else sizing.max_replicas,
                                                                max_tasks_in_flight_per_actor=1 if alone else None),
                             num_cpus=0.25, max_restarts=-1, max_task_retries=0)
     else:
-        ds = ds.map_batches(EnhanceReplica, fn_constructor_args=(model, cfg.storage, e, precision), batch_size=per_batch,
+        ds = ds.map_batches(EnhanceReplica, fn_constructor_args=(model, cfg.storage, e, precision, sizing.threads),
+                            batch_size=per_batch,
                             # alone: one task in flight per replica too, or an innocent item queued behind a poison one
                             # on the same replica dies with it (Ray Data queues several tasks per actor by default)
-                            compute=ray.data.ActorPoolStrategy(min_size=e.min_replicas, max_size=e.max_replicas,
+                            compute=ray.data.ActorPoolStrategy(min_size=sizing.min_replicas, max_size=sizing.max_replicas,
                                                                max_tasks_in_flight_per_actor=1 if alone else None),
-                            num_gpus=1 if gpu else 0, num_cpus=1 if gpu else e.cpus_per_replica,
+                            num_gpus=sizing.gpus, num_cpus=sizing.cpus,
                             max_restarts=-1, max_task_retries=0)
-    ds = ds.map_batches(EncodeCommit(spec), batch_size=1, num_cpus=0.5, **_pacs_bound(cfg, spec.output))
+    ds = ds.map_batches(EncodeCommit(spec), batch_size=1, num_cpus=STAGE_TASK_CPUS, **_pacs_bound(cfg, spec.output))
 
     seen: set[str] = set()
     for raw in ds.iter_rows():

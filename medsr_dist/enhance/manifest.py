@@ -83,9 +83,12 @@ def run_manifest_uri(output_prefix: str, run_id: str) -> str:
     return Storage.join(output_prefix, MANIFEST_DIR, "runs", f"{run_id}.parquet")
 
 
-def write_manifest(storage: Storage, uri: str, rows: list[dict]) -> None:
-    """Write rows (dicts with :data:`MANIFEST_SCHEMA` fields) as one Parquet file, atomically."""
+def write_manifest(storage: Storage, uri: str, rows: list[dict], metadata: dict | None = None) -> None:
+    """Write rows (dicts with :data:`MANIFEST_SCHEMA` fields) as one Parquet file, atomically. ``metadata``: what
+    the run was (e.g. its replica sizing), kept as JSON under the Parquet schema's ``medsr.<key>`` metadata keys."""
     table = pa.Table.from_pylist([manifest_row(r) for r in rows], schema=MANIFEST_SCHEMA)
+    if metadata:
+        table = table.replace_schema_metadata({f"medsr.{k}": json.dumps(v) for k, v in metadata.items()})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     storage.write_bytes(uri, sink.getvalue().to_pybytes())

@@ -43,12 +43,14 @@ class EnhanceReplica:
     (exit :data:`FATAL_DEVICE_EXIT`) so that Ray restarts the actor; the job retries its batch alone.
     """
 
-    def __init__(self, model: ModelFile, storage_cfg: StorageConfig, e: EnhanceConfig, precision: str | None = None):
+    def __init__(self, model: ModelFile, storage_cfg: StorageConfig, e: EnhanceConfig, precision: str | None = None,
+                 threads: int | None = None):
         """``precision``: the one the job's output keys record (default ``enhance.precision``). A replica that
         would run another (e.g. a CPU node without bf16 hardware in a cluster whose driver has it) refuses to
         start (:class:`~medsr_dist.infer.replica.PrecisionMismatch`) rather than write outputs whose provenance
-        is wrong."""
-        settings = EngineSettings.of(e, precision=precision or e.precision)
+        is wrong. ``threads``: intra-op threads of the backend (the CPUs Ray granted, rounded up; ``None``: the
+        backend's default, which Ray's OMP_NUM_THREADS sets to the whole CPUs granted)."""
+        settings = EngineSettings.of(e, precision=precision or e.precision, threads=threads)
         try:
             self.replica = ModelReplica.load(model, Storage(storage_cfg), settings)
         except PrecisionMismatch as exc:

@@ -53,7 +53,7 @@ from medsr_dist.eval.volume_eval import check_volume_plan, run_volume_evaluation
 from medsr_dist.infer.consistency import consistency_psnr
 from medsr_dist.infer.replica import EngineSettings, ModelReplica, NonFiniteOutput
 from medsr_dist.io.image import decode_image, single_frame_pixels
-from medsr_dist.runtime import cluster_has_gpus
+from medsr_dist.runtime import STAGE_TASK_CPUS, ReplicaSizing, cluster_has_gpus, cluster_nodes, size_replicas
 from medsr_dist.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -192,13 +192,13 @@ class EvalReplica:
     """
 
     def __init__(self, models: list[EvalModel], protocol: Protocol, e: EvalConfig, storage_cfg: StorageConfig,
-                 precision: str | None = None):
-        """``precision``: the one the report records (:func:`~medsr_dist.eval.results.runs_precision`; default ``eval.precision``); a
+                 precision: str | None = None, threads: int | None = None):
+        """``threads``: intra-op threads (:func:`eval_sizing`). ``precision``: the one the report records (:func:`~medsr_dist.eval.results.runs_precision`; default ``eval.precision``); a
         replica whose backend would run another refuses to start
         (:class:`~medsr_dist.infer.replica.PrecisionMismatch`). Models built in Python (``factory``) run and are
         labelled with their own backend's precision."""
         self.models, self.protocol = models, protocol
-        settings = EngineSettings.of(e, precision=precision or e.precision)
+        settings = EngineSettings.of(e, precision=precision or e.precision, threads=threads)
         storage = Storage(storage_cfg)
         self.replicas: dict[int, ModelReplica] = {}
         for i, m in enumerate(models):
@@ -373,6 +373,17 @@ class ReadShards:
         return {"key": np.asarray(keys, dtype=object), "image": _object_array(images)}
 
 
+def eval_sizing(e: EvalConfig, gpu: int, *, reserve: float) -> ReplicaSizing:
+    """Evaluation's model replicas: ``eval.replicas`` x ``eval.cpus_per_replica`` (``auto``: from the connected
+    cluster, as :func:`~medsr_dist.runtime.size_replicas`, keeping ``reserve`` CPUs per node for the other stages);
+    logged, and recorded in the report."""
+    sizing = size_replicas(cluster_nodes(), cpus_per_replica=e.cpus_per_replica, min_replicas=1,
+                           max_replicas=e.replicas, section="eval", reserve=reserve)
+    log.info("eval model replicas: up to %d, %s each, %d intra-op thread(s) (%s)", sizing.max_replicas,
+             "1 GPU" if gpu else f"{sizing.cpus:g} CPU", sizing.threads, sizing.how)
+    return sizing
+
+
 def _dataset_of(plan: EvalPlan, storage: Storage):
     """The input rows: ``{"key"}`` per image file, or ``{"key", "image"}`` read from a prepared split's shards.
 
@@ -402,18 +413,21 @@ def run_evaluation(cfg: MedsrConfig, storage: Storage | None = None, *, plan: Ev
     # an instance (not the class) runs as tasks: no idle actor holds a CPU the other stages need
     lr_keys = {item["key"]: item["lr_key"] for item in plan.items if "lr_key" in item}
     ds = ds.map_batches(ProtocolPairs(storage, plan.protocol, names, plan.figures, lr_keys), batch_size=e.batch_size,
-                        num_cpus=0.5)
+                        num_cpus=STAGE_TASK_CPUS)
     precision = runs_precision(plan, e, gpu)
-    ds = ds.map_batches(EvalReplica, fn_constructor_args=(plan.models, plan.protocol, e, cfg.storage, precision),
-                        batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=e.replicas),
-                        num_gpus=gpu, num_cpus=0 if gpu else e.cpus_per_replica)
+    sizing = eval_sizing(e, gpu, reserve=STAGE_TASK_CPUS * (1 + e.score_workers))
+    ds = ds.map_batches(EvalReplica, fn_constructor_args=(plan.models, plan.protocol, e, cfg.storage, precision,
+                                                          sizing.threads),
+                        batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=sizing.max_replicas),
+                        num_gpus=gpu, num_cpus=0 if gpu else sizing.cpus)
     ds = ds.map_batches(ScoreImages, fn_constructor_args=(plan.models, plan.protocol, plan.lpips, storage, plan.output,
                                                           e.crop_box, e.zoom, e.figure_panel),
                         batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=e.score_workers),
-                        num_cpus=0.5)
+                        num_cpus=STAGE_TASK_CPUS)
     order = {item["name"]: k for k, item in enumerate(plan.items)}
     rows = sorted((plain_row(r) for r in ds.take_all()), key=lambda r: (order.get(r["image"], len(order)), r["model_index"]))
     report = build_report(cfg, plan, rows, seconds=time.perf_counter() - t0, precision=precision)
+    report["sizing"] = sizing.record()
     figures = {}
     for key in sorted({r["figure"] for r in rows if r["figure"]}):
         figures[key] = storage.read_bytes(storage.join(plan.output, key))

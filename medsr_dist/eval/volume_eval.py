@@ -48,7 +48,7 @@ from medsr_dist.mri.metrics import foreground_mask, interpolation_baseline, psnr
 from medsr_dist.mri.reconstruct import reconstruct
 from medsr_dist.mri.simulate import crop_to_multiple, degrade_axis, simulate_anisotropic
 from medsr_dist.mri.volume import VolumeError, check_orthonormal, plane_normal_axes, read_volume
-from medsr_dist.runtime import cluster_has_gpus
+from medsr_dist.runtime import cluster_has_gpus, cluster_nodes, size_replicas
 from medsr_dist.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -192,10 +192,10 @@ class VolumeScorer:
     """
 
     def __init__(self, models, protocol: VolumeProtocol, e: EvalConfig, storage_cfg: StorageConfig, output: str,
-                 precision: str | None = None):
+                 precision: str | None = None, threads: int | None = None):
         self.protocol, self.e, self.output = protocol, e, output
         self.storage = Storage(storage_cfg)
-        settings = EngineSettings.of(e, precision=precision or e.precision)
+        settings = EngineSettings.of(e, precision=precision or e.precision, threads=threads)
         self.networks: list[tuple[str, ModelReplica]] = []
         for m in models:
             if m.factory is not None:
@@ -311,12 +311,16 @@ def run_volume_evaluation(cfg: MedsrConfig, storage: Storage, plan):
     gpu = 1 if cluster_has_gpus() else 0
     precision = runs_precision(plan, e, gpu)
     figures = set(plan.figures)
+    # the scorers read, reconstruct and score: no other stage to keep CPUs for
+    sizing = size_replicas(cluster_nodes(), cpus_per_replica=e.cpus_per_replica, min_replicas=1,
+                           max_replicas=e.replicas, section="eval", reserve=0)
+    log.info("eval volume scorers: up to %d, %d intra-op thread(s) (%s)", sizing.max_replicas, sizing.threads, sizing.how)
     ds = ray.data.from_items([{"key": it["key"], "name": it["name"], "figure": it["name"] in figures} for it in plan.items],
                              override_num_blocks=max(1, len(plan.items)))
     ds = ds.map_batches(VolumeScorer, fn_constructor_args=(plan.models, plan.protocol, e, cfg.storage, plan.output,
-                                                           precision),
-                        batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=e.replicas),
-                        num_gpus=gpu, num_cpus=0 if gpu else e.cpus_per_replica)
+                                                           precision, sizing.threads),
+                        batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=sizing.max_replicas),
+                        num_gpus=gpu, num_cpus=0 if gpu else sizing.cpus)
     raw = ds.take_all()
     slabs = {(str(r["image"]), str(r["model"])): json.loads(str(r[SLAB_FIELD])) for r in raw}
     order = {item["name"]: n for n, item in enumerate(plan.items)}

@@ -8,6 +8,7 @@ say ``backend: torch``; :class:`TorchBackend` registers itself here, other runti
 """
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any, Protocol, runtime_checkable
 
@@ -141,27 +142,58 @@ class TorchBackend:
         self.dtype = _TORCH_DTYPES[precision]
         model.eval().requires_grad_(False)
         self.model = model.to(device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
+        #: batches whose fp16/bf16 output had NaN/Inf and were computed again in fp32 (see :meth:`__call__`)
+        self.fp32_fallbacks = 0
+        self._fp32_model: nn.Module | None = None
 
     @staticmethod
     def runnable_precision(requested: str, *, gpu: bool) -> str:
         """The precision a replica of this backend will run for ``requested`` (on a GPU, or on this CPU)."""
         return torch_precision(requested, "cuda" if gpu else "cpu")
 
+    @staticmethod
+    def set_threads(threads: int) -> None:
+        """Intra-op threads of this process's torch (the CPUs a replica was granted)."""
+        set_torch_threads(threads)
+
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        """See :meth:`Backend.__call__`."""
+        """See :meth:`Backend.__call__`.
+
+        fp16/bf16: a batch whose output has NaN/Inf (fp16 RRDBNet overflows on some inputs) is computed again in
+        fp32 (an fp32 copy of the network, made on first need), counted in :attr:`fp32_fallbacks` and logged; the
+        replica's finiteness check still fails an image whose fp32 output is not finite either."""
         if batch.ndim != 4 or batch.shape[1] != 3:
             raise ValueError(f"expected a (B, 3, h, w) batch, got shape {batch.shape}")
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-            x = x.to(device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
-            y = self.model(x).float().clamp_(0.0, 1.0)
-            return np.ascontiguousarray(y.cpu().numpy())
+            x32 = x.to(device=self.device, memory_format=torch.channels_last)
+            y = self._forward(x32.to(self.dtype)).float()
+            if self.dtype != torch.float32 and not bool(torch.isfinite(y).all()):
+                self.fp32_fallbacks += 1
+                logger.warning("%s output had NaN/Inf for a batch of %d tile(s); computed again in fp32 (%d such "
+                               "batch(es) so far)", self.precision, len(batch), self.fp32_fallbacks)
+                if self._fp32_model is None:
+                    self._fp32_model = copy.deepcopy(self.model).float()
+                y = self._fp32_model(x32)
+            return np.ascontiguousarray(y.clamp_(0.0, 1.0).cpu().numpy())
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The network on a (B, 3, h, w) batch already on the device in the compute dtype."""
+        return self.model(x)
 
     def __repr__(self) -> str:
         return (
             f"TorchBackend({type(self.model).__name__}, scale={self.scale}, size_multiple={self.size_multiple}, "
             f"device={self.device}, precision={self.precision})"
         )
+
+
+def set_torch_threads(threads: int) -> None:
+    """``torch.set_num_threads(threads)`` when it differs (Ray's OMP_NUM_THREADS gives an actor of 1.5 CPUs one
+    thread: the whole CPUs, floored)."""
+    if threads >= 1 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+        logger.info("torch intra-op threads: %d", threads)
 
 
 def build_backend(name: str, /, **kwargs: Any) -> Backend:

@@ -37,7 +37,7 @@ import pydicom
 import torch
 from pydicom.uid import generate_uid
 
-from medsr_dist.infer.backends import torch_precision
+from medsr_dist.infer.backends import set_torch_threads, torch_precision
 from medsr_dist.infer.engine import TileSpec, enhance_array
 from medsr_dist.infer.registry import register_family_backend
 from medsr_dist.io.dicom import encode_dicom
@@ -125,6 +125,11 @@ class DiffusionBackend:
         self._std: dict[bytes, np.ndarray] = {}
         #: every sampler call runs exactly this many tiles (padded), or as many as given when None (see prepare)
         self.fixed_batch: int | None = None
+
+    @staticmethod
+    def set_threads(threads: int) -> None:
+        """Intra-op threads of this process's torch (the sampler's arithmetic; ORT sessions take OMP_NUM_THREADS)."""
+        set_torch_threads(threads)
 
     def prepare(self, spec: TileSpec) -> None:
         """Called by :class:`~medsr_dist.infer.replica.ModelReplica` with its tiling: from now on every batch is

@@ -29,6 +29,7 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 BACKENDS: Registry[Any] = Registry("backend")
 BACKENDS.register_lazy("torch", "medsr_dist.infer.backends")  # lazy: the module imports torch
 BACKENDS.register_lazy("onnxruntime", "medsr_dist.infer.onnx_backend")  # lazy: optional dependency (onnxruntime)
+BACKENDS.register_lazy("compiled", "medsr_dist.infer.compiled_backend")  # lazy: the module imports torch
 # lazy: optional dependency (the `tensorrt` package and a CUDA GPU to run)
 BACKENDS.register_lazy("tensorrt", "medsr_dist.infer.tensorrt_backend")
 

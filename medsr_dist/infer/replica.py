@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -64,6 +65,8 @@ class EngineSettings:
         tile, tile_overlap, tile_blend: the engine's tiling (:class:`~medsr_dist.infer.engine.TileSpec`).
         batch_size: tiles per backend call; ``None``: the backend's default (1 on CPU, 8 on GPU).
         outscale: final scale (Lanczos after the model); ``None``: the model's native scale.
+        threads: intra-op threads of the backend on CPU (the CPUs Ray granted the replica, see
+            :func:`~medsr_dist.runtime.size_replicas`); ``None``: the backend's default.
     """
 
     backend: str = "torch"
@@ -73,6 +76,7 @@ class EngineSettings:
     tile_blend: int = 4
     batch_size: int | None = None
     outscale: float | None = None
+    threads: int | None = None
 
     @classmethod
     def of(cls, section: Any, **overrides: Any) -> EngineSettings:
@@ -135,7 +139,12 @@ class ModelReplica:
             FileNotFoundError / ValueError: the model or its export is missing or stale (messages name it).
             PrecisionMismatch: see :meth:`__init__`.
         """
+        if settings.threads:  # before the backend exists: onnxruntime sessions take OMP_NUM_THREADS when built
+            os.environ["OMP_NUM_THREADS"] = str(settings.threads)
         backend = build_model_backend(model, settings.backend, storage, device=device, precision=settings.precision)
+        set_threads = getattr(backend, "set_threads", None)
+        if settings.threads and set_threads is not None:  # torch: set_num_threads (Ray's OMP_NUM_THREADS floors)
+            set_threads(settings.threads)
         return cls(model, backend, settings)
 
     @property

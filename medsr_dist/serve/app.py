@@ -27,7 +27,7 @@ from medsr_dist.infer.registry import backend_factory
 from medsr_dist.infer.replica import EngineSettings, resolve_precision
 from medsr_dist.infer.serve_names import model_deployment_name
 from medsr_dist.preflight import preflight
-from medsr_dist.runtime import init_ray
+from medsr_dist.runtime import cluster_nodes, init_ray, size_replicas
 from medsr_dist.serve.auth import build_authenticator
 from medsr_dist.serve.ingress import Ingress
 from medsr_dist.serve.model import SRModel
@@ -101,7 +101,13 @@ def build_app(cfg: MedsrConfig):
     precision = resolve_precision(s.backend, s.precision, gpu=gpus > 0)
     if precision != s.precision:
         log.warning("serve.precision %s: replicas run %s; responses record %s", s.precision, precision, precision)
-    settings = EngineSettings.of(s, precision=precision, outscale=None)
+    models = served_models(cfg)
+    sizing = size_replicas(cluster_nodes(), cpus_per_replica=s.cpus_per_replica, min_replicas=1,
+                           max_replicas=s.max_replicas * max(1, len(models)), section="serve")
+    cpus = 0 if gpus else sizing.cpus
+    log.info("serve model replicas: %s each, %d intra-op thread(s) (%s)", "GPU" if gpus else f"{cpus:g} CPU",
+             sizing.threads, sizing.how)
+    settings = EngineSettings.of(s, precision=precision, outscale=None, threads=None if gpus else sizing.threads)
     limits = {"max_input_pixels": s.max_input_pixels, "max_output_pixels": s.max_output_pixels,
               "max_body_bytes": s.max_body_bytes, "max_input_bytes": s.max_input_bytes,
               "max_outscale": s.max_outscale, "probe_timeout_s": s.probe_timeout_s, "probe_workers": s.probe_workers,
@@ -110,7 +116,7 @@ def build_app(cfg: MedsrConfig):
     ongoing = s.max_ongoing_requests or s.max_batch_size
     backpressure = BackpressureConfig(status_code=503, retry_after_s=s.retry_after_s)
     handles, catalogue = {}, {}
-    for index, entry in enumerate(served_models(cfg)):
+    for index, entry in enumerate(models):
         model = served_model_file(cfg, index, entry)
         deployment = serve.deployment(SRModel).options(
             name=model_deployment_name(entry.name),
@@ -118,7 +124,7 @@ def build_app(cfg: MedsrConfig):
             max_queued_requests=s.max_queued_requests,
             backpressure_config=backpressure,
             autoscaling_config=autoscaling_config(s),
-            ray_actor_options={"num_cpus": 0 if gpus else s.cpus_per_replica, "num_gpus": gpus},
+            ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
             health_check_period_s=5.0,
             health_check_timeout_s=30.0,
         )

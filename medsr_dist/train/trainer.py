@@ -22,7 +22,13 @@ from medsr_dist.data.bicubic import BicubicDegradation
 from medsr_dist.data.degrade import PairedCrop, SecondOrderDegradation
 from medsr_dist.data.ldm_pairs import AugmentedBicubicPairs
 from medsr_dist.models.registry import load_family
-from medsr_dist.runtime import cluster_has_gpus, configure_data_context
+from medsr_dist.runtime import (
+    ClusterTooSmallError,
+    check_training_fits,
+    cluster_has_gpus,
+    cluster_nodes,
+    configure_data_context,
+)
 from medsr_dist.storage import Storage
 from medsr_dist.train.guard import COLLAPSE_FILE, TrainingCollapsed
 from medsr_dist.train.loop import META_FILE, MODEL_FILE, train_loop_per_worker
@@ -218,6 +224,7 @@ def run_training(cfg: MedsrConfig, storage: Storage | None = None) -> TrainResul
         log.info("train: run %s already reached iteration %d", cfg.run.name, start)
     else:
         log.info("train: %s from iteration %d to %d", cfg.run.name, start, t.iterations)
+    check_resources(cfg)
     # built here first, so a bad dataset fails before any worker starts; rebuilt at each worker-group restart
     datasets = {"train": TrainStream(cfg, storage, build_train_stream(cfg, storage, start))}
 
@@ -234,6 +241,25 @@ def run_training(cfg: MedsrConfig, storage: Storage | None = None) -> TrainResul
     metrics = dict(result.metrics or {})
     return TrainResult(iterations=int(metrics.get("iteration", start)), metrics=metrics,
                        checkpoint=result.checkpoint.path, export=export, export_sha256=digest)
+
+
+def check_resources(cfg: MedsrConfig) -> None:
+    """Trainers + degradation actors + a Ray Data task against the connected cluster, before anything starts
+    (:func:`~medsr_dist.runtime.check_training_fits`). On a cluster this run joined (``ray.address``), which an
+    autoscaler may grow, a shortfall is a warning naming the keys; on the local instance it is the error.
+
+    Raises:
+        ClusterTooSmallError: the local instance cannot hold the run (the message names the keys and numbers).
+    """
+    t, d = cfg.train, cfg.degradation
+    use_gpu = t.use_gpu if t.use_gpu is not None else cluster_has_gpus()
+    try:
+        check_training_fits(cluster_nodes(), num_workers=t.num_workers, cpus_per_worker=t.cpus_per_worker,
+                            use_gpu=use_gpu, num_actors=d.num_actors, cpus_per_actor=d.cpus_per_actor)
+    except ClusterTooSmallError as exc:
+        if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+            raise
+        log.warning("%s (the cluster's current size; the run waits until an autoscaler adds the nodes)", exc)
 
 
 def make_trainer(cfg: MedsrConfig, storage: Storage, datasets: dict, val_pairs: list[dict] | None = None):
