@@ -1,0 +1,101 @@
+"""Slice profiles of any width and shape (gaps, overlaps, non-integer spacings), the fine grid's exact geometry, and
+the estimation of the profile from a thick volume alone (medsr_dist/mri/profile.py)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from medsr_dist.mri import simulate
+from medsr_dist.mri.profile import (
+    BOX_SHAPE,
+    SliceProfile,
+    degrade,
+    estimate_profile,
+    fine_count,
+    interpolate,
+    profile_from_record,
+    resolve_profile,
+    thick_matrix,
+    upsample_matrix,
+)
+from medsr_dist.mri.volume import resampled_affine
+
+
+def test_named_profiles_match_the_integer_simulation():
+    box = thick_matrix(20, 4.0, SliceProfile.named("box", 4))
+    np.testing.assert_allclose(box, simulate.slice_profile_matrix(20, 4, "box"), atol=1e-12)
+    gauss = thick_matrix(40, 4.0, SliceProfile.named("gaussian", 4))
+    old = simulate.slice_profile_matrix(40, 4, "gaussian")  # point samples vs integrals over each voxel: close
+    assert np.abs(gauss - old)[2:-2].max() < 0.02
+    np.testing.assert_allclose(simulate.slice_profile_matrix(40, 4, SliceProfile(4.0, 2.0)), gauss)
+    np.testing.assert_allclose(upsample_matrix(10, 40), simulate.upsample_matrix(10, 4), atol=1e-6)
+
+
+@pytest.mark.parametrize("spacing, profile", [(3.3, SliceProfile(3.3, BOX_SHAPE)), (4.0, SliceProfile(3.0, 2.0)),
+                                              (4.0, SliceProfile(3.0, BOX_SHAPE)), (2.5, SliceProfile(4.0, 6.0))])
+def test_thick_slices_sit_at_their_slab_centres_with_the_profile_width(spacing, profile):
+    """Non-integer spacing (3.3), a gap (3 mm thick every 4 mm: 1 voxel unsampled between box slabs) and an overlap
+    (4 voxels thick every 2.5): each interior row is centred on (n + 1/2) spacing - 1/2, has the profile's width
+    and sums to 1."""
+    m = thick_matrix(66, spacing, profile)
+    assert m.shape == (int(66 // spacing), 66)
+    np.testing.assert_allclose(m.sum(axis=1), 1.0)
+    x = np.arange(66)
+    for n in range(1, m.shape[0] - 1):
+        centre = (n + 0.5) * spacing - 0.5
+        assert (m[n] * x).sum() == pytest.approx(centre, abs=0.05)  # voxel centres carry partial voxels: ~exact
+        if math.isinf(profile.shape):
+            assert m[n].max() * profile.fwhm == pytest.approx(1.0, abs=1e-9)  # a box: 1/width inside
+    if spacing == 4.0 and math.isinf(profile.shape):  # the gap: 1 of every 4 voxels' worth is seen by no slice
+        np.testing.assert_allclose(m.sum(axis=0)[4:8], [1 / 6, 1 / 3, 1 / 3, 1 / 6])  # (3 mm of 4 seen, / 3)
+
+
+@pytest.mark.parametrize("spacing", [3.3, 4.0])
+def test_fine_grid_keeps_the_field_of_view_and_each_thick_voxel_is_the_centroid_of_its_fine_extent(spacing):
+    n = 20
+    n_fine = fine_count(n, spacing)
+    assert n_fine == round(n * spacing)
+    affine = np.array([[0.0, 0.0, 3.3, -40.0], [-1.0, 0.0, 0.0, 12.0], [0.0, 0.9, 0.0, 5.0], [0, 0, 0, 1.0]])
+    fine = resampled_affine(affine, 2, n / n_fine)
+    for i in range(n):  # thick voxel i spans fine continuous indices [i f - 1/2, (i + 1) f - 1/2), f = n_fine / n
+        f = n_fine / n
+        lo, hi = i * f - 0.5, (i + 1) * f - 0.5
+        mid = fine @ np.array([0.0, 0.0, (lo + hi) / 2, 1.0])
+        np.testing.assert_allclose(mid, affine @ np.array([0.0, 0.0, i, 1.0]), atol=1e-9)
+    edges = [fine @ np.array([0, 0, -0.5, 1.0]), fine @ np.array([0, 0, n_fine - 0.5, 1.0])]
+    np.testing.assert_allclose(edges[0], affine @ np.array([0, 0, -0.5, 1.0]), atol=1e-9)  # same field of view
+    np.testing.assert_allclose(edges[1], affine @ np.array([0, 0, n - 0.5, 1.0]), atol=1e-9)
+    ramp = np.arange(n, dtype=np.float32)[None, None, :] * np.ones((2, 3, 1), np.float32)
+    up = interpolate(ramp, 2, n_fine)  # a linear ramp lands on the fine voxels' coordinates exactly (interior)
+    coords = (np.arange(n_fine) + 0.5) * n / n_fine - 0.5
+    mid_third = slice(n_fine // 3, 2 * n_fine // 3)
+    np.testing.assert_allclose(up[0, 0, mid_third], coords[mid_third], atol=1e-3)
+
+
+def test_profiles_are_validated():
+    with pytest.raises(ValueError, match="fwhm"):
+        SliceProfile(0.0)
+    with pytest.raises(ValueError, match="slice spacing"):
+        thick_matrix(10, 1.0, SliceProfile(2.0))
+    with pytest.raises(ValueError, match="too few voxels"):
+        estimate_profile(np.ones((6, 6, 3), np.float32), 2, 4.0)
+    profile, record = resolve_profile("estimate", np.ones((12, 10, 5), np.float32), [1.0, 1.0, 4.0], 2, 4)
+    assert profile == "gaussian" and "too few voxels" in record["estimate_failed"]
+
+
+@pytest.fixture(scope="module")
+def mni(request):
+    from medsr_dist.mri.sample_data import sample_volume_path
+    from medsr_dist.mri.volume import read_nifti
+
+    try:
+        path = sample_volume_path("mni152_t1")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    return read_nifti(path.read_bytes(), path.name).data.astype(np.float32)
+
+
+TRUE_PROFILES = {"box": SliceProfile(4.0, BOX_SHAPE), "gaussian": SliceProfile(4.0, 2.0),
+                 "flattened": SliceProfile(4.0, 4.0), "gap-gaussian": SliceProfile(3.0, 2.0)}
