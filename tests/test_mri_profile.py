@@ -98,17 +98,21 @@ def mni(request):
 
 
 TRUE_PROFILES = {"box": SliceProfile(4.0, BOX_SHAPE), "gaussian": SliceProfile(4.0, 2.0),
-                 "flattened": SliceProfile(4.0, 4.0), "gap-gaussian": SliceProfile(3.0, 2.0)}
+                 "flattened": SliceProfile(4.0, 4.0), "box-3.3": SliceProfile(3.3, BOX_SHAPE),
+                 "gap-box": SliceProfile(3.0, BOX_SHAPE)}
 
 
-@pytest.mark.parametrize("name", ["box", "gaussian", "flattened"])
-def test_the_estimated_width_of_a_thick_mni152_is_close_to_the_true_one(mni, name):
-    """MNI152 T1 made x4 thick along its axial normal with a box, a Gaussian and a flattened Gaussian (shape 4) of
-    FWHM 4 mm: the estimate from the thick volume alone. Measured: box -7.1 %, Gaussian +7.5 %, flattened +10.6 %
-    (the issue's goal is 10 %; the flattened one misses it by a hair, asserted at 12 %)."""
+@pytest.mark.parametrize("name, spacing", [("box", 4.0), ("gaussian", 4.0), ("flattened", 4.0), ("box-3.3", 3.3),
+                                           ("gap-box", 4.0)])
+def test_the_estimated_width_of_a_thick_mni152_is_close_to_the_true_one(mni, name, spacing):
+    """MNI152 T1 made thick along its axial normal: a box, a Gaussian and a flattened Gaussian (shape 4) of FWHM 4 mm
+    every 4 mm, a box of 3.3 mm every 3.3 mm (a non-integer factor) and a box of 3 mm every 4 mm (a gap); the
+    estimate from the thick volume alone. Measured: -7.1 %, +7.5 %, +10.6 %, -2.0 %, +9.3 % (the issue's goal is
+    10 %; the flattened one misses it by a hair and is asserted at 12 %). Not asserted, because it fails: a
+    Gaussian of 3 mm every 4 mm is estimated +43 % wide (docs/RESULTS.md)."""
     true = TRUE_PROFILES[name]
-    thick = degrade(mni, 2, 4.0, true)
-    est = estimate_profile(thick, 2, 4.0)
+    thick = degrade(mni, 2, spacing, true)
+    est = estimate_profile(thick, 2, spacing)
     assert abs(est.profile.fwhm / true.fwhm - 1) <= (0.10 if name != "flattened" else 0.12), est
     assert est.residual <= min(est.gaussian_residual, est.box_residual)
     record = est.provenance(1.0)
@@ -139,3 +143,27 @@ def test_the_eval_preset_in_profile_unknown_mode_scores_consistency_with_the_est
     s_unknown = score_volume(pred, unknown, p, mask, thick_mask)["consistency_psnr_db"]
     s_known = score_volume(pred, known, p, mask, thick_mask)["consistency_psnr_db"]
     assert s_unknown != s_known  # scored with the estimate, which is not exactly the truth
+
+
+def test_a_dicom_series_with_a_slice_gap_gets_its_thickness_from_the_header_and_the_gap_in_its_pairs():
+    """SliceThickness 3 mm, slices every 4 mm (ImagePositionPatient): the spacing comes from the positions, the
+    profile's width from SliceThickness, so a named profile's training pairs leave the gap unsampled."""
+    from medsr_dist.mri.sample_data import build_mr_series, dataset_bytes
+    from medsr_dist.mri.simulate import slice_profile_matrix
+    from medsr_dist.mri.volume import read_dicom_series
+
+    data = np.random.default_rng(0).random((20, 18, 10)) * 500
+    series = build_mr_series(data, spacing=(1.0, 1.0, 4.0))
+    for ds in series:
+        ds.SliceThickness = "3"
+    vol = read_dicom_series([(f"s{i}.dcm", dataset_bytes(ds)) for i, ds in enumerate(series)])
+    np.testing.assert_allclose(vol.spacing, [1.0, 1.0, 4.0], rtol=1e-6)
+    assert vol.facts["slice_thickness"] == pytest.approx(3.0)
+    profile, record = resolve_profile("box", vol.data, vol.spacing, 2, 4, vol.facts["slice_thickness"])
+    assert profile == SliceProfile(3.0, BOX_SHAPE)
+    assert record["slice_thickness_mm"] == 3.0 and record["slice_spacing_mm"] == pytest.approx(4.0)
+    assert profile_from_record(record) == profile
+    m = slice_profile_matrix(20, 4, profile)  # the in-plane degradation of the pairs: 3 of every 4 voxels seen
+    np.testing.assert_allclose(m.sum(axis=0)[4:8], [1 / 6, 1 / 3, 1 / 3, 1 / 6])
+    same, rec = resolve_profile("box", vol.data, vol.spacing, 2, 4, 4.0)  # thickness = spacing: the named profile
+    assert same == "box" and rec == {"method": "given", "family": "box", "fwhm_voxels": 4.0}

@@ -291,7 +291,8 @@ def read_volume_item(spec, row: dict, rel: str, secrets: set[str]) -> dict:
     volume = read_dicom_series(files, name) if series else read_nifti(data, name)
     plan = plan_reconstruction(volume, params["factor"])
     template = volume.with_data(np.zeros((1, 1, 1), np.float32))
-    _, profile_record = resolve_profile(params["profile"], volume.data, volume.spacing, plan.lr_axis, plan.factor)
+    _, profile_record = resolve_profile(params["profile"], volume.data, volume.spacing, plan.lr_axis, plan.factor,
+                                       volume.facts.get("slice_thickness"))
     meta = {"lr_axis": plan.lr_axis, "factor": plan.factor, "fusion": params["fusion"], "profile": params["profile"],
             "slice_profile": profile_record,
             "input_shape": list(plan.input_shape), "output_shape": list(plan.output_shape),

@@ -110,7 +110,8 @@ def reconstruct_volume(cfg: MedsrConfig, mri: MriConfig, volume_uri: str, output
     batch = e.batch_size or auto_batch_size(backend)
     tile = TileSpec(tile=e.tile, overlap=e.tile_overlap, blend=e.tile_blend, batch_size=batch)
     out = reconstruct(volume, backend, mri.factor, tile=tile, fusion=mri.fusion)
-    profile, profile_record = resolve_profile(mri.profile, volume.data, volume.spacing, plan.lr_axis, plan.factor)
+    profile, profile_record = resolve_profile(mri.profile, volume.data, volume.spacing, plan.lr_axis, plan.factor,
+                                              volume.facts.get("slice_thickness"))
     score = consistency_psnr(out, volume, plan.lr_axis, mri.factor, profile)
     derivation = (f"Through-plane SR x{mri.factor} ({mri.fusion} fusion) by model {model.name} "
                   f"(sha256 {model.sha256[:16]}); enhanced volume, not a new acquisition")

@@ -68,7 +68,8 @@ def volume_pairs(data: bytes, rel_key: str, group: str, split: str, mri: MriConf
     else:
         lr_axis = low_resolution_axis(vol.spacing, rel_key)
         window = intensity_window(vol.data, k, vol.shape[lr_axis])
-        profile, profile_record = resolve_profile(mri.profile, vol.data, vol.spacing, lr_axis, k)
+        profile, profile_record = resolve_profile(mri.profile, vol.data, vol.spacing, lr_axis, k,
+                                                  vol.facts.get("slice_thickness"))
         pairs = self_supervised_pairs(vol.data, lr_axis, k, profile, skip_empty=mri.skip_empty, window=window)
     meta = json.dumps({"factor": k, "profile": mri.profile, "slice_profile": profile_record, "mode": mri.mode,
                        "window": [window.low, window.high],

@@ -291,19 +291,26 @@ def profile_dict(profile: SliceProfile) -> dict:
     return asdict(profile)
 
 
-def resolve_profile(name: str, data: np.ndarray, spacing, lr_axis: int, factor: int) -> tuple[str | SliceProfile, dict]:
+def resolve_profile(name: str, data: np.ndarray, spacing, lr_axis: int, factor: int,
+                    thickness_mm: float | None = None) -> tuple[str | SliceProfile, dict]:
     """The profile a thick volume's training pairs and consistency check use, and its provenance record.
 
     ``name`` ``"estimate"``: :func:`estimate_profile` of ``data`` with the slice spacing from the voxel sizes
     (``spacing``, mm: the through-plane one over the mean in-plane one); the record gives family, FWHM (in-plane
-    voxels and mm), shape and fit residuals. A volume too small to estimate from (fewer than 8 slices either way)
+    voxels and mm), shape and fit residuals. ``"box"``/``"gaussian"`` with a header slice thickness
+    (``thickness_mm``: DICOM SliceThickness; the spacing comes from the slice positions) that differs from the
+    spacing: that profile with FWHM = the thickness, a gap (thinner) or an overlap (thicker) simulated as such. A volume too small to estimate from (fewer than 8 slices either way)
     gets the Gaussian of width ``factor``, its record saying why (``estimate_failed``). Deterministic: every stage
     that resolves the same volume gets the same profile. ``"box"``/``"gaussian"``: as named, width ``factor`` voxels.
     """
-    if name != "estimate":
-        return name, {"method": "given", "family": name, "fwhm_voxels": float(factor)}
     spacing = [float(s) for s in spacing]
     inplane = float(np.mean([s for a, s in enumerate(spacing) if a != lr_axis]))
+    if name != "estimate":
+        if thickness_mm and abs(float(thickness_mm) - spacing[lr_axis]) > 1e-3 * spacing[lr_axis]:
+            profile = SliceProfile.named(name, float(thickness_mm) / inplane)
+            return profile, {"method": "given", **profile.describe(inplane), "from": "header slice thickness",
+                             "slice_thickness_mm": float(thickness_mm), "slice_spacing_mm": spacing[lr_axis]}
+        return name, {"method": "given", "family": name, "fwhm_voxels": float(factor)}
     try:
         est = estimate_profile(data, lr_axis, spacing[lr_axis] / inplane)
     except ValueError as exc:  # too small to estimate from: say so in the record and use the Gaussian
@@ -314,7 +321,7 @@ def resolve_profile(name: str, data: np.ndarray, spacing, lr_axis: int, factor: 
 
 def profile_from_record(record: dict) -> str | SliceProfile:
     """The profile a :func:`resolve_profile` record describes (what a later stage re-degrades with)."""
-    if record.get("method") == "given":
+    if record.get("method") == "given" and "shape" not in record:
         return str(record["family"])
     shape = record["shape"]
     return SliceProfile(float(record["fwhm_voxels"]), math.inf if shape == "inf" else float(shape))
