@@ -15,20 +15,24 @@ spacing an overlap. :func:`upsample_matrix` interpolates back onto any fine grid
 ``n_fine = round(n * spacing)`` the field of view is kept exactly and each thick voxel's centre is the centroid of
 the fine extent it covers.
 
-**Estimation** (:func:`estimate_profile`). The through-plane axis of a thick volume was blurred by the unknown
-profile and sampled every ``spacing`` fine voxels; its in-plane axes are fine. For a candidate profile, blur an
-in-plane axis with it and sample every ``spacing`` voxels (the matching downsampling): the right profile makes
-the in-plane lines' power spectrum match the through-plane lines' (anatomy is close to isotropic in its
-statistics). We compare the mean log power spectra of the lines (foreground-weighted, mean removed, Hann window,
-frequencies above the lowest two bins up to the coarse Nyquist) over a grid of FWHM and shape, then refine the
-best with a bounded scalar search; the residual (RMS difference of the log10 spectra, in decades) is the fit
-quality. Deterministic, no training: seconds on a 200^3 volume.
+**Estimation** (:func:`estimate_profile`). The through-plane axis ``a`` of a thick volume was blurred by the
+unknown profile and sampled every ``spacing`` fine voxels; its in-plane axes are fine. Take planes spanned by ``a``
+and an in-plane axis ``d`` and blur and sample them along ``d`` with a candidate profile (the matching
+downsampling): with the right profile the plane is blurred alike both ways, so its mean power spectrum along ``a``
+matches the one along ``d`` (anatomy is close to isotropic in its statistics). The fit minimises the RMS
+difference of the two log10 spectra (foreground-weighted lines, mean removed, Hann window; the lowest quarter of the
+band, where anatomy rather than the profile dominates, left out; an overall gain removed) over 11 widths x 5
+shapes (2, 3, 4, 6, box), then refines the width of the two best shapes with a bounded scalar search. The residual
+(decades) is the fit quality. Deterministic (a seeded choice of at most ``max_planes`` planes per in-plane axis,
+which also bounds memory and time: seconds on the 197 x 233 x 47 thick MNI152). Accuracy on the MNI152 T1: within
+10 % of the true FWHM for box, Gaussian, non-integer and box-with-gap profiles, 10.6 % for a flattened one, and
++43 % for a thin Gaussian with a gap (docs/RESULTS.md).
 """
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -286,9 +290,6 @@ def _refine(t: _Target, spacing: float, shape: float, w0: float, step: float, r0
         return float(res.x), float(res.fun)
     return w0, r0
 
-
-def profile_dict(profile: SliceProfile) -> dict:
-    return asdict(profile)
 
 
 def resolve_profile(name: str, data: np.ndarray, spacing, lr_axis: int, factor: int,
