@@ -2,6 +2,7 @@
 the estimation of the profile from a thick volume alone (medsr_dist/mri/profile.py)."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -167,3 +168,20 @@ def test_a_dicom_series_with_a_slice_gap_gets_its_thickness_from_the_header_and_
     np.testing.assert_allclose(m.sum(axis=0)[4:8], [1 / 6, 1 / 3, 1 / 3, 1 / 6])
     same, rec = resolve_profile("box", vol.data, vol.spacing, 2, 4, 4.0)  # thickness = spacing: the named profile
     assert same == "box" and rec == {"method": "given", "family": "box", "fwhm_voxels": 4.0}
+
+
+def test_self_mode_pairs_use_and_record_the_estimated_profile(mni):
+    """``mri.profile: estimate`` (the default) in self mode: the pairs' meta records the estimate (family, FWHM mm,
+    residual) of a thick MNI152 crop (Gaussian, 4 mm), and its in-plane degradation is the estimated profile's."""
+    from medsr_dist.config import MriConfig
+    from medsr_dist.mri.prepare import volume_pairs
+    from medsr_dist.mri.volume import Volume, write_nifti
+
+    assert MriConfig().profile == "estimate"
+    iso = np.ascontiguousarray(mni[50:146, 60:156, 40:136])
+    thick = Volume(degrade(iso, 2, 4.0, SliceProfile(4.0, 2.0)), np.diag([1.0, 1.0, 4.0, 1.0]), source="t.nii.gz")
+    thick.stored_dtype = np.dtype(np.float32)
+    rows = volume_pairs(write_nifti(thick), "t.nii.gz", "g", "train", MriConfig(mode="self", factor=4, skip_empty=0.3))
+    record = json.loads(rows[0]["meta"])["slice_profile"]
+    assert record["method"].startswith("estimate") and abs(record["fwhm_mm"] / 4.0 - 1) < 0.25
+    assert record["residual_log10"] <= record["box_residual_log10"]
