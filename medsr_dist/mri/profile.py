@@ -128,7 +128,8 @@ def thick_matrix(n_fine: int, spacing: float, profile: SliceProfile) -> np.ndarr
         lo, hi = max(0, int(math.floor(c - half))), min(n_fine, int(math.ceil(c + half)) + 1)
         idx = np.arange(lo, hi)
         if math.isinf(profile.shape):  # a box: each voxel's overlap with the slab, exactly
-            w = np.clip(np.minimum(idx + 0.5, c + profile.fwhm / 2) - np.maximum(idx - 0.5, c - profile.fwhm / 2), 0, None)
+            half_w = profile.fwhm / 2
+            w = np.clip(np.minimum(idx + 0.5, c + half_w) - np.maximum(idx - 0.5, c - half_w), 0, None)
         else:
             w = profile.density(idx[:, None] + sub[None, :] - c).mean(axis=1)
         m[n, lo:hi] = w / w.sum()
@@ -139,7 +140,8 @@ def thick_matrix(n_fine: int, spacing: float, profile: SliceProfile) -> np.ndarr
 def upsample_matrix(n_coarse: int, n_fine: int, order: int = 3) -> np.ndarray:
     """Cubic B-spline (``order`` 3) from ``n_coarse`` voxels onto ``n_fine`` covering the same extent: fine voxel
     ``j`` sits at coarse index ``(j + 1/2) * n_coarse / n_fine - 1/2`` (mirror boundary). ``(n_fine, n_coarse)``
-    float64, rows summing to 1; for ``n_fine = k * n_coarse`` it equals :func:`medsr_dist.mri.simulate.upsample_matrix`."""
+    float64, rows summing to 1; for ``n_fine = k * n_coarse`` it equals
+    :func:`medsr_dist.mri.simulate.upsample_matrix` (to 1e-6)."""
     from scipy import ndimage
 
     if n_coarse < 2:
@@ -300,7 +302,8 @@ def resolve_profile(name: str, data: np.ndarray, spacing, lr_axis: int, factor: 
     (``spacing``, mm: the through-plane one over the mean in-plane one); the record gives family, FWHM (in-plane
     voxels and mm), shape and fit residuals. ``"box"``/``"gaussian"`` with a header slice thickness
     (``thickness_mm``: DICOM SliceThickness; the spacing comes from the slice positions) that differs from the
-    spacing: that profile with FWHM = the thickness, a gap (thinner) or an overlap (thicker) simulated as such. A volume too small to estimate from (fewer than 8 slices either way)
+    spacing: that profile with FWHM = the thickness, a gap (thinner) or an overlap (thicker) simulated as such.
+    A volume too small to estimate from (fewer than 8 slices either way)
     gets the Gaussian of width ``factor``, its record saying why (``estimate_failed``). Deterministic: every stage
     that resolves the same volume gets the same profile. ``"box"``/``"gaussian"``: as named, width ``factor`` voxels.
     """
