@@ -23,8 +23,8 @@ ModeOpt = typer.Option(None, "--mode", help="supervised (isotropic volumes, six 
                        "[default: mri.mode]")
 FactorOpt = typer.Option(None, "--factor", "-k", help="Slice-thickness factor k: output spacing = input spacing / k "
                          "[default: mri.factor]")
-ProfileOpt = typer.Option(None, "--profile", help="Slice profile of simulated thick slices: box or gaussian "
-                          "[default: mri.profile]")
+ProfileOpt = typer.Option(None, "--profile", help="Slice profile of the thick slices: estimate (from the volume itself; "
+                          "supervised pairs: gaussian), box or gaussian [default: mri.profile]")
 FusionOpt = typer.Option(None, "--fusion", help="Fusion of the two refined orientations: mean or fourier "
                          "[default: mri.fusion]")
 OutputOpt = typer.Option(..., "--output", "-o", help="Output .nii/.nii.gz, or a folder for a derived DICOM series")

@@ -51,6 +51,9 @@ class EvalConfig(Section):
             None, description="Volume protocols (mri-aniso-x*): the plane whose normal gets the thick slices")
         profile: Literal["gaussian", "box"] | None = Field(
             None, description="Volume protocols: slice profile of the simulated thick slices")
+        profile_known: bool | None = Field(
+            None, description="Volume protocols: false = 'profile unknown' mode: the consistency score uses the profile "
+            "estimated from the thick input, and the report gives it beside the true one")
         fusion: Literal["mean", "fourier"] | None = Field(
             None, description="Volume protocols: fusion of the two refined orientations of the models")
 

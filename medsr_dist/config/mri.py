@@ -15,8 +15,11 @@ class MriConfig(Section):
         "supervised", description="supervised: isotropic volumes -> the six pairings; self: each anisotropic "
         "volume's own in-plane slices degraded to its through-plane resolution (SMORE)")
     factor: int = Field(4, ge=2, le=8, description="Slice-thickness factor k (output spacing = input spacing / k)")
-    profile: Literal["box", "gaussian"] = Field(
-        "gaussian", description="Slice profile of the simulated thick slices: box (mean of k) or Gaussian (FWHM k)")
+    profile: Literal["estimate", "box", "gaussian"] = Field(
+        "estimate", description="Slice profile of the thick slices: estimate (from the thick volume itself, "
+        "medsr_dist/mri/profile.py: generalised-Gaussian FWHM and shape fitted so the in-plane data blurred with it "
+        "look like the through-plane data; recorded in the provenance; supervised pairs from isotropic volumes "
+        "have nothing to estimate from and use the Gaussian), box (mean of k) or gaussian (FWHM k)")
     skip_empty: float = Field(0.02, ge=0, lt=1, description="Drop pairs whose ground truth has at most this "
                               "fraction of foreground voxels (5 % of the volume's range above its minimum)")
     include: list[str] = Field(default_factory=lambda: ["**/*.nii", "**/*.nii.gz", "*.nii", "*.nii.gz"],

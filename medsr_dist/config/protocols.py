@@ -165,7 +165,9 @@ class VolumeProtocol:
     (``axial``: the voxel axis closest to S/I, from the affine); the input is
     :func:`~medsr_dist.mri.simulate.simulate_anisotropic` of it along that axis (``profile``: ``gaussian`` slice
     profile of FWHM = the thick spacing, or ``box`` = mean of ``scale`` slices), its affine the thick grid's (same
-    field of view); with ``lr_quantization: source`` (default) the thick values are rounded to the source's stored
+    field of view); ``profile_known: false`` ("profile unknown"): the consistency score re-degrades with the
+    profile estimated from the thick input (:func:`~medsr_dist.mri.profile.estimate_profile`) instead of the true
+    one, and the report gives the estimate beside the truth; with ``lr_quantization: source`` (default) the thick values are rounded to the source's stored
     integer levels (its dtype and scl_slope/inter, like a real thick-slice file), ``none`` keeps float32.
     Methods: trilinear and cubic B-spline (scipy.ndimage order 3) interpolation back along that axis, and each
     model through :func:`~medsr_dist.mri.reconstruct.reconstruct` (``fusion``). Metrics: 3-D PSNR/SSIM inside the
@@ -180,6 +182,7 @@ class VolumeProtocol:
     profile: str = "gaussian"
     fusion: str = "mean"
     lr_quantization: str = "source"
+    profile_known: bool = True
 
     def __post_init__(self) -> None:
         if int(self.scale) != self.scale or self.scale < 2:
@@ -197,6 +200,8 @@ class VolumeProtocol:
     def degradation(self) -> str:
         profile = "Gaussian slice profile (FWHM = thick spacing)" if self.profile == "gaussian" else "box (mean) slice profile"
         quant = ", rounded to the source's stored levels" if self.lr_quantization == "source" else " (float, not rounded)"
+        if not self.profile_known:
+            quant += "; the profile is not told to the methods (estimated from the input)"
         return (f"ground truth: the isotropic volume cropped to a multiple of {self.scale} along the {self.axis} normal; "
                 f"input: x{self.scale} thick slices along it, {profile}{quant}; methods reconstruct with {self.fusion} "
                 f"fusion; metrics: 3-D PSNR/SSIM inside the Otsu foreground mask of the ground truth")
@@ -205,7 +210,8 @@ class VolumeProtocol:
         return dataclasses.asdict(self)
 
     def with_params(self, overrides: Mapping[str, Any]) -> VolumeProtocol:
-        """A copy with some parameters replaced (``scale``, ``axis``, ``profile``, ``fusion``, ``lr_quantization``).
+        """A copy with some parameters replaced (``scale``, ``axis``, ``profile``, ``profile_known``, ``fusion``,
+        ``lr_quantization``).
 
         Raises:
             ValueError: a parameter of the 2-D protocols, an unknown one, or a bad value.

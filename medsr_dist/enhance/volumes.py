@@ -30,7 +30,8 @@ outside series folders stay 2-D items.
    pixdim; provenance JSON as a NIfTI comment extension) or a derived DICOM series
    (:func:`~medsr_dist.mri.volume.write_dicom_series`: new series, DERIVED, ImagePositionPatient per slice,
    SliceThickness = SpacingBetweenSlices) in a folder of its own; the consistency score (the output re-degraded
-   along the low-resolution axis with ``mri.profile``, against the input, inside its mask); then the record.
+   along the low-resolution axis with ``mri.profile``: for ``estimate`` the profile estimated from the input in
+   the read stage, recorded as ``medsr:slice_profile`` in a NIfTI output's provenance; against the input, inside its mask); then the record.
 
 Output keys: NIfTI ``<rel dir>/<stem>.sr-<id>.nii[.gz]`` (same compression as the input); a series
 ``<rel folder>.sr-<id>/slice_0001.dcm`` (the first slice names the output in the manifest; every slice is written
@@ -72,6 +73,7 @@ from medsr_dist.infer.replica import EngineSettings, ModelReplica
 from medsr_dist.infer.rows import non_finite
 from medsr_dist.io.phi import phi_values, sanitize_reason
 from medsr_dist.mri.job import consistency_psnr
+from medsr_dist.mri.profile import profile_from_record, resolve_profile
 from medsr_dist.mri.reconstruct import plan_reconstruction, reconstruct
 from medsr_dist.mri.volume import (
     VolumeError,
@@ -290,7 +292,10 @@ def read_volume_item(spec, row: dict, rel: str, secrets: set[str]) -> dict:
     volume = read_dicom_series(files, name) if series else read_nifti(data, name)
     plan = plan_reconstruction(volume, params["factor"])
     template = volume.with_data(np.zeros((1, 1, 1), np.float32))
+    _, profile_record = resolve_profile(params["profile"], volume.data, volume.spacing, plan.lr_axis, plan.factor,
+                                       volume.facts.get("slice_thickness"))
     meta = {"lr_axis": plan.lr_axis, "factor": plan.factor, "fusion": params["fusion"], "profile": params["profile"],
+            "slice_profile": profile_record,
             "input_shape": list(plan.input_shape), "output_shape": list(plan.output_shape),
             "output_spacing_mm": list(plan.output_spacing), "format": volume.format, "model_uri": job["uri"],
             "model_sha256": model.sha256, "model_name": model.name, "params": params}
@@ -412,7 +417,8 @@ def commit_volume(spec, item: dict, row: dict) -> dict:
             source=provenance_source(getattr(spec, "provenance_source", "item_id"), row["input_key"], row["item_id"]),
             source_sha256=row["input_sha256"], note=NOTE, extra={
                 "medsr:lr_axis": str(meta["lr_axis"]), "medsr:output_spacing_mm": json.dumps(meta["output_spacing_mm"]),
-                "medsr:output_shape": json.dumps(meta["output_shape"])})
+                "medsr:output_shape": json.dumps(meta["output_shape"]),
+                "medsr:slice_profile": json.dumps(meta["slice_profile"], sort_keys=True)})
         key = row["output_key"]
         if template.format == "nifti":
             data = write_nifti(out, gz=key.endswith(".gz"), description="medsr-dist isotropic SR (enhancement)",
@@ -427,7 +433,8 @@ def commit_volume(spec, item: dict, row: dict) -> dict:
             for name, data in write_dicom_series(out, derivation=derivation, uid_entropy=row["item_id"]):
                 spec.storage.write_bytes(spec.storage.join(folder, name), data)
                 written += len(data)
-        score = consistency_psnr(out, source, meta["lr_axis"], meta["factor"], meta["profile"])
+        score = consistency_psnr(out, source, meta["lr_axis"], meta["factor"],
+                                 profile_from_record(meta["slice_profile"]))
     except Exception as exc:  # noqa: BLE001 - becomes the row's error, without identifiers
         raise RuntimeError(sanitize_reason(f"{type(exc).__name__}: {exc}", key=row["input_key"],
                                            secrets=_dicom_secrets(template))) from None

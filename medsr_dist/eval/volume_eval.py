@@ -10,7 +10,9 @@ Per volume (a ``.nii``/``.nii.gz`` under ``eval.dataset``; ``eval.split: null``)
    :class:`~medsr_dist.infer.replica.ModelReplica` (the one engine; tiles batched across slices);
 3. scores inside the ground truth's foreground mask (:mod:`medsr_dist.mri.metrics`): 3-D PSNR and SSIM of the
    volume, the same per *slab* (the ``k`` fine slices one thick slice became), and the consistency score (the
-   output re-degraded with the slice profile against the input, inside the input's mask);
+   output re-degraded with the slice profile against the input, inside the input's mask; with
+   ``profile_known: false`` ("profile unknown") the profile estimated from the input, reported beside the true one
+   under ``slice_profile``);
 4. for the figure volumes, one PNG: axial / coronal / sagittal views through the mask's centre, each a row of
    input (nearest) | trilinear | B-spline | models | ground truth with a magnified region below (where the best
    model and B-spline disagree most, or ``eval.crop_box``).
@@ -27,7 +29,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import cv2
@@ -45,6 +47,7 @@ from medsr_dist.eval.results import EvalResult, build_report, figure_key, plain_
 from medsr_dist.eval.stats import paired_bootstrap
 from medsr_dist.infer.replica import EngineSettings, ModelReplica
 from medsr_dist.mri.metrics import foreground_mask, interpolation_baseline, psnr_3d
+from medsr_dist.mri.profile import resolve_profile
 from medsr_dist.mri.reconstruct import reconstruct
 from medsr_dist.mri.simulate import crop_to_multiple, degrade_axis, simulate_anisotropic
 from medsr_dist.mri.volume import VolumeError, check_orthonormal, plane_normal_axes, read_volume
@@ -57,7 +60,8 @@ log = logging.getLogger(__name__)
 INTERPOLATIONS = ("trilinear", "bspline")
 BASELINE = "bspline"
 LPIPS_REASON = "LPIPS is a 2-D perceptual metric; volumes are scored by 3-D PSNR/SSIM inside the foreground mask"
-SLAB_FIELD = "slabs"  # per-row JSON: {"psnr": [...], "ssim": [...]} per slab (null: no foreground in that slab)
+SLAB_FIELD = "slabs"  # per-row JSON: {"psnr": [...], "ssim": [...]} per slab (null: no foreground in that slab),
+#                       and "slice_profile": the true profile and, in "profile unknown" mode, the estimate
 
 
 @dataclass(frozen=True)
@@ -68,11 +72,16 @@ class VolumePair:
         hr: the ground truth (:class:`~medsr_dist.mri.volume.Volume`, physical float32 values).
         thick: the simulated thick-slice input, its affine the thick grid's.
         axis: the voxel axis made thick.
+        profile: what the methods' consistency is scored with: the true profile's name, or (``profile_known``
+            false) the estimate from the thick input.
+        profile_record: the true profile and, when not told, the estimate (family, FWHM mm, shape, residual).
     """
 
     hr: Any
     thick: Any
     axis: int
+    profile: Any = "gaussian"
+    profile_record: dict = field(default_factory=dict)
 
 
 def make_volume_pair(volume, protocol: VolumeProtocol):
@@ -99,7 +108,12 @@ def make_volume_pair(volume, protocol: VolumeProtocol):
         slope = volume.scl_slope if np.isfinite(volume.scl_slope) and volume.scl_slope else 1.0
         stored = np.clip(np.rint((thick.data.astype(np.float64) - volume.scl_inter) / slope), info.min, info.max)
         thick = thick.with_data((stored * slope + volume.scl_inter).astype(np.float32), thick.affine)
-    return VolumePair(hr=hr, thick=thick, axis=axis)
+    record: dict[str, Any] = {"true": {"family": protocol.profile, "fwhm_mm": round(float(k * volume.spacing[axis]), 4)},
+                              "known_to_methods": protocol.profile_known}
+    profile: Any = protocol.profile
+    if not protocol.profile_known:
+        profile, record["estimated"] = resolve_profile("estimate", thick.data, thick.spacing, axis, k)
+    return VolumePair(hr=hr, thick=thick, axis=axis, profile=profile, profile_record=record)
 
 
 def slab_scores(pred: np.ndarray, reference: np.ndarray, mask: np.ndarray, ssim_map: np.ndarray, axis: int, k: int,
@@ -128,7 +142,7 @@ def score_volume(pred: np.ndarray, pair: VolumePair, protocol: VolumeProtocol, m
     reference = pair.hr.data
     r = float(reference.max() - reference.min())
     _, smap = structural_similarity(reference.astype(np.float64), pred.astype(np.float64), data_range=r, full=True)
-    again = degrade_axis(pred, pair.axis, protocol.scale, protocol.profile)
+    again = degrade_axis(pred, pair.axis, protocol.scale, pair.profile)
     return {"psnr": psnr_3d(pred, reference, mask, r), "ssim": float(smap[mask].mean()),
             "consistency_psnr_db": psnr_3d(again, pair.thick.data, thick_mask, r),
             SLAB_FIELD: slab_scores(pred, reference, mask, smap, pair.axis, protocol.scale, r)}
@@ -239,6 +253,7 @@ class VolumeScorer:
                         raise ValueError(f"the model output {int((~np.isfinite(pred)).sum()):,} non-finite values")
                 rows[i]["seconds"] = time.perf_counter() - t0
                 scores = score_volume(pred, pair, p, mask, thick_mask)
+                scores[SLAB_FIELD]["slice_profile"] = pair.profile_record  # true vs estimated, for the report
                 rows[i].update({k: v for k, v in scores.items() if k != SLAB_FIELD},
                                **{SLAB_FIELD: json.dumps(scores[SLAB_FIELD])})
                 if figure:
@@ -374,6 +389,8 @@ def build_volume_report(cfg: MedsrConfig, plan, rows: list[dict], slabs: dict[tu
         consistency_note=("Consistency: the output re-degraded along the thick axis with the slice profile against the "
                           "input, inside the input's mask (a safeguard against contradicting the input, not a fidelity proof)."),
         volume={"mask": "Otsu threshold of the ground truth, holes filled in 3-D", "baseline": BASELINE},
+        slice_profile={image["name"]: slabs.get((image["name"], BASELINE), {}).get("slice_profile")
+                       for image in report["images"]},
     )
     report["lpips"] = {**report["lpips"], "available": False, "reason": LPIPS_REASON}
     return report

@@ -21,6 +21,7 @@ from medsr_dist.config import MedsrConfig, MriConfig, through_plane_refiner_prob
 from medsr_dist.infer.engine import ENGINE_REVISION, TileSpec, auto_batch_size
 from medsr_dist.infer.model_file import build_model_backend, read_model_file
 from medsr_dist.mri.metrics import foreground_mask, psnr_3d
+from medsr_dist.mri.profile import resolve_profile
 from medsr_dist.mri.reconstruct import plan_reconstruction, reconstruct
 from medsr_dist.mri.simulate import degrade_axis
 from medsr_dist.mri.volume import Volume, read_dicom_series, read_volume, write_dicom_series, write_nifti
@@ -70,7 +71,7 @@ def save_volume(storage: Storage, volume: Volume, uri: str, derivation: str) -> 
     return written
 
 
-def consistency_psnr(output: Volume, source: Volume, lr_axis: int, factor: int, profile: str) -> float:
+def consistency_psnr(output: Volume, source: Volume, lr_axis: int, factor: int, profile) -> float:
     """PSNR (dB) of the output re-degraded along ``lr_axis`` (``profile``) against the source, in the source's
     foreground mask, data range = the source's range."""
     again = degrade_axis(output.data, lr_axis, factor, profile)
@@ -109,12 +110,15 @@ def reconstruct_volume(cfg: MedsrConfig, mri: MriConfig, volume_uri: str, output
     batch = e.batch_size or auto_batch_size(backend)
     tile = TileSpec(tile=e.tile, overlap=e.tile_overlap, blend=e.tile_blend, batch_size=batch)
     out = reconstruct(volume, backend, mri.factor, tile=tile, fusion=mri.fusion)
-    score = consistency_psnr(out, volume, plan.lr_axis, mri.factor, mri.profile)
+    profile, profile_record = resolve_profile(mri.profile, volume.data, volume.spacing, plan.lr_axis, plan.factor,
+                                              volume.facts.get("slice_thickness"))
+    score = consistency_psnr(out, volume, plan.lr_axis, mri.factor, profile)
     derivation = (f"Through-plane SR x{mri.factor} ({mri.fusion} fusion) by model {model.name} "
                   f"(sha256 {model.sha256[:16]}); enhanced volume, not a new acquisition")
     written = save_volume(storage, out, output_uri, derivation)
     provenance = {"source": volume_uri, "source_sha256": source_sha, "model": model.name, "model_sha256": model.sha256,
-                  "factor": mri.factor, "fusion": mri.fusion, "profile": mri.profile, "lr_axis": plan.lr_axis,
+                  "factor": mri.factor, "fusion": mri.fusion, "profile": mri.profile, "slice_profile": profile_record,
+                  "lr_axis": plan.lr_axis,
                   "input_shape": list(plan.input_shape), "output_shape": list(plan.output_shape),
                   "output_spacing_mm": list(plan.output_spacing), "engine_revision": ENGINE_REVISION,
                   "tile": tile.tile, "tile_overlap": tile.overlap, "precision": getattr(backend, "precision", "fp32"),

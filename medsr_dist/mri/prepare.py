@@ -15,7 +15,7 @@ for a sub-image when ``mri.subimage`` > 0), ``rel_key``, ``group``
 (the split group: the file-name pattern's patient part, like the 2-D ``group``; no DICOM PatientID is read),
 ``volume``, ``orientation``, ``slice_index``, ``degraded_axis``, ``image`` (ground
 truth, 16-bit gray PNG), ``lq_image`` (interpolated degraded slice, same size), ``pair_scale`` (1), ``height``,
-``width``, ``channels`` (1), ``bits`` (16), ``format`` (``nifti``), ``meta`` (JSON: factor, profile, mode,
+``width``, ``channels`` (1), ``bits`` (16), ``format`` (``nifti``), ``meta`` (JSON: factor, profile, slice_profile (the profile used: estimate record or given), mode,
 intensity window, voxel sizes, low-resolution axis, which voxel axis is normal to the axial/coronal/sagittal
 planes, so an orientation ``b/a`` reads e.g. "coronal slice, degraded along the axial normal"). Both images are
 in the volume's intensity window (:func:`medsr_dist.mri.simulate.intensity_window`) with the degraded axis as rows.
@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from medsr_dist.config import MedsrConfig, MriConfig, check_through_plane_model
 from medsr_dist.data.prepare import SPLITS, PrepareResult, _write_table, assign_splits, patient_of, to_training_png
+from medsr_dist.mri.profile import resolve_profile
 from medsr_dist.mri.simulate import _foreground_level, intensity_window, self_supervised_pairs, supervised_pairs
 from medsr_dist.mri.volume import VolumeError, low_resolution_axis, plane_normal_axes, read_volume
 from medsr_dist.storage import Storage
@@ -61,12 +62,17 @@ def volume_pairs(data: bytes, rel_key: str, group: str, split: str, mri: MriConf
             raise VolumeError(f"{rel_key}: supervised pairs need an isotropic volume, voxel sizes are {spacing} mm")
         lr_axis = None
         window = intensity_window(vol.data, k, min(vol.shape) // k)
-        pairs = supervised_pairs(vol.data, k, mri.profile, skip_empty=mri.skip_empty, window=window)
+        profile_record = {"method": "given", "family": "gaussian" if mri.profile == "estimate" else mri.profile,
+                          "fwhm_voxels": float(k)}
+        pairs = supervised_pairs(vol.data, k, profile_record["family"], skip_empty=mri.skip_empty, window=window)
     else:
         lr_axis = low_resolution_axis(vol.spacing, rel_key)
         window = intensity_window(vol.data, k, vol.shape[lr_axis])
-        pairs = self_supervised_pairs(vol.data, lr_axis, k, mri.profile, skip_empty=mri.skip_empty, window=window)
-    meta = json.dumps({"factor": k, "profile": mri.profile, "mode": mri.mode, "window": [window.low, window.high],
+        profile, profile_record = resolve_profile(mri.profile, vol.data, vol.spacing, lr_axis, k,
+                                                  vol.facts.get("slice_thickness"))
+        pairs = self_supervised_pairs(vol.data, lr_axis, k, profile, skip_empty=mri.skip_empty, window=window)
+    meta = json.dumps({"factor": k, "profile": mri.profile, "slice_profile": profile_record, "mode": mri.mode,
+                       "window": [window.low, window.high],
                        "spacing_mm": spacing, "lr_axis": lr_axis, "shape": list(vol.shape),
                        "plane_normal_axes": plane_normal_axes(vol.affine)})
     rows = []

@@ -37,9 +37,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medsr_dist.mri.profile import SliceProfile, thick_matrix
 from medsr_dist.mri.volume import VolumeError, resampled_affine
 
-PROFILES = ("box", "gaussian")
+PROFILES = ("box", "gaussian")  # named profiles; a SliceProfile object is any other (estimated) one
 FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 
 
@@ -50,13 +51,17 @@ def _check_factor(k: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def slice_profile_matrix(n_fine: int, k: int, profile: str = "box") -> np.ndarray:
+def slice_profile_matrix(n_fine: int, k: int, profile: str | SliceProfile = "box") -> np.ndarray:
     """The thick-slice operator: (n_fine // k, n_fine) float64 with rows summing to 1.
 
     Row ``n`` weighs fine voxels around ``n*k + (k-1)/2``: ``"box"`` = 1/k over ``n*k .. n*k+k-1``; ``"gaussian"`` =
-    Gaussian of FWHM ``k`` voxels truncated at 3 sigma, renormalised where it meets the border.
+    Gaussian of FWHM ``k`` voxels truncated at 3 sigma, renormalised where it meets the border; a
+    :class:`~medsr_dist.mri.profile.SliceProfile` (any width and shape, e.g. an estimate; a width other than ``k``
+    is a gap or an overlap) = :func:`~medsr_dist.mri.profile.thick_matrix` with slice spacing ``k``.
     """
     k = _check_factor(k)
+    if isinstance(profile, SliceProfile):
+        return thick_matrix(n_fine, float(k), profile)
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
     n_coarse = n_fine // k
@@ -108,7 +113,7 @@ def crop_to_multiple(data: np.ndarray, axis: int, k: int) -> np.ndarray:
     return data[(slice(None),) * axis + (slice(0, n),)]
 
 
-def degrade_axis(data: np.ndarray, axis: int, k: int, profile: str = "box") -> np.ndarray:
+def degrade_axis(data: np.ndarray, axis: int, k: int, profile: str | SliceProfile = "box") -> np.ndarray:
     """Thick slices along ``axis``: (.., n // k, ..) float32 via :func:`slice_profile_matrix`."""
     return apply_along_axis(slice_profile_matrix(data.shape[axis], k, profile), data, axis)
 
@@ -189,7 +194,7 @@ def _foreground_level(volume: np.ndarray, window: IntensityWindow) -> float:
     return float(window.to_unit(np.float32(lo + 0.05 * (hi - lo))))
 
 
-def supervised_pairs(volume: np.ndarray, k: int, profile: str = "box", *, skip_empty: float = 0.0,
+def supervised_pairs(volume: np.ndarray, k: int, profile: str | SliceProfile = "box", *, skip_empty: float = 0.0,
                      window: IntensityWindow | None = None) -> Iterator[SlicePair]:
     """The six pairings of an isotropic volume (see module doc): for each degraded axis ``a`` and each slice
     axis ``b != a``, every slice of the interpolated degraded volume along ``b`` with the same slice of the
@@ -218,7 +223,7 @@ def supervised_pairs(volume: np.ndarray, k: int, profile: str = "box", *, skip_e
                 yield SlicePair(lq, gt, f"{b}/{a}", index, degraded_axis=a, slice_axis=b)
 
 
-def self_supervised_pairs(volume: np.ndarray, lr_axis: int, k: int, profile: str = "box", *,
+def self_supervised_pairs(volume: np.ndarray, lr_axis: int, k: int, profile: str | SliceProfile = "box", *,
                           skip_empty: float = 0.0, window: IntensityWindow | None = None) -> Iterator[SlicePair]:
     """SMORE pairs from an anisotropic volume alone: each in-plane slice (along ``lr_axis``) degraded along each of
     its two axes by ``k`` with ``profile``, interpolated back, paired with itself. ``orientation`` ``"<lr_axis>/<d>"``
@@ -243,7 +248,7 @@ def self_supervised_pairs(volume: np.ndarray, lr_axis: int, k: int, profile: str
             yield SlicePair(lq, gt, f"{lr_axis}/{d}", index, degraded_axis=d, slice_axis=lr_axis)
 
 
-def simulate_anisotropic(volume, axis: int, k: int, profile: str = "box"):
+def simulate_anisotropic(volume, axis: int, k: int, profile: str | SliceProfile = "box"):
     """An isotropic :class:`~medsr_dist.mri.volume.Volume` -> the thick-slice volume along ``axis`` (new affine
     from :func:`~medsr_dist.mri.volume.resampled_affine`, same field of view, source dtype/scaling kept)."""
     data = degrade_axis(crop_to_multiple(volume.data, axis, k), axis, k, profile)
