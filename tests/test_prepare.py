@@ -114,6 +114,7 @@ def test_prepare_bounds_inputs_before_decoding_and_keeps_no_path_uid_or_free_tex
     from pydicom.data import get_testdata_file
 
     from medsr_dist.config import load_config
+    from medsr_dist.data import hostile
     from medsr_dist.data.prepare import GROUP_SECRET_ENV, GroupSecretError, key_pseudonym, prepare_dataset
     from medsr_dist.data.synthetic import make_radiograph
     from medsr_dist.io.image import encode_image
@@ -132,9 +133,18 @@ def test_prepare_bounds_inputs_before_decoding_and_keeps_no_path_uid_or_free_tex
     (folder / "ct.dcm").write_bytes(buf.getvalue())
     uids = [str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)]
     (folder / "bomb.png").write_bytes(encode_image(make_radiograph(9, 320)[:, :, None], meta))  # 102,400 pixels
-    (folder / "huge.png").write_bytes(b"\x89PNG" + os.urandom(300_000))  # over max_input_bytes: never read
+    (folder / "huge.png").write_bytes(b"\x89PNG" + os.urandom(700_000))  # over max_input_bytes: never read
+    # issue #24's crafted files (at sizes the limits above let through to the parsers): each one error row,
+    # within the test's timeout; the PNG text bomb and the malformed DS/IS decode (text dropped, values ignored)
+    crafted = {"loop.tif": hostile.tiff_ifd_loop(), "j2k.dcm": hostile.dicom_j2k_lie(3000),
+               "jpeg.dcm": hostile.dicom_jpeg_lie(3000), "jls.dcm": hostile.dicom_jpeg_ls_lie(3000),
+               "rle.dcm": hostile.dicom_rle_lie(), "strip.tif": hostile.tiff_jpeg_strip_lie(3000),
+               "deflate.dcm": hostile.dicom_deflate_bomb(64 * 1024), "flood.dcm": hostile.dicom_sequence_flood(60_000)}
+    honest_crafted = {"text.png": hostile.png_text_bomb(4 << 20), "numbers.dcm": hostile.dicom_malformed_numbers()}
+    for name, data in {**crafted, **honest_crafted}.items():
+        (archive / name).write_bytes(data)
     cfg = load_config(None, [f"run.root={tmp_path}", f"prepare.input={archive}", f"prepare.output={tmp_path / 'ds'}",
-                             "prepare.max_input_pixels=100000", "prepare.max_input_bytes=250000",
+                             "prepare.max_input_pixels=100000", "prepare.max_input_bytes=600000",
                              "prepare.split={train: 0.5, val: 0.25, test: 0.25}"])
     monkeypatch.delenv(GROUP_SECRET_ENV, raising=False)
     with pytest.raises(GroupSecretError, match=GROUP_SECRET_ENV):  # refused before anything is read
@@ -147,17 +157,19 @@ def test_prepare_bounds_inputs_before_decoding_and_keeps_no_path_uid_or_free_tex
         ray.shutdown()
     out = tmp_path / "ds"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["skipped"] == {"max_input_bytes": 1, "max_input_pixels": 1}
-    assert sum(result.counts.values()) == 5 and len(result.errors) == 2
+    assert summary["skipped"] == {"max_input_bytes": 1, "max_input_pixels": 1, "undecodable": len(crafted)}
+    assert sum(result.counts.values()) == 5 + len(honest_crafted) and len(result.errors) == 2 + len(crafted)
     index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
     by_name = {Path(r["key"]).name: r for r in index}
+    assert {n for n, r in by_name.items() if r["error"]} == {"bomb.png", "huge.png", *crafted}
     assert by_name["bomb.png"]["error"] == ("320 x 320 = 102,400 pixels exceeds prepare.max_input_pixels 100,000; "
                                             "not decoded")
-    assert by_name["huge.png"]["error"] == "300,004 bytes exceeds prepare.max_input_bytes 250,000; not read"
+    assert by_name["huge.png"]["error"] == "700,004 bytes exceeds prepare.max_input_bytes 600,000; not read"
     assert all(r["item"] == key_pseudonym(str(Path(r["key"]).relative_to(archive)), secret.encode()) for r in index)
     assert oct((out / "index.jsonl").stat().st_mode & 0o777) == oct(0o640)
     # nothing the dataset side holds names the path, the patient, a UID or the free text
-    leaks = ["DOE", "JANE", "12345678", "scan", ".png", ".dcm", "CHEST", *uids, str(ds.PatientName), str(ds.PatientID)]
+    # (not "CHEST": BodyPartExamined is a defined term, kept; the free-text SeriesDescription is dropped)
+    leaks = ["DOE", "JANE", "12345678", "scan", ".png", ".dcm", "FOLLOW-UP", *uids, str(ds.PatientName), str(ds.PatientID)]
     files = [p for p in out.rglob("*") if p.is_file() and p.name != "index.jsonl"]
     assert {p.name for p in files} >= {"summary.json", "errors.parquet"}
     for path in files:
