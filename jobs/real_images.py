@@ -139,12 +139,14 @@ def main(argv: list[str] | None = None) -> dict:
     from rich.console import Console
 
     from medsr_dist.config import load_config
+    from medsr_dist.data.prepare import use_demo_group_secret
     from medsr_dist.eval.evaluate import plan_evaluation, run_evaluation
     from medsr_dist.pipeline import run_prepare, run_train
     from medsr_dist.runtime import init_ray
     from medsr_dist.train.loop import best_export_uri
 
     t_start, cpu_start = time.perf_counter(), time.process_time()
+    use_demo_group_secret()  # public sample images, no patients: the published secret only names their crops
     root = Path(args.root).resolve()
     archive, test_dir = root / "archive", root / "test"
     for s in train_sources:
