@@ -85,9 +85,20 @@ def cluster_nodes() -> list[dict[str, float]]:
             for n in ray.nodes() if n.get("Alive") and n.get("Resources")]
 
 
+def cluster_free() -> dict[str, float] | None:
+    """The connected Ray cluster's resources not held now (``ray.available_resources()``: CPU, GPU); ``None``
+    without a connected cluster."""
+    import ray  # lazy: runtime.py is imported by drivers that may never start Ray
+
+    if not ray.is_initialized():
+        return None
+    free = ray.available_resources()
+    return {"CPU": float(free.get("CPU", 0.0)), "GPU": float(free.get("GPU", 0.0))}
+
+
 def size_replicas(nodes: list[dict[str, float]], *, cpus_per_replica: float | str = "auto",
                   min_replicas: int | str = "auto", max_replicas: int | str = "auto", section: str = "enhance",
-                  reserve: float = STAGE_RESERVE_CPUS) -> ReplicaSizing:
+                  reserve: float = STAGE_RESERVE_CPUS, free: dict[str, float] | None = None) -> ReplicaSizing:
     """Model replicas for the cluster ``nodes`` (see :func:`cluster_nodes`); explicit numbers win over ``auto``.
 
     GPU clusters: one replica per GPU, 1 CPU each. CPU-only clusters: each node keeps ``reserve`` CPUs for the
@@ -95,7 +106,10 @@ def size_replicas(nodes: list[dict[str, float]], *, cpus_per_replica: float | st
     (replicas x CPUs = node CPUs - reserve); the replica's CPUs are sized on the smallest node so that one fits on
     every node, and its intra-op threads are ``ceil(cpus)`` (1.5 granted CPUs on a 2-CPU node: 2 threads, which
     the decode/encode tasks interrupt only briefly). ``min_replicas: auto`` is ``max_replicas``: the pass waits for
-    the whole pool (``replica_start_timeout_s``) before it reads any item.
+    the whole pool (``replica_start_timeout_s``) before it reads any item; given ``free`` (the cluster's
+    resources not held now, ``ray.available_resources()``), it is the replicas that fit in them (at least 1):
+    on a cluster shared with a Serve application the pass starts on what is free and the pool grows to
+    ``max_replicas`` as resources come free, rather than waiting for replicas that cannot start.
 
     Raises:
         ValueError: the cluster has no CPU (names ``section``).
@@ -129,6 +143,12 @@ def size_replicas(nodes: list[dict[str, float]], *, cpus_per_replica: float | st
         count = max(1, sum(int((r + 1e-9) // cpus) for r in room))
     top = count if max_replicas == "auto" else int(max_replicas)
     low = top if min_replicas == "auto" else min(int(min_replicas), top)
+    if min_replicas == "auto" and free is not None:
+        fits = (int(free.get("GPU", 0.0) + 1e-9) if gpus > 0
+                else int((max(free.get("CPU", 0.0) - reserve * len(cpu_nodes), 0.0) + 1e-9) // cpus))
+        if fits < top:
+            low = max(1, fits)
+            how += f"; {low} fit in the resources free now, the pool grows to {top}"
     if min_replicas != "auto" and max_replicas == "auto":
         top = max(top, int(min_replicas))
         low = int(min_replicas)

@@ -871,7 +871,7 @@ def test_a_poison_input_fails_alone_and_is_quarantined_after_max_attempts(tmp_pa
         (archive / f"ok{i}.png").write_bytes(png8(make_radiograph(i, 32)))
     (archive / "ok2x.png").write_bytes(png8(make_radiograph(9, 32)[: POISON_SHAPE[0], :]))  # 24 x 32: not poison
     (archive / "poison.png").write_bytes(png8(make_radiograph(7, 40)[: POISON_SHAPE[0], : POISON_SHAPE[1]]))
-    cfg = with_backend(job_config(tmp_path, tiny_model_dir, archive, "enhance.images_per_batch=7",
+    cfg = with_backend(job_config(tmp_path, tiny_model_dir, archive, "enhance.images_per_batch=7", "enhance.replica_start_timeout_s=120",
                                   "enhance.max_attempts=2"), "segfault-test")
     # the replicas run in Ray workers: they register the test backends on start (this module, found on PYTHONPATH)
     tests_dir = str(Path(__file__).resolve().parent)

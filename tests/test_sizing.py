@@ -96,3 +96,19 @@ def test_training_that_cannot_fit_a_local_two_cpu_ray_fails_at_once_instead_of_w
         assert time.monotonic() - started < 60  # refused before any worker or read task starts
     finally:
         ray.shutdown()
+
+
+def test_auto_min_replicas_is_what_fits_in_the_free_resources_when_the_cluster_is_shared():
+    """A nightly run on a cluster whose Serve application holds 2 of 4 CPUs: it starts on the replicas that fit in
+    what is free (the pool grows to the whole-cluster count later) instead of waiting for ones that cannot start."""
+    shared = size_replicas([{"CPU": 4.0}], cpus_per_replica=0.5, free={"CPU": 2.0, "GPU": 0.0})
+    assert (shared.min_replicas, shared.max_replicas) == (3, 7)  # (2 - 0.5) / 0.5 now; (4 - 0.5) / 0.5 in all
+    assert "3 fit in the resources free now, the pool grows to 7" in shared.how
+    idle = size_replicas([{"CPU": 4.0}], cpus_per_replica=0.5, free={"CPU": 4.0, "GPU": 0.0})
+    assert (idle.min_replicas, idle.max_replicas) == (7, 7) and "free now" not in idle.how
+    full = size_replicas([{"CPU": 4.0}], free={"CPU": 0.25, "GPU": 0.0})  # nothing fits now: still one to wait for
+    assert (full.min_replicas, full.max_replicas, full.cpus) == (1, 1, 3.5)
+    gpu = size_replicas([{"CPU": 8.0, "GPU": 2.0}], free={"CPU": 6.0, "GPU": 1.0})
+    assert (gpu.min_replicas, gpu.max_replicas) == (1, 2)
+    assert size_replicas([{"CPU": 4.0}], min_replicas=2, max_replicas=3, cpus_per_replica=1.0,
+                         free={"CPU": 0.0}).min_replicas == 2  # an explicit number is kept

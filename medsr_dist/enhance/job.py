@@ -41,7 +41,8 @@ from medsr_dist.infer.model_file import ModelFile, build_model_backend, read_mod
 from medsr_dist.infer.provenance import enhance_params
 from medsr_dist.io.phi import item_label
 from medsr_dist.pacs.storage import PacsStorage, read_watermark, watermark_of_rows, write_watermark
-from medsr_dist.runtime import STAGE_TASK_CPUS, ReplicaSizing, cluster_has_gpus, cluster_nodes, size_replicas
+from medsr_dist.runtime import (STAGE_TASK_CPUS, ReplicaSizing, cluster_free, cluster_has_gpus, cluster_nodes,
+                               size_replicas)
 from medsr_dist.storage import Lease, Storage
 from medsr_dist.uris import is_dicomweb
 
@@ -236,7 +237,7 @@ def job_sizing(e: EnhanceConfig, gpu: bool) -> ReplicaSizing:
         low = min(top, 1) if e.min_replicas == "auto" else int(e.min_replicas)
         return ReplicaSizing(low, max(low, top), 0.25, 0.0, 1, f"serve client actors of {e.replicas}")
     sizing = size_replicas(cluster_nodes(), cpus_per_replica=e.cpus_per_replica, min_replicas=e.min_replicas,
-                           max_replicas=e.max_replicas, section="enhance")
+                           max_replicas=e.max_replicas, section="enhance", free=cluster_free())
     if gpu:  # a replica next to a GPU: 1 CPU, whatever the CPU-only sizing would say
         sizing = ReplicaSizing(sizing.min_replicas, sizing.max_replicas, 1.0, 1.0, sizing.threads, sizing.how)
     log.info("model replicas: %d..%d, %s each, %d intra-op thread(s) (%s)", sizing.min_replicas,
@@ -297,6 +298,7 @@ def _iterate(cfg, spec, model, precision, sizing, items, finished, per_batch, *,
     import ray  # lazy: Ray starts only for a run with work to do
 
     e = cfg.enhance
+    before = cluster_free()
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(math.ceil(len(items) / per_batch), 20_000)))
     ds = ds.map_batches(ReadDecode(spec), batch_size=None, num_cpus=STAGE_TASK_CPUS, **_pacs_bound(cfg, spec.input))
     # A dead replica is restarted (max_restarts) but its task is not retried (max_task_retries=0): Ray Data's
@@ -314,7 +316,9 @@ def _iterate(cfg, spec, model, precision, sizing, items, finished, per_batch, *,
                             batch_size=per_batch,
                             # alone: one task in flight per replica too, or an innocent item queued behind a poison one
                             # on the same replica dies with it (Ray Data queues several tasks per actor by default)
-                            compute=ray.data.ActorPoolStrategy(min_size=sizing.min_replicas, max_size=sizing.max_replicas,
+                            # (a pass of items alone starts on one replica: a few items, one at a time)
+                            compute=ray.data.ActorPoolStrategy(min_size=1 if alone else sizing.min_replicas,
+                                                               max_size=sizing.max_replicas,
                                                                max_tasks_in_flight_per_actor=1 if alone else None),
                             num_gpus=sizing.gpus, num_cpus=sizing.cpus,
                             max_restarts=-1, max_task_retries=0)
@@ -329,5 +333,28 @@ def _iterate(cfg, spec, model, precision, sizing, items, finished, per_batch, *,
     # dataset until the dataset's references are collected, and would hold its CPUs/GPU from the next pass.
     del ds
     gc.collect()
-    return [item for item in items if item["key"] not in seen]
+    lost = [item for item in items if item["key"] not in seen]
+    if lost and before is not None:
+        _await_released(before)
+    return lost
+
+
+#: Seconds a pass in which a replica died waits for the cluster to get back what it held before the pass
+#: started: Ray releases a restarted replica's CPUs/GPU a moment after the pool lets it go, and a retry pass
+#: started at once would wait for a replica that cannot be placed beside it.
+RELEASE_WAIT_S = 60.0
+
+
+def _await_released(before: dict[str, float], wait_s: float = RELEASE_WAIT_S) -> None:
+    deadline = time.monotonic() + wait_s
+    while True:
+        now = cluster_free() or before
+        if all(now.get(k, 0.0) + 1e-6 >= v for k, v in before.items()):
+            return
+        if time.monotonic() > deadline:
+            log.warning("the replicas of the last pass still hold %s of the cluster's resources after %.0f s; "
+                        "the next pass starts on what is free",
+                        {k: round(v - now.get(k, 0.0), 2) for k, v in before.items()}, wait_s)
+            return
+        time.sleep(0.5)
 

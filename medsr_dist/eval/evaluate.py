@@ -394,7 +394,7 @@ def _dataset_of(plan: EvalPlan, storage: Storage):
         shards = sorted({item["shard"] for item in plan.items})
         ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
         return ds.map_batches(ReadShards(storage, frozenset(item["key"] for item in plan.items)), batch_size=1,
-                              num_cpus=0.5)
+                              num_cpus=STAGE_TASK_CPUS)
     keys = [item["key"] for item in plan.items]
     return ray.data.from_items([{"key": k} for k in keys], override_num_blocks=min(len(keys), 200))
 
@@ -415,7 +415,9 @@ def run_evaluation(cfg: MedsrConfig, storage: Storage | None = None, *, plan: Ev
     ds = ds.map_batches(ProtocolPairs(storage, plan.protocol, names, plan.figures, lr_keys), batch_size=e.batch_size,
                         num_cpus=STAGE_TASK_CPUS)
     precision = runs_precision(plan, e, gpu)
-    sizing = eval_sizing(e, gpu, reserve=STAGE_TASK_CPUS * (1 + e.score_workers))
+    # kept beside the replicas: a pair-making task, the score actors and, for a prepared split, a shard-reading
+    # task (without its share a replica and the score actors hold every CPU and the shards are never read)
+    sizing = eval_sizing(e, gpu, reserve=STAGE_TASK_CPUS * (1 + e.score_workers + (1 if plan.split else 0)))
     ds = ds.map_batches(EvalReplica, fn_constructor_args=(plan.models, plan.protocol, e, cfg.storage, precision,
                                                           sizing.threads),
                         batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=sizing.max_replicas),
