@@ -883,6 +883,12 @@ def test_a_poison_input_fails_alone_and_is_quarantined_after_max_attempts(tmp_pa
                           "worker_process_setup_hook": "test_enhance_job.register_test_backends"})
     try:
         first = run_enhance_job(cfg)
+        # the replica Ray restarted after the crash does not outlive the run (enhance/pass_owner.py): every CPU of
+        # the node comes back (before, it held 3.5 CPUs for good and the next pass never started its replica)
+        deadline = time.monotonic() + 30
+        while ray.available_resources().get("CPU", 0) < 4 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert ray.available_resources().get("CPU", 0) == 4
         second = run_enhance_job(cfg)
         third = run_enhance_job(cfg)  # nothing to run: decided from the manifest, no input read
     finally:

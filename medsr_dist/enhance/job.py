@@ -31,6 +31,7 @@ from medsr_dist.enhance.manifest import (
     watermark_uri,
     write_manifest,
 )
+from medsr_dist.enhance.pass_owner import start_pass_owner
 from medsr_dist.enhance.plan import list_inputs, plan_run
 from medsr_dist.enhance.read import ReadDecode
 from medsr_dist.enhance.replicas import EnhanceReplica
@@ -305,6 +306,7 @@ def _iterate(cfg, spec, model, precision, sizing, items, finished, per_batch, *,
     # default (retry forever) would feed a poison image to fresh replicas without end. Its rows come back lost.
     # Ray 2.60 warns that **ray_remote_args goes in 2.64 ("use the named remote parameters"), but names neither
     # option (map_batches, ActorPoolStrategy, DataContext); ray is pinned, and the poison test fails on an upgrade.
+    owner = None
     if serve is not None:  # the app's replicas compute; alone: one item in flight, so none shares a death
         ds = ds.map_batches(ServeReplica, fn_constructor_args=(*serve, e.outscale, e.log_keys), batch_size=per_batch,
                             compute=ray.data.ActorPoolStrategy(min_size=1 if alone else sizing.min_replicas,
@@ -312,7 +314,8 @@ def _iterate(cfg, spec, model, precision, sizing, items, finished, per_batch, *,
                                                                max_tasks_in_flight_per_actor=1 if alone else None),
                             num_cpus=0.25, max_restarts=-1, max_task_retries=0)
     else:
-        ds = ds.map_batches(EnhanceReplica, fn_constructor_args=(model, cfg.storage, e, precision, sizing.threads),
+        owner = start_pass_owner()  # the replicas end with it (pass_owner.py): none outlives this pass
+        ds = ds.map_batches(EnhanceReplica, fn_constructor_args=(model, cfg.storage, e, precision, sizing.threads, owner),
                             batch_size=per_batch,
                             # alone: one task in flight per replica too, or an innocent item queued behind a poison one
                             # on the same replica dies with it (Ray Data queues several tasks per actor by default)
@@ -325,14 +328,18 @@ def _iterate(cfg, spec, model, precision, sizing, items, finished, per_batch, *,
     ds = ds.map_batches(EncodeCommit(spec), batch_size=1, num_cpus=STAGE_TASK_CPUS, **_pacs_bound(cfg, spec.output))
 
     seen: set[str] = set()
-    for raw in ds.iter_rows():
-        row = manifest_row({k: plain(v) for k, v in raw.items()})
-        seen.add(row["input_key"])
-        finished(row)
-    # Ray Data releases its replicas by reference counting; a replica Ray restarted after a crash outlives the
-    # dataset until the dataset's references are collected, and would hold its CPUs/GPU from the next pass.
-    del ds
-    gc.collect()
+    try:
+        for raw in ds.iter_rows():
+            row = manifest_row({k: plain(v) for k, v in raw.items()})
+            seen.add(row["input_key"])
+            finished(row)
+    finally:
+        # Ray Data releases its replicas by reference counting; a replica Ray restarted after a crash can outlive
+        # the dataset and would hold its CPUs/GPU from the next pass: the pass owner's end ends it.
+        del ds
+        gc.collect()
+        if owner is not None:
+            ray.kill(owner)
     lost = [item for item in items if item["key"] not in seen]
     if lost and before is not None:
         _await_released(before)

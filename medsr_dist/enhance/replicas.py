@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 from medsr_dist.config import EnhanceConfig, StorageConfig
 from medsr_dist.enhance import uncertainty
+from medsr_dist.enhance.pass_owner import watch_pass
 from medsr_dist.enhance.spec import IMAGE_KIND
 from medsr_dist.enhance.volumes import VolumeReplicas
 from medsr_dist.infer.model_file import ModelFile
@@ -44,12 +45,14 @@ class EnhanceReplica:
     """
 
     def __init__(self, model: ModelFile, storage_cfg: StorageConfig, e: EnhanceConfig, precision: str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, pass_owner=None):
         """``precision``: the one the job's output keys record (default ``enhance.precision``). A replica that
         would run another (e.g. a CPU node without bf16 hardware in a cluster whose driver has it) refuses to
         start (:class:`~medsr_dist.infer.replica.PrecisionMismatch`) rather than write outputs whose provenance
         is wrong. ``threads``: intra-op threads of the backend (the CPUs Ray granted, rounded up; ``None``: the
-        backend's default, which Ray's OMP_NUM_THREADS sets to the whole CPUs granted)."""
+        backend's default, which Ray's OMP_NUM_THREADS sets to the whole CPUs granted). ``pass_owner``: the
+        pass's :class:`~medsr_dist.enhance.pass_owner.PassOwner`; this replica ends itself once it is gone."""
+        watch_pass(pass_owner)
         settings = EngineSettings.of(e, precision=precision or e.precision, threads=threads)
         try:
             self.replica = ModelReplica.load(model, Storage(storage_cfg), settings)
