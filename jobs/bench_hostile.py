@@ -1,7 +1,7 @@
 """Cost of each hostile file class (issue #24) to probe + decode, before and after the bounded decode path.
 
     python jobs/bench_hostile.py [--before 91a6a3d] [--timeout 20] [--memory-gib 8] [--only CLASS ...]
-    python jobs/bench_hostile.py --bounded-cost [--repeat 5]
+    python jobs/bench_hostile.py --bounded-cost [--repeat 5] [--sizes 256 1024 2048 4096]
 
 Builds every crafted file of :data:`medsr_dist.data.hostile.HOSTILE_CLASSES` at the issue's size (a 30000 x 30000
 lie, a 256 KiB deflate body, 262k sequence items, a 16 MiB zTXt), then for each side — this tree ("after") and
@@ -13,7 +13,8 @@ hits a limit is reported as such: the limit is the cost's lower bound. Results g
 
 ``--bounded-cost``: what the last line of defence costs — ``decode_image`` in-process against
 ``decode_image_bounded`` (a forkserver child under caps, pixels back through a pipe) on 16-bit grey PNGs and an
-uncompressed DICOM of growing size, side by side in one run (the forkserver started before timing).
+uncompressed DICOM of growing size, side by side in one run (the forkserver started before timing); at 256² also an
+8-bit RGB PNG, a typical Serve request (Serve's replica, ``prepare`` and ``eval`` decode through the same call).
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def run_case(path: Path, tree: str, timeout: float, memory_bytes: int) -> dict:
     return json.loads(lines[-1])
 
 
-def bounded_cost(repeat: int) -> None:
+def bounded_cost(repeat: int, sizes: list[int]) -> None:
     import time
 
     import cv2
@@ -107,10 +108,13 @@ def bounded_cost(repeat: int) -> None:
     rng = np.random.default_rng(0)
     print(f"{'input':24} {'in-process ms':>14} {'bounded ms':>11} {'added ms':>9} {'ratio':>6}")
     bounded(cv2.imencode(".png", np.zeros((8, 8), np.uint8))[1].tobytes())  # start the forkserver
-    for size in (256, 1024, 2048, 4096):
+    for size in sizes:
         image = rng.integers(0, 4096, (size, size), dtype=np.uint16)
         cases = {f"png16 {size}x{size}": cv2.imencode(".png", image)[1].tobytes(),
                  f"dicom12 {size}x{size}": dataset_to_bytes(build_radiograph_dataset(image / 4095.0, bits_stored=12))}
+        if size == 256:
+            rgb = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            cases[f"png8 rgb {size}x{size}"] = cv2.imencode(".png", rgb)[1].tobytes()
         for label, data in cases.items():
             a, b = timed(inproc, data), timed(bounded, data)
             print(f"{label:24} {a * 1000:14.1f} {b * 1000:11.1f} {(b - a) * 1000:9.1f} {b / a:6.2f}", flush=True)
@@ -124,9 +128,10 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--bounded-cost", action="store_true")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--sizes", type=int, nargs="*", default=[256, 1024, 2048, 4096], help="--bounded-cost sides")
     args = parser.parse_args()
     if args.bounded_cost:
-        bounded_cost(args.repeat)
+        bounded_cost(args.repeat, args.sizes)
         return
     sys.path.insert(0, str(REPO))
     from medsr_dist.data.hostile import HOSTILE_CLASSES

@@ -25,7 +25,7 @@ from basicsr.archs.rrdbnet_arch import RRDBNet
 from basicsr.utils.matlab_functions import imresize as matlab_imresize
 from medsr_dist.config import ConfigError, load_config
 from medsr_dist.data.synthetic import make_fundus, make_radiograph
-from medsr_dist.eval.evaluate import plan_evaluation, run_evaluation
+from medsr_dist.eval.evaluate import ProtocolPairs, plan_evaluation, run_evaluation
 from medsr_dist.eval.perceptual import LpipsScorer, check_lpips
 from medsr_dist.eval.plan import EvalModel
 from medsr_dist.eval.results import build_report, figure_key
@@ -199,6 +199,22 @@ def test_pairs_of_files_and_prepared_rows_are_rounded_to_their_own_bit_depth(tmp
     for lr, levels in ((files["lr"][0], 4095), (files["lr"][1], 255), (prepared["lr"][0], 4095)):
         np.testing.assert_allclose(lr * levels, np.round(lr * levels), atol=2e-3)
         assert np.abs(lr * 255 - np.round(lr * 255)).max() > 0.1 or levels == 255  # not 8-bit in disguise
+
+
+def test_a_decode_past_eval_decode_memory_bytes_is_an_error_row_and_good_images_beside_it_are_paired(tmp_path):
+    """eval's pair-making stage (called directly, no Ray) decodes under eval.decode_memory_bytes: an honest
+    1024 x 1024 16-bit PNG under a 4 MiB cap is stopped in its child (an error row), a small one beside it is
+    paired exactly as in-process."""
+    big = (np.arange(1024 * 1024, dtype=np.uint32).reshape(1024, 1024) * 2654435761 % 65536).astype(np.uint16)
+    (tmp_path / "big.png").write_bytes(cv2.imencode(".png", big)[1].tobytes())
+    (tmp_path / "small.png").write_bytes(cv2.imencode(".png", big[:64, :64])[1].tobytes())
+    keys = np.array([str(tmp_path / "big.png"), str(tmp_path / "small.png")])
+    capped = ProtocolPairs(Storage(), resolve_protocol("bicubic-x4"), {}, [], None, 4 << 20, 60.0)({"key": keys})
+    assert list(capped["status"]) == ["error", "ok"]
+    assert "DecodeKilled" in capped["error"][0] and "more than 4,194,304 bytes; stopped" in capped["error"][0]
+    plain = ProtocolPairs(Storage(), resolve_protocol("bicubic-x4"), {}, [])({"key": keys[1:]})
+    np.testing.assert_array_equal(capped["lr"][1], plain["lr"][0])
+    np.testing.assert_array_equal(capped["hr"][1], plain["hr"][0])
 
 
 def test_protocol_parameters_are_validated_in_the_config(tmp_path):

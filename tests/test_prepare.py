@@ -185,3 +185,33 @@ def test_prepare_bounds_inputs_before_decoding_and_keeps_no_path_uid_or_free_tex
     assert "series_description" not in ct["dicom"] and ct["dicom"]["study_instance_uid"].startswith("uid-")
     assert ct["dicom"]["sop_class_uid"] == str(ds.SOPClassUID)  # a standard UID, kept
     assert {r["group"][:4] for r in rows} <= {"pid-", "grp-"}
+
+
+def test_a_decode_past_prepare_decode_memory_bytes_is_one_decode_killed_row_beside_good_files(tmp_path):
+    """The last line of defence in prepare's decode stage (called directly, no Ray): an honest 1024 x 1024 16-bit
+    PNG under a 4 MiB decode cap is stopped in its child process — one ``decode_killed`` error row naming the cap —
+    while a small file beside it decodes; under a sufficient cap, and in-process (0), the big one decodes the same."""
+    from medsr_dist.data.prepare import DecodeArchiveFiles, key_pseudonym
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    big = (np.arange(1024 * 1024, dtype=np.uint32).reshape(1024, 1024) * 2654435761 % 65536).astype(np.uint16)
+    (archive / "big.png").write_bytes(cv2.imencode(".png", big)[1].tobytes())
+    (archive / "small.png").write_bytes(cv2.imencode(".png", big[:32, :32])[1].tobytes())
+    keys = [str(archive / "big.png"), str(archive / "small.png")]
+    secret = b"a site secret for this test only"
+
+    def run(memory_bytes: int, seconds: float) -> dict:
+        stage = DecodeArchiveFiles(Storage(), str(archive), secret=secret, decode_memory_bytes=memory_bytes,
+                                   decode_timeout_s=seconds)
+        out = stage({"key": keys})
+        return {Path(k).name: {c: v[i] for c, v in out.items()} for i, k in enumerate(out["key"])}
+
+    capped = run(4 << 20, 60.0)
+    assert capped["big.png"]["ok"] is False and capped["big.png"]["reason"] == "decode_killed"
+    assert "more than 4,194,304 bytes; stopped" in capped["big.png"]["error"]
+    assert "big" not in capped["big.png"]["error"] and capped["big.png"]["item"] == key_pseudonym("big.png", secret)
+    assert capped["small.png"]["ok"] is True and (capped["small.png"]["height"], capped["small.png"]["width"]) == (32, 32)
+    roomy, in_process = run(2 << 30, 60.0), run(0, 0.0)
+    assert roomy["big.png"]["ok"] is True and roomy["big.png"]["image"] == in_process["big.png"]["image"]
+    assert roomy["small.png"]["image"] == capped["small.png"]["image"] == in_process["small.png"]["image"]

@@ -526,3 +526,36 @@ def test_a_probe_past_its_timeout_is_stopped_and_one_past_its_memory_is_refused_
         assert asyncio.run(run(small, png(50, 50), 60)) == (200, "")
     finally:
         small.close()
+
+
+def test_the_replicas_decode_runs_under_serve_decode_caps_a_stopped_one_is_413_or_422_never_503(tiny_model_dir):
+    """enhance_file (the replica's request function, no Ray): an honest 1024 x 1024 16-bit PNG under a 4 MiB
+    decode cap is stopped in its child and answered 413, past a decode time cap 422 — generic reasons naming the
+    config key, never 503/500; under sufficient caps the answer is the in-process one, byte for byte."""
+    from medsr_dist.infer.model_file import read_model_file
+    from medsr_dist.infer.replica import EngineSettings, ModelReplica
+    from medsr_dist.io.bounded import DecodeKilled
+    from medsr_dist.serve.model import decode_killed_error, enhance_file
+    from medsr_dist.storage import Storage
+
+    big = (np.arange(1024 * 1024, dtype=np.uint32).reshape(1024, 1024) * 2654435761 % 65536).astype(np.uint16)
+    data = cv2.imencode(".png", big)[1].tobytes()
+    replica = ModelReplica.load(read_model_file(f"{tiny_model_dir}/model.pth"), Storage(),
+                                EngineSettings(backend="torch", precision="fp32", tile=32, tile_overlap=4,
+                                               tile_blend=0, batch_size=4, outscale=1.0))
+    limits = {"max_input_pixels": 1 << 21, "max_output_pixels": 1 << 24}
+
+    def status(caps: dict, image: bytes = data) -> tuple[int, str]:
+        try:
+            return 200, enhance_file(replica, image, 1.0, limits={**limits, **caps})["body"]
+        except RequestError as exc:
+            return exc.status, exc.reason
+
+    code, reason = status({"decode_memory_bytes": 4 << 20, "decode_timeout_s": 60.0})
+    assert (code, reason) == (413, "decoding the image needed more memory than serve.decode_memory_bytes; stopped")
+    code, reason = status({"decode_memory_bytes": 2 << 30, "decode_timeout_s": 1e-4})  # less than a process start
+    assert (code, reason) == (422, "decoding the image took longer than serve.decode_timeout_s; stopped")
+    assert decode_killed_error(DecodeKilled("request", "died", "crash")).status == 422
+    small = cv2.imencode(".png", big[:24, :24])[1].tobytes()
+    assert status({"decode_memory_bytes": 2 << 30, "decode_timeout_s": 60.0}, small) == status({}, small)
+    assert status({}, small)[0] == 200

@@ -88,6 +88,14 @@ class PrepareConfig(Section):
     max_input_bytes: int = Field(
         1 << 30, ge=1, description="Largest input file in bytes, from the listing before it is read; larger files "
         "are skipped unread (an error row, counted in summary.json)")
+    decode_timeout_s: float = Field(
+        300.0, ge=0, description="Wall-time cap of one file's decode, which runs in a child process (the last line "
+        "of defence for codec faults no header check can foresee): past it the child is killed and the file is an "
+        "error row (decode_killed, counted in summary.json); 0 (or decode_memory_bytes 0): decode in the prepare "
+        "task itself, uncapped. Costs a process start and one copy of the pixels per file (docs/RELIABILITY.md)")
+    decode_memory_bytes: int = Field(
+        8 << 30, ge=0, description="Memory cap (address space the decode may add) of that child process; a decode "
+        "that needs more is stopped the same way. 8 GiB holds a 100 M-pixel RGB decode (max_input_pixels) with room")
 
 
 class BicubicConfig(Section):

@@ -113,6 +113,13 @@ class EvalConfig(Section):
         "auto", description="CPUs of a model replica without a GPU (its intra-op threads: ceil of this); auto: "
         "sized from the cluster with replicas; the report records the sizing that ran")
     score_workers: int = Field(1, ge=1, description="CPU actors computing metrics and figures")
+    decode_timeout_s: float = Field(
+        300.0, ge=0, description="Wall-time cap of one image file's decode, which runs in a child process (the last "
+        "line of defence for codec faults no header check can foresee): past it the child is killed and the image "
+        "is an error row for every model; 0 (or decode_memory_bytes 0): decode in the pair-making task, uncapped")
+    decode_memory_bytes: int = Field(
+        8 << 30, ge=0, description="Memory cap (address space the decode may add) of that child process; a decode "
+        "that needs more is stopped the same way")
 
     @model_validator(mode="after")
     def _check(self) -> "EvalConfig":

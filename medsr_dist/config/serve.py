@@ -142,6 +142,15 @@ class ServeConfig(Section):
     probe_workers: int = Field(2, ge=1, description="Probe processes per ingress replica (spawned at its start)")
     probe_memory_mb: int = Field(2048, ge=256, description="Address space of a probe process; a probe needing "
                                  "more is answered 413")
+    decode_timeout_s: float = Field(
+        30.0, ge=0, description="Wall-time cap of a request's decode in the model replica, which runs in a child "
+        "process (the last line of defence for codec faults no header check can foresee): past it the child is "
+        "killed and the request answered 422; keep it below request_timeout_s (else 408 comes first). 0 (or "
+        "decode_memory_bytes 0): decode in the replica itself, uncapped. Costs a process start and one copy of "
+        "the pixels per request (docs/RELIABILITY.md)")
+    decode_memory_bytes: int = Field(
+        8 << 30, ge=0, description="Memory cap (address space the decode may add) of that child process; a decode "
+        "that needs more is stopped and answered 413. 8 GiB holds a max_input_pixels RGB decode with room")
 
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":

@@ -20,7 +20,9 @@ the archive's access control, not the dataset's. ``errors.parquet`` and ``summar
 
 Bounded before decoding: a file over ``prepare.max_input_bytes`` (from the listing) is not read, one whose header
 says more than ``prepare.max_input_pixels`` (height x width x frames, ``probe_image``) is not decoded; both are
-error rows, counted by reason in ``summary.json`` (``skipped``).
+error rows, counted by reason in ``summary.json`` (``skipped``). The decode itself runs in a child process under
+``prepare.decode_memory_bytes`` / ``prepare.decode_timeout_s`` (:func:`~medsr_dist.io.bounded.decode_image_capped`):
+a decode stopped there is a ``decode_killed`` error row, never a failed preparation.
 
 Patient identifiers never reach the dataset, its error file or the logs. Images are grouped by DICOM
 PatientID (``split.group_by: patient_id``) through a pseudonym, ``pid-`` + HMAC-SHA256(site secret,
@@ -52,7 +54,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from medsr_dist.config import MedsrConfig, MultiscaleConfig, PrepareConfig, SplitConfig, SubimageConfig
-from medsr_dist.io.image import ImageDecodeError, NotAnImageObject, decode_image, probe_image, single_frame_pixels
+from medsr_dist.io.bounded import DecodeKilled, decode_image_capped
+from medsr_dist.io.image import ImageDecodeError, NotAnImageObject, probe_image, single_frame_pixels
 from medsr_dist.io.phi import phi_values, sanitize_reason
 from medsr_dist.storage import FILE_MODE, Storage
 from medsr_dist.uris import LOCAL, split_uri
@@ -153,10 +156,13 @@ class InputLimitError(ImageDecodeError):
 
 
 def skip_class(exc: BaseException) -> str:
-    """The class of a skipped file, counted in ``summary.json``: the limit it exceeded, ``not_an_image``,
-    ``undecodable`` or ``unreadable``."""
+    """The class of a skipped file, counted in ``summary.json``: the limit it exceeded, ``decode_killed`` (its
+    decode ran past ``decode_memory_bytes`` / ``decode_timeout_s`` or crashed), ``not_an_image``, ``undecodable``
+    or ``unreadable``."""
     if isinstance(exc, InputLimitError):
         return exc.limit
+    if isinstance(exc, DecodeKilled):
+        return "decode_killed"
     if isinstance(exc, NotAnImageObject):
         return "not_an_image"
     if isinstance(exc, ImageDecodeError):
@@ -231,7 +237,8 @@ class DecodeArchiveFiles:
     pseudonymised: no secret was given).
 
     Per file, before any decoding: the listing's size against ``max_bytes`` (not read when over), then the header
-    (``probe_image``) against ``max_pixels`` (not decoded when over). ``group`` is the patient pseudonym when the
+    (``probe_image``) against ``max_pixels`` (not decoded when over); the decode runs in a child under
+    ``decode_memory_bytes`` / ``decode_timeout_s`` when both are > 0 (a stopped one: ``decode_killed``). ``group`` is the patient pseudonym when the
     file has a DICOM PatientID, ``group_by`` is ``patient_id`` and a ``secret`` is given; otherwise empty (the
     driver groups by file name). The PatientID itself is dropped here, as are the source's free text (PNG/TIFF
     text chunks, SeriesDescription) and its instance UIDs (:func:`scrub_meta`). Error texts name no key and no
@@ -243,10 +250,11 @@ class DecodeArchiveFiles:
 
     def __init__(self, storage: Storage, input_prefix: str, partners: dict[str, str] | None = None,
                  secret: bytes | None = None, group_by: str = "patient_id", max_pixels: int = 100_000_000,
-                 max_bytes: int = 1 << 30):
+                 max_bytes: int = 1 << 30, decode_memory_bytes: int = 0, decode_timeout_s: float = 0.0):
         self.storage, self.prefix, self.partners = storage, input_prefix.rstrip("/"), partners
         self.secret, self.group_by = secret, group_by
         self.max_pixels, self.max_bytes = max_pixels, max_bytes
+        self.decode_memory_bytes, self.decode_timeout_s = decode_memory_bytes, decode_timeout_s
 
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {k: [] for k in (
@@ -264,7 +272,7 @@ class DecodeArchiveFiles:
             data = None
             try:
                 data = self._read(key, -1 if sizes is None else int(sizes[i]))
-                img = decode_image(data, key)
+                img = self._decode(data, key)
                 single_frame_pixels(img, key, "training")
                 patient = img.meta.patient_id or ""
                 if patient and self.group_by == "patient_id":
@@ -308,11 +316,15 @@ class DecodeArchiveFiles:
                                        f"prepare.max_input_pixels {self.max_pixels:,}; not decoded", "max_input_pixels")
         return data
 
+    def _decode(self, data: bytes, key: str):
+        """decode_image, in a child under ``decode_memory_bytes`` / ``decode_timeout_s`` when both are > 0."""
+        return decode_image_capped(data, key, memory_bytes=self.decode_memory_bytes, seconds=self.decode_timeout_s)
+
     def _partner(self, key: str, gt_hw: tuple[int, int]) -> dict:
         lq_key = self.partners.get(key)
         if lq_key is None:
             raise FileNotFoundError("paired mode: no low-resolution image with the same relative path and stem")
-        lq = decode_image(self._read(lq_key), lq_key)
+        lq = self._decode(self._read(lq_key), lq_key)
         h, w = single_frame_pixels(lq, lq_key, "training").shape[:2]
         if gt_hw[0] % h or gt_hw[1] % w or gt_hw[0] // h != gt_hw[1] // w:
             raise ValueError(f"paired mode: the low-resolution image is {h}x{w}, not an integer fraction of the ground "
@@ -481,7 +493,8 @@ def prepare_dataset(cfg: MedsrConfig, storage: Storage | None = None, overwrite:
     partners = match_partners(storage, keys, p.input, p.paired_lq) if p.paired_lq else None
     ds = ray.data.from_items([{"key": e.uri, "size": e.size} for e in entries], override_num_blocks=min(len(keys), 64))
     decoded = ds.map_batches(DecodeArchiveFiles, fn_constructor_args=(storage, p.input, partners, secret, p.split.group_by,
-                                                                     p.max_input_pixels, p.max_input_bytes),
+                                                                     p.max_input_pixels, p.max_input_bytes,
+                                                                     p.decode_memory_bytes, p.decode_timeout_s),
                              batch_size=4,
                              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.available_resources().get("CPU", 1)))))
     decoded = decoded.materialize()
@@ -522,7 +535,8 @@ def prepare_dataset(cfg: MedsrConfig, storage: Storage | None = None, overwrite:
     storage.write_bytes(storage.join(p.output, INDEX_FILE), "".join(json.dumps(t) + "\n" for t in trace).encode())
     summary = {"input": p.input, "files": len(keys), "counts": counts, "patients": patients, "errors": len(errors),
                "skipped": dict(sorted(skipped.items())),
-               "limits": {"max_input_pixels": p.max_input_pixels, "max_input_bytes": p.max_input_bytes},
+               "limits": {"max_input_pixels": p.max_input_pixels, "max_input_bytes": p.max_input_bytes,
+                          "decode_memory_bytes": p.decode_memory_bytes, "decode_timeout_s": p.decode_timeout_s},
                "index": f"{INDEX_FILE}: pseudonym -> source key, under the archive's access control",
                "split": p.split.model_dump(), "multiscale": p.multiscale.model_dump(), "subimages": p.subimages.model_dump(),
                "paired_lq": p.paired_lq,

@@ -52,7 +52,8 @@ from medsr_dist.eval.results import EvalResult, build_report, figure_key, plain_
 from medsr_dist.eval.volume_eval import check_volume_plan, run_volume_evaluation, volume_lpips_status
 from medsr_dist.infer.consistency import consistency_psnr
 from medsr_dist.infer.replica import EngineSettings, ModelReplica, NonFiniteOutput
-from medsr_dist.io.image import decode_image, single_frame_pixels
+from medsr_dist.io.bounded import decode_image_capped
+from medsr_dist.io.image import single_frame_pixels
 from medsr_dist.runtime import STAGE_TASK_CPUS, ReplicaSizing, cluster_has_gpus, cluster_nodes, size_replicas
 from medsr_dist.storage import Storage
 
@@ -124,20 +125,26 @@ class ProtocolPairs:
     """
 
     def __init__(self, storage: Storage, protocol: Protocol, names: dict[str, str], figures: list[str],
-                 lr_keys: dict[str, str] | None = None):
-        """``lr_keys``: ``lr_from: paired``, each ground truth's key -> its low-resolution file's key."""
+                 lr_keys: dict[str, str] | None = None, decode_memory_bytes: int = 0, decode_timeout_s: float = 0.0):
+        """``lr_keys``: ``lr_from: paired``, each ground truth's key -> its low-resolution file's key.
+        ``decode_memory_bytes`` / ``decode_timeout_s``: both > 0, each file decodes in a capped child process
+        (:func:`~medsr_dist.io.bounded.decode_image_capped`); a stopped decode is an error row."""
         self.storage, self.protocol, self.names, self.figures = storage, protocol, names, set(figures)
         self.lr_keys = lr_keys or {}
+        self.decode_memory_bytes, self.decode_timeout_s = decode_memory_bytes, decode_timeout_s
+
+    def _decode(self, data: bytes, key: str):
+        return decode_image_capped(data, key, memory_bytes=self.decode_memory_bytes, seconds=self.decode_timeout_s)
 
     def _pair(self, key: str, data: bytes):
-        decoded = decode_image(data, key)
+        decoded = self._decode(data, key)
         pixels = single_frame_pixels(decoded, key, "evaluation")
         given = self.protocol.lr_from
         if given == "no_reference":  # the file is the model input, kept as decoded
             return self.protocol.given_pair(pixels, None, ("-", key.rsplit("/", 1)[-1]))
         if given == "paired":
             lr_key = self.lr_keys[key]
-            lr = single_frame_pixels(decode_image(self.storage.read_bytes(lr_key), lr_key), lr_key, "evaluation")
+            lr = single_frame_pixels(self._decode(self.storage.read_bytes(lr_key), lr_key), lr_key, "evaluation")
             return self.protocol.given_pair(lr, pixels, (key.rsplit("/", 1)[-1], lr_key.rsplit("/", 1)[-1]))
         return self.protocol.make_pair(pixels, source_levels(data, decoded.meta))
 
@@ -412,8 +419,9 @@ def run_evaluation(cfg: MedsrConfig, storage: Storage | None = None, *, plan: Ev
     ds = _dataset_of(plan, storage)
     # an instance (not the class) runs as tasks: no idle actor holds a CPU the other stages need
     lr_keys = {item["key"]: item["lr_key"] for item in plan.items if "lr_key" in item}
-    ds = ds.map_batches(ProtocolPairs(storage, plan.protocol, names, plan.figures, lr_keys), batch_size=e.batch_size,
-                        num_cpus=STAGE_TASK_CPUS)
+    pairs = ProtocolPairs(storage, plan.protocol, names, plan.figures, lr_keys, e.decode_memory_bytes,
+                          e.decode_timeout_s)
+    ds = ds.map_batches(pairs, batch_size=e.batch_size, num_cpus=STAGE_TASK_CPUS)
     precision = runs_precision(plan, e, gpu)
     # kept beside the replicas: a pair-making task, the score actors and, for a prepared split, a shard-reading
     # task (without its share a replica and the score actors hold every CPU and the shards are never read)

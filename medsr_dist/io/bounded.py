@@ -24,7 +24,7 @@ from medsr_dist.io.dicom import MAX_INFLATED_BYTES
 from medsr_dist.io.image import decode_image
 from medsr_dist.io.medical_image import ImageDecodeError, MedicalImage
 
-__all__ = ["DecodeKilled", "decode_image_bounded"]
+__all__ = ["DecodeKilled", "decode_image_bounded", "decode_image_capped"]
 
 _context_lock = threading.Lock()
 _context = None
@@ -32,7 +32,15 @@ _context = None
 
 class DecodeKilled(ImageDecodeError):
     """The decode ran past its memory or time cap (or crashed the child) and was stopped. ``str()`` names the
-    cap; picklable."""
+    cap; ``cap`` says which: ``"memory"``, ``"time"`` or ``"crash"`` (Serve answers 413 for memory, 422 else);
+    picklable."""
+
+    def __init__(self, name: str, reason: str, cap: str = "crash"):
+        super().__init__(name, reason)
+        self.cap = cap
+
+    def __reduce__(self):
+        return type(self), (self.name, self.reason, self.cap)
 
 
 def _forkserver():
@@ -106,20 +114,32 @@ def decode_image_bounded(data: bytes, name: str, *, memory_bytes: int, seconds: 
     sender.close()
     try:
         if not receiver.poll(seconds):
-            raise DecodeKilled(name, f"decoding took longer than {seconds:g} s; stopped")
+            raise DecodeKilled(name, f"decoding took longer than {seconds:g} s; stopped", "time")
         try:
             status, value = receiver.recv()
         except EOFError:
             child.join(5)
-            raise DecodeKilled(name, f"the decoder process died (exit code {child.exitcode})") from None
+            raise DecodeKilled(name, f"the decoder process died (exit code {child.exitcode})", "crash") from None
     finally:
         if child.is_alive():
             child.kill()
         child.join(5)
         receiver.close()
     if status == "memory":
-        raise DecodeKilled(name, f"decoding needed more than {memory_bytes:,} bytes; stopped")
+        raise DecodeKilled(name, f"decoding needed more than {memory_bytes:,} bytes; stopped", "memory")
     if status == "error":
         raise value
     block, shape, dtype, meta, header = value
     return MedicalImage(pixels=_take_shared(block, shape, dtype), meta=meta, header=header)
+
+
+def decode_image_capped(data: bytes, name: str, *, memory_bytes: int, seconds: float,
+                        max_inflated_bytes: int = MAX_INFLATED_BYTES) -> MedicalImage:
+    """The one decode call of every entry point (nightly read stage, ``prepare``, Serve's replica, ``eval``): in a
+    capped child (:func:`decode_image_bounded`) when both ``memory_bytes`` and ``seconds`` are > 0, else
+    :func:`~medsr_dist.io.image.decode_image` in this process (a ``0`` key: uncapped, e.g. where a per-item
+    process start would cost more than the item)."""
+    if memory_bytes > 0 and seconds > 0:
+        return decode_image_bounded(data, name, memory_bytes=memory_bytes, seconds=seconds,
+                                    max_inflated_bytes=max_inflated_bytes)
+    return decode_image(data, name, max_inflated_bytes=max_inflated_bytes)

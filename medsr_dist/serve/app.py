@@ -111,7 +111,8 @@ def build_app(cfg: MedsrConfig):
     limits = {"max_input_pixels": s.max_input_pixels, "max_output_pixels": s.max_output_pixels,
               "max_body_bytes": s.max_body_bytes, "max_input_bytes": s.max_input_bytes,
               "max_outscale": s.max_outscale, "probe_timeout_s": s.probe_timeout_s, "probe_workers": s.probe_workers,
-              "probe_memory_mb": s.probe_memory_mb}
+              "probe_memory_mb": s.probe_memory_mb, "decode_memory_bytes": s.decode_memory_bytes,
+              "decode_timeout_s": s.decode_timeout_s}
     build_authenticator(s.auth)  # a tokens file that is missing or malformed fails now, naming the key
     ongoing = s.max_ongoing_requests or s.max_batch_size
     backpressure = BackpressureConfig(status_code=503, retry_after_s=s.retry_after_s)

@@ -33,7 +33,8 @@ from medsr_dist.infer.model_file import ModelFile
 from medsr_dist.infer.provenance import output_provenance, params_json, serve_params
 from medsr_dist.infer.replica import EngineSettings, ModelReplica, NonFiniteOutput
 from medsr_dist.infer.rows import enhance_rows, is_fatal_device_error
-from medsr_dist.io.image import ImageDecodeError, NotAnImageObject, decode_image, encode_image
+from medsr_dist.io.bounded import DecodeKilled, decode_image_capped
+from medsr_dist.io.image import ImageDecodeError, NotAnImageObject, encode_image
 from medsr_dist.io.phi import phi_values, sanitize_reason
 from medsr_dist.serve.admission import RequestError, check_limits, decoded_bytes  # noqa: F401 - re-exported
 from medsr_dist.storage import Storage
@@ -86,7 +87,7 @@ class SRModel:
             storage_cfg: how to reach the store (``StorageConfig`` or its dict).
             settings: :class:`~medsr_dist.infer.replica.EngineSettings` fields (precision already resolved).
             limits: ``max_input_pixels``, ``max_output_pixels`` (checked again here: a handle caller may skip the
-                ingress).
+                ingress), ``decode_memory_bytes`` / ``decode_timeout_s`` (the decode's caps; absent or 0: uncapped).
             max_batch_size / batch_wait_timeout_s: of the shared tile queue.
             max_ongoing_requests: the deployment's; sizes the pool of engine threads (one per request in work).
         """
@@ -228,7 +229,9 @@ def enhance_file(replica: ModelReplica, data: bytes, outscale: float | None = No
         replica: the model replica (its ``model`` and ``settings`` give scale, tiles, precision, backend).
         data: the image file's bytes (PNG/JPEG/TIFF/DICOM).
         outscale: final scale; ``None``: the model's.
-        limits: ``max_input_pixels``, ``max_output_pixels``.
+        limits: ``max_input_pixels``, ``max_output_pixels``; ``decode_memory_bytes`` and ``decode_timeout_s``
+            (both > 0: the decode runs in a capped child process, :func:`~medsr_dist.io.bounded.decode_image_capped`;
+            absent or 0: in this process).
         dicom_compression: transfer syntax of a DICOM answer (``none``: as :func:`encode_image` defaults).
         on_fatal: called with a failure of the backend (e.g. to mark a Serve replica unhealthy).
 
@@ -236,17 +239,21 @@ def enhance_file(replica: ModelReplica, data: bytes, outscale: float | None = No
         ``{"status": 200, "body": bytes, "media_type": str, "headers": {X-Medsr-*}}``.
 
     Raises:
-        RequestError: 415 not an image read here, 400 undecodable, 413 over a limit, 500 a failed or non-finite
-            inference or encode (reasons never quote header values).
+        RequestError: 415 not an image read here, 400 undecodable, 413 over a limit or a decode stopped past
+            ``decode_memory_bytes``, 422 a decode stopped past ``decode_timeout_s`` or crashed, 500 a failed or
+            non-finite inference or encode (reasons never quote header values).
     """
     t0 = time.perf_counter()
     model, settings = replica.model, replica.settings
     scale = float(outscale) if outscale else float(model.scale)
     try:
         check_limits(data, scale, limits)
-        image = decode_image(data, "request")
+        image = decode_image_capped(data, "request", memory_bytes=int(limits.get("decode_memory_bytes", 0)),
+                                    seconds=float(limits.get("decode_timeout_s", 0)))
     except RequestError:
         raise
+    except DecodeKilled as exc:  # the request can never succeed here: 413 / 422, never a 503 "retry" or a 500
+        raise decode_killed_error(exc) from None
     except NotAnImageObject as exc:
         raise RequestError(415, exc.reason) from None
     except ImageDecodeError as exc:
@@ -286,6 +293,16 @@ def enhance_file(replica: ModelReplica, data: bytes, outscale: float | None = No
     if model.sampling is not None:
         headers["X-Medsr-Sampling"] = json.dumps(model.sampling, sort_keys=True, separators=(",", ":"))
     return {"status": 200, "body": body, "media_type": MEDIA_TYPES[image.meta.format], "headers": headers}
+
+
+def decode_killed_error(exc: DecodeKilled) -> RequestError:
+    """The answer to a decode stopped in its capped child: 413 past ``serve.decode_memory_bytes``, 422 past
+    ``serve.decode_timeout_s`` or when the decoder crashed; a generic reason (the cap's name, not the file's)."""
+    if exc.cap == "memory":
+        return RequestError(413, "decoding the image needed more memory than serve.decode_memory_bytes; stopped")
+    if exc.cap == "time":
+        return RequestError(422, "decoding the image took longer than serve.decode_timeout_s; stopped")
+    return RequestError(422, "the image decoder stopped on this file (its process died); it cannot be decoded here")
 
 
 def response_provenance(model: ModelFile, settings: EngineSettings, source_sha256: str, scale: float) -> dict[str, str]:
