@@ -52,7 +52,8 @@ class EnhanceConfig(Section):
     onnx_model: str | None = Field(None, description="ONNX export for backend onnxruntime (default: model.onnx beside checkpoint)")
     min_replicas: int | Literal["auto"] = Field(
         "auto", description="Model replicas the pass waits for before reading (replica_start_timeout_s); auto: "
-        "max_replicas. With replicas serve:<app>: the job's client actors (auto: 1)")
+        "max_replicas, or on a shared cluster the replicas that fit in the resources free at the start (at least "
+        "1; the pool grows to max_replicas). With replicas serve:<app>: the job's client actors (auto: 1)")
     max_replicas: int | Literal["auto"] = Field(
         "auto", description="Model replicas at most; auto: from the Ray cluster at plan time (medsr_dist/runtime.py "
         "size_replicas): one per GPU on GPU clusters; on CPU-only nodes the node's CPUs less 0.5 for decode/encode, "
