@@ -19,6 +19,7 @@ import tifffile
 from PIL import Image
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
+from medsr_dist.data.hostile import tiff_ifd_loop
 from medsr_dist.data.synthetic import make_corrupt_files, make_radiograph
 from medsr_dist.io.dicom import build_radiograph_dataset, dataset_to_bytes
 from medsr_dist.io.raster import count_tiff_ifds
@@ -585,28 +586,10 @@ def _from_cv2_tiff(data: bytes, grey: bool) -> np.ndarray:
     return array.astype(np.float32) if grey else cv2.cvtColor(array, cv2.COLOR_BGR2RGB).astype(np.float32)
 
 
-def looping_tiff(pages: int) -> bytes:
-    """A TIFF of ``pages`` 1x1 pages whose last IFD points back to the first: past tifffile's own loop check (it
-    follows about 100 IFDs before it looks), it used to make the header probe spin for ever, its memory growing."""
-    import struct
-
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, np.zeros((pages, 1, 1), np.uint8), photometric="minisblack", metadata=None)
-    data = bytearray(buf.getvalue())
-    first = offset = struct.unpack_from("<I", data, 4)[0]
-    while True:
-        entries = struct.unpack_from("<H", data, offset)[0]
-        next_at = offset + 2 + 12 * entries
-        offset = struct.unpack_from("<I", data, next_at)[0]
-        if offset == 0:
-            struct.pack_into("<I", data, next_at, first)
-            return bytes(data)
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("pages", [1, 102])
 def test_a_tiff_whose_ifd_chain_loops_is_refused_by_probe_and_decode(pages):
-    data = looping_tiff(pages)
+    data = tiff_ifd_loop(pages)  # past tifffile's own loop check (~100 IFDs)
     for read in (probe_image, decode_image):
         with pytest.raises(ImageDecodeError, match=rf"IFD {pages - 1} points back to IFD 0 \(a loop in the IFD chain\)"):
             read(data, "loop.tif")
