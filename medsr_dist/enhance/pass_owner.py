@@ -10,10 +10,13 @@ ended, or the driver died), ends itself without restart.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
 __all__ = ["PassOwner", "start_pass_owner", "watch_pass"]
+
+log = logging.getLogger(__name__)
 
 #: Seconds between a replica's checks that its pass's owner still lives.
 WATCH_EVERY_S = 1.0
@@ -52,5 +55,7 @@ def watch_pass(owner, every_s: float = WATCH_EVERY_S) -> None:
                 return
             except ray.exceptions.GetTimeoutError:  # a busy owner's node: ask again
                 continue
+            except Exception:  # noqa: BLE001 - e.g. the GCS restarting: never end a replica on a doubt
+                log.warning("cannot reach this pass's owner; asking again", exc_info=True)
 
     threading.Thread(target=watch, daemon=True, name="medsr-pass-watch").start()
