@@ -457,3 +457,15 @@ def start_worker_node(
     except BaseException:
         _stop(process)
         raise
+
+
+def own_train_workers() -> list:
+    """The Ray Train worker processes of the Ray instance this test process started (``ray.init(address="local")``
+    makes the raylet a child of this process, and the workers its children): a Ray Train run elsewhere on the
+    machine (another test session, a benchmark) is never touched."""
+    import psutil
+
+    me = os.getpid()
+    return [p for p in psutil.process_iter(["cmdline"])
+            if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+            and any(parent.pid == me for parent in p.parents())]

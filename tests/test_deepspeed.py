@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.utils import spectral_norm
 
 from medsr_dist.config import ConfigError, load_config
+from ray_cluster import own_train_workers
 from test_train_distributed import TINY, fixed_pairs  # tests/ is on sys.path (rootdir-style import)
 
 WORLD = 2
@@ -365,8 +366,6 @@ def test_ray_zero2_survives_a_killed_worker(ray_local, tmp_path):
     import threading
     import time
 
-    import psutil
-
     run_dir = tmp_path / "train" / "faults"
     killed: list[int] = []
 
@@ -375,7 +374,7 @@ def test_ray_zero2_survives_a_killed_worker(ray_local, tmp_path):
         snapshot = run_dir / "checkpoint_manager_snapshot.json"  # written once a checkpoint is registered
         while time.monotonic() < deadline and not (snapshot.is_file() and "checkpoint_" in snapshot.read_text()):
             time.sleep(0.2)
-        workers = [p for p in psutil.process_iter(["cmdline"]) if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+        workers = own_train_workers()  # this test's Ray only, not a Ray Train run beside it
         if workers:
             os.kill(workers[-1].pid, signal.SIGKILL)
             killed.append(workers[-1].pid)

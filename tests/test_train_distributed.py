@@ -14,6 +14,7 @@ import torch
 from medsr_dist.config import load_config
 from medsr_dist.storage import Storage
 from medsr_dist.train.trainer import make_trainer
+from ray_cluster import own_train_workers  # tests/ is on sys.path (rootdir-style import)
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +77,6 @@ def test_two_workers_equal_one_worker_with_double_batch(ray_local, tmp_path):
 def test_killed_worker_is_restored_from_last_checkpoint(ray_local, tmp_path):
     """SIGKILL one training worker mid-run: Ray Train restarts the group from the last checkpoint and the run
     still ends at the configured iteration."""
-    import psutil
     import ray
 
     cfg = load_config(None, [*TINY, f"run.root={tmp_path}", "run.name=faults", "train.num_workers=2",
@@ -91,7 +91,7 @@ def test_killed_worker_is_restored_from_last_checkpoint(ray_local, tmp_path):
         while time.monotonic() < deadline and not (snapshot.is_file() and "checkpoint_" in snapshot.read_text()):
             time.sleep(0.2)
         # the worker processes of this run (Ray names them after the actor class)
-        workers = [p for p in psutil.process_iter(["cmdline"]) if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+        workers = own_train_workers()  # this test's Ray only, not a Ray Train run beside it
         if workers:
             os.kill(workers[0].pid, signal.SIGKILL)
             killed.append(workers[0].pid)
