@@ -453,10 +453,8 @@ def deflated_dicom(side: int, sparse_noise: bool = False) -> bytes:
     return buf.getvalue()
 
 
-def test_a_hostile_file_gets_its_4xx_while_healthz_answers_within_a_second(app):
-    url, _ = app
-    data = deflated_dicom(11000)  # ~240 MB inflated from ~240 KB; 121 Mpx is over serve.max_input_pixels
-    assert len(data) < 3_000_000
+def post_watching_healthz(url: str, data: bytes) -> tuple[httpx.Response, float]:
+    """POST ``data`` while polling ``/healthz``; (the answer, the slowest /healthz answer in seconds)."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         hostile = pool.submit(post, url, data, 60)
         slowest = 0.0
@@ -465,10 +463,45 @@ def test_a_hostile_file_gets_its_4xx_while_healthz_answers_within_a_second(app):
             assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
             slowest = max(slowest, time.perf_counter() - t0)
             time.sleep(0.05)
-        r = hostile.result()
+        return hostile.result(), slowest
+
+
+def test_a_hostile_file_gets_its_4xx_while_healthz_answers_within_a_second(app):
+    url, _ = app
+    data = deflated_dicom(11000)  # ~240 MB inflated from ~240 KB; 121 Mpx is over serve.max_input_pixels
+    assert len(data) < 3_000_000
+    r, slowest = post_watching_healthz(url, data)
     assert r.status_code in (400, 413, 422), r.text
     assert slowest < 1.0, f"/healthz took {slowest:.2f} s while a hostile file was probed"
     assert post(url, rgb_png(3)).status_code == 200  # healthy after
+
+
+def test_every_hostile_class_over_http_is_answered_in_seconds_while_healthz_answers(app):
+    """Issue #24's crafted files (the nightly job's test's small forms) posted to the running app one by one: each
+    lying file gets a 4xx within seconds with its reason, /healthz answers within 1 s
+    meanwhile. The PNG whose zTXt inflates to 16 MiB and the DICOM with decimal-comma DS / lettered IS hold honest
+    pixels: 200, with no text copied into the answer; the app is healthy after."""
+    from medsr_dist.data import hostile
+
+    url, _ = app
+    lying = {"tiff-ifd-loop": hostile.tiff_ifd_loop(), "dicom-j2k-siz-lie": hostile.dicom_j2k_lie(3000),
+             "dicom-jpeg-sof-lie": hostile.dicom_jpeg_lie(3000), "dicom-jpeg-ls-sof55-lie": hostile.dicom_jpeg_ls_lie(3000),
+             "dicom-rle-segment-lie": hostile.dicom_rle_lie(), "tiff-jpeg-strip-lie": hostile.tiff_jpeg_strip_lie(3000),
+             "dicom-deflate-bomb": hostile.dicom_deflate_bomb(64 * 1024),
+             "dicom-sequence-flood": hostile.dicom_sequence_flood(60_000)}
+    assert set(lying) | {"png-ztxt-bomb", "dicom-malformed-ds-is"} == set(hostile.HOSTILE_CLASSES)
+    for name, data in lying.items():
+        t0 = time.perf_counter()
+        r, slowest = post_watching_healthz(url, data)
+        assert r.status_code in (400, 413, 415, 422), (name, r.status_code, r.text)
+        assert time.perf_counter() - t0 < 20 and slowest < 1.0, (name, time.perf_counter() - t0, slowest)
+        assert r.json()["detail"], (name, r.text)  # a reason, not an empty refusal
+    bomb, slowest = post_watching_healthz(url, hostile.png_text_bomb())
+    assert bomb.status_code == 200 and slowest < 1.0, bomb.text
+    assert len(bomb.content) < 1 << 20 and b"AAAAAAAA" not in bomb.content  # 16 MiB of text neither read nor copied
+    malformed, slowest = post_watching_healthz(url, hostile.dicom_malformed_numbers())
+    assert malformed.status_code == 200 and slowest < 1.0, malformed.text
+    assert post(url, rgb_png(4)).status_code == 200  # healthy after
 
 
 def test_a_multipart_body_is_counted_as_it_streams(app):
