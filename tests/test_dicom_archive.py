@@ -29,7 +29,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID
 
 from medsr_dist.data.synthetic import make_radiograph
-from medsr_dist.io.dicom import build_radiograph_dataset, dataset_to_bytes
+from medsr_dist.io.dicom import build_radiograph_dataset, dataset_to_bytes, read_image_dataset
 from medsr_dist.io.image import (
     ImageDecodeError,
     ImageMeta,
@@ -764,6 +764,8 @@ def test_pydicom_never_logs_or_warns_element_values(caplog, recwarn):
         image = decode_image(good, "a.dcm")
         encode_image(image.pixels, image.meta, image.header, dicom_compression="rle")
         probe_image(good, "a.dcm")
+        read_image_dataset(good, "a.dcm")  # the MRI series reader's and phi_values' way in
+        read_image_dataset(good, "a.dcm", header_only=True)
         with pytest.raises(NotAnImageObject):
             decode_image(bad, "b.dcm")
     assert "PLANTED" not in caplog.text

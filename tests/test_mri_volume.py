@@ -234,3 +234,36 @@ def mri_sample():
             pytest.skip(str(exc))
 
     return get
+
+
+def test_hostile_files_read_as_volumes_are_refused_within_bounds():
+    """Issue #24 through the MRI readers: a .nii.gz whose stream goes on past what its header declares (64 MiB of
+    zeros behind a 4x4x4 volume, ~64 KiB on disk) is refused after inflating at most the declared size + 1 MiB;
+    a series slice holding a Deflate bomb, a JPEG 2000 SIZ lie or a sequence-item flood is refused by the image
+    reader's bounds, naming the file, before any decoder runs. The honest volume and series read as before."""
+    import gzip
+    import time
+
+    from medsr_dist.data import hostile
+
+    affine = np.diag([1.0, 1.0, 3.0, 1.0])
+    raw = nib.Nifti1Image(np.ones((4, 4, 4), np.int16), affine).to_bytes()
+    bomb = gzip.compress(raw + b"\0" * (64 << 20), 6)
+    assert len(bomb) < 1 << 20
+    t0 = time.perf_counter()
+    with pytest.raises(VolumeError, match=r"bomb\.nii\.gz: the gzip stream inflates past the [\d,]+ bytes its NIfTI "
+                                          r"header declares"):
+        read_nifti(bomb, "bomb.nii.gz")
+    assert time.perf_counter() - t0 < 5
+    assert read_nifti(gzip.compress(raw), "honest.nii.gz").shape == (4, 4, 4)
+
+    files = sorted(series_files(np.zeros((6, 6, 6))))
+    crafted = {"bomb.dcm": (hostile.dicom_deflate_bomb(64 * 1024), "inflates past"),
+               "j2k.dcm": (hostile.dicom_j2k_lie(3000), "Columns, Rows disagree"),
+               "flood.dcm": (hostile.dicom_sequence_flood(60_000), "sequence items")}
+    for name, (data, reason) in crafted.items():
+        t0 = time.perf_counter()
+        with pytest.raises(VolumeError, match=rf"series s: {name.replace('.', '[.]')}: .*{reason}"):
+            read_dicom_series(files[:2] + [(name, data)], "s")
+        assert time.perf_counter() - t0 < 10, name
+    assert read_dicom_series(files, "s").shape == (6, 6, 6)

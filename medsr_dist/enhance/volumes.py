@@ -71,6 +71,8 @@ from medsr_dist.infer.provenance import VOLUME_NOTE as NOTE
 from medsr_dist.infer.provenance import output_provenance, params_json, provenance_source, volume_params
 from medsr_dist.infer.replica import EngineSettings, ModelReplica
 from medsr_dist.infer.rows import non_finite
+from medsr_dist.io.dicom import read_image_dataset
+from medsr_dist.io.medical_image import ImageDecodeError
 from medsr_dist.io.phi import phi_values, sanitize_reason
 from medsr_dist.mri.job import consistency_psnr
 from medsr_dist.mri.profile import profile_from_record, resolve_profile
@@ -211,10 +213,10 @@ def _series_voxels(files: list[tuple[str, bytes]], name: str) -> tuple[int, tupl
     """(voxels, (rows, columns) of the first slice, slices) from the DICOM headers alone (pixel data not read)."""
     voxels, shape = 0, (0, 0)
     for fname, data in files:
-        try:
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        except Exception as exc:  # noqa: BLE001 - pydicom raises many types
-            raise VolumeError(f"series {name}: {fname} is not a readable DICOM file ({type(exc).__name__})") from None
+        try:  # the image reader's bounds: Deflate inflation and sequence items (medsr_dist.io.dicom)
+            ds = read_image_dataset(data, fname, header_only=True)
+        except ImageDecodeError as exc:
+            raise VolumeError(f"series {name}: {fname} is not a readable DICOM file ({exc.reason})") from None
         rows, cols, frames = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0), int(ds.get("NumberOfFrames", 1) or 1)
         if rows < 1 or cols < 1:
             raise VolumeError(f"series {name}: {fname} has no image (Rows/Columns missing)")

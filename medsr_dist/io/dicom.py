@@ -58,6 +58,7 @@ from medsr_dist.io.codestream import CodestreamError, frame_header, rle_segment_
 from medsr_dist.io.medical_image import ImageDecodeError, ImageMeta, ImageProbe, MedicalImage, NotAnImageObject
 
 __all__ = [
+    "read_image_dataset",
     "PROVENANCE_MODEL",
     "PROVENANCE_MODEL_SHA256",
     "PROVENANCE_SCALE",
@@ -468,6 +469,27 @@ def _check_codestreams(ds: Dataset, syntax: UID, name: str, rows: int, columns: 
     if found < frames:
         raise ImageDecodeError(name, f"{syntax.name} pixel data holds {found} frames, NumberOfFrames says {frames}; "
                                      "not decoded")
+
+
+@_quiet
+def read_image_dataset(data: bytes | bytearray | memoryview, name: str, *, header_only: bool = False,
+                       max_inflated_bytes: int = MAX_INFLATED_BYTES) -> Dataset:
+    """A DICOM object parsed as :func:`decode_dicom` parses it, for readers that need the dataset itself (the MRI
+    series reader): a deflated body inflated within ``max_inflated_bytes``, sequence items counted before
+    parsing, and (unless ``header_only``) every compressed frame's own header held against Rows, Columns,
+    SamplesPerPixel and BitsAllocated before any decoder runs (:func:`_check_codestreams`). Nothing is decoded.
+
+    Raises:
+        ImageDecodeError: unreadable, a bound exceeded, or a codestream that disagrees with the header (naming
+            the attribute, no text of the file).
+    """
+    ds = _read_dataset(data, name, header_only=header_only, max_inflated_bytes=max_inflated_bytes)
+    if not header_only and "PixelData" in ds:
+        syntax = UID(ds.file_meta.TransferSyntaxUID)
+        _check_codestreams(ds, syntax, name, _positive(ds, "Rows", name), _positive(ds, "Columns", name),
+                           _positive(ds, "NumberOfFrames", name, default=1), int(ds.get("SamplesPerPixel", 1) or 1),
+                           _positive(ds, "BitsAllocated", name))
+    return ds
 
 
 @_quiet

@@ -18,6 +18,7 @@ import gzip
 import io
 import json
 import warnings
+import zlib
 from collections.abc import Iterable, Sequence as SequenceABC
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -25,10 +26,12 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
+
+from medsr_dist.io.dicom import looks_like_dicom, read_image_dataset
+from medsr_dist.io.medical_image import ImageDecodeError
 
 #: Largest |R^T R - I| entry accepted for the direction cosines of an affine or a DICOM orientation.
 ORTHONORMAL_TOLERANCE = 1e-3
@@ -164,6 +167,52 @@ def _is_gzip(data: bytes) -> bool:
     return data[:2] == b"\x1f\x8b"
 
 
+#: Bytes a .nii.gz may inflate to past what its header declares (vox_offset + voxels x bitpix / 8): honest files
+#: hold exactly that; a stream that goes on is a decompression bomb, stopped here instead of inflated in full.
+NIFTI_INFLATE_SLACK = 1 << 20
+
+
+def _nifti_declared_bytes(head: bytes) -> int | None:
+    """vox_offset + voxels x bitpix / 8 from a NIfTI-1/-2 header's first bytes; ``None``: not a NIfTI header."""
+    for order in "<>":
+        if len(head) < 348:
+            return None
+        size = int(np.frombuffer(head[:4], order + "i4")[0])
+        if size == 348:
+            dim = np.frombuffer(head[40:56], order + "i2").astype(np.int64)
+            bitpix = int(np.frombuffer(head[72:74], order + "i2")[0])
+            offset = int(max(float(np.frombuffer(head[108:112], order + "f4")[0]), 352.0))
+        elif size == 540 and len(head) >= 544:
+            dim = np.frombuffer(head[16:80], order + "i8")
+            bitpix = int(np.frombuffer(head[14:16], order + "i2")[0])
+            offset = int(max(int(np.frombuffer(head[168:176], order + "i8")[0]), 544))
+        else:
+            continue
+        ndim = int(dim[0])
+        if not 1 <= ndim <= 7 or np.any(dim[1:ndim + 1] < 1) or bitpix < 1:
+            return None
+        return offset + int(np.prod([int(n) for n in dim[1:ndim + 1]], dtype=object)) * bitpix // 8
+    return None
+
+
+def _gunzip_bounded(data: bytes, source: str) -> bytes:
+    """A .nii.gz inflated to at most the size its header declares (+ :data:`NIFTI_INFLATE_SLACK`)."""
+    try:
+        head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data, 1024)
+        declared = _nifti_declared_bytes(head)
+        bound = (declared if declared is not None else len(head)) + NIFTI_INFLATE_SLACK
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        raw = inflater.decompress(data, bound + 1)
+    except zlib.error as exc:
+        raise VolumeError(f"{source}: truncated or corrupt gzip stream ({exc})") from None
+    if len(raw) > bound:
+        raise VolumeError(f"{source}: the gzip stream inflates past the {bound:,} bytes its NIfTI header declares "
+                          "(a decompression bomb?); not read further")
+    if not inflater.eof:
+        raise VolumeError(f"{source}: truncated or corrupt gzip stream (it ends before its end of stream)")
+    return raw
+
+
 def read_nifti(data: bytes, source: str) -> Volume:
     """Decode a NIfTI-1/NIfTI-2 file (``.nii`` or gzip-compressed ``.nii.gz``) into a :class:`Volume`.
 
@@ -173,10 +222,7 @@ def read_nifti(data: bytes, source: str) -> Volume:
     """
     import nibabel as nib
 
-    try:
-        raw = gzip.decompress(data) if _is_gzip(data) else bytes(data)
-    except (OSError, EOFError) as exc:
-        raise VolumeError(f"{source}: truncated or corrupt gzip stream ({exc})") from None
+    raw = _gunzip_bounded(data, source) if _is_gzip(data) else bytes(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -275,14 +321,14 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def _read_dataset(data: bytes, name: str):
+    """A slice's dataset through the image reader's bounds (:func:`~medsr_dist.io.dicom.read_image_dataset`:
+    bounded Deflate inflation, sequence items counted, compressed frames' headers checked before decoding)."""
+    if not looks_like_dicom(data):
+        raise VolumeError(f"{name}: not a DICOM file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return pydicom.dcmread(io.BytesIO(data))
-    except InvalidDicomError:
-        raise VolumeError(f"{name}: not a DICOM file") from None
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for a damaged file
-        raise VolumeError(f"{name}: unreadable DICOM ({type(exc).__name__})") from None
+        return read_image_dataset(data, name)
+    except ImageDecodeError as exc:
+        raise VolumeError(f"{name}: {exc.reason}") from None
 
 
 def _floats(ds, keyword: str, n: int, name: str) -> np.ndarray:
