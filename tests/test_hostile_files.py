@@ -18,6 +18,7 @@ from medsr_dist.data import hostile
 from medsr_dist.io import codestream
 from medsr_dist.io.dicom import MAX_DICOM_ITEMS
 from medsr_dist.io.image import ImageDecodeError, decode_image, probe_image
+from medsr_dist.io.phi import phi_values
 
 LIE = 3000
 
@@ -146,3 +147,22 @@ def test_htj2k_frames_are_checked_like_jpeg_2000():
     struct.pack_into(">II", lie, 8, LIE, LIE)  # SIZ Xsiz, Ysiz
     with pytest.raises(ImageDecodeError, match="JPEG 2000 SIZ of the frame says 3000 x 3000 .*Columns, Rows disagree"):
         decode_image(_htj2k_dicom(bytes(lie), image), "htj2k.dcm")
+
+
+def test_the_identifier_scrub_of_an_error_reason_reads_a_deflate_bomb_within_the_same_bound():
+    """phi_values runs on the error path of exactly the files the decoders refuse: a 256 KiB Deflate bomb
+    (~256 MiB inflated) is parsed through the image reader's bound, not inflated in full by pydicom (before: the
+    whole body, ~1 s and +256 MiB per refused file in the nightly read stage and Serve's 400 path); honest
+    files still give their identifiers."""
+    import tracemalloc
+
+    bomb = hostile.dicom_deflate_bomb(256 * 1024)
+    tracemalloc.start()
+    try:
+        assert phi_values(bomb) == set()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 128 << 20, f"{peak / 2**20:.0f} MiB"
+    ct = phi_values(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    assert {"CompressedSamples^CT1", "CT1"} <= ct

@@ -8,10 +8,11 @@ input in logs without its key (keys often embed accession numbers or names). Use
 from __future__ import annotations
 
 import hashlib
-import io
 import posixpath
 
 import pydicom
+
+from medsr_dist.io.dicom import read_image_dataset
 
 MAX_REASON_CHARS = 600
 
@@ -38,12 +39,14 @@ PHI_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber
 
 def phi_values(data: bytes | None) -> set[str]:
     """Identifier values held by a DICOM file's header (:data:`PHI_KEYWORDS`, person names also by component),
-    for :func:`sanitize_reason`; empty for anything pydicom cannot read. Reads the header only."""
+    for :func:`sanitize_reason`; empty for anything pydicom cannot read. Reads the header only, through the image
+    reader's bounds (:func:`~medsr_dist.io.dicom.read_image_dataset`: a Deflate bomb or an item flood is not
+    parsed here either — this runs on the error path of exactly such files)."""
     if not data:
         return set()
     try:
-        ds = pydicom.dcmread(io.BytesIO(bytes(data)), stop_before_pixels=True, force=True)
-    except Exception:  # noqa: BLE001 - not DICOM, or unreadable: nothing of it can be named in a reason
+        ds = read_image_dataset(bytes(data), "phi", header_only=True)
+    except Exception:  # noqa: BLE001 - not DICOM, unreadable or past a bound: nothing of it can be named in a reason
         return set()
     found: set[str] = set()
 
