@@ -54,6 +54,7 @@ class EncodeCommit:
             **row_model(spec, str(item["key"])),
             "input_format": str(item["input_format"]), "input_bytes": int(item["input_bytes"]),
             "frames": int(item.get("frames", 0)), "seconds": float(item["seconds"]), "run_id": spec.run_id, **listed,
+            "fp32_fallbacks": int(item.get("fp32_fallbacks", 0)),
         })
         if status == "todo":
             t0 = time.perf_counter()

@@ -39,7 +39,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("seconds", pa.float64()), ("consistency_psnr_db", pa.float64()), ("flagged", pa.bool_()),
     ("run_id", pa.string()), ("finished_at", pa.string()),
     ("input_version", pa.string()), ("frames", pa.int32()), ("attempts", pa.int32()),
-    ("uncertainty_p99", pa.float64()), ("uncertainty_key", pa.string()),
+    ("uncertainty_p99", pa.float64()), ("uncertainty_key", pa.string()), ("fp32_fallbacks", pa.int32()),
 ])
 """One manifest row. ``params``/``provenance`` are JSON objects; ``provenance`` is exactly the text written into the
 output file (PNG/TIFF/JPEG text, DICOM derivation). ``run_id``/``finished_at``: the run that produced the output
@@ -49,7 +49,9 @@ output file (PNG/TIFF/JPEG text, DICOM derivation). ``run_id``/``finished_at``: 
 listed; ``frames``: of the input (0: not read); ``attempts``: runs in which the input killed its model replica.
 ``uncertainty_p99`` / ``uncertainty_key``: an ldm output drawn from K > 1 samples: the 99th percentile of its
 per-pixel std map (fraction of the intensity range; NaN without a map) and where the map was written (beside the
-output, see :func:`~medsr_dist.enhance.uncertainty.write_uncertainty`); ``flagged`` also when p99 > ``enhance.uncertainty_threshold``."""
+output, see :func:`~medsr_dist.enhance.uncertainty.write_uncertainty`); ``flagged`` also when p99 > ``enhance.uncertainty_threshold``.
+``fp32_fallbacks``: with ``enhance.precision`` fp16/bf16, the tile batches of this item whose output was not finite
+and were computed again in fp32 (the output is then partly fp32; 0 with fp32 or when nothing fell back)."""
 
 
 

@@ -81,6 +81,7 @@ class EnhanceReplica:
         rows = batch_rows(batch)
         for row in rows:
             row["output"] = NO_OUTPUT
+            row["fp32_fallbacks"] = 0  # set by enhance_rows; every block of the stream has the same columns
             row.update(uncertainty.empty_columns())  # filled by the uncertainty hook (K > 1 samples)
         todo = [row for row in rows if row["status"] == "todo"]
         passing = [row for row in rows if row["status"] != "todo"]

@@ -110,6 +110,7 @@ class ServeReplica:
         rows = batch_rows(batch)
         for row in rows:
             row["output"] = NO_OUTPUT
+            row["fp32_fallbacks"] = 0
         todo = [row for row in rows if row["status"] == "todo"]
         passing = [row for row in rows if row["status"] != "todo"]
         if passing:
@@ -126,6 +127,7 @@ class ServeReplica:
             row["seconds"] = float(row["seconds"]) + float(answer.get("seconds", 0.0))
             if answer["status"] == "todo":
                 row["output"] = answer["output"]
+                row["fp32_fallbacks"] = int(answer.get("fp32_fallbacks", 0))
             else:
                 row = {**row, "status": "error", "error": sanitize_reason(str(answer["error"]), key=str(row["key"])),
                        "pixels": NO_PIXELS, "header": b"", "output": NO_OUTPUT}

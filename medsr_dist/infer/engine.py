@@ -275,6 +275,8 @@ class _ImageJob:
     squeeze: bool  # the caller passed (H, W)
     outscale: float | None
     tiles_left: int = field(init=False)
+    #: batches holding a tile of this image that the backend computed again in fp32 (``fp32_fallbacks``)
+    fp32_batches: int = 0
 
     def __post_init__(self) -> None:
         self.tiles_left = self.rows.count * self.cols.count
@@ -296,9 +298,12 @@ class TileBatcher:
             ...
     """
 
-    def __init__(self, backend: Backend, spec: TileSpec = TileSpec()) -> None:
+    def __init__(self, backend: Backend, spec: TileSpec = TileSpec(), *, fallbacks: list[int] | None = None) -> None:
+        """``fallbacks``: if given, one entry is appended per finished image, in output order: how many batches
+        holding its tiles the backend recomputed in fp32 (its ``fp32_fallbacks`` counter; 0 for backends without)."""
         self.backend = backend
         self.spec = spec
+        self.fallbacks = fallbacks
 
     @cached_property
     def scale(self) -> int:
@@ -376,7 +381,11 @@ class TileBatcher:
             # (h, w, 1 or 3) -> (1 or 3, h, w); a gray tile broadcasts to the 3 channels the model expects
             tiles[slot] = job.model_input[y0 : y0 + win_h, x0 : x0 + win_w].transpose(2, 0, 1)
         s = self.scale
+        before = getattr(self.backend, "fp32_fallbacks", 0)
         upscaled = self.backend(tiles)
+        if getattr(self.backend, "fp32_fallbacks", 0) != before:
+            for job in {id(job): job for job, _, _ in batch}.values():
+                job.fp32_batches += 1
         expected = (len(batch), 3, win_h * s, win_w * s)
         if upscaled.shape != expected:
             raise RuntimeError(f"backend {self.backend!r} returned shape {upscaled.shape}, expected {expected}")
@@ -404,6 +413,8 @@ class TileBatcher:
             yield self._finish(in_flight.popleft())
 
     def _finish(self, job: _ImageJob) -> np.ndarray:
+        if self.fallbacks is not None:
+            self.fallbacks.append(job.fp32_batches)
         output = np.clip(job.output, 0.0, 1.0, out=job.output)
         height, width = job.rows.length, job.cols.length
         if job.alpha is not None:
@@ -415,13 +426,14 @@ class TileBatcher:
 
 
 def enhance_many(
-    backend: Backend, images: Iterable[np.ndarray], tile: TileSpec = TileSpec(), *, outscale: float | None = None
+    backend: Backend, images: Iterable[np.ndarray], tile: TileSpec = TileSpec(), *, outscale: float | None = None,
+    fallbacks: list[int] | None = None,
 ) -> Iterator[np.ndarray]:
     """Upscale a stream of images, batching tiles across images. Lazy; yields results in input order.
 
-    Each image and result follow the contract of :func:`enhance_array`.
+    Each image and result follow the contract of :func:`enhance_array`; ``fallbacks``: see :class:`TileBatcher`.
     """
-    return TileBatcher(backend, tile).run(images, outscale=outscale)
+    return TileBatcher(backend, tile, fallbacks=fallbacks).run(images, outscale=outscale)
 
 
 def enhance_array(

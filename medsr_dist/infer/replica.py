@@ -164,13 +164,15 @@ class ModelReplica:
                 "engine": ENGINE_REVISION}
 
     def enhance_many(self, images: Iterator[np.ndarray] | Sequence[np.ndarray], *,
-                     outscale: float | None | object = SETTINGS) -> Iterator[np.ndarray]:
+                     outscale: float | None | object = SETTINGS, fallbacks: list[int] | None = None
+                     ) -> Iterator[np.ndarray]:
         """The engine on a stream of images (each ``(H, W[, C])`` float in [0, 1]); lazy, results in input order.
 
-        ``outscale``: left out, ``settings.outscale``. Raises whatever the backend raises, mid-stream.
+        ``outscale``: left out, ``settings.outscale``. ``fallbacks``: see :class:`~medsr_dist.infer.engine.TileBatcher`.
+        Raises whatever the backend raises, mid-stream.
         """
         scale = self.settings.outscale if outscale is SETTINGS else outscale
-        return enhance_many(self.backend, images, self.spec, outscale=scale)
+        return enhance_many(self.backend, images, self.spec, outscale=scale, fallbacks=fallbacks)
 
     def enhance_each(
         self,
@@ -178,6 +180,7 @@ class ModelReplica:
         *,
         outscale: float | None | object = SETTINGS,
         reraise: Callable[[BaseException], bool] | None = None,
+        fallbacks: dict[int, int] | None = None,
     ) -> Iterator[tuple[int, np.ndarray | BaseException]]:
         """Enhance ``images`` together (tiles batched across them); if that fails, each not yet finished image
         again alone, so one bad image fails alone.
@@ -186,10 +189,15 @@ class ModelReplica:
         ``(H*s, W*s[, C])`` float32 output in [0, 1], or the exception the image failed with
         (:class:`NonFiniteOutput` for NaN/Inf outputs). An exception for which ``reraise(exc)`` is true (a fatal
         device error: the process must restart) is raised instead of retried.
+
+        ``fallbacks``: if given, ``fallbacks[index]`` is set before each yield to the number of batches holding the
+        image's tiles that an fp16/bf16 backend recomputed in fp32 (non-finite output; see ``TorchBackend``).
         """
-        done = 0
+        done, counts = 0, []
         try:
-            for out in self.enhance_many(images, outscale=outscale):
+            for out in self.enhance_many(images, outscale=outscale, fallbacks=counts):
+                if fallbacks is not None:
+                    fallbacks[done] = counts[done]
                 yield done, _checked(out)
                 done += 1
         except Exception as exc:  # noqa: BLE001 - the rest is retried image by image
@@ -200,7 +208,10 @@ class ModelReplica:
             log.warning("batch inference failed (%s); retrying image by image", type(exc).__name__)
             for index in range(done, len(images)):
                 try:
-                    (out,) = list(self.enhance_many([images[index]], outscale=outscale))
+                    one: list[int] = []
+                    (out,) = list(self.enhance_many([images[index]], outscale=outscale, fallbacks=one))
+                    if fallbacks is not None:
+                        fallbacks[index] = one[0]
                     yield index, _checked(out)
                 except Exception as one:  # noqa: BLE001
                     if reraise is not None and reraise(one):

@@ -122,11 +122,14 @@ def enhance_rows(replica: ModelReplica, rows: list[dict], *, log_keys: bool = Fa
     order = [(i, f) for i, row in enumerate(rows) for f in range(len(row["pixels"]))]
     frames = [rows[i]["pixels"][f] for i, f in order]  # views, no copies
     t0 = time.perf_counter()
-    bad, failure = 0, None
-    for index, out in replica.enhance_each(frames, outscale=outscale, reraise=is_fatal_device_error):
+    bad, failure, fp32 = 0, None, 0
+    fallbacks: dict[int, int] = {}
+    for index, out in replica.enhance_each(frames, outscale=outscale, reraise=is_fatal_device_error,
+                                           fallbacks=fallbacks):
         i, f = order[index]
         row = rows[i]
         n_frames = len(row["pixels"])
+        fp32 += fallbacks.get(index, 0)
         if isinstance(out, NonFiniteOutput):
             bad += out.count
         elif isinstance(out, BaseException):
@@ -148,6 +151,7 @@ def enhance_rows(replica: ModelReplica, rows: list[dict], *, log_keys: bool = Fa
                 row = {**row, "pixels": NO_PIXELS, "header": b""}
                 row["output"] = NO_OUTPUT
             row["seconds"] = float(row["seconds"]) + time.perf_counter() - t0
-            bad, failure = 0, None
+            row["fp32_fallbacks"] = fp32
+            bad, failure, fp32 = 0, None, 0
             yield row
             t0 = time.perf_counter()

@@ -212,7 +212,8 @@ class SRModel:
             if not is_fatal_device_error(exc):
                 raise
             return {"status": "lost", "error": f"fatal device error: {type(exc).__name__}", "seconds": 0.0}
-        return {"status": row["status"], "error": row["error"], "output": row["output"], "seconds": row["seconds"]}
+        return {"status": row["status"], "error": row["error"], "output": row["output"], "seconds": row["seconds"],
+                "fp32_fallbacks": int(row.get("fp32_fallbacks", 0))}
 
     def _enhance(self, shared: ModelReplica, data: bytes, outscale: float | None) -> dict[str, Any]:
         return enhance_file(shared, data, outscale, limits=self.limits, dicom_compression=self.dicom_compression,
