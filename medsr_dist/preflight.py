@@ -13,7 +13,7 @@ from pathlib import Path
 
 from medsr_dist.config import ConfigError, MedsrConfig
 from medsr_dist.infer.model_file import read_model_file
-from medsr_dist.infer.registry import offered_backend_names
+from medsr_dist.infer.registry import AUTO_BACKEND, offered_backend_names
 from medsr_dist.pacs.dicomweb import Credentials, PacsAuthError
 from medsr_dist.pacs.transport import plain_http_to_remote
 from medsr_dist.uris import Endpoint, is_dicomweb
@@ -54,12 +54,14 @@ def check_pacs_transport(cfg: MedsrConfig) -> None:
 
 
 def check_backends(cfg: MedsrConfig) -> None:
-    """``enhance.backend``, ``eval.backend`` and ``serve.backend`` name registered backends that are offered."""
+    """``enhance.backend``, ``eval.backend`` and ``serve.backend`` name registered backends that are offered
+    (``enhance``/``serve``: or ``auto``)."""
     names = offered_backend_names()
     for key, value in (("enhance.backend", cfg.enhance.backend), ("eval.backend", cfg.eval.backend),
                        ("serve.backend", cfg.serve.backend)):
-        if value not in names:
-            quoted = [repr(n) for n in names]
+        allowed = names + ([AUTO_BACKEND] if key != "eval.backend" else [])
+        if value not in allowed:
+            quoted = [repr(n) for n in allowed]
             choices = f"{', '.join(quoted[:-1])} or {quoted[-1]}" if len(quoted) > 1 else quoted[0]
             raise ConfigError(f"invalid config {cfg.source}:\n  {key}: Input should be {choices} (got {value!r})")
 

@@ -194,7 +194,7 @@ def test_the_nightly_config_is_a_valid_production_example():
     cfg = load_config(REPO / "configs" / "enhance_nightly.yaml")
     e = cfg.enhance
     assert e.input.startswith("s3://") and e.output.startswith("s3://") and e.checkpoint.startswith("s3://")
-    assert (e.tile, e.backend) == (256, "torch") and e.max_replicas > 1
+    assert (e.tile, e.backend) == (256, "auto") and e.max_replicas > 1
     assert "CHANGE ME" in (REPO / "configs" / "enhance_nightly.yaml").read_text()
 
 
@@ -323,13 +323,16 @@ def test_the_run_manifest_records_the_replica_sizing_the_cluster_gave(nightly):
     import pyarrow.parquet as pq
 
     storage, runs = nightly["storage"], f"{nightly['output']}/{MANIFEST_DIR}/runs"
-    sizings = []
+    sizings, backends = [], []
     for uri in storage.list_files(runs, include=["*.parquet"]):
         with storage.open(uri) as f:
             meta = pq.read_schema(f).metadata or {}
         if b"medsr.sizing" in meta:
             sizings.append(json.loads(meta[b"medsr.sizing"]))
+            backends.append(json.loads(meta[b"medsr.backend"]))
     assert sizings, "no run manifest records its sizing"
+    # enhance.backend auto (the default) and no ONNX export beside the model: torch, and the run says why
+    assert {b["name"] for b in backends} == {"torch"} and all("no ONNX export at" in b["reason"] for b in backends)
     # enhance's defaults (auto) on the fixture's 4-CPU local Ray: one replica of 4 - 0.5 CPUs, 4 torch threads
     assert {(s["max_replicas"], s["cpus_per_replica"], s["threads_per_replica"]) for s in sizings} == {(1, 3.5, 4)}
     assert all(s["sizing"].startswith("auto:") for s in sizings)
@@ -402,6 +405,7 @@ def test_every_output_keeps_its_inputs_form_and_carries_provenance(nightly):
         forms.add((src.meta.format, src.meta.bits_stored, src.meta.photometric))
         assert (row["input_height"], row["output_height"], row["output_bytes"]) == (SIZE, SIZE * 4, len(data))
         assert np.isfinite(row["consistency_psnr_db"]) and row["flagged"] == (row["consistency_psnr_db"] < 30.0)
+        assert row["fp32_fallbacks"] == 0  # fp32 here: nothing recomputed (tests/test_compiled_backend.py: the count)
         provenance = json.loads(row["provenance"])  # every manifest row repeats what the file carries
         # the item id, not the key (keys hold names and accession numbers; enhance.provenance_source: key for those)
         assert provenance["medsr:source"] == row["item_id"] and provenance["medsr:source_sha256"] == row["input_sha256"]

@@ -148,3 +148,44 @@ def test_cuda_provider_matches_torch_on_gpu():
     tiles = np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)
     want = TorchBackend(net, scale=4, device="cuda")(tiles)
     assert float(np.abs(backend(tiles) - want).max()) <= 1e-3  # cuDNN and ORT pick different conv algorithms
+
+
+def test_backend_auto_runs_onnxruntime_on_cpu_once_the_export_exists_and_torch_on_gpus(tmp_path):
+    """``enhance.backend``/``serve.backend: auto`` (the default): chosen per model and hardware from the measured
+    speeds (onnxruntime is faster on CPU), never silently: the reason names what was missing."""
+    from medsr_dist.infer.model_file import AUTO_BACKEND, choose_backend, onnx_export_uris
+
+    write_tiny_model(lambda name, data: (tmp_path / name).write_bytes(data))
+    storage = Storage()
+    model = read_model_file(str(tmp_path / "model.pth"))
+    assert onnx_export_uris(model) == [str(tmp_path / "model.onnx")]
+    assert choose_backend("torch", model, storage, gpu=False).name == "torch"  # a named backend is what runs
+    before = choose_backend(AUTO_BACKEND, model, storage, gpu=False)
+    assert before.name == "torch" and f"no ONNX export at {tmp_path / 'model.onnx'}" in before.reason
+    assert isinstance(build_model_backend(model, AUTO_BACKEND, storage, device="cpu"), TorchBackend)
+
+    from medsr_dist.cli import app
+
+    result = CliRunner().invoke(app, ["export", "--format", "onnx", "--checkpoint", str(tmp_path / "model.pth")])
+    assert result.exit_code == 0, result.output
+    after = choose_backend(AUTO_BACKEND, model, storage, gpu=False)
+    assert after.name == "onnxruntime" and "onnxruntime" in after.reason and "PERFORMANCE" in after.reason
+    assert isinstance(build_model_backend(model, AUTO_BACKEND, storage, device="cpu"), OnnxRuntimeBackend)
+    assert choose_backend(AUTO_BACKEND, model, storage, gpu=True).name == "torch"  # no GPU provider here
+
+
+def test_an_ldm_export_needs_every_onnx_part_before_auto_picks_onnxruntime(tmp_path):
+    import dataclasses
+
+    from medsr_dist.infer.model_file import AUTO_BACKEND, ONNX_PARTS, choose_backend, onnx_export_uris
+
+    write_tiny_model(lambda name, data: (tmp_path / name).write_bytes(data))
+    model = dataclasses.replace(read_model_file(str(tmp_path / "model.pth")), family="ldm")  # naming only
+    uris = onnx_export_uris(model)
+    assert uris == [str(tmp_path / f"model.{part}.onnx") for part in ONNX_PARTS["ldm"]]
+    for uri in uris[:-1]:
+        (tmp_path / uri).write_bytes(b"x")
+    choice = choose_backend(AUTO_BACKEND, model, Storage(), gpu=False)
+    assert choice.name == "torch" and uris[-1] in choice.reason
+    (tmp_path / uris[-1]).write_bytes(b"x")
+    assert choose_backend(AUTO_BACKEND, model, Storage(), gpu=False).name == "onnxruntime"

@@ -236,6 +236,9 @@ def test_models_health_and_docs(app):
     assert [m["name"] for m in models] == ["tiny", "ldm"] and models[0]["scale"] == 4 and models[0]["healthy"]
     assert models[0]["default"] and models[1]["family"] == "ldm" and models[1]["sampling"]["steps"] == 2
     assert models[0]["model_sha256"] and models[0]["max_batch_size"] == 4 and models[0]["precision"] == "fp32"
+    # serve.backend auto (the default), chosen per model: neither has an ONNX export, so torch, saying so
+    assert [m["backend"] for m in models] == ["torch", "torch"]
+    assert all("no ONNX export at" in m["backend_reason"] for m in models)
     assert httpx.get(f"{url}/healthz", timeout=30).text == "ok"
     assert "/v1/enhance" in httpx.get(f"{url}/openapi.json", timeout=30, headers=AUTH).json()["paths"]
     assert httpx.get(f"{url}/docs", timeout=30, headers=AUTH).status_code == 200

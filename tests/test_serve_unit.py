@@ -193,7 +193,8 @@ def test_the_job_refuses_an_app_that_would_compute_other_outputs_than_its_keys_s
 
     model = ModelFile(uri="m.pth", name="chest@9", sha256="a" * 64, family="realesrgan", scale=4,
                       generator={"type": "RRDBNet"})
-    e = load_config(None, ["enhance.replicas=serve:medsr", "enhance.tile=16"]).enhance
+    # the job chooses enhance.backend (auto) before it looks for the app: a chosen name, as here
+    e = load_config(None, ["enhance.replicas=serve:medsr", "enhance.tile=16", "enhance.backend=torch"]).enhance
     params = enhance_params(e, model)
     info = {"model": "chest@9", "model_sha256": "a" * 64, "tile": 16, "tile_overlap": 64, "tile_blend": 4,
             "backend": "torch", "precision": "fp32", "engine": ENGINE_REVISION, "sampling": None, "healthy": True}

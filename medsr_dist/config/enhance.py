@@ -31,8 +31,11 @@ class EnhanceConfig(Section):
     checkpoint: str | None = Field(None, description="Model file (default: <train.output>/export/model.pth)")
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
-    backend: str = Field("torch", description="Inference backend: a name registered with medsr_dist.infer.backends "
-                         "(torch, onnxruntime, ...), checked by medsr_dist.preflight before Ray starts")
+    backend: str = Field("auto", description="Inference backend: auto (chosen per model and hardware before outputs "
+                         "are keyed: GPU replicas torch; CPU replicas onnxruntime when the model's ONNX export exists, "
+                         "else torch; the choice and its reason are logged and in the run's metadata) or a name "
+                         "registered with medsr_dist.infer.backends (torch, onnxruntime, compiled), checked by "
+                         "medsr_dist.preflight before Ray starts")
     precision: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32", description="fp16: GPU only (CPU replicas run fp32), up to 1.24/255 of the range off fp32 (~20 stored "
         "values at 12 bits, ~320 at 16); bf16: GPU or a CPU with bf16 hardware, ~2x there but 8-18/255 off fp32 "

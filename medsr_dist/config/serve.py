@@ -102,8 +102,11 @@ class ServeConfig(Section):
     host: str = Field("127.0.0.1", description="HTTP proxy host (0.0.0.0 to listen on every interface)")
     port: int = Field(8000, ge=1, le=65535)
     models: list[Model] = Field(default_factory=list, description="Models served by name; empty: enhance.checkpoint as 'default'")
-    backend: str = Field("torch", description="Inference backend: a name registered with medsr_dist.infer.backends "
-                         "(torch, onnxruntime, ...), checked by medsr_dist.preflight before Ray starts")
+    backend: str = Field("auto", description="Inference backend: auto (chosen per model and hardware before outputs "
+                         "are keyed: GPU replicas torch; CPU replicas onnxruntime when the model's ONNX export exists, "
+                         "else torch; the choice and its reason are logged and in GET /v1/models) or a name "
+                         "registered with medsr_dist.infer.backends (torch, onnxruntime, compiled), checked by "
+                         "medsr_dist.preflight before Ray starts")
     precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="As enhance.precision; responses record what ran")
     tile: int = Field(128, ge=0, description="Tile size in input pixels (0: whole image); tiles are what requests share")
     tile_overlap: int = Field(64, ge=0)

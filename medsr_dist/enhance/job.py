@@ -38,7 +38,8 @@ from medsr_dist.enhance.replicas import EnhanceReplica
 from medsr_dist.enhance.serve_client import ServeReplica, serve_deployment
 from medsr_dist.enhance.spec import JobSpec, row_model
 from medsr_dist.enhance.volumes import group_series, plan_volume_job
-from medsr_dist.infer.model_file import ModelFile, build_model_backend, read_model_file, runnable_precision
+from medsr_dist.infer.model_file import (ModelFile, build_model_backend, choose_backend, read_model_file,
+                                         runnable_precision)
 from medsr_dist.infer.provenance import enhance_params
 from medsr_dist.io.phi import item_label
 from medsr_dist.pacs.storage import PacsStorage, read_watermark, watermark_of_rows, write_watermark
@@ -133,7 +134,7 @@ def run_enhance_job(
     model = read_model_file(e.checkpoint, cfg.storage, onnx_uri=e.onnx_model)
     model = model.with_sampling(e.sampling.overrides(), "enhance.sampling")  # ldm: the sampler settings that run
     if e.replicas == "local":  # a bad model or export fails here, not in every replica (serve:<app>: the app holds it)
-        build_model_backend(model, e.backend, storage, device="cpu")
+        build_model_backend(model, choose_backend(e.backend, model, storage, gpu=False).name, storage, device="cpu")
     records = (e.manifest or e.output).rstrip("/")
     mark = (read_watermark(storage, watermark_uri(records))
             if is_dicomweb(e.input) and cfg.pacs.query.since_watermark else None)
@@ -151,13 +152,19 @@ def run_enhance_job(
 
 
 def _run_leased(cfg, storage, model, entries, run_id, lease, progress, t_start) -> EnhanceResult:
+    gpu = cluster_has_gpus()
+    requested = cfg.enhance.backend
+    choice = choose_backend(requested, model, storage, gpu=gpu)
+    if choice.reason != "configured":  # from here on the run is keyed and labelled with the chosen backend
+        log.info("enhance.backend auto: %s; %s", choice.name, choice.reason)
+        cfg = cfg.model_copy(update={"enhance": cfg.enhance.model_copy(update={"backend": choice.name})})
     e = cfg.enhance
     removed = [p for prefix in dict.fromkeys([e.output.rstrip("/"), (e.manifest or e.output).rstrip("/")])
                for p in remove_stale_partials(storage, prefix)]
     if removed:
         log.warning("removed %d temp file(s) left by a killed run%s", len(removed),
                     (": " + ", ".join(removed)) if e.log_keys else "")
-    gpu, precision = _precision(e)
+    precision = _precision(e, gpu)
     params = enhance_params(e, model, precision=precision)
     spec = JobSpec(storage=storage, input=e.input.rstrip("/"), output=e.output.rstrip("/"), model=model, params=params,
                    run_id=run_id, threshold_db=e.consistency_threshold_db, max_input_pixels=e.max_input_pixels,
@@ -166,7 +173,8 @@ def _run_leased(cfg, storage, model, entries, run_id, lease, progress, t_start) 
                    max_attempts=e.max_attempts, log_keys=e.log_keys,
                    uncertainty_threshold=e.uncertainty_threshold,
                    dicom_compression=str(getattr(e, "dicom_compression", "none") or "none"),
-                   manifest=(e.manifest or "").rstrip("/"), volumes=plan_volume_job(cfg, storage, model, entries, precision),
+                   manifest=(e.manifest or "").rstrip("/"),
+                   volumes=plan_volume_job(cfg, storage, model, entries, precision, requested_backend=requested, gpu=gpu),
                    provenance_source=e.provenance_source)
     target = serve_deployment(e, model, params) if e.replicas != "local" else None  # raises before any item
     plan = plan_run(storage, spec, entries)
@@ -208,7 +216,10 @@ def _run_leased(cfg, storage, model, entries, run_id, lease, progress, t_start) 
     rows.sort(key=lambda r: r["input_key"])
 
     run_manifest = run_manifest_uri(spec.records, run_id)
-    write_manifest(storage, run_manifest, rows, metadata={"sizing": sizing.record()} if sizing else None)
+    metadata = {"sizing": sizing.record()} if sizing else {}
+    if choice.reason != "configured":
+        metadata["backend"] = {"name": choice.name, "reason": choice.reason}
+    write_manifest(storage, run_manifest, rows, metadata=metadata or None)
     cumulative = manifest_uri(spec.records)
     lease.refresh()  # still ours? (raises LeaseLostError: the cumulative manifest is the new holder's to write)
     write_manifest(storage, cumulative, merge_cumulative(storage, spec.records, rows))
@@ -219,14 +230,13 @@ def _run_leased(cfg, storage, model, entries, run_id, lease, progress, t_start) 
                          read_items=len(plan.todo) + len(plan.alone) + retried, sizing=sizing)
 
 
-def _precision(e: EnhanceConfig) -> tuple[bool, str]:
-    """(cluster has GPUs, the precision its replicas run); Ray is started by then."""
-    gpu = cluster_has_gpus()
+def _precision(e: EnhanceConfig, gpu: bool) -> str:
+    """The precision the replicas of ``e.backend`` (a chosen one, not ``auto``) run on this cluster's nodes."""
     precision = runnable_precision(e.backend, e.precision, gpu=gpu)
     if precision != e.precision:
         log.warning("enhance.precision %s: %s replicas run %s; outputs record %s", e.precision,
                     "GPU" if gpu else "CPU", precision, precision)
-    return gpu, precision
+    return precision
 
 
 def job_sizing(e: EnhanceConfig, gpu: bool) -> ReplicaSizing:

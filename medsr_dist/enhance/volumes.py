@@ -65,7 +65,7 @@ from medsr_dist import __version__
 from medsr_dist.config import through_plane_refiner_problem
 from medsr_dist.enhance.identity import item_id, item_record_uri, output_id
 from medsr_dist.enhance.manifest import now_iso
-from medsr_dist.infer.model_file import read_model_file
+from medsr_dist.infer.model_file import choose_backend, read_model_file, runnable_precision
 from medsr_dist.infer.provenance import VOLUME_KIND as KIND
 from medsr_dist.infer.provenance import VOLUME_NOTE as NOTE
 from medsr_dist.infer.provenance import output_provenance, params_json, provenance_source, volume_params
@@ -135,10 +135,12 @@ def group_series(entries: list, input_prefix: str, patterns: list[str]) -> list:
 # ----------------------------------------------------------------------------------------------------------
 # The driver's part: which model and parameters volume items get
 # ----------------------------------------------------------------------------------------------------------
-def plan_volume_job(cfg, storage, job_model, entries: list, precision: str) -> dict | None:
+def plan_volume_job(cfg, storage, job_model, entries: list, precision: str, *, requested_backend: str | None = None,
+                    gpu: bool = False) -> dict | None:
     """What volume items of this run get: ``{"model": ModelFile | None, "params": dict, "problem": str}``, or
     None when volumes are off or none is listed. ``problem`` (every volume item's error) is set when no scale-1
-    model is available.
+    model is available. ``requested_backend``: ``enhance.backend`` as configured (``auto`` is chosen for the
+    volume model itself, which may lack the ONNX export the 2-D model has); default: ``cfg.enhance.backend``.
 
     Raises:
         FileNotFoundError / ValueError: ``enhance.volumes.checkpoint`` is set but unusable (before any Ray work).
@@ -169,8 +171,11 @@ def plan_volume_job(cfg, storage, job_model, entries: list, precision: str) -> d
         return {"model": None, "params": {}, "uri": "", "problem": (
             f"a volume needs a scale-1 through-plane model; enhance.checkpoint is x{job_model.scale}: set "
             "enhance.volumes.checkpoint (or enhance.volumes.enabled=false)")}
+    backend = choose_backend(requested_backend or e.backend, model, storage, gpu=gpu).name
+    if backend != e.backend:
+        precision = runnable_precision(backend, e.precision, gpu=gpu)
     return {"model": model, "uri": e.volumes.checkpoint or e.checkpoint, "problem": "",
-            "params": volume_params(e, cfg.mri, model, precision)}
+            "params": volume_params(e, cfg.mri, model, precision, backend)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -346,7 +351,9 @@ class VolumeReplicas:
             if model.sha256 != sha:
                 raise RuntimeError(f"the volume model {meta['model_uri']} changed since the job started (sha256 "
                                    f"{model.sha256[:12]}, expected {sha[:12]}); nothing written")
-            settings = EngineSettings.of(self.e, precision=self.precision, outscale=None)
+            params = meta.get("params") or {}
+            settings = EngineSettings.of(self.e, precision=params.get("precision", self.precision), outscale=None,
+                                         backend=params.get("backend", self.e.backend))
             self.loaded[sha] = ModelReplica.load(model, Storage(self.storage_cfg), settings)
         return self.loaded[sha]
 

@@ -39,6 +39,8 @@ from pydicom.uid import generate_uid
 
 from medsr_dist.infer.backends import set_torch_threads, torch_precision
 from medsr_dist.infer.engine import TileSpec, enhance_array
+from medsr_dist.infer.model_file import ONNX_PARTS as ONNX_PARTS_OF_FAMILY
+from medsr_dist.infer.model_file import onnx_part_uri
 from medsr_dist.infer.registry import register_family_backend
 from medsr_dist.io.dicom import encode_dicom
 from medsr_dist.io.image import ImageMeta
@@ -50,13 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ONNX_PARTS = ("unet", "vae_encoder", "vae_decoder")
-
-
-def onnx_part_uri(onnx_uri: str, part: str) -> str:
-    """``.../model.onnx`` -> ``.../model.<part>.onnx`` (where the ldm ONNX export writes each network)."""
-    stem = onnx_uri[:-5] if onnx_uri.endswith(".onnx") else onnx_uri
-    return f"{stem}.{part}.onnx"
+ONNX_PARTS = ONNX_PARTS_OF_FAMILY["ldm"]
 
 
 class _OrtParts:

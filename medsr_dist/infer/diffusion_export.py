@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medsr_dist.infer.diffusion_backend import onnx_part_uri
+from medsr_dist.infer.model_file import onnx_part_uri
 from medsr_dist.infer.export import META_FAMILY, META_MODEL_NAME, META_SOURCE_SHA256, ExportError, OnnxExport
 from medsr_dist.infer.registry import register_family_exporter
 from medsr_dist.models.ldm import LatentDiffusionSR, LatentVAE

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from medsr_dist.config import SamplingConfig, StorageConfig
-from medsr_dist.infer.registry import FAMILY_BACKENDS, PRECISIONS, backend_factory
+from medsr_dist.infer.registry import AUTO_BACKEND, FAMILY_BACKENDS, PRECISIONS, backend_factory
 from medsr_dist.models import zoo
 from medsr_dist.models.registry import load_family
 from medsr_dist.storage import Storage
@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 
 META_FILE = "meta.json"
 ONNX_FILE = "model.onnx"
+
+#: Families exported to ONNX as several networks (``medsr export --format onnx`` of an ``ldm`` export writes
+#: ``<stem>.<part>.onnx`` for each part, :func:`onnx_part_uri`); the others as one ``model.onnx``.
+ONNX_PARTS = {"ldm": ("unet", "vae_encoder", "vae_decoder")}
 
 # RRDBNet pixel-unshuffles its input by 4 / 2 for scale 1 / 2, so input sides must be multiples of this.
 _RRDBNET_SIZE_MULTIPLE = {1: 4, 2: 2, 4: 1}
@@ -149,10 +153,16 @@ def build_model_backend(
     meet, usually by reading the ONNX export at ``model.onnx_uri``. A family whose inference is not one forward
     (diffusion: an iterative sampler) supplies its own Backend (:data:`~medsr_dist.infer.registry.FAMILY_BACKENDS`).
 
+    ``auto``: :func:`choose_backend` for ``device`` (a caller that keys or labels outputs by backend chooses
+    first and passes the name).
+
     Raises:
         ValueError: unknown backend, or a backend that cannot be built from a model file.
         ImportError: the backend's runtime package is not installed.
     """
+    if backend == AUTO_BACKEND:  # callers that key outputs choose first (enhance job, Serve): this is for the others
+        on_gpu = (device or "").startswith("cuda") or (device is None and _cuda_available())
+        backend = choose_backend(backend, model, storage, gpu=on_gpu).name
     if model.family in FAMILY_BACKENDS:
         return FAMILY_BACKENDS.get(model.family)(model, backend, storage, device=device, precision=precision)
     if backend == "torch":
@@ -163,6 +173,64 @@ def build_model_backend(
     if from_model_file is None:
         raise ValueError(f"backend {backend!r} ({factory!r}) has no from_model_file(); it cannot load {model.uri}")
     return from_model_file(model, storage, device=device, precision=precision)
+
+
+def _cuda_available() -> bool:
+    import torch  # lazy: this module is imported by config checks that must not pay for torch
+
+    return bool(torch.cuda.is_available())
+
+
+def onnx_part_uri(onnx_uri: str, part: str) -> str:
+    """``.../model.onnx`` -> ``.../model.<part>.onnx`` (where a multi-network family's ONNX export writes each)."""
+    stem = onnx_uri[:-5] if onnx_uri.endswith(".onnx") else onnx_uri
+    return f"{stem}.{part}.onnx"
+
+
+def onnx_export_uris(model: ModelFile) -> list[str]:
+    """The ONNX files the onnxruntime backend reads for ``model`` (one, or one per part of :data:`ONNX_PARTS`)."""
+    onnx_uri = model.onnx_uri or ONNX_FILE
+    parts = ONNX_PARTS.get(model.family)
+    return [onnx_part_uri(onnx_uri, p) for p in parts] if parts else [onnx_uri]
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """The backend replicas of one model run, and why (logged; ``auto`` choices are also in the run's metadata)."""
+
+    name: str
+    reason: str
+
+
+#: Measured on CPU (docs/PERFORMANCE.md, "Enhancement" section 1 and "Latent diffusion"): onnxruntime ran x4plus
+#: 1.02-1.22x and the ldm U-Net 1.2-1.5x (DDIM-50 1.2-1.4x) the speed of torch at the same tiles, outputs within
+#: 0.002/255 and 1e-5.
+AUTO_CPU_REASON = ("CPU replicas run the ONNX export with onnxruntime (measured on CPU: 1.02-1.22x torch on "
+                   "RealESRGAN_x4plus, 1.2-1.5x on the ldm U-Net; docs/PERFORMANCE.md)")
+
+
+def choose_backend(requested: str, model: ModelFile, storage: Storage, *, gpu: bool) -> BackendChoice:
+    """``requested`` itself unless it is ``auto``; then, from measurements on each kind of hardware:
+
+    * GPU replicas: ``torch`` (the onnxruntime installed here has no GPU provider; TensorRT is not offered yet);
+    * CPU replicas: ``onnxruntime`` when it is installed and ``model``'s ONNX export exists
+      (:func:`onnx_export_uris`), else ``torch`` (the reason says what is missing and how to make it).
+
+    Raises nothing: a missing export is a reason, not an error (``torch`` always runs).
+    """
+    if requested != AUTO_BACKEND:
+        return BackendChoice(requested, "configured")
+    if gpu:
+        return BackendChoice("torch", "auto: GPU replicas run torch (onnxruntime here runs on CPU only)")
+    try:
+        backend_factory("onnxruntime")
+    except (ImportError, ValueError):
+        return BackendChoice("torch", "auto: onnxruntime is not installed; CPU replicas run torch")
+    missing = [uri for uri in onnx_export_uris(model) if not storage.exists(uri)]
+    if missing:
+        return BackendChoice("torch", f"auto: no ONNX export at {missing[0]}, so CPU replicas run torch "
+                                      f"(`medsr export --format onnx` makes it; onnxruntime is faster on CPU)")
+    return BackendChoice("onnxruntime", f"auto: {AUTO_CPU_REASON}")
 
 
 def runnable_precision(backend: str, requested: str, *, gpu: bool) -> str:

@@ -51,10 +51,11 @@ def serve_params(model, settings, scale: float) -> dict:
     return params
 
 
-def volume_params(e, mri, model, precision: str) -> dict:
-    """The parameters that determine a volume output (its identity and provenance)."""
+def volume_params(e, mri, model, precision: str, backend: str | None = None) -> dict:
+    """The parameters that determine a volume output (its identity and provenance); ``backend``: the one chosen
+    for the volume model (default ``e.backend``)."""
     return {"kind": VOLUME_KIND, "factor": int(mri.factor), "fusion": mri.fusion, "profile": mri.profile,
-            "scale": model.scale, **_engine_params(e, e.backend, precision)}
+            "scale": model.scale, **_engine_params(e, backend or e.backend, precision)}
 
 
 def output_provenance(*, model_name: str, model_sha256: str, params_json: str, source: str, source_sha256: str,

@@ -22,6 +22,10 @@ from typing import Any
 
 from medsr_dist.models.registry import Registry
 
+#: ``enhance.backend`` / ``serve.backend: auto``: the backend is chosen per model and hardware
+#: (:func:`medsr_dist.infer.model_file.choose_backend`) before any output is keyed.
+AUTO_BACKEND = "auto"
+
 #: Precisions a backend may be asked to run (``enhance.precision`` and the like).
 PRECISIONS = ("fp32", "fp16", "bf16")
 

@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 from medsr_dist.config import MedsrConfig, ServeConfig, load_config
 from medsr_dist.config.serve import is_loopback
-from medsr_dist.infer.model_file import read_model_file
-from medsr_dist.infer.registry import backend_factory
+from medsr_dist.infer.model_file import choose_backend, read_model_file
+from medsr_dist.infer.registry import AUTO_BACKEND, backend_factory
 from medsr_dist.infer.replica import EngineSettings, resolve_precision
 from medsr_dist.infer.serve_names import model_deployment_name
 from medsr_dist.preflight import preflight
 from medsr_dist.runtime import cluster_nodes, init_ray, size_replicas
+from medsr_dist.storage import Storage
 from medsr_dist.serve.auth import build_authenticator
 from medsr_dist.serve.ingress import Ingress
 from medsr_dist.serve.model import SRModel
@@ -97,17 +99,16 @@ def build_app(cfg: MedsrConfig):
 
     s = cfg.serve
     gpus = _gpus(s)
-    backend_factory(s.backend)  # an unusable backend (runtime not installed) fails here
-    precision = resolve_precision(s.backend, s.precision, gpu=gpus > 0)
-    if precision != s.precision:
-        log.warning("serve.precision %s: replicas run %s; responses record %s", s.precision, precision, precision)
+    if s.backend != AUTO_BACKEND:
+        backend_factory(s.backend)  # an unusable backend (runtime not installed) fails here
     models = served_models(cfg)
     sizing = size_replicas(cluster_nodes(), cpus_per_replica=s.cpus_per_replica, min_replicas=1,
                            max_replicas=s.max_replicas * max(1, len(models)), section="serve")
     cpus = 0 if gpus else sizing.cpus
     log.info("serve model replicas: %s each, %d intra-op thread(s) (%s)", "GPU" if gpus else f"{cpus:g} CPU",
              sizing.threads, sizing.how)
-    settings = EngineSettings.of(s, precision=precision, outscale=None, threads=None if gpus else sizing.threads)
+    settings = EngineSettings.of(s, outscale=None, threads=None if gpus else sizing.threads)
+    storage = Storage(cfg.storage)
     limits = {"max_input_pixels": s.max_input_pixels, "max_output_pixels": s.max_output_pixels,
               "max_body_bytes": s.max_body_bytes, "max_input_bytes": s.max_input_bytes,
               "max_outscale": s.max_outscale, "probe_timeout_s": s.probe_timeout_s, "probe_workers": s.probe_workers,
@@ -119,6 +120,14 @@ def build_app(cfg: MedsrConfig):
     handles, catalogue = {}, {}
     for index, entry in enumerate(models):
         model = served_model_file(cfg, index, entry)
+        choice = choose_backend(s.backend, model, storage, gpu=gpus > 0)  # per model: its own ONNX export or none
+        if choice.reason != "configured":
+            log.info("serve.backend auto for %s: %s; %s", entry.name, choice.name, choice.reason)
+        precision = resolve_precision(choice.name, s.precision, gpu=gpus > 0)
+        if precision != s.precision:
+            log.warning("serve.precision %s: %s replicas run %s; responses record %s", s.precision, entry.name,
+                        precision, precision)
+        own = replace(settings, backend=choice.name, precision=precision)
         deployment = serve.deployment(SRModel).options(
             name=model_deployment_name(entry.name),
             max_ongoing_requests=ongoing,
@@ -130,10 +139,11 @@ def build_app(cfg: MedsrConfig):
             health_check_timeout_s=30.0,
         )
         handles[entry.name] = deployment.bind(
-            model, cfg.storage.model_dump(), {k: getattr(settings, k) for k in settings.__dataclass_fields__},
+            model, cfg.storage.model_dump(), {k: getattr(own, k) for k in own.__dataclass_fields__},
             limits, s.max_batch_size, s.batch_wait_timeout_s, s.dicom_compression, ongoing)
         catalogue[entry.name] = {"model": model.name, "model_sha256": model.sha256, "scale": model.scale,
-                                 "family": model.family, "backend": s.backend, "precision": precision,
+                                 "family": model.family, "backend": choice.name, "backend_reason": choice.reason,
+                                 "precision": precision,
                                  "sampling": model.sampling}
     default = served_models(cfg)[0].name
     # The ingress only parses and forwards (async): many requests at once are cheap there; the queue bound that
