@@ -29,10 +29,10 @@ from medsr_dist.infer.replica import EngineSettings, resolve_precision
 from medsr_dist.infer.serve_names import model_deployment_name
 from medsr_dist.preflight import preflight
 from medsr_dist.runtime import cluster_nodes, init_ray, size_replicas
-from medsr_dist.storage import Storage
 from medsr_dist.serve.auth import build_authenticator
 from medsr_dist.serve.ingress import Ingress
 from medsr_dist.serve.model import SRModel
+from medsr_dist.storage import Storage
 
 log = logging.getLogger(__name__)
 
