@@ -170,9 +170,13 @@ def test_nightly_outputs_are_bit_reproducible_outside_the_job(pipeline):
     import torch
 
     _, (first, _) = _manifests(pipeline["root"] / "enhanced")
+    # enhance.backend auto (the default) after `medsr export --format onnx` on CPU: the job ran onnxruntime
+    ran = {json.loads(r["params"])["backend"] for r in first}
+    assert ran == {"onnxruntime"}, ran
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the replica (Ray sets OMP_NUM_THREADS to its one CPU)
-    backend = DiffusionBackend.from_model_file(read_model_file(str(pipeline["ldm"] / "model.pth")), Storage())
+    backend = DiffusionBackend.from_model_file(read_model_file(str(pipeline["ldm"] / "model.pth")), Storage(),
+                                               backend="onnxruntime")
     spec = TileSpec(tile=16, overlap=4, blend=2, batch_size=4)
     backend.prepare(spec)
     for r in first:
