@@ -20,6 +20,7 @@ from medsr_dist.config import load_config
 from medsr_dist.data.synthetic import make_corrupt_files
 from medsr_dist.io.image import decode_image
 from medsr_dist.storage import Storage
+from ray_cluster import init_local_ray
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +44,7 @@ def digest_tree(root: Path) -> dict[str, str]:
 def ray_local(s3_server):  # s3_server first: Ray workers must inherit its credentials
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    init_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
