@@ -125,7 +125,7 @@ def test_bad_volumes_are_refused_before_any_slice_is_processed():
         reconstruct(thick, X4(), 2)
     with pytest.raises(ValueError, match="fusion must be one of"):
         reconstruct(thick, backend, 2, fusion="median")
-    with pytest.raises(ValueError, match="integer >= 2"):
+    with pytest.raises(ValueError, match="factor must be a number > 1"):
         reconstruct(thick, backend, 1)
     with pytest.raises(VolumeError, match="expected a 3-D volume"):
         Volume(np.zeros((4, 4, 4, 2)), np.eye(4), source="dwi.nii")
@@ -205,3 +205,39 @@ def test_a_written_reconstruction_keeps_every_input_voxel_centre_in_world_coordi
         centre = affine @ np.array([*ijk, 1.0])
         fine = [img.affine @ np.array([ijk[0], ijk[1], ijk[2] * 4 + m, 1.0]) for m in range(4)]
         np.testing.assert_allclose(np.mean(fine, axis=0), centre, atol=1e-4)  # float32 header precision
+
+
+@pytest.mark.parametrize("k", [3.3, 2.5])
+def test_a_non_integer_factor_resamples_onto_a_fine_grid_that_keeps_the_field_of_view(k):
+    """n thick voxels -> round(n k) fine ones over the same extent: the identity network gives back scipy's cubic
+    B-spline zoom to that grid, and every input voxel's extent (so its centre) is exactly the fine extent it
+    covers, in world coordinates, in the written NIfTI too."""
+    import gzip
+
+    import nibabel as nib
+
+    from medsr_dist.mri.volume import write_nifti
+
+    rng = np.random.default_rng(5)
+    affine = oblique([0.9, 1.1, 3.3])
+    n = 7
+    vol = Volume(rng.random((6, 5, n)).astype(np.float32) * 100, affine, source="thick.nii.gz", stored_dtype=np.int16)
+    plan = plan_reconstruction(vol, k)
+    n_fine = round(n * k)
+    r = n_fine / n  # fine voxels per input voxel
+    assert plan.output_shape == (6, 5, n_fine) and plan.fine_step == pytest.approx(1 / r)
+    assert plan.output_spacing[2] == pytest.approx(3.3 / r)
+    out = reconstruct(vol, IdentityBackend(), k)
+    window = plan.window
+    expect = bspline_along(window.to_unit(vol.data), 2, r) * (window.high - window.low) + window.low
+    np.testing.assert_allclose(out.data, expect, atol=1e-3)
+    img = nib.Nifti1Image.from_bytes(gzip.decompress(write_nifti(out)))
+    assert img.shape == (6, 5, n_fine)
+    np.testing.assert_allclose(img.header.get_zooms(), [0.9, 1.1, 3.3 / r], rtol=1e-6)
+    for i in range(n):
+        for face in (-0.5, 0.5):  # the input voxel's faces are the fine grid's continuous coordinates there
+            world_in = affine @ np.array([2, 3, i + face, 1.0])
+            world_out = img.affine @ np.array([2, 3, (i + 0.5 + face) * r - 0.5, 1.0])
+            np.testing.assert_allclose(world_out, world_in, atol=1e-4)
+        centroid = img.affine @ np.array([2, 3, (i + 0.5) * r - 0.5, 1.0])  # of the fine extent it covers
+        np.testing.assert_allclose(centroid, affine @ np.array([2, 3, i, 1.0]), atol=1e-4)

@@ -8,6 +8,8 @@ import pytest
 from scipy import ndimage
 
 from medsr_dist.mri.simulate import (
+    check_factor,
+    crop_to_multiple,
     degrade_axis,
     intensity_window,
     interpolate_axis,
@@ -60,6 +62,34 @@ def test_window_leaves_room_for_the_interpolators_overshoot():
     up = w.to_unit(interpolate_axis(step, 2, 4))
     assert up.min() >= 0.0 and up.max() <= 1.0
     assert up.min() < w.to_unit(np.float32(0.0))  # there is overshoot, and the window took it in
+
+
+def rng_volume(shape):
+    return np.random.default_rng(1).random(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("k", [3.3, 2.5, 4.0])
+def test_a_non_integer_factor_makes_thick_slices_of_that_spacing_and_aligned_pairs(k):
+    """3.3 mm slices over 1 mm voxels: slab n covers the fine extent [3.3 n, 3.3 (n + 1)); a box averages it
+    (edge voxels by their overlap), and the interpolation back lands on the original voxels: a linear ramp
+    comes back as itself (a 0.5-voxel misalignment would show as 0.5 x its slope)."""
+    n = 70
+    ramp = np.broadcast_to(np.arange(n, dtype=np.float32), (3, 4, n)).copy()
+    gt = crop_to_multiple(ramp, 2, k)
+    thick = degrade_axis(gt, 2, k, "box")
+    slabs = int(np.floor(n / k + 1e-9))
+    assert thick.shape == (3, 4, slabs) and gt.shape[2] == int(np.ceil(slabs * k - 1e-9))
+    centres = (np.arange(slabs) + 0.5) * k - 0.5  # the mean of a ramp over a slab is the ramp at its centre (up to
+    np.testing.assert_allclose(thick[0, 0], centres, atol=0.05)  # the voxels' piecewise-constant edges: < 1/(8k))
+    back = interpolate_axis(thick, 2, k)
+    assert back.shape == gt.shape
+    inner = slice(int(5 * k), gt.shape[2] - int(5 * k))  # away from the mirror boundary (the prefilter)
+    np.testing.assert_allclose(back[..., inner], gt[..., inner], atol=0.05)
+    pairs = list(self_supervised_pairs(rng_volume((n, n - 3, 9)), 2, k))
+    assert all(p.lq.shape == p.gt.shape for p in pairs)
+    assert check_factor(k) == k and isinstance(check_factor(4.0), int)
+    with pytest.raises(ValueError, match="factor must be a number > 1"):
+        check_factor(1.0)
 
 
 def test_the_six_pairings_of_an_isotropic_volume():

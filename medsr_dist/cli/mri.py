@@ -21,8 +21,8 @@ mri_app = typer.Typer(help="3-D MRI: isotropic reconstruction of thick-slice vol
 
 ModeOpt = typer.Option(None, "--mode", help="supervised (isotropic volumes, six pairings) or self (SMORE) "
                        "[default: mri.mode]")
-FactorOpt = typer.Option(None, "--factor", "-k", help="Slice-thickness factor k: output spacing = input spacing / k "
-                         "[default: mri.factor]")
+FactorOpt = typer.Option(None, "--factor", "-k", help="Slice-thickness factor k: output spacing = input spacing / k, "
+                         "need not be an integer [default: mri.factor]")
 ProfileOpt = typer.Option(None, "--profile", help="Slice profile of the thick slices: estimate (from the volume itself; "
                           "supervised pairs: gaussian), box or gaussian [default: mri.profile]")
 FusionOpt = typer.Option(None, "--fusion", help="Fusion of the two refined orientations: mean or fourier "
@@ -42,7 +42,7 @@ def _mri(cfg, **values) -> MriConfig:
 
 @mri_app.command("prepare")
 def prepare(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
-            mode: str = ModeOpt, factor: int = FactorOpt, profile: str = ProfileOpt,
+            mode: str = ModeOpt, factor: float = FactorOpt, profile: str = ProfileOpt,
             skip_empty: Optional[float] = typer.Option(None, "--skip-empty", help="Drop pairs with at most this "
                                                        "foreground fraction [default: mri.skip_empty]"),
             fail_on_error: bool = FailOnErrorOpt) -> None:
@@ -73,7 +73,7 @@ def reconstruct(volume: str = typer.Argument(..., help="Thick-slice .nii/.nii.gz
                 output: str = OutputOpt,
                 model: str = typer.Option(..., "--model", "-m", help="Exported scale-1 model (model.pth with meta.json)"),
                 config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
-                factor: int = FactorOpt, fusion: str = FusionOpt, profile: str = ProfileOpt) -> None:
+                factor: float = FactorOpt, fusion: str = FusionOpt, profile: str = ProfileOpt) -> None:
     """Refine every through-plane slice of VOLUME with MODEL and write the isotropic volume (+ provenance JSON)."""
     from medsr_dist.mri.job import reconstruct_volume  # lazy: stage code, not loaded by --help
     from medsr_dist.mri.volume import VolumeError  # lazy: stage code, not loaded by --help
@@ -92,7 +92,7 @@ def reconstruct(volume: str = typer.Argument(..., help="Thick-slice .nii/.nii.gz
 @mri_app.command("self-sr")
 def self_sr(volume: str = typer.Argument(..., help="Thick-slice .nii/.nii.gz, or a folder with one DICOM series"),
             output: str = OutputOpt, config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
-            factor: int = FactorOpt, fusion: str = FusionOpt, profile: str = ProfileOpt) -> None:
+            factor: float = FactorOpt, fusion: str = FusionOpt, profile: str = ProfileOpt) -> None:
     """Self-supervised SR of VOLUME alone: its in-plane slices -> pairs -> training (train.iterations) -> reconstruction."""
     from medsr_dist.pipeline.mri_self_sr import self_sr as run_self_sr  # lazy: stage code, not loaded by --help
     from medsr_dist.mri.volume import VolumeError  # lazy: stage code, not loaded by --help

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from medsr_dist.config.base import Section
 
@@ -14,7 +14,9 @@ class MriConfig(Section):
     mode: Literal["supervised", "self"] = Field(
         "supervised", description="supervised: isotropic volumes -> the six pairings; self: each anisotropic "
         "volume's own in-plane slices degraded to its through-plane resolution (SMORE)")
-    factor: int = Field(4, ge=2, le=8, description="Slice-thickness factor k (output spacing = input spacing / k)")
+    factor: float = Field(4, gt=1, le=8, description="Slice-thickness factor k (output spacing = input spacing / "
+                          "k); need not be an integer (3.3 mm slices to 1 mm: 3.3, resampled onto a fine grid that "
+                          "keeps the field of view)")
     profile: Literal["estimate", "box", "gaussian"] = Field(
         "estimate", description="Slice profile of the thick slices: estimate (from the thick volume itself, "
         "medsr_dist/mri/profile.py: generalised-Gaussian FWHM and shape fitted so the in-plane data blurred with it "
@@ -31,3 +33,9 @@ class MriConfig(Section):
                           "size (step half of it, the last one flush with the border; 0: whole slices). A single "
                           "volume has few slices: sub-images give the training stream enough rows for long runs, "
                           "and decoding one costs a fraction of a whole slice")
+
+    @field_validator("factor")
+    @classmethod
+    def _integral_factor_is_an_int(cls, v: float) -> int | float:
+        """4.0 is 4: an integral factor keeps the integer path (and the output keys and provenance it had)."""
+        return int(v) if float(v).is_integer() else float(v)

@@ -52,6 +52,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import pickle
 import posixpath
 import time
@@ -76,7 +77,7 @@ from medsr_dist.io.medical_image import ImageDecodeError
 from medsr_dist.io.phi import phi_values, sanitize_reason
 from medsr_dist.mri.job import consistency_psnr
 from medsr_dist.mri.profile import profile_from_record, resolve_profile
-from medsr_dist.mri.reconstruct import plan_reconstruction, reconstruct
+from medsr_dist.mri.reconstruct import fine_step, plan_reconstruction, reconstruct
 from medsr_dist.mri.volume import (
     VolumeError,
     _quantise,
@@ -288,8 +289,9 @@ def read_volume_item(spec, row: dict, rel: str, secrets: set[str]) -> dict:
         what = f"{' x '.join(map(str, shape))} = {voxels:,} voxels"
     if voxels > spec.max_input_pixels:
         raise VolumeError(f"{name}: {what} exceeds enhance.max_input_pixels {spec.max_input_pixels:,}; not decoded")
-    if voxels * params["factor"] > spec.max_output_pixels:
-        raise VolumeError(f"{name}: the output at x{params['factor']} would be {voxels * params['factor']:,} voxels, "
+    out_voxels = math.ceil(voxels * params["factor"])
+    if out_voxels > spec.max_output_pixels:
+        raise VolumeError(f"{name}: the output at x{params['factor']} would be {out_voxels:,} voxels, "
                           f"over enhance.max_output_pixels {spec.max_output_pixels:,}; not decoded")
     records = getattr(spec, "records", spec.output)
     record_uri = item_record_uri(records, row["item_id"])
@@ -420,7 +422,9 @@ def commit_volume(spec, item: dict, row: dict) -> dict:
             physical *= np.float32(slope)
             physical += np.float32(inter)
         source = template.with_data(np.asarray(item["pixels"])[0])
-        out = template.with_data(physical, resampled_affine(template.affine, meta["lr_axis"], 1.0 / meta["factor"]))
+        axis = meta["lr_axis"]
+        step = fine_step(meta["factor"], meta["input_shape"][axis], meta["output_shape"][axis])
+        out = template.with_data(physical, resampled_affine(template.affine, axis, step))
         provenance = output_provenance(
             model_name=meta["model_name"], model_sha256=meta["model_sha256"], params_json=params_json(meta["params"]),
             source=provenance_source(getattr(spec, "provenance_source", "item_id"), row["input_key"], row["item_id"]),

@@ -23,7 +23,7 @@ from medsr_dist.infer.model_file import build_model_backend, read_model_file
 from medsr_dist.mri.metrics import foreground_mask, psnr_3d
 from medsr_dist.mri.profile import resolve_profile
 from medsr_dist.mri.reconstruct import plan_reconstruction, reconstruct
-from medsr_dist.mri.simulate import degrade_axis
+from medsr_dist.mri.simulate import check_factor, degrade_axis
 from medsr_dist.mri.volume import Volume, read_dicom_series, read_volume, write_dicom_series, write_nifti
 from medsr_dist.storage import Storage
 
@@ -71,10 +71,14 @@ def save_volume(storage: Storage, volume: Volume, uri: str, derivation: str) -> 
     return written
 
 
-def consistency_psnr(output: Volume, source: Volume, lr_axis: int, factor: int, profile) -> float:
+def consistency_psnr(output: Volume, source: Volume, lr_axis: int, factor: float, profile) -> float:
     """PSNR (dB) of the output re-degraded along ``lr_axis`` (``profile``) against the source, in the source's
-    foreground mask, data range = the source's range."""
-    again = degrade_axis(output.data, lr_axis, factor, profile)
+    foreground mask, data range = the source's range. A non-integer ``factor`` re-degrades with the output's own
+    spacing of the thick slices (output over source voxels: the fine grid keeps the field of view)."""
+    k = check_factor(factor)
+    if isinstance(k, float):
+        k = output.shape[lr_axis] / source.shape[lr_axis]
+    again = degrade_axis(output.data, lr_axis, k, profile)
     return psnr_3d(again, source.data, foreground_mask(source.data))
 
 

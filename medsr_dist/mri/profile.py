@@ -137,16 +137,18 @@ def thick_matrix(n_fine: int, spacing: float, profile: SliceProfile) -> np.ndarr
 
 
 @functools.lru_cache(maxsize=64)
-def upsample_matrix(n_coarse: int, n_fine: int, order: int = 3) -> np.ndarray:
-    """Cubic B-spline (``order`` 3) from ``n_coarse`` voxels onto ``n_fine`` covering the same extent: fine voxel
-    ``j`` sits at coarse index ``(j + 1/2) * n_coarse / n_fine - 1/2`` (mirror boundary). ``(n_fine, n_coarse)``
-    float64, rows summing to 1; for ``n_fine = k * n_coarse`` it equals
-    :func:`medsr_dist.mri.simulate.upsample_matrix` (to 1e-6)."""
+def upsample_matrix(n_coarse: int, n_fine: int, order: int = 3, spacing: float | None = None) -> np.ndarray:
+    """Cubic B-spline (``order`` 3) from ``n_coarse`` voxels onto ``n_fine`` fine voxels: fine voxel ``j`` sits at
+    coarse index ``(j + 1/2) / spacing - 1/2`` (mirror boundary), ``spacing`` (fine voxels per coarse voxel)
+    defaulting to ``n_fine / n_coarse`` (the same extent: the field of view kept exactly). With the true slice
+    spacing instead, fine voxel ``j`` is the original grid's voxel ``j`` (training pairs of a non-integer factor:
+    interpolated and fine slices aligned exactly). ``(n_fine, n_coarse)`` float64, rows summing to 1; for
+    ``n_fine = k * n_coarse`` it equals :func:`medsr_dist.mri.simulate.upsample_matrix` (to 1e-6)."""
     from scipy import ndimage
 
     if n_coarse < 2:
         raise ValueError(f"cannot interpolate an axis of {n_coarse} voxel(s)")
-    coords = (np.arange(n_fine) + 0.5) * (n_coarse / n_fine) - 0.5
+    coords = (np.arange(n_fine) + 0.5) / (float(spacing) if spacing else n_fine / n_coarse) - 0.5
     m = np.empty((n_fine, n_coarse))
     eye = np.eye(n_coarse)
     for j in range(n_coarse):

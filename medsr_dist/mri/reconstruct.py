@@ -14,6 +14,13 @@ The output's affine comes from :func:`~medsr_dist.mri.volume.resampled_affine` w
 view; every input voxel is the centroid of the ``k`` output voxels that subdivide it); its spacing along ``a`` is
 ``spacing / k`` exactly. The source dtype and scaling are kept for writing.
 
+A **non-integer** ``k`` (e.g. 3.3 mm slices to ~1 mm) resamples onto a fine grid instead of subdividing: ``n``
+thick voxels become ``round(n * k)`` fine ones covering the same field of view (spacing ``spacing * n /
+round(n * k)``, within half a voxel over the axis of ``spacing / k``), fine voxel ``j`` interpolated at input index
+``(j + 1/2) n / round(n k) - 1/2`` (:func:`medsr_dist.mri.profile.upsample_matrix`), and the affine is
+``resampled_affine`` with factor ``n / round(n k)``: each input voxel's centre is the centroid of the fine extent
+it covers, exactly (:attr:`ReconstructionPlan.fine_step`).
+
 **Fourier burst accumulation** (Delbracio & Sapiro 2015, used for orthogonal SR stacks in SMORE/ECLARE): with
 ``F_s`` the 3-D FFT of stack ``s``, each frequency takes ``sum_s w_s F_s`` with
 ``w_s = G(|F_s|)^p / sum_t G(|F_t|)^p``, ``G`` a Gaussian smoothing of the magnitude over ``fba_sigma`` frequency
@@ -38,7 +45,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from medsr_dist.infer.engine import TileSpec, enhance_many
-from medsr_dist.mri.simulate import IntensityWindow, intensity_window, upsample_matrix
+from medsr_dist.mri.profile import fine_count
+from medsr_dist.mri.profile import upsample_matrix as spline_matrix
+from medsr_dist.mri.simulate import IntensityWindow, check_factor, intensity_window, upsample_matrix
 from medsr_dist.mri.volume import Volume, VolumeError, check_orthonormal, low_resolution_axis, resampled_affine
 
 log = logging.getLogger(__name__)
@@ -51,12 +60,17 @@ class ReconstructionPlan:
     """What :func:`reconstruct` will do to a volume, computed before any slice is touched."""
 
     lr_axis: int
-    factor: int
+    factor: int | float
     slice_axes: tuple[int, int]
     input_shape: tuple[int, int, int]
     output_shape: tuple[int, int, int]
     output_spacing: tuple[float, float, float]
     window: IntensityWindow
+
+    @property
+    def fine_step(self) -> float:
+        """Output voxel size along the low-resolution axis over the input's (:func:`fine_step`)."""
+        return fine_step(self.factor, self.input_shape[self.lr_axis], self.output_shape[self.lr_axis])
 
     @property
     def slices(self) -> int:
@@ -68,17 +82,21 @@ class ReconstructionPlan:
         return int(np.prod(self.output_shape))
 
 
-def plan_reconstruction(volume: Volume, factor: int, lr_axis: int | None = None) -> ReconstructionPlan:
+def fine_step(factor: int | float, n_in: int, n_out: int) -> float:
+    """Output voxel size along the low-resolution axis over the input's: ``1 / k`` for an integer ``k``,
+    ``n_in / n_out`` (the field of view kept) for a non-integer one (module doc)."""
+    return 1.0 / factor if isinstance(factor, int) else n_in / n_out
+
+
+def plan_reconstruction(volume: Volume, factor: float, lr_axis: int | None = None) -> ReconstructionPlan:
     """Check the volume and work out the geometry.
 
     Raises:
         VolumeError: non-orthonormal affine, no single low-resolution axis (when ``lr_axis`` is None), an axis too
             short to interpolate (< 2 voxels along ``lr_axis``).
-        ValueError: factor not an integer >= 2.
+        ValueError: factor not a number > 1.
     """
-    if int(factor) != factor or factor < 2:
-        raise ValueError(f"factor must be an integer >= 2, got {factor}")
-    factor = int(factor)
+    factor = check_factor(factor)
     check_orthonormal(volume.affine, volume.source)
     axis = low_resolution_axis(volume.spacing, volume.source) if lr_axis is None else int(lr_axis)
     if axis not in (0, 1, 2):
@@ -87,9 +105,9 @@ def plan_reconstruction(volume: Volume, factor: int, lr_axis: int | None = None)
     if n < 2:
         raise VolumeError(f"{volume.source}: {n} voxel(s) along the low-resolution axis; need at least 2")
     out_shape = list(volume.shape)
-    out_shape[axis] = n * factor
+    out_shape[axis] = n * factor if isinstance(factor, int) else fine_count(n, factor)
     spacing = volume.spacing.copy()
-    spacing[axis] /= factor
+    spacing[axis] = spacing[axis] / factor if isinstance(factor, int) else spacing[axis] * n / out_shape[axis]
     return ReconstructionPlan(
         lr_axis=axis, factor=factor, slice_axes=tuple(b for b in range(3) if b != axis),  # type: ignore[arg-type]
         input_shape=volume.shape, output_shape=tuple(out_shape), output_spacing=tuple(float(s) for s in spacing),  # type: ignore[arg-type]
@@ -100,7 +118,9 @@ def plan_reconstruction(volume: Volume, factor: int, lr_axis: int | None = None)
 def interpolated_slices(volume: Volume, plan: ReconstructionPlan, slice_axis: int) -> Iterator[np.ndarray]:
     """The slices along ``slice_axis``, in [0, 1], low-resolution axis interpolated onto the fine grid and placed
     as the rows: each (n * k, m) float32, m the remaining axis' length. Lazy: one slice at a time."""
-    matrix = upsample_matrix(plan.input_shape[plan.lr_axis], plan.factor).astype(np.float32)
+    n = plan.input_shape[plan.lr_axis]
+    matrix = (upsample_matrix(n, plan.factor) if isinstance(plan.factor, int)
+              else spline_matrix(n, plan.output_shape[plan.lr_axis])).astype(np.float32)
     others = [a for a in range(3) if a != slice_axis]
     for index in range(volume.shape[slice_axis]):
         plane = np.take(volume.data, index, axis=slice_axis)  # the two remaining axes in order
@@ -119,14 +139,15 @@ def _index(axis: int, i: int) -> tuple:
     return (slice(None),) * axis + (i,)
 
 
-def reconstruct(volume: Volume, backend, factor: int, *, tile: TileSpec = TileSpec(), fusion: str = "mean",
+def reconstruct(volume: Volume, backend, factor: float, *, tile: TileSpec = TileSpec(), fusion: str = "mean",
                 lr_axis: int | None = None, fba_power: float = 11.0, fba_sigma: float = 1.0) -> Volume:
     """Reconstruct an isotropic volume from an anisotropic one (module doc).
 
     Args:
         volume: the anisotropic input; not modified.
         backend: a scale-1 :class:`~medsr_dist.infer.backends.Backend` (refines (B, 3, h, w) -> same size).
-        factor: integer ``k >= 2``: the output spacing along the low-resolution axis is its spacing / k.
+        factor: ``k > 1``: the output spacing along the low-resolution axis is its spacing / k (a non-integer
+            ``k``: as near as a whole number of voxels over the field of view allows, module doc).
         tile: the engine's tiling and batching.
         fusion: ``"mean"`` or ``"fourier"``.
         lr_axis: override the low-resolution axis (default: the largest spacing).
@@ -144,7 +165,7 @@ def reconstruct(volume: Volume, backend, factor: int, *, tile: TileSpec = TileSp
     if fusion not in FUSIONS:
         raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
     plan = plan_reconstruction(volume, factor, lr_axis)
-    log.info("reconstruct %s: %s -> %s, low-resolution axis %d, x%d, %s fusion", volume.source, plan.input_shape,
+    log.info("reconstruct %s: %s -> %s, low-resolution axis %d, x%s, %s fusion", volume.source, plan.input_shape,
              plan.output_shape, plan.lr_axis, plan.factor, fusion)
     if fusion == "mean":
         fused = np.zeros(plan.output_shape, dtype=np.float32)
@@ -163,7 +184,7 @@ def reconstruct(volume: Volume, backend, factor: int, *, tile: TileSpec = TileSp
         del spectra
     fused *= np.float32(plan.window.high - plan.window.low)  # back to physical values, in place (no second V)
     fused += np.float32(plan.window.low)
-    out = volume.with_data(fused, resampled_affine(volume.affine, plan.lr_axis, 1.0 / plan.factor))
+    out = volume.with_data(fused, resampled_affine(volume.affine, plan.lr_axis, plan.fine_step))
     out.facts.update(lr_axis=plan.lr_axis, factor=plan.factor, fusion=fusion)
     return out
 

@@ -8,6 +8,13 @@ at the borders; real RF slice profiles are bell-shaped and overlap their neighbo
 geometry of :func:`medsr_dist.mri.volume.resampled_affine`. A fine axis not divisible by ``k`` loses its last
 ``n mod k`` voxels (:func:`crop_to_multiple`).
 
+**Non-integer factors** (a 3.3 mm slice spacing over 1 mm in-plane voxels: ``k = 3.3``): slab ``n`` covers the
+fine extent ``[n k, (n + 1) k)`` and a named profile is the :class:`~medsr_dist.mri.profile.SliceProfile` of FWHM
+``k`` there (:func:`medsr_dist.mri.profile.thick_matrix`: a box gives its edge voxels their fractional overlap);
+the fine axis keeps the ``ceil(floor(n / k) * k)`` voxels the slabs touch, and the interpolation back puts fine voxel ``j`` at coarse
+index ``(j + 1/2) / k - 1/2``, so interpolated and fine slices of a pair are aligned exactly. An integer factor
+(``4`` or ``4.0``) takes the integer path above, unchanged.
+
 **Through-plane formulation.** A through-plane slice is low-resolution along ONE axis only, so a 2-D x``k``
 network (both axes) is wrong for it. We interpolate the low-resolution axis back onto the fine grid with a cubic
 B-spline (scipy.ndimage order 3, :func:`interpolate_axis`) and train a *scale-1 refinement* network on
@@ -32,22 +39,47 @@ back the interpolation exactly).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from medsr_dist.mri.profile import SliceProfile, thick_matrix
+from medsr_dist.mri.profile import SliceProfile, fine_count, thick_matrix
+from medsr_dist.mri.profile import upsample_matrix as spline_matrix
 from medsr_dist.mri.volume import VolumeError, resampled_affine
 
 PROFILES = ("box", "gaussian")  # named profiles; a SliceProfile object is any other (estimated) one
 FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 
 
-def _check_factor(k: int) -> int:
-    if int(k) != k or k < 2:
-        raise ValueError(f"factor must be an integer >= 2, got {k}")
-    return int(k)
+def check_factor(k: float) -> int | float:
+    """``k`` as an ``int`` when it is integral (the integer path), else a ``float`` (module doc).
+
+    Raises:
+        ValueError: not a finite number > 1.
+    """
+    try:
+        value = float(k)
+    except (TypeError, ValueError):
+        raise ValueError(f"factor must be a number > 1 (the thick spacing in fine voxels), got {k!r}") from None
+    if not (math.isfinite(value) and value > 1.0):
+        raise ValueError(f"factor must be a number > 1 (the thick spacing in fine voxels), got {k}")
+    return int(value) if value.is_integer() else value
+
+
+def fine_length(n: int, k: float) -> int:
+    """Fine voxels of an axis of ``n`` that whole thick slices of ``k`` touch: ``n // k * k`` for an integer
+    ``k``, ``ceil(floor(n / k) * k)`` otherwise (the last slab ends inside that voxel)."""
+    k = check_factor(k)
+    if isinstance(k, int):
+        return n // k * k
+    return _touched(int(math.floor(n / k + 1e-9)), k)
+
+
+def _touched(n_coarse: int, k: float) -> int:
+    return int(math.ceil(n_coarse * k - 1e-9))
+
 
 
 @functools.lru_cache(maxsize=64)
@@ -58,12 +90,15 @@ def slice_profile_matrix(n_fine: int, k: int, profile: str | SliceProfile = "box
     Gaussian of FWHM ``k`` voxels truncated at 3 sigma, renormalised where it meets the border; a
     :class:`~medsr_dist.mri.profile.SliceProfile` (any width and shape, e.g. an estimate; a width other than ``k``
     is a gap or an overlap) = :func:`~medsr_dist.mri.profile.thick_matrix` with slice spacing ``k``.
+    A non-integer ``k`` is always :func:`~medsr_dist.mri.profile.thick_matrix` (a named profile of FWHM ``k``).
     """
-    k = _check_factor(k)
+    k = check_factor(k)
     if isinstance(profile, SliceProfile):
         return thick_matrix(n_fine, float(k), profile)
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
+    if isinstance(k, float):
+        return thick_matrix(n_fine, k, SliceProfile.named(profile, k))
     n_coarse = n_fine // k
     if n_coarse < 1:
         raise ValueError(f"an axis of {n_fine} voxels is shorter than the factor {k}")
@@ -87,13 +122,17 @@ def upsample_matrix(n_coarse: int, k: int, order: int = 3) -> np.ndarray:
 
     Column ``j`` is ``scipy.ndimage.zoom`` of the unit vector ``e_j`` (spline ``order`` 3 = cubic B-spline, 1 =
     linear; ``grid_mode=True`` so coarse voxel ``j`` is the centroid of fine voxels ``j*k .. j*k+k-1``;
-    mirror-symmetric boundary). zoom is linear, so ``M @ x`` equals ``zoom(x)`` up to rounding.
+    mirror-symmetric boundary). zoom is linear, so ``M @ x`` equals ``zoom(x)`` up to rounding. A non-integer
+    ``k``: (``ceil(n_coarse * k)``, n_coarse), fine voxel ``j`` at coarse index ``(j + 1/2) / k - 1/2``
+    (:func:`medsr_dist.mri.profile.upsample_matrix` with the slice spacing).
     """
     from scipy import ndimage
 
-    k = _check_factor(k)
+    k = check_factor(k)
     if n_coarse < 2:
         raise ValueError(f"cannot interpolate an axis of {n_coarse} voxel(s)")
+    if isinstance(k, float):
+        return spline_matrix(n_coarse, _touched(n_coarse, k), order, spacing=k)
     m = np.empty((n_coarse * k, n_coarse))
     eye = np.eye(n_coarse)
     for j in range(n_coarse):
@@ -107,9 +146,9 @@ def apply_along_axis(matrix: np.ndarray, data: np.ndarray, axis: int) -> np.ndar
     return np.moveaxis(out, 0, axis)
 
 
-def crop_to_multiple(data: np.ndarray, axis: int, k: int) -> np.ndarray:
-    """``data`` without the last ``n mod k`` voxels along ``axis`` (a view)."""
-    n = data.shape[axis] // k * k
+def crop_to_multiple(data: np.ndarray, axis: int, k: float) -> np.ndarray:
+    """``data`` without the last ``n mod k`` voxels along ``axis`` (a view; :func:`fine_length`)."""
+    n = fine_length(data.shape[axis], k)
     return data[(slice(None),) * axis + (slice(0, n),)]
 
 
@@ -123,11 +162,16 @@ def interpolate_axis(data: np.ndarray, axis: int, k: int, order: int = 3) -> np.
     return apply_along_axis(upsample_matrix(data.shape[axis], k, order), data, axis)
 
 
-def overshoot(k: int, n_coarse: int, order: int = 3) -> float:
+def overshoot(k: float, n_coarse: int, order: int = 3) -> float:
     """The interpolator's worst-case overshoot as a fraction of the input range: ``(L - 1) / 2`` with ``L`` its
-    largest absolute row sum (rows sum to 1, so the positive weights sum to ``(L + 1) / 2``)."""
-    m = upsample_matrix(n_coarse, k, order)
-    return float((np.abs(m).sum(axis=1).max() - 1.0) / 2.0)
+    largest absolute row sum (rows sum to 1, so the positive weights sum to ``(L + 1) / 2``). A non-integer ``k``:
+    the larger of the pairs' grid (:func:`upsample_matrix`) and reconstruction's (the field of view kept,
+    :func:`medsr_dist.mri.profile.fine_count` voxels), so every stage maps intensities alike."""
+    k = check_factor(k)
+    mats = [upsample_matrix(n_coarse, k, order)]
+    if isinstance(k, float):
+        mats.append(spline_matrix(n_coarse, fine_count(n_coarse, k), order))
+    return float(max((np.abs(m).sum(axis=1).max() - 1.0) / 2.0 for m in mats))
 
 
 @dataclass(frozen=True)
