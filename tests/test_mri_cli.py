@@ -141,3 +141,24 @@ def test_bad_volumes_fail_before_ray_with_a_clear_message(tmp_path):
     res = runner.invoke(app, ["mri", "reconstruct", str(series), "-o", str(tmp_path / "x"), "-m", "nope.pth"])
     assert res.exit_code == 1 and "1 missing slice(s) between IM001.dcm and IM003.dcm" in said(res)
     assert "SAMPLE^" not in said(res) and "MRI00001" not in said(res)
+
+
+def test_reconstruct_takes_a_non_integer_factor_and_records_it(tmp_path):
+    """No Ray: `medsr mri reconstruct --factor 3.3` (3.3 mm slices to ~1 mm) on 6 slices: round(6 x 3.3) = 20 fine
+    slices over the same field of view, the factor and the grid in the provenance beside the output."""
+    from conftest import write_tiny_model
+
+    thick = tmp_path / "thick.nii.gz"
+    nib.save(nib.Nifti1Image(thick_head(), np.diag([1.0, 1.0, 3.3, 1.0])), str(thick))
+    (tmp_path / "m").mkdir()
+    write_tiny_model(lambda n, d: (tmp_path / "m" / n).write_bytes(d), scale=1, generator="MSRResNet")
+    out = tmp_path / "iso.nii.gz"
+    res = CliRunner().invoke(app, ["mri", "reconstruct", str(thick), "-o", str(out), "-m", str(tmp_path / "m/model.pth"),
+                                   "--factor", "3.3", "--profile", "box", "enhance.batch_size=4"])
+    assert res.exit_code == 0, said(res)
+    img = nib.load(str(out))
+    assert img.shape == (24, 20, 20)
+    np.testing.assert_allclose(img.header.get_zooms(), [1.0, 1.0, 3.3 * 6 / 20], rtol=1e-6)
+    provenance = json.loads((tmp_path / "iso.nii.gz.provenance.json").read_text())
+    assert provenance["factor"] == 3.3 and provenance["output_shape"] == [24, 20, 20]
+    assert np.isfinite(provenance["consistency_psnr_db"])

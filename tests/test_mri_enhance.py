@@ -186,6 +186,27 @@ def test_volume_items_without_a_scale_1_model_are_error_rows_saying_so(archive, 
         rows["t1_thick.nii.gz"]["error"]
 
 
+def test_a_non_integer_factor_in_the_nightly_job_keeps_the_field_of_view_with_the_exact_affine(archive, ray_local,
+                                                                                                tmp_path):
+    """mri.factor 3.3 on 6 slices of 8 mm: round(6 x 3.3) = 20 fine slices of 8 x 6 / 20 = 2.4 mm over the same
+    extent; the written affine is the source's resampled by 6 / 20, the params and provenance say 3.3."""
+    from medsr_dist.enhance.job import run_enhance_job
+
+    cfg = job_config(archive, f"enhance.output={tmp_path / 'out'}", "mri.factor=3.3",
+                     'enhance.include=["mri/t1_thick.nii.gz"]')
+    (row,) = run_enhance_job(cfg).rows
+    assert row["status"] == "done", row["error"]
+    src = nib.Nifti1Image.from_bytes(gzip.decompress((archive / "in/mri/t1_thick.nii.gz").read_bytes()))
+    out = nib.Nifti1Image.from_bytes(gzip.decompress(Path(row["output_key"]).read_bytes()))
+    assert out.shape == (33, 41, 20) and json.loads(row["params"])["factor"] == 3.3
+    np.testing.assert_allclose(out.affine, resampled_affine(src.affine, 2, 6 / 20), atol=1e-4)
+    np.testing.assert_allclose(out.header.get_zooms(), [2.0, 2.0, 2.4], rtol=1e-6)
+    first, last = src.affine @ [0, 0, -0.5, 1], src.affine @ [0, 0, 5.5, 1]  # the field of view's two faces
+    np.testing.assert_allclose(out.affine @ [0, 0, -0.5, 1], first, atol=1e-4)
+    np.testing.assert_allclose(out.affine @ [0, 0, 19.5, 1], last, atol=1e-4)
+    assert np.isfinite(row["consistency_psnr_db"])
+
+
 def test_eval_preset_mri_aniso_x4_on_ray(archive, ray_local, tmp_path):
     from medsr_dist.eval.evaluate import plan_evaluation, run_evaluation
 

@@ -54,7 +54,7 @@ def serve_params(model, settings, scale: float) -> dict:
 def volume_params(e, mri, model, precision: str, backend: str | None = None) -> dict:
     """The parameters that determine a volume output (its identity and provenance); ``backend``: the one chosen
     for the volume model (default ``e.backend``)."""
-    return {"kind": VOLUME_KIND, "factor": int(mri.factor), "fusion": mri.fusion, "profile": mri.profile,
+    return {"kind": VOLUME_KIND, "factor": mri.factor, "fusion": mri.fusion, "profile": mri.profile,
             "scale": model.scale, **_engine_params(e, backend or e.backend, precision)}
 
 
