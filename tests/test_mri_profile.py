@@ -13,6 +13,7 @@ from medsr_dist.mri.profile import (
     BOX_SHAPE,
     SliceProfile,
     degrade,
+    TIE,
     estimate_profile,
     fine_count,
     interpolate,
@@ -103,22 +104,48 @@ TRUE_PROFILES = {"box": SliceProfile(4.0, BOX_SHAPE), "gaussian": SliceProfile(4
                  "gap-box": SliceProfile(3.0, BOX_SHAPE)}
 
 
-@pytest.mark.parametrize("name, spacing", [("box", 4.0), ("gaussian", 4.0), ("flattened", 4.0), ("box-3.3", 3.3),
-                                           ("gap-box", 4.0)])
-def test_the_estimated_width_of_a_thick_mni152_is_close_to_the_true_one(mni, name, spacing):
+@pytest.mark.parametrize("name, spacing, header", [("box", 4.0, None), ("gaussian", 4.0, None), ("flattened", 4.0, None),
+                                                   ("box-3.3", 3.3, None), ("gap-box", 4.0, 3.0)])
+def test_the_estimated_width_of_a_thick_mni152_is_close_to_the_true_one(mni, name, spacing, header):
     """MNI152 T1 made thick along its axial normal: a box, a Gaussian and a flattened Gaussian (shape 4) of FWHM 4 mm
-    every 4 mm, a box of 3.3 mm every 3.3 mm (a non-integer factor) and a box of 3 mm every 4 mm (a gap); the
-    estimate from the thick volume alone. Measured: -7.1 %, +7.5 %, +10.6 %, -2.0 %, +9.3 % (the issue's goal is
-    10 %; the flattened one misses it by a hair and is asserted at 12 %). Not asserted, because it fails: a
-    Gaussian of 3 mm every 4 mm is estimated +43 % wide (docs/RESULTS.md)."""
+    every 4 mm, a box of 3.3 mm every 3.3 mm (a non-integer factor) and a box of 3 mm every 4 mm (a gap, the
+    header's SliceThickness saying 3 mm); the estimate from the thick volume alone (the header's thickness, or the
+    spacing, only breaks ties between shapes). Measured at seed 0: -2.5 %, +6.1 %, +1.8 %, -2.0 %, +6.5 %; over
+    five choices of planes the worst are 2.7, 10.0, 6.4, 4.1 and 9.1 % (docs/RESULTS.md). Not asserted, because
+    it misses 10 %: a Gaussian of 3 mm every 4 mm (+11 .. +17 % with the header, +43 % before ties were broken)."""
     true = TRUE_PROFILES[name]
     thick = degrade(mni, 2, spacing, true)
-    est = estimate_profile(thick, 2, spacing)
-    assert abs(est.profile.fwhm / true.fwhm - 1) <= (0.10 if name != "flattened" else 0.12), est
-    assert est.residual <= min(est.gaussian_residual, est.box_residual)
+    est = estimate_profile(thick, 2, spacing, thickness=header)
+    assert abs(est.profile.fwhm / true.fwhm - 1) <= 0.10, est
+    assert est.best_residual <= est.residual <= est.best_residual * (1 + TIE)
+    assert est.best_residual <= min(est.gaussian_residual, est.box_residual)
     record = est.provenance(1.0)
     assert record["fwhm_mm"] == pytest.approx(est.profile.fwhm, abs=1e-3) and record["family"] == est.profile.family
     assert profile_from_record(record).fwhm == pytest.approx(est.profile.fwhm, abs=1e-3)
+    assert record["prior_fwhm_voxels"] == (header or spacing) and est.profile.family in record["tied_families"]
+    low, high = record["tied_fwhm_range"]
+    assert low <= record["fwhm_mm"] <= high
+
+
+def test_a_tie_between_shapes_goes_to_the_prior_width_and_the_prior_chooses_only_among_ties(mni):
+    """The box of 3 mm every 4 mm: told the header's 3 mm the estimate is near 3 mm; without a header the prior is
+    the 4 mm spacing and the tie goes to the wider fit (+30 %: why the header's thickness is used). Whatever the
+    prior, the estimate is one of the same tied fits (a wrong prior of 8 mm takes the widest of them, no wider)."""
+    thick = degrade(mni, 2, 4.0, SliceProfile(3.0, BOX_SHAPE))
+    told = estimate_profile(thick, 2, 4.0, thickness=3.0)
+    untold = estimate_profile(thick, 2, 4.0)
+    wrong = estimate_profile(thick, 2, 4.0, thickness=8.0)
+    assert abs(told.profile.fwhm / 3.0 - 1) <= 0.10 and untold.profile.fwhm > told.profile.fwhm
+    assert told.tied == untold.tied == wrong.tied and told.profile in told.tied
+    assert wrong.profile.fwhm == max(p.fwhm for p in told.tied)
+
+
+def test_in_plane_axes_of_different_lengths_are_estimated_on_one_common_square(mni):
+    """Thick along the first voxel axis: the two in-plane axes give 58 and 47 coarse samples (an earlier version
+    failed there with numpy's 'inhomogeneous shape' and fell back to the Gaussian)."""
+    thick = degrade(mni, 0, 4.0, SliceProfile(4.0, 2.0))
+    est = estimate_profile(thick, 0, 4.0)
+    assert abs(est.profile.fwhm / 4.0 - 1) <= 0.25, est
 
 
 def test_the_eval_preset_in_profile_unknown_mode_scores_consistency_with_the_estimate(mni):
@@ -184,4 +211,4 @@ def test_self_mode_pairs_use_and_record_the_estimated_profile(mni):
     rows = volume_pairs(write_nifti(thick), "t.nii.gz", "g", "train", MriConfig(mode="self", factor=4, skip_empty=0.3))
     record = json.loads(rows[0]["meta"])["slice_profile"]
     assert record["method"].startswith("estimate") and abs(record["fwhm_mm"] / 4.0 - 1) < 0.25
-    assert record["residual_log10"] <= record["box_residual_log10"]
+    assert record["best_residual_log10"] <= record["box_residual_log10"]
