@@ -95,7 +95,8 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=520)
     ap.add_argument("--patch", type=int, default=48)
     ap.add_argument("--spacing", type=float, default=4.0, help="slice spacing in 1 mm voxels (non-integer allowed)")
-    ap.add_argument("--thickness", type=float, default=None, help="slice thickness (FWHM) [default: the spacing]")
+    ap.add_argument("--thickness", type=float, default=None, help="slice thickness (FWHM) [default: the spacing]; "
+                    "given, the estimate is told it as a DICOM header's SliceThickness (the prior that breaks ties)")
     ap.add_argument("--profiles", default="box,gaussian,flattened")
     ap.add_argument("--only", choices=["told_true", "estimated"], default=None, help="run one of the two trainings")
     ap.add_argument("--small", action="store_true", help="the earlier miniature network (4 blocks, batch 8, no EMA)")
@@ -114,7 +115,7 @@ def main() -> None:
         true = SliceProfile(fwhm, SHAPES[name])
         thick = degrade(ref, 2, float(k), true)
         t0 = time.process_time()
-        est = estimate_profile(thick, 2, float(k))
+        est = estimate_profile(thick, 2, float(k), thickness=args.thickness)  # --thickness: as a header's SliceThickness
         t_est = time.process_time() - t0
         bspline = psnr_3d(interpolation_baseline(thick, 2, k, "bspline"), ref, mask)
         row = {"profile": name, "spacing": k, "thickness": fwhm, "shape": list(thick.shape),
