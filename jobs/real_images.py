@@ -11,7 +11,9 @@ Sources (every one ships in a package of the test extra or the runtime, nothing 
 - ``fundus``: skimage's retina photograph (1411 x 1411 RGB), and its microaneurysms crop (102 x 102 gray);
 - ``mr-template``: axial and coronal slices of nilearn's MNI152 T1 template;
 - ``mr-volume``: axial and coronal slices of dipy's aniso_vox.nii.gz (a real T1 acquisition);
-- ``ct`` / ``mr-dicom``: pydicom's CT and MR test files (CT_small, MR_small, ...).
+- ``ct`` / ``mr-dicom``: pydicom's CT and MR test files (CT_small, MR_small, ...);
+- ``us``: pydicom's ultrasound test file stored losslessly (examples_jpeg2k.dcm: 640 x 480, a lymph node with its
+  burnt-in annotations; the other US files are lossy JPEG or a mostly empty palette sector).
 
 Cross-modality split (``--train`` / ``--test``, default: train on fundus + mr-template, test on ct + mr-volume +
 mr-dicom): the fine-tune never sees a test modality. Training images are ``--crop``-px crops of the train sources
@@ -37,7 +39,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the working dir holds medsr_dist/
 
-SOURCES = ("fundus", "mr-template", "mr-volume", "ct", "mr-dicom")
+SOURCES = ("fundus", "mr-template", "mr-volume", "ct", "mr-dicom", "us")
 
 
 def _unit(image: np.ndarray) -> np.ndarray:
@@ -78,12 +80,13 @@ def source_images(name: str, spread: int = 1) -> list[np.ndarray]:
     import pydicom
     from pydicom.data import get_testdata_file
 
-    files = {"ct": ["CT_small.dcm"], "mr-dicom": ["MR_small.dcm", "MR_small_RLE.dcm"]}[name]
+    files = {"ct": ["CT_small.dcm"], "mr-dicom": ["MR_small.dcm", "MR_small_RLE.dcm"],
+             "us": ["examples_jpeg2k.dcm"]}[name]
     out = []
     for f in files:
         path = get_testdata_file(f)
         if path:
-            out.append(_unit(pydicom.dcmread(path).pixel_array))
+            out.append(_unit(pydicom.dcmread(path).pixel_array))  # pydicom converts YBR_RCT to RGB
     return out
 
 
