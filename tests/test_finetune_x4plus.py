@@ -195,3 +195,30 @@ def test_the_recipe_starts_from_x4plus_and_its_gan_stage_from_the_best_psnr_expo
     assert gan.train.dataset == psnr.train.dataset and psnr.prepare.split.val > 0
     assert psnr.degradation.bicubic.kernel == "matlab" and gan.model.degradation == "bicubic"  # BI, as eval bicubic-x4
     assert guard_enabled(psnr) and guard_enabled(gan) and psnr.train.export_best
+
+
+def test_a_uniform_validation_crop_is_not_scored_and_is_not_a_collapse():
+    """A real fine-tune (an ultrasound among the training sources) was stopped at iteration 200 as 'outputs are not
+    finite (infinite val_psnr_bicubic)': a val crop of the black background, which bicubic reproduces exactly.
+    Uniform ground truths are left out of the PSNR/SSIM means; a model close to bicubic does not collapse."""
+    import torch.nn.functional as F
+
+    from medsr_dist.train.guard import collapse_reasons
+    from medsr_dist.train.loop import validate
+
+    class Bicubic(torch.nn.Module):
+        def forward(self, x):
+            return F.interpolate(x, scale_factor=4, mode="bicubic", align_corners=False) + 0.01
+
+    rng = np.random.default_rng(0)
+    gt = np.clip(rng.random((3, 32, 32)).astype(np.float32), 0, 1)
+    gt = torch.nn.functional.avg_pool2d(torch.from_numpy(gt)[None], 3, 1, 1)[0].numpy()  # some texture
+    black = np.zeros((3, 32, 32), np.float32)
+    pairs = [{"gt": g, "lq": torch.nn.functional.avg_pool2d(torch.from_numpy(g)[None], 4)[0].numpy()}
+             for g in (gt, black)]
+    metrics = validate(Bicubic(), pairs, torch.device("cpu"), 4)
+    alone = validate(Bicubic(), pairs[:1], torch.device("cpu"), 4)
+    assert all(np.isfinite(v) for v in metrics.values()), metrics
+    assert metrics["val_psnr"] == alone["val_psnr"] and metrics["val_psnr_bicubic"] == alone["val_psnr_bicubic"]
+    cfg = load_config(None, ["model.pretrained_g=x.pth"])
+    assert collapse_reasons(metrics, cfg) == []

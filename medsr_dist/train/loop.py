@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -102,11 +103,20 @@ def _to_device_batch(batch: dict, device: torch.device) -> dict[str, torch.Tenso
             for k, v in batch.items()}
 
 
+#: dB an exact output scores in validation (PSNR is infinite there): a finite mean the guard and best export can use
+PSNR_CAP = 100.0
+
+
 @torch.no_grad()
 def validate(net: nn.Module, pairs: list[dict], device: torch.device, scale: int) -> dict[str, float]:
     """Mean PSNR/SSIM (RGB, crop border = scale) of ``net`` (a family's inference module) on fixed pairs; also of
     bicubic, for reference; and what the collapse guard watches (:mod:`medsr_dist.train.guard`): the outputs' and
-    ground truths' mean standard deviation, the outputs' mean consistency score. NaN outputs give NaN metrics."""
+    ground truths' mean standard deviation, the outputs' mean consistency score. NaN outputs give NaN metrics.
+
+    A pair whose ground truth is uniform inside the crop border (e.g. a crop of an ultrasound's black background)
+    has no detail to score and is left out of the PSNR/SSIM means: bicubic reproduces it exactly, and its infinite
+    PSNR made the mean infinite, which the guard read as a collapse (a real fine-tune was stopped so). An exact
+    output elsewhere (a scale-1 identity) scores :data:`PSNR_CAP` dB, as the consistency score does."""
     was_training = net.training
     net.eval()
     psnrs, ssims, psnrs_bic, stds, gt_stds, consistency = [], [], [], [], [], []
@@ -115,18 +125,24 @@ def validate(net: nn.Module, pairs: list[dict], device: torch.device, scale: int
         raw = net(lq).float()[0].permute(1, 2, 0).cpu().numpy()
         out = np.clip(raw, 0, 1)  # NaN stays NaN (torch's clamp too), so a diverged net is seen as one
         gt = pair["gt"].transpose(1, 2, 0)
-        bic = np.clip(bicubic_upscale(pair["lq"].transpose(1, 2, 0), scale), 0, 1)
         finite = bool(np.isfinite(out).all())
-        psnrs.append(psnr(out, gt, crop_border=scale) if finite else np.nan)
-        ssims.append(ssim(out, gt, crop_border=scale) if finite else np.nan)
-        psnrs_bic.append(psnr(bic, gt, crop_border=scale))
+        inner = gt[scale:-scale, scale:-scale] if scale and min(gt.shape[:2]) > 2 * scale else gt
+        if float(np.ptp(inner)) > 0:  # uniform ground truth: nothing to score (docstring)
+            bic = np.clip(bicubic_upscale(pair["lq"].transpose(1, 2, 0), scale), 0, 1)
+            psnrs.append(psnr(out, gt, crop_border=scale) if finite else np.nan)
+            ssims.append(ssim(out, gt, crop_border=scale) if finite else np.nan)
+            psnrs_bic.append(psnr(bic, gt, crop_border=scale))
         stds.append(float(out.std()))
         gt_stds.append(float(gt.std()))
         consistency.append(consistency_psnr(out, pair["lq"].transpose(1, 2, 0)) if finite else np.nan)
     net.train(was_training)
-    return {"val_psnr": float(np.mean(psnrs)), "val_ssim": float(np.mean(ssims)), "val_psnr_bicubic": float(np.mean(psnrs_bic)),
-            "val_output_std": float(np.mean(stds)), "val_gt_std": float(np.mean(gt_stds)),
-            "val_consistency_db": float(np.mean(np.minimum(consistency, 100.0)))}  # identical: inf -> 100 dB
+
+    def capped_mean(values: list[float]) -> float:  # NaN stays NaN; no scorable pair: NaN
+        return float(np.mean(np.minimum(values, PSNR_CAP))) if values else math.nan
+
+    return {"val_psnr": capped_mean(psnrs), "val_ssim": float(np.mean(ssims)) if ssims else math.nan,
+            "val_psnr_bicubic": capped_mean(psnrs_bic), "val_output_std": float(np.mean(stds)),
+            "val_gt_std": float(np.mean(gt_stds)), "val_consistency_db": capped_mean(consistency)}
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
