@@ -95,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "model-throughput comparison, so that agreement is measured on real weights")
     p.add_argument("--incremental", type=int, default=0, help="files of the incremental-night benchmark (0: skip)")
     p.add_argument("--incremental-size", type=int, default=32, help="side of those files")
+    p.add_argument("--set", dest="job_set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for the end-to-end job and evaluation (repeatable), e.g. "
+                        "enhance.max_replicas=2 to compare a sizing with the default")
     p.add_argument("--json", type=str, default=None, help="also write the figures here")
     return p.parse_args(argv)
 
@@ -323,7 +326,7 @@ def end_to_end(args, net) -> dict:
             f"run.root={tmp}", f"enhance.input={archive}", f"enhance.output={out}",
             f"enhance.checkpoint={model_path}", f"enhance.tile={args.engine_tile}", f"enhance.tile_overlap={args.engine_overlap}",
             f"enhance.tile_blend={args.blend}", f"enhance.images_per_batch={args.images_per_batch}", "ray.progress=false",
-        ] + ([f"enhance.batch_size={args.batch_size}"] if args.batch_size else [])
+        ] + ([f"enhance.batch_size={args.batch_size}"] if args.batch_size else []) + list(args.job_set)
         # the replicas' sizing is enhance's default (auto: from the cluster) on a local Ray of this machine's cores
         cfg = load_config(None, overrides)
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
@@ -398,7 +401,7 @@ def eval_end_to_end(args, net) -> dict:
         f"run.root={tmp}", f"eval.dataset={tmp / 'holdout'}", "eval.split=null", "eval.params.source_size=null",
         f"eval.models=[{{name: bicubic, source: bicubic, baseline: true}}, {{name: x4, source: {model_path}}}]",
         "eval.figures=0", "eval.lpips.enabled=false", "eval.bootstrap.samples=200", f"eval.tile={args.engine_tile}",
-        f"eval.tile_overlap={args.engine_overlap}", "ray.progress=false"])
+        f"eval.tile_overlap={args.engine_overlap}", "ray.progress=false"] + list(args.job_set))
     model_s, eval_s, sizing = math.inf, math.inf, ""
     for r in range(args.rounds):
         model_s = min(model_s, timed(lambda: list(enhance_many(backend, lrs, spec)))[0])

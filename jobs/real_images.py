@@ -13,7 +13,10 @@ Sources (every one ships in a package of the test extra or the runtime, nothing 
 - ``mr-volume``: axial and coronal slices of dipy's aniso_vox.nii.gz (a real T1 acquisition);
 - ``ct`` / ``mr-dicom``: pydicom's CT and MR test files (CT_small, MR_small, ...);
 - ``us``: pydicom's ultrasound test file stored losslessly (examples_jpeg2k.dcm: 640 x 480, a lymph node with its
-  burnt-in annotations; the other US files are lossy JPEG or a mostly empty palette sector).
+  burnt-in annotations; the other US files are lossy JPEG or a mostly empty palette sector);
+- ``ct-head``: pydicom's J2K_pixelrep_mismatch.dcm, an axial head CT of 512 x 512 (13 bits, JPEG 2000 lossless);
+- ``mr-abdomen``: pydicom's examples_overlay.dcm, an axial abdominal MR of 300 x 484 (12 bits, uncompressed; its
+  overlay plane is not burnt into the pixels).
 
 Cross-modality split (``--train`` / ``--test``, default: train on fundus + mr-template, test on ct + mr-volume +
 mr-dicom): the fine-tune never sees a test modality. Training images are ``--crop``-px crops of the train sources
@@ -39,7 +42,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the working dir holds medsr_dist/
 
-SOURCES = ("fundus", "mr-template", "mr-volume", "ct", "mr-dicom", "us")
+SOURCES = ("fundus", "mr-template", "mr-volume", "ct", "mr-dicom", "us", "ct-head", "mr-abdomen")
 
 
 def _unit(image: np.ndarray) -> np.ndarray:
@@ -81,7 +84,8 @@ def source_images(name: str, spread: int = 1) -> list[np.ndarray]:
     from pydicom.data import get_testdata_file
 
     files = {"ct": ["CT_small.dcm"], "mr-dicom": ["MR_small.dcm", "MR_small_RLE.dcm"],
-             "us": ["examples_jpeg2k.dcm"]}[name]
+             "us": ["examples_jpeg2k.dcm"], "ct-head": ["J2K_pixelrep_mismatch.dcm"],
+             "mr-abdomen": ["examples_overlay.dcm"]}[name]
     out = []
     for f in files:
         path = get_testdata_file(f)

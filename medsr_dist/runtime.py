@@ -45,9 +45,11 @@ def cluster_has_gpus() -> bool:
 STAGE_RESERVE_CPUS = 0.5
 #: CPU of each decode/encode task of a job whose replicas are sized from the cluster.
 STAGE_TASK_CPUS = 0.25
-#: Most intra-op threads one auto-sized CPU replica gets: RRDBNet convolutions scale well to ~8 threads; a larger
-#: node gets several replicas rather than one replica whose threads wait on each other.
-MAX_THREADS_PER_REPLICA = 8
+#: Memory an auto-sized CPU replica is assumed to need: the measured peak RSS of an x4plus replica enhancing a
+#: 2048x2048 16-bit image at x4 with tile 256 (2.84 GiB, docs/PERFORMANCE.md section 3), rounded up. A node whose
+#: memory (Ray's ``memory`` resource) holds fewer such replicas than it has CPUs gets fewer replicas with more
+#: threads each.
+REPLICA_MEMORY_BYTES = 3 * 1024 ** 3
 
 
 @dataclass(frozen=True)
@@ -75,13 +77,16 @@ class ReplicaSizing:
 
 
 def cluster_nodes() -> list[dict[str, float]]:
-    """``[{"CPU": n, "GPU": g}, ...]`` of the live nodes of the connected Ray cluster (``ray.nodes()``); without
-    a connected cluster, this machine's CPUs (what a local instance would start with)."""
+    """``[{"CPU": n, "GPU": g, "memory": bytes}, ...]`` of the live nodes of the connected Ray cluster
+    (``ray.nodes()``; ``memory`` is Ray's schedulable memory resource); without a connected cluster, this machine's
+    CPUs and physical memory (what a local instance would start with)."""
     import ray  # lazy: runtime.py is imported by drivers that may never start Ray
 
     if not ray.is_initialized():
-        return [{"CPU": float(os.cpu_count() or 1), "GPU": 0.0}]
-    return [{"CPU": float(n["Resources"].get("CPU", 0)), "GPU": float(n["Resources"].get("GPU", 0))}
+        memory = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        return [{"CPU": float(os.cpu_count() or 1), "GPU": 0.0, "memory": memory}]
+    return [{"CPU": float(n["Resources"].get("CPU", 0)), "GPU": float(n["Resources"].get("GPU", 0)),
+             "memory": float(n["Resources"].get("memory", 0))}
             for n in ray.nodes() if n.get("Alive") and n.get("Resources")]
 
 
@@ -101,11 +106,14 @@ def size_replicas(nodes: list[dict[str, float]], *, cpus_per_replica: float | st
                   reserve: float = STAGE_RESERVE_CPUS, free: dict[str, float] | None = None) -> ReplicaSizing:
     """Model replicas for the cluster ``nodes`` (see :func:`cluster_nodes`); explicit numbers win over ``auto``.
 
-    GPU clusters: one replica per GPU, 1 CPU each. CPU-only clusters: each node keeps ``reserve`` CPUs for the
-    decode/encode stages and gives the rest to replicas, each with at most :data:`MAX_THREADS_PER_REPLICA` threads
-    (replicas x CPUs = node CPUs - reserve); the replica's CPUs are sized on the smallest node so that one fits on
-    every node, and its intra-op threads are ``ceil(cpus)`` (1.5 granted CPUs on a 2-CPU node: 2 threads, which
-    the decode/encode tasks interrupt only briefly). ``min_replicas: auto`` is ``max_replicas``: the pass waits for
+    GPU clusters: one replica per GPU, 1 CPU each. CPU-only clusters: one single-threaded replica per CPU of the
+    node (fewer, with more threads each, where the node's ``memory`` does not hold that many replicas of
+    :data:`REPLICA_MEMORY_BYTES`), sharing the node's CPUs less ``reserve`` for the decode/encode stages (replicas x
+    CPUs = node CPUs - reserve; a 2-CPU node: two replicas of 0.75 CPU and 1 thread). Independent replicas beat one
+    replica of as many intra-op threads on the same cores: no thread waits on another at each convolution's
+    barrier, and a decode/encode task that preempts one replica's thread stalls only that replica (measured in
+    docs/PERFORMANCE.md section 2b). The sizes come from the smallest node so that a replica fits on every node;
+    explicit ``cpus_per_replica`` gives ``ceil(cpus)`` threads. ``min_replicas: auto`` is ``max_replicas``: the pass waits for
     the whole pool (``replica_start_timeout_s``) before it reads any item; given ``free`` (the cluster's
     resources not held now, ``ray.available_resources()``), it is the replicas that fit in them (at least 1):
     on a cluster shared with a Serve application the pass starts on what is free and the pool grows to
@@ -134,12 +142,21 @@ def size_replicas(nodes: list[dict[str, float]], *, cpus_per_replica: float | st
             cpus = min(min(room), sum(room) / int(max_replicas))
             how = f"auto: {sum(room):g} CPUs for {max_replicas} replica(s) ({section}.max_replicas)"
         else:
-            per_node = math.ceil(min(room) / MAX_THREADS_PER_REPLICA)
+            smallest = min(cpu_nodes)
+            memory = min((n.get("memory", 0.0) for n in nodes if n.get("CPU", 0) > 0), default=0.0)
+            per_node = max(1, int(smallest + 1e-9))
+            held = f"{'/'.join(f'{c:g}' for c in cpu_nodes)} CPUs"
+            if memory > 0 and memory // REPLICA_MEMORY_BYTES < per_node:
+                per_node = max(1, int(memory // REPLICA_MEMORY_BYTES))
+                held += f", {memory / 1024 ** 3:.1f} GiB memory for {per_node} replica(s) of " \
+                        f"{REPLICA_MEMORY_BYTES / 1024 ** 3:g} GiB"
             cpus = min(room) / per_node
-            how = f"auto: {len(cpu_nodes)} CPU node(s) of {'/'.join(f'{c:g}' for c in cpu_nodes)} CPUs, {reserve:g} " \
-                  f"CPU each kept for decode/encode"
+            threads = max(1, int(smallest / per_node + 1e-9))
+            how = f"auto: {len(cpu_nodes)} CPU node(s) of {held}, {per_node} replica(s) of {threads} thread(s) per " \
+                  f"node, {reserve:g} CPU each kept for decode/encode"
         cpus = math.floor(cpus * 100) / 100  # Ray's CPU quantum is 1e-4; keep the figure readable
-        threads = max(1, math.ceil(cpus - 1e-9))
+        if cpus_per_replica != "auto" or max_replicas != "auto":
+            threads = max(1, math.ceil(cpus - 1e-9))
         count = max(1, sum(int((r + 1e-9) // cpus) for r in room))
     top = count if max_replicas == "auto" else int(max_replicas)
     low = top if min_replicas == "auto" else min(int(min_replicas), top)

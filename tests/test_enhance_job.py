@@ -333,8 +333,8 @@ def test_the_run_manifest_records_the_replica_sizing_the_cluster_gave(nightly):
     assert sizings, "no run manifest records its sizing"
     # enhance.backend auto (the default) and no ONNX export beside the model: torch, and the run says why
     assert {b["name"] for b in backends} == {"torch"} and all("no ONNX export at" in b["reason"] for b in backends)
-    # enhance's defaults (auto) on the fixture's 4-CPU local Ray: one replica of 4 - 0.5 CPUs, 4 torch threads
-    assert {(s["max_replicas"], s["cpus_per_replica"], s["threads_per_replica"]) for s in sizings} == {(1, 3.5, 4)}
+    # enhance's defaults (auto) on the fixture's 4-CPU local Ray: four single-threaded replicas sharing 4 - 0.5 CPUs
+    assert {(s["max_replicas"], s["cpus_per_replica"], s["threads_per_replica"]) for s in sizings} == {(4, 0.87, 1)}
     assert all(s["sizing"].startswith("auto:") for s in sizings)
 
 

@@ -13,17 +13,28 @@ from medsr_dist.runtime import ClusterTooSmallError, check_training_fits, size_r
 from medsr_dist.storage import Storage
 
 
-def test_a_two_core_cpu_node_gets_one_replica_using_both_cores_less_half_a_cpu_for_decode_and_encode():
+def test_a_two_core_cpu_node_gets_two_single_threaded_replicas_sharing_both_cores_less_half_a_cpu_for_decode_and_encode():
     s = size_replicas([{"CPU": 2.0, "GPU": 0.0}])
-    assert (s.min_replicas, s.max_replicas, s.cpus, s.gpus, s.threads) == (1, 1, 1.5, 0.0, 2)
-    assert "auto" in s.how and "0.5 CPU each kept for decode/encode" in s.how
+    assert (s.min_replicas, s.max_replicas, s.cpus, s.gpus, s.threads) == (2, 2, 0.75, 0.0, 1)
+    assert "auto" in s.how and "0.5 CPU each kept for decode/encode" in s.how and "2 replica(s) of 1 thread(s)" in s.how
 
 
-def test_large_cpu_nodes_get_several_replicas_of_at_most_eight_threads_that_fit_every_node():
+def test_large_cpu_nodes_get_one_single_threaded_replica_per_cpu_sized_to_fit_every_node():
     s = size_replicas([{"CPU": 16.0}, {"CPU": 16.0}])
-    assert (s.max_replicas, s.cpus, s.threads) == (4, 7.75, 8)  # 2 per node: 2 x 7.75 = 16 - 0.5
+    assert (s.max_replicas, s.cpus, s.threads) == (32, 0.96, 1)  # 16 per node: 16 x 0.96 <= 16 - 0.5
     mixed = size_replicas([{"CPU": 4.0}, {"CPU": 8.0}])  # sized on the smaller node, so one fits everywhere
-    assert (mixed.max_replicas, mixed.cpus, mixed.threads) == (3, 3.5, 4)
+    assert (mixed.max_replicas, mixed.cpus, mixed.threads) == (4 + 8, 0.87, 1)
+
+
+def test_a_node_whose_memory_holds_fewer_replicas_than_cpus_gets_fewer_replicas_with_more_threads():
+    gib = 1024 ** 3
+    s = size_replicas([{"CPU": 16.0, "memory": 13.5 * gib}])  # 4 replicas of 3 GiB fit
+    assert (s.max_replicas, s.cpus, s.threads) == (4, 3.87, 4)
+    assert "13.5 GiB memory for 4 replica(s)" in s.how
+    roomy = size_replicas([{"CPU": 16.0, "memory": 64.0 * gib}])
+    assert (roomy.max_replicas, roomy.threads) == (16, 1)
+    tiny = size_replicas([{"CPU": 8.0, "memory": 2.0 * gib}])  # not even one: one replica all the same
+    assert (tiny.max_replicas, tiny.cpus, tiny.threads) == (1, 7.5, 8)
 
 
 def test_gpu_clusters_get_one_replica_per_gpu():
@@ -37,7 +48,7 @@ def test_explicit_numbers_win_over_auto():
     two = size_replicas([{"CPU": 2.0}], max_replicas=2)
     assert (two.min_replicas, two.max_replicas, two.cpus, two.threads) == (2, 2, 0.75, 1)
     low = size_replicas([{"CPU": 16.0}], min_replicas=1)
-    assert (low.min_replicas, low.max_replicas) == (1, 2)
+    assert (low.min_replicas, low.max_replicas) == (1, 16)
     with pytest.raises(ValueError, match="eval: the Ray cluster has no CPU"):
         size_replicas([{"CPU": 0.0, "GPU": 1.0}], section="eval")
 
@@ -107,7 +118,7 @@ def test_auto_min_replicas_is_what_fits_in_the_free_resources_when_the_cluster_i
     idle = size_replicas([{"CPU": 4.0}], cpus_per_replica=0.5, free={"CPU": 4.0, "GPU": 0.0})
     assert (idle.min_replicas, idle.max_replicas) == (7, 7) and "free now" not in idle.how
     full = size_replicas([{"CPU": 4.0}], free={"CPU": 0.25, "GPU": 0.0})  # nothing fits now: still one to wait for
-    assert (full.min_replicas, full.max_replicas, full.cpus) == (1, 1, 3.5)
+    assert (full.min_replicas, full.max_replicas, full.cpus) == (1, 4, 0.87)
     gpu = size_replicas([{"CPU": 8.0, "GPU": 2.0}], free={"CPU": 6.0, "GPU": 1.0})
     assert (gpu.min_replicas, gpu.max_replicas) == (1, 2)
     assert size_replicas([{"CPU": 4.0}], min_replicas=2, max_replicas=3, cpus_per_replica=1.0,

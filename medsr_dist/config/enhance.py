@@ -59,11 +59,12 @@ class EnhanceConfig(Section):
         "1; the pool grows to max_replicas). With replicas serve:<app>: the job's client actors (auto: 1)")
     max_replicas: int | Literal["auto"] = Field(
         "auto", description="Model replicas at most; auto: from the Ray cluster at plan time (medsr_dist/runtime.py "
-        "size_replicas): one per GPU on GPU clusters; on CPU-only nodes the node's CPUs less 0.5 for decode/encode, "
-        "in replicas of at most 8 threads (a 2-CPU node: one replica of 1.5 CPUs and 2 threads)")
+        "size_replicas): one per GPU on GPU clusters; on CPU-only nodes one single-threaded replica per CPU (fewer, "
+        "with more threads, where the node's memory holds fewer replicas of 3 GiB) sharing the node's CPUs less 0.5 "
+        "for decode/encode (a 2-CPU node: two replicas of 0.75 CPU and 1 thread)")
     cpus_per_replica: float | Literal["auto"] = Field(
         "auto", description="CPUs of a model replica when it has no GPU; its torch/onnxruntime intra-op threads are "
-        "ceil(this); auto: sized from the cluster with max_replicas (see there). Run logs and manifests record the "
+        "ceil(this) when set; auto: sized from the cluster with max_replicas (see there). Run logs and manifests record the "
         "sizing that ran")
     replica_start_timeout_s: int = Field(
         600, ge=0, description="Seconds a pass waits for its min_replicas model replicas to start before it reads any "
