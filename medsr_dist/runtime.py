@@ -172,6 +172,16 @@ def size_replicas(nodes: list[dict[str, float]], *, cpus_per_replica: float | st
     return ReplicaSizing(low, top, cpus, per_gpu, threads, how)
 
 
+def balanced_batch_size(items: int, most: int, replicas: int) -> int:
+    """Images per replica batch: at most ``most`` (``enhance.images_per_batch``, ``eval.batch_size``), and as even a split of ``items``
+    over ``replicas`` as that allows, so that no replica is left with a last batch while the others idle (12
+    items, 4 per batch, 2 replicas: 3 batches would give one replica twice the work; 4 batches of 3 do not)."""
+    if items <= 0:
+        return max(1, most)
+    rounds = math.ceil(items / (max(1, replicas) * max(1, most)))
+    return max(1, min(most, math.ceil(items / (max(1, replicas) * rounds))))
+
+
 #: CPU of each Ray Data task of the training stream (the parquet read and the per-epoch tagging run as tasks with
 #: Ray Data's default of one CPU): one such task must be able to run beside the trainers and degradation actors.
 TRAIN_DATA_TASK_CPUS = 1.0

@@ -1,6 +1,7 @@
 """Model replicas sized from the cluster (enhance/eval/serve ``auto``), and training that cannot fit failing at once."""
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from medsr_dist.config import load_config
 from medsr_dist.infer.model_file import read_model_file
 from medsr_dist.infer.replica import EngineSettings, ModelReplica
-from medsr_dist.runtime import ClusterTooSmallError, check_training_fits, size_replicas
+from medsr_dist.runtime import ClusterTooSmallError, balanced_batch_size, check_training_fits, size_replicas
 from medsr_dist.storage import Storage
 
 
@@ -123,3 +124,22 @@ def test_auto_min_replicas_is_what_fits_in_the_free_resources_when_the_cluster_i
     assert (gpu.min_replicas, gpu.max_replicas) == (1, 2)
     assert size_replicas([{"CPU": 4.0}], min_replicas=2, max_replicas=3, cpus_per_replica=1.0,
                          free={"CPU": 0.0}).min_replicas == 2  # an explicit number is kept
+
+
+def test_a_pass_splits_its_items_evenly_over_the_replicas_in_batches_of_at_most_images_per_batch():
+    assert balanced_batch_size(12, 4, 2) == 3  # 4 batches of 3, two per replica (not 3 batches of 4: 8 vs 4 images)
+    assert balanced_batch_size(48, 4, 2) == 4
+    assert balanced_batch_size(5, 4, 2) == 3  # 3 + 2
+    assert balanced_batch_size(1, 4, 2) == 1
+    assert balanced_batch_size(100, 4, 1) == 4
+    assert balanced_batch_size(0, 4, 2) == 4
+    for items in range(1, 60):
+        for most in (1, 2, 4, 8):
+            for replicas in (1, 2, 3, 4):
+                size = balanced_batch_size(items, most, replicas)
+                batches = [min(size, items - start) for start in range(0, items, size)]
+                loads = [sum(batches[r::replicas]) for r in range(replicas)]
+                assert 1 <= size <= most
+                rounds = math.ceil(items / (replicas * most))  # the fewest batches per replica batches of `most` allow
+                # the busiest replica holds less than one image per round above an even split
+                assert max(loads) <= math.ceil(items / replicas) + rounds - 1, (items, most, replicas, size)

@@ -49,7 +49,8 @@ class EnhanceConfig(Section):
     )
     tile_blend: int = Field(4, ge=0, description="Half-width of the cross-fade between neighbouring tiles (0: hard crop)")
     images_per_batch: int = Field(
-        4, ge=1, description="Images handed to a model replica at once; tiles of same-sized images share model calls"
+        4, ge=1, description="Images handed to a model replica at once, at most (a pass splits its items evenly over "
+        "its replicas: 12 items on 2 replicas go as 4 batches of 3); tiles of same-sized images share model calls"
     )
     outscale: float | None = Field(None, gt=0, description="Final scale (Lanczos after the model); empty: model scale")
     onnx_model: str | None = Field(None, description="ONNX export for backend onnxruntime (default: model.onnx beside checkpoint)")

@@ -104,7 +104,8 @@ class EvalConfig(Section):
     tile: int = Field(0, ge=0, description="Tile size in input pixels; 0: whole image")
     tile_overlap: int = Field(64, ge=0, description="Context pixels beyond each tile; 64 keeps RealESRGAN_x4plus "
                               "within 2/255 of its untiled output, 16 leaves seams of ~25/255 (docs/PERFORMANCE.md)")
-    batch_size: int = Field(4, ge=1, description="Images per Ray Data batch and tiles per model call")
+    batch_size: int = Field(4, ge=1, description="Images per Ray Data batch (at most: the images are split evenly over "
+                            "the replicas) and tiles per model call")
     replicas: int | Literal["auto"] = Field(
         "auto", description="Model replicas (actors holding every model; one GPU each when present); auto: from the "
         "Ray cluster as enhance.max_replicas (one per GPU; on CPU-only nodes the CPUs less 0.25 per score worker "

@@ -43,8 +43,8 @@ from medsr_dist.infer.model_file import (ModelFile, build_model_backend, choose_
 from medsr_dist.infer.provenance import enhance_params
 from medsr_dist.io.phi import item_label
 from medsr_dist.pacs.storage import PacsStorage, read_watermark, watermark_of_rows, write_watermark
-from medsr_dist.runtime import (STAGE_TASK_CPUS, ReplicaSizing, cluster_free, cluster_has_gpus, cluster_nodes,
-                               size_replicas)
+from medsr_dist.runtime import (STAGE_TASK_CPUS, ReplicaSizing, balanced_batch_size, cluster_free, cluster_has_gpus,
+                               cluster_nodes, size_replicas)
 from medsr_dist.storage import Lease, Storage
 from medsr_dist.uris import is_dicomweb
 
@@ -272,7 +272,7 @@ def _run_pipeline(cfg, spec: JobSpec, model: ModelFile, precision: str, sizing: 
     if not items:
         return []
     e = cfg.enhance
-    per_batch = 1 if alone else e.images_per_batch
+    per_batch = 1 if alone else balanced_batch_size(len(items), e.images_per_batch, sizing.max_replicas)
     ctx = ray.data.DataContext.get_current()
     saved_errored, saved_wait = ctx.max_errored_blocks, ctx.wait_for_min_actors_s
     # A crashed replica loses its block's rows (retried alone, or counted, by the caller), not the whole run. Set

@@ -54,7 +54,8 @@ from medsr_dist.infer.consistency import consistency_psnr
 from medsr_dist.infer.replica import EngineSettings, ModelReplica, NonFiniteOutput
 from medsr_dist.io.bounded import decode_image_capped
 from medsr_dist.io.image import single_frame_pixels
-from medsr_dist.runtime import STAGE_TASK_CPUS, ReplicaSizing, cluster_has_gpus, cluster_nodes, size_replicas
+from medsr_dist.runtime import (STAGE_TASK_CPUS, ReplicaSizing, balanced_batch_size, cluster_has_gpus, cluster_nodes,
+                                size_replicas)
 from medsr_dist.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -421,18 +422,19 @@ def run_evaluation(cfg: MedsrConfig, storage: Storage | None = None, *, plan: Ev
     lr_keys = {item["key"]: item["lr_key"] for item in plan.items if "lr_key" in item}
     pairs = ProtocolPairs(storage, plan.protocol, names, plan.figures, lr_keys, e.decode_memory_bytes,
                           e.decode_timeout_s)
-    ds = ds.map_batches(pairs, batch_size=e.batch_size, num_cpus=STAGE_TASK_CPUS)
-    precision = runs_precision(plan, e, gpu)
     # kept beside the replicas: a pair-making task, the score actors and, for a prepared split, a shard-reading
     # task (without its share a replica and the score actors hold every CPU and the shards are never read)
     sizing = eval_sizing(e, gpu, reserve=STAGE_TASK_CPUS * (1 + e.score_workers + (1 if plan.split else 0)))
+    per_batch = balanced_batch_size(len(plan.items), e.batch_size, sizing.max_replicas)
+    ds = ds.map_batches(pairs, batch_size=per_batch, num_cpus=STAGE_TASK_CPUS)
+    precision = runs_precision(plan, e, gpu)
     ds = ds.map_batches(EvalReplica, fn_constructor_args=(plan.models, plan.protocol, e, cfg.storage, precision,
                                                           sizing.threads),
-                        batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=sizing.max_replicas),
+                        batch_size=per_batch, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=sizing.max_replicas),
                         num_gpus=gpu, num_cpus=0 if gpu else sizing.cpus)
     ds = ds.map_batches(ScoreImages, fn_constructor_args=(plan.models, plan.protocol, plan.lpips, storage, plan.output,
                                                           e.crop_box, e.zoom, e.figure_panel),
-                        batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=e.score_workers),
+                        batch_size=per_batch, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=e.score_workers),
                         num_cpus=STAGE_TASK_CPUS)
     order = {item["name"]: k for k, item in enumerate(plan.items)}
     rows = sorted((plain_row(r) for r in ds.take_all()), key=lambda r: (order.get(r["image"], len(order)), r["model_index"]))
