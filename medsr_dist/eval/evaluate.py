@@ -430,7 +430,10 @@ def run_evaluation(cfg: MedsrConfig, storage: Storage | None = None, *, plan: Ev
     precision = runs_precision(plan, e, gpu)
     ds = ds.map_batches(EvalReplica, fn_constructor_args=(plan.models, plan.protocol, e, cfg.storage, precision,
                                                           sizing.threads),
-                        batch_size=per_batch, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=sizing.max_replicas),
+                        # every replica starts at once (loading the models in parallel), not one after another as
+                        # the pool grows; min_size 1: a cluster with room for fewer runs on those
+                        batch_size=per_batch, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=sizing.max_replicas,
+                                                                                 initial_size=sizing.max_replicas),
                         num_gpus=gpu, num_cpus=0 if gpu else sizing.cpus)
     ds = ds.map_batches(ScoreImages, fn_constructor_args=(plan.models, plan.protocol, plan.lpips, storage, plan.output,
                                                           e.crop_box, e.zoom, e.figure_panel),
