@@ -105,7 +105,8 @@ class EvalConfig(Section):
     tile_overlap: int = Field(64, ge=0, description="Context pixels beyond each tile; 64 keeps RealESRGAN_x4plus "
                               "within 2/255 of its untiled output, 16 leaves seams of ~25/255 (docs/PERFORMANCE.md)")
     batch_size: int = Field(4, ge=1, description="Images per Ray Data batch (at most: the images are split evenly over "
-                            "the replicas) and tiles per model call")
+                            "the replicas); tiles per model call are the backend's default, as enhance.batch_size's "
+                            "(1 on CPU, 8 on a GPU)")
     replicas: int | Literal["auto"] = Field(
         "auto", description="Model replicas (actors holding every model; one GPU each when present); auto: from the "
         "Ray cluster as enhance.max_replicas (one per GPU; on CPU-only nodes the CPUs less 0.25 per score worker "
