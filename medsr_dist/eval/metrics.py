@@ -1,7 +1,7 @@
 """Image-quality metrics and the bicubic baseline, on the project's array conventions.
 
-PSNR and SSIM are basicsr's own ``calculate_psnr`` / ``calculate_ssim`` (so numbers match papers and
-basicsr validation logs); this module only adapts the inputs. basicsr expects (H, W, C) arrays on a
+PSNR is basicsr's own ``calculate_psnr`` and SSIM its ``calculate_ssim`` with the Gaussian window applied as two
+1-D passes (equal to 1e-9, so numbers match papers and basicsr validation logs); this module adapts the inputs. basicsr expects (H, W, C) arrays on a
 [0, 255] scale in BGR order; medsr-dist arrays are RGB, either float in [0, 1] or native integers
 (uint8, uint16 for 12/16-bit medical images) with a known ``max_value``. Both images are converted to
 float64 on basicsr's [0, 255] scale (``x * 255 / max_value``; no integer arithmetic, so no uint16
@@ -98,8 +98,13 @@ def ssim(
     test_y_channel: bool = False,
     max_value: float | None = None,
 ) -> float:
-    """Structural similarity (Wang et al. 2004, 11x11 Gaussian window, sigma 1.5), identical to basicsr's
-    ``calculate_ssim``: per channel, averaged. Arguments as for :func:`psnr`.
+    """Structural similarity (Wang et al. 2004, 11x11 Gaussian window, sigma 1.5), basicsr's ``calculate_ssim``:
+    per channel, averaged. Arguments as for :func:`psnr`.
+
+    The same steps as basicsr's (its crop, its Y conversion, float64, the valid part of each filtered map), with
+    the 11x11 Gaussian window applied as the two 1-D passes it factors into instead of one 2-D pass: equal to
+    ``calculate_ssim`` to about 1e-15 (float64 summation order; tests hold it to 1e-9) at a fifth of the cost
+    (SSIM was a third of the evaluation's scoring time).
 
     Returns:
         SSIM in [-1, 1]; 1.0 for identical images. Images must be larger than 10 pixels per side after
@@ -107,17 +112,37 @@ def ssim(
     """
     _check_pair(image, reference)
     import medsr_dist.compat  # noqa: F401  # lazy: basicsr (after its quirks) imports torch; scoring alone needs it
-    from basicsr.metrics.psnr_ssim import calculate_ssim
+    from basicsr.metrics.metric_util import to_y_channel
 
-    return float(
-        calculate_ssim(
-            to_basicsr_scale(image, max_value),
-            to_basicsr_scale(reference, max_value),
-            crop_border=crop_border,
-            input_order="HWC",
-            test_y_channel=test_y_channel,
-        )
-    )
+    a, b = to_basicsr_scale(image, max_value), to_basicsr_scale(reference, max_value)
+    if crop_border:
+        a = a[crop_border:-crop_border, crop_border:-crop_border, ...]
+        b = b[crop_border:-crop_border, crop_border:-crop_border, ...]
+    if test_y_channel:
+        a, b = to_y_channel(a), to_y_channel(b)
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    if a.ndim == 2:
+        a, b = a[..., None], b[..., None]
+    return float(np.mean([_ssim_channel(np.ascontiguousarray(a[..., c]), np.ascontiguousarray(b[..., c]))
+                          for c in range(a.shape[2])]))
+
+
+def _ssim_channel(a: np.ndarray, b: np.ndarray) -> float:
+    """basicsr's ``_ssim`` of one channel on [0, 255], with the window's separable form (cv2.sepFilter2D, the same
+    border handling; only the valid part, 5 pixels in from each edge, is kept)."""
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    kernel = cv2.getGaussianKernel(11, 1.5)
+
+    def blur(x: np.ndarray) -> np.ndarray:
+        return cv2.sepFilter2D(x, -1, kernel, kernel)[5:-5, 5:-5]
+
+    mu1, mu2 = blur(a), blur(b)
+    mu1_sq, mu2_sq, mu1_mu2 = mu1 ** 2, mu2 ** 2, mu1 * mu2
+    sigma1_sq = blur(a ** 2) - mu1_sq
+    sigma2_sq = blur(b ** 2) - mu2_sq
+    sigma12 = blur(a * b) - mu1_mu2
+    ssim_map = ((2 * mu1_mu2 + c1) * (2 * sigma12 + c2)) / ((mu1_sq + mu2_sq + c1) * (sigma1_sq + sigma2_sq + c2))
+    return float(ssim_map.mean())
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -131,11 +156,10 @@ def _conv_same(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """MATLAB ``conv2(image, kernel, 'same')`` with zero padding (the authors' reference is MATLAB's): for an even
     kernel side k the window of output (i, j) covers rows/columns i-k/2+1 .. i+k/2."""
     k = kernel.shape[0]
-    before, after = (k - 1) // 2 if k % 2 else k // 2 - 1, k // 2
-    padded = np.pad(image, ((before, after), (before, after)))
-    # correlation with the flipped kernel is convolution
-    return cv2.filter2D(padded, cv2.CV_64F, np.ascontiguousarray(kernel[::-1, ::-1]), anchor=(0, 0),
-                        borderType=cv2.BORDER_CONSTANT)[: image.shape[0], : image.shape[1]]
+    before = (k - 1) // 2 if k % 2 else k // 2 - 1
+    # correlation with the flipped kernel is convolution; the anchor places the window, BORDER_CONSTANT pads zeros
+    return cv2.filter2D(image, cv2.CV_64F, np.ascontiguousarray(kernel[::-1, ::-1]), anchor=(before, before),
+                        borderType=cv2.BORDER_CONSTANT)
 
 
 def _haar_coefficients(luma: np.ndarray, scales: int) -> list[np.ndarray]:
