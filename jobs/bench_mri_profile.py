@@ -43,17 +43,17 @@ SHAPES = {"box": BOX_SHAPE, "gaussian": 2.0, "flattened": 4.0}
 
 
 def train_and_reconstruct(thick: np.ndarray, k, profile, iterations: int, patch: int, small: bool,
-                          seed: int = 0) -> np.ndarray:
+                          seed: int = 0, overrides: tuple[str, ...] = ()) -> np.ndarray:
     from medsr_dist.models.base import StepContext
 
     torch.manual_seed(seed)
     window = intensity_window(thick, k, thick.shape[2])
     pairs = [p for p in self_supervised_pairs(thick, 2, k, profile, window=window, skip_empty=0.05)
              if min(p.gt.shape) >= patch]
-    overrides = [f"train.iterations={iterations}"]
+    extra, overrides = overrides, [f"train.iterations={iterations}"]
     if small:
         overrides += ["model.generator.num_feat=32", "model.generator.num_block=4", "train.batch_size=8"]
-    cfg = load_config("configs/mri_psnr_x4.yaml", overrides)
+    cfg = load_config("configs/mri_psnr_x4.yaml", overrides + list(extra))
     family, strategy, ema, schedulers, losses = build_training(cfg, torch.device("cpu"), distributed=False)
     ctx = StepContext(strategy=strategy, losses=losses)
     rng = np.random.default_rng(seed)
@@ -98,7 +98,11 @@ def main() -> None:
     ap.add_argument("--thickness", type=float, default=None, help="slice thickness (FWHM) [default: the spacing]; "
                     "given, the estimate is told it as a DICOM header's SliceThickness (the prior that breaks ties)")
     ap.add_argument("--profiles", default="box,gaussian,flattened")
-    ap.add_argument("--only", choices=["told_true", "estimated"], default=None, help="run one of the two trainings")
+    ap.add_argument("--only", choices=["told_true", "estimated", "estimated_tied"], default=None,
+                    help="run one training (estimated_tied, only when asked: pairs from every tied fit of the "
+                    "estimate, taking turns by slice)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for the trainings (e.g. train.optim_g.lr=1e-3), repeatable")
     ap.add_argument("--small", action="store_true", help="the earlier miniature network (4 blocks, batch 8, no EMA)")
     args = ap.parse_args()
     k = check_factor(args.spacing)
@@ -121,12 +125,16 @@ def main() -> None:
         row = {"profile": name, "spacing": k, "thickness": fwhm, "shape": list(thick.shape),
                "estimate": est.profile.describe(1.0),
                "fwhm_error_pct": round(100 * (est.profile.fwhm / true.fwhm - 1), 1), "estimate_cpu_s": round(t_est, 1),
-               "bspline_db": round(bspline, 3), "iterations": args.iterations, "small": args.small}
-        for label, prof in (("told_true", true), ("estimated", est.profile)):
-            if args.only and label != args.only:
+               "bspline_db": round(bspline, 3), "iterations": args.iterations, "small": args.small, "set": args.set}
+        trainings = (("told_true", true), ("estimated", est.profile),
+                     ("estimated_tied", list(est.tied or [est.profile])))
+        row["tied"] = [p.describe(1.0) for p in est.tied]
+        for label, prof in trainings:
+            if (args.only and label != args.only) or (not args.only and label == "estimated_tied"):
                 continue
             t0 = time.process_time()
-            out = train_and_reconstruct(thick, k, prof, args.iterations, args.patch, args.small)
+            out = train_and_reconstruct(thick, k, prof, args.iterations, args.patch, args.small,
+                                        overrides=tuple(args.set))
             row[f"{label}_db"] = round(psnr_3d(out, ref, mask), 3)
             row[f"{label}_cpu_s"] = round(time.process_time() - t0, 1)
             row[f"{label}_minus_bspline_db"] = round(row[f"{label}_db"] - bspline, 3)

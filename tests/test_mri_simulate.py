@@ -135,6 +135,31 @@ def test_self_supervised_pairs_degrade_in_plane_slices_along_each_in_plane_axis(
     assert not any(np.allclose(p.lq, p.gt, atol=1e-3) for p in pairs)
 
 
+def test_self_supervised_pairs_from_several_profiles_take_turns_by_slice():
+    """An estimate's tied fits: profile (index + o) % n for the o-th in-plane axis, each pair exactly the pair that
+    profile alone makes; a one-element sequence is the profile itself; an empty one is refused."""
+    from medsr_dist.mri.profile import BOX_SHAPE, SliceProfile
+
+    k = 4
+    rng = np.random.default_rng(2)
+    aniso = ndimage.gaussian_filter(rng.random((24, 20, 7)), 1).astype(np.float32)
+    profiles = [SliceProfile(4.0, BOX_SHAPE), SliceProfile(4.4, 2.0), SliceProfile(3.9, 4.0)]
+    alone = [list(self_supervised_pairs(aniso, 2, k, prof)) for prof in profiles]
+    mixed = list(self_supervised_pairs(aniso, 2, k, profiles))
+    assert [(p.orientation, p.index) for p in mixed] == [(p.orientation, p.index) for p in alone[0]]
+    for n, pair in enumerate(mixed):
+        o = 0 if pair.orientation == "2/0" else 1
+        expect = alone[(pair.index + o) % 3][n]
+        np.testing.assert_allclose(pair.lq, expect.lq, atol=1e-6)
+        np.testing.assert_array_equal(pair.gt, expect.gt)
+        others = [alone[j][n] for j in range(3) if j != (pair.index + o) % 3]
+        assert not any(np.allclose(pair.lq, other.lq, atol=1e-4) for other in others)
+    single = list(self_supervised_pairs(aniso, 2, k, profiles[:1]))
+    assert all(np.array_equal(a.lq, b.lq) for a, b in zip(single, alone[0]))
+    with pytest.raises(ValueError, match="no slice profile"):
+        list(self_supervised_pairs(aniso, 2, k, []))
+
+
 def test_empty_background_slices_can_be_skipped():
     vol = np.zeros((8, 8, 8), np.float32)
     vol[2:6, 2:6, 2:6] = 100.0

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -267,25 +267,42 @@ def supervised_pairs(volume: np.ndarray, k: int, profile: str | SliceProfile = "
                 yield SlicePair(lq, gt, f"{b}/{a}", index, degraded_axis=a, slice_axis=b)
 
 
-def self_supervised_pairs(volume: np.ndarray, lr_axis: int, k: int, profile: str | SliceProfile = "box", *,
+def self_supervised_pairs(volume: np.ndarray, lr_axis: int, k: int,
+                          profile: str | SliceProfile | Sequence[SliceProfile] = "box", *,
                           skip_empty: float = 0.0, window: IntensityWindow | None = None) -> Iterator[SlicePair]:
     """SMORE pairs from an anisotropic volume alone: each in-plane slice (along ``lr_axis``) degraded along each of
     its two axes by ``k`` with ``profile``, interpolated back, paired with itself. ``orientation`` ``"<lr_axis>/<d>"``
     with ``d`` the in-plane axis degraded.
 
+    ``profile`` a sequence of profiles (an estimate's tied fits, :func:`medsr_dist.mri.profile.training_profiles`):
+    they take turns by slice, ``profiles[(index + o) % len(profiles)]`` for the ``o``-th in-plane axis, so every
+    profile sees slices from the whole volume in both orientations, and memory stays that of one profile.
+
     Raises:
-        ValueError: an in-plane axis shorter than ``2 * k``.
+        ValueError: an in-plane axis shorter than ``2 * k``, or an empty sequence of profiles.
     """
     volume = np.asarray(volume, dtype=np.float32)
+    profiles = tuple(profile) if isinstance(profile, (list, tuple)) else (profile,)
+    if not profiles:
+        raise ValueError("no slice profile to make training pairs with")
     inplane = [a for a in range(3) if a != lr_axis]
     if min(volume.shape[a] for a in inplane) < 2 * k:
         raise ValueError(f"volume {volume.shape}: in-plane axes shorter than 2 x factor {k}")
     window = window or intensity_window(volume, k, volume.shape[lr_axis])
     level = _foreground_level(volume, window)
     unit = window.to_unit(volume)
-    for d in inplane:
+    for o, d in enumerate(inplane):
         gt_vol = crop_to_multiple(unit, d, k)
-        lq_vol = interpolate_axis(degrade_axis(gt_vol, d, k, profile), d, k)
+        if len(profiles) == 1:
+            lq_vol = interpolate_axis(degrade_axis(gt_vol, d, k, profiles[0]), d, k)
+        else:
+            lq_front = np.empty(np.moveaxis(gt_vol, lr_axis, 0).shape, np.float32)
+            for j, prof in enumerate(profiles):
+                take = [i for i in range(gt_vol.shape[lr_axis]) if (i + o) % len(profiles) == j]
+                if take:
+                    part = interpolate_axis(degrade_axis(np.take(gt_vol, take, axis=lr_axis), d, k, prof), d, k)
+                    lq_front[take] = np.moveaxis(part, lr_axis, 0)
+            lq_vol = np.moveaxis(lq_front, 0, lr_axis)
         for index, (lq, gt) in enumerate(zip(slices_along(lq_vol, lr_axis, d), slices_along(gt_vol, lr_axis, d))):
             if skip_empty and (gt > level).mean() <= skip_empty:
                 continue
