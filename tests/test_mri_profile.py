@@ -19,6 +19,7 @@ from medsr_dist.mri.profile import (
     interpolate,
     profile_from_record,
     resolve_profile,
+    training_profiles,
     thick_matrix,
     upsample_matrix,
 )
@@ -138,6 +139,22 @@ def test_a_tie_between_shapes_goes_to_the_prior_width_and_the_prior_chooses_only
     assert abs(told.profile.fwhm / 3.0 - 1) <= 0.10 and untold.profile.fwhm > told.profile.fwhm
     assert told.tied == untold.tied == wrong.tied and told.profile in told.tied
     assert wrong.profile.fwhm == max(p.fwhm for p in told.tied)
+
+
+def test_self_supervised_pairs_are_made_with_every_tied_fit_and_the_record_says_so(mni):
+    """The box of 4 mm every 4 mm ties five shapes on the MNI152 (Gaussian 3.0 .. box 4.3 mm): the record lists
+    them, ``training_profiles`` gives them back (what `medsr mri prepare` makes pairs with), and the consistency
+    check's profile stays the single tie-broken estimate. A record without ties (a named profile) trains on it."""
+    thick = degrade(mni, 2, 4.0, SliceProfile(4.0, BOX_SHAPE))
+    profile, record = resolve_profile("estimate", thick, [1.0, 1.0, 4.0], 2, 4)
+    est = estimate_profile(thick, 2, 4.0)
+    assert profile == est.profile and len(est.tied) >= 2
+    assert record["training_pairs"] == "every tied fit, taking turns by slice"
+    trained = training_profiles(profile, json.loads(json.dumps(record)))  # as read back from a prepared dataset
+    assert [(p.fwhm, p.shape) for p in trained] == [(pytest.approx(p.fwhm, abs=1e-4), p.shape) for p in est.tied]
+    assert any(math.isinf(p.shape) for p in trained) and profile in est.tied
+    named, named_record = resolve_profile("box", thick, [1.0, 1.0, 4.0], 2, 4)
+    assert training_profiles(named, named_record) == "box"
 
 
 def test_in_plane_axes_of_different_lengths_are_estimated_on_one_common_square(mni):

@@ -20,7 +20,9 @@ class MriConfig(Section):
     profile: Literal["estimate", "box", "gaussian"] = Field(
         "estimate", description="Slice profile of the thick slices: estimate (from the thick volume itself, "
         "medsr_dist/mri/profile.py: generalised-Gaussian FWHM and shape fitted so the in-plane data blurred with it "
-        "look like the through-plane data; recorded in the provenance; supervised pairs from isotropic volumes "
+        "look like the through-plane data; shapes that fit about equally well are ties, and "
+        "self-supervised pairs take every tied fit in turn by slice; recorded in the provenance; supervised "
+        "pairs from isotropic volumes "
         "have nothing to estimate from and use the Gaussian), box (mean of k) or gaussian (FWHM k)")
     skip_empty: float = Field(0.02, ge=0, lt=1, description="Drop pairs whose ground truth has at most this "
                               "fraction of foreground voxels (5 % of the volume's range above its minimum)")

@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from medsr_dist.config import MedsrConfig, MriConfig, check_through_plane_model
 from medsr_dist.data.prepare import SPLITS, PrepareResult, _write_table, assign_splits, patient_of, to_training_png
-from medsr_dist.mri.profile import resolve_profile
+from medsr_dist.mri.profile import resolve_profile, training_profiles
 from medsr_dist.mri.simulate import _foreground_level, intensity_window, self_supervised_pairs, supervised_pairs
 from medsr_dist.mri.volume import VolumeError, low_resolution_axis, plane_normal_axes, read_volume
 from medsr_dist.storage import Storage
@@ -70,7 +70,8 @@ def volume_pairs(data: bytes, rel_key: str, group: str, split: str, mri: MriConf
         window = intensity_window(vol.data, k, vol.shape[lr_axis])
         profile, profile_record = resolve_profile(mri.profile, vol.data, vol.spacing, lr_axis, k,
                                                   vol.facts.get("slice_thickness"))
-        pairs = self_supervised_pairs(vol.data, lr_axis, k, profile, skip_empty=mri.skip_empty, window=window)
+        pairs = self_supervised_pairs(vol.data, lr_axis, k, training_profiles(profile, profile_record),
+                                      skip_empty=mri.skip_empty, window=window)
     meta = json.dumps({"factor": k, "profile": mri.profile, "slice_profile": profile_record, "mode": mri.mode,
                        "window": [window.low, window.high],
                        "spacing_mm": spacing, "lr_axis": lr_axis, "shape": list(vol.shape),
