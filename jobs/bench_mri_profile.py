@@ -5,7 +5,8 @@ MNI152 T1 (or a central crop) is made thick along its axial normal with that sli
 number of 1 mm voxels, e.g. 3.3; ``--thickness`` < spacing: a gap); the profile is estimated from the thick volume
 alone (:func:`medsr_dist.mri.profile.estimate_profile`); then SMORE runs with the recipe's network and optimiser
 (``configs/mri_psnr_x4.yaml``: MSRResNet x1 32 x 8, L1, Adam 5e-4 cosine, batch 16 of 48-px crops, EMA) once with
-the true profile's pairs and once with the estimate's: the psnr family's own train step (as
+the true profile's pairs and once with the estimate's (every tied fit, taking turns by slice, as the product
+makes them): the psnr family's own train step (as
 tests/test_mri_refiner.py: seeded, no Ray) on the volume's in-plane slices, every through-plane slice refined
 through the engine with the EMA weights, the two orientations fused (Fourier). A non-integer spacing reconstructs
 onto the fine grid that keeps the field of view; the reference is cropped to a whole number of slabs whose extent
@@ -98,11 +99,12 @@ def main() -> None:
     ap.add_argument("--thickness", type=float, default=None, help="slice thickness (FWHM) [default: the spacing]; "
                     "given, the estimate is told it as a DICOM header's SliceThickness (the prior that breaks ties)")
     ap.add_argument("--profiles", default="box,gaussian,flattened")
-    ap.add_argument("--only", choices=["told_true", "estimated", "estimated_tied"], default=None,
-                    help="run one training (estimated_tied, only when asked: pairs from every tied fit of the "
-                    "estimate, taking turns by slice)")
+    ap.add_argument("--only", choices=["told_true", "estimated", "estimated_pick"], default=None,
+                    help="run one training (estimated: pairs from every tied fit of the estimate, taking turns by "
+                    "slice, as `medsr mri prepare` makes them; estimated_pick, only when asked: from the tie-broken "
+                    "estimate alone, as before)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a config override for the trainings (e.g. train.optim_g.lr=1e-3), repeatable")
+                    help="a config override for the trainings (e.g. train.lr_g=1e-3), repeatable")
     ap.add_argument("--small", action="store_true", help="the earlier miniature network (4 blocks, batch 8, no EMA)")
     args = ap.parse_args()
     k = check_factor(args.spacing)
@@ -126,11 +128,12 @@ def main() -> None:
                "estimate": est.profile.describe(1.0),
                "fwhm_error_pct": round(100 * (est.profile.fwhm / true.fwhm - 1), 1), "estimate_cpu_s": round(t_est, 1),
                "bspline_db": round(bspline, 3), "iterations": args.iterations, "small": args.small, "set": args.set}
-        trainings = (("told_true", true), ("estimated", est.profile),
-                     ("estimated_tied", list(est.tied or [est.profile])))
+        # estimated: as the product trains (every tied fit, training_profiles); estimated_pick: the tie-broken one
+        trainings = (("told_true", true), ("estimated", tuple(est.tied) if len(est.tied) > 1 else est.profile),
+                     ("estimated_pick", est.profile))
         row["tied"] = [p.describe(1.0) for p in est.tied]
         for label, prof in trainings:
-            if (args.only and label != args.only) or (not args.only and label == "estimated_tied"):
+            if (args.only and label != args.only) or (not args.only and label == "estimated_pick"):
                 continue
             t0 = time.process_time()
             out = train_and_reconstruct(thick, k, prof, args.iterations, args.patch, args.small,
