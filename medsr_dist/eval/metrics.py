@@ -1,8 +1,8 @@
 """Image-quality metrics and the bicubic baseline, on the project's array conventions.
 
 PSNR is basicsr's own ``calculate_psnr`` and SSIM its ``calculate_ssim`` with the Gaussian window applied as two
-1-D passes (equal to 1e-9, so numbers match papers and basicsr validation logs); this module adapts the inputs. basicsr expects (H, W, C) arrays on a
-[0, 255] scale in BGR order; medsr-dist arrays are RGB, either float in [0, 1] or native integers
+1-D passes (equal to 1e-9, so numbers match papers and basicsr validation logs); this module adapts the inputs.
+basicsr expects (H, W, C) arrays on a [0, 255] scale in BGR order; medsr-dist arrays are RGB, either float in [0, 1] or native integers
 (uint8, uint16 for 12/16-bit medical images) with a known ``max_value``. Both images are converted to
 float64 on basicsr's [0, 255] scale (``x * 255 / max_value``; no integer arithmetic, so no uint16
 overflow) and flipped to BGR. Rescaling leaves PSNR unchanged (peak and error scale together) and makes
